@@ -1,0 +1,11 @@
+//! The kitepipe library: drives [`kitepipe_proto`] over real I/O.
+//!
+//! Rooms: [`link`] (the secure multiplexed self-healing link), [`relay`]
+//! (public listeners, routing, kite registry), [`connector`] (dialing out,
+//! registering kites, serving streams), [`tunnel`] (the byte-copy loop shared
+//! by both), [`pki`] (certificates, fingerprints, secrets), [`config`]
+//! (raw config -> validated config), [`demo`] (the embedded default).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod pki;

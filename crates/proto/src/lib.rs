@@ -1,0 +1,19 @@
+//! Sans-IO core of kitepipe: everything that turns bytes into meaning and back,
+//! with no runtime, socket, clock or crypto library.
+//!
+//! Start at [`frame`] (the link's framing), then [`message`] (the handshake and
+//! control messages, and the header that opens every stream). [`http1`] scans
+//! visitors' HTTP/1 requests for the relay, [`sniff`] reads the SNI and ALPN of
+//! a TLS ClientHello so one port can serve several protocols, and [`kite`] holds
+//! kite names and their matching rules.
+//!
+//! This crate must not depend on tokio, sockets, clocks or TLS: callers hand it
+//! bytes (and `now` where time matters) and get frames, events and deadlines.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod frame;
+pub mod http1;
+pub mod kite;
+pub mod message;
+pub mod sniff;

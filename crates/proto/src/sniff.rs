@@ -1,0 +1,1 @@
+//! sniff (in progress)
