@@ -1,1 +1,312 @@
-//! message (in progress)
+//! Control messages (stream 0) and stream headers (the payload of OPEN).
+//!
+//! Messages are JSON: they are rare (handshake, registration, notices), easy
+//! to read in a trace, and easy to extend with optional fields. Bulk data
+//! never goes through here.
+//!
+//! The handshake, in order:
+//!
+//! 1. connector -> relay: [`ConnectorMessage::Hello`] (version, role, instance, nonce)
+//! 2. relay -> connector: [`RelayMessage::Challenge`] (relay nonce) or [`RelayMessage::Error`]
+//! 3. connector -> relay: [`ConnectorMessage::Register`] (kites with proofs)
+//! 4. relay -> connector: [`RelayMessage::Registered`] (each kite accepted or refused)
+//!
+//! After that either side may open streams. The connector may send another
+//! `Register` at any time.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::kite::KiteRef;
+
+/// Version of the link protocol described here.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest control message or stream header accepted, in bytes. A
+/// registration of a few thousand kites fits; anything larger is hostile.
+pub const MAX_MESSAGE_LEN: usize = 128 * 1024;
+
+/// Messages a connector sends on stream 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ConnectorMessage {
+    /// First message of a link.
+    Hello(Hello),
+    /// Claims kites (first after the challenge, and again at any time).
+    Register(Register),
+}
+
+/// Messages a relay sends on stream 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelayMessage {
+    /// Answer to a hello: the relay's nonce for kite proofs.
+    Challenge(Challenge),
+    /// Outcome of a registration, one entry per claimed kite.
+    Registered(Registered),
+    /// The relay refuses the link or a request; it closes the link after a fatal one.
+    Error(ErrorMessage),
+}
+
+/// Which end of a link a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Dials out and serves kites.
+    Connector,
+    /// Accepts links and visitors.
+    Relay,
+}
+
+/// First message of a link, from the connector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version spoken by the connector.
+    pub version: u32,
+    /// Always [`Role::Connector`] for now.
+    pub role: Role,
+    /// Random id of the connector process; a new link with the same instance
+    /// replaces the old one at once (see the relay's registry).
+    pub instance: String,
+    /// Node name of the connector (for logs and, later, addressing events).
+    pub node: String,
+    /// Software name and version, for logs.
+    pub software: String,
+    /// Connector's nonce (hex), mixed into every kite proof.
+    pub client_nonce: String,
+}
+
+/// The relay's answer to a hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// Protocol version the relay will speak on this link.
+    pub version: u32,
+    /// Relay's nonce (hex), mixed into every kite proof.
+    pub server_nonce: String,
+}
+
+/// A set of kite claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// Kites claimed.
+    pub kites: Vec<KiteClaim>,
+}
+
+/// One kite claimed by a connector, with proof that it holds the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KiteClaim {
+    /// The kite.
+    pub kite: KiteRef,
+    /// HMAC proof (hex) over the link's TLS exporter, both nonces, protocol and name.
+    pub proof: String,
+}
+
+/// Outcome of a registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// One entry per claim, in claim order.
+    pub kites: Vec<KiteOutcome>,
+}
+
+/// What the relay made of one claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KiteOutcome {
+    /// The kite as claimed.
+    pub kite: KiteRef,
+    /// Accepted or refused.
+    pub result: KiteResult,
+}
+
+/// Accepted or refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum KiteResult {
+    /// The kite is online through this link.
+    Accepted {
+        /// Where visitors reach it, e.g. `http://blog.example.net/` or `tcp://relay:15432`.
+        public: String,
+        /// For TCP kites the public port actually bound (useful when 0 was asked).
+        #[serde(default)]
+        port: u16,
+    },
+    /// The kite is not served through this link.
+    Refused {
+        /// Why, as a code.
+        reason: RefuseReason,
+        /// Why, for humans.
+        message: String,
+    },
+}
+
+/// Why a kite claim was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseReason {
+    /// No domain on the relay covers this name and protocol.
+    NoDomain,
+    /// The proof does not match the domain's secret.
+    BadSecret,
+    /// The TCP port is outside the relay's allowed range or taken by another kite.
+    PortUnavailable,
+    /// The relay does not serve this protocol (no listener for it).
+    ProtoDisabled,
+    /// The claim itself is malformed.
+    Invalid,
+}
+
+/// An error from the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    /// Class of the error.
+    pub code: ErrorCode,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// Class of a relay error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The protocol versions do not match.
+    Version,
+    /// A message arrived out of order or malformed.
+    Protocol,
+    /// The relay is shutting down or overloaded.
+    Unavailable,
+}
+
+/// What a stream carries; the payload of its OPEN frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StreamHeader {
+    /// A visitor's connection to a kite, opened by the relay.
+    Visitor(VisitorHeader),
+}
+
+/// A visitor's connection to a kite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VisitorHeader {
+    /// The kite as registered (the pattern, for wildcard kites).
+    pub kite: KiteRef,
+    /// The name the visitor asked for (Host or SNI), if any.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The visitor's address as the relay saw it.
+    pub peer: String,
+}
+
+/// Why a message could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    /// Larger than [`MAX_MESSAGE_LEN`].
+    #[error("message of {0} bytes exceeds the maximum of {MAX_MESSAGE_LEN}")]
+    TooLarge(usize),
+    /// Not valid JSON for the expected message type.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Encodes a message as JSON bytes.
+pub fn encode<T: Serialize>(message: &T) -> Bytes {
+    // Serializing these plain structs into a Vec cannot fail: no maps with
+    // non-string keys, no custom serializers.
+    Bytes::from(serde_json::to_vec(message).expect("control messages always serialize"))
+}
+
+/// Decodes a message, refusing oversized input before parsing.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, MessageError> {
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return Err(MessageError::TooLarge(bytes.len()));
+    }
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+/// Bytes of a hex string (either case); `None` if it is not hex.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            Some((hi * 16 + lo) as u8)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kite::KiteProto;
+
+    #[test]
+    fn messages_round_trip() {
+        let hello = ConnectorMessage::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Connector,
+            instance: "abc".into(),
+            node: "laptop".into(),
+            software: "kitepipe/0.1.0".into(),
+            client_nonce: hex(&[1, 2, 255]),
+        });
+        let back: ConnectorMessage = decode(&encode(&hello)).unwrap();
+        assert_eq!(back, hello);
+
+        let registered = RelayMessage::Registered(Registered {
+            kites: vec![KiteOutcome {
+                kite: KiteRef::parse("tcp:db.example.net:0").unwrap(),
+                result: KiteResult::Accepted {
+                    public: "tcp://relay:40000".into(),
+                    port: 40000,
+                },
+            }],
+        });
+        let back: RelayMessage = decode(&encode(&registered)).unwrap();
+        assert_eq!(back, registered);
+
+        let header = StreamHeader::Visitor(VisitorHeader {
+            kite: KiteRef {
+                proto: KiteProto::Http,
+                name: "*.example.net".into(),
+                port: 0,
+            },
+            host: Some("a.example.net".into()),
+            peer: "198.51.100.3:5000".into(),
+        });
+        let back: StreamHeader = decode(&encode(&header)).unwrap();
+        assert_eq!(back, header);
+    }
+
+    #[test]
+    fn hostile_messages_are_errors() {
+        let too_big = vec![b' '; MAX_MESSAGE_LEN + 1];
+        assert!(matches!(
+            decode::<ConnectorMessage>(&too_big),
+            Err(MessageError::TooLarge(_))
+        ));
+        for bad in [&b""[..], b"{", b"null", b"{\"type\":\"nope\"}", b"\xff\xfe"] {
+            assert!(decode::<ConnectorMessage>(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(hex(&[0, 15, 16, 255]), "000f10ff");
+        assert_eq!(unhex("000F10ff"), Some(vec![0, 15, 16, 255]));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+    }
+}

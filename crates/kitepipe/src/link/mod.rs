@@ -1,0 +1,45 @@
+//! The link: one authenticated, encrypted, multiplexed, self-healing
+//! connection between a connector and a relay.
+//!
+//! Start at [`mux`] (streams over one TLS connection: framing, flow control,
+//! heartbeats), then [`backoff`] (the one retry helper). The handshake that
+//! runs over a fresh link lives with its two ends: `connector::session` and
+//! `relay::session`.
+//!
+//! This room never dials or accepts sockets and knows nothing of kites: it is
+//! handed an established byte stream.
+
+pub mod backoff;
+pub mod mux;
+
+use std::time::Duration;
+
+pub use mux::{IncomingStream, Mux, MuxConfig, MuxReceivers, MuxStream, Side, StreamReset};
+
+/// Default heartbeat: a link silent this long is dead. Pings go out every
+/// third of it, which also keeps NAT mappings alive (home routers and CGNAT
+/// forget idle TCP flows after minutes, never seconds).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// Why a link closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkClosed {
+    /// This side shut the link down.
+    #[error("shut down")]
+    Shutdown,
+    /// The peer closed the link or said goodbye.
+    #[error("peer closed the link ({0})")]
+    PeerClosed(String),
+    /// Nothing arrived from the peer for longer than the heartbeat interval.
+    #[error("no traffic from the peer for {}s (heartbeat timeout)", .0.as_secs())]
+    HeartbeatTimeout(Duration),
+    /// Reading or writing the connection failed.
+    #[error("connection error: {0}")]
+    Io(String),
+    /// The peer broke the link protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A newer link from the same connector took this one's place.
+    #[error("replaced by a newer link from the same connector")]
+    Replaced,
+}

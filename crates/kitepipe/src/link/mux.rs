@@ -1,0 +1,871 @@
+//! The stream multiplexer: many [`MuxStream`]s over one byte stream.
+//!
+//! One reader task decodes frames and hands DATA to per-stream queues; one
+//! writer task batches outgoing frames into large writes; one watchdog task
+//! sends pings and declares the link dead when nothing arrives for the
+//! heartbeat interval. Every stream has a receive window: a peer may only
+//! send as many bytes as the window allows, so the reader never blocks on a
+//! slow stream and one slow visitor cannot stall the others.
+//!
+//! Frames that must keep their order relative to a stream's data (OPEN,
+//! DATA, FIN, CONTROL) go through one bounded queue. Window updates, pings
+//! and resets are urgent: they go through a small side queue the writer
+//! drains first, and each stream has at most one pending window update, so
+//! that queue is bounded by the number of streams.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kitepipe_proto::frame::{self, Frame, ResetCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, PollSender};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, trace};
+
+use super::LinkClosed;
+
+/// Frames queued for the writer before stream writers wait. 256 frames of
+/// at most 64 KiB bound the queue at 16 MiB in the worst case, and in
+/// practice it holds a few frames: the writer drains it in batches.
+const OUT_QUEUE: usize = 256;
+
+/// New streams waiting for the owner to accept them. Beyond this the peer
+/// gets a `Busy` reset instead of the reader waiting.
+const ACCEPT_QUEUE: usize = 1024;
+
+/// Control messages waiting for the owner. The owner always drains them;
+/// the bound only matters against a peer flooding control frames.
+const CONTROL_QUEUE: usize = 64;
+
+/// How many bytes the writer gathers into one write. Large writes let TLS
+/// fill full 16 KiB records and keep syscalls per byte low.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// How long a closing link may take to flush its GOAWAY before it is cut.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Read buffer size of the reader task (grows when a frame needs more).
+const READ_CHUNK: usize = 128 * 1024;
+
+/// Which end of the link we are; decides stream id parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The dialing end (odd stream ids).
+    Connector,
+    /// The accepting end (even stream ids).
+    Relay,
+}
+
+/// Settings of a multiplexed link.
+#[derive(Debug, Clone)]
+pub struct MuxConfig {
+    /// Declare the link dead after this long without receiving any frame.
+    /// Pings go out every third of it.
+    pub heartbeat: Duration,
+    /// Per-stream receive window in bytes.
+    pub stream_window: u32,
+}
+
+impl Default for MuxConfig {
+    fn default() -> Self {
+        MuxConfig {
+            heartbeat: super::DEFAULT_HEARTBEAT,
+            stream_window: DEFAULT_STREAM_WINDOW,
+        }
+    }
+}
+
+/// Default per-stream receive window. 1 MiB lets one stream run at full
+/// speed over loopback and LAN latencies (bandwidth x delay), while idle
+/// streams hold no memory at all: the window is credit, not a buffer.
+pub const DEFAULT_STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// A stream opened by the peer, waiting to be accepted.
+#[derive(Debug)]
+pub struct IncomingStream {
+    /// The raw stream header from the OPEN frame (decoded by the owner).
+    pub header: Bytes,
+    /// The stream.
+    pub stream: MuxStream,
+}
+
+/// Handle to a running multiplexed link. Cheap to clone.
+#[derive(Clone)]
+pub struct Mux {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Frame>,
+}
+
+/// Receivers the owner of a link drains.
+#[derive(Debug)]
+pub struct MuxReceivers {
+    /// Streams opened by the peer.
+    pub incoming: mpsc::Receiver<IncomingStream>,
+    /// Control messages (payloads of CONTROL frames) from the peer.
+    pub control: mpsc::Receiver<Bytes>,
+}
+
+/// Counters of a link, for logs and status.
+#[derive(Debug, Default)]
+pub struct MuxStats {
+    /// Payload bytes received on streams.
+    pub bytes_in: AtomicU64,
+    /// Payload bytes sent on streams.
+    pub bytes_out: AtomicU64,
+    /// Latest ping round trip, in microseconds (0 before the first pong).
+    pub rtt_micros: AtomicU64,
+}
+
+struct Shared {
+    side: Side,
+    window: u32,
+    streams: Mutex<HashMap<u32, Arc<StreamState>>>,
+    next_id: AtomicU32,
+    urgent: Mutex<VecDeque<Frame>>,
+    urgent_notify: Notify,
+    /// Wakes the watchdog to force the close if the writer cannot flush.
+    close_notify: Notify,
+    /// Cancelled when the link is closed, for any reason.
+    token: CancellationToken,
+    closed: Mutex<Option<LinkClosed>>,
+    started: Instant,
+    /// Milliseconds since `started` at which the last frame arrived.
+    last_rx_ms: AtomicU64,
+    stats: MuxStats,
+}
+
+struct StreamState {
+    id: u32,
+    recv: Mutex<RecvState>,
+    send: Mutex<SendState>,
+}
+
+#[derive(Default)]
+struct RecvState {
+    queue: VecDeque<Bytes>,
+    buffered: usize,
+    fin: bool,
+    reset: Option<(ResetCode, String)>,
+    /// Bytes consumed by the reader and not yet granted back to the peer.
+    unacked: u32,
+    waker: Option<Waker>,
+}
+
+struct SendState {
+    credit: u64,
+    fin_sent: bool,
+    reset: Option<(ResetCode, String)>,
+    waker: Option<Waker>,
+}
+
+/// One multiplexed stream: `AsyncRead` + `AsyncWrite` with half-close.
+///
+/// Dropping a stream that has not finished both ways resets it, so the
+/// peer learns at once and nothing leaks.
+pub struct MuxStream {
+    state: Arc<StreamState>,
+    shared: Arc<Shared>,
+    sender: PollSender<Frame>,
+}
+
+impl Mux {
+    /// Starts the reader, writer and watchdog tasks of a link over `io`.
+    ///
+    /// `read_buf` holds bytes already read from `io` (e.g. during the
+    /// handshake) that belong to the framed stream. The tasks run on
+    /// `tracker` and stop when `token` (or the link) is cancelled.
+    pub fn start<T>(
+        io: T,
+        read_buf: BytesMut,
+        side: Side,
+        config: &MuxConfig,
+        tracker: &TaskTracker,
+        token: CancellationToken,
+    ) -> (Mux, MuxReceivers)
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (incoming_tx, incoming_rx) = mpsc::channel(ACCEPT_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let started = Instant::now();
+        let shared = Arc::new(Shared {
+            side,
+            window: config.stream_window,
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(match side {
+                Side::Connector => 1,
+                Side::Relay => 2,
+            }),
+            urgent: Mutex::new(VecDeque::new()),
+            urgent_notify: Notify::new(),
+            close_notify: Notify::new(),
+            token,
+            closed: Mutex::new(None),
+            started,
+            last_rx_ms: AtomicU64::new(0),
+            stats: MuxStats::default(),
+        });
+        let mux = Mux {
+            shared: shared.clone(),
+            out: out_tx,
+        };
+        let (reader, writer) = tokio::io::split(io);
+        let span = tracing::Span::current();
+        tracker.spawn(
+            run_reader(
+                reader,
+                read_buf,
+                shared.clone(),
+                mux.out.clone(),
+                incoming_tx,
+                control_tx,
+            )
+            .instrument(span.clone()),
+        );
+        tracker.spawn(run_writer(writer, shared.clone(), out_rx).instrument(span.clone()));
+        tracker.spawn(run_watchdog(shared, config.heartbeat).instrument(span));
+        (
+            mux,
+            MuxReceivers {
+                incoming: incoming_rx,
+                control: control_rx,
+            },
+        )
+    }
+
+    /// Opens a stream carrying `header` (an encoded stream header).
+    ///
+    /// Data may be written at once; if the peer refuses the stream, reads
+    /// and writes fail with the peer's reason. Cancel-safe: dropping the
+    /// future before it completes opens nothing.
+    pub async fn open(&self, header: Bytes) -> Result<MuxStream, LinkClosed> {
+        let permit = tokio::select! {
+            permit = self.out.reserve() => permit.map_err(|_| self.closed_reason())?,
+            _ = self.shared.token.cancelled() => return Err(self.closed_reason()),
+        };
+        let id = self.shared.next_id.fetch_add(2, Ordering::Relaxed);
+        let state = self.shared.insert_stream(id);
+        permit.send(Frame::Open { stream: id, header });
+        Ok(MuxStream::new(state, self.shared.clone(), self.out.clone()))
+    }
+
+    /// Sends a control message (the payload of a CONTROL frame).
+    pub async fn send_control(&self, payload: Bytes) -> Result<(), LinkClosed> {
+        tokio::select! {
+            res = self.out.send(Frame::Control { payload }) => res.map_err(|_| self.closed_reason()),
+            _ = self.shared.token.cancelled() => Err(self.closed_reason()),
+        }
+    }
+
+    /// Closes the link: tells the peer why (best effort) and stops the tasks.
+    pub fn close(&self, reason: LinkClosed) {
+        let (code, text) = match &reason {
+            LinkClosed::Shutdown => (ResetCode::Shutdown, reason.to_string()),
+            _ => (ResetCode::Cancel, reason.to_string()),
+        };
+        self.shared.push_urgent(Frame::GoAway { code, reason: text });
+        // The writer sends the GOAWAY and stops; the watchdog forces the
+        // stop if the writer is stuck on a dead connection.
+        self.shared.set_closed(reason, false);
+        self.shared.close_notify.notify_one();
+    }
+
+    /// Resolves when the link has closed; returns why. Cancel-safe.
+    pub async fn closed(&self) -> LinkClosed {
+        self.shared.token.cancelled().await;
+        self.closed_reason()
+    }
+
+    /// True once the link has closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.token.is_cancelled()
+    }
+
+    /// The link's counters.
+    pub fn stats(&self) -> &MuxStats {
+        &self.shared.stats
+    }
+
+    /// Number of open streams.
+    pub fn stream_count(&self) -> usize {
+        lock(&self.shared.streams).len()
+    }
+
+    fn closed_reason(&self) -> LinkClosed {
+        lock(&self.shared.closed)
+            .clone()
+            .unwrap_or(LinkClosed::Shutdown)
+    }
+}
+
+impl std::fmt::Debug for Mux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mux")
+            .field("side", &self.shared.side)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Shared {
+    fn insert_stream(&self, id: u32) -> Arc<StreamState> {
+        let state = Arc::new(StreamState {
+            id,
+            recv: Mutex::new(RecvState::default()),
+            send: Mutex::new(SendState {
+                credit: u64::from(self.window),
+                fin_sent: false,
+                reset: None,
+                waker: None,
+            }),
+        });
+        lock(&self.streams).insert(id, state.clone());
+        state
+    }
+
+    fn push_urgent(&self, frame: Frame) {
+        lock(&self.urgent).push_back(frame);
+        self.urgent_notify.notify_one();
+    }
+
+    /// Records why the link closed (first reason wins) and wakes everything.
+    fn set_closed(&self, reason: LinkClosed, immediate: bool) {
+        {
+            let mut closed = lock(&self.closed);
+            if closed.is_none() {
+                debug!(%reason, "link closing");
+                *closed = Some(reason);
+            }
+        }
+        if immediate {
+            self.token.cancel();
+        } else {
+            // The writer sees the closed reason, flushes the GOAWAY, then cancels.
+            self.urgent_notify.notify_one();
+        }
+        let streams: Vec<_> = lock(&self.streams).values().cloned().collect();
+        for stream in streams {
+            stream.wake_all();
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        self.token.is_cancelled() || lock(&self.closed).is_some()
+    }
+
+    fn link_error(&self) -> io::Error {
+        let reason = lock(&self.closed)
+            .clone()
+            .unwrap_or(LinkClosed::Shutdown);
+        io::Error::new(io::ErrorKind::ConnectionAborted, reason)
+    }
+
+    fn mark_rx(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_rx_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl StreamState {
+    fn wake_all(&self) {
+        if let Some(waker) = lock(&self.recv).waker.take() {
+            waker.wake();
+        }
+        if let Some(waker) = lock(&self.send).waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn reset(&self, code: ResetCode, reason: String) {
+        {
+            let mut recv = lock(&self.recv);
+            recv.reset.get_or_insert_with(|| (code, reason.clone()));
+            recv.queue.clear();
+            recv.buffered = 0;
+        }
+        lock(&self.send).reset.get_or_insert((code, reason));
+        self.wake_all();
+    }
+}
+
+impl MuxStream {
+    fn new(state: Arc<StreamState>, shared: Arc<Shared>, out: mpsc::Sender<Frame>) -> MuxStream {
+        MuxStream {
+            state,
+            shared,
+            sender: PollSender::new(out),
+        }
+    }
+
+    /// The stream's id on the link.
+    pub fn id(&self) -> u32 {
+        self.state.id
+    }
+
+    /// Aborts the stream in both directions, telling the peer why.
+    pub fn reset(&mut self, code: ResetCode, reason: &str) {
+        self.state.reset(code, reason.to_string());
+        self.shared.push_urgent(Frame::Reset {
+            stream: self.state.id,
+            code,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// The peer's reset reason, if the peer reset this stream.
+    pub fn reset_reason(&self) -> Option<(ResetCode, String)> {
+        lock(&self.state.recv).reset.clone()
+    }
+}
+
+fn reset_error(code: ResetCode, reason: &str) -> io::Error {
+    let kind = match code {
+        ResetCode::TargetUnreachable => io::ErrorKind::ConnectionRefused,
+        _ => io::ErrorKind::ConnectionReset,
+    };
+    io::Error::new(kind, StreamReset {
+        code,
+        reason: reason.to_string(),
+    })
+}
+
+/// The error inside an `io::Error` when the peer reset a stream.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("stream reset by peer ({code}): {reason}")]
+pub struct StreamReset {
+    /// The peer's code.
+    pub code: ResetCode,
+    /// The peer's reason.
+    pub reason: String,
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut recv = lock(&this.state.recv);
+        if recv.queue.is_empty() {
+            if let Some((code, reason)) = &recv.reset {
+                return Poll::Ready(Err(reset_error(*code, reason)));
+            }
+            if recv.fin {
+                return Poll::Ready(Ok(()));
+            }
+            if this.shared.is_closing() {
+                return Poll::Ready(Err(this.shared.link_error()));
+            }
+            recv.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let mut copied = 0usize;
+        while buf.remaining() > 0 {
+            let Some(front) = recv.queue.front_mut() else {
+                break;
+            };
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            copied += n;
+            if n == front.len() {
+                recv.queue.pop_front();
+            } else {
+                let _ = front.split_to(n);
+            }
+        }
+        recv.buffered -= copied;
+        // copied <= window, which is a u32.
+        recv.unacked += copied as u32;
+        // Grant credit back once half the window is consumed: fewer WINDOW
+        // frames than per-read updates, and the sender never stalls as long
+        // as the reader keeps up.
+        if recv.unacked >= this.shared.window / 2 && !recv.fin {
+            let increment = std::mem::take(&mut recv.unacked);
+            drop(recv);
+            this.shared.push_urgent(Frame::Window {
+                stream: this.state.id,
+                increment,
+            });
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        {
+            let mut send = lock(&this.state.send);
+            if let Some((code, reason)) = &send.reset {
+                return Poll::Ready(Err(reset_error(*code, reason)));
+            }
+            if send.fin_sent {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "write after shutdown",
+                )));
+            }
+            if this.shared.is_closing() {
+                return Poll::Ready(Err(this.shared.link_error()));
+            }
+            if send.credit == 0 {
+                send.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
+        match this.sender.poll_reserve(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(this.shared.link_error())),
+            Poll::Pending => return Poll::Pending,
+        }
+        let n = {
+            let mut send = lock(&this.state.send);
+            let n = buf
+                .len()
+                .min(frame::MAX_DATA_PAYLOAD)
+                .min(usize::try_from(send.credit).unwrap_or(usize::MAX));
+            send.credit -= n as u64;
+            n
+        };
+        let frame = Frame::Data {
+            stream: this.state.id,
+            payload: Bytes::copy_from_slice(&buf[..n]),
+        };
+        if this.sender.send_item(frame).is_err() {
+            return Poll::Ready(Err(this.shared.link_error()));
+        }
+        this.shared
+            .stats
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The writer task flushes after every batch; nothing is held here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        {
+            let send = lock(&this.state.send);
+            if send.fin_sent {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some((code, reason)) = &send.reset {
+                return Poll::Ready(Err(reset_error(*code, reason)));
+            }
+        }
+        match this.sender.poll_reserve(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(this.shared.link_error())),
+            Poll::Pending => return Poll::Pending,
+        }
+        if this
+            .sender
+            .send_item(Frame::Fin {
+                stream: this.state.id,
+            })
+            .is_err()
+        {
+            return Poll::Ready(Err(this.shared.link_error()));
+        }
+        lock(&this.state.send).fin_sent = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for MuxStream {
+    fn drop(&mut self) {
+        lock(&self.shared.streams).remove(&self.state.id);
+        let finished = {
+            let recv = lock(&self.state.recv);
+            let send = lock(&self.state.send);
+            (recv.fin && send.fin_sent) || recv.reset.is_some() || send.reset.is_some()
+        };
+        if !finished && !self.shared.token.is_cancelled() {
+            self.shared.push_urgent(Frame::Reset {
+                stream: self.state.id,
+                code: ResetCode::Cancel,
+                reason: "stream dropped".into(),
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for MuxStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MuxStream").field("id", &self.state.id).finish()
+    }
+}
+
+async fn run_reader<R: AsyncRead>(
+    mut reader: tokio::io::ReadHalf<R>,
+    mut buf: BytesMut,
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Frame>,
+    incoming: mpsc::Sender<IncomingStream>,
+    control: mpsc::Sender<Bytes>,
+) {
+    let reason = loop {
+        // Decode everything buffered before reading more.
+        let frame = match Frame::decode(&mut buf) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                let res = tokio::select! {
+                    res = reader.read_buf(&mut buf) => res,
+                    _ = shared.token.cancelled() => return,
+                };
+                match res {
+                    Ok(0) => break LinkClosed::PeerClosed("connection closed".into()),
+                    Ok(_) => {
+                        shared.mark_rx();
+                        continue;
+                    }
+                    Err(err) => break LinkClosed::Io(err.to_string()),
+                }
+            }
+            Err(err) => break LinkClosed::Protocol(err.to_string()),
+        };
+        trace!(?frame, "frame in");
+        match handle_frame(&shared, &out, &incoming, &control, frame).await {
+            Ok(()) => {}
+            Err(reason) => break reason,
+        }
+    };
+    shared.set_closed(reason, true);
+}
+
+async fn handle_frame(
+    shared: &Arc<Shared>,
+    out: &mpsc::Sender<Frame>,
+    incoming: &mpsc::Sender<IncomingStream>,
+    control: &mpsc::Sender<Bytes>,
+    frame: Frame,
+) -> Result<(), LinkClosed> {
+    match frame {
+        Frame::Data { stream, payload } => {
+            let Some(state) = lock(&shared.streams).get(&stream).cloned() else {
+                // Data racing a reset we sent, or for a stream we dropped.
+                return Ok(());
+            };
+            let len = payload.len();
+            let mut recv = lock(&state.recv);
+            if recv.reset.is_some() || recv.fin {
+                return Ok(());
+            }
+            if recv.buffered + len > shared.window as usize {
+                drop(recv);
+                state.reset(ResetCode::ProtocolError, "peer overran the stream window".into());
+                shared.push_urgent(Frame::Reset {
+                    stream,
+                    code: ResetCode::ProtocolError,
+                    reason: "stream window exceeded".into(),
+                });
+                return Ok(());
+            }
+            recv.buffered += len;
+            recv.queue.push_back(payload);
+            shared.stats.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+            if let Some(waker) = recv.waker.take() {
+                waker.wake();
+            }
+        }
+        Frame::Open { stream, header } => {
+            let theirs = match shared.side {
+                Side::Connector => stream % 2 == 0,
+                Side::Relay => stream % 2 == 1,
+            };
+            if !theirs || lock(&shared.streams).contains_key(&stream) {
+                return Err(LinkClosed::Protocol(format!(
+                    "peer opened stream {stream} with a bad or reused id"
+                )));
+            }
+            let state = shared.insert_stream(stream);
+            let mux_stream = MuxStream::new(state, shared.clone(), out.clone());
+            if let Err(err) = incoming.try_send(IncomingStream {
+                header,
+                stream: mux_stream,
+            }) {
+                let mut rejected = match err {
+                    mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
+                };
+                rejected.stream.reset(ResetCode::Busy, "too many streams waiting");
+            }
+        }
+        Frame::Fin { stream } => {
+            if let Some(state) = lock(&shared.streams).get(&stream).cloned() {
+                let mut recv = lock(&state.recv);
+                recv.fin = true;
+                if let Some(waker) = recv.waker.take() {
+                    waker.wake();
+                }
+            }
+        }
+        Frame::Reset {
+            stream,
+            code,
+            reason,
+        } => {
+            let state = lock(&shared.streams).get(&stream).cloned();
+            if let Some(state) = state {
+                state.reset(code, reason);
+            }
+        }
+        Frame::Window { stream, increment } => {
+            if let Some(state) = lock(&shared.streams).get(&stream).cloned() {
+                let mut send = lock(&state.send);
+                send.credit = send.credit.saturating_add(u64::from(increment));
+                if send.credit > u64::from(u32::MAX) {
+                    return Err(LinkClosed::Protocol("stream window overflow".into()));
+                }
+                if let Some(waker) = send.waker.take() {
+                    waker.wake();
+                }
+            }
+        }
+        Frame::Ping { payload } => shared.push_urgent(Frame::Pong { payload }),
+        Frame::Pong { payload } => {
+            let now = shared.started.elapsed().as_micros() as u64;
+            shared
+                .stats
+                .rtt_micros
+                .store(now.saturating_sub(payload), Ordering::Relaxed);
+        }
+        Frame::Control { payload } => {
+            if control.send(payload).await.is_err() {
+                return Err(LinkClosed::Shutdown);
+            }
+        }
+        Frame::GoAway { code, reason } => {
+            return Err(LinkClosed::PeerClosed(format!("{code}: {reason}")));
+        }
+    }
+    Ok(())
+}
+
+async fn run_writer<W: AsyncWrite>(
+    mut writer: tokio::io::WriteHalf<W>,
+    shared: Arc<Shared>,
+    mut out: mpsc::Receiver<Frame>,
+) {
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH + frame::MAX_PAYLOAD);
+    loop {
+        let mut closing = false;
+        tokio::select! {
+            biased;
+            _ = shared.token.cancelled() => break,
+            _ = shared.urgent_notify.notified() => {}
+            frame = out.recv() => match frame {
+                Some(frame) => encode(&shared, frame, &mut batch),
+                // Every sender is gone: the Mux handle and all streams dropped.
+                None => closing = true,
+            },
+        }
+        drain_urgent(&shared, &mut batch);
+        while batch.len() < WRITE_BATCH {
+            match out.try_recv() {
+                Ok(frame) => encode(&shared, frame, &mut batch),
+                Err(_) => break,
+            }
+        }
+        drain_urgent(&shared, &mut batch);
+        if lock(&shared.closed).is_some() {
+            closing = true;
+        }
+        if !batch.is_empty() {
+            let res = tokio::select! {
+                res = async {
+                    writer.write_all(&batch).await?;
+                    writer.flush().await
+                } => res,
+                _ = shared.token.cancelled() => break,
+            };
+            batch.clear();
+            if let Err(err) = res {
+                shared.set_closed(LinkClosed::Io(err.to_string()), true);
+                break;
+            }
+        }
+        if closing {
+            // Best effort: let TLS send its close_notify.
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
+            shared.set_closed(LinkClosed::Shutdown, true);
+            break;
+        }
+    }
+}
+
+fn encode(shared: &Shared, frame: Frame, batch: &mut BytesMut) {
+    trace!(?frame, "frame out");
+    if let Frame::Reset { stream, .. } = &frame {
+        // A reset we send ends the stream on our side too.
+        lock(&shared.streams).remove(stream);
+    }
+    frame.encode(batch);
+}
+
+fn drain_urgent(shared: &Shared, batch: &mut BytesMut) {
+    let frames: Vec<Frame> = lock(&shared.urgent).drain(..).collect();
+    for frame in frames {
+        encode(shared, frame, batch);
+    }
+}
+
+async fn run_watchdog(shared: Arc<Shared>, heartbeat: Duration) {
+    let period = heartbeat / 3;
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.token.cancelled() => return,
+            _ = shared.close_notify.notified() => {
+                tokio::select! {
+                    _ = shared.token.cancelled() => {}
+                    _ = tokio::time::sleep(CLOSE_GRACE) => shared.token.cancel(),
+                }
+                return;
+            }
+            _ = ticker.tick() => {}
+        }
+        let now_ms = shared.started.elapsed().as_millis() as u64;
+        let last = shared.last_rx_ms.load(Ordering::Relaxed);
+        let silent = Duration::from_millis(now_ms.saturating_sub(last));
+        if silent > heartbeat {
+            shared.set_closed(LinkClosed::HeartbeatTimeout(silent), true);
+            return;
+        }
+        let payload = shared.started.elapsed().as_micros() as u64;
+        shared.push_urgent(Frame::Ping { payload });
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves the
+/// data consistent, so a panic elsewhere does not make it unusable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,304 @@
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kitepipe_proto::frame::{Frame, ResetCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::*;
+use crate::link::LinkClosed;
+
+struct Pair {
+    connector: Mux,
+    connector_rx: MuxReceivers,
+    relay: Mux,
+    relay_rx: MuxReceivers,
+    tracker: TaskTracker,
+    token: CancellationToken,
+}
+
+fn pair_with(buffer: usize, config: MuxConfig) -> Pair {
+    let (a, b) = tokio::io::duplex(buffer);
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    let (connector, connector_rx) = Mux::start(
+        a,
+        BytesMut::new(),
+        Side::Connector,
+        &config,
+        &tracker,
+        token.child_token(),
+    );
+    let (relay, relay_rx) = Mux::start(
+        b,
+        BytesMut::new(),
+        Side::Relay,
+        &config,
+        &tracker,
+        token.child_token(),
+    );
+    Pair {
+        connector,
+        connector_rx,
+        relay,
+        relay_rx,
+        tracker,
+        token,
+    }
+}
+
+fn pair() -> Pair {
+    pair_with(64, MuxConfig::default())
+}
+
+impl Pair {
+    async fn shutdown(self) {
+        self.token.cancel();
+        self.tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+            .await
+            .expect("link tasks stop after cancel");
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test]
+async fn streams_carry_bytes_both_ways_with_half_close() {
+    let mut p = pair();
+    let mut opened = p.relay.open(Bytes::from_static(b"hdr")).await.unwrap();
+    let incoming = p.connector_rx.incoming.recv().await.unwrap();
+    assert_eq!(&incoming.header[..], b"hdr");
+    let mut accepted = incoming.stream;
+
+    let up = pattern(300_000, 1);
+    let down = pattern(200_000, 2);
+    let up_clone = up.clone();
+    let writer = tokio::spawn(async move {
+        opened.write_all(&up_clone).await.unwrap();
+        opened.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        opened.read_to_end(&mut back).await.unwrap();
+        back
+    });
+    let mut got = Vec::new();
+    accepted.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, up, "half-closed direction delivers everything");
+    accepted.write_all(&down).await.unwrap();
+    accepted.shutdown().await.unwrap();
+    assert_eq!(writer.await.unwrap(), down);
+    drop(accepted);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_stream_does_not_block_others() {
+    let config = MuxConfig {
+        stream_window: 64 * 1024,
+        ..MuxConfig::default()
+    };
+    let mut p = pair_with(4096, config);
+    let mut stalled = p.relay.open(Bytes::from_static(b"stalled")).await.unwrap();
+    let _stalled_peer = p.connector_rx.incoming.recv().await.unwrap();
+    // Fill the stalled stream's window; nobody reads it.
+    let filler = vec![7u8; 64 * 1024];
+    stalled.write_all(&filler).await.unwrap();
+    let blocked =
+        tokio::time::timeout(Duration::from_millis(200), stalled.write_all(b"more")).await;
+    assert!(blocked.is_err(), "writer waits when the window is used up");
+
+    let mut busy = p.relay.open(Bytes::from_static(b"busy")).await.unwrap();
+    let mut busy_peer = p.connector_rx.incoming.recv().await.unwrap().stream;
+    let data = pattern(1_000_000, 3);
+    let data_clone = data.clone();
+    let send = tokio::spawn(async move {
+        busy.write_all(&data_clone).await.unwrap();
+        busy.shutdown().await.unwrap();
+        busy
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), busy_peer.read_to_end(&mut got))
+        .await
+        .expect("other stream keeps flowing")
+        .unwrap();
+    assert_eq!(got, data);
+    drop(send.await.unwrap());
+    drop(stalled);
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_a_stream_resets_it_on_the_peer() {
+    let mut p = pair();
+    let opened = p.connector.open(Bytes::from_static(b"x")).await.unwrap();
+    let mut accepted = p.relay_rx.incoming.recv().await.unwrap().stream;
+    drop(opened);
+    let mut buf = [0u8; 16];
+    let err = accepted.read(&mut buf).await.unwrap_err();
+    let reset = err.get_ref().unwrap().downcast_ref::<StreamReset>().unwrap();
+    assert_eq!(reset.code, ResetCode::Cancel);
+    drop(accepted);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while p.relay.stream_count() + p.connector.stream_count() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("both sides forget the stream");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn explicit_reset_reason_reaches_the_peer() {
+    let mut p = pair();
+    let mut opened = p.relay.open(Bytes::from_static(b"x")).await.unwrap();
+    let mut accepted = p.connector_rx.incoming.recv().await.unwrap().stream;
+    accepted.reset(ResetCode::TargetUnreachable, "connect 127.0.0.1:1: refused");
+    let mut buf = [0u8; 4];
+    let err = opened.read(&mut buf).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(err.to_string().contains("127.0.0.1:1: refused"), "{err}");
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_messages_arrive_in_order() {
+    let mut p = pair();
+    for i in 0..10u8 {
+        p.connector
+            .send_control(Bytes::from(vec![i; 3]))
+            .await
+            .unwrap();
+    }
+    for i in 0..10u8 {
+        assert_eq!(p.relay_rx.control.recv().await.unwrap(), vec![i; 3]);
+    }
+    p.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_is_declared_dead_after_the_heartbeat() {
+    let (a, mut b) = tokio::io::duplex(1024);
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    let config = MuxConfig {
+        heartbeat: Duration::from_secs(15),
+        ..MuxConfig::default()
+    };
+    let (mux, _rx) = Mux::start(
+        a,
+        BytesMut::new(),
+        Side::Connector,
+        &config,
+        &tracker,
+        token.clone(),
+    );
+    // The peer reads (so writes don't block) but never answers.
+    let drain = tokio::spawn(async move {
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = b.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let reason = tokio::time::timeout(Duration::from_secs(30), mux.closed())
+        .await
+        .expect("link declared dead");
+    assert!(
+        matches!(reason, LinkClosed::HeartbeatTimeout(d) if d >= Duration::from_secs(15) && d <= Duration::from_secs(21)),
+        "{reason:?}"
+    );
+    tracker.close();
+    tracker.wait().await;
+    drain.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn pings_keep_an_idle_link_alive() {
+    let config = MuxConfig {
+        heartbeat: Duration::from_secs(3),
+        ..MuxConfig::default()
+    };
+    let p = pair_with(64, config);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(!p.connector.is_closed() && !p.relay.is_closed());
+    p.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_from_the_peer_closes_the_link_with_a_protocol_error() {
+    let (a, mut b) = tokio::io::duplex(64);
+    let tracker = TaskTracker::new();
+    let (mux, _rx) = Mux::start(
+        a,
+        BytesMut::new(),
+        Side::Relay,
+        &MuxConfig::default(),
+        &tracker,
+        CancellationToken::new(),
+    );
+    b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), mux.closed())
+        .await
+        .unwrap();
+    assert!(matches!(reason, LinkClosed::Protocol(_)), "{reason:?}");
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_overrunning_its_window_gets_the_stream_reset() {
+    let (a, mut b) = tokio::io::duplex(1 << 20);
+    let tracker = TaskTracker::new();
+    let config = MuxConfig {
+        stream_window: 1024,
+        ..MuxConfig::default()
+    };
+    let (_mux, mut rx) = Mux::start(
+        a,
+        BytesMut::new(),
+        Side::Relay,
+        &config,
+        &tracker,
+        CancellationToken::new(),
+    );
+    let mut wire = BytesMut::new();
+    Frame::Open {
+        stream: 1,
+        header: Bytes::from_static(b"h"),
+    }
+    .encode(&mut wire);
+    Frame::Data {
+        stream: 1,
+        payload: Bytes::from(vec![0u8; 2048]),
+    }
+    .encode(&mut wire);
+    b.write_all(&wire).await.unwrap();
+    let mut stream = rx.incoming.recv().await.unwrap().stream;
+    let mut buf = [0u8; 16];
+    let err = stream.read(&mut buf).await.unwrap_err();
+    assert!(err.to_string().contains("window"), "{err}");
+    // The peer is told with a RESET frame.
+    let mut seen = BytesMut::new();
+    let reset = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            b.read_buf(&mut seen).await.unwrap();
+            while let Some(frame) = Frame::decode(&mut seen).unwrap() {
+                if let Frame::Reset { stream: 1, code, .. } = frame {
+                    return code;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(reset, ResetCode::ProtocolError);
+}
