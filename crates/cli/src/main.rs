@@ -1,1 +1,290 @@
-fn main() {}
+//! The `kitepipe` command: parses arguments, builds the config, installs
+//! logging, runs the library and maps the result to an exit code.
+#![forbid(unsafe_code)]
+
+mod exit;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kitepipe::config::{
+    ConnectorConfig, RawConnectorConfig, RawRelayConfig, RelayConfig, default_state_dir,
+};
+use kitepipe::connector::Connector;
+use kitepipe::relay::Relay;
+use tokio_util::sync::CancellationToken;
+
+/// Make machines behind NAT and firewalls reachable, securely.
+///
+/// A connector on the hidden machine dials out to a public relay over one
+/// TLS link; visitors reach the machine's local HTTP, HTTPS and TCP services
+/// through the relay, by name.
+///
+/// Start with `kitepipe demo`: it runs a relay, a connector and a sample web
+/// page on this machine and prints what to try.
+#[derive(Debug, Parser)]
+#[command(name = "kitepipe", version, propagate_version = true)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or per-module directives).
+    #[arg(long, global = true, env = "KITEPIPE_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a relay, a connector and sample services on loopback, and print what to try.
+    Demo,
+    /// Run a relay: accept connectors' links and route visitors to their kites.
+    ///
+    /// Example (on a server with a public address):
+    ///
+    ///   kitepipe relay --listen 0.0.0.0:8443 --http 0.0.0.0:80 --domain 'http,tcp:*.example.net:SECRET'
+    ///
+    /// The relay prints its certificate fingerprint at start; connectors pin it.
+    Relay(RelayArgs),
+    /// Run a connector: link to relays and serve local services as kites.
+    ///
+    /// Example (on the laptop behind NAT):
+    ///
+    ///   kitepipe connect relay.example.net:8443 --fingerprint SHA256:... --secret SECRET --kite http:blog.example.net=127.0.0.1:8000
+    Connect(ConnectArgs),
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// TOML file with the same settings as the flags (flags win).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address for connectors' links, IP:PORT [default: 0.0.0.0:8443]. Repeatable.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Address for visitors' HTTP, routed by Host [default: 0.0.0.0:8080]. Repeatable.
+    /// Giving the same address as --listen or --https serves them all on one port.
+    #[arg(long, value_name = "ADDR")]
+    http: Vec<String>,
+    /// Address for visitors' HTTPS, routed by SNI and passed through undecrypted. Repeatable.
+    #[arg(long, value_name = "ADDR")]
+    https: Vec<String>,
+    /// A domain connectors may claim kites in: PROTOS:NAME:SECRET, e.g.
+    /// 'http,tcp:*.example.net:SECRET'. Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    domain: Vec<String>,
+    /// Address TCP kites' public ports bind to [default: 0.0.0.0].
+    #[arg(long, value_name = "IP")]
+    tcp_bind: Option<String>,
+    /// Public ports TCP kites may use, LOW-HIGH [default: 1024-65535].
+    #[arg(long, value_name = "RANGE")]
+    tcp_ports: Option<String>,
+    /// Directory for the self-signed certificate created on first start
+    /// [default: ~/.local/state/kitepipe].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Certificate chain (PEM) to use instead of the self-signed one.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The relay's public host name (shown to connectors, put in the self-signed certificate).
+    #[arg(long, value_name = "HOST")]
+    name: Option<String>,
+    /// A link silent this long is dead, e.g. 15s.
+    #[arg(long, value_name = "DURATION")]
+    heartbeat: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// Relays to link to, HOST:PORT. Several relays: one link to each.
+    #[arg(value_name = "RELAY")]
+    relay: Vec<String>,
+    /// TOML file with the same settings as the flags (flags win).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A kite to serve: PROTO:NAME[:PORT]=TARGET, e.g. http:blog.example.net=127.0.0.1:8000,
+    /// https:blog.example.net=8443, tcp:db.example.net:15432=127.0.0.1:5432
+    /// (port 0: the relay picks). Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    kite: Vec<String>,
+    /// Shared secret of the kites' domain on the relay (never sent: it signs a challenge).
+    #[arg(long, env = "KITEPIPE_SECRET", hide_env_values = true, value_name = "SECRET")]
+    secret: Option<String>,
+    /// The relay certificate's fingerprint, as the relay printed it at start.
+    #[arg(long, value_name = "SHA256:HEX")]
+    fingerprint: Option<String>,
+    /// CA certificate (PEM) the relay's certificate must chain to (instead of --fingerprint).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// This connector's node name [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// A link silent this long is dead, e.g. 15s.
+    #[arg(long, value_name = "DURATION")]
+    heartbeat: Option<String>,
+    /// Longest wait between reconnect attempts, e.g. 15s.
+    #[arg(long, value_name = "DURATION")]
+    max_backoff: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("kitepipe: cannot start the async runtime: {err}");
+            std::process::exit(exit::RUNTIME);
+        }
+    };
+    let code = runtime.block_on(run(cli.command));
+    std::process::exit(code);
+}
+
+async fn run(command: Command) -> i32 {
+    let res = match command {
+        Command::Demo => demo().await,
+        Command::Relay(args) => relay(args).await,
+        Command::Connect(args) => connect(args).await,
+    };
+    match res {
+        Ok(()) => exit::OK,
+        Err(err) => {
+            eprintln!("kitepipe: {err:#}");
+            exit::classify(&err)
+        }
+    }
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                trigger.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        trigger.cancel();
+    });
+    token
+}
+
+async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    let flags = RawRelayConfig {
+        listen: args.listen,
+        http: args.http,
+        https: args.https,
+        domain: args.domain,
+        tcp_bind: args.tcp_bind,
+        tcp_ports: args.tcp_ports,
+        state_dir: args.state_dir,
+        cert: args.cert,
+        key: args.key,
+        name: args.name,
+        heartbeat: args.heartbeat,
+    };
+    let mut raw = match &args.config {
+        Some(path) => RawRelayConfig::from_file(path)?.merge(flags),
+        None => flags,
+    };
+    if raw.listen.is_empty() {
+        raw.listen.push("0.0.0.0:8443".into());
+    }
+    if raw.http.is_empty() && raw.https.is_empty() {
+        raw.http.push("0.0.0.0:8080".into());
+    }
+    if raw.state_dir.is_none() {
+        raw.state_dir = Some(default_state_dir(&|key| std::env::var(key).ok()));
+    }
+    let config = RelayConfig::try_from(raw).map_err(exit::usage)?;
+    if config.domains.is_empty() {
+        tracing::warn!("no --domain given: connectors cannot claim any kite");
+    }
+    let relay = Relay::bind(config).await?;
+    println!("kitepipe relay ready");
+    println!("  fingerprint {}", relay.fingerprint());
+    for listener in relay.listeners() {
+        let mut roles = Vec::new();
+        if listener.roles.link {
+            roles.push("links");
+        }
+        if listener.roles.http {
+            roles.push("http");
+        }
+        if listener.roles.https {
+            roles.push("https");
+        }
+        println!("  {} on {}", roles.join("+"), listener.addr);
+    }
+    println!(
+        "connectors: kitepipe connect HOST:PORT --fingerprint {} --secret ... --kite ...",
+        relay.fingerprint()
+    );
+    relay.run(shutdown_on_signal()).await;
+    Ok(())
+}
+
+async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let flags = RawConnectorConfig {
+        relay: args.relay,
+        kite: args.kite,
+        secret: args.secret,
+        fingerprint: args.fingerprint,
+        ca: args.ca,
+        name: args.name,
+        heartbeat: args.heartbeat,
+        max_backoff: args.max_backoff,
+    };
+    let raw = match &args.config {
+        Some(path) => RawConnectorConfig::from_file(path)?.merge(flags),
+        None => flags,
+    };
+    let config = ConnectorConfig::try_from(raw).map_err(exit::usage)?;
+    if config.kites.is_empty() {
+        tracing::warn!("no --kite given: the connector links but serves nothing");
+    }
+    let connector = Connector::new(config).context("connector setup")?;
+    connector.run(shutdown_on_signal()).await;
+    Ok(())
+}
+
+async fn demo() -> anyhow::Result<()> {
+    let state_dir = std::env::temp_dir().join(format!("kitepipe-demo-{}", std::process::id()));
+    let shutdown = shutdown_on_signal();
+    let res = kitepipe::demo::run(state_dir.clone(), shutdown, |info| {
+        let http = info.http_addr;
+        let port = http.port();
+        println!("kitepipe demo is running: a relay, a connector and two sample services on this machine.");
+        println!();
+        println!("  relay      links on {}, visitors' HTTP on {http}", info.link_addr);
+        println!("             fingerprint {}", info.fingerprint);
+        println!("  connector  linked; serving http:{} and tcp:{}:{}", kitepipe::demo::DEMO_HTTP_KITE, kitepipe::demo::DEMO_TCP_KITE, info.tcp_port);
+        println!();
+        println!("Try:");
+        println!("  curl -H 'Host: {}' http://{http}/", kitepipe::demo::DEMO_HTTP_KITE);
+        println!("  curl http://{}:{port}/        (or open it in a browser)", kitepipe::demo::DEMO_HTTP_KITE);
+        println!("  curl -i -H 'Host: nosuch.example.net' http://{http}/     (unknown kite: 404 page)");
+        println!("  printf 'hello\\n' | nc -w1 127.0.0.1 {}     (TCP kite: an echo service)", info.tcp_port);
+        println!();
+        println!("Press Ctrl-C to stop.");
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    res.context("demo")
+}

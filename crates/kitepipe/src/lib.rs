@@ -8,5 +8,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod config;
+pub mod connector;
+pub mod demo;
 pub mod link;
 pub mod pki;
+pub mod relay;
+pub mod tunnel;

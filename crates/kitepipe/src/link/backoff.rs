@@ -48,6 +48,12 @@ impl Backoff {
     }
 }
 
+/// A random 128-bit token in hex (for demo secrets and ids).
+pub fn random_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    kitepipe_proto::message::hex(&bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,1 +1,141 @@
-//! pki (in progress)
+//! pki: the relay's certificate, how connectors decide to trust it, and the
+//! shared-secret proofs that authorize kites.
+//!
+//! Start at [`RelayCert::load_or_create`] (the relay's identity on disk), then
+//! [`relay_server_config`] and [`connector_client_config`] (the two TLS
+//! configs the link is built on), then [`kite_proof`] (how a connector proves
+//! it knows a kite's secret without sending it). pki/ never opens a socket:
+//! it hands ready-made `rustls` configs to link/, and it reads and writes
+//! files only under the paths it is given.
+//!
+//! Every TLS config here is TLS 1.3 only and is built on the `ring` provider
+//! explicitly; nothing installs a process-wide default provider.
+
+mod cert;
+mod fingerprint;
+mod secret;
+mod tls;
+
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use cert::RelayCert;
+pub use fingerprint::Fingerprint;
+pub use secret::{
+    EXPORTER_LABEL, ProofInput, Secret, kite_proof, link_exporter, random_nonce, verify_kite_proof,
+};
+pub use tls::{
+    ALPN_LINK, ClientAuth, FingerprintMismatch, RelayTlsOptions, RelayTrust,
+    connector_client_config, describe_tls_error, find_tls_error, has_link_alpn,
+    relay_server_config, relay_server_config_with,
+};
+
+/// Failures of pki/: loading or creating certificates and keys, parsing
+/// fingerprints, and building TLS configs.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A certificate, key or CA file could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        /// The file that could not be read.
+        path: PathBuf,
+        /// The underlying I/O failure.
+        #[source]
+        source: io::Error,
+    },
+    /// A file holds malformed PEM.
+    #[error("cannot parse PEM in {}", path.display())]
+    ParsePem {
+        /// The file with the malformed PEM.
+        path: PathBuf,
+        /// What the PEM parser rejected.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A file that should hold certificates holds none.
+    #[error("no certificate found in {}", path.display())]
+    NoCertificate {
+        /// The file without certificates.
+        path: PathBuf,
+    },
+    /// A file that should hold a private key holds none.
+    #[error(
+        "no private key found in {} (expected PKCS#8, SEC1 or PKCS#1 PEM)",
+        path.display()
+    )]
+    NoPrivateKey {
+        /// The file without a key.
+        path: PathBuf,
+    },
+    /// A certificate chain was handed over empty.
+    #[error("relay certificate chain is empty")]
+    EmptyChain,
+    /// Only one of the relay's certificate and key files exists, so creating
+    /// a fresh pair would silently change the relay's fingerprint.
+    #[error(
+        "found {} but not {}: restore the missing file, or remove both to generate a new relay certificate",
+        present.display(),
+        missing.display()
+    )]
+    IncompleteState {
+        /// The file that exists.
+        present: PathBuf,
+        /// The file that is missing.
+        missing: PathBuf,
+    },
+    /// A state directory or file could not be written.
+    #[error("cannot write {}", path.display())]
+    Write {
+        /// The file or directory that could not be written.
+        path: PathBuf,
+        /// The underlying I/O failure.
+        #[source]
+        source: io::Error,
+    },
+    /// Generating the self-signed relay certificate failed (often a name
+    /// that is neither a DNS name nor an IP address).
+    #[error("cannot generate a relay certificate for {names:?}")]
+    Generate {
+        /// The subject alternative names requested.
+        names: Vec<String>,
+        /// What rcgen rejected.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// Text given as a certificate fingerprint is not one.
+    #[error("bad fingerprint {text:?}: {reason}")]
+    BadFingerprint {
+        /// The text as given.
+        text: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A certificate in a CA file is not usable as a trust anchor.
+    #[error("bad CA certificate in {}", path.display())]
+    BadCaCertificate {
+        /// The CA file.
+        path: PathBuf,
+        /// Why rustls rejected the certificate.
+        #[source]
+        source: rustls::Error,
+    },
+    /// rustls refused the configuration (for example a key that does not
+    /// match its certificate).
+    #[error("cannot build the TLS config")]
+    BuildTls {
+        /// Why rustls refused.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The link's keying material could not be exported from the TLS session
+    /// (the handshake has not completed).
+    #[error("cannot export keying material from the TLS session")]
+    Exporter {
+        /// Why rustls refused.
+        #[source]
+        source: rustls::Error,
+    },
+}

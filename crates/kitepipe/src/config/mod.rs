@@ -1,0 +1,644 @@
+//! Configuration: raw (serde, from TOML and flags) -> validated.
+//!
+//! `Raw*Config` mirror the TOML files and the command-line flags (same
+//! names, `-` in flags is `_` in TOML). `TryFrom` turns them into
+//! [`RelayConfig`] and [`ConnectorConfig`], whose fields are parsed and
+//! checked; only those leave this room. Nothing here binds or dials.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kitepipe_proto::kite::{self, KiteProto, KiteRef};
+use serde::Deserialize;
+
+use crate::link::DEFAULT_HEARTBEAT;
+use crate::pki::{Fingerprint, RelayTrust, Secret};
+
+/// Default ceiling of the reconnect backoff. Short enough that a connector
+/// comes back soon after a long outage, long enough that thousands of
+/// connectors do not hammer a relay that is down.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Why a configuration is not acceptable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML file is not valid.
+    #[error("invalid config file {path}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is invalid.
+    #[error("invalid {what} {value:?}: {why}")]
+    Invalid {
+        /// Which setting.
+        what: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A required setting is missing.
+    #[error("{0}")]
+    Missing(&'static str),
+}
+
+/// Relay settings as written (TOML file and flags).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRelayConfig {
+    /// Addresses for connectors' links (TLS).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Addresses for visitors' HTTP, routed by Host.
+    #[serde(default)]
+    pub http: Vec<String>,
+    /// Addresses for visitors' HTTPS, routed by SNI and passed through.
+    #[serde(default)]
+    pub https: Vec<String>,
+    /// Domains connectors may claim: `PROTOS:PATTERN:SECRET`.
+    #[serde(default)]
+    pub domain: Vec<String>,
+    /// Address TCP kites' public ports bind to.
+    pub tcp_bind: Option<String>,
+    /// Allowed public ports for TCP kites, `LOW-HIGH`.
+    pub tcp_ports: Option<String>,
+    /// Where the relay keeps its self-signed certificate.
+    pub state_dir: Option<PathBuf>,
+    /// Certificate chain (PEM) instead of the self-signed one.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) for `cert`.
+    pub key: Option<PathBuf>,
+    /// Public host name of the relay (for URLs shown to connectors, certificate names).
+    pub name: Option<String>,
+    /// Heartbeat interval, e.g. `15s`.
+    pub heartbeat: Option<String>,
+}
+
+/// A validated relay configuration.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Listening sockets and what each serves.
+    pub listeners: Vec<ListenerConfig>,
+    /// Domains connectors may claim.
+    pub domains: Vec<Domain>,
+    /// Address TCP kites bind to.
+    pub tcp_bind: IpAddr,
+    /// Allowed public ports for TCP kites (0 always means "any free port").
+    pub tcp_ports: (u16, u16),
+    /// The relay's certificate source.
+    pub tls: RelayTlsSource,
+    /// Public host name of the relay.
+    pub name: String,
+    /// Heartbeat interval of links.
+    pub heartbeat: Duration,
+}
+
+/// One listening socket and the roles it serves; several roles on one
+/// address make a one-port relay (told apart by the first bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// Accept connector links (TLS with ALPN `kitepipe/1`).
+    pub link: bool,
+    /// Accept visitors' HTTP.
+    pub http: bool,
+    /// Accept visitors' HTTPS (SNI passthrough).
+    pub https: bool,
+}
+
+/// Where the relay's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum RelayTlsSource {
+    /// Self-signed, created on first start and kept in this directory.
+    StateDir(PathBuf),
+    /// Given PEM files.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+}
+
+/// A domain connectors may claim kites in, with its shared secret.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    /// Protocols allowed.
+    pub protos: Vec<KiteProto>,
+    /// Name or `*.` pattern.
+    pub pattern: String,
+    /// Shared secret proving the right to claim.
+    pub secret: Secret,
+}
+
+/// Connector settings as written (TOML file and flags).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnectorConfig {
+    /// Relays to link to, `host:port` each.
+    #[serde(default)]
+    pub relay: Vec<String>,
+    /// Kites: `PROTO:NAME[:PORT]=TARGET`.
+    #[serde(default)]
+    pub kite: Vec<String>,
+    /// Shared secret for the kites' domain.
+    pub secret: Option<String>,
+    /// Pinned relay certificate fingerprint.
+    pub fingerprint: Option<String>,
+    /// CA certificate (PEM) the relay's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// This connector's node name (default: the host name).
+    pub name: Option<String>,
+    /// Heartbeat interval, e.g. `15s`.
+    pub heartbeat: Option<String>,
+    /// Ceiling of the reconnect backoff, e.g. `15s`.
+    pub max_backoff: Option<String>,
+}
+
+/// A validated connector configuration.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    /// Relays to keep a link to.
+    pub relays: Vec<RelayTarget>,
+    /// Kites to serve.
+    pub kites: Vec<KiteTarget>,
+    /// How to verify relays.
+    pub trust: RelayTrust,
+    /// Node name.
+    pub name: String,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Ceiling of the reconnect backoff.
+    pub max_backoff: Duration,
+}
+
+/// A relay to link to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTarget {
+    /// `host:port` as given.
+    pub addr: String,
+    /// Host part, used as TLS server name.
+    pub host: String,
+}
+
+/// A kite and the local address that serves it.
+#[derive(Debug, Clone)]
+pub struct KiteTarget {
+    /// The kite.
+    pub kite: KiteRef,
+    /// Local `host:port` visitors are connected to.
+    pub target: String,
+    /// Secret proving the right to the kite's name.
+    pub secret: Secret,
+}
+
+impl RawRelayConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Overlays `flags` on `self`: every setting given on the command line wins.
+    pub fn merge(mut self, flags: RawRelayConfig) -> RawRelayConfig {
+        merge_vec(&mut self.listen, flags.listen);
+        merge_vec(&mut self.http, flags.http);
+        merge_vec(&mut self.https, flags.https);
+        merge_vec(&mut self.domain, flags.domain);
+        merge_opt(&mut self.tcp_bind, flags.tcp_bind);
+        merge_opt(&mut self.tcp_ports, flags.tcp_ports);
+        merge_opt(&mut self.state_dir, flags.state_dir);
+        merge_opt(&mut self.cert, flags.cert);
+        merge_opt(&mut self.key, flags.key);
+        merge_opt(&mut self.name, flags.name);
+        merge_opt(&mut self.heartbeat, flags.heartbeat);
+        self
+    }
+}
+
+impl RawConnectorConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Overlays `flags` on `self`: every setting given on the command line wins.
+    pub fn merge(mut self, flags: RawConnectorConfig) -> RawConnectorConfig {
+        merge_vec(&mut self.relay, flags.relay);
+        merge_vec(&mut self.kite, flags.kite);
+        merge_opt(&mut self.secret, flags.secret);
+        merge_opt(&mut self.fingerprint, flags.fingerprint);
+        merge_opt(&mut self.ca, flags.ca);
+        merge_opt(&mut self.name, flags.name);
+        merge_opt(&mut self.heartbeat, flags.heartbeat);
+        merge_opt(&mut self.max_backoff, flags.max_backoff);
+        self
+    }
+}
+
+fn merge_vec<T>(base: &mut Vec<T>, over: Vec<T>) {
+    if !over.is_empty() {
+        *base = over;
+    }
+}
+
+fn merge_opt<T>(base: &mut Option<T>, over: Option<T>) {
+    if over.is_some() {
+        *base = over;
+    }
+}
+
+/// Default state directory of a relay: `$XDG_STATE_HOME/kitepipe` or
+/// `$HOME/.local/state/kitepipe`, looked up through `env`.
+pub fn default_state_dir(env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    if let Some(dir) = env("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("kitepipe");
+    }
+    match env("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/kitepipe"),
+        None => PathBuf::from(".kitepipe"),
+    }
+}
+
+impl TryFrom<RawRelayConfig> for RelayConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawRelayConfig) -> Result<Self, Self::Error> {
+        let mut listeners: Vec<ListenerConfig> = Vec::new();
+        let roles: [(&Vec<String>, &'static str); 3] =
+            [(&raw.listen, "listen"), (&raw.http, "http"), (&raw.https, "https")];
+        for (addrs, role) in roles {
+            for text in addrs {
+                let addr = parse_socket_addr(role, text)?;
+                let entry = match listeners.iter_mut().find(|l| l.addr == addr) {
+                    Some(entry) => entry,
+                    None => {
+                        listeners.push(ListenerConfig {
+                            addr,
+                            link: false,
+                            http: false,
+                            https: false,
+                        });
+                        listeners.last_mut().expect("just pushed")
+                    }
+                };
+                match role {
+                    "listen" => entry.link = true,
+                    "http" => entry.http = true,
+                    _ => entry.https = true,
+                }
+            }
+        }
+        if !listeners.iter().any(|l| l.link) {
+            return Err(ConfigError::Missing(
+                "the relay needs a --listen address for connectors' links",
+            ));
+        }
+        let domains = raw
+            .domain
+            .iter()
+            .map(|d| parse_domain(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tcp_bind = match &raw.tcp_bind {
+            Some(text) => text.parse().map_err(|_| ConfigError::Invalid {
+                what: "tcp-bind",
+                value: text.clone(),
+                why: "expected an IP address such as 0.0.0.0".into(),
+            })?,
+            None => IpAddr::from([0, 0, 0, 0]),
+        };
+        let tcp_ports = match &raw.tcp_ports {
+            Some(text) => parse_port_range(text)?,
+            None => (1024, 65535),
+        };
+        let tls = match (raw.cert, raw.key) {
+            (Some(cert), Some(key)) => RelayTlsSource::Files { cert, key },
+            (None, None) => RelayTlsSource::StateDir(
+                // The CLI fills in default_state_dir(); a library caller
+                // that gives none gets a directory beside the process.
+                raw.state_dir.unwrap_or_else(|| PathBuf::from(".kitepipe")),
+            ),
+            _ => {
+                return Err(ConfigError::Missing(
+                    "--cert and --key go together: give both, or neither for a self-signed certificate",
+                ));
+            }
+        };
+        Ok(RelayConfig {
+            listeners,
+            domains,
+            tcp_bind,
+            tcp_ports,
+            tls,
+            name: raw.name.unwrap_or_else(|| "localhost".into()),
+            heartbeat: parse_duration("heartbeat", raw.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?,
+        })
+    }
+}
+
+impl TryFrom<RawConnectorConfig> for ConnectorConfig {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConnectorConfig) -> Result<Self, Self::Error> {
+        if raw.relay.is_empty() {
+            return Err(ConfigError::Missing("give at least one relay address (host:port)"));
+        }
+        let relays = raw
+            .relay
+            .iter()
+            .map(|r| parse_relay_target(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let secret = raw.secret.map(Secret::new);
+        let mut kites = Vec::new();
+        for spec in &raw.kite {
+            let (kite, target) = parse_kite_target(spec)?;
+            let secret = secret.clone().ok_or(ConfigError::Missing(
+                "kites need the domain's shared secret: --secret (or KITEPIPE_SECRET)",
+            ))?;
+            kites.push(KiteTarget {
+                kite,
+                target,
+                secret,
+            });
+        }
+        let trust = match (raw.fingerprint, raw.ca) {
+            (Some(text), None) => RelayTrust::Pinned(text.parse::<Fingerprint>().map_err(|err| {
+                ConfigError::Invalid {
+                    what: "fingerprint",
+                    value: text.clone(),
+                    why: err.to_string(),
+                }
+            })?),
+            (None, Some(path)) => RelayTrust::Ca(path),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Missing(
+                    "give either --fingerprint or --ca to verify the relay, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::Missing(
+                    "the connector must verify the relay: pass --fingerprint SHA256:... (the relay prints it at start) or --ca FILE",
+                ));
+            }
+        };
+        let name = raw
+            .name
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "connector".into());
+        Ok(ConnectorConfig {
+            relays,
+            kites,
+            trust,
+            name,
+            heartbeat: parse_duration("heartbeat", raw.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?,
+            max_backoff: parse_duration(
+                "max-backoff",
+                raw.max_backoff.as_deref(),
+                DEFAULT_MAX_BACKOFF,
+            )?,
+        })
+    }
+}
+
+/// Parses `PROTOS:PATTERN:SECRET`, e.g. `http,tcp:*.example.net:s3cret`.
+pub fn parse_domain(text: &str) -> Result<Domain, ConfigError> {
+    let invalid = |why: &str| ConfigError::Invalid {
+        what: "domain",
+        // Never echo the secret.
+        value: text.split(':').take(2).collect::<Vec<_>>().join(":") + ":***",
+        why: why.to_string(),
+    };
+    let mut parts = text.splitn(3, ':');
+    let (Some(protos), Some(pattern), Some(secret)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid(
+            "expected PROTOS:NAME:SECRET, e.g. http,tcp:*.example.net:SECRET",
+        ));
+    };
+    let protos = protos
+        .split(',')
+        .map(|p| p.trim().parse::<KiteProto>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| invalid(&err.to_string()))?;
+    let pattern = kite::normalize_name(pattern).map_err(|err| invalid(&err.to_string()))?;
+    if secret.is_empty() {
+        return Err(invalid("the secret is empty"));
+    }
+    Ok(Domain {
+        protos,
+        pattern,
+        secret: Secret::new(secret),
+    })
+}
+
+/// Parses `PROTO:NAME[:PORT]=TARGET`; TARGET is `host:port` or a bare port on 127.0.0.1.
+pub fn parse_kite_target(text: &str) -> Result<(KiteRef, String), ConfigError> {
+    let invalid = |why: String| ConfigError::Invalid {
+        what: "kite",
+        value: text.to_string(),
+        why,
+    };
+    let (kite, target) = text.split_once('=').ok_or_else(|| {
+        invalid("expected PROTO:NAME[:PORT]=TARGET, e.g. http:blog.example.net=127.0.0.1:8000".into())
+    })?;
+    let kite = KiteRef::parse(kite).map_err(|err| invalid(err.to_string()))?;
+    let target = if target.parse::<u16>().is_ok() {
+        format!("127.0.0.1:{target}")
+    } else {
+        target.to_string()
+    };
+    match target.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => return Err(invalid(format!("target {target:?} is not host:port"))),
+    }
+    Ok((kite, target))
+}
+
+fn parse_relay_target(text: &str) -> Result<RelayTarget, ConfigError> {
+    let invalid = || ConfigError::Invalid {
+        what: "relay address",
+        value: text.to_string(),
+        why: "expected host:port, e.g. relay.example.net:8443".into(),
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    port.parse::<u16>().map_err(|_| invalid())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid());
+    }
+    Ok(RelayTarget {
+        addr: text.to_string(),
+        host: host.to_string(),
+    })
+}
+
+fn parse_socket_addr(what: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    // A bare port means every interface.
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    text.parse().map_err(|_| ConfigError::Invalid {
+        what,
+        value: text.to_string(),
+        why: "expected IP:PORT, e.g. 0.0.0.0:8080 (or a bare port)".into(),
+    })
+}
+
+fn parse_port_range(text: &str) -> Result<(u16, u16), ConfigError> {
+    let invalid = || ConfigError::Invalid {
+        what: "tcp-ports",
+        value: text.to_string(),
+        why: "expected LOW-HIGH, e.g. 15000-16000".into(),
+    };
+    let (low, high) = match text.split_once('-') {
+        Some((low, high)) => (low.trim(), high.trim()),
+        None => (text.trim(), text.trim()),
+    };
+    let low: u16 = low.parse().map_err(|_| invalid())?;
+    let high: u16 = high.parse().map_err(|_| invalid())?;
+    if low > high {
+        return Err(invalid());
+    }
+    Ok((low, high))
+}
+
+/// Parses a duration such as `15s` or `500ms`, or gives `default`.
+pub fn parse_duration(
+    what: &'static str,
+    text: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let value = humantime::parse_duration(text).map_err(|err| ConfigError::Invalid {
+        what,
+        value: text.to_string(),
+        why: err.to_string(),
+    })?;
+    if value < Duration::from_millis(100) {
+        return Err(ConfigError::Invalid {
+            what,
+            value: text.to_string(),
+            why: "must be at least 100ms".into(),
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(raw: RawRelayConfig) -> Result<RelayConfig, ConfigError> {
+        RelayConfig::try_from(RawRelayConfig {
+            state_dir: Some("/nonexistent".into()),
+            ..raw
+        })
+    }
+
+    #[test]
+    fn roles_on_one_address_share_a_listener() {
+        let config = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:443".into()],
+            http: vec!["127.0.0.1:80".into(), "127.0.0.1:443".into()],
+            https: vec!["443".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.listeners.len(), 3);
+        let shared = &config.listeners[0];
+        assert!(shared.link && shared.http && !shared.https);
+        assert!(config.listeners[2].https && config.listeners[2].addr.ip().is_unspecified());
+    }
+
+    #[test]
+    fn a_relay_without_a_link_listener_is_refused() {
+        let err = relay(RawRelayConfig {
+            http: vec!["127.0.0.1:80".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--listen"), "{err}");
+    }
+
+    #[test]
+    fn domains() {
+        let d = parse_domain("http,tcp:*.Example.net:se:cret").unwrap();
+        assert_eq!(d.protos, vec![KiteProto::Http, KiteProto::Tcp]);
+        assert_eq!(d.pattern, "*.example.net");
+        assert_eq!(d.secret.expose(), "se:cret");
+        for bad in ["http:*.example.net", "ftp:x.net:s", "http:bad name:s", "http:x.net:"] {
+            let err = parse_domain(bad).unwrap_err().to_string();
+            assert!(!err.contains("cret"), "secret leaked: {err}");
+        }
+    }
+
+    #[test]
+    fn kite_targets() {
+        let (kite, target) = parse_kite_target("http:blog.example.net=8000").unwrap();
+        assert_eq!((kite.name.as_str(), target.as_str()), ("blog.example.net", "127.0.0.1:8000"));
+        let (kite, target) = parse_kite_target("tcp:db.example.net:15432=db.lan:5432").unwrap();
+        assert_eq!((kite.port, target.as_str()), (15432, "db.lan:5432"));
+        for bad in ["http:blog.example.net", "http:blog.example.net=", "http:x.net=host"] {
+            assert!(parse_kite_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn connector_must_verify_the_relay() {
+        let raw = RawConnectorConfig {
+            relay: vec!["relay.example.net:8443".into()],
+            ..Default::default()
+        };
+        let err = ConnectorConfig::try_from(raw).unwrap_err().to_string();
+        assert!(err.contains("--fingerprint") && err.contains("--ca"), "{err}");
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_flags() {
+        let file: RawConnectorConfig = toml::from_str(
+            "relay = [\"a:1\"]\nkite = [\"http:x.net=80\"]\nsecret = \"s\"\nheartbeat = \"5s\"",
+        )
+        .unwrap();
+        let merged = file.merge(RawConnectorConfig {
+            relay: vec!["b:2".into()],
+            ..Default::default()
+        });
+        assert_eq!(merged.relay, vec!["b:2"]);
+        assert_eq!(merged.kite, vec!["http:x.net=80"]);
+        assert_eq!(merged.heartbeat.as_deref(), Some("5s"));
+        let unknown = toml::from_str::<RawConnectorConfig>("relays = []");
+        assert!(unknown.is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! One relay's link, seen from the connector: dial, TLS, handshake,
+//! registration, serving streams, and reconnecting forever.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use kitepipe_proto::message::{
+    self, ConnectorMessage, Hello, KiteClaim, KiteResult, PROTOCOL_VERSION, Register, Registered,
+    RelayMessage, Role,
+};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::{Kites, LinkState, serve_stream};
+use crate::config::{ConnectorConfig, RelayTarget};
+use crate::link::backoff::Backoff;
+use crate::link::{LinkClosed, Mux, MuxConfig, MuxReceivers, Side};
+use crate::pki::{ProofInput, describe_tls_error, kite_proof, link_exporter, random_nonce};
+
+/// How long dialing the relay may take (TCP connect). A relay behind a cut
+/// network never answers; this bounds each attempt.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the TLS handshake and each handshake message may take.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// First reconnect delay. Short, so a relay restart costs well under a second.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+
+/// A link that stayed up this long counts as healthy: the backoff starts over.
+const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+
+/// Why one attempt at a link failed (before it was up).
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connecting to {0} timed out")]
+    ConnectTimeout(String),
+    #[error("TLS handshake with the relay failed: {source}")]
+    Tls {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with the relay timed out")]
+    TlsTimeout,
+    #[error("relay refused the link: {0}")]
+    Refused(String),
+    #[error("link handshake failed: {0}")]
+    Handshake(String),
+}
+
+/// Everything one relay's link task needs.
+pub(crate) struct RelayLink {
+    pub(crate) relay: RelayTarget,
+    pub(crate) config: Arc<ConnectorConfig>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) instance: String,
+    pub(crate) kites: Arc<Kites>,
+    pub(crate) mux: MuxConfig,
+    pub(crate) state: watch::Sender<LinkState>,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) token: CancellationToken,
+}
+
+impl RelayLink {
+    /// Keeps the link up until shutdown.
+    pub(crate) async fn run(self) {
+        let mut backoff = Backoff::new(BACKOFF_INITIAL, self.config.max_backoff);
+        loop {
+            let started = tokio::time::Instant::now();
+            match self.attempt().await {
+                Ok(LinkClosed::Shutdown) => return,
+                Ok(reason) => warn!(%reason, "link to relay lost"),
+                Err(err) => {
+                    let hint = describe_tls_error(&err);
+                    match hint {
+                        Some(hint) => error!(err = %err, %hint, "cannot link to relay"),
+                        None => warn!(err = %err, "cannot link to relay"),
+                    }
+                }
+            }
+            self.state.send_replace(LinkState::Down);
+            if self.token.is_cancelled() {
+                return;
+            }
+            if started.elapsed() > HEALTHY_AFTER {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            info!(delay_ms = delay.as_millis() as u64, attempt = backoff.attempt(), "reconnecting");
+            tokio::select! {
+                _ = self.token.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One link, from dialing to its end. `Ok` once the link was up.
+    async fn attempt(&self) -> Result<LinkClosed, AttemptError> {
+        let addr = &self.relay.addr;
+        let tcp = tokio::select! {
+            _ = self.token.cancelled() => return Ok(LinkClosed::Shutdown),
+            res = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)) => match res {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(source)) => return Err(AttemptError::Connect { addr: addr.clone(), source }),
+                Err(_) => return Err(AttemptError::ConnectTimeout(addr.clone())),
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let server_name = ServerName::try_from(self.relay.host.clone())
+            .unwrap_or_else(|_| ServerName::try_from("relay.invalid").expect("valid literal name"));
+        let tls = tokio::select! {
+            _ = self.token.cancelled() => return Ok(LinkClosed::Shutdown),
+            res = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(self.tls.clone()).connect(server_name, tcp)) => match res {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(source)) => return Err(AttemptError::Tls { source }),
+                Err(_) => return Err(AttemptError::TlsTimeout),
+            },
+        };
+        let exporter = link_exporter(tls.get_ref().1)
+            .map_err(|err| AttemptError::Handshake(err.to_string()))?;
+        let token = self.token.child_token();
+        let (mux, mut rx) = Mux::start(
+            tls,
+            BytesMut::new(),
+            Side::Connector,
+            &self.mux,
+            &self.tracker,
+            token.clone(),
+        );
+        let res = self.handshake_and_serve(&mux, &mut rx, &exporter).await;
+        token.cancel();
+        res
+    }
+
+    async fn handshake_and_serve(
+        &self,
+        mux: &Mux,
+        rx: &mut MuxReceivers,
+        exporter: &[u8; 32],
+    ) -> Result<LinkClosed, AttemptError> {
+        let client_nonce = random_nonce();
+        let hello = ConnectorMessage::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Connector,
+            instance: self.instance.clone(),
+            node: self.config.name.clone(),
+            software: concat!("kitepipe/", env!("CARGO_PKG_VERSION")).into(),
+            client_nonce: message::hex(&client_nonce),
+        });
+        send(mux, &hello).await?;
+        let server_nonce = match recv(mux, rx).await? {
+            RelayMessage::Challenge(challenge) => message::unhex(&challenge.server_nonce)
+                .ok_or_else(|| AttemptError::Handshake("bad relay nonce".into()))?,
+            other => return Err(unexpected(other)),
+        };
+        let claims = self
+            .config
+            .kites
+            .iter()
+            .map(|target| {
+                let mut kite = target.kite.clone();
+                if kite.port == 0 {
+                    let key = (self.relay.addr.clone(), kite.name.clone());
+                    if let Some(port) = lock(&self.kites.assigned_ports).get(&key) {
+                        kite.port = *port;
+                    }
+                }
+                let input = ProofInput {
+                    tls_exporter: exporter,
+                    server_nonce: &server_nonce,
+                    client_nonce: &client_nonce,
+                    protocol: kite.proto.as_str(),
+                    name: &kite.name,
+                };
+                KiteClaim {
+                    proof: message::hex(&kite_proof(&target.secret, &input)),
+                    kite,
+                }
+            })
+            .collect();
+        send(mux, &ConnectorMessage::Register(Register { kites: claims })).await?;
+        let registered = match recv(mux, rx).await? {
+            RelayMessage::Registered(registered) => registered,
+            other => return Err(unexpected(other)),
+        };
+        self.report(&registered);
+        self.serve(mux, rx).await
+    }
+
+    fn report(&self, registered: &Registered) {
+        let mut online = Vec::new();
+        for outcome in &registered.kites {
+            match &outcome.result {
+                KiteResult::Accepted { public, port } => {
+                    info!(kite = %outcome.kite, %public, "kite online");
+                    if outcome.kite.proto == kitepipe_proto::kite::KiteProto::Tcp {
+                        lock(&self.kites.assigned_ports)
+                            .insert((self.relay.addr.clone(), outcome.kite.name.clone()), *port);
+                    }
+                    online.push((outcome.kite.clone(), public.clone()));
+                }
+                KiteResult::Refused { reason, message } => {
+                    error!(kite = %outcome.kite, ?reason, %message, "relay refused kite");
+                }
+            }
+        }
+        info!(online = online.len(), refused = registered.kites.len() - online.len(), "linked to relay");
+        self.state.send_replace(LinkState::Up(online));
+    }
+
+    async fn serve(&self, mux: &Mux, rx: &mut MuxReceivers) -> Result<LinkClosed, AttemptError> {
+        loop {
+            tokio::select! {
+                _ = self.token.cancelled() => {
+                    mux.close(LinkClosed::Shutdown);
+                    return Ok(LinkClosed::Shutdown);
+                }
+                reason = mux.closed() => return Ok(reason),
+                incoming = rx.incoming.recv() => {
+                    let Some(incoming) = incoming else { return Ok(mux.closed().await) };
+                    let kites = self.kites.clone();
+                    let span = info_span!("stream", id = incoming.stream.id());
+                    self.tracker.spawn(serve_stream(incoming, kites).instrument(span));
+                }
+                control = rx.control.recv() => {
+                    let Some(payload) = control else { return Ok(mux.closed().await) };
+                    match message::decode::<RelayMessage>(&payload) {
+                        Ok(RelayMessage::Registered(registered)) => self.report(&registered),
+                        Ok(RelayMessage::Error(err)) => error!(code = ?err.code, message = %err.message, "relay reported an error"),
+                        Ok(RelayMessage::Challenge(_)) => warn!("unexpected challenge from relay"),
+                        Err(err) => warn!(%err, "malformed control message from relay"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(mux: &Mux, message: &ConnectorMessage) -> Result<(), AttemptError> {
+    mux.send_control(message::encode(message))
+        .await
+        .map_err(|reason| AttemptError::Handshake(reason.to_string()))
+}
+
+async fn recv(mux: &Mux, rx: &mut MuxReceivers) -> Result<RelayMessage, AttemptError> {
+    let payload = tokio::select! {
+        // Control first: a relay that refuses says why, then closes.
+        biased;
+        payload = rx.control.recv() => payload,
+        reason = mux.closed() => return Err(AttemptError::Handshake(reason.to_string())),
+        _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => return Err(AttemptError::Handshake("relay did not answer in time".into())),
+    };
+    let payload = payload.ok_or_else(|| AttemptError::Handshake("link closed".into()))?;
+    match message::decode::<RelayMessage>(&payload) {
+        Ok(RelayMessage::Error(err)) => Err(AttemptError::Refused(err.message)),
+        Ok(message) => Ok(message),
+        Err(err) => Err(AttemptError::Handshake(err.to_string())),
+    }
+}
+
+fn unexpected(message: RelayMessage) -> AttemptError {
+    AttemptError::Handshake(format!("unexpected message from relay: {message:?}"))
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

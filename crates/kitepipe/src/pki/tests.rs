@@ -1,0 +1,466 @@
+use std::error::Error;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::{AlertDescription, CertificateError};
+use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
+use tokio::io::DuplexStream;
+
+use super::*;
+
+type TestResult = Result<(), Box<dyn Error + Send + Sync>>;
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        let nonce = random_nonce();
+        let suffix = format!(
+            "{:02x}{:02x}{:02x}{:02x}",
+            nonce[0], nonce[1], nonce[2], nonce[3]
+        );
+        let path = std::env::temp_dir().join(format!(
+            "kitepipe-pki-{test}-{}-{suffix}",
+            std::process::id()
+        ));
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A CA and a relay certificate it signed for `names`.
+struct TestCa {
+    pem: String,
+    relay: RelayCert,
+}
+
+impl TestCa {
+    fn new(names: &[&str]) -> Result<TestCa, rcgen::Error> {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+        let relay_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let relay_cert = rcgen::CertificateParams::new(names)?.signed_by(&relay_key, &issuer)?;
+        let relay = RelayCert::new(
+            vec![relay_cert.der().clone()],
+            PrivatePkcs8KeyDer::from(relay_key.serialize_der()).into(),
+        )
+        .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+        Ok(TestCa {
+            pem: ca_cert.pem(),
+            relay,
+        })
+    }
+}
+
+type Handshake = (
+    io::Result<tokio_rustls::server::TlsStream<DuplexStream>>,
+    io::Result<tokio_rustls::client::TlsStream<DuplexStream>>,
+);
+
+/// Runs both ends of a handshake over a tiny in-memory pipe.
+async fn handshake(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> Result<Handshake, Box<dyn Error + Send + Sync>> {
+    let (client_io, server_io) = tokio::io::duplex(64);
+    let server_name = ServerName::try_from(server_name.to_string())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let connector = tokio_rustls::TlsConnector::from(client);
+    Ok(tokio::join!(
+        acceptor.accept(server_io),
+        connector.connect(server_name, client_io)
+    ))
+}
+
+fn mode_of(path: &Path) -> io::Result<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(fs::metadata(path)?.permissions().mode() & 0o777)
+}
+
+#[test]
+fn load_or_create_keeps_the_fingerprint() -> TestResult {
+    let dir = TempDir::new("create");
+    let state_dir = dir.path().join("nested").join("state");
+
+    let (first, created) = RelayCert::load_or_create(&state_dir, &[])?;
+    assert!(created);
+    assert_eq!(mode_of(&state_dir.join("relay-key.pem"))?, 0o600);
+
+    let (second, created) = RelayCert::load_or_create(&state_dir, &[])?;
+    assert!(!created);
+    assert_eq!(first.fingerprint(), second.fingerprint());
+    assert_eq!(first.chain(), second.chain());
+    assert_eq!(mode_of(&state_dir.join("relay-key.pem"))?, 0o600);
+    // No temp files are left behind.
+    assert_eq!(fs::read_dir(&state_dir)?.count(), 2);
+    Ok(())
+}
+
+#[test]
+fn load_or_create_refuses_a_lone_file() -> TestResult {
+    let dir = TempDir::new("lone");
+    RelayCert::load_or_create(dir.path(), &[])?;
+    fs::remove_file(dir.path().join("relay-key.pem"))?;
+
+    let err = RelayCert::load_or_create(dir.path(), &[])
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, PkiError::IncompleteState { .. }), "{err:?}");
+    Ok(())
+}
+
+#[test]
+fn load_or_create_rejects_a_bad_name() {
+    let dir = TempDir::new("badname");
+    let names = vec!["not a host name".to_string()];
+    let err = RelayCert::load_or_create(dir.path(), &names)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, PkiError::Generate { .. }), "{err:?}");
+}
+
+#[test]
+fn load_reports_what_is_missing() -> TestResult {
+    let dir = TempDir::new("load");
+    fs::create_dir_all(dir.path())?;
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    let garbage_path = dir.path().join("garbage.pem");
+    fs::write(&garbage_path, "no PEM here\n")?;
+    let (relay, _) = RelayCert::load_or_create(&dir.path().join("state"), &[])?;
+    fs::copy(dir.path().join("state/relay-cert.pem"), &cert_path)?;
+
+    let cases: [(&Path, &Path, fn(&PkiError) -> bool); 4] = [
+        (&dir.path().join("absent.pem"), &key_path, |err| {
+            matches!(err, PkiError::Read { .. })
+        }),
+        (&garbage_path, &key_path, |err| {
+            matches!(err, PkiError::NoCertificate { .. })
+        }),
+        (&cert_path, &garbage_path, |err| {
+            matches!(err, PkiError::NoPrivateKey { .. })
+        }),
+        (&cert_path, &cert_path, |err| {
+            matches!(err, PkiError::NoPrivateKey { .. })
+        }),
+    ];
+    for (cert, key, expected) in cases {
+        let err = RelayCert::load(cert, key).map(|_| ()).unwrap_err();
+        assert!(expected(&err), "{cert:?} {key:?}: {err:?}");
+    }
+    assert_eq!(
+        RelayCert::load(&cert_path, &dir.path().join("state/relay-key.pem"))?.fingerprint(),
+        relay.fingerprint()
+    );
+    Ok(())
+}
+
+#[test]
+fn generated_certificate_has_the_names() -> TestResult {
+    let dir = TempDir::new("names");
+    let names = vec!["relay.test".to_string(), "192.0.2.7".to_string()];
+    let (relay, _) = RelayCert::load_or_create(dir.path(), &names)?;
+    let der = relay.chain()[0].as_ref();
+    let contains = |needle: &[u8]| der.windows(needle.len()).any(|window| window == needle);
+    // A dNSName SAN is tag 0x82, an iPAddress SAN tag 0x87, each with a short length.
+    assert!(contains(b"\x82\x0arelay.test"));
+    assert!(contains(&[0x87, 4, 192, 0, 2, 7]));
+
+    let dir = TempDir::new("defaults");
+    let (relay, _) = RelayCert::load_or_create(dir.path(), &[])?;
+    let der = relay.chain()[0].as_ref();
+    let contains = |needle: &[u8]| der.windows(needle.len()).any(|window| window == needle);
+    assert!(contains(b"\x82\x09localhost"));
+    assert!(contains(&[0x87, 4, 127, 0, 0, 1]));
+    Ok(())
+}
+
+#[test]
+fn fingerprint_text_round_trips() -> TestResult {
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(5));
+    let fingerprint = Fingerprint::from_bytes(bytes);
+    let canonical = fingerprint.to_string();
+    assert_eq!(canonical.len(), "SHA256:".len() + 64);
+    assert!(canonical.starts_with("SHA256:"));
+    let hex = &canonical["SHA256:".len()..];
+    let colons = bytes
+        .iter()
+        .map(|byte| format!("{byte:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+
+    let accepted = [
+        canonical.clone(),
+        canonical.to_uppercase(),
+        hex.to_string(),
+        hex.to_uppercase(),
+        format!("sha256:{hex}"),
+        colons.clone(),
+        colons.to_lowercase(),
+        format!("SHA256:{colons}"),
+        format!("sha256 Fingerprint={colons}"),
+        format!("  {canonical}\n"),
+    ];
+    for text in accepted {
+        assert_eq!(text.parse::<Fingerprint>()?, fingerprint, "{text:?}");
+    }
+
+    let rejected = [
+        String::new(),
+        "SHA256:".to_string(),
+        hex[..62].to_string(),
+        format!("{hex}00"),
+        format!("SHA1:{}", &hex[..40]),
+        hex.replacen(&hex[..1], "g", 1),
+        colons[..colons.len() - 3].to_string(),
+        colons.replacen(':', "", 1),
+        format!("{colons}:"),
+        // SSH prints base64 digests, which are not accepted.
+        "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s".to_string(),
+    ];
+    for text in rejected {
+        let err = text.parse::<Fingerprint>().unwrap_err();
+        assert!(
+            matches!(err, PkiError::BadFingerprint { .. }),
+            "{text:?}: {err:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn pinned_handshake_succeeds_with_the_right_fingerprint() -> TestResult {
+    let dir = TempDir::new("pinned");
+    let (relay, _) = RelayCert::load_or_create(dir.path(), &[])?;
+    let server = relay_server_config(&relay)?;
+    let client = connector_client_config(&RelayTrust::Pinned(relay.fingerprint()))?;
+
+    // The pin ignores names: any server name works.
+    let (server_res, client_res) = handshake(server, client, "anything.invalid").await?;
+    let (server_stream, client_stream) = (server_res?, client_res?);
+
+    assert_eq!(client_stream.get_ref().1.alpn_protocol(), Some(ALPN_LINK));
+    assert!(has_link_alpn(server_stream.get_ref().1));
+    assert_eq!(
+        client_stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let client_exporter = link_exporter(client_stream.get_ref().1)?;
+    let server_exporter = link_exporter(server_stream.get_ref().1)?;
+    assert_eq!(client_exporter, server_exporter);
+    assert_ne!(client_exporter, [0u8; 32]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn pinned_handshake_fails_with_a_wrong_fingerprint() -> TestResult {
+    let dir = TempDir::new("mismatch");
+    let (relay, _) = RelayCert::load_or_create(dir.path(), &[])?;
+    let wrong = Fingerprint::from_bytes([0xab; 32]);
+    let server = relay_server_config(&relay)?;
+    let client = connector_client_config(&RelayTrust::Pinned(wrong))?;
+
+    let (server_res, client_res) = handshake(server, client, "localhost").await?;
+    let client_err = client_res.map(|_| ()).unwrap_err();
+    let expected = format!(
+        "relay certificate fingerprint {} does not match the pinned {wrong}",
+        relay.fingerprint()
+    );
+    assert!(client_err.to_string().contains(&expected), "{client_err}");
+    let mismatch = FingerprintMismatch::find(&client_err).expect("typed mismatch in chain");
+    assert_eq!(mismatch.presented, relay.fingerprint());
+    assert_eq!(mismatch.pinned, wrong);
+    let hint = describe_tls_error(&client_err).expect("a hint for a mismatch");
+    assert!(hint.contains("check the fingerprint"), "{hint}");
+
+    let server_err = server_res.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            find_tls_error(&server_err),
+            Some(rustls::Error::AlertReceived(
+                AlertDescription::CertificateUnknown
+            ))
+        ),
+        "{server_err:?}"
+    );
+    assert!(describe_tls_error(&server_err).is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_without_alpn_is_visible_after_the_handshake() -> TestResult {
+    let dir = TempDir::new("alpn");
+    let (relay, _) = RelayCert::load_or_create(dir.path(), &[])?;
+    let server = relay_server_config(&relay)?;
+    let mut client = (*connector_client_config(&RelayTrust::Pinned(relay.fingerprint()))?).clone();
+    client.alpn_protocols.clear();
+
+    let (server_res, _) = handshake(server.clone(), Arc::new(client.clone()), "localhost").await?;
+    assert!(!has_link_alpn(server_res?.get_ref().1));
+
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (server_res, client_res) = handshake(server, Arc::new(client), "localhost").await?;
+    let server_err = server_res.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            find_tls_error(&server_err),
+            Some(rustls::Error::NoApplicationProtocol)
+        ),
+        "{server_err:?}"
+    );
+    let client_err = client_res.map(|_| ()).unwrap_err();
+    assert!(describe_tls_error(&client_err).is_some_and(|hint| hint.contains("kitepipe/1")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn ca_handshake_checks_issuer_and_name() -> TestResult {
+    let dir = TempDir::new("ca");
+    fs::create_dir_all(dir.path())?;
+    let ca = TestCa::new(&["relay.test"])?;
+    let other_ca = TestCa::new(&["relay.test"])?;
+    let ca_path = dir.path().join("ca.pem");
+    let other_ca_path = dir.path().join("other-ca.pem");
+    fs::write(&ca_path, &ca.pem)?;
+    fs::write(&other_ca_path, &other_ca.pem)?;
+    let server = relay_server_config(&ca.relay)?;
+
+    let client = connector_client_config(&RelayTrust::Ca(ca_path.clone()))?;
+    let (server_res, client_res) = handshake(server.clone(), client.clone(), "relay.test").await?;
+    let client_stream = client_res?;
+    assert_eq!(client_stream.get_ref().1.alpn_protocol(), Some(ALPN_LINK));
+    server_res?;
+
+    let (_, client_res) = handshake(server.clone(), client, "other.test").await?;
+    let err = client_res.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            find_tls_error(&err),
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForNameContext { .. }
+            ))
+        ),
+        "{err:?}"
+    );
+    assert!(describe_tls_error(&err).is_some());
+
+    let other_client = connector_client_config(&RelayTrust::Ca(other_ca_path))?;
+    let (_, client_res) = handshake(server, other_client, "relay.test").await?;
+    let err = client_res.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            find_tls_error(&err),
+            Some(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            ))
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        describe_tls_error(&err).as_deref(),
+        Some("relay certificate not signed by the CA in --ca FILE")
+    );
+    Ok(())
+}
+
+#[test]
+fn ca_file_without_certificates_is_refused() -> TestResult {
+    let dir = TempDir::new("emptyca");
+    fs::create_dir_all(dir.path())?;
+    let path = dir.path().join("ca.pem");
+    fs::write(&path, "")?;
+    let err = connector_client_config(&RelayTrust::Ca(path))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, PkiError::NoCertificate { .. }), "{err:?}");
+    Ok(())
+}
+
+#[test]
+fn kite_proof_binds_every_field() {
+    let secret = Secret::new("correct horse");
+    let exporter = [1u8; 32];
+    let server_nonce = random_nonce();
+    let client_nonce = random_nonce();
+    assert_ne!(server_nonce, client_nonce);
+    let input = ProofInput {
+        tls_exporter: &exporter,
+        server_nonce: &server_nonce,
+        client_nonce: &client_nonce,
+        protocol: "http",
+        name: "blog.example.com",
+    };
+    let proof = kite_proof(&secret, &input);
+    assert!(verify_kite_proof(&secret, &input, &proof));
+    assert!(!verify_kite_proof(
+        &Secret::new("correct horsf"),
+        &input,
+        &proof
+    ));
+    assert!(!verify_kite_proof(&secret, &input, &proof[..31]));
+
+    let other_bytes = [2u8; 32];
+    let changed = [
+        ProofInput {
+            tls_exporter: &other_bytes,
+            ..input
+        },
+        ProofInput {
+            server_nonce: &other_bytes,
+            ..input
+        },
+        ProofInput {
+            client_nonce: &other_bytes,
+            ..input
+        },
+        ProofInput {
+            protocol: "raw",
+            ..input
+        },
+        ProofInput {
+            name: "blog.example.org",
+            ..input
+        },
+        // Moving bytes across a field boundary changes the proof too.
+        ProofInput {
+            protocol: "httpblog.example.com",
+            name: "",
+            ..input
+        },
+    ];
+    for changed_input in changed {
+        assert!(
+            !verify_kite_proof(&secret, &changed_input, &proof),
+            "{changed_input:?}"
+        );
+    }
+}
+
+#[test]
+fn secret_debug_hides_the_value() {
+    let secret = Secret::new("hunter2");
+    assert_eq!(format!("{secret:?}"), "Secret(***)");
+    assert_eq!(secret.expose(), "hunter2");
+}

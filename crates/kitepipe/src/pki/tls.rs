@@ -1,0 +1,306 @@
+//! TLS configs for the link: the relay's server side, the connector's client
+//! side with its two ways of trusting the relay, and hints for operators when
+//! a handshake fails.
+
+use std::error::Error;
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::{
+    AlertDescription, CertificateError, CommonState, DigitallySignedStruct, OtherError,
+    SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use super::cert::load_certificates;
+use super::{Fingerprint, PkiError, RelayCert};
+
+/// The ALPN protocol name of the link. Connectors offer it; the relay's link
+/// server selects it and refuses clients that offer only other protocols.
+pub const ALPN_LINK: &[u8] = b"kitepipe/1";
+
+/// How a connector decides that the TLS peer is its relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTrust {
+    /// Trust exactly the relay whose end-entity certificate has this
+    /// fingerprint, like an SSH host key: names, issuer and validity dates
+    /// are ignored, but the peer must still prove it holds the certificate's
+    /// key in the TLS 1.3 handshake.
+    Pinned(Fingerprint),
+    /// Trust relays whose certificate chains to a root in this PEM file and
+    /// names the host dialed (standard WebPKI verification).
+    Ca(PathBuf),
+}
+
+impl fmt::Display for RelayTrust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RelayTrust::Pinned(pin) => write!(f, "pinned {pin}"),
+            RelayTrust::Ca(path) => write!(f, "CA {}", path.display()),
+        }
+    }
+}
+
+/// Settings of the relay's link server beyond its certificate.
+#[derive(Debug, Clone, Default)]
+pub struct RelayTlsOptions {
+    /// Whether connectors must present certificates.
+    pub client_auth: ClientAuth,
+}
+
+/// Whether the relay asks connectors for client certificates.
+///
+/// Client certificates are not implemented yet: this is where the variant
+/// that requires them (with its trusted CA) will go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Connectors present no certificate; they authenticate inside the link
+    /// with kite secrets.
+    #[default]
+    NotRequested,
+}
+
+/// The typed cause inside the rustls error raised when a pinned relay
+/// presents a different certificate.
+///
+/// rustls errors do not expose their cause through `source()`; use
+/// [`FingerprintMismatch::find`] or [`describe_tls_error`] to reach it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("relay certificate fingerprint {presented} does not match the pinned {pinned}")]
+pub struct FingerprintMismatch {
+    /// The fingerprint of the certificate the peer presented.
+    pub presented: Fingerprint,
+    /// The fingerprint the connector was configured with.
+    pub pinned: Fingerprint,
+}
+
+impl FingerprintMismatch {
+    /// Finds a fingerprint mismatch anywhere in `err`'s chain, including
+    /// inside `io::Error` and rustls errors.
+    pub fn find<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a FingerprintMismatch> {
+        let mut next = Some(err);
+        while let Some(current) = next {
+            if let Some(mismatch) = current.downcast_ref::<FingerprintMismatch>() {
+                return Some(mismatch);
+            }
+            if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) =
+                current.downcast_ref::<rustls::Error>()
+            {
+                return other.0.downcast_ref::<FingerprintMismatch>();
+            }
+            next = next_cause(current);
+        }
+        None
+    }
+}
+
+/// Builds the relay's link server config with default [`RelayTlsOptions`]:
+/// TLS 1.3 only, ALPN [`ALPN_LINK`], no client certificates.
+pub fn relay_server_config(cert: &RelayCert) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    relay_server_config_with(cert, &RelayTlsOptions::default())
+}
+
+/// Builds the relay's link server config: TLS 1.3 only, ring provider,
+/// ALPN [`ALPN_LINK`].
+///
+/// rustls completes a handshake with a client that offers no ALPN at all;
+/// the link checks [`has_link_alpn`] after the handshake to refuse those.
+pub fn relay_server_config_with(
+    cert: &RelayCert,
+    options: &RelayTlsOptions,
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let build_error = |source| PkiError::BuildTls { source };
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(build_error)?;
+    let builder = match options.client_auth {
+        ClientAuth::NotRequested => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(cert.chain().to_vec(), cert.key().clone_key())
+        .map_err(build_error)?;
+    config.alpn_protocols = vec![ALPN_LINK.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Builds the connector's link client config: TLS 1.3 only, ring provider,
+/// ALPN [`ALPN_LINK`], and the relay verified as `trust` says.
+///
+/// With [`RelayTrust::Ca`] this reads the CA file and fails if it holds no
+/// certificate.
+pub fn connector_client_config(trust: &RelayTrust) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    let build_error = |source| PkiError::BuildTls { source };
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(build_error)?;
+    let builder = match trust {
+        RelayTrust::Pinned(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                pin: *pin,
+                algorithms: provider.signature_verification_algorithms,
+            })),
+        RelayTrust::Ca(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in load_certificates(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|source| PkiError::BadCaCertificate {
+                        path: path.clone(),
+                        source,
+                    })?;
+            }
+            builder.with_root_certificates(roots)
+        }
+    };
+    let mut config = builder.with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_LINK.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Whether the completed handshake on `conn` negotiated [`ALPN_LINK`].
+///
+/// Pass `tls_stream.get_ref().1` (client or server side).
+pub fn has_link_alpn(conn: &CommonState) -> bool {
+    conn.alpn_protocol() == Some(ALPN_LINK)
+}
+
+/// Finds the rustls error in `err`'s chain, looking inside `io::Error`s too
+/// (tokio-rustls wraps handshake failures in them).
+pub fn find_tls_error<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(err);
+    while let Some(current) = next {
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        next = next_cause(current);
+    }
+    None
+}
+
+/// A one-line hint for the operator about why a link's TLS handshake failed,
+/// or `None` if `err` holds no TLS failure this knows about.
+pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
+    if FingerprintMismatch::find(err).is_some() {
+        return Some(
+            "the relay's certificate changed or this is not your relay: \
+             check the fingerprint the relay printed at start"
+                .to_string(),
+        );
+    }
+    let hint = match find_tls_error(err)? {
+        rustls::Error::InvalidCertificate(cert_err) => match cert_err {
+            CertificateError::UnknownIssuer => {
+                "relay certificate not signed by the CA in --ca FILE"
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "relay certificate does not name the host dialed: dial a name it lists, \
+                 or reissue it with that name"
+            }
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. } => {
+                "relay certificate is outside its validity period: check the clocks, or renew it"
+            }
+            _ => return None,
+        },
+        rustls::Error::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateExpired,
+        ) => {
+            "the peer rejected this side's certificate: give the connector the fingerprint \
+             the relay printed at start, or the CA that signed the relay's certificate"
+        }
+        rustls::Error::NoApplicationProtocol
+        | rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol) => {
+            "the peer does not speak kitepipe/1: wrong port, or incompatible versions"
+        }
+        rustls::Error::InvalidMessage(_) => {
+            "the peer does not speak TLS: wrong port, or something in the way"
+        }
+        _ => return None,
+    };
+    Some(hint.to_string())
+}
+
+/// Accepts exactly the pinned end-entity certificate; see
+/// [`RelayTrust::Pinned`].
+#[derive(Debug)]
+struct PinnedVerifier {
+    pin: Fingerprint,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Like an SSH host key, the pin alone is the trust decision; names
+        // and dates carry no meaning for a self-signed relay certificate.
+        let presented = Fingerprint::of(end_entity);
+        if presented == self.pin {
+            return Ok(ServerCertVerified::assertion());
+        }
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(FingerprintMismatch {
+                presented,
+                pinned: self.pin,
+            })),
+        )))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configs here enable TLS 1.3 only, so rustls never asks.
+        Err(rustls::Error::General(
+            "tls 1.2 is not supported on the link".to_string(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The ring provider, built per config so nothing depends on a process-wide
+/// default.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The next cause after `err`. `io::Error::source` skips the error it wraps
+/// and returns that error's source, so look inside `io::Error` explicitly.
+fn next_cause<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a (dyn Error + 'static)> {
+    if let Some(io_err) = err.downcast_ref::<io::Error>()
+        && let Some(inner) = io_err.get_ref()
+    {
+        return Some(inner as &(dyn Error + 'static));
+    }
+    err.source()
+}

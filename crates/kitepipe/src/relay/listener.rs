@@ -1,0 +1,121 @@
+//! Accept loops, and telling protocols apart on ports that serve several.
+//!
+//! A TLS ClientHello offering ALPN `kitepipe/1` is a connector's link; any
+//! other ClientHello is a visitor's HTTPS (routed by SNI); anything else is
+//! HTTP. A port that serves only links skips the sniffing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use kitepipe_proto::sniff::{self, Sniffed};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::RelayCtx;
+use crate::config::ListenerConfig;
+use crate::pki::ALPN_LINK;
+
+/// How long a new connection may take to show what it is (its first bytes,
+/// or a whole ClientHello). Generous for slow networks, short enough that
+/// idle connections cannot pile up.
+pub(crate) const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop
+/// does not spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Accepts connections until the relay shuts down.
+pub(crate) async fn run(listener: TcpListener, roles: ListenerConfig, ctx: Arc<RelayCtx>) {
+    let roles = Arc::new(roles);
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.token.cancelled() => return,
+            res = listener.accept() => res,
+        };
+        let (sock, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                warn!(%err, "accept failed");
+                tokio::select! {
+                    _ = ctx.token.cancelled() => return,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
+            warn!(%peer, "too many connections; closing new one");
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let ctx2 = ctx.clone();
+        let roles = roles.clone();
+        ctx.tracker.spawn(
+            async move {
+                serve(sock, peer, &roles, ctx2).await;
+                drop(permit);
+            }
+            .instrument(info_span!("conn", %peer)),
+        );
+    }
+}
+
+async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: Arc<RelayCtx>) {
+    if roles.link && !roles.http && !roles.https {
+        super::session::accept(sock, BytesMut::new(), peer, ctx).await;
+        return;
+    }
+    if roles.http && !roles.link && !roles.https {
+        super::http::serve(sock, BytesMut::new(), peer, ctx).await;
+        return;
+    }
+    let mut sock = sock;
+    let mut buf = BytesMut::with_capacity(2048);
+    let sniffed = tokio::time::timeout(SNIFF_TIMEOUT, async {
+        loop {
+            if buf.len() >= sniff::MAX_CLIENT_HELLO {
+                return Err("first bytes too large to classify".to_string());
+            }
+            let n = sock
+                .read_buf(&mut buf)
+                .await
+                .map_err(|err| err.to_string())?;
+            if n == 0 {
+                return Err("closed before sending anything useful".to_string());
+            }
+            if !sniff::looks_like_tls(buf[0]) {
+                return Ok(None);
+            }
+            match sniff::sniff_client_hello(&buf) {
+                Ok(Sniffed::NeedMore) => continue,
+                Ok(Sniffed::Tls(hello)) => return Ok(Some(hello)),
+                Err(err) => return Err(err.to_string()),
+            }
+        }
+    })
+    .await;
+    let hello = match sniffed {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(why)) => {
+            debug!(%why, "dropping connection");
+            return;
+        }
+        Err(_) => {
+            debug!("no recognizable first bytes in time; dropping connection");
+            return;
+        }
+    };
+    match hello {
+        Some(hello) if roles.link && hello.alpn.iter().any(|p| p == ALPN_LINK) => {
+            super::session::accept(sock, buf, peer, ctx).await;
+        }
+        Some(hello) if roles.https => {
+            super::tcp::serve_https(sock, buf, peer, hello.sni, ctx).await;
+        }
+        Some(_) => debug!("TLS client without the kitepipe ALPN on a link-only port"),
+        None if roles.http => super::http::serve(sock, buf, peer, ctx).await,
+        None => debug!("plain bytes on a TLS-only port; dropping connection"),
+    }
+}

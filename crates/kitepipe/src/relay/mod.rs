@@ -1,0 +1,218 @@
+//! The relay: public listeners, routing by Host/SNI/port, the kite registry
+//! and balancing.
+//!
+//! Start at [`Relay::bind`] then [`Relay::run`]. Every accepted connection
+//! goes through [`listener`], which tells connectors' links, visitors' HTTP
+//! and visitors' HTTPS apart (by their first bytes when one port serves
+//! several), then to [`session`] (a connector's link: handshake, kite
+//! registration), [`http`] (visitor HTTP routed by Host) or [`tcp`] (HTTPS by
+//! SNI, and raw TCP kites on their own ports).
+//!
+//! The relay never dials anything: every byte it moves arrives on a socket it
+//! accepted, and goes out on a link a connector opened.
+
+mod http;
+mod listener;
+pub(crate) mod registry;
+mod session;
+mod tcp;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::{ListenerConfig, RelayConfig, RelayTlsSource};
+use crate::link::MuxConfig;
+use crate::pki::{Fingerprint, PkiError, RelayCert, relay_server_config};
+use registry::Registry;
+
+/// Visitor and link connections served at once; beyond this, new
+/// connections are closed at accept. Each costs one file descriptor and a
+/// few KiB; the bound keeps a flood from exhausting descriptors that links
+/// and listeners need.
+pub const MAX_CONNECTIONS: usize = 16 * 1024;
+
+/// How long shutdown waits for in-flight connections before cutting them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The certificate could not be loaded or created.
+    #[error("relay certificate")]
+    Pki(#[from] PkiError),
+    /// A listening socket could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound relay, ready to run.
+pub struct Relay {
+    ctx: Arc<RelayCtx>,
+    listeners: Vec<(TcpListener, ListenerConfig)>,
+    fingerprint: Fingerprint,
+    cert_created: bool,
+}
+
+/// One bound listener, as reported to the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundListener {
+    /// Actual address (port filled in when 0 was asked).
+    pub addr: SocketAddr,
+    /// Roles served.
+    pub roles: ListenerConfig,
+}
+
+/// State shared by every task of a relay.
+pub(crate) struct RelayCtx {
+    pub(crate) config: RelayConfig,
+    pub(crate) registry: Registry,
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) mux: MuxConfig,
+    /// Every task of the relay runs here.
+    pub(crate) tracker: TaskTracker,
+    /// Cancelled at shutdown.
+    pub(crate) token: CancellationToken,
+    /// Bounds connections served at once.
+    pub(crate) connections: Arc<Semaphore>,
+    /// TCP kite ports bound so far (they stay bound until shutdown).
+    pub(crate) tcp_listeners: Mutex<HashMap<u16, SocketAddr>>,
+    /// Port of the first HTTP listener, for the URLs shown to connectors.
+    pub(crate) http_port: Option<u16>,
+    /// Port of the first HTTPS listener.
+    pub(crate) https_port: Option<u16>,
+}
+
+impl Relay {
+    /// Loads (or creates) the certificate and binds every listener.
+    pub async fn bind(config: RelayConfig) -> Result<Relay, RelayError> {
+        let (cert, cert_created) = match &config.tls {
+            RelayTlsSource::StateDir(dir) => {
+                let mut names = vec![config.name.clone()];
+                for default in ["localhost", "127.0.0.1"] {
+                    if !names.iter().any(|n| n == default) {
+                        names.push(default.to_string());
+                    }
+                }
+                RelayCert::load_or_create(dir, &names)?
+            }
+            RelayTlsSource::Files { cert, key } => (RelayCert::load(cert, key)?, false),
+        };
+        let fingerprint = cert.fingerprint();
+        let server_config = relay_server_config(&cert)?;
+        let mut listeners = Vec::new();
+        let mut http_port = None;
+        let mut https_port = None;
+        for roles in &config.listeners {
+            let listener = TcpListener::bind(roles.addr)
+                .await
+                .map_err(|source| RelayError::Bind {
+                    addr: roles.addr,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| RelayError::Bind {
+                addr: roles.addr,
+                source,
+            })?;
+            if roles.http && http_port.is_none() {
+                http_port = Some(addr.port());
+            }
+            if roles.https && https_port.is_none() {
+                https_port = Some(addr.port());
+            }
+            listeners.push((listener, roles.clone()));
+        }
+        let mux = MuxConfig {
+            heartbeat: config.heartbeat,
+            ..MuxConfig::default()
+        };
+        let ctx = Arc::new(RelayCtx {
+            config,
+            registry: Registry::default(),
+            acceptor: TlsAcceptor::from(server_config),
+            mux,
+            tracker: TaskTracker::new(),
+            token: CancellationToken::new(),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            tcp_listeners: Mutex::new(HashMap::new()),
+            http_port,
+            https_port,
+        });
+        Ok(Relay {
+            ctx,
+            listeners,
+            fingerprint,
+            cert_created,
+        })
+    }
+
+    /// The bound listeners.
+    pub fn listeners(&self) -> Vec<BoundListener> {
+        self.listeners
+            .iter()
+            .map(|(listener, roles)| BoundListener {
+                addr: listener.local_addr().unwrap_or(roles.addr),
+                roles: roles.clone(),
+            })
+            .collect()
+    }
+
+    /// Fingerprint of the relay's certificate, for connectors to pin.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// True if the self-signed certificate was created by this start.
+    pub fn cert_created(&self) -> bool {
+        self.cert_created
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, closes
+    /// links and waits (up to [`SHUTDOWN_GRACE`]) for connections to end.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let ctx = self.ctx.clone();
+        for (listener, roles) in self.listeners {
+            let addr = listener.local_addr().ok();
+            let span = info_span!("listener", addr = ?addr);
+            ctx.tracker
+                .spawn(listener::run(listener, roles, ctx.clone()).instrument(span));
+        }
+        info!(fingerprint = %self.fingerprint, "relay running");
+        shutdown.cancelled().await;
+        info!("relay shutting down");
+        ctx.token.cancel();
+        ctx.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                tasks = ctx.tracker.len(),
+                "shutdown grace expired; cutting remaining connections"
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("fingerprint", &self.fingerprint)
+            .field("listeners", &self.listeners())
+            .finish()
+    }
+}

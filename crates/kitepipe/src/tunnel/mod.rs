@@ -1,0 +1,129 @@
+//! Visitor streams and the byte-copy loop, shared by relay and connector.
+//!
+//! Start at [`splice`]. This room never dials or accepts: it is handed two
+//! open byte streams and moves bytes between them, keeping half-close (EOF
+//! one way shuts down that writer while the other way keeps flowing).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Copy buffer per direction. 64 KiB matches the largest DATA frame, so one
+/// read from a socket becomes one frame on the link.
+pub const COPY_BUF: usize = 64 * 1024;
+
+/// Copies both ways between `a` and `b` until both directions reach EOF;
+/// returns the bytes moved a->b and b->a.
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
+}
+
+/// A stream whose first reads return bytes already read from it (e.g. while
+/// sniffing the protocol), then continue with the stream itself.
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: BytesMut,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// Wraps `inner`, replaying `prefix` first.
+    pub fn new(prefix: BytesMut, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, inner }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn prefixed_replays_then_continues() {
+        let (mut a, b) = tokio::io::duplex(8);
+        let mut p = Prefixed::new(BytesMut::from(&b"hello "[..]), b);
+        a.write_all(b"world").await.unwrap();
+        drop(a);
+        let mut out = String::new();
+        p.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+
+    #[tokio::test]
+    async fn splice_keeps_half_close() {
+        let (mut client, mut near) = tokio::io::duplex(16);
+        let (mut far, mut server) = tokio::io::duplex(16);
+        let task = tokio::spawn(async move { splice(&mut near, &mut far).await });
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request");
+        // The other direction still flows after the first one ended.
+        server.write_all(b"late reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"late reply");
+        assert_eq!(task.await.unwrap().unwrap(), (7, 10));
+    }
+}
