@@ -227,9 +227,10 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> 
 /// relay alone knows the scheme.
 ///
 /// ```
+/// use std::net::IpAddr;
 /// use kitepipe_proto::http1::{rewrite_head, Forwarded};
 /// let head = b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
-/// let forwarded = Forwarded { client_ip: "203.0.113.7".parse().unwrap(), proto: "https" };
+/// let forwarded = Forwarded { client_ip: IpAddr::from([203, 0, 113, 7]), proto: "https" };
 /// assert_eq!(
 ///     rewrite_head(head, &forwarded)?,
 ///     b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 10.0.0.1, 203.0.113.7\r\n\
@@ -1260,10 +1261,7 @@ mod tests {
         assert_eq!(parse_request_head(&input), Err(HttpError::HeadTooLarge));
         // One endless line is refused the same way, whatever token it is in.
         let endless = [b'a'; MAX_HEAD_LEN];
-        assert_eq!(
-            parse_request_head(&endless),
-            Err(HttpError::HeadTooLarge)
-        );
+        assert_eq!(parse_request_head(&endless), Err(HttpError::HeadTooLarge));
         let mut endless_target = b"GET /".to_vec();
         endless_target.resize(MAX_HEAD_LEN, b'a');
         assert_eq!(

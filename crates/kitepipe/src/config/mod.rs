@@ -298,7 +298,9 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
         for (addrs, role) in roles {
             for text in addrs {
                 let addr = parse_socket_addr(role, text)?;
-                let entry = match listeners.iter_mut().find(|l| l.addr == addr) {
+                // Port 0 asks for a fresh port each time: never merge those.
+                let same = |l: &&mut ListenerConfig| l.addr == addr && addr.port() != 0;
+                let entry = match listeners.iter_mut().find(same) {
                     Some(entry) => entry,
                     None => {
                         listeners.push(ListenerConfig {
@@ -580,6 +582,17 @@ mod tests {
         let shared = &config.listeners[0];
         assert!(shared.link && shared.http && !shared.https);
         assert!(config.listeners[2].https && config.listeners[2].addr.ip().is_unspecified());
+    }
+
+    #[test]
+    fn port_zero_listeners_stay_separate() {
+        let config = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            http: vec!["127.0.0.1:0".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(config.listeners.len(), 2);
     }
 
     #[test]
