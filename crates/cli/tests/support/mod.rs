@@ -1,0 +1,514 @@
+//! Fixtures for end-to-end tests of the `kitepipe` binary: real processes on
+//! loopback (or in netlab namespaces), each in a fresh temp dir, stopped by
+//! PID when the fixture drops.
+//!
+//! ```ignore
+//! let relay = Relay::new().domain("http,tcp:*.example.net:s3cret").start();
+//! let conn = Connector::new(&relay).secret("s3cret").kite("http:blog.example.net=127.0.0.1:8000").start();
+//! ```
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kitepipe");
+
+/// How long to wait for things that should happen "soon" (a process being
+/// ready, a link coming back). `KITEPIPE_TEST_PATIENCE` (seconds) raises it
+/// on slow machines.
+pub fn patience() -> Duration {
+    let secs = std::env::var("KITEPIPE_TEST_PATIENCE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+/// Polls `check` until it returns `Some`, or panics after [`patience`].
+/// The one place tests poll; use it only when there is no event to await.
+pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {:?} waiting for: {what}", patience());
+        }
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "kitepipe-test-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running process whose stdout and stderr are collected; killed (by PID)
+/// when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Mutex<Option<Child>>,
+    pid: u32,
+    output: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Spawns `program args...` with stdout and stderr captured.
+    pub fn spawn(name: &str, mut command: Command) -> Proc {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("KITEPIPE_LOG", "info,kitepipe=debug");
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
+        let output = Arc::new(Mutex::new(String::new()));
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let mut out = output.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+        }
+        Proc {
+            name: name.to_string(),
+            pid: child.id(),
+            child: Mutex::new(Some(child)),
+            output,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Everything the process printed so far (stdout and stderr interleaved by line).
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// Waits until the output contains `needle`; returns the output.
+    pub fn wait_for(&self, needle: &str) -> String {
+        self.wait_for_count(needle, 1)
+    }
+
+    /// Waits until `needle` occurs at least `count` times in the output.
+    pub fn wait_for_count(&self, needle: &str, count: usize) -> String {
+        eventually(&format!("{} to print {needle:?} x{count}", self.name), || {
+            let out = self.output();
+            if out.matches(needle).count() >= count {
+                return Some(out);
+            }
+            if let Some(status) = self.exited() {
+                panic!("{} exited ({status}) before printing {needle:?}:\n{out}", self.name);
+            }
+            None
+        })
+    }
+
+    /// How many times `needle` occurs in the output so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.output().matches(needle).count()
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.lock().unwrap();
+        child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Number of open file descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to patience) for a clean exit; returns the status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.lock().unwrap().take().expect("process still running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + patience();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} did not exit after SIGTERM:\n{}", self.name, self.output());
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- output of {} -----\n{}", self.name, self.output());
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; for processes that
+/// must be told a port up front, e.g. a relay restarted on the same port).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Builder for a relay process.
+pub struct Relay {
+    args: Vec<String>,
+    prefix: Vec<String>,
+    state: Option<PathBuf>,
+}
+
+/// A running relay.
+pub struct RelayProc {
+    pub proc: Proc,
+    pub fingerprint: String,
+    pub link: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub state: Arc<TempDir>,
+}
+
+impl Relay {
+    pub fn new() -> Relay {
+        Relay {
+            args: Vec::new(),
+            prefix: Vec::new(),
+            state: None,
+        }
+    }
+
+    /// Runs the relay through a wrapper (e.g. `netlab exec ID relay --`).
+    pub fn wrapped(mut self, prefix: &[&str]) -> Relay {
+        self.prefix = prefix.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Relay {
+        self.args.push(arg.to_string());
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Relay {
+        self.args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn domain(self, spec: &str) -> Relay {
+        self.args(&["--domain", spec])
+    }
+
+    /// Reuse a state dir (same certificate across restarts).
+    pub fn state_dir(mut self, dir: &Path) -> Relay {
+        self.state = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Starts with defaults for loopback: links and HTTP on 127.0.0.1:0,
+    /// TCP kites bound to 127.0.0.1, unless the args say otherwise.
+    pub fn start(self) -> RelayProc {
+        let has = |flag: &str| self.args.iter().any(|a| a == flag);
+        let mut args = self.args.clone();
+        if !has("--listen") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
+        if !has("--http") && !has("--https") {
+            args.extend(["--http".into(), "127.0.0.1:0".into()]);
+        }
+        if !has("--tcp-bind") {
+            args.extend(["--tcp-bind".into(), "127.0.0.1".into()]);
+        }
+        let state = Arc::new(TempDir::new("relay"));
+        let state_path = self
+            .state
+            .clone()
+            .unwrap_or_else(|| state.path().to_path_buf());
+        let mut command = if self.prefix.is_empty() {
+            Command::new(BIN)
+        } else {
+            let mut c = Command::new(&self.prefix[0]);
+            c.args(&self.prefix[1..]).arg(BIN);
+            c
+        };
+        command
+            .arg("relay")
+            .args(&args)
+            .arg("--state-dir")
+            .arg(&state_path)
+            .current_dir(state.path());
+        let proc = Proc::spawn("relay", command);
+        let out = proc.wait_for("connectors: kitepipe connect");
+        let fingerprint = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("fingerprint "))
+            .expect("relay prints its fingerprint")
+            .to_string();
+        let addr_of = |role: &str| {
+            out.lines().find_map(|l| {
+                let l = l.trim();
+                let (roles, addr) = l.split_once(" on ")?;
+                if roles.split('+').any(|r| r == role) && !l.starts_with("connectors") {
+                    addr.trim().parse::<SocketAddr>().ok()
+                } else {
+                    None
+                }
+            })
+        };
+        RelayProc {
+            link: addr_of("links").expect("relay prints its link address"),
+            http: addr_of("http"),
+            https: addr_of("https"),
+            fingerprint,
+            proc,
+            state,
+        }
+    }
+}
+
+impl RelayProc {
+    /// Base URL of the HTTP listener.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http.expect("relay has an HTTP listener"))
+    }
+}
+
+/// Builder for a connector process.
+pub struct Connector {
+    relays: Vec<String>,
+    fingerprint: Option<String>,
+    args: Vec<String>,
+    prefix: Vec<String>,
+}
+
+impl Connector {
+    /// A connector linking to `relay`, pinning its fingerprint.
+    pub fn new(relay: &RelayProc) -> Connector {
+        Connector {
+            relays: vec![relay.link.to_string()],
+            fingerprint: Some(relay.fingerprint.clone()),
+            args: Vec::new(),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// A connector linking to a relay at `addr` with a known fingerprint.
+    pub fn to(addr: &str, fingerprint: &str) -> Connector {
+        Connector {
+            relays: vec![addr.to_string()],
+            fingerprint: Some(fingerprint.to_string()),
+            args: Vec::new(),
+            prefix: Vec::new(),
+        }
+    }
+
+    pub fn also_relay(mut self, addr: &str) -> Connector {
+        self.relays.push(addr.to_string());
+        self
+    }
+
+    pub fn no_fingerprint(mut self) -> Connector {
+        self.fingerprint = None;
+        self
+    }
+
+    pub fn wrapped(mut self, prefix: &[&str]) -> Connector {
+        self.prefix = prefix.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn secret(self, secret: &str) -> Connector {
+        self.args(&["--secret", secret])
+    }
+
+    pub fn kite(self, spec: &str) -> Connector {
+        self.args(&["--kite", spec])
+    }
+
+    pub fn arg(mut self, arg: &str) -> Connector {
+        self.args.push(arg.to_string());
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> Connector {
+        self.args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Starts the process without waiting for anything.
+    pub fn spawn(self) -> Proc {
+        let mut command = if self.prefix.is_empty() {
+            Command::new(BIN)
+        } else {
+            let mut c = Command::new(&self.prefix[0]);
+            c.args(&self.prefix[1..]).arg(BIN);
+            c
+        };
+        command.arg("connect").args(&self.relays);
+        if let Some(fp) = &self.fingerprint {
+            command.args(["--fingerprint", fp]);
+        }
+        command.args(&self.args).args(["--name", "test-connector"]);
+        Proc::spawn("connector", command)
+    }
+
+    /// Starts and waits until the first relay confirmed the registration.
+    pub fn start(self) -> Proc {
+        let proc = self.spawn();
+        proc.wait_for("linked to relay");
+        proc
+    }
+}
+
+/// Runs curl with `args`; returns (exit status code, stdout bytes, stderr).
+pub fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--noproxy", "*"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs curl and returns stdout as a string, asserting success.
+pub fn curl_ok(args: &[&str]) -> String {
+    let (code, out, err) = curl(args);
+    assert_eq!(code, 0, "curl {args:?} failed: {err}");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Path of the Python test backend (HTTP, WebSocket and TCP services).
+pub fn backend_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/backend.py")
+}
+
+/// A Python backend started by the test: `mode` is `http` or `tcp-echo`.
+/// Prints `READY <port>` when listening on 127.0.0.1 (or `--bind`).
+pub struct Backend {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Backend {
+    pub fn start(mode: &str) -> Backend {
+        Backend::start_wrapped(mode, &[], "127.0.0.1")
+    }
+
+    pub fn start_wrapped(mode: &str, prefix: &[&str], bind: &str) -> Backend {
+        let mut command = if prefix.is_empty() {
+            Command::new("python3")
+        } else {
+            let mut c = Command::new(prefix[0]);
+            c.args(&prefix[1..]).arg("python3");
+            c
+        };
+        command
+            .arg("-u")
+            .arg(backend_script())
+            .arg(mode)
+            .args(["--bind", bind]);
+        let proc = Proc::spawn(&format!("backend-{mode}"), command);
+        let out = proc.wait_for("READY ");
+        let port = out
+            .lines()
+            .find_map(|l| l.strip_prefix("READY "))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("backend prints its port");
+        Backend { proc, port }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// SHA-256 of `data`, lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
