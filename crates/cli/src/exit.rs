@@ -27,7 +27,9 @@ pub(crate) fn usage(err: kitepipe::config::ConfigError) -> anyhow::Error {
 pub(crate) fn classify(err: &anyhow::Error) -> i32 {
     let usage = err.chain().any(|cause| {
         cause.downcast_ref::<UsageError>().is_some()
-            || cause.downcast_ref::<kitepipe::config::ConfigError>().is_some()
+            || cause
+                .downcast_ref::<kitepipe::config::ConfigError>()
+                .is_some()
     });
     if usage { USAGE } else { RUNTIME }
 }

@@ -110,7 +110,12 @@ struct ConnectArgs {
     #[arg(long, value_name = "SPEC")]
     kite: Vec<String>,
     /// Shared secret of the kites' domain on the relay (never sent: it signs a challenge).
-    #[arg(long, env = "KITEPIPE_SECRET", hide_env_values = true, value_name = "SECRET")]
+    #[arg(
+        long,
+        env = "KITEPIPE_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
     secret: Option<String>,
     /// The relay certificate's fingerprint, as the relay printed it at start.
     #[arg(long, value_name = "SHA256:HEX")]
@@ -138,7 +143,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("kitepipe: cannot start the async runtime: {err}");
@@ -168,14 +176,15 @@ fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                trigger.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    trigger.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

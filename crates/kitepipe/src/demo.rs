@@ -142,7 +142,8 @@ pub async fn run(
     tracker.spawn(serve_web(web, tracker.clone(), token.clone()));
     tracker.spawn(serve_echo(echo, tracker.clone(), token.clone()));
 
-    let linked = tokio::time::timeout(LINK_WAIT, state.wait_for(|s| matches!(s, LinkState::Up(_)))).await;
+    let linked =
+        tokio::time::timeout(LINK_WAIT, state.wait_for(|s| matches!(s, LinkState::Up(_)))).await;
     let online = match linked {
         Ok(Ok(state)) => state.clone(),
         _ => {
@@ -208,7 +209,8 @@ async fn web_connection(mut sock: TcpStream) -> std::io::Result<()> {
                     let body_len: usize = header("content-length")
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap_or(0);
-                    let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                    let close =
+                        header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
                     break (
                         len,
                         req.method.unwrap_or("GET").to_string(),
@@ -262,7 +264,9 @@ async fn web_connection(mut sock: TcpStream) -> std::io::Result<()> {
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 async fn serve_echo(listener: TcpListener, tracker: TaskTracker, token: CancellationToken) {

@@ -463,7 +463,10 @@ mod tests {
     #[test]
     fn malformed_headers_are_errors() {
         let cases: &[(&[u8], FrameError)] = &[
-            (&[0x42, 0, 0, 0, 1, 0, 0, 0, 0], FrameError::UnknownType(0x42)),
+            (
+                &[0x42, 0, 0, 0, 1, 0, 0, 0, 0],
+                FrameError::UnknownType(0x42),
+            ),
             (
                 &[T_PING, 0, 0, 0, 0, 0, 0, 0, 4],
                 FrameError::BadLength {

@@ -86,9 +86,9 @@ impl std::str::FromStr for KiteProto {
 impl KiteRef {
     /// Parses `proto:name` or, for TCP, `tcp:name:port`.
     pub fn parse(spec: &str) -> Result<KiteRef, KiteError> {
-        let (proto, rest) = spec
-            .split_once(':')
-            .ok_or(KiteError::Shape("a kite is written proto:name, e.g. http:blog.example.net"))?;
+        let (proto, rest) = spec.split_once(':').ok_or(KiteError::Shape(
+            "a kite is written proto:name, e.g. http:blog.example.net",
+        ))?;
         let proto: KiteProto = proto.parse()?;
         let (name, port) = match (proto, rest.rsplit_once(':')) {
             (KiteProto::Tcp, Some((name, port))) => (
@@ -188,14 +188,27 @@ mod tests {
     #[test]
     fn kite_specs() {
         let ok = [
-            ("http:Blog.Example.NET", KiteProto::Http, "blog.example.net", 0),
+            (
+                "http:Blog.Example.NET",
+                KiteProto::Http,
+                "blog.example.net",
+                0,
+            ),
             ("https:*.example.net", KiteProto::Https, "*.example.net", 0),
-            ("tcp:db.example.net:15432", KiteProto::Tcp, "db.example.net", 15432),
+            (
+                "tcp:db.example.net:15432",
+                KiteProto::Tcp,
+                "db.example.net",
+                15432,
+            ),
             ("tcp:db.example.net:0", KiteProto::Tcp, "db.example.net", 0),
         ];
         for (spec, proto, name, port) in ok {
             let kite = KiteRef::parse(spec).unwrap();
-            assert_eq!((kite.proto, kite.name.as_str(), kite.port), (proto, name, port));
+            assert_eq!(
+                (kite.proto, kite.name.as_str(), kite.port),
+                (proto, name, port)
+            );
         }
         let bad = [
             "blog.example.net",

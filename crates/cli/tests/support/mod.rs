@@ -7,6 +7,9 @@
 //! let conn = Connector::new(&relay).secret("s3cret").kite("http:blog.example.net=127.0.0.1:8000").start();
 //! ```
 #![allow(dead_code, unreachable_pub)]
+// Test processes are real and so is their time: these waits measure the
+// wall clock on purpose (the library itself only uses tokio's clock).
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
@@ -14,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kitepipe");
 
@@ -32,12 +35,12 @@ pub fn patience() -> Duration {
 /// Polls `check` until it returns `Some`, or panics after [`patience`].
 /// The one place tests poll; use it only when there is no event to await.
 pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + patience();
+    let deadline = std::time::Instant::now() + patience();
     loop {
         if let Some(value) = check() {
             return value;
         }
-        if Instant::now() > deadline {
+        if std::time::Instant::now() > deadline {
             panic!("timed out after {:?} waiting for: {what}", patience());
         }
         std::thread::park_timeout(Duration::from_millis(50));
@@ -51,10 +54,8 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "kitepipe-test-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("kitepipe-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)
@@ -93,8 +94,14 @@ impl Proc {
             .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
         let output = Arc::new(Mutex::new(String::new()));
         for pipe in [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -133,16 +140,22 @@ impl Proc {
 
     /// Waits until `needle` occurs at least `count` times in the output.
     pub fn wait_for_count(&self, needle: &str, count: usize) -> String {
-        eventually(&format!("{} to print {needle:?} x{count}", self.name), || {
-            let out = self.output();
-            if out.matches(needle).count() >= count {
-                return Some(out);
-            }
-            if let Some(status) = self.exited() {
-                panic!("{} exited ({status}) before printing {needle:?}:\n{out}", self.name);
-            }
-            None
-        })
+        eventually(
+            &format!("{} to print {needle:?} x{count}", self.name),
+            || {
+                let out = self.output();
+                if out.matches(needle).count() >= count {
+                    return Some(out);
+                }
+                if let Some(status) = self.exited() {
+                    panic!(
+                        "{} exited ({status}) before printing {needle:?}:\n{out}",
+                        self.name
+                    );
+                }
+                None
+            },
+        )
     }
 
     /// How many times `needle` occurs in the output so far.
@@ -165,7 +178,8 @@ impl Proc {
 
     /// Resident memory in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -184,18 +198,27 @@ impl Proc {
 
     /// Sends SIGTERM and waits (up to patience) for a clean exit; returns the status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.lock().unwrap().take().expect("process still running");
+        let mut child = self
+            .child
+            .lock()
+            .unwrap()
+            .take()
+            .expect("process still running");
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        let deadline = Instant::now() + patience();
+        let deadline = std::time::Instant::now() + patience();
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return status;
             }
-            if Instant::now() > deadline {
+            if std::time::Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("{} did not exit after SIGTERM:\n{}", self.name, self.output());
+                panic!(
+                    "{} did not exit after SIGTERM:\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             std::thread::park_timeout(Duration::from_millis(20));
         }

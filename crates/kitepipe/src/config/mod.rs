@@ -293,8 +293,11 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
 
     fn try_from(raw: RawRelayConfig) -> Result<Self, Self::Error> {
         let mut listeners: Vec<ListenerConfig> = Vec::new();
-        let roles: [(&Vec<String>, &'static str); 3] =
-            [(&raw.listen, "listen"), (&raw.http, "http"), (&raw.https, "https")];
+        let roles: [(&Vec<String>, &'static str); 3] = [
+            (&raw.listen, "listen"),
+            (&raw.http, "http"),
+            (&raw.https, "https"),
+        ];
         for (addrs, role) in roles {
             for text in addrs {
                 let addr = parse_socket_addr(role, text)?;
@@ -371,7 +374,9 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
 
     fn try_from(raw: RawConnectorConfig) -> Result<Self, Self::Error> {
         if raw.relay.is_empty() {
-            return Err(ConfigError::Missing("give at least one relay address (host:port)"));
+            return Err(ConfigError::Missing(
+                "give at least one relay address (host:port)",
+            ));
         }
         let relays = raw
             .relay
@@ -392,13 +397,15 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             });
         }
         let trust = match (raw.fingerprint, raw.ca) {
-            (Some(text), None) => RelayTrust::Pinned(text.parse::<Fingerprint>().map_err(|err| {
-                ConfigError::Invalid {
-                    what: "fingerprint",
-                    value: text.clone(),
-                    why: err.to_string(),
-                }
-            })?),
+            (Some(text), None) => {
+                RelayTrust::Pinned(text.parse::<Fingerprint>().map_err(|err| {
+                    ConfigError::Invalid {
+                        what: "fingerprint",
+                        value: text.clone(),
+                        why: err.to_string(),
+                    }
+                })?)
+            }
             (None, Some(path)) => RelayTrust::Ca(path),
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Missing(
@@ -471,7 +478,9 @@ pub fn parse_kite_target(text: &str) -> Result<(KiteRef, String), ConfigError> {
         why,
     };
     let (kite, target) = text.split_once('=').ok_or_else(|| {
-        invalid("expected PROTO:NAME[:PORT]=TARGET, e.g. http:blog.example.net=127.0.0.1:8000".into())
+        invalid(
+            "expected PROTO:NAME[:PORT]=TARGET, e.g. http:blog.example.net=127.0.0.1:8000".into(),
+        )
     })?;
     let kite = KiteRef::parse(kite).map_err(|err| invalid(err.to_string()))?;
     let target = if target.parse::<u16>().is_ok() {
@@ -611,19 +620,31 @@ mod tests {
         assert_eq!(d.protos, vec![KiteProto::Http, KiteProto::Tcp]);
         assert_eq!(d.pattern, "*.example.net");
         assert_eq!(d.secret.expose(), "se:cret");
-        for bad in ["http:*.example.net", "ftp:x.net:s", "http:bad name:s", "http:x.net:"] {
+        for bad in [
+            "http:*.example.net",
+            "ftp:x.net:s3kr1t",
+            "http:bad name:s3kr1t",
+            "http:x.net:",
+        ] {
             let err = parse_domain(bad).unwrap_err().to_string();
-            assert!(!err.contains("cret"), "secret leaked: {err}");
+            assert!(!err.contains("s3kr1t"), "secret leaked: {err}");
         }
     }
 
     #[test]
     fn kite_targets() {
         let (kite, target) = parse_kite_target("http:blog.example.net=8000").unwrap();
-        assert_eq!((kite.name.as_str(), target.as_str()), ("blog.example.net", "127.0.0.1:8000"));
+        assert_eq!(
+            (kite.name.as_str(), target.as_str()),
+            ("blog.example.net", "127.0.0.1:8000")
+        );
         let (kite, target) = parse_kite_target("tcp:db.example.net:15432=db.lan:5432").unwrap();
         assert_eq!((kite.port, target.as_str()), (15432, "db.lan:5432"));
-        for bad in ["http:blog.example.net", "http:blog.example.net=", "http:x.net=host"] {
+        for bad in [
+            "http:blog.example.net",
+            "http:blog.example.net=",
+            "http:x.net=host",
+        ] {
             assert!(parse_kite_target(bad).is_err(), "{bad}");
         }
     }
@@ -635,7 +656,10 @@ mod tests {
             ..Default::default()
         };
         let err = ConnectorConfig::try_from(raw).unwrap_err().to_string();
-        assert!(err.contains("--fingerprint") && err.contains("--ca"), "{err}");
+        assert!(
+            err.contains("--fingerprint") && err.contains("--ca"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -104,14 +104,23 @@ impl Connector {
                 tracker: tracker.clone(),
                 token: token.clone(),
             };
-            tracker.spawn(link.run().instrument(info_span!("relay", addr = %relay.addr)));
+            tracker.spawn(
+                link.run()
+                    .instrument(info_span!("relay", addr = %relay.addr)),
+            );
         }
         shutdown.cancelled().await;
         info!("connector shutting down");
         token.cancel();
         tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-            tracing::warn!(tasks = tracker.len(), "shutdown grace expired; cutting streams");
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = tracker.len(),
+                "shutdown grace expired; cutting streams"
+            );
         }
     }
 }
@@ -152,33 +161,46 @@ pub(crate) async fn serve_stream(incoming: IncomingStream, kites: Arc<Kites>) {
     let header = match message::decode::<StreamHeader>(&header) {
         Ok(StreamHeader::Visitor(visitor)) => visitor,
         Err(err) => {
-            stream.reset(ResetCode::ProtocolError, &format!("bad stream header: {err}"));
+            stream.reset(
+                ResetCode::ProtocolError,
+                &format!("bad stream header: {err}"),
+            );
             return;
         }
     };
     let Some(target) = kites.target(&header.kite) else {
         debug!(kite = %header.kite, "stream for a kite we do not serve");
-        stream.reset(ResetCode::NoSuchKite, &format!("this connector does not serve {}", header.kite));
+        stream.reset(
+            ResetCode::NoSuchKite,
+            &format!("this connector does not serve {}", header.kite),
+        );
         return;
     };
     let span = info_span!("visitor", kite = %header.kite, peer = %header.peer);
     async {
-        let sock = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(sock)) => sock,
-            Ok(Err(err)) => {
-                info!(%target, %err, "local target unreachable");
-                stream.reset(ResetCode::TargetUnreachable, &format!("connect {target}: {err}"));
-                return;
-            }
-            Err(_) => {
-                info!(%target, "local target did not accept in time");
-                stream.reset(ResetCode::TargetUnreachable, &format!("connect {target}: timed out"));
-                return;
-            }
-        };
+        let sock =
+            match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+                Ok(Ok(sock)) => sock,
+                Ok(Err(err)) => {
+                    info!(%target, %err, "local target unreachable");
+                    stream.reset(
+                        ResetCode::TargetUnreachable,
+                        &format!("connect {target}: {err}"),
+                    );
+                    return;
+                }
+                Err(_) => {
+                    info!(%target, "local target did not accept in time");
+                    stream.reset(
+                        ResetCode::TargetUnreachable,
+                        &format!("connect {target}: timed out"),
+                    );
+                    return;
+                }
+            };
         let _ = sock.set_nodelay(true);
         let mut sock = sock;
-        match tunnel::splice(&mut stream, &mut sock).await {
+        match tunnel::splice_stream(&mut sock, &mut stream).await {
             Ok((up, down)) => debug!(up, down, "visitor done"),
             Err(err) => debug!(%err, "visitor stream ended with error"),
         }

@@ -97,7 +97,11 @@ impl RelayLink {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
-            info!(delay_ms = delay.as_millis() as u64, attempt = backoff.attempt(), "reconnecting");
+            info!(
+                delay_ms = delay.as_millis() as u64,
+                attempt = backoff.attempt(),
+                "reconnecting"
+            );
             tokio::select! {
                 _ = self.token.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -215,7 +219,11 @@ impl RelayLink {
                 }
             }
         }
-        info!(online = online.len(), refused = registered.kites.len() - online.len(), "linked to relay");
+        info!(
+            online = online.len(),
+            refused = registered.kites.len() - online.len(),
+            "linked to relay"
+        );
         self.state.send_replace(LinkState::Up(online));
     }
 
@@ -274,5 +282,7 @@ fn unexpected(message: RelayMessage) -> AttemptError {
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use kitepipe_proto::frame::{self, Frame, ResetCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Notify, mpsc};
@@ -272,7 +272,8 @@ impl Mux {
             LinkClosed::Shutdown => (ResetCode::Shutdown, reason.to_string()),
             _ => (ResetCode::Cancel, reason.to_string()),
         };
-        self.shared.push_urgent(Frame::GoAway { code, reason: text });
+        self.shared
+            .push_urgent(Frame::GoAway { code, reason: text });
         // The writer sends the GOAWAY and stops; the watchdog forces the
         // stop if the writer is stuck on a dead connection.
         self.shared.set_closed(reason, false);
@@ -363,9 +364,7 @@ impl Shared {
     }
 
     fn link_error(&self) -> io::Error {
-        let reason = lock(&self.closed)
-            .clone()
-            .unwrap_or(LinkClosed::Shutdown);
+        let reason = lock(&self.closed).clone().unwrap_or(LinkClosed::Shutdown);
         io::Error::new(io::ErrorKind::ConnectionAborted, reason)
     }
 
@@ -432,10 +431,13 @@ fn reset_error(code: ResetCode, reason: &str) -> io::Error {
         ResetCode::TargetUnreachable => io::ErrorKind::ConnectionRefused,
         _ => io::ErrorKind::ConnectionReset,
     };
-    io::Error::new(kind, StreamReset {
-        code,
-        reason: reason.to_string(),
-    })
+    io::Error::new(
+        kind,
+        StreamReset {
+            code,
+            reason: reason.to_string(),
+        },
+    )
 }
 
 /// The error inside an `io::Error` when the peer reset a stream.
@@ -448,6 +450,111 @@ pub struct StreamReset {
     pub reason: String,
 }
 
+impl MuxStream {
+    /// Takes up to `max` received bytes as one chunk, without copying;
+    /// `None` at EOF. Grants window credit back to the peer as bytes are taken.
+    pub fn poll_recv_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        let mut recv = lock(&self.state.recv);
+        let Some(front) = recv.queue.front_mut() else {
+            if let Some((code, reason)) = &recv.reset {
+                return Poll::Ready(Err(reset_error(*code, reason)));
+            }
+            if recv.fin {
+                return Poll::Ready(Ok(None));
+            }
+            if self.shared.is_closing() {
+                return Poll::Ready(Err(self.shared.link_error()));
+            }
+            recv.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        let chunk = if front.len() <= max {
+            recv.queue.pop_front().expect("front exists")
+        } else {
+            front.split_to(max)
+        };
+        recv.buffered -= chunk.len();
+        // chunk.len() <= window, which is a u32.
+        recv.unacked += chunk.len() as u32;
+        // Grant credit back once half the window is consumed: fewer WINDOW
+        // frames than per-read updates, and the sender never stalls as long
+        // as the reader keeps up.
+        if recv.unacked >= self.shared.window / 2 && !recv.fin {
+            let increment = std::mem::take(&mut recv.unacked);
+            drop(recv);
+            self.shared.push_urgent(Frame::Window {
+                stream: self.state.id,
+                increment,
+            });
+        }
+        Poll::Ready(Ok(Some(chunk)))
+    }
+
+    /// Sends a prefix of `data` (as much as the window allows, at most one
+    /// frame) without copying; advances `data` past what was sent.
+    pub fn poll_send_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        let n = std::task::ready!(self.poll_send_ready(cx, data.len()))?;
+        let payload = data.split_to(n);
+        self.send_data(payload)
+    }
+
+    /// Waits for window credit and queue space; returns how many of `len`
+    /// bytes may be sent now (reserved: the caller must send them at once).
+    fn poll_send_ready(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<usize>> {
+        {
+            let mut send = lock(&self.state.send);
+            if let Some((code, reason)) = &send.reset {
+                return Poll::Ready(Err(reset_error(*code, reason)));
+            }
+            if send.fin_sent {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "write after shutdown",
+                )));
+            }
+            if self.shared.is_closing() {
+                return Poll::Ready(Err(self.shared.link_error()));
+            }
+            if send.credit == 0 {
+                send.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
+        match self.sender.poll_reserve(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(self.shared.link_error())),
+            Poll::Pending => return Poll::Pending,
+        }
+        let mut send = lock(&self.state.send);
+        let n = len
+            .min(frame::MAX_DATA_PAYLOAD)
+            .min(usize::try_from(send.credit).unwrap_or(usize::MAX));
+        send.credit -= n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn send_data(&mut self, payload: Bytes) -> Poll<io::Result<()>> {
+        let n = payload.len() as u64;
+        let frame = Frame::Data {
+            stream: self.state.id,
+            payload,
+        };
+        if self.sender.send_item(frame).is_err() {
+            return Poll::Ready(Err(self.shared.link_error()));
+        }
+        self.shared.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl AsyncRead for MuxStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -455,47 +562,11 @@ impl AsyncRead for MuxStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let mut recv = lock(&this.state.recv);
-        if recv.queue.is_empty() {
-            if let Some((code, reason)) = &recv.reset {
-                return Poll::Ready(Err(reset_error(*code, reason)));
-            }
-            if recv.fin {
-                return Poll::Ready(Ok(()));
-            }
-            if this.shared.is_closing() {
-                return Poll::Ready(Err(this.shared.link_error()));
-            }
-            recv.waker = Some(cx.waker().clone());
-            return Poll::Pending;
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
         }
-        let mut copied = 0usize;
-        while buf.remaining() > 0 {
-            let Some(front) = recv.queue.front_mut() else {
-                break;
-            };
-            let n = front.len().min(buf.remaining());
-            buf.put_slice(&front[..n]);
-            copied += n;
-            if n == front.len() {
-                recv.queue.pop_front();
-            } else {
-                let _ = front.split_to(n);
-            }
-        }
-        recv.buffered -= copied;
-        // copied <= window, which is a u32.
-        recv.unacked += copied as u32;
-        // Grant credit back once half the window is consumed: fewer WINDOW
-        // frames than per-read updates, and the sender never stalls as long
-        // as the reader keeps up.
-        if recv.unacked >= this.shared.window / 2 && !recv.fin {
-            let increment = std::mem::take(&mut recv.unacked);
-            drop(recv);
-            this.shared.push_urgent(Frame::Window {
-                stream: this.state.id,
-                increment,
-            });
+        if let Some(chunk) = std::task::ready!(this.poll_recv_chunk(cx, buf.remaining()))? {
+            buf.put_slice(&chunk);
         }
         Poll::Ready(Ok(()))
     }
@@ -511,50 +582,8 @@ impl AsyncWrite for MuxStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        {
-            let mut send = lock(&this.state.send);
-            if let Some((code, reason)) = &send.reset {
-                return Poll::Ready(Err(reset_error(*code, reason)));
-            }
-            if send.fin_sent {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "write after shutdown",
-                )));
-            }
-            if this.shared.is_closing() {
-                return Poll::Ready(Err(this.shared.link_error()));
-            }
-            if send.credit == 0 {
-                send.waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-        }
-        match this.sender.poll_reserve(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(_)) => return Poll::Ready(Err(this.shared.link_error())),
-            Poll::Pending => return Poll::Pending,
-        }
-        let n = {
-            let mut send = lock(&this.state.send);
-            let n = buf
-                .len()
-                .min(frame::MAX_DATA_PAYLOAD)
-                .min(usize::try_from(send.credit).unwrap_or(usize::MAX));
-            send.credit -= n as u64;
-            n
-        };
-        let frame = Frame::Data {
-            stream: this.state.id,
-            payload: Bytes::copy_from_slice(&buf[..n]),
-        };
-        if this.sender.send_item(frame).is_err() {
-            return Poll::Ready(Err(this.shared.link_error()));
-        }
-        this.shared
-            .stats
-            .bytes_out
-            .fetch_add(n as u64, Ordering::Relaxed);
+        let n = std::task::ready!(this.poll_send_ready(cx, buf.len()))?;
+        std::task::ready!(this.send_data(Bytes::copy_from_slice(&buf[..n])))?;
         Poll::Ready(Ok(n))
     }
 
@@ -613,7 +642,9 @@ impl Drop for MuxStream {
 
 impl std::fmt::Debug for MuxStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MuxStream").field("id", &self.state.id).finish()
+        f.debug_struct("MuxStream")
+            .field("id", &self.state.id)
+            .finish()
     }
 }
 
@@ -677,7 +708,10 @@ async fn handle_frame(
             }
             if recv.buffered + len > shared.window as usize {
                 drop(recv);
-                state.reset(ResetCode::ProtocolError, "peer overran the stream window".into());
+                state.reset(
+                    ResetCode::ProtocolError,
+                    "peer overran the stream window".into(),
+                );
                 shared.push_urgent(Frame::Reset {
                     stream,
                     code: ResetCode::ProtocolError,
@@ -687,7 +721,10 @@ async fn handle_frame(
             }
             recv.buffered += len;
             recv.queue.push_back(payload);
-            shared.stats.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+            shared
+                .stats
+                .bytes_in
+                .fetch_add(len as u64, Ordering::Relaxed);
             if let Some(waker) = recv.waker.take() {
                 waker.wake();
             }
@@ -711,7 +748,9 @@ async fn handle_frame(
                 let mut rejected = match err {
                     mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
                 };
-                rejected.stream.reset(ResetCode::Busy, "too many streams waiting");
+                rejected
+                    .stream
+                    .reset(ResetCode::Busy, "too many streams waiting");
             }
         }
         Frame::Fin { stream } => {
@@ -770,7 +809,7 @@ async fn run_writer<W: AsyncWrite>(
     shared: Arc<Shared>,
     mut out: mpsc::Receiver<Frame>,
 ) {
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH + frame::MAX_PAYLOAD);
+    let mut batch = Batch::default();
     loop {
         let mut closing = false;
         tokio::select! {
@@ -778,15 +817,15 @@ async fn run_writer<W: AsyncWrite>(
             _ = shared.token.cancelled() => break,
             _ = shared.urgent_notify.notified() => {}
             frame = out.recv() => match frame {
-                Some(frame) => encode(&shared, frame, &mut batch),
+                Some(frame) => batch.push(&shared, frame),
                 // Every sender is gone: the Mux handle and all streams dropped.
                 None => closing = true,
             },
         }
         drain_urgent(&shared, &mut batch);
-        while batch.len() < WRITE_BATCH {
+        while batch.len < WRITE_BATCH {
             match out.try_recv() {
-                Ok(frame) => encode(&shared, frame, &mut batch),
+                Ok(frame) => batch.push(&shared, frame),
                 Err(_) => break,
             }
         }
@@ -796,13 +835,9 @@ async fn run_writer<W: AsyncWrite>(
         }
         if !batch.is_empty() {
             let res = tokio::select! {
-                res = async {
-                    writer.write_all(&batch).await?;
-                    writer.flush().await
-                } => res,
+                res = batch.write_to(&mut writer) => res,
                 _ = shared.token.cancelled() => break,
             };
-            batch.clear();
             if let Err(err) = res {
                 shared.set_closed(LinkClosed::Io(err.to_string()), true);
                 break;
@@ -817,19 +852,87 @@ async fn run_writer<W: AsyncWrite>(
     }
 }
 
-fn encode(shared: &Shared, frame: Frame, batch: &mut BytesMut) {
-    trace!(?frame, "frame out");
-    if let Frame::Reset { stream, .. } = &frame {
-        // A reset we send ends the stream on our side too.
-        lock(&shared.streams).remove(stream);
-    }
-    frame.encode(batch);
+/// Frames gathered for one vectored write. DATA payloads are not copied:
+/// headers and small frames go into one buffer, large payloads are queued
+/// as they are, and TLS reads them all through one `write_vectored`.
+#[derive(Default)]
+struct Batch {
+    small: BytesMut,
+    segments: VecDeque<Bytes>,
+    len: usize,
 }
 
-fn drain_urgent(shared: &Shared, batch: &mut BytesMut) {
+/// Payloads smaller than this are copied next to their header: cheaper
+/// than an extra I/O slice.
+const COPY_BELOW: usize = 2048;
+
+/// Most slices handed to one vectored write (well under IOV_MAX).
+const MAX_SLICES: usize = 64;
+
+impl Batch {
+    fn push(&mut self, shared: &Shared, frame: Frame) {
+        trace!(?frame, "frame out");
+        match frame {
+            Frame::Data { stream, payload } if payload.len() >= COPY_BELOW => {
+                self.len += frame::HEADER_LEN + payload.len();
+                frame::put_data_header(&mut self.small, stream, payload.len());
+                self.segments.push_back(self.small.split().freeze());
+                self.segments.push_back(payload);
+            }
+            frame => {
+                if let Frame::Reset { stream, .. } = &frame {
+                    // A reset we send ends the stream on our side too.
+                    lock(&shared.streams).remove(stream);
+                }
+                let before = self.small.len();
+                frame.encode(&mut self.small);
+                self.len += self.small.len() - before;
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes everything and flushes. Not cancel-safe (the link dies on cancel).
+    async fn write_to<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<()> {
+        if !self.small.is_empty() {
+            self.segments.push_back(self.small.split().freeze());
+        }
+        while !self.segments.is_empty() {
+            let slices: Vec<io::IoSlice<'_>> = self
+                .segments
+                .iter()
+                .take(MAX_SLICES)
+                .map(|seg| io::IoSlice::new(seg))
+                .collect();
+            let mut written = writer.write_vectored(&slices).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let Some(front) = self.segments.front_mut() else {
+                    break;
+                };
+                if written >= front.len() {
+                    written -= front.len();
+                    self.segments.pop_front();
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        self.len = 0;
+        writer.flush().await
+    }
+}
+
+fn drain_urgent(shared: &Shared, batch: &mut Batch) {
     let frames: Vec<Frame> = lock(&shared.urgent).drain(..).collect();
     for frame in frames {
-        encode(shared, frame, batch);
+        batch.push(shared, frame);
     }
 }
 
@@ -864,7 +967,9 @@ async fn run_watchdog(shared: Arc<Shared>, heartbeat: Duration) {
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the
 /// data consistent, so a panic elsewhere does not make it unusable.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 use super::{Fingerprint, PkiError};
 
@@ -214,6 +214,14 @@ fn generate(names: &[String]) -> Result<(String, String, RelayCert), PkiError> {
         names: names.to_vec(),
         source,
     };
+    // rcgen accepts any IA5 string as a DNS name; a name no client could
+    // ever match is an operator mistake worth reporting at start.
+    if let Some(name) = names
+        .iter()
+        .find(|name| ServerName::try_from(name.as_str()).is_err())
+    {
+        return Err(PkiError::BadName { name: name.clone() });
+    }
     let key =
         rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate_error)?;
     let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(generate_error)?;

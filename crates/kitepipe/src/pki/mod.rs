@@ -95,8 +95,14 @@ pub enum PkiError {
         #[source]
         source: io::Error,
     },
-    /// Generating the self-signed relay certificate failed (often a name
-    /// that is neither a DNS name nor an IP address).
+    /// A name asked for in the relay certificate is neither a DNS name nor
+    /// an IP address.
+    #[error("{name:?} is neither a DNS name nor an IP address")]
+    BadName {
+        /// The name as given.
+        name: String,
+    },
+    /// Generating the self-signed relay certificate failed.
     #[error("cannot generate a relay certificate for {names:?}")]
     Generate {
         /// The subject alternative names requested.

@@ -47,9 +47,13 @@ struct TestCa {
 }
 
 impl TestCa {
-    fn new(names: &[&str]) -> Result<TestCa, rcgen::Error> {
+    fn new(ca_name: &str, names: &[&str]) -> Result<TestCa, rcgen::Error> {
         let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.distinguished_name = rcgen::DistinguishedName::new();
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, ca_name);
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![
             rcgen::KeyUsagePurpose::KeyCertSign,
@@ -138,7 +142,7 @@ fn load_or_create_rejects_a_bad_name() {
     let err = RelayCert::load_or_create(dir.path(), &names)
         .map(|_| ())
         .unwrap_err();
-    assert!(matches!(err, PkiError::Generate { .. }), "{err:?}");
+    assert!(matches!(err, PkiError::BadName { .. }), "{err:?}");
 }
 
 #[test]
@@ -152,12 +156,19 @@ fn load_reports_what_is_missing() -> TestResult {
     let (relay, _) = RelayCert::load_or_create(&dir.path().join("state"), &[])?;
     fs::copy(dir.path().join("state/relay-cert.pem"), &cert_path)?;
 
-    let cases: [(&Path, &Path, fn(&PkiError) -> bool); 4] = [
+    let torn_path = dir.path().join("torn.pem");
+    fs::write(&torn_path, "-----BEGIN CERTIFICATE-----\nAAAA\n")?;
+
+    type ErrorCheck = fn(&PkiError) -> bool;
+    let cases: [(&Path, &Path, ErrorCheck); 5] = [
         (&dir.path().join("absent.pem"), &key_path, |err| {
             matches!(err, PkiError::Read { .. })
         }),
         (&garbage_path, &key_path, |err| {
             matches!(err, PkiError::NoCertificate { .. })
+        }),
+        (&torn_path, &key_path, |err| {
+            matches!(err, PkiError::ParsePem { .. })
         }),
         (&cert_path, &garbage_path, |err| {
             matches!(err, PkiError::NoPrivateKey { .. })
@@ -330,8 +341,10 @@ async fn client_without_alpn_is_visible_after_the_handshake() -> TestResult {
         ),
         "{server_err:?}"
     );
-    let client_err = client_res.map(|_| ()).unwrap_err();
-    assert!(describe_tls_error(&client_err).is_some_and(|hint| hint.contains("kitepipe/1")));
+    // The client fails too, but whether the server's last-gasp alert gets
+    // through before it hangs up depends on tokio-rustls and tokio's
+    // cooperative budget, so only the failure itself is asserted.
+    assert!(client_res.is_err());
     Ok(())
 }
 
@@ -339,8 +352,8 @@ async fn client_without_alpn_is_visible_after_the_handshake() -> TestResult {
 async fn ca_handshake_checks_issuer_and_name() -> TestResult {
     let dir = TempDir::new("ca");
     fs::create_dir_all(dir.path())?;
-    let ca = TestCa::new(&["relay.test"])?;
-    let other_ca = TestCa::new(&["relay.test"])?;
+    let ca = TestCa::new("test CA", &["relay.test"])?;
+    let other_ca = TestCa::new("other test CA", &["relay.test"])?;
     let ca_path = dir.path().join("ca.pem");
     let other_ca_path = dir.path().join("other-ca.pem");
     fs::write(&ca_path, &ca.pem)?;
@@ -463,4 +476,68 @@ fn secret_debug_hides_the_value() {
     let secret = Secret::new("hunter2");
     assert_eq!(format!("{secret:?}"), "Secret(***)");
     assert_eq!(secret.expose(), "hunter2");
+}
+
+#[test]
+fn tls_errors_get_hints_through_wrappers() {
+    let mismatch = FingerprintMismatch {
+        presented: Fingerprint::from_bytes([1; 32]),
+        pinned: Fingerprint::from_bytes([2; 32]),
+    };
+    let mismatch_error = rustls::Error::InvalidCertificate(CertificateError::Other(
+        rustls::OtherError(Arc::new(mismatch.clone())),
+    ));
+    let cases: [(rustls::Error, Option<&str>); 7] = [
+        (mismatch_error, Some("check the fingerprint")),
+        (
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            Some("--ca FILE"),
+        ),
+        (
+            rustls::Error::InvalidCertificate(CertificateError::BadSignature),
+            Some("--ca FILE"),
+        ),
+        (
+            rustls::Error::InvalidCertificate(CertificateError::Expired),
+            Some("validity"),
+        ),
+        (
+            rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol),
+            Some("kitepipe/1"),
+        ),
+        (
+            rustls::Error::AlertReceived(AlertDescription::CertificateUnknown),
+            Some("rejected"),
+        ),
+        (rustls::Error::DecryptError, None),
+    ];
+    for (tls_error, expected) in cases {
+        let wrapped = io::Error::new(io::ErrorKind::InvalidData, tls_error.clone());
+        // An outer error whose source is the io::Error, as a link error would be.
+        let outer = PkiError::Read {
+            path: PathBuf::from("x"),
+            source: wrapped,
+        };
+        for err in [&tls_error as &(dyn Error + 'static), &outer] {
+            let hint = describe_tls_error(err);
+            match expected {
+                Some(needle) => assert!(
+                    hint.as_deref().is_some_and(|hint| hint.contains(needle)),
+                    "{tls_error:?}: {hint:?}"
+                ),
+                None => assert_eq!(hint, None, "{tls_error:?}"),
+            }
+        }
+    }
+    let err = io::Error::new(
+        io::ErrorKind::InvalidData,
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+            mismatch.clone(),
+        )))),
+    );
+    assert_eq!(FingerprintMismatch::find(&err), Some(&mismatch));
+    assert_eq!(
+        FingerprintMismatch::find(&io::Error::other("unrelated")),
+        None
+    );
 }

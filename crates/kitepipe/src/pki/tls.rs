@@ -69,13 +69,21 @@ pub enum ClientAuth {
 ///
 /// rustls errors do not expose their cause through `source()`; use
 /// [`FingerprintMismatch::find`] or [`describe_tls_error`] to reach it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[error("relay certificate fingerprint {presented} does not match the pinned {pinned}")]
 pub struct FingerprintMismatch {
     /// The fingerprint of the certificate the peer presented.
     pub presented: Fingerprint,
     /// The fingerprint the connector was configured with.
     pub pinned: Fingerprint,
+}
+
+// rustls displays `CertificateError::Other` with `{:?}`, so this Debug is
+// what operators read in "invalid peer certificate: ...": make it the message.
+impl fmt::Debug for FingerprintMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 impl FingerprintMismatch {
@@ -124,6 +132,11 @@ pub fn relay_server_config_with(
         .with_single_cert(cert.chain().to_vec(), cert.key().clone_key())
         .map_err(build_error)?;
     config.alpn_protocols = vec![ALPN_LINK.to_vec()];
+    // Links are long-lived, so resumption saves little, and a full handshake
+    // makes the relay prove its key on every reconnect. Without tickets the
+    // server's handshake also ends when it reads the client's Finished,
+    // instead of waiting for the client to read tickets.
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -160,6 +173,8 @@ pub fn connector_client_config(trust: &RelayTrust) -> Result<Arc<rustls::ClientC
     };
     let mut config = builder.with_no_client_auth();
     config.alpn_protocols = vec![ALPN_LINK.to_vec()];
+    // Every link handshake is a full one: see relay_server_config_with.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -195,7 +210,9 @@ pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
     }
     let hint = match find_tls_error(err)? {
         rustls::Error::InvalidCertificate(cert_err) => match cert_err {
-            CertificateError::UnknownIssuer => {
+            // BadSignature: the CA file holds a CA of the same name but
+            // another key, e.g. one that was regenerated.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
                 "relay certificate not signed by the CA in --ca FILE"
             }
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {

@@ -38,39 +38,61 @@ pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Serves one visitor connection; `buf` holds bytes already read.
-pub(crate) async fn serve(sock: TcpStream, mut buf: BytesMut, peer: SocketAddr, ctx: Arc<RelayCtx>) {
+pub(crate) async fn serve(
+    sock: TcpStream,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    ctx: Arc<RelayCtx>,
+) {
     let (mut reader, mut writer) = sock.into_split();
     let head = match read_first_head(&mut reader, &mut buf).await {
         Ok(Some(head)) => head,
         Ok(None) => return,
         Err(refusal) => {
             debug!(status = refusal.0, detail = %refusal.2, "refusing visitor");
-            let _ = writer.write_all(&http1::error_response(refusal.0, refusal.1, &refusal.2)).await;
+            let _ = writer
+                .write_all(&http1::error_response(refusal.0, refusal.1, &refusal.2))
+                .await;
             let _ = writer.shutdown().await;
             return;
         }
     };
     let Some(host) = head.host.clone() else {
-        let page = http1::error_response(400, "Bad Request", "The request has no Host header, so kitepipe cannot tell which site you want.");
+        let page = http1::error_response(
+            400,
+            "Bad Request",
+            "The request has no Host header, so kitepipe cannot tell which site you want.",
+        );
         let _ = writer.write_all(&page).await;
         return;
     };
     let backends = match ctx.registry.lookup_name(KiteProto::Http, &host) {
         Lookup::Found(backends) => backends,
         Lookup::Offline => {
-            let detail = format!("The site {host} is known to this relay, but no connector is serving it right now. Try again later.");
-            let _ = writer.write_all(&http1::error_response(503, "Kite offline", &detail)).await;
+            let detail = format!(
+                "The site {host} is known to this relay, but no connector is serving it right now. Try again later."
+            );
+            let _ = writer
+                .write_all(&http1::error_response(503, "Kite offline", &detail))
+                .await;
             return;
         }
         Lookup::Unknown => {
             let detail = format!("This relay does not serve {host}. Check the address.");
-            let _ = writer.write_all(&http1::error_response(404, "Unknown kite", &detail)).await;
+            let _ = writer
+                .write_all(&http1::error_response(404, "Unknown kite", &detail))
+                .await;
             return;
         }
     };
-    let Some((stream, backend)) = super::tcp::open_visitor_stream(&backends, Some(&host), peer).await else {
-        let detail = format!("No connector serving {host} is reachable right now. Try again later.");
-        let _ = writer.write_all(&http1::error_response(503, "Kite offline", &detail)).await;
+    let Some((stream, backend)) =
+        super::tcp::open_visitor_stream(&backends, Some(&host), peer).await
+    else {
+        let detail =
+            format!("No connector serving {host} is reachable right now. Try again later.");
+        let _ = writer
+            .write_all(&http1::error_response(503, "Kite offline", &detail))
+            .await;
         return;
     };
     debug!(node = %backend.node, %host, "visitor routed");
@@ -105,7 +127,11 @@ fn refusal(err: &HttpError) -> Refusal {
         505 => "HTTP Version Not Supported",
         _ => "Bad Request",
     };
-    (err.status(), title, format!("kitepipe could not read this request: {err}."))
+    (
+        err.status(),
+        title,
+        format!("kitepipe could not read this request: {err}."),
+    )
 }
 
 /// Reads the first head; `Ok(None)` when the visitor left without sending one.
@@ -172,7 +198,11 @@ async fn forward_requests<W: AsyncWrite + Unpin>(
                 Ok(None) => {}
                 Err(err) => return Err(invalid(err)),
             }
-            let patience = if buf.is_empty() { IDLE_TIMEOUT } else { HEAD_TIMEOUT };
+            let patience = if buf.is_empty() {
+                IDLE_TIMEOUT
+            } else {
+                HEAD_TIMEOUT
+            };
             let more = tokio::select! {
                 more = read_more(&mut reader, &mut buf, patience) => more?,
                 _ = response_done.wait_for(|done| *done) => false,
@@ -244,7 +274,10 @@ async fn forward_responses(
                         "The connector serving {host} could not reach its local service: {}.",
                         reset.reason
                     ),
-                    Some(reset) => format!("The connector serving {host} refused the request: {}.", reset.reason),
+                    Some(reset) => format!(
+                        "The connector serving {host} refused the request: {}.",
+                        reset.reason
+                    ),
                     None => format!("The link to the connector serving {host} failed: {err}."),
                 };
                 writer

@@ -118,12 +118,13 @@ impl Relay {
         let mut http_port = None;
         let mut https_port = None;
         for roles in &config.listeners {
-            let listener = TcpListener::bind(roles.addr)
-                .await
-                .map_err(|source| RelayError::Bind {
-                    addr: roles.addr,
-                    source,
-                })?;
+            let listener =
+                TcpListener::bind(roles.addr)
+                    .await
+                    .map_err(|source| RelayError::Bind {
+                        addr: roles.addr,
+                        source,
+                    })?;
             let addr = listener.local_addr().map_err(|source| RelayError::Bind {
                 addr: roles.addr,
                 source,

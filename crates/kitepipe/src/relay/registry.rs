@@ -168,7 +168,11 @@ impl Registry {
         let known = candidates
             .iter()
             .any(|name| inner.known.contains(&(proto, name.clone(), 0)));
-        if known { Lookup::Offline } else { Lookup::Unknown }
+        if known {
+            Lookup::Offline
+        } else {
+            Lookup::Unknown
+        }
     }
 
     /// Routes a visitor of a TCP kite by public port.
@@ -216,7 +220,9 @@ impl KiteEntry {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -280,10 +286,11 @@ mod tests {
         let b = registry.add_link("b", "node-b", mux(&tracker), peer());
         registry.add_kite(a, &kite("http:blog.example.net"));
         registry.add_kite(b, &kite("http:blog.example.net"));
-        let first = |registry: &Registry| match registry.lookup_name(KiteProto::Http, "blog.example.net") {
-            Lookup::Found(b) => b.iter().map(|b| b.node.clone()).collect::<Vec<_>>(),
-            other => panic!("{other:?}"),
-        };
+        let first =
+            |registry: &Registry| match registry.lookup_name(KiteProto::Http, "blog.example.net") {
+                Lookup::Found(b) => b.iter().map(|b| b.node.clone()).collect::<Vec<_>>(),
+                other => panic!("{other:?}"),
+            };
         let one = first(&registry);
         let two = first(&registry);
         assert_eq!(one.len(), 2);
@@ -307,7 +314,9 @@ mod tests {
         let new = registry.add_link("same", "laptop", mux(&tracker), peer());
         assert!(matches!(registry.lookup_port(15432), Lookup::Offline));
         registry.add_kite(new, &kite("tcp:db.example.net:15432"));
-        assert!(matches!(registry.lookup_port(15432), Lookup::Found(b) if b.len() == 1 && b[0].link == new));
+        assert!(
+            matches!(registry.lookup_port(15432), Lookup::Found(b) if b.len() == 1 && b[0].link == new)
+        );
         assert_eq!(old_mux.closed().await, LinkClosed::Replaced);
         // The stale link's own cleanup must not remove the new one.
         registry.remove_link(old);

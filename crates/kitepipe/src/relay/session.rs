@@ -9,8 +9,8 @@ use bytes::{Bytes, BytesMut};
 use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::{
-    self, Challenge, ConnectorMessage, ErrorCode, ErrorMessage, KiteClaim, KiteOutcome,
-    KiteResult, PROTOCOL_VERSION, RefuseReason, Registered, RelayMessage, Role,
+    self, Challenge, ConnectorMessage, ErrorCode, ErrorMessage, KiteClaim, KiteOutcome, KiteResult,
+    PROTOCOL_VERSION, RefuseReason, Registered, RelayMessage, Role,
 };
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -27,7 +27,12 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Accepts a connector's TLS link (after `prefix`, bytes already read) and
 /// serves it until it closes.
-pub(crate) async fn accept(sock: TcpStream, prefix: BytesMut, peer: SocketAddr, ctx: Arc<RelayCtx>) {
+pub(crate) async fn accept(
+    sock: TcpStream,
+    prefix: BytesMut,
+    peer: SocketAddr,
+    ctx: Arc<RelayCtx>,
+) {
     let io = Prefixed::new(prefix, sock);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.acceptor.accept(io)).await {
         Ok(Ok(tls)) => tls,
@@ -41,6 +46,11 @@ pub(crate) async fn accept(sock: TcpStream, prefix: BytesMut, peer: SocketAddr, 
             return;
         }
     };
+    if !crate::pki::has_link_alpn(tls.get_ref().1) {
+        // rustls completes handshakes with clients that offer no ALPN at all.
+        info!("TLS client without the kitepipe ALPN on the link port; closing");
+        return;
+    }
     let exporter = match link_exporter(tls.get_ref().1) {
         Ok(exporter) => exporter,
         Err(err) => {
@@ -61,11 +71,22 @@ pub(crate) async fn accept(sock: TcpStream, prefix: BytesMut, peer: SocketAddr, 
     token.cancel();
 }
 
-async fn run(mux: Mux, mut rx: MuxReceivers, exporter: [u8; 32], peer: SocketAddr, ctx: &Arc<RelayCtx>) {
+async fn run(
+    mux: Mux,
+    mut rx: MuxReceivers,
+    exporter: [u8; 32],
+    peer: SocketAddr,
+    ctx: &Arc<RelayCtx>,
+) {
     let hello = match recv(&mux, &mut rx).await {
         Ok(ConnectorMessage::Hello(hello)) => hello,
         Ok(other) => {
-            fail(&mux, ErrorCode::Protocol, format!("expected hello, got {other:?}")).await;
+            fail(
+                &mux,
+                ErrorCode::Protocol,
+                format!("expected hello, got {other:?}"),
+            )
+            .await;
             return;
         }
         Err(why) => {
@@ -84,7 +105,12 @@ async fn run(mux: Mux, mut rx: MuxReceivers, exporter: [u8; 32], peer: SocketAdd
         return;
     }
     let Some(client_nonce) = message::unhex(&hello.client_nonce).filter(|n| n.len() == 32) else {
-        fail(&mux, ErrorCode::Protocol, "client nonce must be 32 hex bytes".into()).await;
+        fail(
+            &mux,
+            ErrorCode::Protocol,
+            "client nonce must be 32 hex bytes".into(),
+        )
+        .await;
         return;
     };
     let server_nonce = random_nonce();
@@ -96,7 +122,9 @@ async fn run(mux: Mux, mut rx: MuxReceivers, exporter: [u8; 32], peer: SocketAdd
         return;
     }
     let node = hello.node.chars().take(64).collect::<String>();
-    let link_id = ctx.registry.add_link(&hello.instance, &node, mux.clone(), peer);
+    let link_id = ctx
+        .registry
+        .add_link(&hello.instance, &node, mux.clone(), peer);
     let span = info_span!("link", node = %node, id = link_id);
     async {
         info!(software = %hello.software, "connector linked");
@@ -200,8 +228,8 @@ async fn register_one(
     ctx: &Arc<RelayCtx>,
 ) -> Result<(KiteRef, KiteResult), (RefuseReason, String)> {
     let mut kite = claim.kite.clone();
-    kite.name = kite::normalize_name(&kite.name)
-        .map_err(|err| (RefuseReason::Invalid, err.to_string()))?;
+    kite.name =
+        kite::normalize_name(&kite.name).map_err(|err| (RefuseReason::Invalid, err.to_string()))?;
     if kite.proto != KiteProto::Tcp && kite.port != 0 {
         return Err((RefuseReason::Invalid, "only TCP kites have a port".into()));
     }
@@ -235,7 +263,10 @@ async fn register_one(
     {
         return Err((
             RefuseReason::BadSecret,
-            format!("wrong secret for {} (domain {})", kite.name, domains[0].pattern),
+            format!(
+                "wrong secret for {} (domain {})",
+                kite.name, domains[0].pattern
+            ),
         ));
     }
     let public = match kite.proto {
@@ -268,7 +299,10 @@ async fn register_one(
         }
     };
     if !ctx.registry.add_kite(link_id, &kite) {
-        return Err((RefuseReason::Invalid, "link closed during registration".into()));
+        return Err((
+            RefuseReason::Invalid,
+            "link closed during registration".into(),
+        ));
     }
     let port = kite.port;
     Ok((kite, KiteResult::Accepted { public, port }))
@@ -297,7 +331,10 @@ async fn recv(mux: &Mux, rx: &mut MuxReceivers) -> Result<ConnectorMessage, Stri
 
 async fn fail(mux: &Mux, code: ErrorCode, message: String) {
     debug!(?code, %message, "sending error to connector");
-    let error = RelayMessage::Error(ErrorMessage { code, message: message.clone() });
+    let error = RelayMessage::Error(ErrorMessage {
+        code,
+        message: message.clone(),
+    });
     let _ = mux.send_control(message::encode(&error)).await;
     mux.close(LinkClosed::Protocol(message));
 }

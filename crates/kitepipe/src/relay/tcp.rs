@@ -84,7 +84,10 @@ pub(crate) async fn bind_kite_port(
     if kite.port != 0 && (kite.port < low || kite.port > high) {
         return Err((
             RefuseReason::PortUnavailable,
-            format!("port {} is outside this relay's TCP kite ports {low}-{high}", kite.port),
+            format!(
+                "port {} is outside this relay's TCP kite ports {low}-{high}",
+                kite.port
+            ),
         ));
     }
     if kite.port != 0 {
@@ -108,7 +111,10 @@ pub(crate) async fn bind_kite_port(
         )
     })?;
     let bound = listener.local_addr().map_err(|err| {
-        (RefuseReason::PortUnavailable, format!("cannot listen on {addr}: {err}"))
+        (
+            RefuseReason::PortUnavailable,
+            format!("cannot listen on {addr}: {err}"),
+        )
     })?;
     {
         let mut listeners = lock(&ctx.tcp_listeners);
@@ -121,7 +127,8 @@ pub(crate) async fn bind_kite_port(
     info!(port = bound.port(), kite = %kite.name, "listening for TCP kite");
     let ctx2 = ctx.clone();
     ctx.tracker.spawn(
-        accept_tcp(listener, bound.port(), ctx2).instrument(info_span!("tcp_kite", port = bound.port())),
+        accept_tcp(listener, bound.port(), ctx2)
+            .instrument(info_span!("tcp_kite", port = bound.port())),
     );
     Ok(bound.port())
 }
@@ -174,7 +181,7 @@ async fn serve_tcp(mut sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<R
 
 async fn pass_through(sock: &mut TcpStream, stream: &mut MuxStream, backend: &Backend) {
     tokio::select! {
-        res = tunnel::splice(sock, stream) => match res {
+        res = tunnel::splice_stream(sock, stream) => match res {
             Ok((up, down)) => debug!(node = %backend.node, up, down, "visitor done"),
             Err(err) => debug!(node = %backend.node, %err, "visitor stream ended with error"),
         },
@@ -185,5 +192,7 @@ async fn pass_through(sock: &mut TcpStream, stream: &mut MuxStream, backend: &Ba
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -1,6 +1,7 @@
 //! Visitor streams and the byte-copy loop, shared by relay and connector.
 //!
-//! Start at [`splice`]. This room never dials or accepts: it is handed two
+//! Start at [`splice_stream`] (a socket and a link stream, zero-copy) and
+//! [`splice`] (any two byte streams). This room never dials or accepts: it is handed two
 //! open byte streams and moves bytes between them, keeping half-close (EOF
 //! one way shuts down that writer while the other way keeps flowing).
 
@@ -8,8 +9,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::link::MuxStream;
 
 /// Copy buffer per direction. 64 KiB matches the largest DATA frame, so one
 /// read from a socket becomes one frame on the link.
@@ -23,6 +26,137 @@ where
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
+}
+
+/// Copies both ways between a socket and a link stream until both
+/// directions reach EOF, without copying through an intermediate buffer:
+/// bytes read from the socket become DATA frames as they are, and received
+/// frames are written to the socket as they are. Returns the bytes moved
+/// socket->stream and stream->socket.
+pub async fn splice_stream<S>(sock: &mut S, stream: &mut MuxStream) -> io::Result<(u64, u64)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut up = Up::default();
+    let mut down = Down::default();
+    std::future::poll_fn(|cx| {
+        let up_done = up.poll(cx, sock, stream)?;
+        let down_done = down.poll(cx, sock, stream)?;
+        if up_done.is_ready() && down_done.is_ready() {
+            Poll::Ready(Ok((up.moved, down.moved)))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Socket -> stream.
+#[derive(Default)]
+struct Up {
+    buf: BytesMut,
+    pending: Bytes,
+    eof: bool,
+    done: bool,
+    moved: u64,
+}
+
+impl Up {
+    fn poll<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sock: &mut S,
+        stream: &mut MuxStream,
+    ) -> io::Result<Poll<()>>
+    where
+        S: AsyncRead + Unpin + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Ok(Poll::Ready(()));
+            }
+            if !self.pending.is_empty() {
+                match stream.poll_send_chunk(cx, &mut self.pending) {
+                    Poll::Ready(res) => res?,
+                    Poll::Pending => return Ok(Poll::Pending),
+                }
+                continue;
+            }
+            if self.eof {
+                match Pin::new(&mut *stream).poll_shutdown(cx) {
+                    Poll::Ready(res) => res?,
+                    Poll::Pending => return Ok(Poll::Pending),
+                }
+                self.done = true;
+                continue;
+            }
+            if self.buf.capacity() < COPY_BUF / 2 {
+                self.buf.reserve(COPY_BUF);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *sock), cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(n)) => {
+                    self.moved += n as u64;
+                    self.pending = self.buf.split().freeze();
+                }
+                Poll::Ready(Err(err)) => return Err(err),
+                Poll::Pending => return Ok(Poll::Pending),
+            }
+        }
+    }
+}
+
+/// Stream -> socket.
+#[derive(Default)]
+struct Down {
+    pending: Bytes,
+    eof: bool,
+    done: bool,
+    moved: u64,
+}
+
+impl Down {
+    fn poll<S>(
+        &mut self,
+        cx: &mut Context<'_>,
+        sock: &mut S,
+        stream: &mut MuxStream,
+    ) -> io::Result<Poll<()>>
+    where
+        S: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Ok(Poll::Ready(()));
+            }
+            if !self.pending.is_empty() {
+                match Pin::new(&mut *sock).poll_write(cx, &self.pending) {
+                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => {
+                        self.moved += n as u64;
+                        self.pending.advance(n);
+                    }
+                    Poll::Ready(Err(err)) => return Err(err),
+                    Poll::Pending => return Ok(Poll::Pending),
+                }
+                continue;
+            }
+            if self.eof {
+                match Pin::new(&mut *sock).poll_shutdown(cx) {
+                    Poll::Ready(res) => res?,
+                    Poll::Pending => return Ok(Poll::Pending),
+                }
+                self.done = true;
+                continue;
+            }
+            match stream.poll_recv_chunk(cx, usize::MAX) {
+                Poll::Ready(Ok(Some(chunk))) => self.pending = chunk,
+                Poll::Ready(Ok(None)) => self.eof = true,
+                Poll::Ready(Err(err)) => return Err(err),
+                Poll::Pending => return Ok(Poll::Pending),
+            }
+        }
+    }
 }
 
 /// A stream whose first reads return bytes already read from it (e.g. while

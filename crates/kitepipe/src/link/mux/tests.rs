@@ -140,7 +140,11 @@ async fn dropping_a_stream_resets_it_on_the_peer() {
     drop(opened);
     let mut buf = [0u8; 16];
     let err = accepted.read(&mut buf).await.unwrap_err();
-    let reset = err.get_ref().unwrap().downcast_ref::<StreamReset>().unwrap();
+    let reset = err
+        .get_ref()
+        .unwrap()
+        .downcast_ref::<StreamReset>()
+        .unwrap();
     assert_eq!(reset.code, ResetCode::Cancel);
     drop(accepted);
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -243,7 +247,9 @@ async fn garbage_from_the_peer_closes_the_link_with_a_protocol_error() {
         &tracker,
         CancellationToken::new(),
     );
-    b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    b.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let reason = tokio::time::timeout(Duration::from_secs(5), mux.closed())
         .await
         .unwrap();
@@ -292,7 +298,10 @@ async fn a_peer_overrunning_its_window_gets_the_stream_reset() {
         loop {
             b.read_buf(&mut seen).await.unwrap();
             while let Some(frame) = Frame::decode(&mut seen).unwrap() {
-                if let Frame::Reset { stream: 1, code, .. } = frame {
+                if let Frame::Reset {
+                    stream: 1, code, ..
+                } = frame
+                {
                     return code;
                 }
             }
