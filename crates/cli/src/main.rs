@@ -118,8 +118,9 @@ struct ConnectArgs {
     )]
     secret: Option<String>,
     /// The relay certificate's fingerprint, as the relay printed it at start.
+    /// With several relays: once for all, or once per relay in the same order.
     #[arg(long, value_name = "SHA256:HEX")]
-    fingerprint: Option<String>,
+    fingerprint: Vec<String>,
     /// CA certificate (PEM) the relay's certificate must chain to (instead of --fingerprint).
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,

@@ -660,3 +660,49 @@ fn sigterm_stops_relay_and_connector_cleanly() {
         connector.output()
     );
 }
+
+#[test]
+fn http_connect_on_the_http_port_reaches_a_tcp_kite() {
+    let relay = Relay::new().domain(&domain()).start();
+    let echo = Backend::start("tcp-echo");
+    let connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("tcp:ssh.example.net:0={}", echo.addr()))
+        .start();
+    let port = tcp_kite_port(&connector, "ssh.example.net");
+    let http_port = relay.http.expect("relay has an HTTP listener").port();
+
+    let mut sock = connect(http_port);
+    // The first payload bytes travel in the same packet as the request.
+    write!(
+        sock,
+        "CONNECT ssh.example.net:{port} HTTP/1.1\r\nHost: ssh.example.net:{port}\r\n\r\nSSH-2.0-test\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut sock);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut echoed = [0u8; 14];
+    sock.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"SSH-2.0-test\r\n");
+    let data = pseudo_random(256 * 1024, 7);
+    let mut writer = sock.try_clone().unwrap();
+    let expected = sha256_hex(&data);
+    let sender = std::thread::spawn(move || {
+        writer.write_all(&data).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    sock.read_to_end(&mut back).unwrap();
+    sender.join().unwrap();
+    assert_eq!(sha256_hex(&back), expected);
+
+    // A name that does not own the port is refused with a page, not connected.
+    let mut wrong = connect(http_port);
+    write!(
+        wrong,
+        "CONNECT other.example.net:{port} HTTP/1.1\r\nHost: other.example.net:{port}\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut wrong);
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}

@@ -113,6 +113,7 @@ pub async fn run(
         relays: vec![RelayTarget {
             addr: link_addr.to_string(),
             host: "127.0.0.1".into(),
+            trust: RelayTrust::Pinned(fingerprint),
         }],
         kites: vec![
             KiteTarget {
@@ -128,7 +129,6 @@ pub async fn run(
                 secret,
             },
         ],
-        trust: RelayTrust::Pinned(fingerprint),
         name: "demo-laptop".into(),
         heartbeat: DEFAULT_HEARTBEAT,
         max_backoff: Duration::from_secs(2),

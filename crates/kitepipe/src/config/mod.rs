@@ -158,8 +158,10 @@ pub struct RawConnectorConfig {
     pub kite: Vec<String>,
     /// Shared secret for the kites' domain.
     pub secret: Option<String>,
-    /// Pinned relay certificate fingerprint.
-    pub fingerprint: Option<String>,
+    /// Pinned relay certificate fingerprints: one for all relays, or one
+    /// per relay in the same order.
+    #[serde(default)]
+    pub fingerprint: Vec<String>,
     /// CA certificate (PEM) the relay's certificate must chain to.
     pub ca: Option<PathBuf>,
     /// This connector's node name (default: the host name).
@@ -177,8 +179,6 @@ pub struct ConnectorConfig {
     pub relays: Vec<RelayTarget>,
     /// Kites to serve.
     pub kites: Vec<KiteTarget>,
-    /// How to verify relays.
-    pub trust: RelayTrust,
     /// Node name.
     pub name: String,
     /// Heartbeat interval.
@@ -194,6 +194,8 @@ pub struct RelayTarget {
     pub addr: String,
     /// Host part, used as TLS server name.
     pub host: String,
+    /// How to verify this relay.
+    pub trust: RelayTrust,
 }
 
 /// A kite and the local address that serves it.
@@ -255,7 +257,7 @@ impl RawConnectorConfig {
         merge_vec(&mut self.relay, flags.relay);
         merge_vec(&mut self.kite, flags.kite);
         merge_opt(&mut self.secret, flags.secret);
-        merge_opt(&mut self.fingerprint, flags.fingerprint);
+        merge_vec(&mut self.fingerprint, flags.fingerprint);
         merge_opt(&mut self.ca, flags.ca);
         merge_opt(&mut self.name, flags.name);
         merge_opt(&mut self.heartbeat, flags.heartbeat);
@@ -378,11 +380,6 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 "give at least one relay address (host:port)",
             ));
         }
-        let relays = raw
-            .relay
-            .iter()
-            .map(|r| parse_relay_target(r))
-            .collect::<Result<Vec<_>, _>>()?;
         let secret = raw.secret.map(Secret::new);
         let mut kites = Vec::new();
         for spec in &raw.kite {
@@ -396,28 +393,40 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 secret,
             });
         }
-        let trust = match (raw.fingerprint, raw.ca) {
-            (Some(text), None) => {
-                RelayTrust::Pinned(text.parse::<Fingerprint>().map_err(|err| {
-                    ConfigError::Invalid {
+        let pins = raw
+            .fingerprint
+            .iter()
+            .map(|text| {
+                text.parse::<Fingerprint>()
+                    .map_err(|err| ConfigError::Invalid {
                         what: "fingerprint",
                         value: text.clone(),
                         why: err.to_string(),
-                    }
-                })?)
-            }
-            (None, Some(path)) => RelayTrust::Ca(path),
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Missing(
-                    "give either --fingerprint or --ca to verify the relay, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(ConfigError::Missing(
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let trust_for = |index: usize| -> Result<RelayTrust, ConfigError> {
+            match (pins.len(), &raw.ca) {
+                (0, Some(path)) => Ok(RelayTrust::Ca(path.clone())),
+                (0, None) => Err(ConfigError::Missing(
                     "the connector must verify the relay: pass --fingerprint SHA256:... (the relay prints it at start) or --ca FILE",
-                ));
+                )),
+                (_, Some(_)) => Err(ConfigError::Missing(
+                    "give either --fingerprint or --ca to verify the relay, not both",
+                )),
+                (1, None) => Ok(RelayTrust::Pinned(pins[0])),
+                (n, None) if n == raw.relay.len() => Ok(RelayTrust::Pinned(pins[index])),
+                _ => Err(ConfigError::Missing(
+                    "give one --fingerprint for all relays, or one per relay in the same order",
+                )),
             }
         };
+        let relays = raw
+            .relay
+            .iter()
+            .enumerate()
+            .map(|(index, text)| parse_relay_target(text, trust_for(index)?))
+            .collect::<Result<Vec<_>, _>>()?;
         let name = raw
             .name
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
@@ -427,7 +436,6 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
         Ok(ConnectorConfig {
             relays,
             kites,
-            trust,
             name,
             heartbeat: parse_duration("heartbeat", raw.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?,
             max_backoff: parse_duration(
@@ -495,7 +503,7 @@ pub fn parse_kite_target(text: &str) -> Result<(KiteRef, String), ConfigError> {
     Ok((kite, target))
 }
 
-fn parse_relay_target(text: &str) -> Result<RelayTarget, ConfigError> {
+fn parse_relay_target(text: &str, trust: RelayTrust) -> Result<RelayTarget, ConfigError> {
     let invalid = || ConfigError::Invalid {
         what: "relay address",
         value: text.to_string(),
@@ -510,6 +518,7 @@ fn parse_relay_target(text: &str) -> Result<RelayTarget, ConfigError> {
     Ok(RelayTarget {
         addr: text.to_string(),
         host: host.to_string(),
+        trust,
     })
 }
 
@@ -660,6 +669,24 @@ mod tests {
             err.contains("--fingerprint") && err.contains("--ca"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn fingerprints_pin_all_relays_or_each_in_order() {
+        let a = "SHA256:".to_string() + &"aa".repeat(32);
+        let b = "SHA256:".to_string() + &"bb".repeat(32);
+        let raw = |pins: Vec<String>| RawConnectorConfig {
+            relay: vec!["r1:1".into(), "r2:2".into()],
+            fingerprint: pins,
+            ..Default::default()
+        };
+        let one = ConnectorConfig::try_from(raw(vec![a.clone()])).unwrap();
+        assert_eq!(one.relays[0].trust, one.relays[1].trust);
+        let each = ConnectorConfig::try_from(raw(vec![a.clone(), b.clone()])).unwrap();
+        assert_eq!(each.relays[0].trust, RelayTrust::Pinned(a.parse().unwrap()));
+        assert_eq!(each.relays[1].trust, RelayTrust::Pinned(b.parse().unwrap()));
+        let three = ConnectorConfig::try_from(raw(vec![a.clone(), b, a])).unwrap_err();
+        assert!(three.to_string().contains("one per relay"), "{three}");
     }
 
     #[test]

@@ -55,7 +55,8 @@ pub enum LinkState {
 /// A configured connector, ready to run.
 pub struct Connector {
     config: Arc<ConnectorConfig>,
-    tls: Arc<rustls::ClientConfig>,
+    /// TLS settings per relay, in config order.
+    tls: Vec<Arc<rustls::ClientConfig>>,
     instance: String,
     states: Vec<watch::Sender<LinkState>>,
 }
@@ -63,7 +64,11 @@ pub struct Connector {
 impl Connector {
     /// Builds the TLS configuration; fails only on local problems.
     pub fn new(config: ConnectorConfig) -> Result<Connector, ConnectorError> {
-        let tls = connector_client_config(&config.trust)?;
+        let tls = config
+            .relays
+            .iter()
+            .map(|relay| connector_client_config(&relay.trust))
+            .collect::<Result<Vec<_>, _>>()?;
         let instance = message::hex(&crate::pki::random_nonce()[..16]);
         let states = config
             .relays
@@ -92,11 +97,11 @@ impl Connector {
             heartbeat: self.config.heartbeat,
             ..MuxConfig::default()
         };
-        for (relay, state) in self.config.relays.iter().zip(self.states) {
+        for ((relay, state), tls) in self.config.relays.iter().zip(self.states).zip(self.tls) {
             let link = session::RelayLink {
                 relay: relay.clone(),
                 config: self.config.clone(),
-                tls: self.tls.clone(),
+                tls,
                 instance: self.instance.clone(),
                 kites: kites.clone(),
                 mux: mux.clone(),

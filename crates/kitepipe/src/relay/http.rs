@@ -66,6 +66,10 @@ pub(crate) async fn serve(
         let _ = writer.write_all(&page).await;
         return;
     };
+    if head.method.eq_ignore_ascii_case("CONNECT") {
+        connect_tcp_kite(reader, writer, buf, &head, &host, peer, &ctx).await;
+        return;
+    }
     let backends = match ctx.registry.lookup_name(KiteProto::Http, &host) {
         Lookup::Found(backends) => backends,
         Lookup::Offline => {
@@ -117,6 +121,73 @@ pub(crate) async fn serve(
     };
     let (req, resp) = tokio::join!(requests, responses);
     debug!(?req, ?resp, "visitor done");
+}
+
+/// `CONNECT name:port` on the HTTP port reaches the TCP kite of that name
+/// and port (PageKite-style, e.g. `ssh -o ProxyCommand` through a proxy-aware
+/// helper), then bytes flow raw both ways.
+async fn connect_tcp_kite(
+    reader: OwnedReadHalf,
+    mut writer: OwnedWriteHalf,
+    mut buf: BytesMut,
+    head: &RequestHead,
+    host: &str,
+    peer: SocketAddr,
+    ctx: &Arc<RelayCtx>,
+) {
+    let port = head
+        .target
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok());
+    let found = match port.map(|port| ctx.registry.lookup_port(port)) {
+        Some(Lookup::Found(backends))
+            if backends
+                .iter()
+                .all(|b| kitepipe_proto::kite::name_matches(&b.kite.name, host)) =>
+        {
+            Some(backends)
+        }
+        Some(Lookup::Offline) => {
+            let detail = format!("The TCP kite {} is offline.", head.target);
+            let _ = writer
+                .write_all(&http1::error_response(503, "Kite offline", &detail))
+                .await;
+            return;
+        }
+        _ => None,
+    };
+    let Some(backends) = found else {
+        let detail = format!("This relay has no TCP kite {}.", head.target);
+        let _ = writer
+            .write_all(&http1::error_response(404, "Unknown kite", &detail))
+            .await;
+        return;
+    };
+    let Some((mut stream, backend)) =
+        super::tcp::open_visitor_stream(&backends, Some(host), peer).await
+    else {
+        let detail = format!("No connector serving {} is reachable.", head.target);
+        let _ = writer
+            .write_all(&http1::error_response(503, "Kite offline", &detail))
+            .await;
+        return;
+    };
+    let _ = buf.split_to(head.head_len);
+    if writer
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .is_err()
+        || stream.write_all(&buf).await.is_err()
+    {
+        return;
+    }
+    let Ok(mut sock) = reader.reunite(writer) else {
+        return;
+    };
+    match crate::tunnel::splice_stream(&mut sock, &mut stream).await {
+        Ok((up, down)) => debug!(node = %backend.node, up, down, "CONNECT visitor done"),
+        Err(err) => debug!(node = %backend.node, %err, "CONNECT visitor ended with error"),
+    }
 }
 
 type Refusal = (u16, &'static str, String);
