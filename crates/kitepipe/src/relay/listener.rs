@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use kitepipe_proto::sniff::{self, Sniffed};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::RelayCtx;
 use crate::config::ListenerConfig;
@@ -57,7 +57,7 @@ pub(crate) async fn run(listener: TcpListener, roles: ListenerConfig, ctx: Arc<R
                 serve(sock, peer, &roles, ctx2).await;
                 drop(permit);
             }
-            .instrument(info_span!("conn", %peer)),
+            .instrument(tracing::debug_span!("conn", %peer)),
         );
     }
 }

@@ -160,7 +160,7 @@ async fn accept_tcp(listener: TcpListener, port: u16, ctx: Arc<RelayCtx>) {
                 serve_tcp(sock, peer, port, &ctx2).await;
                 drop(permit);
             }
-            .instrument(info_span!("visitor", %peer)),
+            .instrument(tracing::debug_span!("visitor", %peer)),
         );
     }
 }

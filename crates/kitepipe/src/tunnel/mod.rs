@@ -8,6 +8,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,6 +29,13 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
 }
 
+/// How long a half-closed connection (one direction finished) may go
+/// without a byte in the other direction before it is cut. Fully open
+/// connections may idle forever (SSH sessions do); a half-closed one whose
+/// other end stopped reading would otherwise hold its sockets until the
+/// kernel gives up, about 15 minutes.
+pub const HALF_CLOSED_LINGER: Duration = Duration::from_secs(120);
+
 /// Copies both ways between a socket and a link stream until both
 /// directions reach EOF, without copying through an intermediate buffer:
 /// bytes read from the socket become DATA frames as they are, and received
@@ -39,14 +47,33 @@ where
 {
     let mut up = Up::default();
     let mut down = Down::default();
+    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut last_moved = 0u64;
     std::future::poll_fn(|cx| {
         let up_done = up.poll(cx, sock, stream)?;
         let down_done = down.poll(cx, sock, stream)?;
         if up_done.is_ready() && down_done.is_ready() {
-            Poll::Ready(Ok((up.moved, down.moved)))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok((up.moved, down.moved)));
         }
+        if up_done.is_ready() || down_done.is_ready() {
+            // Half-closed: the other direction must keep making progress.
+            let moved = up.moved + down.moved;
+            let sleep = linger
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(HALF_CLOSED_LINGER)));
+            if moved != last_moved {
+                last_moved = moved;
+                sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + HALF_CLOSED_LINGER);
+            }
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "half-closed connection idle too long",
+                )));
+            }
+        }
+        Poll::Pending
     })
     .await
 }
@@ -230,6 +257,41 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_closed_stream_that_stalls_is_cut_after_the_linger() {
+        let (a, b) = tokio::io::duplex(64);
+        let tracker = tokio_util::task::TaskTracker::new();
+        let token = tokio_util::sync::CancellationToken::new();
+        let config = crate::link::MuxConfig::default();
+        let (relay, _relay_rx) = crate::link::Mux::start(
+            a,
+            BytesMut::new(),
+            crate::link::Side::Relay,
+            &config,
+            &tracker,
+            token.clone(),
+        );
+        let (_connector, mut connector_rx) = crate::link::Mux::start(
+            b,
+            BytesMut::new(),
+            crate::link::Side::Connector,
+            &config,
+            &tracker,
+            token.clone(),
+        );
+        let mut stream = relay.open(Bytes::from_static(b"h")).await.unwrap();
+        // The peer accepts the stream but never answers or finishes.
+        let _peer = connector_rx.incoming.recv().await.unwrap();
+        let (mut visitor, mut near) = tokio::io::duplex(64);
+        visitor.write_all(b"request").await.unwrap();
+        visitor.shutdown().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let err = splice_stream(&mut near, &mut stream).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= HALF_CLOSED_LINGER);
+        token.cancel();
+    }
 
     #[tokio::test]
     async fn prefixed_replays_then_continues() {
