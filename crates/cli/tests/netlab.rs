@@ -480,3 +480,52 @@ sys.stdout.buffer.flush()
     );
     received
 }
+
+/// A connector that comes back after an unclean drop gets its names at once:
+/// the relay (with a long heartbeat, so it still believes in the dead link)
+/// replaces the stale link instead of answering "name taken" or routing
+/// visitors into it until it times out.
+#[test]
+fn a_returning_connector_replaces_its_stale_link_at_once() {
+    let Some(lab) = Lab::up("stale_link") else {
+        return;
+    };
+    let state = TempDir::new("netlab-relay-state");
+    let relay = Relay::new()
+        .wrapped(&lab.prefix("relay"))
+        .args(&[
+            "--listen",
+            &format!("{RELAY_IP}:{LINK_PORT}"),
+            "--http",
+            &format!("{RELAY_IP}:{HTTP_PORT}"),
+        ])
+        // Far longer than the test: the relay never notices the drop itself.
+        .args(&["--heartbeat", "300s"])
+        .domain(&format!("http,tcp:*.example.net:{SECRET}"))
+        .state_dir(state.path())
+        .start();
+    let backend = Backend::start_wrapped("http", &lab.prefix("device"), "127.0.0.1");
+    let connector = Connector::new(&relay)
+        .wrapped(&lab.prefix("device"))
+        .secret(SECRET)
+        .kite(&format!("http:{KITE}={}", backend.addr()))
+        .args(&["--heartbeat", HEARTBEAT, "--max-backoff", MAX_BACKOFF])
+        .start();
+    assert_eq!(lab.visit("/"), Some((200, HELLO.to_string())));
+
+    let reset = Instant::now();
+    lab.netlab("nat-reset", &[]);
+    logged(&connector, "heartbeat timeout", reset);
+    let took = kite_serves(&lab, reset, "nat-reset with a stale link on the relay");
+    assert!(
+        took < Duration::from_secs(60),
+        "kite came back only after {took:?}"
+    );
+    relay.proc.wait_for("replacing its previous link");
+    assert_eq!(
+        relay.proc.count("heartbeat timeout"),
+        0,
+        "the relay never timed the old link out"
+    );
+    assert_eq!(link_lines(&relay).len(), 2);
+}
