@@ -4,7 +4,7 @@
 //! |------|---------|
 //! | 0    | success (a relay or connector stopped by a signal exits 0) |
 //! | 1    | runtime failure (cannot bind, cannot read the certificate, ...) |
-//! | 2    | usage or configuration error (bad flag, bad config value) |
+//! | 2    | usage or configuration error (bad flag, bad config value, a `ca` command refusing to overwrite or naming an unknown certificate) |
 
 /// Success.
 pub(crate) const OK: i32 = 0;
@@ -30,6 +30,9 @@ pub(crate) fn classify(err: &anyhow::Error) -> i32 {
             || cause
                 .downcast_ref::<kitepipe::config::ConfigError>()
                 .is_some()
+            || cause
+                .downcast_ref::<kitepipe::pki::CaError>()
+                .is_some_and(kitepipe::pki::CaError::is_usage)
     });
     if usage { USAGE } else { RUNTIME }
 }

@@ -2,6 +2,7 @@
 //! logging, runs the library and maps the result to an exit code.
 #![forbid(unsafe_code)]
 
+mod ca;
 mod exit;
 
 use std::path::PathBuf;
@@ -9,7 +10,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kitepipe::config::{
-    ConnectorConfig, RawConnectorConfig, RawRelayConfig, RelayConfig, default_state_dir,
+    ConnectorConfig, IdentitySource, RawConnectorConfig, RawRelayConfig, RelayConfig,
+    default_state_dir,
 };
 use kitepipe::connector::Connector;
 use kitepipe::relay::Relay;
@@ -51,6 +53,17 @@ enum Command {
     ///
     ///   kitepipe connect relay.example.net:8443 --fingerprint SHA256:... --secret SECRET --kite http:blog.example.net=127.0.0.1:8000
     Connect(ConnectArgs),
+    /// Run this deployment's own certificate authority: create it, issue
+    /// certificates to connectors and relays, list and revoke them.
+    ///
+    /// Example:
+    ///
+    ///   kitepipe ca init ./ca && kitepipe ca issue laptop --dir ./ca
+    ///
+    /// The relay then verifies connectors with --client-ca ./ca/ca-cert.pem,
+    /// and the laptop connects with --identity ./ca/issued/laptop.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +107,20 @@ struct RelayArgs {
     /// A link silent this long is dead, e.g. 15s.
     #[arg(long, value_name = "DURATION")]
     heartbeat: Option<String>,
+    /// CA certificate (PEM) connectors' certificates must chain to, e.g. the
+    /// ca-cert.pem of `kitepipe ca init`. Without --domain secrets every
+    /// connector must present a certificate; with them, it may.
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// Revocation list (PEM X.509 CRL) for connectors' certificates
+    /// [default: crl.pem beside --client-ca, if present]. Reread when it changes.
+    #[arg(long, value_name = "FILE")]
+    crl: Option<PathBuf>,
+    /// A domain under which a certificate named NAME may claim NAME.DOMAIN
+    /// and *.NAME.DOMAIN, e.g. example.net. Repeatable. More rights: `[[allow]]`
+    /// rules in the --config file.
+    #[arg(long, value_name = "DOMAIN")]
+    cert_domain: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -104,8 +131,8 @@ struct ConnectArgs {
     /// TOML file with the same settings as the flags (flags win).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
-    /// A kite to serve: PROTO:NAME[:PORT]=TARGET, e.g. http:blog.example.net=127.0.0.1:8000,
-    /// https:blog.example.net=8443, tcp:db.example.net:15432=127.0.0.1:5432
+    /// A kite to serve: `PROTO:NAME[:PORT]=TARGET`, e.g. `http:blog.example.net=127.0.0.1:8000`,
+    /// `https:blog.example.net=8443`, `tcp:db.example.net:15432=127.0.0.1:5432`
     /// (port 0: the relay picks). Repeatable.
     #[arg(long, value_name = "SPEC")]
     kite: Vec<String>,
@@ -133,6 +160,17 @@ struct ConnectArgs {
     /// Longest wait between reconnect attempts, e.g. 15s.
     #[arg(long, value_name = "DURATION")]
     max_backoff: Option<String>,
+    /// Certificate identity directory from `kitepipe ca issue` (cert.pem,
+    /// key.pem, ca.pem): presented to relays that ask, and its ca.pem
+    /// verifies the relay when neither --fingerprint nor --ca is given.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["cert", "key"])]
+    identity: Option<PathBuf>,
+    /// This connector's certificate chain (PEM), instead of --identity.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 fn main() {
@@ -163,6 +201,7 @@ async fn run(command: Command) -> i32 {
         Command::Demo => demo().await,
         Command::Relay(args) => relay(args).await,
         Command::Connect(args) => connect(args).await,
+        Command::Ca(command) => ca::run(command, &|key| std::env::var(key).ok()),
     };
     match res {
         Ok(()) => exit::OK,
@@ -195,6 +234,24 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// Makes SIGHUP reload the relay's identity settings (rules, client CA,
+/// revocation list) without dropping links.
+fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(err) => {
+            tracing::warn!(%err, "cannot listen for SIGHUP; reloads happen on file changes only");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading identity settings");
+            trigger.reload();
+        }
+    });
+}
+
 async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let flags = RawRelayConfig {
         listen: args.listen,
@@ -208,10 +265,14 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         key: args.key,
         name: args.name,
         heartbeat: args.heartbeat,
+        client_ca: args.client_ca,
+        crl: args.crl,
+        cert_domain: args.cert_domain,
+        allow: Vec::new(),
     };
     let mut raw = match &args.config {
-        Some(path) => RawRelayConfig::from_file(path)?.merge(flags),
-        None => flags,
+        Some(path) => RawRelayConfig::from_file(path)?.merge(flags.clone()),
+        None => flags.clone(),
     };
     if raw.listen.is_empty() {
         raw.listen.push("0.0.0.0:8443".into());
@@ -222,11 +283,14 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     if raw.state_dir.is_none() {
         raw.state_dir = Some(default_state_dir(&|key| std::env::var(key).ok()));
     }
-    let config = RelayConfig::try_from(raw).map_err(exit::usage)?;
-    if config.domains.is_empty() {
-        tracing::warn!("no --domain given: connectors cannot claim any kite");
+    let mut config = RelayConfig::try_from(raw).map_err(exit::usage)?;
+    if config.domains.is_empty() && config.identity.client_ca.is_none() {
+        tracing::warn!("no --domain and no --client-ca given: connectors cannot claim any kite");
     }
+    config.reload_from = args.config.map(|file| IdentitySource { file, flags });
+    let relay_has_client_ca = config.identity.client_ca.is_some();
     let relay = Relay::bind(config).await?;
+    reload_on_sighup(relay.reload_trigger());
     println!("kitepipe relay ready");
     println!("  fingerprint {}", relay.fingerprint());
     for listener in relay.listeners() {
@@ -243,8 +307,13 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         println!("  {} on {}", roles.join("+"), listener.addr);
     }
     println!(
-        "connectors: kitepipe connect HOST:PORT --fingerprint {} --secret ... --kite ...",
-        relay.fingerprint()
+        "connectors: kitepipe connect HOST:PORT --fingerprint {} {} --kite ...",
+        relay.fingerprint(),
+        if relay_has_client_ca {
+            "--identity DIR"
+        } else {
+            "--secret ..."
+        }
     );
     relay.run(shutdown_on_signal()).await;
     Ok(())
@@ -260,6 +329,9 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         name: args.name,
         heartbeat: args.heartbeat,
         max_backoff: args.max_backoff,
+        identity: args.identity,
+        cert: args.cert,
+        key: args.key,
     };
     let raw = match &args.config {
         Some(path) => RawConnectorConfig::from_file(path)?.merge(flags),

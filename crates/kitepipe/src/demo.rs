@@ -98,6 +98,8 @@ pub async fn run(
         tls: RelayTlsSource::StateDir(state_dir),
         name: "127.0.0.1".into(),
         heartbeat: DEFAULT_HEARTBEAT,
+        identity: Default::default(),
+        reload_from: None,
     })
     .await?;
     let listeners = relay.listeners();
@@ -120,18 +122,19 @@ pub async fn run(
                 kite: kitepipe_proto::kite::KiteRef::parse(&format!("http:{DEMO_HTTP_KITE}"))
                     .expect("valid literal kite"),
                 target: web_addr.to_string(),
-                secret: secret.clone(),
+                secret: Some(secret.clone()),
             },
             KiteTarget {
                 kite: kitepipe_proto::kite::KiteRef::parse(&format!("tcp:{DEMO_TCP_KITE}:0"))
                     .expect("valid literal kite"),
                 target: echo_addr.to_string(),
-                secret,
+                secret: Some(secret),
             },
         ],
         name: "demo-laptop".into(),
         heartbeat: DEFAULT_HEARTBEAT,
         max_backoff: Duration::from_secs(2),
+        identity: None,
     })?;
     let mut state = connector.watch(0).expect("one relay configured");
 

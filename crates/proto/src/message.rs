@@ -12,7 +12,8 @@
 //! 4. relay -> connector: [`RelayMessage::Registered`] (each kite accepted or refused)
 //!
 //! After that either side may open streams. The connector may send another
-//! `Register` at any time.
+//! `Register` at any time. The relay may send [`RelayMessage::Withdrawn`] at
+//! any time, when its rules no longer let the link's identity serve a kite.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,9 @@ pub enum RelayMessage {
     Challenge(Challenge),
     /// Outcome of a registration, one entry per claimed kite.
     Registered(Registered),
+    /// Kites the relay no longer serves through this link (its rules changed);
+    /// the link itself stays up.
+    Withdrawn(Withdrawn),
     /// The relay refuses the link or a request; it closes the link after a fatal one.
     Error(ErrorMessage),
 }
@@ -152,6 +156,18 @@ pub enum RefuseReason {
     ProtoDisabled,
     /// The claim itself is malformed.
     Invalid,
+    /// The link's certificate identity may not claim this kite under the
+    /// relay's rules, or the claim carries neither a proof nor a certificate.
+    NotAllowed,
+}
+
+/// Kites taken away from a link after registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawn {
+    /// The kites, as they were accepted.
+    pub kites: Vec<KiteRef>,
+    /// Why, for humans.
+    pub message: String,
 }
 
 /// An error from the relay.
@@ -173,6 +189,9 @@ pub enum ErrorCode {
     Protocol,
     /// The relay is shutting down or overloaded.
     Unavailable,
+    /// The link's certificate is no longer accepted (revoked, expired, or
+    /// not from the relay's CA any more); the relay closes the link.
+    Unauthorized,
 }
 
 /// What a stream carries; the payload of its OPEN frame.
@@ -288,6 +307,18 @@ mod tests {
         });
         let back: StreamHeader = decode(&encode(&header)).unwrap();
         assert_eq!(back, header);
+
+        let withdrawn = RelayMessage::Withdrawn(Withdrawn {
+            kites: vec![KiteRef::parse("http:*.laptop.example.net").unwrap()],
+            message: "rules changed".into(),
+        });
+        let back: RelayMessage = decode(&encode(&withdrawn)).unwrap();
+        assert_eq!(back, withdrawn);
+        let text = String::from_utf8(encode(&withdrawn).to_vec()).unwrap();
+        assert!(
+            text.starts_with(r#"{"type":"withdrawn","kites":["#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -13,7 +13,10 @@ use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use serde::Deserialize;
 
 use crate::link::DEFAULT_HEARTBEAT;
-use crate::pki::{Fingerprint, RelayTrust, Secret};
+use crate::pki::{
+    AllowRule, CrlSource, Fingerprint, IDENTITY_CA_FILE, IdentityPattern, IdentityRules,
+    KitePattern, NodeIdentity, PkiError, RelayTrust, Secret, ca,
+};
 
 /// Default ceiling of the reconnect backoff. Short enough that a connector
 /// comes back soon after a long outage, long enough that thousands of
@@ -54,6 +57,15 @@ pub enum ConfigError {
     /// A required setting is missing.
     #[error("{0}")]
     Missing(&'static str),
+    /// The connector's certificate and key could not be loaded.
+    #[error("cannot load the connector identity ({})", path.display())]
+    Identity {
+        /// The identity directory or certificate file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: PkiError,
+    },
 }
 
 /// Relay settings as written (TOML file and flags).
@@ -86,6 +98,36 @@ pub struct RawRelayConfig {
     pub name: Option<String>,
     /// Heartbeat interval, e.g. `15s`.
     pub heartbeat: Option<String>,
+    /// CA certificate file (PEM) connectors' certificates must chain to;
+    /// makes the relay ask connectors for certificates.
+    pub client_ca: Option<PathBuf>,
+    /// Revocation list (PEM X.509 CRL) for connectors' certificates;
+    /// default: `crl.pem` beside `client_ca`, if it exists.
+    pub crl: Option<PathBuf>,
+    /// Domains `D` under which a certificate named `NAME` may claim
+    /// `NAME.D` and `*.NAME.D`.
+    #[serde(default)]
+    pub cert_domain: Vec<String>,
+    /// Further rights of certificate identities (TOML only: `[[allow]]`).
+    #[serde(default)]
+    pub allow: Vec<RawAllowRule>,
+}
+
+/// One `[[allow]]` table as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAllowRule {
+    /// Identity name or pattern (`laptop`, `ci-*`, `*`).
+    pub identity: String,
+    /// Kite patterns, `PROTOS:NAME[:PORT]` (`{name}` is the identity).
+    #[serde(default)]
+    pub kites: Vec<String>,
+    /// Event handlers the identity may send events to (not enforced yet).
+    #[serde(default)]
+    pub handlers: Vec<String>,
+    /// Connectors the identity may reach (not enforced yet).
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// A validated relay configuration.
@@ -105,6 +147,124 @@ pub struct RelayConfig {
     pub name: String,
     /// Heartbeat interval of links.
     pub heartbeat: Duration,
+    /// Certificate identities: client CA, revocation list, rules.
+    pub identity: IdentityConfig,
+    /// Where a reload re-reads `identity` from. `None`: a reload keeps the
+    /// rules and rereads only the CA and revocation list files.
+    pub reload_from: Option<IdentitySource>,
+}
+
+/// How the relay treats connectors' certificates.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityConfig {
+    /// CA file connectors' certificates must chain to; `None` asks for no
+    /// certificates.
+    pub client_ca: Option<PathBuf>,
+    /// Where the revocation list is read from.
+    pub crl: Option<CrlSource>,
+    /// What each identity may claim.
+    pub rules: IdentityRules,
+}
+
+/// A relay's config file and the flags laid over it, to re-read the
+/// identity settings from on reload.
+#[derive(Debug, Clone)]
+pub struct IdentitySource {
+    /// The TOML file.
+    pub file: PathBuf,
+    /// The command-line settings, which win over the file.
+    pub flags: RawRelayConfig,
+}
+
+impl IdentitySource {
+    /// Reads the file again and validates its identity settings.
+    pub fn load(&self) -> Result<IdentityConfig, ConfigError> {
+        let raw = RawRelayConfig::from_file(&self.file)?.merge(self.flags.clone());
+        IdentityConfig::from_raw(&raw)
+    }
+}
+
+impl IdentityConfig {
+    /// Validates the identity settings of `raw`.
+    pub fn from_raw(raw: &RawRelayConfig) -> Result<IdentityConfig, ConfigError> {
+        let crl = match (&raw.crl, &raw.client_ca) {
+            (Some(crl), Some(_)) => Some(CrlSource::File(crl.clone())),
+            (None, Some(client_ca)) => {
+                let dir = client_ca.parent().unwrap_or(std::path::Path::new(""));
+                Some(CrlSource::BesideCa(dir.join(ca::CRL_FILE)))
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::Missing(
+                    "--crl needs --client-ca: the list revokes certificates of that CA",
+                ));
+            }
+            (None, None) => None,
+        };
+        if raw.client_ca.is_none() && (!raw.cert_domain.is_empty() || !raw.allow.is_empty()) {
+            return Err(ConfigError::Missing(
+                "cert-domain and [[allow]] rules apply to connectors' certificates: set --client-ca too",
+            ));
+        }
+        let cert_domains = raw
+            .cert_domain
+            .iter()
+            .map(|text| {
+                let invalid = || ConfigError::Invalid {
+                    what: "cert-domain",
+                    value: text.clone(),
+                    why: "expected a DNS name such as example.net (no wildcard)".into(),
+                };
+                if text.contains('*') {
+                    return Err(invalid());
+                }
+                kite::normalize_name(text).map_err(|_| invalid())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let allow = raw
+            .allow
+            .iter()
+            .map(parse_allow_rule)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(IdentityConfig {
+            client_ca: raw.client_ca.clone(),
+            crl,
+            rules: IdentityRules::new(cert_domains, allow),
+        })
+    }
+}
+
+/// Parses one `[[allow]]` rule.
+pub fn parse_allow_rule(raw: &RawAllowRule) -> Result<AllowRule, ConfigError> {
+    let invalid = |value: &str, err: crate::pki::RuleError| ConfigError::Invalid {
+        what: "allow rule",
+        value: value.to_string(),
+        why: err.to_string(),
+    };
+    let identity =
+        IdentityPattern::parse(&raw.identity).map_err(|err| invalid(&raw.identity, err))?;
+    let kites = raw
+        .kites
+        .iter()
+        .map(|text| KitePattern::parse(text).map_err(|err| invalid(text, err)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let peers = raw
+        .peers
+        .iter()
+        .map(|text| IdentityPattern::parse(text).map_err(|err| invalid(text, err)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(empty) = raw.handlers.iter().find(|h| h.trim().is_empty()) {
+        return Err(ConfigError::Invalid {
+            what: "allow rule handler",
+            value: empty.clone(),
+            why: "a handler name cannot be empty".into(),
+        });
+    }
+    Ok(AllowRule {
+        identity,
+        kites,
+        handlers: raw.handlers.clone(),
+        peers,
+    })
 }
 
 /// One listening socket and the roles it serves; several roles on one
@@ -170,6 +330,13 @@ pub struct RawConnectorConfig {
     pub heartbeat: Option<String>,
     /// Ceiling of the reconnect backoff, e.g. `15s`.
     pub max_backoff: Option<String>,
+    /// Identity directory written by `kitepipe ca issue` (`cert.pem`,
+    /// `key.pem`, `ca.pem`).
+    pub identity: Option<PathBuf>,
+    /// This connector's certificate chain (PEM), instead of `identity`.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) for `cert`.
+    pub key: Option<PathBuf>,
 }
 
 /// A validated connector configuration.
@@ -185,6 +352,8 @@ pub struct ConnectorConfig {
     pub heartbeat: Duration,
     /// Ceiling of the reconnect backoff.
     pub max_backoff: Duration,
+    /// The certificate and key presented to relays that ask for one.
+    pub identity: Option<NodeIdentity>,
 }
 
 /// A relay to link to.
@@ -205,8 +374,9 @@ pub struct KiteTarget {
     pub kite: KiteRef,
     /// Local `host:port` visitors are connected to.
     pub target: String,
-    /// Secret proving the right to the kite's name.
-    pub secret: Secret,
+    /// Secret proving the right to the kite's name; `None` when the
+    /// connector's certificate identity is what authorizes it.
+    pub secret: Option<Secret>,
 }
 
 impl RawRelayConfig {
@@ -235,6 +405,10 @@ impl RawRelayConfig {
         merge_opt(&mut self.key, flags.key);
         merge_opt(&mut self.name, flags.name);
         merge_opt(&mut self.heartbeat, flags.heartbeat);
+        merge_opt(&mut self.client_ca, flags.client_ca);
+        merge_opt(&mut self.crl, flags.crl);
+        merge_vec(&mut self.cert_domain, flags.cert_domain);
+        merge_vec(&mut self.allow, flags.allow);
         self
     }
 }
@@ -262,6 +436,9 @@ impl RawConnectorConfig {
         merge_opt(&mut self.name, flags.name);
         merge_opt(&mut self.heartbeat, flags.heartbeat);
         merge_opt(&mut self.max_backoff, flags.max_backoff);
+        merge_opt(&mut self.identity, flags.identity);
+        merge_opt(&mut self.cert, flags.cert);
+        merge_opt(&mut self.key, flags.key);
         self
     }
 }
@@ -294,6 +471,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawRelayConfig) -> Result<Self, Self::Error> {
+        let identity = IdentityConfig::from_raw(&raw)?;
         let mut listeners: Vec<ListenerConfig> = Vec::new();
         let roles: [(&Vec<String>, &'static str); 3] = [
             (&raw.listen, "listen"),
@@ -367,6 +545,8 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             tls,
             name: raw.name.unwrap_or_else(|| "localhost".into()),
             heartbeat: parse_duration("heartbeat", raw.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?,
+            identity,
+            reload_from: None,
         })
     }
 }
@@ -380,13 +560,18 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 "give at least one relay address (host:port)",
             ));
         }
+        let (identity, identity_ca) = load_identity(&raw)?;
         let secret = raw.secret.map(Secret::new);
         let mut kites = Vec::new();
         for spec in &raw.kite {
             let (kite, target) = parse_kite_target(spec)?;
-            let secret = secret.clone().ok_or(ConfigError::Missing(
-                "kites need the domain's shared secret: --secret (or KITEPIPE_SECRET)",
-            ))?;
+            if secret.is_none() && identity.is_none() {
+                return Err(ConfigError::Missing(
+                    "kites need the domain's shared secret (--secret or KITEPIPE_SECRET) \
+                     or a certificate (--identity DIR)",
+                ));
+            }
+            let secret = secret.clone();
             kites.push(KiteTarget {
                 kite,
                 target,
@@ -408,9 +593,12 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
         let trust_for = |index: usize| -> Result<RelayTrust, ConfigError> {
             match (pins.len(), &raw.ca) {
                 (0, Some(path)) => Ok(RelayTrust::Ca(path.clone())),
-                (0, None) => Err(ConfigError::Missing(
-                    "the connector must verify the relay: pass --fingerprint SHA256:... (the relay prints it at start) or --ca FILE",
-                )),
+                (0, None) => match &identity_ca {
+                    Some(path) => Ok(RelayTrust::Ca(path.clone())),
+                    None => Err(ConfigError::Missing(
+                        "the connector must verify the relay: pass --fingerprint SHA256:... (the relay prints it at start) or --ca FILE",
+                    )),
+                },
                 (_, Some(_)) => Err(ConfigError::Missing(
                     "give either --fingerprint or --ca to verify the relay, not both",
                 )),
@@ -429,6 +617,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             .collect::<Result<Vec<_>, _>>()?;
         let name = raw
             .name
+            .or_else(|| identity.as_ref().map(|id| id.info().name.clone()))
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
             .map(|n| n.trim().to_string())
             .filter(|n| !n.is_empty())
@@ -443,7 +632,42 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 raw.max_backoff.as_deref(),
                 DEFAULT_MAX_BACKOFF,
             )?,
+            identity,
         })
+    }
+}
+
+/// Loads the connector's certificate and key, from `--identity DIR` or
+/// `--cert`/`--key`. Also returns `DIR/ca.pem` if it exists: relays are
+/// verified against it when no fingerprint or CA file is given.
+fn load_identity(
+    raw: &RawConnectorConfig,
+) -> Result<(Option<NodeIdentity>, Option<PathBuf>), ConfigError> {
+    match (&raw.identity, &raw.cert, &raw.key) {
+        (None, None, None) => Ok((None, None)),
+        (Some(dir), None, None) => {
+            let identity = NodeIdentity::load_dir(dir).map_err(|source| ConfigError::Identity {
+                path: dir.clone(),
+                source,
+            })?;
+            let ca = dir.join(IDENTITY_CA_FILE);
+            let ca = ca.is_file().then_some(ca);
+            Ok((Some(identity), ca))
+        }
+        (None, Some(cert), Some(key)) => {
+            let identity =
+                NodeIdentity::load(cert, key).map_err(|source| ConfigError::Identity {
+                    path: cert.clone(),
+                    source,
+                })?;
+            Ok((Some(identity), None))
+        }
+        (Some(_), _, _) => Err(ConfigError::Missing(
+            "give either --identity DIR or --cert/--key, not both",
+        )),
+        _ => Err(ConfigError::Missing(
+            "--cert and --key go together: give both (or --identity DIR)",
+        )),
     }
 }
 
@@ -704,5 +928,148 @@ mod tests {
         assert_eq!(merged.heartbeat.as_deref(), Some("5s"));
         let unknown = toml::from_str::<RawConnectorConfig>("relays = []");
         assert!(unknown.is_err());
+    }
+
+    #[test]
+    fn identity_settings_from_toml() {
+        let raw: RawRelayConfig = toml::from_str(
+            r#"
+            listen = ["127.0.0.1:0"]
+            client_ca = "/etc/kitepipe/ca/ca-cert.pem"
+            cert_domain = ["Example.net"]
+
+            [[allow]]
+            identity = "ci-*"
+            kites = ["http,https:{name}.ci.example.org", "tcp:db.example.org:15432"]
+            handlers = ["time"]
+            peers = ["laptop"]
+            "#,
+        )
+        .unwrap();
+        let config = relay(raw).unwrap();
+        let identity = &config.identity;
+        assert_eq!(
+            identity.crl,
+            Some(CrlSource::BesideCa("/etc/kitepipe/ca/crl.pem".into()))
+        );
+        assert_eq!(identity.rules.cert_domains(), ["example.net"]);
+        let kite = |spec| KiteRef::parse(spec).unwrap();
+        assert!(
+            identity
+                .rules
+                .allows("laptop", &kite("http:laptop.example.net"))
+        );
+        assert!(
+            identity
+                .rules
+                .allows("ci-3", &kite("https:ci-3.ci.example.org"))
+        );
+        assert!(
+            !identity
+                .rules
+                .allows("ci-3", &kite("https:ci-4.ci.example.org"))
+        );
+        assert_eq!(identity.rules.allow_rules()[0].handlers, ["time"]);
+        let unknown = toml::from_str::<RawRelayConfig>("[[allow]]\nidentity = \"x\"\nkite = []");
+        assert!(unknown.is_err(), "unknown keys in [[allow]] are refused");
+    }
+
+    #[test]
+    fn identity_settings_are_checked() {
+        let base = || RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            ..Default::default()
+        };
+        let rule = |identity: &str, kites: &[&str]| RawAllowRule {
+            identity: identity.into(),
+            kites: kites.iter().map(|k| k.to_string()).collect(),
+            ..Default::default()
+        };
+        let cases: Vec<(RawRelayConfig, &str)> = vec![
+            (
+                RawRelayConfig {
+                    crl: Some("crl.pem".into()),
+                    ..base()
+                },
+                "--crl needs --client-ca",
+            ),
+            (
+                RawRelayConfig {
+                    cert_domain: vec!["example.net".into()],
+                    ..base()
+                },
+                "set --client-ca",
+            ),
+            (
+                RawRelayConfig {
+                    client_ca: Some("ca.pem".into()),
+                    cert_domain: vec!["*.example.net".into()],
+                    ..base()
+                },
+                "no wildcard",
+            ),
+            (
+                RawRelayConfig {
+                    client_ca: Some("ca.pem".into()),
+                    allow: vec![rule("lap top", &[])],
+                    ..base()
+                },
+                "bad identity pattern",
+            ),
+            (
+                RawRelayConfig {
+                    client_ca: Some("ca.pem".into()),
+                    allow: vec![rule("laptop", &["http:x.example.net:80"])],
+                    ..base()
+                },
+                "only tcp patterns take a port",
+            ),
+        ];
+        for (raw, needle) in cases {
+            let err = relay(raw).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        let explicit = relay(RawRelayConfig {
+            client_ca: Some("ca.pem".into()),
+            crl: Some("/var/lib/crl.pem".into()),
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(
+            explicit.identity.crl,
+            Some(CrlSource::File("/var/lib/crl.pem".into()))
+        );
+    }
+
+    #[test]
+    fn connector_kites_need_a_secret_or_an_identity() {
+        let raw = RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            kite: vec!["http:x.example.net=80".into()],
+            ..Default::default()
+        };
+        let err = ConnectorConfig::try_from(raw.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--secret") && err.contains("--identity"),
+            "{err}"
+        );
+        let missing = ConnectorConfig::try_from(RawConnectorConfig {
+            identity: Some("/nonexistent/identity".into()),
+            ..raw.clone()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(missing, ConfigError::Identity { .. }),
+            "{missing:?}"
+        );
+        let lone_cert = ConnectorConfig::try_from(RawConnectorConfig {
+            cert: Some("cert.pem".into()),
+            ..raw
+        })
+        .unwrap_err();
+        assert!(lone_cert.to_string().contains("go together"), "{lone_cert}");
     }
 }

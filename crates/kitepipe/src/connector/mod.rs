@@ -2,8 +2,8 @@
 //! streams by connecting to local targets.
 //!
 //! Start at [`Connector::run`]: one task per relay keeps a link up forever
-//! ([`session`]: dial, TLS, handshake, serve, then reconnect with capped
-//! jittered backoff). Streams the relay opens are served by [`serve_stream`].
+//! (`session`: dial, TLS, handshake, serve, then reconnect with capped
+//! jittered backoff). Streams the relay opens are served by `serve_stream`.
 //!
 //! The connector never listens on a socket: everything reaches it through
 //! links it dialed.
@@ -25,7 +25,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use crate::config::ConnectorConfig;
 use crate::link::{IncomingStream, MuxConfig};
-use crate::pki::{PkiError, connector_client_config};
+use crate::pki::{ConnectorTlsOptions, PkiError, connector_client_config_with};
 use crate::tunnel;
 
 /// How long connecting to a local target may take. Local services answer
@@ -64,10 +64,13 @@ pub struct Connector {
 impl Connector {
     /// Builds the TLS configuration; fails only on local problems.
     pub fn new(config: ConnectorConfig) -> Result<Connector, ConnectorError> {
+        let options = ConnectorTlsOptions {
+            identity: config.identity.clone(),
+        };
         let tls = config
             .relays
             .iter()
-            .map(|relay| connector_client_config(&relay.trust))
+            .map(|relay| connector_client_config_with(&relay.trust, &options))
             .collect::<Result<Vec<_>, _>>()?;
         let instance = message::hex(&crate::pki::random_nonce()[..16]);
         let states = config
@@ -90,6 +93,22 @@ impl Connector {
 
     /// Keeps a link to every relay until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        if let Some(identity) = &self.config.identity {
+            let info = identity.info();
+            match info.validity_problem(std::time::SystemTime::now()) {
+                Some(problem) => tracing::warn!(
+                    identity = %info.name,
+                    serial = %info.serial,
+                    "{problem}: relays will refuse it"
+                ),
+                None => info!(
+                    identity = %info.name,
+                    serial = %info.serial,
+                    not_after = %humantime::format_rfc3339_seconds(info.not_after),
+                    "presenting certificate"
+                ),
+            }
+        }
         let tracker = TaskTracker::new();
         let token = shutdown.child_token();
         let kites = Arc::new(Kites::new(&self.config));
@@ -181,7 +200,7 @@ pub(crate) async fn serve_stream(incoming: IncomingStream, kites: Arc<Kites>) {
         );
         return;
     };
-    let span = info_span!("visitor", kite = %header.kite, peer = %header.peer);
+    let span = tracing::debug_span!("visitor", kite = %header.kite, peer = %header.peer);
     async {
         let sock =
             match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target)).await {

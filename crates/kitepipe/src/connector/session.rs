@@ -5,23 +5,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use kitepipe_proto::frame::Frame;
 use kitepipe_proto::message::{
-    self, ConnectorMessage, Hello, KiteClaim, KiteResult, PROTOCOL_VERSION, Register, Registered,
-    RelayMessage, Role,
+    self, ConnectorMessage, ErrorCode, Hello, KiteClaim, KiteResult, PROTOCOL_VERSION, Register,
+    Registered, RelayMessage, Role, Withdrawn,
 };
+use rustls::AlertDescription;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, error, info, warn};
 
 use super::{Kites, LinkState, serve_stream};
 use crate::config::{ConnectorConfig, RelayTarget};
 use crate::link::backoff::Backoff;
 use crate::link::{LinkClosed, Mux, MuxConfig, MuxReceivers, Side};
-use crate::pki::{ProofInput, describe_tls_error, kite_proof, link_exporter, random_nonce};
+use crate::pki::{
+    ProofInput, describe_tls_error, find_tls_error, kite_proof, link_exporter, random_nonce,
+};
 
 /// How long dialing the relay may take (TCP connect). A relay behind a cut
 /// network never answers; this bounds each attempt.
@@ -53,6 +58,13 @@ enum AttemptError {
     },
     #[error("TLS handshake with the relay timed out")]
     TlsTimeout,
+    /// The relay's first answer could not be read: in TLS 1.3 this is where
+    /// a refusal of this connector's certificate arrives.
+    #[error("relay closed the link before answering: {source}")]
+    FirstRead {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("relay refused the link: {0}")]
     Refused(String),
     #[error("link handshake failed: {0}")]
@@ -82,9 +94,13 @@ impl RelayLink {
                 Ok(LinkClosed::Shutdown) => return,
                 Ok(reason) => warn!(%reason, "link to relay lost"),
                 Err(err) => {
-                    let hint = describe_tls_error(&err);
+                    let hint = self.hint(&err);
                     match hint {
                         Some(hint) => error!(err = %err, %hint, "cannot link to relay"),
+                        // The relay said why: an operator must act.
+                        None if matches!(err, AttemptError::Refused(_)) => {
+                            error!(err = %err, "cannot link to relay")
+                        }
                         None => warn!(err = %err, "cannot link to relay"),
                     }
                 }
@@ -133,26 +149,11 @@ impl RelayLink {
         };
         let exporter = link_exporter(tls.get_ref().1)
             .map_err(|err| AttemptError::Handshake(err.to_string()))?;
-        let token = self.token.child_token();
-        let (mux, mut rx) = Mux::start(
-            tls,
-            BytesMut::new(),
-            Side::Connector,
-            &self.mux,
-            &self.tracker,
-            token.clone(),
-        );
-        let res = self.handshake_and_serve(&mux, &mut rx, &exporter).await;
-        token.cancel();
-        res
-    }
-
-    async fn handshake_and_serve(
-        &self,
-        mux: &Mux,
-        rx: &mut MuxReceivers,
-        exporter: &[u8; 32],
-    ) -> Result<LinkClosed, AttemptError> {
+        // Say hello on the TLS stream itself and wait for the first bytes
+        // of the answer before the multiplexer takes over: in TLS 1.3 the
+        // relay judges this connector's certificate after the handshake is
+        // complete on this side, so a refusal arrives as an alert on this
+        // first read, where it is still a typed rustls error.
         let client_nonce = random_nonce();
         let hello = ConnectorMessage::Hello(Hello {
             version: PROTOCOL_VERSION,
@@ -162,7 +163,76 @@ impl RelayLink {
             software: concat!("kitepipe/", env!("CARGO_PKG_VERSION")).into(),
             client_nonce: message::hex(&client_nonce),
         });
-        send(mux, &hello).await?;
+        let mut tls = tls;
+        let mut first = BytesMut::new();
+        Frame::Control {
+            payload: message::encode(&hello),
+        }
+        .encode(&mut first);
+        let answer = async {
+            tls.write_all(&first).await?;
+            tls.flush().await?;
+            first.clear();
+            tls.read_buf(&mut first).await
+        };
+        tokio::select! {
+            _ = self.token.cancelled() => return Ok(LinkClosed::Shutdown),
+            res = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer) => match res {
+                Ok(Ok(0)) => return Err(AttemptError::Handshake("relay closed the link before answering".into())),
+                Ok(Ok(_)) => {}
+                Ok(Err(source)) => return Err(AttemptError::FirstRead { source }),
+                Err(_) => return Err(AttemptError::Handshake("relay did not answer in time".into())),
+            },
+        }
+        let token = self.token.child_token();
+        let (mux, mut rx) = Mux::start(
+            tls,
+            first,
+            Side::Connector,
+            &self.mux,
+            &self.tracker,
+            token.clone(),
+        );
+        let res = self
+            .handshake_and_serve(&mux, &mut rx, &exporter, &client_nonce)
+            .await;
+        token.cancel();
+        res
+    }
+
+    /// The operator's hint for a failed attempt: the TLS hint, with this
+    /// connector's own certificate dates when the relay found them wrong.
+    fn hint(&self, err: &AttemptError) -> Option<String> {
+        let hint = describe_tls_error(err)?;
+        let refused_dates = matches!(
+            find_tls_error(err),
+            Some(rustls::Error::AlertReceived(
+                AlertDescription::CertificateExpired
+            ))
+        );
+        let problem = self
+            .config
+            .identity
+            .as_ref()
+            .filter(|_| refused_dates)
+            .and_then(|identity| {
+                identity
+                    .info()
+                    .validity_problem(std::time::SystemTime::now())
+            });
+        match problem {
+            Some(problem) => Some(format!("{problem}: {hint}")),
+            None => Some(hint),
+        }
+    }
+
+    async fn handshake_and_serve(
+        &self,
+        mux: &Mux,
+        rx: &mut MuxReceivers,
+        exporter: &[u8; 32],
+        client_nonce: &[u8; 32],
+    ) -> Result<LinkClosed, AttemptError> {
         let server_nonce = match recv(mux, rx).await? {
             RelayMessage::Challenge(challenge) => message::unhex(&challenge.server_nonce)
                 .ok_or_else(|| AttemptError::Handshake("bad relay nonce".into()))?,
@@ -183,14 +253,17 @@ impl RelayLink {
                 let input = ProofInput {
                     tls_exporter: exporter,
                     server_nonce: &server_nonce,
-                    client_nonce: &client_nonce,
+                    client_nonce,
                     protocol: kite.proto.as_str(),
                     name: &kite.name,
                 };
-                KiteClaim {
-                    proof: message::hex(&kite_proof(&target.secret, &input)),
-                    kite,
-                }
+                // Without a secret the claim rests on this connector's
+                // certificate: an empty proof says so.
+                let proof = match &target.secret {
+                    Some(secret) => message::hex(&kite_proof(secret, &input)),
+                    None => String::new(),
+                };
+                KiteClaim { proof, kite }
             })
             .collect();
         send(mux, &ConnectorMessage::Register(Register { kites: claims })).await?;
@@ -227,6 +300,17 @@ impl RelayLink {
         self.state.send_replace(LinkState::Up(online));
     }
 
+    fn withdrawn(&self, withdrawn: &Withdrawn) {
+        for kite in &withdrawn.kites {
+            error!(kite = %kite, message = %withdrawn.message, "relay withdrew kite");
+        }
+        self.state.send_modify(|state| {
+            if let LinkState::Up(online) = state {
+                online.retain(|(kite, _)| !withdrawn.kites.contains(kite));
+            }
+        });
+    }
+
     async fn serve(&self, mux: &Mux, rx: &mut MuxReceivers) -> Result<LinkClosed, AttemptError> {
         loop {
             tokio::select! {
@@ -238,13 +322,18 @@ impl RelayLink {
                 incoming = rx.incoming.recv() => {
                     let Some(incoming) = incoming else { return Ok(mux.closed().await) };
                     let kites = self.kites.clone();
-                    let span = info_span!("stream", id = incoming.stream.id());
+                    let span = tracing::debug_span!("stream", id = incoming.stream.id());
                     self.tracker.spawn(serve_stream(incoming, kites).instrument(span));
                 }
                 control = rx.control.recv() => {
                     let Some(payload) = control else { return Ok(mux.closed().await) };
                     match message::decode::<RelayMessage>(&payload) {
                         Ok(RelayMessage::Registered(registered)) => self.report(&registered),
+                        Ok(RelayMessage::Withdrawn(withdrawn)) => self.withdrawn(&withdrawn),
+                        Ok(RelayMessage::Error(err)) if err.code == ErrorCode::Unauthorized => {
+                            mux.close(LinkClosed::PeerClosed(err.message.clone()));
+                            return Err(AttemptError::Refused(err.message));
+                        }
                         Ok(RelayMessage::Error(err)) => error!(code = ?err.code, message = %err.message, "relay reported an error"),
                         Ok(RelayMessage::Challenge(_)) => warn!("unexpected challenge from relay"),
                         Err(err) => warn!(%err, "malformed control message from relay"),

@@ -1,18 +1,26 @@
-//! pki: the relay's certificate, how connectors decide to trust it, and the
-//! shared-secret proofs that authorize kites.
+//! pki: the relay's certificate, how connectors decide to trust it, the
+//! shared-secret proofs that authorize kites, and certificate identities:
+//! the deployment's own CA, node certificates, revocation, and the rules
+//! saying which identity may claim which kites.
 //!
 //! Start at [`RelayCert::load_or_create`] (the relay's identity on disk), then
 //! [`relay_server_config`] and [`connector_client_config`] (the two TLS
 //! configs the link is built on), then [`kite_proof`] (how a connector proves
-//! it knows a kite's secret without sending it). pki/ never opens a socket:
-//! it hands ready-made `rustls` configs to link/, and it reads and writes
-//! files only under the paths it is given.
+//! it knows a kite's secret without sending it). For identities: [`ca`]
+//! (`kitepipe ca ...`), [`NodeIdentity`] and [`ClientCa`] (what each side
+//! loads), [`client_cert_verifier`] (how the relay checks connectors), and
+//! [`IdentityRules`] (what a verified identity may claim). pki/ never opens
+//! a socket: it hands ready-made `rustls` configs to link/, and it reads and
+//! writes files only under the paths it is given.
 //!
 //! Every TLS config here is TLS 1.3 only and is built on the `ring` provider
 //! explicitly; nothing installs a process-wide default provider.
 
+pub mod ca;
 mod cert;
 mod fingerprint;
+mod identity;
+mod rules;
 mod secret;
 mod tls;
 
@@ -22,14 +30,24 @@ mod tests;
 use std::io;
 use std::path::PathBuf;
 
+pub use ca::{CaError, CertAuthority};
 pub use cert::RelayCert;
 pub use fingerprint::Fingerprint;
+pub use identity::{
+    CertInfo, ClientCa, CrlSource, IDENTITY_CA_FILE, IDENTITY_CERT_FILE, IDENTITY_KEY_FILE,
+    NodeIdentity, Serial, Validity,
+};
+pub use rules::{
+    AllowRule, IdentityPattern, IdentityRules, KitePattern, NAME_PLACEHOLDER, RuleError,
+    pattern_covers,
+};
 pub use secret::{
     EXPORTER_LABEL, ProofInput, Secret, kite_proof, link_exporter, random_nonce, verify_kite_proof,
 };
 pub use tls::{
-    ALPN_LINK, ClientAuth, FingerprintMismatch, RelayTlsOptions, RelayTrust,
-    connector_client_config, describe_tls_error, find_tls_error, has_link_alpn,
+    ALPN_LINK, ClientAuth, ConnectorTlsOptions, FingerprintMismatch, RelayTlsOptions, RelayTrust,
+    client_cert_verifier, connector_client_config, connector_client_config_with,
+    describe_relay_tls_error, describe_tls_error, find_tls_error, has_link_alpn,
     relay_server_config, relay_server_config_with,
 };
 
@@ -135,6 +153,43 @@ pub enum PkiError {
         /// Why rustls refused.
         #[source]
         source: rustls::Error,
+    },
+    /// A client CA certificate is not usable as a trust anchor.
+    #[error("bad certificate in the client CA file")]
+    BadClientCa {
+        /// Why rustls rejected it.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The verifier of connectors' certificates could not be built.
+    #[error("cannot build the client certificate verifier")]
+    ClientVerifier {
+        /// Why rustls refused.
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
+    /// A certificate could not be parsed as X.509.
+    #[error("cannot parse certificate: {reason}")]
+    ParseCertificate {
+        /// What the parser rejected.
+        reason: String,
+    },
+    /// A node certificate has neither a common name nor a DNS name.
+    #[error("certificate has no common name or DNS name to use as the node name")]
+    NoNodeName,
+    /// A file that should hold a revocation list holds none.
+    #[error("no X509 CRL found in {}", path.display())]
+    NoCrl {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A revocation list is malformed or not from the client CA.
+    #[error("bad revocation list {}: {reason}", path.display())]
+    BadCrl {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The link's keying material could not be exported from the TLS session
     /// (the handshake has not completed).

@@ -3,6 +3,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::{AlertDescription, CertificateError};
 use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
@@ -316,7 +317,7 @@ async fn pinned_handshake_fails_with_a_wrong_fingerprint() -> TestResult {
         ),
         "{server_err:?}"
     );
-    assert!(describe_tls_error(&server_err).is_some());
+    assert!(describe_relay_tls_error(&server_err).is_some());
     Ok(())
 }
 
@@ -393,7 +394,7 @@ async fn ca_handshake_checks_issuer_and_name() -> TestResult {
     );
     assert_eq!(
         describe_tls_error(&err).as_deref(),
-        Some("relay certificate not signed by the CA in --ca FILE")
+        Some("relay certificate not signed by the CA in --ca FILE (or ca.pem in --identity DIR)")
     );
     Ok(())
 }
@@ -539,5 +540,239 @@ fn tls_errors_get_hints_through_wrappers() {
     assert_eq!(
         FingerprintMismatch::find(&io::Error::other("unrelated")),
         None
+    );
+}
+
+/// A CA made by [`CertAuthority::init`] in a fresh directory.
+fn test_ca(test: &str) -> Result<(TempDir, CertAuthority), Box<dyn Error + Send + Sync>> {
+    let dir = TempDir::new(test);
+    let ca = CertAuthority::init(&dir.path().join("ca"), &ca::CaInit::default())?;
+    Ok((dir, ca))
+}
+
+/// Issues `name` into `dir/name`, valid from `not_before` to `not_after`.
+fn issue(
+    ca: &CertAuthority,
+    dir: &Path,
+    name: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<NodeIdentity, Box<dyn Error + Send + Sync>> {
+    let out = dir.join(name);
+    ca.issue(&ca::IssueRequest {
+        name: name.to_string(),
+        alt_names: vec![],
+        not_before,
+        not_after,
+        out: out.clone(),
+        force: false,
+    })?;
+    Ok(NodeIdentity::load_dir(&out)?)
+}
+
+fn a_year_around_now() -> (SystemTime, SystemTime) {
+    let now = SystemTime::now();
+    (now - ca::BACKDATE, now + ca::DEFAULT_NODE_VALIDITY)
+}
+
+fn verify(
+    verifier: &Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    identity: &NodeIdentity,
+) -> Result<(), rustls::Error> {
+    let (end_entity, intermediates) = identity.chain().split_first().expect("a chain");
+    verifier
+        .verify_client_cert(end_entity, intermediates, rustls_pki_types::UnixTime::now())
+        .map(|_| ())
+}
+
+#[test]
+fn ca_issues_certificates_the_client_verifier_accepts_until_revoked() -> TestResult {
+    let (dir, ca) = test_ca("ca-issue")?;
+    let (not_before, not_after) = a_year_around_now();
+    let laptop = issue(&ca, dir.path(), "Laptop", not_before, not_after)?;
+    assert_eq!(laptop.info().name, "laptop");
+    assert!(!laptop.info().is_ca);
+    assert!(ca.info().is_ca);
+    assert_eq!(mode_of(&dir.path().join("Laptop/key.pem"))?, 0o600);
+    assert_eq!(mode_of(&ca.dir().join(ca::CA_KEY_FILE))?, 0o600);
+
+    let load = || ClientCa::load(&ca.cert_path(), Some(&ca.crl_path()));
+    let verifier = client_cert_verifier(&ClientAuth::Required(load()?))?.expect("a verifier");
+    verify(&verifier, &laptop)?;
+
+    let revoked = ca.revoke("laptop", None)?;
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].serial, laptop.info().serial.to_string());
+    assert!(
+        ca.revoke("laptop", None)?.is_empty(),
+        "revoking twice is a no-op"
+    );
+    let client_ca = load()?;
+    assert!(client_ca.revoked.contains(&laptop.info().serial));
+    let verifier = client_cert_verifier(&ClientAuth::Required(client_ca))?.expect("a verifier");
+    let err = verify(&verifier, &laptop).unwrap_err();
+    assert_eq!(
+        err,
+        rustls::Error::InvalidCertificate(CertificateError::Revoked)
+    );
+    let hint = describe_relay_tls_error(&err).expect("a hint");
+    assert!(hint.contains("revoked"), "{hint}");
+    assert_eq!(
+        ca.list()?
+            .iter()
+            .map(|entry| entry.status(SystemTime::now()))
+            .collect::<Vec<_>>(),
+        vec![ca::CertStatus::Revoked]
+    );
+    Ok(())
+}
+
+#[test]
+fn ca_refuses_to_overwrite_and_checks_what_it_is_asked() -> TestResult {
+    let (dir, ca) = test_ca("ca-refuse")?;
+    let err = CertAuthority::init(ca.dir(), &ca::CaInit::default()).unwrap_err();
+    assert!(
+        matches!(err, CaError::Exists { .. }) && err.is_usage(),
+        "{err:?}"
+    );
+    let (not_before, not_after) = a_year_around_now();
+    issue(&ca, dir.path(), "laptop", not_before, not_after)?;
+    let again = issue(&ca, dir.path(), "laptop", not_before, not_after).unwrap_err();
+    assert!(again.to_string().contains("pass --force"), "{again}");
+    for bad in ["", "*.laptop", "lap top", "../x"] {
+        let err = issue(&ca, dir.path(), bad, not_before, not_after).unwrap_err();
+        assert!(
+            err.to_string().contains("bad certificate name"),
+            "{bad:?}: {err}"
+        );
+    }
+    let inverted = issue(&ca, dir.path(), "inverted", not_after, not_before).unwrap_err();
+    assert!(
+        inverted.to_string().contains("bad validity period"),
+        "{inverted}"
+    );
+    let err = ca.revoke("nobody", None).unwrap_err();
+    assert!(matches!(err, CaError::UnknownName { .. }), "{err:?}");
+    let err = CertAuthority::open(dir.path()).unwrap_err();
+    assert!(matches!(err, CaError::NoCa { .. }), "{err:?}");
+    Ok(())
+}
+
+#[test]
+fn expired_and_future_certificates_are_refused_with_their_reason() -> TestResult {
+    let (dir, ca) = test_ca("ca-dates")?;
+    let day = std::time::Duration::from_secs(24 * 60 * 60);
+    let now = SystemTime::now();
+    let old = issue(&ca, dir.path(), "old", now - 20 * day, now - 10 * day)?;
+    let future = issue(&ca, dir.path(), "future", now + 10 * day, now + 20 * day)?;
+    assert_eq!(old.info().validity_at(now), Validity::Expired);
+    assert!(
+        old.info()
+            .validity_problem(now)
+            .unwrap()
+            .contains("certificate old expired at")
+    );
+    assert_eq!(future.info().validity_at(now), Validity::NotYetValid);
+    let client_ca = ClientCa::load(&ca.cert_path(), None)?;
+    let verifier = client_cert_verifier(&ClientAuth::Required(client_ca))?.expect("a verifier");
+    for (identity, hint) in [(&old, "expired"), (&future, "not valid yet")] {
+        let err = verify(&verifier, identity).unwrap_err();
+        let described = describe_relay_tls_error(&err).expect("a hint");
+        assert!(described.contains(hint), "{err:?}: {described}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_revocation_list_from_another_ca_is_refused_at_load() -> TestResult {
+    let (_dir, ca) = test_ca("crl-mine")?;
+    let (_other_dir, other) = test_ca("crl-other")?;
+    let err = ClientCa::load(&ca.cert_path(), Some(&other.crl_path())).unwrap_err();
+    assert!(
+        matches!(&err, PkiError::BadCrl { reason, .. } if reason.contains("not signed by a CA")),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn mutual_tls_requires_or_accepts_client_certificates() -> TestResult {
+    let (dir, ca) = test_ca("mtls")?;
+    let (not_before, not_after) = a_year_around_now();
+    let laptop = issue(&ca, dir.path(), "laptop", not_before, not_after)?;
+    let (relay, _) = RelayCert::load_or_create(&dir.path().join("relay"), &[])?;
+    let trust = RelayTrust::Pinned(relay.fingerprint());
+    let with_cert = connector_client_config_with(
+        &trust,
+        &ConnectorTlsOptions {
+            identity: Some(laptop.clone()),
+        },
+    )?;
+    let without_cert = connector_client_config(&trust)?;
+    let client_ca = ClientCa::load(&ca.cert_path(), Some(&ca.crl_path()))?;
+    let server = |client_auth| relay_server_config_with(&relay, &RelayTlsOptions { client_auth });
+
+    let required = server(ClientAuth::Required(client_ca.clone()))?;
+    let (server_res, client_res) =
+        handshake(required.clone(), with_cert.clone(), "localhost").await?;
+    client_res?;
+    let server_stream = server_res?;
+    let presented = server_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("a certificate");
+    assert_eq!(CertInfo::parse(&presented[0])?.name, "laptop");
+
+    let (server_res, _) = handshake(required, without_cert.clone(), "localhost").await?;
+    let err = server_res.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(
+            find_tls_error(&err),
+            Some(rustls::Error::NoCertificatesPresented)
+        ),
+        "{err:?}"
+    );
+    assert!(describe_relay_tls_error(&err).is_some_and(|hint| hint.contains("no certificate")));
+
+    let optional = server(ClientAuth::Optional(client_ca))?;
+    let (server_res, client_res) = handshake(optional.clone(), without_cert, "localhost").await?;
+    client_res?;
+    assert!(server_res?.get_ref().1.peer_certificates().is_none());
+    let (server_res, _) = handshake(optional, with_cert, "localhost").await?;
+    assert!(server_res?.get_ref().1.peer_certificates().is_some());
+    Ok(())
+}
+
+#[test]
+fn connector_hints_name_the_relays_verdict_on_its_certificate() {
+    let cases = [
+        (AlertDescription::CertificateRequired, "--identity DIR"),
+        (AlertDescription::CertificateRevoked, "revoked"),
+        (
+            AlertDescription::CertificateExpired,
+            "expired or not yet valid",
+        ),
+        (AlertDescription::UnknownCA, "does not trust the CA"),
+        (
+            AlertDescription::BadCertificate,
+            "rejected this connector's certificate",
+        ),
+    ];
+    for (alert, needle) in cases {
+        let err = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(alert),
+        );
+        let hint = describe_tls_error(&err);
+        assert!(
+            hint.as_deref().is_some_and(|h| h.contains(needle)),
+            "{alert:?}: {hint:?}"
+        );
+    }
+    let relay_side = rustls::Error::AlertReceived(AlertDescription::CertificateUnknown);
+    assert!(
+        describe_relay_tls_error(&relay_side)
+            .is_some_and(|hint| hint.contains("the connector rejected the relay's certificate"))
     );
 }

@@ -16,8 +16,11 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+
 use super::cert::load_certificates;
-use super::{Fingerprint, PkiError, RelayCert};
+use super::{CertInfo, ClientCa, Fingerprint, NodeIdentity, PkiError, RelayCert};
 
 /// The ALPN protocol name of the link. Connectors offer it; the relay's link
 /// server selects it and refuses clients that offer only other protocols.
@@ -53,15 +56,25 @@ pub struct RelayTlsOptions {
 }
 
 /// Whether the relay asks connectors for client certificates.
-///
-/// Client certificates are not implemented yet: this is where the variant
-/// that requires them (with its trusted CA) will go.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum ClientAuth {
     /// Connectors present no certificate; they authenticate inside the link
     /// with kite secrets.
     #[default]
     NotRequested,
+    /// Every connector must present a certificate that chains to the client
+    /// CA and is not revoked.
+    Required(ClientCa),
+    /// A connector may present a certificate (verified as for `Required`)
+    /// or none, and then authenticates inside the link with kite secrets.
+    Optional(ClientCa),
+}
+
+/// Settings of the connector's link client beyond how it trusts the relay.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectorTlsOptions {
+    /// The certificate and key to present when the relay asks for one.
+    pub identity: Option<NodeIdentity>,
 }
 
 /// The typed cause inside the rustls error raised when a pinned relay
@@ -125,8 +138,9 @@ pub fn relay_server_config_with(
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(build_error)?;
-    let builder = match options.client_auth {
-        ClientAuth::NotRequested => builder.with_no_client_auth(),
+    let builder = match client_cert_verifier(&options.client_auth)? {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
     };
     let mut config = builder
         .with_single_cert(cert.chain().to_vec(), cert.key().clone_key())
@@ -140,12 +154,57 @@ pub fn relay_server_config_with(
     Ok(Arc::new(config))
 }
 
+/// The verifier of connectors' certificates for `auth`, or `None` when the
+/// relay asks for none.
+///
+/// It verifies the chain to the client CA (WebPKI rules: validity dates,
+/// key usage for client authentication) and, when the CA came with a
+/// revocation list, that the end-entity certificate is not in it. A
+/// certificate from a CA without a list has no revocation status to check.
+/// Refusals are logged with the certificate's name and serial.
+pub fn client_cert_verifier(
+    auth: &ClientAuth,
+) -> Result<Option<Arc<dyn ClientCertVerifier>>, PkiError> {
+    let (ca, mandatory) = match auth {
+        ClientAuth::NotRequested => return Ok(None),
+        ClientAuth::Required(ca) => (ca, true),
+        ClientAuth::Optional(ca) => (ca, false),
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for root in &ca.roots {
+        roots
+            .add(root.clone())
+            .map_err(|source| PkiError::BadClientCa { source })?;
+    }
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .with_crls(ca.crls.iter().cloned())
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status();
+    if !mandatory {
+        builder = builder.allow_unauthenticated();
+    }
+    let inner = builder
+        .build()
+        .map_err(|source| PkiError::ClientVerifier { source })?;
+    Ok(Some(Arc::new(ReportingVerifier { inner })))
+}
+
+/// Builds the connector's link client config with default
+/// [`ConnectorTlsOptions`] (no client certificate).
+pub fn connector_client_config(trust: &RelayTrust) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    connector_client_config_with(trust, &ConnectorTlsOptions::default())
+}
+
 /// Builds the connector's link client config: TLS 1.3 only, ring provider,
-/// ALPN [`ALPN_LINK`], and the relay verified as `trust` says.
+/// ALPN [`ALPN_LINK`], the relay verified as `trust` says, and the
+/// connector's certificate when `options` has one.
 ///
 /// With [`RelayTrust::Ca`] this reads the CA file and fails if it holds no
 /// certificate.
-pub fn connector_client_config(trust: &RelayTrust) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+pub fn connector_client_config_with(
+    trust: &RelayTrust,
+    options: &ConnectorTlsOptions,
+) -> Result<Arc<rustls::ClientConfig>, PkiError> {
     let build_error = |source| PkiError::BuildTls { source };
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -171,7 +230,12 @@ pub fn connector_client_config(trust: &RelayTrust) -> Result<Arc<rustls::ClientC
             builder.with_root_certificates(roots)
         }
     };
-    let mut config = builder.with_no_client_auth();
+    let mut config = match &options.identity {
+        Some(identity) => builder
+            .with_client_auth_cert(identity.chain().to_vec(), identity.key().clone_key())
+            .map_err(build_error)?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN_LINK.to_vec()];
     // Every link handshake is a full one: see relay_server_config_with.
     config.resumption = rustls::client::Resumption::disabled();
@@ -198,8 +262,10 @@ pub fn find_tls_error<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a rustls::
     None
 }
 
-/// A one-line hint for the operator about why a link's TLS handshake failed,
-/// or `None` if `err` holds no TLS failure this knows about.
+/// A one-line hint for the connector's operator about why a link's TLS
+/// handshake (or the relay's verdict on this connector's certificate right
+/// after it) failed, or `None` if `err` holds no TLS failure this knows
+/// about.
 pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
     if FingerprintMismatch::find(err).is_some() {
         return Some(
@@ -213,7 +279,7 @@ pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
             // BadSignature: the CA file holds a CA of the same name but
             // another key, e.g. one that was regenerated.
             CertificateError::UnknownIssuer | CertificateError::BadSignature => {
-                "relay certificate not signed by the CA in --ca FILE"
+                "relay certificate not signed by the CA in --ca FILE (or ca.pem in --identity DIR)"
             }
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
                 "relay certificate does not name the host dialed: dial a name it lists, \
@@ -227,13 +293,78 @@ pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
             }
             _ => return None,
         },
+        // The alerts below are the relay's verdict on this connector's
+        // certificate: a relay verifies nothing else.
+        rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
+            "the relay requires a client certificate: connect with --identity DIR \
+             (made by `kitepipe ca issue NAME`)"
+        }
+        rustls::Error::AlertReceived(AlertDescription::CertificateRevoked) => {
+            "the relay's CA revoked this connector's certificate: \
+             ask its operator for a new one (`kitepipe ca issue NAME`)"
+        }
+        rustls::Error::AlertReceived(AlertDescription::CertificateExpired) => {
+            "the relay refused this connector's certificate as expired or not yet valid: \
+             issue a new one, or check the clocks"
+        }
+        rustls::Error::AlertReceived(AlertDescription::UnknownCA) => {
+            "the relay does not trust the CA that issued this connector's certificate: \
+             use a certificate from the CA in the relay's --client-ca"
+        }
+        rustls::Error::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::DecryptError
+            | AlertDescription::AccessDenied,
+        ) => "the relay rejected this connector's certificate",
+        rustls::Error::NoApplicationProtocol
+        | rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol) => {
+            "the peer does not speak kitepipe/1: wrong port, or incompatible versions"
+        }
+        rustls::Error::InvalidMessage(_) => {
+            "the peer does not speak TLS: wrong port, or something in the way"
+        }
+        _ => return None,
+    };
+    Some(hint.to_string())
+}
+
+/// A one-line hint for the relay's operator about why a connector's link
+/// handshake failed (mostly: why its certificate was refused), or `None`
+/// if `err` holds no TLS failure this knows about.
+pub fn describe_relay_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
+    let hint = match find_tls_error(err)? {
+        rustls::Error::InvalidCertificate(cert_err) => match cert_err {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "connector certificate expired: issue a new one (`kitepipe ca issue NAME`)"
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "connector certificate not valid yet: check the clocks, or when it was issued for"
+            }
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                "connector certificate not issued by the CA in --client-ca"
+            }
+            CertificateError::Revoked => {
+                "connector certificate revoked (listed in the CA's revocation list)"
+            }
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "connector certificate is not for client authentication: issue it with `kitepipe ca issue`"
+            }
+            _ => return None,
+        },
+        rustls::Error::NoCertificatesPresented => {
+            "the connector presented no certificate, and this relay requires one \
+             (--client-ca without --domain secrets)"
+        }
         rustls::Error::AlertReceived(
             AlertDescription::BadCertificate
             | AlertDescription::CertificateUnknown
             | AlertDescription::UnknownCA
-            | AlertDescription::CertificateExpired,
+            | AlertDescription::CertificateExpired
+            | AlertDescription::DecryptError,
         ) => {
-            "the peer rejected this side's certificate: give the connector the fingerprint \
+            "the connector rejected the relay's certificate: give the connector the fingerprint \
              the relay printed at start, or the CA that signed the relay's certificate"
         }
         rustls::Error::NoApplicationProtocol
@@ -246,6 +377,78 @@ pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
         _ => return None,
     };
     Some(hint.to_string())
+}
+
+/// Wraps the WebPKI client verifier to log every refused certificate with
+/// the name and serial it carries, so the relay's log says who was refused.
+#[derive(Debug)]
+struct ReportingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for ReportingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let res = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now);
+        if let Err(err) = &res {
+            let hint = describe_relay_tls_error(err).unwrap_or_default();
+            match CertInfo::parse(end_entity) {
+                Ok(info) => tracing::warn!(
+                    identity = %info.name,
+                    serial = %info.serial,
+                    %err,
+                    %hint,
+                    "refused connector certificate"
+                ),
+                Err(_) => tracing::warn!(%err, %hint, "refused unparsable connector certificate"),
+            }
+        }
+        res
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
 }
 
 /// Accepts exactly the pinned end-entity certificate; see

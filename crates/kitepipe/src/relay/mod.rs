@@ -2,16 +2,20 @@
 //! and balancing.
 //!
 //! Start at [`Relay::bind`] then [`Relay::run`]. Every accepted connection
-//! goes through [`listener`], which tells connectors' links, visitors' HTTP
+//! goes through `listener`, which tells connectors' links, visitors' HTTP
 //! and visitors' HTTPS apart (by their first bytes when one port serves
-//! several), then to [`session`] (a connector's link: handshake, kite
-//! registration), [`http`] (visitor HTTP routed by Host) or [`tcp`] (HTTPS by
+//! several), then to `session` (a connector's link: handshake, kite
+//! registration), `http` (visitor HTTP routed by Host) or `tcp` (HTTPS by
 //! SNI, and raw TCP kites on their own ports).
+//!
+//! Connectors' certificates and the rules for their identities live in
+//! `identity`, which also reloads them (see [`Relay::reload_trigger`]).
 //!
 //! The relay never dials anything: every byte it moves arrives on a socket it
 //! accepted, and goes out on a link a connector opened.
 
 mod http;
+mod identity;
 mod listener;
 pub(crate) mod registry;
 mod session;
@@ -19,19 +23,20 @@ mod tcp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::{ListenerConfig, RelayConfig, RelayTlsSource};
 use crate::link::MuxConfig;
-use crate::pki::{Fingerprint, PkiError, RelayCert, relay_server_config};
+use crate::pki::{Fingerprint, PkiError, RelayCert};
+pub use identity::ReloadTrigger;
+use identity::{IdentityInputs, IdentityState};
 use registry::Registry;
 
 /// Visitor and link connections served at once; beyond this, new
@@ -66,6 +71,8 @@ pub struct Relay {
     listeners: Vec<(TcpListener, ListenerConfig)>,
     fingerprint: Fingerprint,
     cert_created: bool,
+    /// Wakes the identity watcher for a reload.
+    reload: Arc<Notify>,
 }
 
 /// One bound listener, as reported to the operator.
@@ -81,7 +88,10 @@ pub struct BoundListener {
 pub(crate) struct RelayCtx {
     pub(crate) config: RelayConfig,
     pub(crate) registry: Registry,
-    pub(crate) acceptor: TlsAcceptor,
+    /// The relay's own certificate, to rebuild the link acceptor on reload.
+    pub(crate) relay_cert: RelayCert,
+    /// The link acceptor and identity rules; replaced as a whole on reload.
+    identity: RwLock<Arc<IdentityState>>,
     pub(crate) mux: MuxConfig,
     /// Every task of the relay runs here.
     pub(crate) tracker: TaskTracker,
@@ -113,7 +123,12 @@ impl Relay {
             RelayTlsSource::Files { cert, key } => (RelayCert::load(cert, key)?, false),
         };
         let fingerprint = cert.fingerprint();
-        let server_config = relay_server_config(&cert)?;
+        let inputs = IdentityInputs {
+            cert: &cert,
+            secrets: !config.domains.is_empty(),
+            config_file: config.reload_from.as_ref().map(|source| &source.file),
+        };
+        let identity = IdentityState::load(config.identity.clone(), &inputs, 0)?;
         let mut listeners = Vec::new();
         let mut http_port = None;
         let mut https_port = None;
@@ -144,7 +159,8 @@ impl Relay {
         let ctx = Arc::new(RelayCtx {
             config,
             registry: Registry::default(),
-            acceptor: TlsAcceptor::from(server_config),
+            relay_cert: cert,
+            identity: RwLock::new(Arc::new(identity)),
             mux,
             tracker: TaskTracker::new(),
             token: CancellationToken::new(),
@@ -158,7 +174,15 @@ impl Relay {
             listeners,
             fingerprint,
             cert_created,
+            reload: Arc::new(Notify::new()),
         })
+    }
+
+    /// A handle that makes the running relay reload its identity settings
+    /// (client CA, revocation list, certificate rules) without dropping
+    /// links. The relay also reloads by itself when those files change.
+    pub fn reload_trigger(&self) -> ReloadTrigger {
+        ReloadTrigger::new(self.reload.clone())
     }
 
     /// The bound listeners.
@@ -192,6 +216,9 @@ impl Relay {
             ctx.tracker
                 .spawn(listener::run(listener, roles, ctx.clone()).instrument(span));
         }
+        ctx.tracker.spawn(
+            identity::watch(ctx.clone(), self.reload.clone()).instrument(info_span!("identity")),
+        );
         info!(fingerprint = %self.fingerprint, "relay running");
         shutdown.cancelled().await;
         info!("relay shutting down");
@@ -206,6 +233,24 @@ impl Relay {
                 "shutdown grace expired; cutting remaining connections"
             );
         }
+    }
+}
+
+impl RelayCtx {
+    /// The current identity state (acceptor and rules).
+    pub(crate) fn identity(&self) -> Arc<IdentityState> {
+        self.identity
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces the identity state (on reload).
+    fn set_identity(&self, state: Arc<IdentityState>) {
+        *self
+            .identity
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = state;
     }
 }
 

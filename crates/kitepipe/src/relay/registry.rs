@@ -8,10 +8,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 
+use super::identity::LinkIdentity;
 use crate::link::{LinkClosed, Mux};
 
 /// Identifies a link within one relay process.
@@ -25,6 +26,26 @@ pub(crate) struct Backend {
     pub(crate) node: String,
     /// The kite as registered (a pattern for wildcard kites).
     pub(crate) kite: KiteRef,
+}
+
+/// What authorized a link to serve a kite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grant {
+    /// A proof of a domain's shared secret.
+    Secret,
+    /// The link's certificate identity, under the relay's rules; checked
+    /// again whenever the rules change.
+    Identity,
+}
+
+/// A link with a certificate identity, as reloads see it.
+#[derive(Clone, Debug)]
+pub(crate) struct IdentityLink {
+    pub(crate) link: LinkId,
+    pub(crate) mux: Mux,
+    pub(crate) identity: Arc<LinkIdentity>,
+    /// The kites it serves by [`Grant::Identity`].
+    pub(crate) kites: Vec<KiteRef>,
 }
 
 /// Result of routing a visitor.
@@ -61,6 +82,10 @@ struct LinkEntry {
     node: String,
     mux: Mux,
     kites: Vec<(KiteProto, String, u16)>,
+    /// The connector's verified certificate identity, if it presented one.
+    identity: Option<Arc<LinkIdentity>>,
+    /// The subset of `kites` granted by the identity rather than a secret.
+    identity_kites: HashSet<(KiteProto, String, u16)>,
 }
 
 #[derive(Default)]
@@ -77,6 +102,7 @@ impl Registry {
         node: &str,
         mux: Mux,
         peer: SocketAddr,
+        identity: Option<Arc<LinkIdentity>>,
     ) -> LinkId {
         let replaced = {
             let mut inner = lock(&self.inner);
@@ -91,6 +117,8 @@ impl Registry {
                     node: node.to_string(),
                     mux,
                     kites: Vec::new(),
+                    identity,
+                    identity_kites: HashSet::new(),
                 },
             );
             (id, old_mux)
@@ -119,13 +147,18 @@ impl Registry {
         lock(&self.inner).tcp_ports.get(&port).cloned()
     }
 
-    /// Adds `kite` to the backends of link `id`. Returns false if the link is gone.
-    pub(crate) fn add_kite(&self, id: LinkId, kite: &KiteRef) -> bool {
+    /// Adds `kite` to the backends of link `id`, authorized by `grant`.
+    /// Returns false if the link is gone.
+    pub(crate) fn add_kite(&self, id: LinkId, kite: &KiteRef, grant: Grant) -> bool {
         let mut inner = lock(&self.inner);
         let Some(link) = inner.links.get_mut(&id) else {
             return false;
         };
         let key = (kite.proto, kite.name.clone(), kite.port);
+        match grant {
+            Grant::Identity => link.identity_kites.insert(key.clone()),
+            Grant::Secret => link.identity_kites.remove(&key),
+        };
         if link.kites.contains(&key) {
             return true;
         }
@@ -142,6 +175,46 @@ impl Registry {
         inner.known.insert(key.clone());
         inner.kites.entry(key).or_default().backends.push(backend);
         true
+    }
+
+    /// Stops serving `kites` through link `id` (they stay known, so visitors
+    /// get "offline" until another link serves them).
+    pub(crate) fn withdraw(&self, id: LinkId, kites: &[KiteRef]) {
+        let mut inner = lock(&self.inner);
+        let keys: Vec<_> = kites
+            .iter()
+            .map(|kite| (kite.proto, kite.name.clone(), kite.port))
+            .collect();
+        let Some(link) = inner.links.get_mut(&id) else {
+            return;
+        };
+        link.kites.retain(|key| !keys.contains(key));
+        link.identity_kites.retain(|key| !keys.contains(key));
+        for key in &keys {
+            if let Some(entry) = inner.kites.get_mut(key) {
+                entry.backends.retain(|backend| backend.link != id);
+            }
+        }
+    }
+
+    /// Every live link with a certificate identity.
+    pub(crate) fn identity_links(&self) -> Vec<IdentityLink> {
+        let inner = lock(&self.inner);
+        let mut ids: Vec<LinkId> = inner
+            .links
+            .iter()
+            .filter(|(_, link)| link.identity.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .filter_map(|id| inner.identity_link(id))
+            .collect()
+    }
+
+    /// Link `id`, if it is live and has a certificate identity.
+    pub(crate) fn identity_link(&self, id: LinkId) -> Option<IdentityLink> {
+        lock(&self.inner).identity_link(id)
     }
 
     /// Routes a visitor by protocol and host name (exact names first, then
@@ -195,6 +268,29 @@ impl Registry {
 }
 
 impl Inner {
+    fn identity_link(&self, id: LinkId) -> Option<IdentityLink> {
+        let link = self.links.get(&id)?;
+        let identity = link.identity.clone()?;
+        let mut kites: Vec<KiteRef> = link
+            .identity_kites
+            .iter()
+            .map(|(proto, name, port)| KiteRef {
+                proto: *proto,
+                name: name.clone(),
+                port: *port,
+            })
+            .collect();
+        kites.sort_by(|a, b| {
+            (a.proto.as_str(), &a.name, a.port).cmp(&(b.proto.as_str(), &b.name, b.port))
+        });
+        Some(IdentityLink {
+            link: id,
+            mux: link.mux.clone(),
+            identity,
+            kites,
+        })
+    }
+
     /// Forgets a link and its backends; returns its mux.
     fn remove_link(&mut self, id: LinkId) -> Option<Mux> {
         let entry = self.links.remove(&id)?;
@@ -260,10 +356,10 @@ mod tests {
     async fn routes_exact_then_most_specific_wildcard() {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
-        let a = registry.add_link("a", "a", mux(&tracker), peer());
-        registry.add_kite(a, &kite("http:blog.example.net"));
-        registry.add_kite(a, &kite("http:*.example.net"));
-        registry.add_kite(a, &kite("http:*.shop.example.net"));
+        let a = registry.add_link("a", "a", mux(&tracker), peer(), None);
+        registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
+        registry.add_kite(a, &kite("http:*.example.net"), Grant::Secret);
+        registry.add_kite(a, &kite("http:*.shop.example.net"), Grant::Secret);
         let routed = |host: &str| match registry.lookup_name(KiteProto::Http, host) {
             Lookup::Found(b) => b[0].kite.name.clone(),
             other => format!("{other:?}"),
@@ -282,10 +378,10 @@ mod tests {
     async fn balances_and_fails_over_then_reports_offline() {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
-        let a = registry.add_link("a", "node-a", mux(&tracker), peer());
-        let b = registry.add_link("b", "node-b", mux(&tracker), peer());
-        registry.add_kite(a, &kite("http:blog.example.net"));
-        registry.add_kite(b, &kite("http:blog.example.net"));
+        let a = registry.add_link("a", "node-a", mux(&tracker), peer(), None);
+        let b = registry.add_link("b", "node-b", mux(&tracker), peer(), None);
+        registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
+        registry.add_kite(b, &kite("http:blog.example.net"), Grant::Secret);
         let first =
             |registry: &Registry| match registry.lookup_name(KiteProto::Http, "blog.example.net") {
                 Lookup::Found(b) => b.iter().map(|b| b.node.clone()).collect::<Vec<_>>(),
@@ -309,11 +405,11 @@ mod tests {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
         let old_mux = mux(&tracker);
-        let old = registry.add_link("same", "laptop", old_mux.clone(), peer());
-        registry.add_kite(old, &kite("tcp:db.example.net:15432"));
-        let new = registry.add_link("same", "laptop", mux(&tracker), peer());
+        let old = registry.add_link("same", "laptop", old_mux.clone(), peer(), None);
+        registry.add_kite(old, &kite("tcp:db.example.net:15432"), Grant::Secret);
+        let new = registry.add_link("same", "laptop", mux(&tracker), peer(), None);
         assert!(matches!(registry.lookup_port(15432), Lookup::Offline));
-        registry.add_kite(new, &kite("tcp:db.example.net:15432"));
+        registry.add_kite(new, &kite("tcp:db.example.net:15432"), Grant::Secret);
         assert!(
             matches!(registry.lookup_port(15432), Lookup::Found(b) if b.len() == 1 && b[0].link == new)
         );
@@ -321,6 +417,35 @@ mod tests {
         // The stale link's own cleanup must not remove the new one.
         registry.remove_link(old);
         assert_eq!(registry.link_count(), 1);
-        assert!(!registry.add_kite(old, &kite("http:x.example.net")));
+        assert!(!registry.add_kite(old, &kite("http:x.example.net"), Grant::Secret));
+    }
+
+    #[tokio::test]
+    async fn withdrawn_kites_go_offline_and_identity_grants_are_tracked() {
+        let tracker = TaskTracker::new();
+        let registry = Registry::default();
+        let identity = Arc::new(LinkIdentity::for_tests("laptop"));
+        let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity));
+        let b = registry.add_link("b", "other", mux(&tracker), peer(), None);
+        registry.add_kite(a, &kite("http:laptop.example.net"), Grant::Identity);
+        registry.add_kite(a, &kite("http:extra.example.net"), Grant::Identity);
+        registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
+        registry.add_kite(b, &kite("http:blog.example.net"), Grant::Secret);
+        let links = registry.identity_links();
+        assert_eq!(links.len(), 1);
+        let names: Vec<_> = links[0].kites.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["extra.example.net", "laptop.example.net"]);
+
+        registry.withdraw(a, &[kite("http:extra.example.net")]);
+        assert!(matches!(
+            registry.lookup_name(KiteProto::Http, "extra.example.net"),
+            Lookup::Offline
+        ));
+        assert!(matches!(
+            registry.lookup_name(KiteProto::Http, "laptop.example.net"),
+            Lookup::Found(_)
+        ));
+        assert_eq!(registry.identity_link(a).unwrap().kites.len(), 1);
+        assert!(registry.identity_link(b).is_none());
     }
 }

@@ -1,5 +1,6 @@
 //! A connector's link, seen from the relay: TLS, handshake, kite
-//! registration, and cleanup when the link ends.
+//! registration (authorized by a domain secret or the link's certificate
+//! identity), and cleanup when the link ends.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,18 +13,34 @@ use kitepipe_proto::message::{
     self, Challenge, ConnectorMessage, ErrorCode, ErrorMessage, KiteClaim, KiteOutcome, KiteResult,
     PROTOCOL_VERSION, RefuseReason, Registered, RelayMessage, Role,
 };
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::RelayCtx;
-use super::registry::LinkId;
+use super::identity::{IdentityState, LinkIdentity, enforce};
+use super::registry::{Grant, LinkId};
 use crate::link::{LinkClosed, Mux, MuxReceivers, Side};
-use crate::pki::{ProofInput, link_exporter, random_nonce, verify_kite_proof};
+use crate::pki::{
+    ProofInput, describe_relay_tls_error, link_exporter, pattern_covers, random_nonce,
+    verify_kite_proof,
+};
 use crate::tunnel::Prefixed;
 
 /// How long a connector has to finish TLS and say hello. Long enough for a
 /// slow mobile link, short enough that half-open connections do not pile up.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a refused TLS connection is kept open after the relay's alert,
+/// reading and discarding what the peer still sends. In TLS 1.3 a connector
+/// learns that its certificate was refused only after its side of the
+/// handshake is done, and it may already have sent its hello; closing a
+/// socket with unread bytes sends a TCP reset, which can destroy the alert
+/// before the connector reads it.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// Most bytes read and discarded while lingering.
+const REFUSAL_LINGER_BYTES: usize = 64 * 1024;
 
 /// Accepts a connector's TLS link (after `prefix`, bytes already read) and
 /// serves it until it closes.
@@ -34,11 +51,19 @@ pub(crate) async fn accept(
     ctx: Arc<RelayCtx>,
 ) {
     let io = Prefixed::new(prefix, sock);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ctx.acceptor.accept(io)).await {
+    let state = ctx.identity();
+    let accept = state.acceptor.accept(io).into_fallible();
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(err)) => {
-            // Garbage, scanners and wrong pins all end here: not an operator problem.
-            info!(%err, "link TLS handshake failed");
+        Ok(Err((err, io))) => {
+            // Garbage, scanners and wrong pins all end here: not an operator
+            // problem. Refused certificates are logged with their name by
+            // the verifier.
+            match describe_relay_tls_error(&err) {
+                Some(hint) => info!(%err, %hint, "link TLS handshake failed"),
+                None => info!(%err, "link TLS handshake failed"),
+            }
+            linger(io).await;
             return;
         }
         Err(_) => {
@@ -58,6 +83,19 @@ pub(crate) async fn accept(
             return;
         }
     };
+    let identity = match tls.get_ref().1.peer_certificates() {
+        Some(chain) if !chain.is_empty() => match LinkIdentity::from_chain(chain) {
+            Ok(identity) => {
+                debug!(identity = %identity.name, serial = %identity.serial, "connector certificate verified");
+                Some(Arc::new(identity))
+            }
+            Err(err) => {
+                warn!(%err, "verified connector certificate has no usable name; closing");
+                return;
+            }
+        },
+        _ => None,
+    };
     let token = ctx.token.child_token();
     let (mux, rx) = Mux::start(
         tls,
@@ -67,17 +105,51 @@ pub(crate) async fn accept(
         &ctx.tracker,
         token.clone(),
     );
-    run(mux, rx, exporter, peer, &ctx).await;
+    let link = NewLink {
+        exporter,
+        peer,
+        identity,
+        generation: state.generation,
+    };
+    drop(state);
+    run(mux, rx, link, &ctx).await;
     token.cancel();
 }
 
-async fn run(
-    mux: Mux,
-    mut rx: MuxReceivers,
+/// What the TLS handshake established about a new link.
+struct NewLink {
     exporter: [u8; 32],
     peer: SocketAddr,
-    ctx: &Arc<RelayCtx>,
-) {
+    identity: Option<Arc<LinkIdentity>>,
+    /// Generation of the identity state that accepted the link.
+    generation: u64,
+}
+
+/// Keeps a refused connection open briefly after the TLS alert: shuts down
+/// the sending side, then reads and discards until the peer closes, for at
+/// most [`REFUSAL_LINGER`].
+async fn linger<T: AsyncRead + AsyncWrite + Unpin>(mut io: T) {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let _ = io.shutdown().await;
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while total < REFUSAL_LINGER_BYTES {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}
+
+async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>) {
+    let NewLink {
+        exporter,
+        peer,
+        identity,
+        generation,
+    } = link;
     let hello = match recv(&mux, &mut rx).await {
         Ok(ConnectorMessage::Hello(hello)) => hello,
         Ok(other) => {
@@ -121,13 +193,21 @@ async fn run(
     if mux.send_control(message::encode(&challenge)).await.is_err() {
         return;
     }
-    let node = hello.node.chars().take(64).collect::<String>();
-    let link_id = ctx
-        .registry
-        .add_link(&hello.instance, &node, mux.clone(), peer);
-    let span = info_span!("link", node = %node, id = link_id);
+    // A certificate names the node; the hello's name is only a claim.
+    let node = match &identity {
+        Some(identity) => identity.name.clone(),
+        None => hello.node.chars().take(64).collect::<String>(),
+    };
+    let link_id =
+        ctx.registry
+            .add_link(&hello.instance, &node, mux.clone(), peer, identity.clone());
+    let span = info_span!("link", node = %node, id = link_id, %peer);
     async {
-        info!(software = %hello.software, "connector linked");
+        match &identity {
+            Some(identity) => info!(software = %hello.software, identity = %identity.name, serial = %identity.serial, "connector linked"),
+            None => info!(software = %hello.software, "connector linked"),
+        }
+        recheck_if_reloaded(ctx, link_id, generation);
         let nonces = Nonces {
             exporter,
             server: server_nonce,
@@ -173,7 +253,9 @@ async fn serve(
                 let Some(payload) = control else { return mux.closed().await };
                 match message::decode::<ConnectorMessage>(&payload) {
                     Ok(ConnectorMessage::Register(register)) => {
-                        let outcomes = register_kites(register.kites, nonces, link_id, ctx).await;
+                        let state = ctx.identity();
+                        let outcomes = register_kites(register.kites, nonces, link_id, &state, ctx).await;
+                        recheck_if_reloaded(ctx, link_id, state.generation);
                         let reply = RelayMessage::Registered(Registered { kites: outcomes });
                         if mux.send_control(message::encode(&reply)).await.is_err() {
                             return mux.closed().await;
@@ -194,15 +276,38 @@ async fn serve(
     }
 }
 
+/// If a reload swapped the identity state since `generation`, applies the
+/// current one to this link: a registration or handshake that raced the
+/// reload was judged by the old rules, and the reload may not have seen it.
+fn recheck_if_reloaded(ctx: &Arc<RelayCtx>, link_id: LinkId, generation: u64) {
+    let state = ctx.identity();
+    if state.generation == generation {
+        return;
+    }
+    if let Some(link) = ctx.registry.identity_link(link_id) {
+        enforce(ctx, &state, link);
+    }
+}
+
 async fn register_kites(
     claims: Vec<KiteClaim>,
     nonces: &Nonces,
     link_id: LinkId,
+    state: &IdentityState,
     ctx: &Arc<RelayCtx>,
 ) -> Vec<KiteOutcome> {
+    let identity = ctx
+        .registry
+        .identity_link(link_id)
+        .map(|link| link.identity);
     let mut outcomes = Vec::with_capacity(claims.len());
     for claim in claims {
-        let result = match register_one(&claim, nonces, link_id, ctx).await {
+        let auth = Authority {
+            nonces,
+            identity: identity.as_deref(),
+            state,
+        };
+        let result = match register_one(&claim, &auth, link_id, ctx).await {
             Ok((kite, result)) => {
                 info!(kite = %kite, "kite online");
                 outcomes.push(KiteOutcome { kite, result });
@@ -221,9 +326,18 @@ async fn register_kites(
     outcomes
 }
 
+/// What a claim can be authorized by on one link.
+struct Authority<'a> {
+    nonces: &'a Nonces,
+    /// The link's certificate identity, if it presented one.
+    identity: Option<&'a LinkIdentity>,
+    /// The identity rules in force for this registration.
+    state: &'a IdentityState,
+}
+
 async fn register_one(
     claim: &KiteClaim,
-    nonces: &Nonces,
+    auth: &Authority<'_>,
     link_id: LinkId,
     ctx: &Arc<RelayCtx>,
 ) -> Result<(KiteRef, KiteResult), (RefuseReason, String)> {
@@ -233,42 +347,7 @@ async fn register_one(
     if kite.proto != KiteProto::Tcp && kite.port != 0 {
         return Err((RefuseReason::Invalid, "only TCP kites have a port".into()));
     }
-    let domains: Vec<_> = ctx
-        .config
-        .domains
-        .iter()
-        .filter(|d| d.protos.contains(&kite.proto) && covers(&d.pattern, &kite.name))
-        .collect();
-    if domains.is_empty() {
-        return Err((
-            RefuseReason::NoDomain,
-            format!(
-                "no domain on this relay covers {} for {}: the relay operator must add it (--domain)",
-                kite.name, kite.proto
-            ),
-        ));
-    }
-    let proof = message::unhex(&claim.proof).unwrap_or_default();
-    let input = ProofInput {
-        tls_exporter: &nonces.exporter,
-        server_nonce: &nonces.server,
-        client_nonce: &nonces.client,
-        protocol: kite.proto.as_str(),
-        // The proof covers the name as the connector sent it.
-        name: &claim.kite.name,
-    };
-    if !domains
-        .iter()
-        .any(|d| verify_kite_proof(&d.secret, &input, &proof))
-    {
-        return Err((
-            RefuseReason::BadSecret,
-            format!(
-                "wrong secret for {} (domain {})",
-                kite.name, domains[0].pattern
-            ),
-        ));
-    }
+    let grant = authorize(claim, &kite, auth, ctx)?;
     let public = match kite.proto {
         KiteProto::Http => {
             let port = ctx.http_port.ok_or((
@@ -298,7 +377,7 @@ async fn register_one(
             format!("{}:{port}", ctx.config.name)
         }
     };
-    if !ctx.registry.add_kite(link_id, &kite) {
+    if !ctx.registry.add_kite(link_id, &kite, grant) {
         return Err((
             RefuseReason::Invalid,
             "link closed during registration".into(),
@@ -308,16 +387,91 @@ async fn register_one(
     Ok((kite, KiteResult::Accepted { public, port }))
 }
 
-/// True if a domain pattern lets a connector claim `name` (itself a name or pattern).
-fn covers(domain: &str, name: &str) -> bool {
-    if domain == name {
-        return true;
+/// Decides whether a claim may be served, and by what right.
+///
+/// A claim with a proof is checked against the domain secrets; if that
+/// fails, a certificate identity that is allowed the kite still gets it. A
+/// claim without a proof is checked against the link's identity only.
+fn authorize(
+    claim: &KiteClaim,
+    kite: &KiteRef,
+    auth: &Authority<'_>,
+    ctx: &Arc<RelayCtx>,
+) -> Result<Grant, (RefuseReason, String)> {
+    let identity_allows = auth
+        .identity
+        .is_some_and(|identity| auth.state.rules.allows(&identity.name, kite));
+    if claim.proof.is_empty() {
+        return match auth.identity {
+            Some(_) if identity_allows => Ok(Grant::Identity),
+            Some(identity) => Err((
+                RefuseReason::NotAllowed,
+                format!(
+                    "identity {} may not claim {kite} under this relay's rules (it may claim: {})",
+                    identity.name,
+                    auth.state.rules.describe_grants(&identity.name)
+                ),
+            )),
+            None => Err((
+                RefuseReason::NotAllowed,
+                format!(
+                    "{kite}: the claim has no proof and the link no client certificate: \
+                     connect with --secret or --identity DIR"
+                ),
+            )),
+        };
     }
-    match name.strip_prefix("*.") {
-        // A wildcard kite needs a wildcard domain above it.
-        Some(body) => domain.starts_with("*.") && kite::name_matches(domain, body),
-        None => kite::name_matches(domain, name),
+    match check_secret(claim, kite, auth.nonces, ctx) {
+        Ok(()) => Ok(Grant::Secret),
+        Err(_) if identity_allows => Ok(Grant::Identity),
+        Err(refusal) => Err(refusal),
     }
+}
+
+/// Checks a claim's proof against the secrets of the domains covering it.
+fn check_secret(
+    claim: &KiteClaim,
+    kite: &KiteRef,
+    nonces: &Nonces,
+    ctx: &Arc<RelayCtx>,
+) -> Result<(), (RefuseReason, String)> {
+    let domains: Vec<_> = ctx
+        .config
+        .domains
+        .iter()
+        .filter(|d| d.protos.contains(&kite.proto) && pattern_covers(&d.pattern, &kite.name))
+        .collect();
+    if domains.is_empty() {
+        return Err((
+            RefuseReason::NoDomain,
+            format!(
+                "no domain on this relay covers {} for {}: the relay operator must add it (--domain)",
+                kite.name, kite.proto
+            ),
+        ));
+    }
+    let proof = message::unhex(&claim.proof).unwrap_or_default();
+    let input = ProofInput {
+        tls_exporter: &nonces.exporter,
+        server_nonce: &nonces.server,
+        client_nonce: &nonces.client,
+        protocol: kite.proto.as_str(),
+        // The proof covers the name as the connector sent it.
+        name: &claim.kite.name,
+    };
+    if domains
+        .iter()
+        .any(|d| verify_kite_proof(&d.secret, &input, &proof))
+    {
+        return Ok(());
+    }
+    Err((
+        RefuseReason::BadSecret,
+        format!(
+            "wrong secret for {} (domain {})",
+            kite.name, domains[0].pattern
+        ),
+    ))
 }
 
 async fn recv(mux: &Mux, rx: &mut MuxReceivers) -> Result<ConnectorMessage, String> {
@@ -337,26 +491,4 @@ async fn fail(mux: &Mux, code: ErrorCode, message: String) {
     });
     let _ = mux.send_control(message::encode(&error)).await;
     mux.close(LinkClosed::Protocol(message));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::covers;
-
-    #[test]
-    fn domain_coverage() {
-        let cases = [
-            ("*.example.net", "blog.example.net", true),
-            ("*.example.net", "*.example.net", true),
-            ("*.example.net", "*.shop.example.net", true),
-            ("example.net", "*.example.net", false),
-            ("blog.example.net", "blog.example.net", true),
-            ("blog.example.net", "x.blog.example.net", false),
-            ("*.example.net", "example.net", false),
-            ("*.example.net", "evil.net", false),
-        ];
-        for (domain, name, expected) in cases {
-            assert_eq!(covers(domain, name), expected, "{domain} covers {name}");
-        }
-    }
 }

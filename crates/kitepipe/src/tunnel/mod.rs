@@ -58,8 +58,8 @@ where
         if up_done.is_ready() || down_done.is_ready() {
             // Half-closed: the other direction must keep making progress.
             let moved = up.moved + down.moved;
-            let sleep = linger
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(HALF_CLOSED_LINGER)));
+            let sleep =
+                linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(HALF_CLOSED_LINGER)));
             if moved != last_moved {
                 last_moved = moved;
                 sleep
