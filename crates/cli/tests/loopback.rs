@@ -706,3 +706,53 @@ fn http_connect_on_the_http_port_reaches_a_tcp_kite() {
     let head = read_head(&mut wrong);
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
+
+/// Regression: after a relay restart the connector asked for its HTTP kite
+/// with the TCP port the relay had given a TCP kite of the same name, and the
+/// relay refused it ("only TCP kites have a port").
+#[test]
+fn http_and_tcp_kites_of_one_name_both_return_after_a_relay_restart() {
+    let state = TempDir::new("restart-state");
+    let link = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let start = || {
+        Relay::new()
+            .args(&["--listen", &link, "--http", &http])
+            .domain(&domain())
+            .state_dir(state.path())
+            .start()
+    };
+    let mut relay = start();
+    let backend = Backend::start("http");
+    let connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("http:web.example.net={}", backend.addr()))
+        .kite(&format!("tcp:web.example.net:0={}", backend.addr()))
+        .args(&["--max-backoff", "1s"])
+        .start();
+    let tcp_port = tcp_kite_port(&connector, "web.example.net");
+    let url = format!("{}/", relay.http_url());
+    assert_eq!(
+        curl_ok(&["-H", "Host: web.example.net", &url]),
+        "hello from backend\n"
+    );
+
+    relay.proc.kill();
+    relay = start();
+    connector.wait_for_count("linked to relay", 2);
+    assert_eq!(
+        connector.count("relay refused kite"),
+        0,
+        "{}",
+        connector.output()
+    );
+    assert_eq!(
+        curl_ok(&["-H", "Host: web.example.net", &url]),
+        "hello from backend\n"
+    );
+    assert_eq!(
+        curl_ok(&[&format!("http://127.0.0.1:{tcp_port}/")]),
+        "hello from backend\n"
+    );
+    drop(relay);
+}

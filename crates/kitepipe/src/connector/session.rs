@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe_proto::frame::Frame;
+use kitepipe_proto::kite::KiteProto;
 use kitepipe_proto::message::{
     self, ConnectorMessage, ErrorCode, Hello, KiteClaim, KiteResult, PROTOCOL_VERSION, Register,
     Registered, RelayMessage, Role, Withdrawn,
@@ -244,7 +245,8 @@ impl RelayLink {
             .iter()
             .map(|target| {
                 let mut kite = target.kite.clone();
-                if kite.port == 0 {
+                // Only TCP kites have ports; an HTTP kite may share the name.
+                if kite.proto == KiteProto::Tcp && kite.port == 0 {
                     let key = (self.relay.addr.clone(), kite.name.clone());
                     if let Some(port) = lock(&self.kites.assigned_ports).get(&key) {
                         kite.port = *port;
