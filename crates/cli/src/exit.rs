@@ -5,6 +5,7 @@
 //! | 0    | success (a relay or connector stopped by a signal exits 0) |
 //! | 1    | runtime failure (cannot bind, cannot read the certificate, ...) |
 //! | 2    | usage or configuration error (bad flag, bad config value, a `ca` command refusing to overwrite or naming an unknown certificate) |
+//! | 3    | `kitepipe call`: the event's reply was not a 2xx status (the body is printed all the same) |
 
 /// Success.
 pub(crate) const OK: i32 = 0;
@@ -12,6 +13,14 @@ pub(crate) const OK: i32 = 0;
 pub(crate) const RUNTIME: i32 = 1;
 /// Bad arguments or configuration (clap uses 2 as well).
 pub(crate) const USAGE: i32 = 2;
+
+/// `kitepipe call` got a reply whose status is not 2xx.
+pub(crate) const EVENT_FAILED: i32 = 3;
+
+/// A usage error described by text (no config error behind it).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct UsageText(pub(crate) String);
 
 /// Marks an error as a usage/configuration error.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +36,7 @@ pub(crate) fn usage(err: kitepipe::config::ConfigError) -> anyhow::Error {
 pub(crate) fn classify(err: &anyhow::Error) -> i32 {
     let usage = err.chain().any(|cause| {
         cause.downcast_ref::<UsageError>().is_some()
+            || cause.downcast_ref::<UsageText>().is_some()
             || cause
                 .downcast_ref::<kitepipe::config::ConfigError>()
                 .is_some()

@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kitepipe::config::{
     ConnectorConfig, IdentitySource, RawConnectorConfig, RawRelayConfig, RelayConfig,
-    default_state_dir,
+    default_state_dir, handler_env, parse_gateway,
 };
 use kitepipe::connector::Connector;
 use kitepipe::relay::Relay;
@@ -64,6 +64,59 @@ enum Command {
     /// and the laptop connects with --identity ./ca/issued/laptop.
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Send one event through a local gateway and print the reply body.
+    ///
+    /// Example (on a connector; the gateway address is printed at start):
+    ///
+    ///   kitepipe call GET server/time --gateway 127.0.0.1:8089
+    ///
+    /// curl works just as well: curl http://127.0.0.1:8089/server/time.
+    /// Exits 0 for a 2xx reply, 3 for any other status.
+    Call(CallArgs),
+}
+
+/// Event pipe settings, the same for relays and connectors.
+#[derive(Debug, Args)]
+struct EventArgs {
+    /// Where the local event gateway listens: 127.0.0.1:PORT, a bare port,
+    /// unix:PATH, or off [default: 127.0.0.1:0, printed at start].
+    #[arg(long, value_name = "ADDR")]
+    gateway: Option<String>,
+    /// Directory of event handler executables: GET /server/time/utc runs
+    /// DIR/get_time_utc with the arguments as argv and the body on stdin.
+    #[arg(long, value_name = "DIR")]
+    handlers: Option<PathBuf>,
+    /// Forward events no other handler takes to this local HTTP server,
+    /// e.g. http://127.0.0.1:9000.
+    #[arg(long, value_name = "URL")]
+    handler_upstream: Option<String>,
+    /// How long an event waits for an offline node or link before 503, e.g. 30s.
+    #[arg(long, value_name = "DURATION")]
+    event_wait: Option<String>,
+    /// How long a handler may go without progress before 504, e.g. 30s.
+    #[arg(long, value_name = "DURATION")]
+    event_timeout: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CallArgs {
+    /// HTTP method: the event's verb (GET, POST, ...).
+    method: String,
+    /// Path: server/NOUN..., peer/NODE/NOUN... (on a connector) or
+    /// client/NODE/NOUN... (on the relay); arguments after //.
+    path: String,
+    /// The gateway: 127.0.0.1:PORT, a bare port, or unix:PATH.
+    #[arg(long, env = "KITEPIPE_GATEWAY", value_name = "ADDR")]
+    gateway: String,
+    /// Request body: text, @FILE, or @- for stdin.
+    #[arg(long, short = 'd', value_name = "DATA")]
+    data: Option<String>,
+    /// Extra request header, 'Name: value'. Repeatable.
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    headers: Vec<String>,
+    /// Print the status line and response headers to stderr.
+    #[arg(long, short = 'i')]
+    include: bool,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +174,8 @@ struct RelayArgs {
     /// rules in the --config file.
     #[arg(long, value_name = "DOMAIN")]
     cert_domain: Vec<String>,
+    #[command(flatten)]
+    events: EventArgs,
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +226,8 @@ struct ConnectArgs {
     /// Private key (PEM) for --cert.
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    #[command(flatten)]
+    events: EventArgs,
 }
 
 fn main() {
@@ -202,6 +259,7 @@ async fn run(command: Command) -> i32 {
         Command::Relay(args) => relay(args).await,
         Command::Connect(args) => connect(args).await,
         Command::Ca(command) => ca::run(command, &|key| std::env::var(key).ok()),
+        Command::Call(args) => return call(args).await,
     };
     match res {
         Ok(()) => exit::OK,
@@ -269,6 +327,11 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         crl: args.crl,
         cert_domain: args.cert_domain,
         allow: Vec::new(),
+        gateway: args.events.gateway,
+        handlers: args.events.handlers,
+        handler_upstream: args.events.handler_upstream,
+        event_wait: args.events.event_wait,
+        event_timeout: args.events.event_timeout,
     };
     let mut raw = match &args.config {
         Some(path) => RawRelayConfig::from_file(path)?.merge(flags.clone()),
@@ -288,6 +351,7 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         tracing::warn!("no --domain and no --client-ca given: connectors cannot claim any kite");
     }
     config.reload_from = args.config.map(|file| IdentitySource { file, flags });
+    config.events.handler_env = handler_env(&|key| std::env::var(key).ok());
     let relay_has_client_ca = config.identity.client_ca.is_some();
     let relay = Relay::bind(config).await?;
     reload_on_sighup(relay.reload_trigger());
@@ -305,6 +369,9 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
             roles.push("https");
         }
         println!("  {} on {}", roles.join("+"), listener.addr);
+    }
+    if let Some(gateway) = relay.gateway() {
+        println!("  gateway on {gateway}");
     }
     println!(
         "connectors: kitepipe connect HOST:PORT --fingerprint {} {} --kite ...",
@@ -332,16 +399,26 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         identity: args.identity,
         cert: args.cert,
         key: args.key,
+        gateway: args.events.gateway,
+        handlers: args.events.handlers,
+        handler_upstream: args.events.handler_upstream,
+        event_wait: args.events.event_wait,
+        event_timeout: args.events.event_timeout,
     };
     let raw = match &args.config {
         Some(path) => RawConnectorConfig::from_file(path)?.merge(flags),
         None => flags,
     };
-    let config = ConnectorConfig::try_from(raw).map_err(exit::usage)?;
-    if config.kites.is_empty() {
-        tracing::warn!("no --kite given: the connector links but serves nothing");
+    let mut config = ConnectorConfig::try_from(raw).map_err(exit::usage)?;
+    config.events.handler_env = handler_env(&|key| std::env::var(key).ok());
+    if config.kites.is_empty() && config.events.gateway.is_none() {
+        tracing::warn!("no --kite and no gateway: the connector links but serves nothing");
     }
     let connector = Connector::new(config).context("connector setup")?;
+    println!("kitepipe connector starting");
+    if let Some(gateway) = connector.gateway() {
+        println!("  gateway on {gateway}");
+    }
     connector.run(shutdown_on_signal()).await;
     Ok(())
 }
@@ -363,10 +440,78 @@ async fn demo() -> anyhow::Result<()> {
         println!("  curl http://{}:{port}/        (or open it in a browser)", kitepipe::demo::DEMO_HTTP_KITE);
         println!("  curl -i -H 'Host: nosuch.example.net' http://{http}/     (unknown kite: 404 page)");
         println!("  printf 'hello\\n' | nc -w1 127.0.0.1 {}     (TCP kite: an echo service)", info.tcp_port);
+        if let (Some(relay_gw), Some(connector_gw)) = (info.relay_gateway, info.connector_gateway) {
+            println!();
+            println!("Events (the event pipe: each node's local REST gateway):");
+            println!("  curl http://{relay_gw}/client/{}/time     (relay -> connector: the connector's clock)", kitepipe::demo::DEMO_NODE);
+            println!("  curl http://{connector_gw}/server/cat//hello%20/world     (connector -> relay: prints hello world)");
+            println!("  kitepipe call GET server/time --gateway {connector_gw}");
+        }
         println!();
         println!("Press Ctrl-C to stop.");
     })
     .await;
     let _ = std::fs::remove_dir_all(&state_dir);
     res.context("demo")
+}
+
+/// `kitepipe call`: one event through a gateway; the body goes to stdout.
+async fn call(args: CallArgs) -> i32 {
+    match call_inner(args).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("kitepipe: {err:#}");
+            exit::classify(&err)
+        }
+    }
+}
+
+async fn call_inner(args: CallArgs) -> anyhow::Result<i32> {
+    use tokio::io::AsyncReadExt;
+    let gateway = parse_gateway(&args.gateway).map_err(exit::usage)?;
+    let body = match args.data.as_deref() {
+        None => bytes::Bytes::new(),
+        Some("@-") => {
+            let mut all = Vec::new();
+            tokio::io::stdin()
+                .read_to_end(&mut all)
+                .await
+                .context("reading the body from stdin")?;
+            all.into()
+        }
+        Some(data) => match data.strip_prefix('@') {
+            Some(path) => tokio::fs::read(path)
+                .await
+                .with_context(|| format!("reading the body from {path}"))?
+                .into(),
+            None => bytes::Bytes::from(data.to_string()),
+        },
+    };
+    let mut headers = Vec::new();
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .with_context(|| format!("header {header:?} is not 'Name: value'"))
+            .map_err(|err| anyhow::Error::new(exit::UsageText(format!("{err:#}"))))?;
+        headers.push((name.trim().to_string(), value.trim().to_string()));
+    }
+    let request = kitepipe::pipe::client::CallRequest {
+        method: args.method.to_ascii_uppercase(),
+        path: args.path,
+        headers,
+        body,
+    };
+    let mut stdout = tokio::io::stdout();
+    let response = kitepipe::pipe::client::call(&gateway, request, &mut stdout).await?;
+    if args.include {
+        eprintln!("HTTP {}", response.status);
+        for (name, value) in &response.headers {
+            eprintln!("{name}: {value}");
+        }
+    }
+    Ok(if (200..300).contains(&response.status) {
+        exit::OK
+    } else {
+        exit::EVENT_FAILED
+    })
 }

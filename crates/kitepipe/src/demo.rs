@@ -1,6 +1,7 @@
 //! The embedded default: a relay, a connector and two sample services on
 //! loopback, in one process, so a new user sees kitepipe work with one
-//! command.
+//! command. Both nodes also run their event gateways, so events can be
+//! sent each way.
 //!
 //! Everything binds 127.0.0.1 on free ports; the relay's certificate lives
 //! in a directory the caller gives (a temporary one from the CLI).
@@ -29,6 +30,9 @@ pub const DEMO_HTTP_KITE: &str = "demo.kitepipe.localhost";
 
 /// Name of the demo's TCP kite (an echo service).
 pub const DEMO_TCP_KITE: &str = "echo.kitepipe.localhost";
+
+/// Node name of the demo's connector (events reach it as `/client/demo-laptop/...`).
+pub const DEMO_NODE: &str = "demo-laptop";
 
 /// How long the demo waits for its connector to link before giving up.
 const LINK_WAIT: Duration = Duration::from_secs(10);
@@ -63,6 +67,10 @@ pub struct DemoInfo {
     pub web_addr: SocketAddr,
     /// The relay certificate's fingerprint.
     pub fingerprint: Fingerprint,
+    /// The relay's event gateway (reaches the connector as `/client/demo-laptop/...`).
+    pub relay_gateway: Option<SocketAddr>,
+    /// The connector's event gateway (reaches the relay as `/server/...`).
+    pub connector_gateway: Option<SocketAddr>,
 }
 
 /// Runs the demo until `shutdown`; calls `ready` once the kites are online.
@@ -100,12 +108,14 @@ pub async fn run(
         heartbeat: DEFAULT_HEARTBEAT,
         identity: Default::default(),
         reload_from: None,
+        events: Default::default(),
     })
     .await?;
     let listeners = relay.listeners();
     let link_addr = listeners[0].addr;
     let http_addr = listeners[1].addr;
     let fingerprint = relay.fingerprint();
+    let relay_gateway = relay.gateway_addr();
 
     let web = TcpListener::bind(loopback(0)).await?;
     let echo = TcpListener::bind(loopback(0)).await?;
@@ -131,12 +141,14 @@ pub async fn run(
                 secret: Some(secret),
             },
         ],
-        name: "demo-laptop".into(),
+        name: DEMO_NODE.into(),
         heartbeat: DEFAULT_HEARTBEAT,
         max_backoff: Duration::from_secs(2),
         identity: None,
+        events: Default::default(),
     })?;
     let mut state = connector.watch(0).expect("one relay configured");
+    let connector_gateway = connector.gateway_addr();
 
     let tracker = TaskTracker::new();
     let token = shutdown.child_token();
@@ -170,6 +182,8 @@ pub async fn run(
         tcp_port,
         web_addr,
         fingerprint,
+        relay_gateway,
+        connector_gateway,
     });
     shutdown.cancelled().await;
     token.cancel();

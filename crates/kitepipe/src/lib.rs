@@ -3,7 +3,8 @@
 //! Rooms: [`link`] (the secure multiplexed self-healing link), [`relay`]
 //! (public listeners, routing, kite registry), [`connector`] (dialing out,
 //! registering kites, serving streams), [`tunnel`] (the byte-copy loop shared
-//! by both), [`pki`] (certificates, fingerprints, secrets), [`config`]
+//! by both), [`pipe`] (the event pipe: local REST gateway, events,
+//! handlers), [`pki`] (certificates, fingerprints, secrets), [`config`]
 //! (raw config -> validated config), [`demo`] (the embedded default).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -12,6 +13,7 @@ pub mod config;
 pub mod connector;
 pub mod demo;
 pub mod link;
+pub mod pipe;
 pub mod pki;
 pub mod relay;
 pub mod tunnel;

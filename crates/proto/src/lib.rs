@@ -2,7 +2,8 @@
 //! with no runtime, socket, clock or crypto library.
 //!
 //! Start at [`frame`] (the link's framing), then [`message`] (the handshake and
-//! control messages, and the header that opens every stream). [`http1`] scans
+//! control messages, and the header that opens every stream), then [`event`]
+//! (gateway paths as events, and the reply head of an event stream). [`http1`] scans
 //! visitors' HTTP/1 requests for the relay, [`sniff`] reads the SNI and ALPN of
 //! a TLS ClientHello so one port can serve several protocols, and [`kite`] holds
 //! kite names and their matching rules.
@@ -12,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod event;
 pub mod frame;
 pub mod http1;
 pub mod kite;

@@ -18,6 +18,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::event::EventHeader;
 use crate::kite::KiteRef;
 
 /// Version of the link protocol described here.
@@ -200,6 +201,9 @@ pub enum ErrorCode {
 pub enum StreamHeader {
     /// A visitor's connection to a kite, opened by the relay.
     Visitor(VisitorHeader),
+    /// An event (an HTTP exchange through the gateways), opened by either
+    /// side; see [`crate::event`].
+    Event(EventHeader),
 }
 
 /// A visitor's connection to a kite.
@@ -307,6 +311,23 @@ mod tests {
         });
         let back: StreamHeader = decode(&encode(&header)).unwrap();
         assert_eq!(back, header);
+
+        let event = StreamHeader::Event(EventHeader {
+            name: "get_cat".into(),
+            method: "GET".into(),
+            path: "/cat//a".into(),
+            args: vec!["a".into()],
+            query: "x=1".into(),
+            headers: vec![("content-type".into(), "text/plain".into())],
+            to: Some("laptop".into()),
+            caller: Some(crate::event::Caller {
+                node: "relay".into(),
+                identity: None,
+            }),
+            wait_ms: 30_000,
+        });
+        let back: StreamHeader = decode(&encode(&event)).unwrap();
+        assert_eq!(back, event);
 
         let withdrawn = RelayMessage::Withdrawn(Withdrawn {
             kites: vec![KiteRef::parse("http:*.laptop.example.net").unwrap()],

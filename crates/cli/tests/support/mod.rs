@@ -258,6 +258,8 @@ pub struct RelayProc {
     pub link: SocketAddr,
     pub http: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
+    /// The event gateway, when it listens on TCP.
+    pub gateway: Option<SocketAddr>,
     pub state: Arc<TempDir>,
 }
 
@@ -350,6 +352,7 @@ impl Relay {
             link: addr_of("links").expect("relay prints its link address"),
             http: addr_of("http"),
             https: addr_of("https"),
+            gateway: addr_of("gateway"),
             fingerprint,
             proc,
             state,
@@ -439,7 +442,10 @@ impl Connector {
         if let Some(fp) = &self.fingerprint {
             command.args(["--fingerprint", fp]);
         }
-        command.args(&self.args).args(["--name", "test-connector"]);
+        command.args(&self.args);
+        if !self.args.iter().any(|a| a == "--name") {
+            command.args(["--name", "test-connector"]);
+        }
         Proc::spawn("connector", command)
     }
 
@@ -449,6 +455,15 @@ impl Connector {
         proc.wait_for("linked to relay");
         proc
     }
+}
+
+/// The event gateway a node printed at start (`  gateway on ADDR`).
+pub fn gateway_of(proc: &Proc) -> SocketAddr {
+    let out = proc.wait_for("gateway on ");
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("gateway on "))
+        .and_then(|addr| addr.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{} printed no TCP gateway address:\n{out}", proc.name))
 }
 
 /// Runs curl with `args`; returns (exit status code, stdout bytes, stderr).

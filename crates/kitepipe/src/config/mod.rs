@@ -111,6 +111,32 @@ pub struct RawRelayConfig {
     /// Further rights of certificate identities (TOML only: `[[allow]]`).
     #[serde(default)]
     pub allow: Vec<RawAllowRule>,
+    /// Event gateway address: `IP:PORT` on loopback, `unix:PATH`, or `off`.
+    pub gateway: Option<String>,
+    /// Directory of event handler executables.
+    pub handlers: Option<PathBuf>,
+    /// Local HTTP server that handles events, `http://127.0.0.1:PORT[/BASE]`.
+    pub handler_upstream: Option<String>,
+    /// How long an event waits for an offline node, e.g. `30s`.
+    pub event_wait: Option<String>,
+    /// How long a handler may go without progress, e.g. `30s`.
+    pub event_timeout: Option<String>,
+}
+
+/// Event pipe settings as written; the same fields in [`RawRelayConfig`]
+/// and [`RawConnectorConfig`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawEventConfig {
+    /// Gateway address: `IP:PORT` on loopback, `unix:PATH`, or `off`.
+    pub gateway: Option<String>,
+    /// Directory of handler executables.
+    pub handlers: Option<PathBuf>,
+    /// Local HTTP server that handles events, `http://127.0.0.1:PORT[/BASE]`.
+    pub handler_upstream: Option<String>,
+    /// How long a request waits for an offline node, e.g. `30s`.
+    pub event_wait: Option<String>,
+    /// How long a handler may go without progress, e.g. `30s`.
+    pub event_timeout: Option<String>,
 }
 
 /// One `[[allow]]` table as written.
@@ -122,10 +148,11 @@ pub struct RawAllowRule {
     /// Kite patterns, `PROTOS:NAME[:PORT]` (`{name}` is the identity).
     #[serde(default)]
     pub kites: Vec<String>,
-    /// Event handlers the identity may send events to (not enforced yet).
+    /// Relay event handlers the identity may call (patterns, see
+    /// [`IdentityRules::allows_handler`]).
     #[serde(default)]
     pub handlers: Vec<String>,
-    /// Connectors the identity may reach (not enforced yet).
+    /// Connectors the identity may send events to, through the relay.
     #[serde(default)]
     pub peers: Vec<String>,
 }
@@ -152,6 +179,187 @@ pub struct RelayConfig {
     /// Where a reload re-reads `identity` from. `None`: a reload keeps the
     /// rules and rereads only the CA and revocation list files.
     pub reload_from: Option<IdentitySource>,
+    /// The event pipe.
+    pub events: EventConfig,
+}
+
+/// Default time a gateway request waits for an offline node (or a lost
+/// link) before answering 503: long enough to ride out a relay restart or
+/// a connector's reconnect backoff, short enough for interactive callers.
+pub const DEFAULT_EVENT_WAIT: Duration = Duration::from_secs(30);
+
+/// Default time a handler may go without progress (no byte read or
+/// written) before it is stopped with 504.
+pub const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Validated event pipe settings of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventConfig {
+    /// Where the gateway listens; `None`: no gateway.
+    pub gateway: Option<GatewayAddr>,
+    /// Directory of handler executables.
+    pub handlers_dir: Option<PathBuf>,
+    /// Local HTTP server events are forwarded to when no other handler takes them.
+    pub upstream: Option<UpstreamUrl>,
+    /// How long a request waits for an offline node or a lost link.
+    pub wait: Duration,
+    /// How long a handler may go without progress.
+    pub timeout: Duration,
+    /// The environment handler executables start with (besides the
+    /// `KITEPIPE_*` variables of the event): nothing else of the node's
+    /// environment reaches them, so no secret leaks into a handler.
+    pub handler_env: Vec<(String, String)>,
+}
+
+impl Default for EventConfig {
+    fn default() -> Self {
+        EventConfig {
+            gateway: Some(GatewayAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))),
+            handlers_dir: None,
+            upstream: None,
+            wait: DEFAULT_EVENT_WAIT,
+            timeout: DEFAULT_EVENT_TIMEOUT,
+            handler_env: handler_env(&|_| None),
+        }
+    }
+}
+
+/// `PATH` of handler executables when the node's own is not passed on.
+pub const DEFAULT_HANDLER_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Variables of the node's environment that handler executables inherit
+/// (see [`EventConfig::handler_env`]).
+pub const HANDLER_ENV_INHERITED: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
+/// Where a gateway listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayAddr {
+    /// A TCP address on loopback.
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+/// A local HTTP server that handles events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `host:port` to connect to.
+    pub authority: String,
+    /// Path prefix, without a trailing `/` (empty for none).
+    pub base_path: String,
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.base_path)
+    }
+}
+
+impl EventConfig {
+    /// Validates event settings. Handler executables get only
+    /// [`DEFAULT_HANDLER_PATH`]; see [`handler_env`] to pass on more.
+    pub fn from_raw(raw: &RawEventConfig) -> Result<EventConfig, ConfigError> {
+        let gateway = match raw.gateway.as_deref().map(str::trim) {
+            None => EventConfig::default().gateway,
+            Some("off") => None,
+            Some(text) => Some(parse_gateway(text)?),
+        };
+        let upstream = raw
+            .handler_upstream
+            .as_deref()
+            .map(parse_upstream)
+            .transpose()?;
+        Ok(EventConfig {
+            gateway,
+            handlers_dir: raw.handlers.clone(),
+            upstream,
+            wait: parse_duration("event-wait", raw.event_wait.as_deref(), DEFAULT_EVENT_WAIT)?,
+            timeout: parse_duration(
+                "event-timeout",
+                raw.event_timeout.as_deref(),
+                DEFAULT_EVENT_TIMEOUT,
+            )?,
+            handler_env: handler_env(&|_| None),
+        })
+    }
+}
+
+/// The environment handler executables start with: the node's
+/// [`HANDLER_ENV_INHERITED`] variables, looked up through `env`, and
+/// [`DEFAULT_HANDLER_PATH`] when it has no `PATH`.
+pub fn handler_env(env: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = HANDLER_ENV_INHERITED
+        .iter()
+        .filter_map(|key| env(key).map(|value| (key.to_string(), value)))
+        .collect();
+    if !vars.iter().any(|(key, _)| key == "PATH") {
+        vars.push(("PATH".into(), DEFAULT_HANDLER_PATH.into()));
+    }
+    vars
+}
+
+/// Parses a gateway address: `IP:PORT` (loopback only), a bare port on
+/// 127.0.0.1, or `unix:PATH`.
+pub fn parse_gateway(text: &str) -> Result<GatewayAddr, ConfigError> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(ConfigError::Invalid {
+                what: "gateway",
+                value: text.to_string(),
+                why: "unix: needs a path, e.g. unix:/run/kitepipe.sock".into(),
+            });
+        }
+        return Ok(GatewayAddr::Unix(PathBuf::from(path)));
+    }
+    let addr = match text.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+        Err(_) => text
+            .parse::<SocketAddr>()
+            .map_err(|_| ConfigError::Invalid {
+                what: "gateway",
+                value: text.to_string(),
+                why: "expected 127.0.0.1:PORT, a bare port, unix:PATH or off".into(),
+            })?,
+    };
+    if !addr.ip().is_loopback() {
+        return Err(ConfigError::Invalid {
+            what: "gateway",
+            value: text.to_string(),
+            why: "the gateway serves whoever can connect to it, so it only binds loopback \
+                  (127.0.0.1 or ::1); use unix:PATH to restrict it further"
+                .into(),
+        });
+    }
+    Ok(GatewayAddr::Tcp(addr))
+}
+
+/// Parses `http://HOST:PORT[/BASE]`.
+pub fn parse_upstream(text: &str) -> Result<UpstreamUrl, ConfigError> {
+    let invalid = |why: &str| ConfigError::Invalid {
+        what: "handler-upstream",
+        value: text.to_string(),
+        why: why.to_string(),
+    };
+    let rest = text
+        .strip_prefix("http://")
+        .ok_or_else(|| invalid("expected http://HOST:PORT[/BASE], e.g. http://127.0.0.1:9000"))?;
+    let (authority, base) = match rest.find('/') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => return Err(invalid("expected HOST:PORT after http://")),
+    }
+    if base.contains(['?', '#']) || !base.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "the base path may not hold a query, fragment or spaces",
+        ));
+    }
+    Ok(UpstreamUrl {
+        authority: authority.to_string(),
+        base_path: base.trim_end_matches('/').to_string(),
+    })
 }
 
 /// How the relay treats connectors' certificates.
@@ -252,11 +460,19 @@ pub fn parse_allow_rule(raw: &RawAllowRule) -> Result<AllowRule, ConfigError> {
         .iter()
         .map(|text| IdentityPattern::parse(text).map_err(|err| invalid(text, err)))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(empty) = raw.handlers.iter().find(|h| h.trim().is_empty()) {
+    let handler_pattern = |h: &str| {
+        !h.is_empty()
+            && h.len() <= kitepipe_proto::event::MAX_NAME_LEN
+            && h.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'*')
+    };
+    if let Some(bad) = raw.handlers.iter().find(|h| !handler_pattern(h)) {
         return Err(ConfigError::Invalid {
             what: "allow rule handler",
-            value: empty.clone(),
-            why: "a handler name cannot be empty".into(),
+            value: bad.clone(),
+            why: "a handler pattern is a name of a-z, 0-9 and _, with * wildcards \
+                  (e.g. time, get_time_*, *)"
+                .into(),
         });
     }
     Ok(AllowRule {
@@ -337,6 +553,16 @@ pub struct RawConnectorConfig {
     pub cert: Option<PathBuf>,
     /// Private key (PEM) for `cert`.
     pub key: Option<PathBuf>,
+    /// Event gateway address: `IP:PORT` on loopback, `unix:PATH`, or `off`.
+    pub gateway: Option<String>,
+    /// Directory of event handler executables.
+    pub handlers: Option<PathBuf>,
+    /// Local HTTP server that handles events, `http://127.0.0.1:PORT[/BASE]`.
+    pub handler_upstream: Option<String>,
+    /// How long an event waits for an offline node, e.g. `30s`.
+    pub event_wait: Option<String>,
+    /// How long a handler may go without progress, e.g. `30s`.
+    pub event_timeout: Option<String>,
 }
 
 /// A validated connector configuration.
@@ -354,6 +580,8 @@ pub struct ConnectorConfig {
     pub max_backoff: Duration,
     /// The certificate and key presented to relays that ask for one.
     pub identity: Option<NodeIdentity>,
+    /// The event pipe.
+    pub events: EventConfig,
 }
 
 /// A relay to link to.
@@ -409,6 +637,11 @@ impl RawRelayConfig {
         merge_opt(&mut self.crl, flags.crl);
         merge_vec(&mut self.cert_domain, flags.cert_domain);
         merge_vec(&mut self.allow, flags.allow);
+        merge_opt(&mut self.gateway, flags.gateway);
+        merge_opt(&mut self.handlers, flags.handlers);
+        merge_opt(&mut self.handler_upstream, flags.handler_upstream);
+        merge_opt(&mut self.event_wait, flags.event_wait);
+        merge_opt(&mut self.event_timeout, flags.event_timeout);
         self
     }
 }
@@ -439,6 +672,11 @@ impl RawConnectorConfig {
         merge_opt(&mut self.identity, flags.identity);
         merge_opt(&mut self.cert, flags.cert);
         merge_opt(&mut self.key, flags.key);
+        merge_opt(&mut self.gateway, flags.gateway);
+        merge_opt(&mut self.handlers, flags.handlers);
+        merge_opt(&mut self.handler_upstream, flags.handler_upstream);
+        merge_opt(&mut self.event_wait, flags.event_wait);
+        merge_opt(&mut self.event_timeout, flags.event_timeout);
         self
     }
 }
@@ -472,6 +710,13 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
 
     fn try_from(raw: RawRelayConfig) -> Result<Self, Self::Error> {
         let identity = IdentityConfig::from_raw(&raw)?;
+        let raw_events = RawEventConfig {
+            gateway: raw.gateway.clone(),
+            handlers: raw.handlers.clone(),
+            handler_upstream: raw.handler_upstream.clone(),
+            event_wait: raw.event_wait.clone(),
+            event_timeout: raw.event_timeout.clone(),
+        };
         let mut listeners: Vec<ListenerConfig> = Vec::new();
         let roles: [(&Vec<String>, &'static str); 3] = [
             (&raw.listen, "listen"),
@@ -547,6 +792,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             heartbeat: parse_duration("heartbeat", raw.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?,
             identity,
             reload_from: None,
+            events: EventConfig::from_raw(&raw_events)?,
         })
     }
 }
@@ -561,6 +807,13 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             ));
         }
         let (identity, identity_ca) = load_identity(&raw)?;
+        let raw_events = RawEventConfig {
+            gateway: raw.gateway.clone(),
+            handlers: raw.handlers.clone(),
+            handler_upstream: raw.handler_upstream.clone(),
+            event_wait: raw.event_wait.clone(),
+            event_timeout: raw.event_timeout.clone(),
+        };
         let secret = raw.secret.map(Secret::new);
         let mut kites = Vec::new();
         for spec in &raw.kite {
@@ -633,6 +886,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 DEFAULT_MAX_BACKOFF,
             )?,
             identity,
+            events: EventConfig::from_raw(&raw_events)?,
         })
     }
 }
@@ -1039,6 +1293,68 @@ mod tests {
             explicit.identity.crl,
             Some(CrlSource::File("/var/lib/crl.pem".into()))
         );
+    }
+
+    #[test]
+    fn event_settings() {
+        let ok = [
+            (
+                "127.0.0.1:0",
+                GatewayAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+            ),
+            ("8089", GatewayAddr::Tcp("127.0.0.1:8089".parse().unwrap())),
+            (
+                "[::1]:8089",
+                GatewayAddr::Tcp("[::1]:8089".parse().unwrap()),
+            ),
+            (
+                "unix:/run/kp.sock",
+                GatewayAddr::Unix("/run/kp.sock".into()),
+            ),
+        ];
+        for (text, expected) in ok {
+            assert_eq!(parse_gateway(text).unwrap(), expected, "{text}");
+        }
+        for bad in ["0.0.0.0:8089", "192.0.2.1:80", "unix:", "localhost:80", "x"] {
+            assert!(parse_gateway(bad).is_err(), "{bad}");
+        }
+        let url = parse_upstream("http://127.0.0.1:9000/api/").unwrap();
+        assert_eq!(
+            (url.authority.as_str(), url.base_path.as_str()),
+            ("127.0.0.1:9000", "/api")
+        );
+        assert_eq!(url.to_string(), "http://127.0.0.1:9000/api");
+        for bad in [
+            "https://127.0.0.1:9000",
+            "http://127.0.0.1",
+            "http://:80",
+            "http://h:1/a?b",
+        ] {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+        let raw: RawConnectorConfig = toml::from_str(
+            "relay = [\"r:1\"]\nfingerprint = [\"SHA256:AAAA\"]\ngateway = \"off\"\n\
+             handlers = \"/srv/handlers\"\nevent_wait = \"5s\"\nevent_timeout = \"1m\"\n",
+        )
+        .unwrap();
+        let raw = RawConnectorConfig {
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            ..raw
+        };
+        let config = ConnectorConfig::try_from(raw).unwrap();
+        assert_eq!(config.events.gateway, None);
+        assert_eq!(config.events.handlers_dir, Some("/srv/handlers".into()));
+        assert_eq!(config.events.wait, Duration::from_secs(5));
+        assert_eq!(config.events.timeout, Duration::from_secs(60));
+        let env = handler_env(&|key| (key == "HOME").then(|| "/root".to_string()));
+        assert!(env.contains(&("HOME".into(), "/root".into())));
+        assert!(env.contains(&("PATH".into(), DEFAULT_HANDLER_PATH.into())));
+        let bad_rule = RawAllowRule {
+            identity: "x".into(),
+            handlers: vec!["../x".into()],
+            ..Default::default()
+        };
+        assert!(parse_allow_rule(&bad_rule).is_err());
     }
 
     #[test]

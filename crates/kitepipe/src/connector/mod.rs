@@ -3,10 +3,14 @@
 //!
 //! Start at [`Connector::run`]: one task per relay keeps a link up forever
 //! (`session`: dial, TLS, handshake, serve, then reconnect with capped
-//! jittered backoff). Streams the relay opens are served by `serve_stream`.
+//! jittered backoff). Streams the relay opens are served by `serve_stream`:
+//! visitors go to kites' local targets, events to the event pipe's
+//! handlers. The connector's event gateway sends its events over the
+//! first relay link that is up (`EventLinks`).
 //!
-//! The connector never listens on a socket: everything reaches it through
-//! links it dialed.
+//! The connector never listens on a public socket: everything from outside
+//! reaches it through links it dialed. Its only listener is the event
+//! gateway, on loopback or a unix socket.
 
 mod session;
 
@@ -14,17 +18,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kitepipe_proto::event::{Caller, Route};
 use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::kite::KiteRef;
 use kitepipe_proto::message::{self, StreamHeader};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::config::ConnectorConfig;
-use crate::link::{IncomingStream, MuxConfig};
+use crate::link::{IncomingStream, Mux, MuxConfig};
+use crate::pipe::{
+    self, Gateway, GatewayListener, Handlers, PipeError, RELAY_NODE, RouteError, Router,
+    run_gateway,
+};
 use crate::pki::{ConnectorTlsOptions, PkiError, connector_client_config_with};
 use crate::tunnel;
 
@@ -41,6 +50,9 @@ pub enum ConnectorError {
     /// The TLS configuration could not be built (e.g. unreadable CA file).
     #[error("cannot set up TLS to the relay")]
     Tls(#[from] PkiError),
+    /// The event gateway could not be bound.
+    #[error("event gateway")]
+    Gateway(#[from] PipeError),
 }
 
 /// State of one relay's link, as the connector sees it.
@@ -59,6 +71,10 @@ pub struct Connector {
     tls: Vec<Arc<rustls::ClientConfig>>,
     instance: String,
     states: Vec<watch::Sender<LinkState>>,
+    /// The event gateway's socket, served by `run`.
+    gateway: Option<GatewayListener>,
+    /// Who answers events sent to this connector.
+    handlers: Arc<Handlers>,
 }
 
 impl Connector {
@@ -78,12 +94,35 @@ impl Connector {
             .iter()
             .map(|_| watch::channel(LinkState::Down).0)
             .collect();
+        let gateway = match &config.events.gateway {
+            Some(addr) => Some(GatewayListener::bind(addr)?),
+            None => None,
+        };
+        let handlers = Arc::new(Handlers::new(&config.name, &config.events));
         Ok(Connector {
             config: Arc::new(config),
             tls,
             instance,
             states,
+            gateway,
+            handlers,
         })
+    }
+
+    /// Where the event gateway listens (`127.0.0.1:PORT` or `unix:PATH`).
+    pub fn gateway(&self) -> Option<String> {
+        self.gateway.as_ref().map(GatewayListener::describe)
+    }
+
+    /// The event gateway's TCP address, if it listens on TCP.
+    pub fn gateway_addr(&self) -> Option<std::net::SocketAddr> {
+        self.gateway.as_ref().and_then(GatewayListener::tcp_addr)
+    }
+
+    /// This connector's event handlers: register closures here (also
+    /// while it runs).
+    pub fn handlers(&self) -> Arc<Handlers> {
+        self.handlers.clone()
     }
 
     /// Watches the state of the link to relay number `index` (in config order).
@@ -112,12 +151,35 @@ impl Connector {
         let tracker = TaskTracker::new();
         let token = shutdown.child_token();
         let kites = Arc::new(Kites::new(&self.config));
+        let event_links = Arc::new(EventLinks::new(self.config.relays.len()));
+        if let Some(listener) = self.gateway {
+            let gateway = Arc::new(Gateway {
+                router: ConnectorRouter {
+                    links: event_links.clone(),
+                },
+                wait: self.config.events.wait,
+                timeout: self.config.events.timeout,
+                tracker: tracker.clone(),
+                token: token.clone(),
+            });
+            tracker.spawn(run_gateway(listener, gateway).instrument(info_span!("gateway")));
+        }
         let mux = MuxConfig {
             heartbeat: self.config.heartbeat,
             ..MuxConfig::default()
         };
-        for ((relay, state), tls) in self.config.relays.iter().zip(self.states).zip(self.tls) {
+        for (index, ((relay, state), tls)) in self
+            .config
+            .relays
+            .iter()
+            .zip(self.states)
+            .zip(self.tls)
+            .enumerate()
+        {
             let link = session::RelayLink {
+                index,
+                event_links: event_links.clone(),
+                handlers: self.handlers.clone(),
                 relay: relay.clone(),
                 config: self.config.clone(),
                 tls,
@@ -135,6 +197,7 @@ impl Connector {
         }
         shutdown.cancelled().await;
         info!("connector shutting down");
+        self.handlers.shut_down();
         token.cancel();
         tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
@@ -178,12 +241,100 @@ impl Kites {
     }
 }
 
-/// Serves one stream the relay opened: connects to the kite's local target
-/// and copies bytes both ways.
-pub(crate) async fn serve_stream(incoming: IncomingStream, kites: Arc<Kites>) {
+/// The links events go out on: one slot per relay, `Some` while that
+/// relay's link is up and registered.
+pub(crate) struct EventLinks {
+    links: Mutex<Vec<Option<Mux>>>,
+    /// Woken whenever a slot changes.
+    changed: Notify,
+}
+
+impl EventLinks {
+    fn new(relays: usize) -> EventLinks {
+        EventLinks {
+            links: Mutex::new(vec![None; relays]),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Records the link to relay `index` (or its loss).
+    pub(crate) fn set(&self, index: usize, mux: Option<Mux>) {
+        if let Some(slot) = lock(&self.links).get_mut(index) {
+            *slot = mux;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The first live link, in relay order.
+    fn first_up(&self) -> Option<Mux> {
+        lock(&self.links)
+            .iter()
+            .flatten()
+            .find(|mux| !mux.is_closed())
+            .cloned()
+    }
+}
+
+/// Finds the link for the connector's gateway: `/server/` and `/peer/`
+/// both go to the relay (the first relay whose link is up).
+struct ConnectorRouter {
+    links: Arc<EventLinks>,
+}
+
+impl Router for ConnectorRouter {
+    async fn route(&self, route: &Route, wait: Duration) -> Result<Mux, RouteError> {
+        if let Route::Client(_) = route {
+            return Err(RouteError::NotHere(
+                "this is a connector's gateway: reach the relay with /server/... and other \
+                 connectors with /peer/NODE/...; /client/ is the relay's way to connectors",
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = self.links.changed.notified();
+            if let Some(mux) = self.links.first_up() {
+                return Ok(mux);
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return self
+                        .links
+                        .first_up()
+                        .ok_or_else(|| RouteError::Offline("the link to the relay".into()));
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Serves one stream the relay opened: a visitor is connected to the
+/// kite's local target with bytes copied both ways; an event goes to the
+/// handlers.
+pub(crate) async fn serve_stream(
+    incoming: IncomingStream,
+    kites: Arc<Kites>,
+    handlers: Arc<Handlers>,
+) {
     let IncomingStream { header, mut stream } = incoming;
     let header = match message::decode::<StreamHeader>(&header) {
         Ok(StreamHeader::Visitor(visitor)) => visitor,
+        Ok(StreamHeader::Event(event)) => {
+            // Only the relay opens streams here: an event without a caller
+            // comes from the relay itself.
+            let caller = event.caller.clone().unwrap_or_else(|| Caller {
+                node: RELAY_NODE.to_string(),
+                identity: None,
+            });
+            pipe::serve_event(stream, event, caller, handlers).await;
+            return;
+        }
         Err(err) => {
             stream.reset(
                 ResetCode::ProtocolError,

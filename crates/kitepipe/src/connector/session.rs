@@ -21,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, warn};
 
-use super::{Kites, LinkState, serve_stream};
+use super::{EventLinks, Kites, LinkState, serve_stream};
 use crate::config::{ConnectorConfig, RelayTarget};
 use crate::link::backoff::Backoff;
 use crate::link::{LinkClosed, Mux, MuxConfig, MuxReceivers, Side};
+use crate::pipe::Handlers;
 use crate::pki::{
     ProofInput, describe_tls_error, find_tls_error, kite_proof, link_exporter, random_nonce,
 };
@@ -74,6 +75,12 @@ enum AttemptError {
 
 /// Everything one relay's link task needs.
 pub(crate) struct RelayLink {
+    /// This relay's place in the config (its slot in `event_links`).
+    pub(crate) index: usize,
+    /// Where the link is published for the event gateway.
+    pub(crate) event_links: Arc<EventLinks>,
+    /// Who answers events the relay sends.
+    pub(crate) handlers: Arc<Handlers>,
     pub(crate) relay: RelayTarget,
     pub(crate) config: Arc<ConnectorConfig>,
     pub(crate) tls: Arc<rustls::ClientConfig>,
@@ -197,6 +204,7 @@ impl RelayLink {
         let res = self
             .handshake_and_serve(&mux, &mut rx, &exporter, &client_nonce)
             .await;
+        self.event_links.set(self.index, None);
         token.cancel();
         res
     }
@@ -274,6 +282,7 @@ impl RelayLink {
             other => return Err(unexpected(other)),
         };
         self.report(&registered);
+        self.event_links.set(self.index, Some(mux.clone()));
         self.serve(mux, rx).await
     }
 
@@ -325,7 +334,7 @@ impl RelayLink {
                     let Some(incoming) = incoming else { return Ok(mux.closed().await) };
                     let kites = self.kites.clone();
                     let span = tracing::debug_span!("stream", id = incoming.stream.id());
-                    self.tracker.spawn(serve_stream(incoming, kites).instrument(span));
+                    self.tracker.spawn(serve_stream(incoming, kites, self.handlers.clone()).instrument(span));
                 }
                 control = rx.control.recv() => {
                     let Some(payload) = control else { return Ok(mux.closed().await) };

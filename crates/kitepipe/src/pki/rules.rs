@@ -11,8 +11,10 @@
 //!   `*`) may claim kites matching patterns (`http:extra.example.net`,
 //!   `http,https:*.{name}.example.org`, `tcp:db.example.net:15432`).
 //!
-//! Everything else is denied. Event handlers and peer rules are parsed and
-//! kept for the event pipe, which does not exist yet: nothing enforces them.
+//! Everything else is denied. The same `[[allow]]` rules say which of the
+//! relay's event handlers an identity may call (`handlers`) and which other
+//! connectors it may send events to (`peers`); there is no default rule for
+//! events, so an identity without such a rule may call nothing.
 
 use std::fmt;
 
@@ -134,6 +136,54 @@ impl IdentityRules {
         grants
     }
 
+    /// Whether `identity` may call the relay's event handler `handler` (a
+    /// handler name such as `get_time_utc`).
+    ///
+    /// A `handlers` pattern matches the whole name or the name without its
+    /// verb, and `*` matches any run of characters: `time` allows
+    /// `get_time` and `post_time`, `time_*` allows `get_time_utc`, `get_*`
+    /// every GET, `*` everything.
+    ///
+    /// ```
+    /// use kitepipe::pki::{AllowRule, IdentityPattern, IdentityRules};
+    ///
+    /// let rules = IdentityRules::new(vec![], vec![AllowRule {
+    ///     identity: IdentityPattern::parse("laptop").unwrap(),
+    ///     kites: vec![],
+    ///     handlers: vec!["time".into(), "get_cat".into()],
+    ///     peers: vec![IdentityPattern::parse("ci-*").unwrap()],
+    /// }]);
+    /// assert!(rules.allows_handler("laptop", "get_time"));
+    /// assert!(rules.allows_handler("laptop", "get_cat"));
+    /// assert!(!rules.allows_handler("laptop", "post_cat"));
+    /// assert!(!rules.allows_handler("desktop", "get_time"));
+    /// assert!(rules.allows_peer("laptop", "ci-7"));
+    /// assert!(!rules.allows_peer("laptop", "desktop"));
+    /// ```
+    pub fn allows_handler(&self, identity: &str, handler: &str) -> bool {
+        let without_verb = handler.split_once('_').map(|(_, rest)| rest);
+        self.allow
+            .iter()
+            .filter(|rule| rule.identity.matches(identity))
+            .flat_map(|rule| rule.handlers.iter())
+            .any(|pattern| {
+                let pattern = pattern.as_bytes();
+                glob_matches(pattern, handler.as_bytes())
+                    || without_verb.is_some_and(|rest| glob_matches(pattern, rest.as_bytes()))
+            })
+    }
+
+    /// Whether `identity` may send events to the connector named `peer`
+    /// through the relay.
+    pub fn allows_peer(&self, identity: &str, peer: &str) -> bool {
+        let peer = peer.to_ascii_lowercase();
+        self.allow
+            .iter()
+            .filter(|rule| rule.identity.matches(identity))
+            .flat_map(|rule| rule.peers.iter())
+            .any(|pattern| pattern.matches(&peer))
+    }
+
     /// `grants` as one line, e.g. `*:laptop.example.net, http:x.example.org`,
     /// or `nothing`.
     pub fn describe_grants(&self, identity: &str) -> String {
@@ -156,11 +206,11 @@ pub struct AllowRule {
     pub identity: IdentityPattern,
     /// Kites they may claim.
     pub kites: Vec<KitePattern>,
-    /// Event handlers they may send events to. Parsed for the event pipe;
-    /// not enforced yet (there are no events yet).
+    /// Relay event handlers they may call: patterns of `[a-z0-9_*]` (see
+    /// [`IdentityRules::allows_handler`]).
     pub handlers: Vec<String>,
-    /// Other connectors they may reach through the relay. Parsed for the
-    /// event pipe; not enforced yet.
+    /// Other connectors (by node name) they may send events to through the
+    /// relay.
     pub peers: Vec<IdentityPattern>,
 }
 

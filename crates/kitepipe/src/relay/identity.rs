@@ -165,16 +165,6 @@ impl IdentityState {
                         "no cert-domain and no [[allow]] rules: certificate identities can link but claim no kite"
                     );
                 }
-                if config
-                    .rules
-                    .allow_rules()
-                    .iter()
-                    .any(|rule| !rule.handlers.is_empty() || !rule.peers.is_empty())
-                {
-                    info!(
-                        "handlers and peers in [[allow]] rules are kept for the event pipe; nothing enforces them yet"
-                    );
-                }
             }
         }
         Ok(IdentityState {

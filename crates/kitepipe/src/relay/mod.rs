@@ -10,10 +10,15 @@
 //!
 //! Connectors' certificates and the rules for their identities live in
 //! `identity`, which also reloads them (see [`Relay::reload_trigger`]).
+//! Events (the relay's gateway, events connectors send to the relay or to
+//! each other) are judged and routed in `events`; the pipe itself is
+//! `crate::pipe`.
 //!
-//! The relay never dials anything: every byte it moves arrives on a socket it
-//! accepted, and goes out on a link a connector opened.
+//! The relay never dials anything but a configured event handler upstream
+//! on its own machine: every byte it moves arrives on a socket it accepted,
+//! and goes out on a link a connector opened.
 
+mod events;
 mod http;
 mod identity;
 mod listener;
@@ -34,6 +39,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::{ListenerConfig, RelayConfig, RelayTlsSource};
 use crate::link::MuxConfig;
+use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
 pub use identity::ReloadTrigger;
 use identity::{IdentityInputs, IdentityState};
@@ -54,6 +60,9 @@ pub enum RelayError {
     /// The certificate could not be loaded or created.
     #[error("relay certificate")]
     Pki(#[from] PkiError),
+    /// The event gateway could not be bound.
+    #[error("event gateway")]
+    Gateway(#[from] PipeError),
     /// A listening socket could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -73,6 +82,8 @@ pub struct Relay {
     cert_created: bool,
     /// Wakes the identity watcher for a reload.
     reload: Arc<Notify>,
+    /// The event gateway's socket, served by `run`.
+    gateway: Option<GatewayListener>,
 }
 
 /// One bound listener, as reported to the operator.
@@ -105,6 +116,11 @@ pub(crate) struct RelayCtx {
     pub(crate) http_port: Option<u16>,
     /// Port of the first HTTPS listener.
     pub(crate) https_port: Option<u16>,
+    /// Who answers events sent to the relay.
+    pub(crate) handlers: Arc<Handlers>,
+    /// When the relay started (nodes not seen yet are waited for while it
+    /// is young: they are reconnecting after a restart).
+    pub(crate) started: tokio::time::Instant,
 }
 
 impl Relay {
@@ -152,6 +168,11 @@ impl Relay {
             }
             listeners.push((listener, roles.clone()));
         }
+        let gateway = match &config.events.gateway {
+            Some(addr) => Some(GatewayListener::bind(addr)?),
+            None => None,
+        };
+        let handlers = Arc::new(Handlers::new(&config.name, &config.events));
         let mux = MuxConfig {
             heartbeat: config.heartbeat,
             ..MuxConfig::default()
@@ -168,6 +189,8 @@ impl Relay {
             tcp_listeners: Mutex::new(HashMap::new()),
             http_port,
             https_port,
+            handlers,
+            started: tokio::time::Instant::now(),
         });
         Ok(Relay {
             ctx,
@@ -175,6 +198,7 @@ impl Relay {
             fingerprint,
             cert_created,
             reload: Arc::new(Notify::new()),
+            gateway,
         })
     }
 
@@ -201,6 +225,21 @@ impl Relay {
         self.fingerprint
     }
 
+    /// Where the event gateway listens (`127.0.0.1:PORT` or `unix:PATH`).
+    pub fn gateway(&self) -> Option<String> {
+        self.gateway.as_ref().map(GatewayListener::describe)
+    }
+
+    /// The event gateway's TCP address, if it listens on TCP.
+    pub fn gateway_addr(&self) -> Option<SocketAddr> {
+        self.gateway.as_ref().and_then(GatewayListener::tcp_addr)
+    }
+
+    /// The relay's event handlers: register closures here (also while it runs).
+    pub fn handlers(&self) -> Arc<Handlers> {
+        self.ctx.handlers.clone()
+    }
+
     /// True if the self-signed certificate was created by this start.
     pub fn cert_created(&self) -> bool {
         self.cert_created
@@ -219,9 +258,21 @@ impl Relay {
         ctx.tracker.spawn(
             identity::watch(ctx.clone(), self.reload.clone()).instrument(info_span!("identity")),
         );
+        if let Some(listener) = self.gateway {
+            let gateway = Arc::new(Gateway {
+                router: events::RelayRouter { ctx: ctx.clone() },
+                wait: ctx.config.events.wait,
+                timeout: ctx.config.events.timeout,
+                tracker: ctx.tracker.clone(),
+                token: ctx.token.clone(),
+            });
+            ctx.tracker
+                .spawn(run_gateway(listener, gateway).instrument(info_span!("gateway")));
+        }
         info!(fingerprint = %self.fingerprint, "relay running");
         shutdown.cancelled().await;
         info!("relay shutting down");
+        ctx.handlers.shut_down();
         ctx.token.cancel();
         ctx.tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tracker.wait())

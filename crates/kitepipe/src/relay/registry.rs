@@ -62,6 +62,30 @@ pub(crate) enum Lookup {
 #[derive(Default)]
 pub(crate) struct Registry {
     inner: Mutex<Inner>,
+    /// Woken whenever a link is added, for events waiting for a node.
+    links_changed: tokio::sync::Notify,
+}
+
+/// Who is behind a link, as events see it.
+#[derive(Clone, Debug)]
+pub(crate) struct LinkCaller {
+    /// The node name (the certificate's name when there is one).
+    pub(crate) node: String,
+    /// The certificate identity, if the connector presented one.
+    pub(crate) identity: Option<Arc<LinkIdentity>>,
+    /// Whether the link holds a kite proven with a domain secret.
+    pub(crate) secret: bool,
+}
+
+/// Result of looking up a node for an event.
+#[derive(Debug)]
+pub(crate) enum NodeLookup {
+    /// Its most recent live link.
+    Found(Mux),
+    /// The node linked before but has no link now.
+    Offline,
+    /// No node of that name ever linked.
+    Unknown,
 }
 
 #[derive(Default)]
@@ -75,6 +99,8 @@ struct Inner {
     tcp_ports: HashMap<u16, String>,
     /// Every (protocol, name) ever registered: these are "offline", not "unknown".
     known: HashSet<(KiteProto, String, u16)>,
+    /// Every node name that ever linked (lowercase): "offline", not "unknown".
+    nodes_seen: HashSet<String>,
 }
 
 struct LinkEntry {
@@ -110,6 +136,7 @@ impl Registry {
             let id = inner.next_link;
             let old = inner.instances.insert(instance.to_string(), id);
             let old_mux = old.and_then(|old| inner.remove_link(old));
+            inner.nodes_seen.insert(node.to_ascii_lowercase());
             inner.links.insert(
                 id,
                 LinkEntry {
@@ -127,7 +154,42 @@ impl Registry {
             tracing::info!(node, %peer, "connector came back: replacing its previous link");
             old.close(LinkClosed::Replaced);
         }
+        self.links_changed.notify_waiters();
         replaced.0
+    }
+
+    /// The link of node `node` (case-insensitive; the most recent live one
+    /// if several links claim the name).
+    pub(crate) fn lookup_node(&self, node: &str) -> NodeLookup {
+        let inner = lock(&self.inner);
+        let found = inner
+            .links
+            .iter()
+            .filter(|(_, link)| link.node.eq_ignore_ascii_case(node) && !link.mux.is_closed())
+            .max_by_key(|(id, _)| **id)
+            .map(|(_, link)| link.mux.clone());
+        match found {
+            Some(mux) => NodeLookup::Found(mux),
+            None if inner.nodes_seen.contains(&node.to_ascii_lowercase()) => NodeLookup::Offline,
+            None => NodeLookup::Unknown,
+        }
+    }
+
+    /// Resolves after the next link is added. Create it before looking up,
+    /// so no link added in between is missed; cancel-safe.
+    pub(crate) fn link_added(&self) -> tokio::sync::futures::Notified<'_> {
+        self.links_changed.notified()
+    }
+
+    /// Who is behind link `id`, if it is live.
+    pub(crate) fn caller(&self, id: LinkId) -> Option<LinkCaller> {
+        let inner = lock(&self.inner);
+        let link = inner.links.get(&id)?;
+        Some(LinkCaller {
+            node: link.node.clone(),
+            identity: link.identity.clone(),
+            secret: link.kites.len() > link.identity_kites.len(),
+        })
     }
 
     /// Removes a link and its kites (no-op if already replaced).

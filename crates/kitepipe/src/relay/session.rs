@@ -11,7 +11,7 @@ use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::{
     self, Challenge, ConnectorMessage, ErrorCode, ErrorMessage, KiteClaim, KiteOutcome, KiteResult,
-    PROTOCOL_VERSION, RefuseReason, Registered, RelayMessage, Role,
+    PROTOCOL_VERSION, RefuseReason, Registered, RelayMessage, Role, StreamHeader,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::RelayCtx;
 use super::identity::{IdentityState, LinkIdentity, enforce};
 use super::registry::{Grant, LinkId};
-use crate::link::{LinkClosed, Mux, MuxReceivers, Side};
+use crate::link::{IncomingStream, LinkClosed, Mux, MuxReceivers, Side};
 use crate::pki::{
     ProofInput, describe_relay_tls_error, link_exporter, pattern_covers, random_nonce,
     verify_kite_proof,
@@ -245,8 +245,8 @@ async fn serve(
                 return LinkClosed::Shutdown;
             }
             incoming = rx.incoming.recv() => {
-                if let Some(mut incoming) = incoming {
-                    incoming.stream.reset(ResetCode::Refused, "the relay serves no streams from connectors yet");
+                if let Some(incoming) = incoming {
+                    serve_stream(incoming, link_id, ctx);
                 }
             }
             control = rx.control.recv() => {
@@ -272,6 +272,31 @@ async fn serve(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Serves a stream the connector opened: events go to `events`; anything
+/// else is refused.
+fn serve_stream(incoming: IncomingStream, link_id: LinkId, ctx: &Arc<RelayCtx>) {
+    let IncomingStream { header, mut stream } = incoming;
+    match message::decode::<StreamHeader>(&header) {
+        Ok(StreamHeader::Event(event)) => {
+            let span = tracing::debug_span!("event", stream = stream.id());
+            ctx.tracker.spawn(
+                super::events::serve_from_connector(ctx.clone(), link_id, stream, event)
+                    .instrument(span),
+            );
+        }
+        Ok(StreamHeader::Visitor(_)) => {
+            stream.reset(ResetCode::Refused, "connectors cannot open visitor streams");
+        }
+        Err(err) => {
+            debug!(%err, "bad stream header from connector");
+            stream.reset(
+                ResetCode::ProtocolError,
+                &format!("bad stream header: {err}"),
+            );
         }
     }
 }

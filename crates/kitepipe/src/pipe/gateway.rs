@@ -1,0 +1,528 @@
+//! The local REST gateway: an HTTP server on loopback (or a unix socket)
+//! that turns each request into an event on a link and the event's reply
+//! into the HTTP response.
+//!
+//! Status rules (see docs/protocol.md): the handler's side decides 200,
+//! 404 (no handler), 500 (handler failed), 504 (handler stalled); the
+//! gateway itself answers 400 (bad event name or arguments), 404 (unknown
+//! route or node), 431 (event too large), 503 (node or link offline after
+//! waiting, or the link lost mid-flight for a request that may not be
+//! retried), 502 (the other side broke the event protocol) and 504 (no
+//! reply in time). Errors are JSON: `{"error": "..."}`.
+
+use std::convert::Infallible;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use kitepipe_proto::event::{self, EventHeader, EventPathError, ReplyHead, Route};
+use kitepipe_proto::frame::ResetCode;
+use kitepipe_proto::message::{self, MAX_MESSAGE_LEN, StreamHeader};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use super::stream::{EventBody, HeadError, SharedStream, read_reply_head};
+use super::upstream::HOP_BY_HOP;
+use super::{PipeError, Progress, RouteError, Router, stalled};
+use crate::config::GatewayAddr;
+
+/// Largest request head the gateway reads. Far above any real request; a
+/// larger head gets 431 from hyper before anything is allocated for it.
+pub(crate) const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// Largest request body kept in memory so that an idempotent request can
+/// be sent again after a link failure. Larger bodies stream and are not
+/// retried.
+pub(crate) const RETRY_BODY_MAX: usize = 1024 * 1024;
+
+/// Gateway connections served at once; beyond this, new ones are closed.
+pub(crate) const MAX_GATEWAY_CONNECTIONS: usize = 4096;
+
+/// How long a client may take to send a request head.
+const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Extra patience for a reply beyond the event timeout, so that the
+/// handler's own 504 (with its stderr tail) arrives before ours.
+const REPLY_GRACE: Duration = Duration::from_secs(5);
+
+/// Request headers that travel with an event (besides every `x-` header).
+const TRAVELLING_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "authorization",
+    "user-agent",
+];
+
+/// Marks a request as safe to send twice (GET, HEAD and OPTIONS are).
+pub(crate) const IDEMPOTENT_HEADER: &str = "x-kitepipe-idempotent";
+
+/// The body type of gateway responses.
+type GatewayBody = UnsyncBoxBody<Bytes, io::Error>;
+
+/// A bound gateway socket (bound at configuration time, served later).
+#[derive(Debug)]
+pub enum GatewayListener {
+    /// TCP on loopback.
+    Tcp(std::net::TcpListener),
+    /// A unix socket, and its path.
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+impl GatewayListener {
+    /// Binds `addr` (synchronously: nodes bind everything before running).
+    /// A stale unix socket file at the path is replaced.
+    pub fn bind(addr: &GatewayAddr) -> Result<GatewayListener, PipeError> {
+        match addr {
+            GatewayAddr::Tcp(addr) => {
+                let bind = || -> io::Result<std::net::TcpListener> {
+                    let listener = std::net::TcpListener::bind(addr)?;
+                    listener.set_nonblocking(true)?;
+                    Ok(listener)
+                };
+                bind()
+                    .map(GatewayListener::Tcp)
+                    .map_err(|source| PipeError::Bind {
+                        addr: addr.to_string(),
+                        source,
+                    })
+            }
+            GatewayAddr::Unix(path) => {
+                use std::os::unix::fs::FileTypeExt;
+                if std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(path);
+                }
+                let bind = || -> io::Result<std::os::unix::net::UnixListener> {
+                    let listener = std::os::unix::net::UnixListener::bind(path)?;
+                    listener.set_nonblocking(true)?;
+                    Ok(listener)
+                };
+                bind()
+                    .map(|listener| GatewayListener::Unix(listener, path.clone()))
+                    .map_err(|source| PipeError::Bind {
+                        addr: format!("unix:{}", path.display()),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Where it listens, as `127.0.0.1:PORT` or `unix:PATH`.
+    pub fn describe(&self) -> String {
+        match self {
+            GatewayListener::Tcp(listener) => listener
+                .local_addr()
+                .map(|addr| addr.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            GatewayListener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// The TCP address, if it listens on TCP.
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            GatewayListener::Tcp(listener) => listener.local_addr().ok(),
+            GatewayListener::Unix(..) => None,
+        }
+    }
+}
+
+/// A gateway's settings and the way to its links.
+pub(crate) struct Gateway<R> {
+    /// Finds the link for a route.
+    pub(crate) router: R,
+    /// How long a request waits for an offline node or link.
+    pub(crate) wait: Duration,
+    /// How long an event may go without progress.
+    pub(crate) timeout: Duration,
+    /// Gateway connections and uploads run here.
+    pub(crate) tracker: TaskTracker,
+    /// Cancelled at shutdown.
+    pub(crate) token: CancellationToken,
+}
+
+/// Serves the gateway until its token is cancelled.
+pub(crate) async fn run_gateway<R: Router>(listener: GatewayListener, gateway: Arc<Gateway<R>>) {
+    let where_ = listener.describe();
+    let connections = Arc::new(Semaphore::new(MAX_GATEWAY_CONNECTIONS));
+    match listener {
+        GatewayListener::Tcp(listener) => {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(err) => {
+                    warn!(%err, gateway = %where_, "cannot serve the event gateway");
+                    return;
+                }
+            };
+            info!(gateway = %where_, "event gateway listening");
+            loop {
+                let sock = tokio::select! {
+                    _ = gateway.token.cancelled() => return,
+                    res = listener.accept() => match res {
+                        Ok((sock, _)) => sock,
+                        Err(err) => {
+                            debug!(%err, "gateway accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = sock.set_nodelay(true);
+                spawn_connection(sock, &gateway, &connections);
+            }
+        }
+        GatewayListener::Unix(listener, path) => {
+            let listener = match tokio::net::UnixListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(err) => {
+                    warn!(%err, gateway = %where_, "cannot serve the event gateway");
+                    return;
+                }
+            };
+            info!(gateway = %where_, "event gateway listening");
+            loop {
+                let sock = tokio::select! {
+                    _ = gateway.token.cancelled() => {
+                        let _ = std::fs::remove_file(&path);
+                        return;
+                    }
+                    res = listener.accept() => match res {
+                        Ok((sock, _)) => sock,
+                        Err(err) => {
+                            debug!(%err, "gateway accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                spawn_connection(sock, &gateway, &connections);
+            }
+        }
+    }
+}
+
+fn spawn_connection<R, S>(sock: S, gateway: &Arc<Gateway<R>>, connections: &Arc<Semaphore>)
+where
+    R: Router,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Ok(permit) = connections.clone().try_acquire_owned() else {
+        debug!("too many gateway connections; closing one");
+        return;
+    };
+    let gateway = gateway.clone();
+    gateway.tracker.clone().spawn(async move {
+        let _permit = permit;
+        let service = {
+            let gateway = gateway.clone();
+            service_fn(move |req| {
+                let gateway = gateway.clone();
+                async move { Ok::<_, Infallible>(handle(gateway, req).await) }
+            })
+        };
+        let conn = hyper::server::conn::http1::Builder::new()
+            .max_buf_size(MAX_REQUEST_HEAD)
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEAD_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(sock), service);
+        tokio::select! {
+            res = conn => if let Err(err) = res { debug!(%err, "gateway connection ended with an error") },
+            _ = gateway.token.cancelled() => {}
+        }
+    });
+}
+
+#[derive(Serialize)]
+struct ErrorJson<'a> {
+    error: &'a str,
+}
+
+/// A JSON error response made by the gateway itself.
+fn error_response(status: StatusCode, message: &str) -> Response<GatewayBody> {
+    // A struct of one string always serializes.
+    let json = serde_json::to_vec(&ErrorJson { error: message }).expect("error bodies serialize");
+    let mut response = Response::new(full(Bytes::from(json)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn full(bytes: Bytes) -> GatewayBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The request body as it will be sent: kept whole (so it can be sent
+/// again) or streamed once.
+enum UploadBody {
+    Replayable(Bytes),
+    Streaming(Option<Incoming>),
+}
+
+impl UploadBody {
+    fn replayable(&self) -> bool {
+        matches!(self, UploadBody::Replayable(_))
+    }
+
+    fn for_attempt(&mut self) -> UploadBody {
+        match self {
+            UploadBody::Replayable(bytes) => UploadBody::Replayable(bytes.clone()),
+            UploadBody::Streaming(body) => UploadBody::Streaming(body.take()),
+        }
+    }
+}
+
+async fn handle<R: Router>(
+    gateway: Arc<Gateway<R>>,
+    req: Request<Incoming>,
+) -> Response<GatewayBody> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let parsed = match event::parse_gateway_path(parts.method.as_str(), path) {
+        Ok(parsed) => parsed,
+        Err(err @ EventPathError::UnknownRoute) => {
+            return error_response(StatusCode::NOT_FOUND, &err.to_string());
+        }
+        Err(err) => return error_response(StatusCode::BAD_REQUEST, &err.to_string()),
+    };
+    let mut headers = Vec::new();
+    for (name, value) in &parts.headers {
+        let name = name.as_str();
+        if (TRAVELLING_HEADERS.contains(&name) || name.starts_with("x-"))
+            && let Ok(value) = value.to_str()
+        {
+            headers.push((name.to_string(), value.to_string()));
+        }
+    }
+    let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS)
+        || parts
+            .headers
+            .get(IDEMPOTENT_HEADER)
+            .is_some_and(|value| value.as_bytes() == b"1");
+    let to = match &parsed.route {
+        Route::Peer(node) => Some(node.clone()),
+        _ => None,
+    };
+    let header = EventHeader {
+        name: parsed.name,
+        method: parts.method.as_str().to_string(),
+        path: parsed.path,
+        args: parsed.args,
+        query: parts.uri.query().unwrap_or("").to_string(),
+        headers,
+        wait_ms: if to.is_some() {
+            gateway.wait.as_millis() as u64
+        } else {
+            0
+        },
+        to,
+        caller: None,
+    };
+    let encoded = message::encode(&StreamHeader::Event(header));
+    if encoded.len() > MAX_MESSAGE_LEN {
+        return error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the event (path, arguments and headers) is too large",
+        );
+    }
+    let body = if idempotent
+        && body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= RETRY_BODY_MAX as u64)
+    {
+        match Limited::new(body, RETRY_BODY_MAX).collect().await {
+            Ok(collected) => UploadBody::Replayable(collected.to_bytes()),
+            Err(err) => {
+                return error_response(StatusCode::BAD_REQUEST, &format!("request body: {err}"));
+            }
+        }
+    } else {
+        UploadBody::Streaming(Some(body))
+    };
+    let span = tracing::debug_span!("event call", path = %path);
+    call(&gateway, &parsed.route, encoded, body, idempotent)
+        .instrument(span)
+        .await
+}
+
+/// Sends an event and turns its reply into the response, retrying once
+/// after a link failure if the request is idempotent and no reply byte
+/// had arrived.
+async fn call<R: Router>(
+    gateway: &Arc<Gateway<R>>,
+    route: &Route,
+    encoded: Bytes,
+    mut body: UploadBody,
+    idempotent: bool,
+) -> Response<GatewayBody> {
+    let mut attempt = 0;
+    loop {
+        let can_retry = idempotent && attempt == 0 && body.replayable();
+        let mux = match gateway.router.route(route, gateway.wait).await {
+            Ok(mux) => mux,
+            Err(RouteError::NotHere(hint)) => return error_response(StatusCode::NOT_FOUND, hint),
+            Err(RouteError::Unknown(node)) => {
+                return error_response(StatusCode::NOT_FOUND, &format!("unknown node {node}"));
+            }
+            Err(RouteError::Offline(what)) => {
+                let message = format!("{what} is offline (waited {:?})", gateway.wait);
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, &message);
+            }
+        };
+        let stream = match mux.open(encoded.clone()).await {
+            Ok(stream) => SharedStream::new(stream),
+            Err(reason) if can_retry => {
+                info!(%reason, "link lost as the event was sent; retrying once");
+                attempt += 1;
+                continue;
+            }
+            Err(reason) => {
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("link lost: {reason}"),
+                );
+            }
+        };
+        let progress = Arc::new(Progress::new());
+        progress.touch();
+        gateway
+            .tracker
+            .spawn(upload(stream.clone(), body.for_attempt(), progress.clone()));
+        let res = tokio::select! {
+            res = read_reply_head(&stream) => res,
+            _ = stalled(&progress, gateway.timeout + REPLY_GRACE) => {
+                stream.reset(ResetCode::Cancel, "the caller stopped waiting for a reply");
+                let message = format!("no reply within {:?}", gateway.timeout + REPLY_GRACE);
+                return error_response(StatusCode::GATEWAY_TIMEOUT, &message);
+            }
+        };
+        match res {
+            Ok((head, rest)) => return respond(head, rest, stream),
+            Err(HeadError::Io { err, any }) => {
+                let reset = stream.reset_reason();
+                let lost = mux.is_closed()
+                    || matches!(
+                        reset,
+                        Some((ResetCode::Cancel | ResetCode::Shutdown | ResetCode::Busy, _))
+                    );
+                if lost && !any && can_retry {
+                    info!(%err, "link lost while the event was in flight; retrying once");
+                    attempt += 1;
+                    continue;
+                }
+                return match reset {
+                    Some((ResetCode::Refused, reason)) => {
+                        error_response(StatusCode::FORBIDDEN, &reason)
+                    }
+                    Some((ResetCode::NoSuchKite, reason)) => {
+                        error_response(StatusCode::NOT_FOUND, &reason)
+                    }
+                    _ if lost => {
+                        let hint = if idempotent {
+                            ""
+                        } else {
+                            " (not retried: the request is not idempotent; mark it with X-Kitepipe-Idempotent: 1 if it may run twice)"
+                        };
+                        error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!(
+                                "the link was lost while the event was in flight: {err}{hint}"
+                            ),
+                        )
+                    }
+                    _ => error_response(StatusCode::BAD_GATEWAY, &format!("event failed: {err}")),
+                };
+            }
+            Err(HeadError::Eof) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "the other side ended the event without a reply",
+                );
+            }
+            Err(HeadError::Malformed(err)) => {
+                stream.reset(ResetCode::ProtocolError, "malformed reply head");
+                return error_response(StatusCode::BAD_GATEWAY, &err.to_string());
+            }
+        }
+    }
+}
+
+/// The HTTP response for a reply head; the body streams from the event.
+fn respond(head: ReplyHead, rest: Bytes, stream: SharedStream) -> Response<GatewayBody> {
+    let status = StatusCode::from_u16(head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = Response::new(EventBody::new(rest, stream).boxed_unsync());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    if let Some(value) = head
+        .content_type
+        .and_then(|ct| HeaderValue::from_str(&ct).ok())
+    {
+        headers.insert(CONTENT_TYPE, value);
+    }
+    for (name, value) in &head.headers {
+        if HOP_BY_HOP.contains(&name.as_str()) || name == "content-type" {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    if let Some(code) = head.code {
+        headers.insert("x-kitepipe-code", HeaderValue::from(code));
+    }
+    response
+}
+
+/// Sends the request body on the event stream, then FIN. A failed request
+/// body (the client went away) resets the event so the handler stops.
+async fn upload(stream: SharedStream, body: UploadBody, progress: Arc<Progress>) {
+    let res: io::Result<()> = async {
+        match body {
+            UploadBody::Replayable(bytes) => {
+                if !bytes.is_empty() {
+                    stream.send(bytes).await?;
+                }
+            }
+            UploadBody::Streaming(None) => {}
+            UploadBody::Streaming(Some(mut incoming)) => {
+                while let Some(frame) = incoming.frame().await {
+                    let frame = frame.map_err(io::Error::other)?;
+                    if let Ok(data) = frame.into_data() {
+                        progress.touch();
+                        stream.send(data).await?;
+                        progress.touch();
+                    }
+                }
+            }
+        }
+        stream.finish().await
+    }
+    .await;
+    if let Err(err) = res {
+        debug!(%err, stream = stream.id(), "event upload ended early");
+        stream.reset(ResetCode::Cancel, "the request body was cut");
+    }
+}
