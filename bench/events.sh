@@ -19,8 +19,13 @@ THREADS=2
 CONNECTIONS=64
 command -v wrk >/dev/null || { echo "events.sh: wrk is not installed (apt-get install wrk)" >&2; exit 1; }
 
-cargo build --release -q --bin kitepipe
-BIN=target/release/kitepipe
+# KITEPIPE_BIN: a kitepipe binary to use instead of building one.
+if [ -n "${KITEPIPE_BIN:-}" ]; then
+  BIN=$KITEPIPE_BIN
+else
+  cargo build --release -q --bin kitepipe
+  BIN=target/release/kitepipe
+fi
 TMP=$(mktemp -d /tmp/kitepipe-bench-events.XXXXXX)
 PIDS=()
 cleanup() {

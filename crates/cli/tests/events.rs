@@ -81,6 +81,48 @@ fn get(url: &str) -> Reply {
     request(&[url])
 }
 
+/// A relay on a fixed port and state directory, so that it can be killed
+/// and started again where its connectors look for it.
+struct RestartableRelay {
+    listen: String,
+    state: TempDir,
+    args: Vec<String>,
+}
+
+impl RestartableRelay {
+    fn new(tag: &str, args: &[&str]) -> RestartableRelay {
+        RestartableRelay {
+            listen: format!("127.0.0.1:{}", free_port()),
+            state: TempDir::new(tag),
+            args: args.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    fn start(&self) -> RelayProc {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Relay::new()
+            .domain(DOMAIN)
+            .args(&["--listen", &self.listen])
+            .args(&args)
+            .state_dir(self.state.path())
+            .start()
+    }
+}
+
+/// Runs each curl argument list on its own thread; join for (status, body).
+fn in_parallel(requests: Vec<Vec<String>>) -> Vec<std::thread::JoinHandle<(u16, String)>> {
+    requests
+        .into_iter()
+        .map(|args| {
+            std::thread::spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let reply = request(&args);
+                (reply.status, reply.body)
+            })
+        })
+        .collect()
+}
+
 /// Peak resident memory of a process, in KiB.
 fn peak_rss_kib(proc: &Proc) -> u64 {
     let status =
@@ -599,17 +641,8 @@ fn five_hundred_events_at_once_pass_a_slow_handler() {
 
 #[test]
 fn requests_wait_for_a_restarted_relay_then_give_up() {
-    let port = free_port();
-    let state = TempDir::new("restart-state");
-    let listen = format!("127.0.0.1:{port}");
-    let start_relay = || {
-        Relay::new()
-            .domain(DOMAIN)
-            .args(&["--listen", &listen])
-            .state_dir(state.path())
-            .start()
-    };
-    let mut relay = start_relay();
+    let relays = RestartableRelay::new("restart-state", &[]);
+    let mut relay = relays.start();
     let conn = connector(&relay, &["--max-backoff", "500ms", "--event-wait", "8s"]);
     let cgw = gateway_of(&conn);
     assert_eq!(
@@ -619,25 +652,16 @@ fn requests_wait_for_a_restarted_relay_then_give_up() {
 
     relay.proc.kill();
     let t0 = Instant::now();
-    let waiting: Vec<_> = [
+    let waiting = in_parallel(vec![
         vec![format!("http://{cgw}/server/cat//get")],
         vec![
             "--data-binary".into(),
             "post".into(),
             format!("http://{cgw}/server/cat"),
         ],
-    ]
-    .into_iter()
-    .map(|args| {
-        std::thread::spawn(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let reply = request(&args);
-            (reply.status, reply.body)
-        })
-    })
-    .collect();
+    ]);
     std::thread::sleep(Duration::from_secs(2));
-    let mut relay = start_relay();
+    let mut relay = relays.start();
     for thread in waiting {
         let (status, body) = thread.join().unwrap();
         assert_eq!(status, 200, "{body}");
@@ -793,8 +817,6 @@ fn demo_prints_event_commands_that_work() {
 
 #[test]
 fn a_get_in_flight_when_the_relay_dies_is_retried_a_post_is_not() {
-    let port = free_port();
-    let state = TempDir::new("retry-state");
     let dir = handlers(
         "retry-handlers",
         &[
@@ -802,18 +824,11 @@ fn a_get_in_flight_when_the_relay_dies_is_retried_a_post_is_not() {
             ("post_slow", "sleep 1.5\necho done"),
         ],
     );
-    let listen = format!("127.0.0.1:{port}");
-    let start_relay = || {
-        Relay::new()
-            .domain(DOMAIN)
-            .args(&["--listen", &listen, "--handlers", &path(dir.path())])
-            .state_dir(state.path())
-            .start()
-    };
-    let mut relay = start_relay();
+    let relays = RestartableRelay::new("retry-state", &["--handlers", &path(dir.path())]);
+    let mut relay = relays.start();
     let conn = connector(&relay, &["--max-backoff", "500ms", "--event-wait", "15s"]);
     let cgw = gateway_of(&conn);
-    let in_flight: Vec<_> = [
+    let in_flight = in_parallel(vec![
         vec![format!("http://{cgw}/server/slow")],
         vec![
             "-X".into(),
@@ -827,21 +842,12 @@ fn a_get_in_flight_when_the_relay_dies_is_retried_a_post_is_not() {
             "X-Kitepipe-Idempotent: 1".into(),
             format!("http://{cgw}/server/slow"),
         ],
-    ]
-    .into_iter()
-    .map(|args| {
-        std::thread::spawn(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let reply = request(&args);
-            (reply.status, reply.body)
-        })
-    })
-    .collect();
+    ]);
     // Let the events reach the relay's handlers, then cut the link.
     relay.proc.wait_for_count("get_slow", 1);
     std::thread::sleep(Duration::from_millis(500));
     relay.proc.kill();
-    let _relay = start_relay();
+    let _relay = relays.start();
     let results: Vec<(u16, String)> = in_flight.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(results[0], (200, "done\n".to_string()), "GET is retried");
     assert_eq!(results[1].0, 503, "POST is not: {}", results[1].1);
