@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kitepipe::config::{
-    ConnectorConfig, IdentitySource, RawConnectorConfig, RawRelayConfig, RelayConfig,
-    default_state_dir, handler_env, parse_gateway,
+    ConnectorConfig, IdentitySource, RawConnectorConfig, RawRelayConfig, RawRemoteRule,
+    RelayConfig, default_state_dir, handler_env, parse_gateway,
 };
 use kitepipe::connector::Connector;
 use kitepipe::relay::Relay;
@@ -174,6 +174,12 @@ struct RelayArgs {
     /// rules in the --config file.
     #[arg(long, value_name = "DOMAIN")]
     cert_domain: Vec<String>,
+    /// Let the relay's gateway run remote operations on connectors:
+    /// NODES:OPS, e.g. 'ci-*,laptop:exec,fs' (OPS: exec, fs, forward, all).
+    /// Repeatable; the same as `[[remote]]` rules in the --config file. The
+    /// connector must also opt in with --allow-remote.
+    #[arg(long, value_name = "NODES:OPS")]
+    remote: Vec<String>,
     #[command(flatten)]
     events: EventArgs,
 }
@@ -215,6 +221,11 @@ struct ConnectArgs {
     /// Longest wait between reconnect attempts, e.g. 15s.
     #[arg(long, value_name = "DURATION")]
     max_backoff: Option<String>,
+    /// Accept remote operations from the relay (off by default): exec, fs,
+    /// forward or all, comma-separated, e.g. --allow-remote exec,fs. The
+    /// relay's rules decide who may use them; each is logged.
+    #[arg(long, value_name = "OPS")]
+    allow_remote: Option<String>,
     /// Certificate identity directory from `kitepipe ca issue` (cert.pem,
     /// key.pem, ca.pem): presented to relays that ask, and its ca.pem
     /// verifies the relay when neither --fingerprint nor --ca is given.
@@ -327,6 +338,12 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         crl: args.crl,
         cert_domain: args.cert_domain,
         allow: Vec::new(),
+        remote: args
+            .remote
+            .iter()
+            .map(|text| RawRemoteRule::from_flag(text))
+            .collect::<Result<_, _>>()
+            .map_err(exit::usage)?,
         gateway: args.events.gateway,
         handlers: args.events.handlers,
         handler_upstream: args.events.handler_upstream,
@@ -404,6 +421,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         handler_upstream: args.events.handler_upstream,
         event_wait: args.events.event_wait,
         event_timeout: args.events.event_timeout,
+        allow_remote: args.allow_remote,
     };
     let raw = match &args.config {
         Some(path) => RawConnectorConfig::from_file(path)?.merge(flags),

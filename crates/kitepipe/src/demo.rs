@@ -146,6 +146,7 @@ pub async fn run(
         max_backoff: Duration::from_secs(2),
         identity: None,
         events: Default::default(),
+        allow_remote: Vec::new(),
     })?;
     let mut state = connector.watch(0).expect("one relay configured");
     let connector_gateway = connector.gateway_addr();

@@ -15,6 +15,8 @@
 //! `Register` at any time. The relay may send [`RelayMessage::Withdrawn`] at
 //! any time, when its rules no longer let the link's identity serve a kite.
 
+use std::fmt;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +81,80 @@ pub struct Hello {
     pub software: String,
     /// Connector's nonce (hex), mixed into every kite proof.
     pub client_nonce: String,
+    /// Kinds of remote operations the connector accepts from the relay
+    /// (`--allow-remote`); empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote: Vec<RemoteClass>,
+}
+
+/// A kind of remote operation: what a connector accepts from its relay
+/// (`--allow-remote exec,fs`) and what a relay's `[[remote]]` rules grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteClass {
+    /// Run commands: exec, spawn, kill.
+    Exec,
+    /// File operations: read, write, ls, stat, mkdir, rm, mv (and cp).
+    Fs,
+    /// Port forwarding: connect to an address as seen from the node.
+    Forward,
+}
+
+impl RemoteClass {
+    /// Every class, in order.
+    pub const ALL: [RemoteClass; 3] = [RemoteClass::Exec, RemoteClass::Fs, RemoteClass::Forward];
+
+    /// The name used in flags, rules and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemoteClass::Exec => "exec",
+            RemoteClass::Fs => "fs",
+            RemoteClass::Forward => "forward",
+        }
+    }
+
+    /// Parses a comma-separated list (`exec,fs`; `all` for every class)
+    /// into a sorted list without repeats.
+    pub fn parse_list(text: &str) -> Result<Vec<RemoteClass>, String> {
+        let mut classes = Vec::new();
+        for word in text.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word.to_ascii_lowercase().as_str() {
+                "exec" => classes.push(RemoteClass::Exec),
+                "fs" => classes.push(RemoteClass::Fs),
+                "forward" => classes.push(RemoteClass::Forward),
+                "all" => classes.extend(RemoteClass::ALL),
+                _ => {
+                    return Err(format!(
+                        "unknown remote operation kind {word:?}: use exec, fs, forward or all"
+                    ));
+                }
+            }
+        }
+        if classes.is_empty() {
+            return Err("no remote operation kind given: use exec, fs, forward or all".into());
+        }
+        classes.sort();
+        classes.dedup();
+        Ok(classes)
+    }
+
+    /// `exec, fs` style list for messages; `nothing` when empty.
+    pub fn describe(classes: &[RemoteClass]) -> String {
+        if classes.is_empty() {
+            return "nothing".into();
+        }
+        classes
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl fmt::Display for RemoteClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The relay's answer to a hello.
@@ -276,6 +352,26 @@ mod tests {
     use crate::kite::KiteProto;
 
     #[test]
+    fn remote_classes_parse_and_refuse_unknown_words() {
+        assert_eq!(
+            RemoteClass::parse_list("fs, exec,fs").unwrap(),
+            [RemoteClass::Exec, RemoteClass::Fs]
+        );
+        assert_eq!(RemoteClass::parse_list("all").unwrap(), RemoteClass::ALL);
+        assert!(
+            RemoteClass::parse_list("shell")
+                .unwrap_err()
+                .contains("\"shell\"")
+        );
+        assert!(RemoteClass::parse_list(" , ").is_err());
+        assert_eq!(RemoteClass::describe(&[]), "nothing");
+        assert_eq!(
+            RemoteClass::describe(&RemoteClass::ALL),
+            "exec, fs, forward"
+        );
+    }
+
+    #[test]
     fn messages_round_trip() {
         let hello = ConnectorMessage::Hello(Hello {
             version: PROTOCOL_VERSION,
@@ -284,9 +380,16 @@ mod tests {
             node: "laptop".into(),
             software: "kitepipe/0.1.0".into(),
             client_nonce: hex(&[1, 2, 255]),
+            remote: vec![RemoteClass::Exec, RemoteClass::Fs],
         });
         let back: ConnectorMessage = decode(&encode(&hello)).unwrap();
         assert_eq!(back, hello);
+        // An older connector's hello (no `remote`) accepts nothing.
+        let old = br#"{"type":"hello","version":1,"role":"connector","instance":"a","node":"n","software":"s","client_nonce":"00"}"#;
+        match decode::<ConnectorMessage>(old) {
+            Ok(ConnectorMessage::Hello(hello)) => assert!(hello.remote.is_empty()),
+            other => panic!("{other:?}"),
+        }
 
         let registered = RelayMessage::Registered(Registered {
             kites: vec![KiteOutcome {

@@ -10,12 +10,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
+use kitepipe_proto::message::RemoteClass;
 use serde::Deserialize;
 
 use crate::link::DEFAULT_HEARTBEAT;
 use crate::pki::{
     AllowRule, CrlSource, Fingerprint, IDENTITY_CA_FILE, IdentityPattern, IdentityRules,
-    KitePattern, NodeIdentity, PkiError, RelayTrust, Secret, ca,
+    KitePattern, NodeIdentity, PkiError, RelayTrust, RemoteRule, Secret, ca,
 };
 
 /// Default ceiling of the reconnect backoff. Short enough that a connector
@@ -111,6 +112,10 @@ pub struct RawRelayConfig {
     /// Further rights of certificate identities (TOML only: `[[allow]]`).
     #[serde(default)]
     pub allow: Vec<RawAllowRule>,
+    /// What the relay's gateway may run on which connectors (`[[remote]]`;
+    /// flag: `--remote NODES:OPS`).
+    #[serde(default)]
+    pub remote: Vec<RawRemoteRule>,
     /// Event gateway address: `IP:PORT` on loopback, `unix:PATH`, or `off`.
     pub gateway: Option<String>,
     /// Directory of event handler executables.
@@ -155,6 +160,57 @@ pub struct RawAllowRule {
     /// Connectors the identity may send events to, through the relay.
     #[serde(default)]
     pub peers: Vec<String>,
+}
+
+/// One `[[remote]]` table as written: `nodes = ["ci-*"]`, `ops = ["exec", "fs"]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRemoteRule {
+    /// Node names or patterns.
+    pub nodes: Vec<String>,
+    /// Kinds of operations: `exec`, `fs`, `forward`, `all`.
+    pub ops: Vec<String>,
+}
+
+impl RawRemoteRule {
+    /// Parses the flag form `NODES:OPS`, e.g. `ci-*,laptop:exec,fs`.
+    pub fn from_flag(text: &str) -> Result<RawRemoteRule, ConfigError> {
+        let Some((nodes, ops)) = text.split_once(':') else {
+            return Err(ConfigError::Invalid {
+                what: "remote rule",
+                value: text.to_string(),
+                why: "expected NODES:OPS, e.g. 'ci-*,laptop:exec,fs'".into(),
+            });
+        };
+        let list = |t: &str| t.split(',').map(|w| w.trim().to_string()).collect();
+        Ok(RawRemoteRule {
+            nodes: list(nodes),
+            ops: list(ops),
+        })
+    }
+}
+
+/// Parses one `[[remote]]` rule.
+pub fn parse_remote_rule(raw: &RawRemoteRule) -> Result<RemoteRule, ConfigError> {
+    let invalid = |value: &str, why: String| ConfigError::Invalid {
+        what: "remote rule",
+        value: value.to_string(),
+        why,
+    };
+    if raw.nodes.is_empty() {
+        return Err(invalid(
+            "nodes = []",
+            "name at least one node or pattern".into(),
+        ));
+    }
+    let nodes = raw
+        .nodes
+        .iter()
+        .map(|text| IdentityPattern::parse(text).map_err(|err| invalid(text, err.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let joined = raw.ops.join(",");
+    let ops = RemoteClass::parse_list(&joined).map_err(|why| invalid(&joined, why))?;
+    Ok(RemoteRule { nodes, ops })
 }
 
 /// A validated relay configuration.
@@ -433,10 +489,15 @@ impl IdentityConfig {
             .iter()
             .map(parse_allow_rule)
             .collect::<Result<Vec<_>, _>>()?;
+        let remote = raw
+            .remote
+            .iter()
+            .map(parse_remote_rule)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(IdentityConfig {
             client_ca: raw.client_ca.clone(),
             crl,
-            rules: IdentityRules::new(cert_domains, allow),
+            rules: IdentityRules::new(cert_domains, allow).with_remote(remote),
         })
     }
 }
@@ -563,6 +624,9 @@ pub struct RawConnectorConfig {
     pub event_wait: Option<String>,
     /// How long a handler may go without progress, e.g. `30s`.
     pub event_timeout: Option<String>,
+    /// Kinds of remote operations accepted from the relay (`exec,fs,forward`
+    /// or `all`); none unless given.
+    pub allow_remote: Option<String>,
 }
 
 /// A validated connector configuration.
@@ -582,6 +646,8 @@ pub struct ConnectorConfig {
     pub identity: Option<NodeIdentity>,
     /// The event pipe.
     pub events: EventConfig,
+    /// Kinds of remote operations accepted from relays (empty: none).
+    pub allow_remote: Vec<RemoteClass>,
 }
 
 /// A relay to link to.
@@ -637,6 +703,7 @@ impl RawRelayConfig {
         merge_opt(&mut self.crl, flags.crl);
         merge_vec(&mut self.cert_domain, flags.cert_domain);
         merge_vec(&mut self.allow, flags.allow);
+        merge_vec(&mut self.remote, flags.remote);
         merge_opt(&mut self.gateway, flags.gateway);
         merge_opt(&mut self.handlers, flags.handlers);
         merge_opt(&mut self.handler_upstream, flags.handler_upstream);
@@ -677,6 +744,7 @@ impl RawConnectorConfig {
         merge_opt(&mut self.handler_upstream, flags.handler_upstream);
         merge_opt(&mut self.event_wait, flags.event_wait);
         merge_opt(&mut self.event_timeout, flags.event_timeout);
+        merge_opt(&mut self.allow_remote, flags.allow_remote);
         self
     }
 }
@@ -887,6 +955,16 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             )?,
             identity,
             events: EventConfig::from_raw(&raw_events)?,
+            allow_remote: match raw.allow_remote.as_deref() {
+                None => Vec::new(),
+                Some(text) => {
+                    RemoteClass::parse_list(text).map_err(|why| ConfigError::Invalid {
+                        what: "allow-remote",
+                        value: text.to_string(),
+                        why,
+                    })?
+                }
+            },
         })
     }
 }
@@ -1182,6 +1260,80 @@ mod tests {
         assert_eq!(merged.heartbeat.as_deref(), Some("5s"));
         let unknown = toml::from_str::<RawConnectorConfig>("relays = []");
         assert!(unknown.is_err());
+    }
+
+    #[test]
+    fn remote_rules_from_toml_and_flags_and_connector_opt_in() {
+        let raw: RawRelayConfig = toml::from_str(
+            r#"
+            listen = ["127.0.0.1:0"]
+            domain = ["http:*.example.net:s3cret"]
+
+            [[remote]]
+            nodes = ["ci-*", "Laptop"]
+            ops = ["exec", "fs"]
+            "#,
+        )
+        .unwrap();
+        let flag = RawRemoteRule::from_flag("build-*:forward").unwrap();
+        let raw = raw.merge(RawRelayConfig {
+            remote: vec![],
+            ..Default::default()
+        });
+        let mut with_flag = raw.clone();
+        with_flag.remote.push(flag);
+        let rules = relay(with_flag).unwrap().identity.rules;
+        assert_eq!(
+            rules.remote_grants("ci-3"),
+            [RemoteClass::Exec, RemoteClass::Fs]
+        );
+        assert_eq!(
+            rules.remote_grants("laptop"),
+            [RemoteClass::Exec, RemoteClass::Fs]
+        );
+        assert_eq!(rules.remote_grants("build-1"), [RemoteClass::Forward]);
+        assert!(rules.remote_grants("desktop").is_empty(), "no default rule");
+
+        // Bad rules say what is wrong.
+        for (nodes, ops, needle) in [
+            (vec!["lap top"], vec!["exec"], "bad identity pattern"),
+            (
+                vec!["laptop"],
+                vec!["shell"],
+                "unknown remote operation kind",
+            ),
+            (vec![], vec!["exec"], "at least one node"),
+            (vec!["laptop"], vec![], "no remote operation kind"),
+        ] {
+            let rule = RawRemoteRule {
+                nodes: nodes.into_iter().map(String::from).collect(),
+                ops: ops.into_iter().map(String::from).collect(),
+            };
+            let err = parse_remote_rule(&rule).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        assert!(RawRemoteRule::from_flag("laptop").is_err());
+        let unknown = toml::from_str::<RawRelayConfig>("[[remote]]\nnodes = [\"x\"]\nop = []");
+        assert!(unknown.is_err(), "unknown keys in [[remote]] are refused");
+
+        let connector = |allow: Option<&str>| {
+            ConnectorConfig::try_from(RawConnectorConfig {
+                relay: vec!["relay.example.net:443".into()],
+                fingerprint: vec![format!("sha256:{}", "ab".repeat(32))],
+                allow_remote: allow.map(String::from),
+                ..Default::default()
+            })
+        };
+        assert!(
+            connector(None).unwrap().allow_remote.is_empty(),
+            "off by default"
+        );
+        assert_eq!(
+            connector(Some("fs,exec")).unwrap().allow_remote,
+            [RemoteClass::Exec, RemoteClass::Fs]
+        );
+        let err = connector(Some("root")).unwrap_err().to_string();
+        assert!(err.contains("allow-remote"), "{err}");
     }
 
     #[test]

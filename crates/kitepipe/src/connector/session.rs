@@ -170,6 +170,7 @@ impl RelayLink {
             node: self.config.name.clone(),
             software: concat!("kitepipe/", env!("CARGO_PKG_VERSION")).into(),
             client_nonce: message::hex(&client_nonce),
+            remote: self.config.allow_remote.clone(),
         });
         let mut tls = tls;
         let mut first = BytesMut::new();

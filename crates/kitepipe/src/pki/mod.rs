@@ -38,8 +38,8 @@ pub use identity::{
     NodeIdentity, Serial, Validity,
 };
 pub use rules::{
-    AllowRule, IdentityPattern, IdentityRules, KitePattern, NAME_PLACEHOLDER, RuleError,
-    pattern_covers,
+    AllowRule, IdentityPattern, IdentityRules, KitePattern, NAME_PLACEHOLDER, RemoteRule,
+    RuleError, pattern_covers,
 };
 pub use secret::{
     EXPORTER_LABEL, ProofInput, Secret, kite_proof, link_exporter, random_nonce, verify_kite_proof,

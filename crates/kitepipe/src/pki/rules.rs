@@ -19,6 +19,7 @@
 use std::fmt;
 
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
+use kitepipe_proto::message::RemoteClass;
 
 /// The placeholder in kite patterns that stands for the identity's name.
 pub const NAME_PLACEHOLDER: &str = "{name}";
@@ -53,6 +54,7 @@ pub enum RuleError {
 pub struct IdentityRules {
     cert_domains: Vec<String>,
     allow: Vec<AllowRule>,
+    remote: Vec<RemoteRule>,
 }
 
 impl IdentityRules {
@@ -62,7 +64,48 @@ impl IdentityRules {
         IdentityRules {
             cert_domains,
             allow,
+            remote: Vec::new(),
         }
+    }
+
+    /// These rules plus `[[remote]]` rules: what the relay's gateway may do
+    /// on which connectors.
+    pub fn with_remote(mut self, remote: Vec<RemoteRule>) -> IdentityRules {
+        self.remote = remote;
+        self
+    }
+
+    /// The `[[remote]]` rules.
+    pub fn remote_rules(&self) -> &[RemoteRule] {
+        &self.remote
+    }
+
+    /// The kinds of remote operations the relay's gateway may run on the
+    /// connector named `node` (sorted, no repeats; empty: none). There is
+    /// no default: without a matching `[[remote]]` rule, nothing.
+    ///
+    /// ```
+    /// use kitepipe::pki::{IdentityPattern, IdentityRules, RemoteRule};
+    /// use kitepipe_proto::message::RemoteClass;
+    ///
+    /// let rules = IdentityRules::default().with_remote(vec![
+    ///     RemoteRule { nodes: vec![IdentityPattern::parse("ci-*").unwrap()], ops: vec![RemoteClass::Exec] },
+    ///     RemoteRule { nodes: vec![IdentityPattern::parse("*").unwrap()], ops: vec![RemoteClass::Fs] },
+    /// ]);
+    /// assert_eq!(rules.remote_grants("ci-7"), [RemoteClass::Exec, RemoteClass::Fs]);
+    /// assert_eq!(rules.remote_grants("laptop"), [RemoteClass::Fs]);
+    /// ```
+    pub fn remote_grants(&self, node: &str) -> Vec<RemoteClass> {
+        let node = node.to_ascii_lowercase();
+        let mut grants: Vec<RemoteClass> = self
+            .remote
+            .iter()
+            .filter(|rule| rule.nodes.iter().any(|pattern| pattern.matches(&node)))
+            .flat_map(|rule| rule.ops.iter().copied())
+            .collect();
+        grants.sort();
+        grants.dedup();
+        grants
     }
 
     /// True if no identity may claim anything.
@@ -212,6 +255,18 @@ pub struct AllowRule {
     /// Other connectors (by node name) they may send events to through the
     /// relay.
     pub peers: Vec<IdentityPattern>,
+}
+
+/// One `[[remote]]` rule: the relay's gateway may run `ops` on connectors
+/// whose node name matches one of `nodes` (and which accept them:
+/// `kitepipe connect --allow-remote`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRule {
+    /// Node names or patterns: certificate names, or the `--name` of
+    /// connectors that log in with a secret.
+    pub nodes: Vec<IdentityPattern>,
+    /// Kinds of operations granted.
+    pub ops: Vec<RemoteClass>,
 }
 
 /// An identity name, or a pattern where `*` matches any run of characters.

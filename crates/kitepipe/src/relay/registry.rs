@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
+use kitepipe_proto::message::RemoteClass;
 
 use super::identity::LinkIdentity;
 use crate::link::{LinkClosed, Mux};
@@ -112,6 +113,8 @@ struct LinkEntry {
     identity: Option<Arc<LinkIdentity>>,
     /// The subset of `kites` granted by the identity rather than a secret.
     identity_kites: HashSet<(KiteProto, String, u16)>,
+    /// Kinds of remote operations the connector accepts (`--allow-remote`).
+    remote: Vec<RemoteClass>,
 }
 
 #[derive(Default)]
@@ -129,6 +132,7 @@ impl Registry {
         mux: Mux,
         peer: SocketAddr,
         identity: Option<Arc<LinkIdentity>>,
+        remote: Vec<RemoteClass>,
     ) -> LinkId {
         let replaced = {
             let mut inner = lock(&self.inner);
@@ -146,6 +150,7 @@ impl Registry {
                     kites: Vec::new(),
                     identity,
                     identity_kites: HashSet::new(),
+                    remote,
                 },
             );
             (id, old_mux)
@@ -173,6 +178,18 @@ impl Registry {
             None if inner.nodes_seen.contains(&node.to_ascii_lowercase()) => NodeLookup::Offline,
             None => NodeLookup::Unknown,
         }
+    }
+
+    /// The most recent live link of node `node` and the kinds of remote
+    /// operations it accepts.
+    pub(crate) fn lookup_remote(&self, node: &str) -> Option<(Mux, Vec<RemoteClass>)> {
+        let inner = lock(&self.inner);
+        inner
+            .links
+            .iter()
+            .filter(|(_, link)| link.node.eq_ignore_ascii_case(node) && !link.mux.is_closed())
+            .max_by_key(|(id, _)| **id)
+            .map(|(_, link)| (link.mux.clone(), link.remote.clone()))
     }
 
     /// Resolves after the next link is added. Create it before looking up,
@@ -418,7 +435,7 @@ mod tests {
     async fn routes_exact_then_most_specific_wildcard() {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
-        let a = registry.add_link("a", "a", mux(&tracker), peer(), None);
+        let a = registry.add_link("a", "a", mux(&tracker), peer(), None, Vec::new());
         registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
         registry.add_kite(a, &kite("http:*.example.net"), Grant::Secret);
         registry.add_kite(a, &kite("http:*.shop.example.net"), Grant::Secret);
@@ -440,8 +457,8 @@ mod tests {
     async fn balances_and_fails_over_then_reports_offline() {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
-        let a = registry.add_link("a", "node-a", mux(&tracker), peer(), None);
-        let b = registry.add_link("b", "node-b", mux(&tracker), peer(), None);
+        let a = registry.add_link("a", "node-a", mux(&tracker), peer(), None, Vec::new());
+        let b = registry.add_link("b", "node-b", mux(&tracker), peer(), None, Vec::new());
         registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
         registry.add_kite(b, &kite("http:blog.example.net"), Grant::Secret);
         let first =
@@ -467,9 +484,9 @@ mod tests {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
         let old_mux = mux(&tracker);
-        let old = registry.add_link("same", "laptop", old_mux.clone(), peer(), None);
+        let old = registry.add_link("same", "laptop", old_mux.clone(), peer(), None, Vec::new());
         registry.add_kite(old, &kite("tcp:db.example.net:15432"), Grant::Secret);
-        let new = registry.add_link("same", "laptop", mux(&tracker), peer(), None);
+        let new = registry.add_link("same", "laptop", mux(&tracker), peer(), None, Vec::new());
         assert!(matches!(registry.lookup_port(15432), Lookup::Offline));
         registry.add_kite(new, &kite("tcp:db.example.net:15432"), Grant::Secret);
         assert!(
@@ -487,8 +504,15 @@ mod tests {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
         let identity = Arc::new(LinkIdentity::for_tests("laptop"));
-        let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity));
-        let b = registry.add_link("b", "other", mux(&tracker), peer(), None);
+        let a = registry.add_link(
+            "a",
+            "laptop",
+            mux(&tracker),
+            peer(),
+            Some(identity),
+            Vec::new(),
+        );
+        let b = registry.add_link("b", "other", mux(&tracker), peer(), None, Vec::new());
         registry.add_kite(a, &kite("http:laptop.example.net"), Grant::Identity);
         registry.add_kite(a, &kite("http:extra.example.net"), Grant::Identity);
         registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);

@@ -198,9 +198,14 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
         Some(identity) => identity.name.clone(),
         None => hello.node.chars().take(64).collect::<String>(),
     };
-    let link_id =
-        ctx.registry
-            .add_link(&hello.instance, &node, mux.clone(), peer, identity.clone());
+    let link_id = ctx.registry.add_link(
+        &hello.instance,
+        &node,
+        mux.clone(),
+        peer,
+        identity.clone(),
+        hello.remote.clone(),
+    );
     let span = info_span!("link", node = %node, id = link_id, %peer);
     async {
         match &identity {
