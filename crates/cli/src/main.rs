@@ -4,6 +4,7 @@
 
 mod ca;
 mod exit;
+mod remote;
 
 use std::path::PathBuf;
 
@@ -73,6 +74,15 @@ enum Command {
     /// curl works just as well: curl http://127.0.0.1:8089/server/time.
     /// Exits 0 for a 2xx reply, 3 for any other status.
     Call(CallArgs),
+    /// Run commands and file operations on a host over SSH, installing nothing there.
+    ///
+    /// Example: kitepipe remote user@host exec -- uname -a
+    ///
+    /// See `kitepipe remote --help` for all operations.
+    Remote(remote::RemoteArgs),
+    /// The agent `kitepipe remote` starts on a host (not for direct use).
+    #[command(hide = true)]
+    Agent(remote::AgentArgs),
 }
 
 /// Event pipe settings, the same for relays and connectors.
@@ -271,6 +281,8 @@ async fn run(command: Command) -> i32 {
         Command::Connect(args) => connect(args).await,
         Command::Ca(command) => ca::run(command, &|key| std::env::var(key).ok()),
         Command::Call(args) => return call(args).await,
+        Command::Remote(args) => return remote::run(args).await,
+        Command::Agent(args) => return remote::agent(args).await,
     };
     match res {
         Ok(()) => exit::OK,

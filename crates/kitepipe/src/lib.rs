@@ -16,4 +16,5 @@ pub mod link;
 pub mod pipe;
 pub mod pki;
 pub mod relay;
+pub mod remote;
 pub mod tunnel;

@@ -18,4 +18,5 @@ pub mod frame;
 pub mod http1;
 pub mod kite;
 pub mod message;
+pub mod remote;
 pub mod sniff;

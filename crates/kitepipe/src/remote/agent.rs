@@ -1,0 +1,268 @@
+//! The agent: serves remote operations over any byte stream.
+//!
+//! [`serve`] runs a link over a byte stream (the SSH session's stdin and
+//! stdout, from [`stdio`]), says [`AgentHello`], and serves every stream the
+//! client opens with [`serve_stream`], one task per operation, until the
+//! link closes. A connector that accepts remote operations from its relay
+//! calls [`serve_stream`] for such streams of its own link.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use kitepipe_proto::frame::ResetCode;
+use kitepipe_proto::message::{self, PROTOCOL_VERSION};
+use kitepipe_proto::remote::{
+    AgentHello, AgentRecord, ErrorKind, ErrorReply, RemoteHeader, RemoteOp,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use super::stream::{OpStream, agent_bytes};
+use crate::link::{IncomingStream, LinkClosed, Mux, MuxConfig, MuxStream, Side};
+
+/// Operations served at once; more wait for a slot. Each holds a stream
+/// window (1 MiB of credit) and perhaps a process, so this bounds the
+/// agent's memory and the processes one client can start at once.
+pub const MAX_CONCURRENT_OPS: usize = 256;
+
+/// How long the agent lets in-flight operations finish after the link
+/// closed before it exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Settings of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The link's heartbeat: a client silent this long is gone.
+    pub heartbeat: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            heartbeat: crate::link::DEFAULT_HEARTBEAT,
+        }
+    }
+}
+
+/// A byte stream for the agent made of this process's stdin and stdout.
+pub type StdioTransport =
+    tokio::io::Join<Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>>;
+
+/// This process's stdin and stdout as one byte stream. Pipes (what sshd
+/// hands a command) are driven by the reactor directly; anything else goes
+/// through tokio's blocking stdio.
+pub fn stdio() -> io::Result<StdioTransport> {
+    use std::os::fd::AsFd;
+    let reader: Box<dyn AsyncRead + Send + Unpin> = {
+        let fd = io::stdin().as_fd().try_clone_to_owned()?;
+        match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+            Ok(pipe) => Box::new(pipe),
+            Err(_) => Box::new(tokio::io::stdin()),
+        }
+    };
+    let writer: Box<dyn AsyncWrite + Send + Unpin> = {
+        let fd = io::stdout().as_fd().try_clone_to_owned()?;
+        match tokio::net::unix::pipe::Sender::from_owned_fd(fd) {
+            Ok(pipe) => Box::new(pipe),
+            Err(_) => Box::new(tokio::io::stdout()),
+        }
+    };
+    Ok(tokio::io::join(reader, writer))
+}
+
+/// Serves remote operations over `io` until the link closes or `shutdown`
+/// is cancelled; returns why the link closed.
+pub async fn serve<T>(io: T, options: &AgentOptions, shutdown: CancellationToken) -> LinkClosed
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let tracker = TaskTracker::new();
+    let token = shutdown.child_token();
+    let config = MuxConfig {
+        heartbeat: options.heartbeat,
+        ..MuxConfig::default()
+    };
+    let (mux, mut receivers) = Mux::start(
+        io,
+        BytesMut::new(),
+        Side::Relay,
+        &config,
+        &tracker,
+        token.clone(),
+    );
+    let hello = hello();
+    if let Err(reason) = mux.send_control(message::encode(&hello)).await {
+        return reason;
+    }
+    info!(pid = hello.pid, "agent serving");
+    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_OPS));
+    let reason = loop {
+        tokio::select! {
+            incoming = receivers.incoming.recv() => {
+                let Some(incoming) = incoming else { break mux.closed().await };
+                let slots = slots.clone();
+                let span = tracing::debug_span!("op", stream = incoming.stream.id());
+                tracker.spawn(async move {
+                    // The semaphore is never closed.
+                    let Ok(_slot) = slots.acquire_owned().await else { return };
+                    serve_stream(incoming).await;
+                }.instrument(span));
+            }
+            control = receivers.control.recv() => {
+                if control.is_none() {
+                    break mux.closed().await;
+                }
+                // Clients send no control messages; ignore any.
+            }
+            reason = mux.closed() => break reason,
+            _ = shutdown.cancelled() => {
+                mux.close(LinkClosed::Shutdown);
+                break LinkClosed::Shutdown;
+            }
+        }
+    };
+    debug!(%reason, "agent link closed");
+    token.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            tasks = tracker.len(),
+            "operations still running at exit were cut"
+        );
+    }
+    reason
+}
+
+/// This process as an agent: version, software, pid, uid, platform.
+pub fn hello() -> AgentHello {
+    AgentHello {
+        version: PROTOCOL_VERSION,
+        software: concat!("kitepipe/", env!("CARGO_PKG_VERSION")).to_string(),
+        pid: std::process::id(),
+        uid: rustix::process::getuid().as_raw(),
+        platform: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+    }
+}
+
+/// Serves one stream opened by a client: decodes its header and runs the
+/// operation. A header that is not a remote operation resets the stream.
+pub async fn serve_stream(incoming: IncomingStream) {
+    let IncomingStream { header, mut stream } = incoming;
+    match message::decode::<RemoteHeader>(&header) {
+        Ok(RemoteHeader::Remote(op)) => serve_op(op, stream).await,
+        Err(err) => {
+            debug!(%err, "bad remote operation header");
+            stream.reset(
+                ResetCode::ProtocolError,
+                &format!("bad remote operation header: {err}"),
+            );
+        }
+    }
+}
+
+/// Runs one decoded operation on its stream.
+pub async fn serve_op(op: RemoteOp, stream: MuxStream) {
+    let stream = OpStream::new(stream);
+    match op {
+        RemoteOp::Exec(op) => super::exec::exec(op, stream).await,
+        RemoteOp::Spawn(op) => super::exec::spawn(op, stream).await,
+        RemoteOp::Kill(op) => super::exec::kill(op, stream).await,
+        RemoteOp::Read(op) => super::fs::read(op, stream).await,
+        RemoteOp::Write(op) => super::fs::write(op, stream).await,
+        RemoteOp::Ls(op) => super::fs::ls(op, stream).await,
+        RemoteOp::Stat(op) => super::fs::stat(op, stream).await,
+        RemoteOp::Mkdir(op) => super::fs::mkdir(op, stream).await,
+        RemoteOp::Rm(op) => super::fs::rm(op, stream).await,
+        RemoteOp::Mv(op) => super::fs::mv(op, stream).await,
+        RemoteOp::Connect(op) => super::forward::connect(op, stream).await,
+    }
+}
+
+/// How long the agent keeps reading (and discarding) a client's input
+/// after it replied, so its reply is not destroyed by a reset.
+const DRAIN_AFTER_REPLY: Duration = Duration::from_secs(10);
+
+/// Sends the last record of an operation, FIN, and drains the client's
+/// remaining input until its FIN.
+pub(crate) async fn finish(stream: &OpStream, last: AgentRecord) {
+    if stream.send(agent_bytes(&last)).await.is_err() || stream.finish().await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(DRAIN_AFTER_REPLY, async {
+        while let Ok(Some(_)) = stream.recv().await {}
+    })
+    .await;
+}
+
+/// Replies with an error built from an I/O error.
+pub(crate) async fn fail(stream: &OpStream, err: &io::Error, what: &str, path: Option<&str>) {
+    finish(stream, AgentRecord::Error(error_reply(err, what, path))).await;
+}
+
+/// The typed reply for a failed system call.
+pub(crate) fn error_reply(err: &io::Error, what: &str, path: Option<&str>) -> ErrorReply {
+    let kind = match err.kind() {
+        io::ErrorKind::NotFound => ErrorKind::NotFound,
+        io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+        io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+        io::ErrorKind::NotADirectory => ErrorKind::NotADirectory,
+        io::ErrorKind::IsADirectory => ErrorKind::IsADirectory,
+        io::ErrorKind::DirectoryNotEmpty => ErrorKind::DirectoryNotEmpty,
+        io::ErrorKind::ConnectionRefused => ErrorKind::ConnectionRefused,
+        io::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
+        io::ErrorKind::Unsupported => ErrorKind::Unsupported,
+        _ => ErrorKind::Other,
+    };
+    ErrorReply {
+        kind,
+        errno: err.raw_os_error(),
+        message: format!("{what}: {}", describe(err)),
+        path: path.map(str::to_string),
+    }
+}
+
+/// The text of an error without std's " (os error N)" suffix (the errno
+/// travels in its own field).
+fn describe(err: &io::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" (os error ") {
+        Some(pos) if err.raw_os_error().is_some() => text[..pos].to_string(),
+        _ => text,
+    }
+}
+
+/// A reply for a request that makes no sense.
+pub(crate) fn invalid(message: &str) -> AgentRecord {
+    AgentRecord::Error(ErrorReply {
+        kind: ErrorKind::InvalidInput,
+        errno: None,
+        message: message.to_string(),
+        path: None,
+    })
+}
+
+/// Removes the file the bootstrap started us from, if it is this very
+/// executable (same device and inode), so nothing of ours stays on disk.
+pub fn unlink_self(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata("/proc/self/exe")?;
+    let theirs = std::fs::symlink_metadata(path)?;
+    if ours.dev() != theirs.dev() || ours.ino() != theirs.ino() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not this agent's executable; not removing it",
+                path.display()
+            ),
+        ));
+    }
+    std::fs::remove_file(path)
+}

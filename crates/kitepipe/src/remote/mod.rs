@@ -1,0 +1,37 @@
+//! Remote operations: run commands and file operations on a host, through
+//! an agent that speaks the link protocol over any byte stream.
+//!
+//! Start at [`session`] (the client's library API: [`Session::over`] any
+//! byte stream, [`Session::ssh`] to push the agent through the system `ssh`
+//! client, then `exec`, `spawn`, `kill`, file operations, `copy_to`,
+//! `copy_from` and `forward`), then [`agent`] (the other side: serves each
+//! operation stream; `exec.rs`, `fs.rs` and `forward.rs` hold the
+//! operations), and [`bootstrap`] (the POSIX sh script and the `ssh`
+//! invocation that start the agent with nothing installed on the host).
+//! `stream.rs` reads and writes the records of one operation stream.
+//!
+//! Wire format: [`kitepipe_proto::remote`]; one stream per operation, so
+//! operations run concurrently and independently over one session.
+//!
+//! remote/ never listens on a public socket (port forwarding binds where
+//! the caller says, loopback by default) and knows nothing of kites or
+//! relays: the agent is handed a byte stream or streams of a link, and
+//! the session is handed a byte stream or a link.
+
+pub mod agent;
+pub mod bootstrap;
+mod exec;
+mod exec_tty;
+mod forward;
+mod fs;
+pub mod session;
+mod stream;
+
+pub use bootstrap::{ConnectError, SshOptions};
+pub use kitepipe_proto::remote::{
+    AgentHello, DirEntry, ErrorKind, ErrorReply, ExitReport, FileKind, FileStat, TtySize,
+};
+pub use session::{
+    Exec, ExecEvent, ExecInput, ExecOutput, ForwardHandle, Output, RemoteCommand, RemoteError,
+    Session, SessionOptions,
+};
