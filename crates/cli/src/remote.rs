@@ -235,8 +235,14 @@ struct KillArgs {
 #[derive(Debug, Args)]
 pub(crate) struct AgentArgs {
     /// Serve over stdin and stdout.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "pty_child")]
     stdio: bool,
+    /// Internal: become ARGV on the terminal SLAVE (a terminal exec).
+    #[arg(long, value_name = "SLAVE", requires = "argv")]
+    pty_child: Option<String>,
+    /// The command of --pty-child.
+    #[arg(last = true, value_name = "ARGV")]
+    argv: Vec<String>,
     /// Remove this file (our own executable) before serving.
     #[arg(long, value_name = "FILE")]
     unlink: Option<PathBuf>,
@@ -247,6 +253,15 @@ pub(crate) struct AgentArgs {
 
 /// `kitepipe agent --stdio`.
 pub(crate) async fn agent(args: AgentArgs) -> i32 {
+    if let Some(slave) = &args.pty_child {
+        let err = kitepipe::remote::pty_child(slave, &args.argv);
+        eprintln!("kitepipe: cannot run {:?} on a terminal: {err}", args.argv);
+        return if err.kind() == std::io::ErrorKind::NotFound {
+            exit::EXEC_NOT_FOUND
+        } else {
+            exit::EXEC_NOT_PERMITTED
+        };
+    }
     if let Some(path) = &args.unlink
         && let Err(err) = kitepipe::remote::agent::unlink_self(path)
     {
@@ -442,10 +457,15 @@ fn command_of(
 async fn run_exec(session: &Session, args: ExecArgs) -> anyhow::Result<i32> {
     let mut command = command_of(args.argv, &args.env, args.cwd, args.clear_env)?;
     command = command.stdin(!args.no_stdin);
-    if args.tty {
+    // On a terminal here too, keystrokes go through unprocessed (raw mode,
+    // restored when the guard drops).
+    let _raw = if args.tty {
         let (cols, rows) = terminal_size();
         command = command.tty(rows, cols);
-    }
+        RawMode::enter()
+    } else {
+        None
+    };
     let exec = match session.exec(&command).await {
         Ok(exec) => exec,
         Err(err) => {
@@ -530,7 +550,39 @@ async fn run_exec(session: &Session, args: ExecArgs) -> anyhow::Result<i32> {
     })
 }
 
+/// The local terminal in raw mode; restores its settings on drop.
+struct RawMode(rustix::termios::Termios);
+
+impl RawMode {
+    fn enter() -> Option<RawMode> {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let saved = rustix::termios::tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw).ok()?;
+        Some(RawMode(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.0,
+        );
+    }
+}
+
 fn terminal_size() -> (u16, u16) {
+    if let Ok(size) = rustix::termios::tcgetwinsize(std::io::stdout())
+        && size.ws_col > 0
+    {
+        return (size.ws_col, size.ws_row);
+    }
     let cols = std::env::var("COLUMNS")
         .ok()
         .and_then(|v| v.parse().ok())

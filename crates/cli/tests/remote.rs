@@ -108,6 +108,36 @@ fn exec_passes_output_exit_status_stdin_env_and_cwd() {
 }
 
 #[test]
+fn exec_on_a_terminal() {
+    if sshd::skip_without_sshd("tty") {
+        return;
+    }
+    let sshd = Sshd::new().start();
+    let out = run(
+        sshd.kitepipe(&[
+            "exec",
+            "-t",
+            "--",
+            "sh",
+            "-c",
+            "test -t 0 && test -t 1 && echo on-a-tty; stty size; exit 5",
+        ]),
+        b"",
+    );
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    // The terminal turns \n into \r\n; the size is the default 24x80
+    // (no terminal here, no COLUMNS/LINES).
+    assert_eq!(out.stdout, "on-a-tty\r\n24 80\r\n", "{}", out.stderr);
+    // Input reaches the command through the terminal.
+    let out = run(
+        sshd.kitepipe(&["exec", "-t", "--", "sh", "-c", "read line; echo got=$line"]),
+        b"typed\n",
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("got=typed"), "{:?}", out.stdout);
+}
+
+#[test]
 fn exec_output_streams_live() {
     if sshd::skip_without_sshd("streaming") {
         return;

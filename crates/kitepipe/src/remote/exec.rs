@@ -28,7 +28,8 @@ pub(crate) async fn exec(op: ExecOp, stream: OpStream) {
         return;
     };
     if op.tty.is_some() {
-        return super::exec_tty::exec(op, stream).await;
+        super::exec_tty::exec(op, stream).await;
+        return;
     }
     let mut command = Command::new(program);
     command

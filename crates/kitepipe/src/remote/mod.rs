@@ -28,6 +28,7 @@ pub mod session;
 mod stream;
 
 pub use bootstrap::{ConnectError, SshOptions};
+pub use exec_tty::pty_child;
 pub use kitepipe_proto::remote::{
     AgentHello, DirEntry, ErrorKind, ErrorReply, ExitReport, FileKind, FileStat, TtySize,
 };
@@ -35,3 +36,6 @@ pub use session::{
     Exec, ExecEvent, ExecInput, ExecOutput, ForwardHandle, Output, RemoteCommand, RemoteError,
     Session, SessionOptions,
 };
+
+#[cfg(test)]
+mod tests;

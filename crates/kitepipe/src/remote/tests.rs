@@ -1,0 +1,135 @@
+//! A session and an agent over an in-memory byte stream with a tiny
+//! buffer: the agent serves any byte stream, the session works over any.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use kitepipe_proto::remote::ErrorKind;
+use tokio_util::sync::CancellationToken;
+
+use super::agent::{AgentOptions, serve};
+use super::session::{RemoteCommand, RemoteError, Session, SessionOptions};
+
+async fn pair() -> (
+    Session,
+    tokio::task::JoinHandle<crate::link::LinkClosed>,
+    CancellationToken,
+) {
+    let (client_io, agent_io) = tokio::io::duplex(64);
+    let shutdown = CancellationToken::new();
+    let agent_shutdown = shutdown.clone();
+    let agent =
+        tokio::spawn(
+            async move { serve(agent_io, &AgentOptions::default(), agent_shutdown).await },
+        );
+    let session = Session::over(client_io, SessionOptions::default())
+        .await
+        .unwrap();
+    (session, agent, shutdown)
+}
+
+#[tokio::test]
+async fn session_and_agent_over_an_in_memory_stream() {
+    let (session, agent, _shutdown) = pair().await;
+    assert_eq!(session.agent().pid, std::process::id());
+    let out = session
+        .output(&RemoteCommand::new("sh").args(["-c", "echo out; echo err >&2; exit 7"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.status.code, Some(7));
+
+    // stdin through a 64-byte pipe, in several records.
+    let mut exec = session
+        .exec(&RemoteCommand::new("cat").stdin(true))
+        .await
+        .unwrap();
+    let body = Bytes::from(vec![b'x'; 300_000]);
+    let writer = async {
+        exec.input.write(body.clone()).await.unwrap();
+        exec.input.finish().await.unwrap();
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        loop {
+            match exec.output.next().await.unwrap() {
+                super::ExecEvent::Stdout(data) => got.extend_from_slice(&data),
+                super::ExecEvent::Stderr(_) => {}
+                super::ExecEvent::Exit(status) => return (got, status),
+            }
+        }
+    };
+    let ((), (got, status)) = tokio::join!(writer, reader);
+    assert_eq!(got.len(), body.len());
+    assert_eq!(status.code, Some(0));
+
+    let dir = std::env::temp_dir().join(format!("kitepipe-remote-unit-{}", std::process::id()));
+    let dir_text = dir.display().to_string();
+    session.mkdir(&dir_text, true).await.unwrap();
+    let file = format!("{dir_text}/f");
+    session.write(&file, b"hello").await.unwrap();
+    assert_eq!(session.read(&file).await.unwrap(), b"hello");
+    let err = session
+        .read(&format!("{dir_text}/missing"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RemoteError::Failed { reply, .. } if reply.kind == ErrorKind::NotFound),
+        "{err}"
+    );
+    session.rm(&dir_text, true).await.unwrap();
+
+    session.close().await;
+    let reason = tokio::time::timeout(Duration::from_secs(5), agent)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(reason, crate::link::LinkClosed::PeerClosed(_)),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn a_header_that_is_not_an_operation_resets_only_its_stream() {
+    let (session, _agent, _shutdown) = pair().await;
+    let mut stream = session
+        .mux()
+        .open(Bytes::from_static(
+            br#"{"kind":"remote","op":"format_disk"}"#,
+        ))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let err = tokio::io::AsyncReadExt::read(&mut stream, &mut buf)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("bad remote operation header"),
+        "{err}"
+    );
+    // The link and other operations are unaffected.
+    let stat = session.stat("/", false).await.unwrap();
+    assert_eq!(stat.kind, super::FileKind::Dir);
+}
+
+#[tokio::test]
+async fn an_agent_that_goes_away_fails_operations_in_flight() {
+    let (session, agent, shutdown) = pair().await;
+    let running = {
+        let session = session.clone();
+        tokio::spawn(async move { session.output(&RemoteCommand::new("sleep").arg("30")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shutdown.cancel();
+    let res = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(res, Err(RemoteError::SessionLost { .. })),
+        "{res:?}"
+    );
+    agent.await.unwrap();
+}
