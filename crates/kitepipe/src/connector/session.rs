@@ -24,6 +24,7 @@ use tracing::{Instrument, error, info, warn};
 use super::{EventLinks, Kites, LinkState, serve_stream};
 use crate::config::{ConnectorConfig, RelayTarget};
 use crate::link::backoff::Backoff;
+use crate::link::io::ReadAhead;
 use crate::link::{LinkClosed, Mux, MuxConfig, MuxReceivers, Side};
 use crate::pipe::Handlers;
 use crate::pki::{
@@ -149,7 +150,7 @@ impl RelayLink {
             .unwrap_or_else(|_| ServerName::try_from("relay.invalid").expect("valid literal name"));
         let tls = tokio::select! {
             _ = self.token.cancelled() => return Ok(LinkClosed::Shutdown),
-            res = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(self.tls.clone()).connect(server_name, tcp)) => match res {
+            res = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(self.tls.clone()).connect(server_name, ReadAhead::new(BytesMut::new(), tcp))) => match res {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(source)) => return Err(AttemptError::Tls { source }),
                 Err(_) => return Err(AttemptError::TlsTimeout),

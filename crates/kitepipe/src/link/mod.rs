@@ -2,7 +2,8 @@
 //! connection between a connector and a relay.
 //!
 //! Start at [`mux`] (streams over one TLS connection: framing, flow control,
-//! heartbeats), then [`backoff`] (the one retry helper). The handshake that
+//! heartbeats), then [`io`] (the socket under the TLS: large reads) and
+//! [`backoff`] (the one retry helper). The handshake that
 //! runs over a fresh link lives with its two ends: `connector::session` and
 //! `relay::session`.
 //!
@@ -10,6 +11,7 @@
 //! handed an established byte stream.
 
 pub mod backoff;
+pub mod io;
 pub mod mux;
 
 use std::time::Duration;

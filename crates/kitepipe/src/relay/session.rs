@@ -20,12 +20,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::RelayCtx;
 use super::identity::{IdentityState, LinkIdentity, enforce};
 use super::registry::{Grant, LinkId};
+use crate::link::io::ReadAhead;
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxReceivers, Side};
 use crate::pki::{
     ProofInput, describe_relay_tls_error, link_exporter, pattern_covers, random_nonce,
     verify_kite_proof,
 };
-use crate::tunnel::Prefixed;
 
 /// How long a connector has to finish TLS and say hello. Long enough for a
 /// slow mobile link, short enough that half-open connections do not pile up.
@@ -50,7 +50,7 @@ pub(crate) async fn accept(
     peer: SocketAddr,
     ctx: Arc<RelayCtx>,
 ) {
-    let io = Prefixed::new(prefix, sock);
+    let io = ReadAhead::new(prefix, sock);
     let state = ctx.identity();
     let accept = state.acceptor.accept(io).into_fallible();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {

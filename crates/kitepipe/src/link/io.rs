@@ -1,0 +1,160 @@
+//! The byte stream under a link's TLS: large socket reads, handed out in
+//! the small pieces rustls asks for.
+//!
+//! rustls reads TLS records from its transport at most 4 KiB at a time, so a
+//! bulk transfer cost four `recv` calls per 16 KiB record on the receiving
+//! end. [`ReadAhead`] reads up to [`READ_AHEAD`] bytes per `recv` and serves
+//! rustls from that buffer; writes pass straight through. The buffer is
+//! freed when it drains after a small read, so an idle link holds none (the
+//! scale target is at most 64 KiB of relay memory per linked connector).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Most bytes read from the socket at once: four full TLS records, one
+/// largest DATA frame, and what loopback delivers per wakeup under load.
+pub const READ_AHEAD: usize = 64 * 1024;
+
+/// Reads of at least this size go straight to the caller's buffer: the
+/// extra copy would buy nothing.
+const DIRECT_READ: usize = 16 * 1024;
+
+/// The buffer is kept after it drains only if the last socket read was at
+/// least this large (a busy link): allocating fresh pages for every read
+/// costs page faults, holding them on idle links costs memory.
+const KEEP_AFTER: usize = 8 * 1024;
+
+/// A byte stream whose reads are done in large pieces (see the module doc).
+#[derive(Debug)]
+pub struct ReadAhead<S> {
+    /// Bytes read from `inner` and not yet handed out (first: bytes read
+    /// before this wrapper existed, e.g. while sniffing the protocol).
+    buf: BytesMut,
+    /// Bytes the last socket read returned.
+    last_read: usize,
+    inner: S,
+}
+
+impl<S> ReadAhead<S> {
+    /// Wraps `inner`; `prefix` holds bytes already read from it, which are
+    /// returned first.
+    pub fn new(prefix: BytesMut, inner: S) -> ReadAhead<S> {
+        ReadAhead {
+            buf: prefix,
+            last_read: 0,
+            inner,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.buf.is_empty() {
+            if out.remaining() >= DIRECT_READ {
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            // Reuses the drained buffer's space while the link is busy.
+            this.buf.reserve(READ_AHEAD);
+            let n = std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.buf
+            ))?;
+            if n == 0 {
+                this.buf = BytesMut::new();
+                return Poll::Ready(Ok(()));
+            }
+            this.last_read = n;
+        }
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
+        if this.buf.is_empty() && this.last_read < KEEP_AFTER {
+            // A small read: the link is not busy. Give the memory back
+            // rather than hold it on every idle link.
+            this.buf = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn replays_the_prefix_then_reads_in_small_pieces() {
+        let (mut far, near) = tokio::io::duplex(64);
+        let mut io = ReadAhead::new(BytesMut::from(&b"hello "[..]), near);
+        far.write_all(b"world, and more").await.unwrap();
+        far.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 3];
+        loop {
+            let n = io.read(&mut piece).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(got, b"hello world, and more");
+        assert_eq!(io.buf.capacity(), 0, "a drained buffer is freed");
+    }
+
+    #[tokio::test]
+    async fn large_reads_go_straight_through() {
+        let (mut far, near) = tokio::io::duplex(64 * 1024);
+        let mut io = ReadAhead::new(BytesMut::new(), near);
+        far.write_all(&[7u8; 1000]).await.unwrap();
+        let mut big = vec![0u8; DIRECT_READ];
+        let n = io.read(&mut big).await.unwrap();
+        assert_eq!(n, 1000);
+        assert_eq!(io.buf.capacity(), 0);
+    }
+}
