@@ -260,10 +260,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `kitepipe remote` and the agent are a few streams over one pipe: one
+    // thread serves them with the least latency per round trip (no
+    // cross-thread wake-ups); servers get a worker per core.
+    let mut builder = match cli.command {
+        Command::Remote(_) | Command::Agent(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("kitepipe: cannot start the async runtime: {err}");
