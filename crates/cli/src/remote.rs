@@ -48,15 +48,28 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 ///
 ///   kitepipe remote host forward 8080:127.0.0.1:80
 ///
+/// On a relay, the same operations on a connector that opted in
+/// (`kitepipe connect --allow-remote exec,fs`), as the relay's
+/// `[[remote]]` rules allow; each is logged on both with the caller:
+///
+///   kitepipe remote node:laptop --gateway 127.0.0.1:8089 exec -- uptime
+///
 /// Exit status: the remote command's for exec; 4 when the host failed an
 /// operation (the cause is printed); 124 on a timeout; 255 when the host
 /// could not be reached or the session was lost.
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub(crate) struct RemoteArgs {
-    /// The host: `[user@]host` or a Host alias from the ssh config.
+    /// The host: `[user@]host` or a Host alias from the ssh config; or
+    /// `node:NAME` for a connector through the relay (run on the relay's
+    /// machine, with --gateway; the connector must run with --allow-remote
+    /// and the relay's `[[remote]]` rules must grant the operation).
     #[arg(value_name = "HOST")]
     host: String,
+    /// The relay's gateway, for `node:NAME`: 127.0.0.1:PORT, a bare port or
+    /// unix:PATH (`kitepipe relay` prints it as "gateway on ...").
+    #[arg(long, value_name = "ADDR", env = "KITEPIPE_GATEWAY")]
+    gateway: Option<String>,
     /// Run the agent as root with `sudo -n` (fails clearly if sudo wants a password).
     #[arg(long)]
     sudo: bool,
@@ -353,9 +366,26 @@ async fn run_inner(args: RemoteArgs) -> anyhow::Result<i32> {
         RemoteOpArgs::Kill(kill) => Some(parse_signal(&kill.signal)?),
         _ => None,
     };
-    let session = Session::ssh(options)
-        .await
-        .with_context(|| format!("cannot start a session on {}", args.host))?;
+    let session = match args.host.strip_prefix("node:") {
+        Some(node) => {
+            let text = args.gateway.as_deref().ok_or_else(|| {
+                usage(
+                    "node:NAME goes through the relay's gateway: give --gateway ADDR \
+                     (kitepipe relay prints it as \"gateway on ...\") or set KITEPIPE_GATEWAY"
+                        .into(),
+                )
+            })?;
+            let gateway = kitepipe::config::parse_gateway(text)?;
+            Session::via_gateway(&gateway, node, options.session, options.connect_timeout)
+                .await
+                .with_context(|| {
+                    format!("cannot start a session on node {node} through the relay")
+                })?
+        }
+        None => Session::ssh(options)
+            .await
+            .with_context(|| format!("cannot start a session on {}", args.host))?,
+    };
     let res = match args.op {
         RemoteOpArgs::Exec(exec) => run_exec(&session, exec).await,
         RemoteOpArgs::Spawn(spawn) => {

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::EventHeader;
 use crate::kite::KiteRef;
+use crate::remote::{AgentHello, RemoteOp};
 
 /// Version of the link protocol described here.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -85,6 +86,11 @@ pub struct Hello {
     /// (`--allow-remote`); empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote: Vec<RemoteClass>,
+    /// The connector as an agent of remote operations (who it runs as,
+    /// where), sent when `remote` is not empty; the relay hands it to
+    /// clients of `/remote/NODE` as the agent's hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentHello>,
 }
 
 /// A kind of remote operation: what a connector accepts from its relay
@@ -280,6 +286,53 @@ pub enum StreamHeader {
     /// An event (an HTTP exchange through the gateways), opened by either
     /// side; see [`crate::event`].
     Event(EventHeader),
+    /// A remote operation the relay passes on to a connector that accepts
+    /// it (`--allow-remote`), with who asked; see [`crate::remote`].
+    RemoteRelayed(RelayedOp),
+}
+
+/// A remote operation relayed to a connector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayedOp {
+    /// Who asked, as the relay knows them (for the connector's log).
+    pub caller: String,
+    /// The operation.
+    pub op: RemoteOp,
+}
+
+impl RemoteOp {
+    /// The kind of the operation, as rules and `--allow-remote` name it.
+    pub fn class(&self) -> RemoteClass {
+        match self {
+            RemoteOp::Exec(_) | RemoteOp::Spawn(_) | RemoteOp::Kill(_) => RemoteClass::Exec,
+            RemoteOp::Read(_)
+            | RemoteOp::Write(_)
+            | RemoteOp::Ls(_)
+            | RemoteOp::Stat(_)
+            | RemoteOp::Mkdir(_)
+            | RemoteOp::Rm(_)
+            | RemoteOp::Mv(_) => RemoteClass::Fs,
+            RemoteOp::Connect(_) => RemoteClass::Forward,
+        }
+    }
+
+    /// One line for logs: the operation and its main argument, e.g.
+    /// `exec ["uname", "-a"]`, `read "/etc/hosts"`, `connect db:5432`.
+    pub fn summary(&self) -> String {
+        match self {
+            RemoteOp::Exec(op) => format!("exec {:?}", op.argv),
+            RemoteOp::Spawn(op) => format!("spawn {:?}", op.argv),
+            RemoteOp::Kill(op) => format!("kill {} signal {}", op.pid, op.signal),
+            RemoteOp::Read(op) => format!("read {:?}", op.path),
+            RemoteOp::Write(op) => format!("write {:?}", op.path),
+            RemoteOp::Ls(op) => format!("ls {:?}", op.path),
+            RemoteOp::Stat(op) => format!("stat {:?}", op.path),
+            RemoteOp::Mkdir(op) => format!("mkdir {:?}", op.path),
+            RemoteOp::Rm(op) => format!("rm {:?}", op.path),
+            RemoteOp::Mv(op) => format!("mv {:?} {:?}", op.from, op.to),
+            RemoteOp::Connect(op) => format!("connect {}:{}", op.host, op.port),
+        }
+    }
 }
 
 /// A visitor's connection to a kite.
@@ -381,6 +434,13 @@ mod tests {
             software: "kitepipe/0.1.0".into(),
             client_nonce: hex(&[1, 2, 255]),
             remote: vec![RemoteClass::Exec, RemoteClass::Fs],
+            agent: Some(AgentHello {
+                version: PROTOCOL_VERSION,
+                software: "kitepipe/0.1.0".into(),
+                pid: 7,
+                uid: 1000,
+                platform: "linux x86_64".into(),
+            }),
         });
         let back: ConnectorMessage = decode(&encode(&hello)).unwrap();
         assert_eq!(back, hello);

@@ -21,15 +21,16 @@ use std::time::Duration;
 use kitepipe_proto::event::{Caller, Route};
 use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::kite::KiteRef;
-use kitepipe_proto::message::{self, StreamHeader};
+use kitepipe_proto::message::{self, RelayedOp, RemoteClass, StreamHeader};
+use kitepipe_proto::remote::AgentHello;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ConnectorConfig;
-use crate::link::{IncomingStream, Mux, MuxConfig};
+use crate::link::{IncomingStream, Mux, MuxConfig, MuxStream};
 use crate::pipe::{
     self, Gateway, GatewayListener, Handlers, PipeError, RELAY_NODE, RouteError, Router,
     run_gateway,
@@ -215,6 +216,8 @@ impl Connector {
 /// The kites this connector serves, and the TCP ports relays assigned.
 pub(crate) struct Kites {
     targets: Vec<crate::config::KiteTarget>,
+    /// Kinds of remote operations accepted from relays (`--allow-remote`).
+    allow_remote: Vec<RemoteClass>,
     /// Public ports relays gave TCP kites registered with port 0, so a
     /// reconnect asks for the same port again. Key: (relay, kite name).
     assigned_ports: Mutex<HashMap<(String, String), u16>>,
@@ -224,6 +227,7 @@ impl Kites {
     fn new(config: &ConnectorConfig) -> Kites {
         Kites {
             targets: config.kites.clone(),
+            allow_remote: config.allow_remote.clone(),
             assigned_ports: Mutex::new(HashMap::new()),
         }
     }
@@ -314,6 +318,33 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Runs a remote operation the relay passed on, if this connector accepts
+/// its kind; logs it with the caller either way.
+async fn serve_relayed(relayed: RelayedOp, mut stream: MuxStream, allowed: &[RemoteClass]) {
+    let class = relayed.op.class();
+    if !allowed.contains(&class) {
+        warn!(caller = %relayed.caller, op = %class, "remote operation refused: not accepted here");
+        let why = if allowed.is_empty() {
+            "this connector accepts no remote operations (start it with --allow-remote)".to_string()
+        } else {
+            format!(
+                "this connector accepts only {} remote operations, not {class}",
+                RemoteClass::describe(allowed)
+            )
+        };
+        stream.reset(ResetCode::Refused, &why);
+        return;
+    }
+    info!(caller = %relayed.caller, op = %relayed.op.summary(), "remote operation");
+    crate::remote::agent::serve_op(relayed.op, stream).await;
+}
+
+/// This process as an agent of remote operations, for the hello of a
+/// connector that accepts them.
+pub(crate) fn agent_hello() -> AgentHello {
+    crate::remote::agent::hello()
+}
+
 /// Serves one stream the relay opened: a visitor is connected to the
 /// kite's local target with bytes copied both ways; an event goes to the
 /// handlers.
@@ -333,6 +364,10 @@ pub(crate) async fn serve_stream(
                 identity: None,
             });
             pipe::serve_event(stream, event, caller, handlers).await;
+            return;
+        }
+        Ok(StreamHeader::RemoteRelayed(relayed)) => {
+            serve_relayed(relayed, stream, &kites.allow_remote).await;
             return;
         }
         Err(err) => {
@@ -382,4 +417,91 @@ pub(crate) async fn serve_stream(
     }
     .instrument(span)
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use kitepipe_proto::remote::{ExecOp, RemoteOp, StatOp};
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::link::Side;
+
+    /// A relayed operation of a kind the connector did not opt in to is
+    /// refused by the connector itself, whatever the relay decided.
+    #[tokio::test]
+    async fn relayed_operations_outside_allow_remote_are_refused_here() {
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let config = MuxConfig::default();
+        let (relay, _relay_rx) = Mux::start(
+            a,
+            BytesMut::new(),
+            Side::Relay,
+            &config,
+            &tracker,
+            token.child_token(),
+        );
+        let (_conn, mut conn_rx) = Mux::start(
+            b,
+            BytesMut::new(),
+            Side::Connector,
+            &config,
+            &tracker,
+            token.child_token(),
+        );
+        let allow = |classes: Vec<RemoteClass>| {
+            Arc::new(Kites {
+                targets: Vec::new(),
+                allow_remote: classes,
+                assigned_ports: Mutex::new(HashMap::new()),
+            })
+        };
+        let exec = RemoteOp::Exec(ExecOp {
+            argv: vec!["true".into()],
+            ..Default::default()
+        });
+        let stat = RemoteOp::Stat(StatOp {
+            path: "/".into(),
+            no_follow: false,
+        });
+        for (accepts, op, refusal) in [
+            (vec![], exec.clone(), Some("accepts no remote operations")),
+            (
+                vec![RemoteClass::Fs],
+                exec,
+                Some("accepts only fs remote operations, not exec"),
+            ),
+            (vec![RemoteClass::Fs], stat, None),
+        ] {
+            let header = StreamHeader::RemoteRelayed(RelayedOp {
+                caller: "test".into(),
+                op,
+            });
+            let mut stream = relay.open(message::encode(&header)).await.unwrap();
+            let incoming = conn_rx.incoming.recv().await.unwrap();
+            let handlers = Arc::new(Handlers::new(
+                "test",
+                &crate::config::EventConfig::default(),
+            ));
+            tracker.spawn(serve_stream(incoming, allow(accepts), handlers));
+            let mut reply = Vec::new();
+            let read = stream.read_to_end(&mut reply).await;
+            match refusal {
+                Some(needle) => {
+                    assert!(read.is_err(), "refused streams are reset");
+                    let (code, reason) = stream.reset_reason().expect("a reset reason");
+                    assert_eq!(code, ResetCode::Refused);
+                    assert!(reason.contains(needle), "{reason}");
+                }
+                None => {
+                    read.unwrap();
+                    assert!(!reply.is_empty(), "stat answered");
+                }
+            }
+        }
+        token.cancel();
+    }
 }

@@ -41,6 +41,14 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// First reconnect delay. Short, so a relay restart costs well under a second.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
 
+/// Ceiling of the reconnect delay while the relay's address refuses TCP
+/// connections: its host is up and nothing listens, which is what a relay
+/// restart looks like. A refused connect costs the relay nothing, so the
+/// connector keeps trying about every second (jittered) instead of backing
+/// off to `max_backoff`, and a restarted relay sees its connectors within a
+/// second or so.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// A link that stayed up this long counts as healthy: the backoff starts over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
@@ -97,12 +105,19 @@ impl RelayLink {
     /// Keeps the link up until shutdown.
     pub(crate) async fn run(self) {
         let mut backoff = Backoff::new(BACKOFF_INITIAL, self.config.max_backoff);
+        let mut refused_backoff = Backoff::new(
+            BACKOFF_INITIAL,
+            REFUSED_BACKOFF_MAX.min(self.config.max_backoff),
+        );
         loop {
             let started = tokio::time::Instant::now();
+            let mut refused = false;
             match self.attempt().await {
                 Ok(LinkClosed::Shutdown) => return,
                 Ok(reason) => warn!(%reason, "link to relay lost"),
                 Err(err) => {
+                    refused = matches!(&err, AttemptError::Connect { source, .. }
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused);
                     let hint = self.hint(&err);
                     match hint {
                         Some(hint) => error!(err = %err, %hint, "cannot link to relay"),
@@ -120,11 +135,17 @@ impl RelayLink {
             }
             if started.elapsed() > HEALTHY_AFTER {
                 backoff.reset();
+                refused_backoff.reset();
             }
-            let delay = backoff.next_delay();
+            let used = if refused {
+                &mut refused_backoff
+            } else {
+                &mut backoff
+            };
+            let delay = used.next_delay();
             info!(
                 delay_ms = delay.as_millis() as u64,
-                attempt = backoff.attempt(),
+                attempt = used.attempt(),
                 "reconnecting"
             );
             tokio::select! {
@@ -172,6 +193,7 @@ impl RelayLink {
             software: concat!("kitepipe/", env!("CARGO_PKG_VERSION")).into(),
             client_nonce: message::hex(&client_nonce),
             remote: self.config.allow_remote.clone(),
+            agent: (!self.config.allow_remote.is_empty()).then(super::agent_hello),
         });
         let mut tls = tls;
         let mut first = BytesMut::new();

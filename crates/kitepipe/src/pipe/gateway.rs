@@ -184,7 +184,11 @@ pub(crate) async fn run_gateway<R: Router>(listener: GatewayListener, gateway: A
                     },
                 };
                 let _ = sock.set_nodelay(true);
-                spawn_connection(sock, &gateway, &connections);
+                let caller = match sock.peer_addr() {
+                    Ok(peer) => format!("gateway client {peer}"),
+                    Err(_) => "gateway client".to_string(),
+                };
+                spawn_connection(sock, caller, &gateway, &connections);
             }
         }
         GatewayListener::Unix(listener, path) => {
@@ -211,14 +215,22 @@ pub(crate) async fn run_gateway<R: Router>(listener: GatewayListener, gateway: A
                         }
                     },
                 };
-                spawn_connection(sock, &gateway, &connections);
+                let caller = match sock.peer_cred() {
+                    Ok(cred) => format!("gateway client uid {} pid {:?}", cred.uid(), cred.pid()),
+                    Err(_) => "gateway client on the unix socket".to_string(),
+                };
+                spawn_connection(sock, caller, &gateway, &connections);
             }
         }
     }
 }
 
-fn spawn_connection<R, S>(sock: S, gateway: &Arc<Gateway<R>>, connections: &Arc<Semaphore>)
-where
+fn spawn_connection<R, S>(
+    sock: S,
+    caller: String,
+    gateway: &Arc<Gateway<R>>,
+    connections: &Arc<Semaphore>,
+) where
     R: Router,
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -231,16 +243,19 @@ where
         let _permit = permit;
         let service = {
             let gateway = gateway.clone();
+            let caller: Arc<str> = caller.into();
             service_fn(move |req| {
                 let gateway = gateway.clone();
-                async move { Ok::<_, Infallible>(handle(gateway, req).await) }
+                let caller = caller.clone();
+                async move { Ok::<_, Infallible>(handle(gateway, req, caller).await) }
             })
         };
         let conn = hyper::server::conn::http1::Builder::new()
             .max_buf_size(MAX_REQUEST_HEAD)
             .timer(TokioTimer::new())
             .header_read_timeout(HEAD_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(sock), service);
+            .serve_connection(TokioIo::new(sock), service)
+            .with_upgrades();
         tokio::select! {
             res = conn => if let Err(err) = res { debug!(%err, "gateway connection ended with an error") },
             _ = gateway.token.cancelled() => {}
@@ -291,10 +306,86 @@ impl UploadBody {
     }
 }
 
+/// The `Upgrade` token of remote operation sessions on `/remote/NODE`.
+pub const REMOTE_UPGRADE: &str = "kitepipe-remote";
+
+/// `/remote/NODE` with `Upgrade: kitepipe-remote`: after `101 Switching
+/// Protocols` the connection carries a remote operation session (a link,
+/// as over SSH) served by the router.
+async fn remote_upgrade<R: Router>(
+    gateway: Arc<Gateway<R>>,
+    mut req: Request<Incoming>,
+    caller: Arc<str>,
+) -> Response<GatewayBody> {
+    let node = req
+        .uri()
+        .path()
+        .strip_prefix("/remote/")
+        .unwrap_or("")
+        .trim_end_matches('/')
+        .to_string();
+    let upgrade = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .is_some_and(|value| {
+            value
+                .as_bytes()
+                .eq_ignore_ascii_case(REMOTE_UPGRADE.as_bytes())
+        });
+    if !upgrade {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "/remote/NODE carries remote operations, not single requests: use \
+             `kitepipe remote node:NODE ...` (it asks for Upgrade: kitepipe-remote)",
+        );
+    }
+    let valid = !node.is_empty()
+        && node.len() <= 253
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !valid {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "expected /remote/NODE with a node name",
+        );
+    }
+    let serve = match gateway.router.remote(&node, gateway.wait).await {
+        Ok(serve) => serve,
+        Err((status, message)) => {
+            info!(%node, %caller, %message, "remote session refused");
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+            return error_response(status, &message);
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    gateway.tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => serve(TokioIo::new(upgraded), caller.to_string()).await,
+            Err(err) => debug!(%err, "remote session upgrade failed"),
+        }
+    });
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    response.headers_mut().insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    response.headers_mut().insert(
+        hyper::header::UPGRADE,
+        HeaderValue::from_static(REMOTE_UPGRADE),
+    );
+    response
+}
+
 async fn handle<R: Router>(
     gateway: Arc<Gateway<R>>,
     req: Request<Incoming>,
+    caller: Arc<str>,
 ) -> Response<GatewayBody> {
+    if req.uri().path().starts_with("/remote/") {
+        return remote_upgrade(gateway, req, caller).await;
+    }
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     let parsed = match event::parse_gateway_path(parts.method.as_str(), path) {

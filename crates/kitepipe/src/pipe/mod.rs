@@ -40,8 +40,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use gateway::GatewayListener;
 pub(crate) use gateway::{Gateway, run_gateway};
+pub use gateway::{GatewayListener, REMOTE_UPGRADE};
 pub use handlers::{EventRequest, Handlers, Reply, ReplyBody, RequestBody};
 pub(crate) use handlers::{reply_error, serve_event};
 pub use kitepipe_proto::event::Caller;
@@ -89,7 +89,37 @@ pub(crate) trait Router: Send + Sync + 'static {
         route: &kitepipe_proto::event::Route,
         wait: Duration,
     ) -> impl Future<Output = Result<Mux, RouteError>> + Send;
+
+    /// Remote operations on connector `node` (`/remote/NODE` upgraded to the
+    /// remote operation protocol): what serves the upgraded connection, or
+    /// the status and message of a refusal. Only the relay's gateway does
+    /// this; waits up to `wait` for the node. Cancel-safe.
+    fn remote(
+        &self,
+        node: &str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<RemoteServe, (u16, String)>> + Send {
+        let _ = (node, wait);
+        async {
+            Err((
+                404,
+                "remote operations on connectors go through the relay's gateway \
+                 (kitepipe remote node:NAME ... on the relay)"
+                    .to_string(),
+            ))
+        }
+    }
 }
+
+/// Serves an upgraded gateway connection as a remote operation session;
+/// the second argument names the caller for logs.
+pub(crate) type RemoteServe = Box<
+    dyn FnOnce(
+            hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+            String,
+        ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send,
+>;
 
 /// When something last moved on an event: deadlines count from there, so
 /// a large body may take as long as it needs while a stall is cut.

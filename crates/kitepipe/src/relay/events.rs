@@ -21,7 +21,7 @@ use tracing::{Instrument, debug, info};
 use super::RelayCtx;
 use super::registry::{LinkId, NodeLookup};
 use crate::link::{Mux, MuxStream};
-use crate::pipe::{self, RouteError, Router};
+use crate::pipe::{self, RemoteServe, RouteError, Router};
 
 /// Longest a forwarded event waits for its target connector, whatever the
 /// caller asked: the caller's gateway gives up after its own wait anyway.
@@ -46,13 +46,21 @@ impl Router for RelayRouter {
             )),
         }
     }
+
+    async fn remote(&self, node: &str, wait: Duration) -> Result<RemoteServe, (u16, String)> {
+        super::remote::open_session(&self.ctx, node, wait).await
+    }
 }
 
 /// The link of connector `node`, waiting up to `wait` for it to come
 /// online. A node never seen is unknown at once, except while the relay is
 /// younger than `wait`: after a restart every node is unseen until it
 /// reconnects, so it is waited for like an offline one. Cancel-safe.
-async fn find_node(ctx: &Arc<RelayCtx>, node: &str, wait: Duration) -> Result<Mux, RouteError> {
+pub(super) async fn find_node(
+    ctx: &Arc<RelayCtx>,
+    node: &str,
+    wait: Duration,
+) -> Result<Mux, RouteError> {
     let deadline = Instant::now() + wait;
     loop {
         let added = ctx.registry.link_added();

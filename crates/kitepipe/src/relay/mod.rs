@@ -23,6 +23,7 @@ mod http;
 mod identity;
 mod listener;
 pub(crate) mod registry;
+mod remote;
 mod session;
 mod tcp;
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
+use kitepipe_proto::remote::AgentHello;
 
 use super::identity::LinkIdentity;
 use crate::link::{LinkClosed, Mux};
@@ -113,8 +114,17 @@ struct LinkEntry {
     identity: Option<Arc<LinkIdentity>>,
     /// The subset of `kites` granted by the identity rather than a secret.
     identity_kites: HashSet<(KiteProto, String, u16)>,
-    /// Kinds of remote operations the connector accepts (`--allow-remote`).
-    remote: Vec<RemoteClass>,
+    /// What the connector offers for remote operations (`--allow-remote`).
+    remote: Option<RemoteOffer>,
+}
+
+/// What a connector accepts for remote operations, from its hello.
+#[derive(Clone, Debug)]
+pub(crate) struct RemoteOffer {
+    /// Kinds of operations it accepts.
+    pub(crate) classes: Vec<RemoteClass>,
+    /// The connector as an agent, handed to remote clients as its hello.
+    pub(crate) agent: AgentHello,
 }
 
 #[derive(Default)]
@@ -132,7 +142,7 @@ impl Registry {
         mux: Mux,
         peer: SocketAddr,
         identity: Option<Arc<LinkIdentity>>,
-        remote: Vec<RemoteClass>,
+        remote: Option<RemoteOffer>,
     ) -> LinkId {
         let replaced = {
             let mut inner = lock(&self.inner);
@@ -180,9 +190,9 @@ impl Registry {
         }
     }
 
-    /// The most recent live link of node `node` and the kinds of remote
-    /// operations it accepts.
-    pub(crate) fn lookup_remote(&self, node: &str) -> Option<(Mux, Vec<RemoteClass>)> {
+    /// The most recent live link of node `node` and what it offers for
+    /// remote operations.
+    pub(crate) fn lookup_remote(&self, node: &str) -> Option<(Mux, Option<RemoteOffer>)> {
         let inner = lock(&self.inner);
         inner
             .links
@@ -435,7 +445,7 @@ mod tests {
     async fn routes_exact_then_most_specific_wildcard() {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
-        let a = registry.add_link("a", "a", mux(&tracker), peer(), None, Vec::new());
+        let a = registry.add_link("a", "a", mux(&tracker), peer(), None, None);
         registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
         registry.add_kite(a, &kite("http:*.example.net"), Grant::Secret);
         registry.add_kite(a, &kite("http:*.shop.example.net"), Grant::Secret);
@@ -457,8 +467,8 @@ mod tests {
     async fn balances_and_fails_over_then_reports_offline() {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
-        let a = registry.add_link("a", "node-a", mux(&tracker), peer(), None, Vec::new());
-        let b = registry.add_link("b", "node-b", mux(&tracker), peer(), None, Vec::new());
+        let a = registry.add_link("a", "node-a", mux(&tracker), peer(), None, None);
+        let b = registry.add_link("b", "node-b", mux(&tracker), peer(), None, None);
         registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
         registry.add_kite(b, &kite("http:blog.example.net"), Grant::Secret);
         let first =
@@ -484,9 +494,9 @@ mod tests {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
         let old_mux = mux(&tracker);
-        let old = registry.add_link("same", "laptop", old_mux.clone(), peer(), None, Vec::new());
+        let old = registry.add_link("same", "laptop", old_mux.clone(), peer(), None, None);
         registry.add_kite(old, &kite("tcp:db.example.net:15432"), Grant::Secret);
-        let new = registry.add_link("same", "laptop", mux(&tracker), peer(), None, Vec::new());
+        let new = registry.add_link("same", "laptop", mux(&tracker), peer(), None, None);
         assert!(matches!(registry.lookup_port(15432), Lookup::Offline));
         registry.add_kite(new, &kite("tcp:db.example.net:15432"), Grant::Secret);
         assert!(
@@ -504,15 +514,8 @@ mod tests {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
         let identity = Arc::new(LinkIdentity::for_tests("laptop"));
-        let a = registry.add_link(
-            "a",
-            "laptop",
-            mux(&tracker),
-            peer(),
-            Some(identity),
-            Vec::new(),
-        );
-        let b = registry.add_link("b", "other", mux(&tracker), peer(), None, Vec::new());
+        let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity), None);
+        let b = registry.add_link("b", "other", mux(&tracker), peer(), None, None);
         registry.add_kite(a, &kite("http:laptop.example.net"), Grant::Identity);
         registry.add_kite(a, &kite("http:extra.example.net"), Grant::Identity);
         registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);

@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::RelayCtx;
 use super::identity::{IdentityState, LinkIdentity, enforce};
-use super::registry::{Grant, LinkId};
+use super::registry::{Grant, LinkId, RemoteOffer};
 use crate::link::io::ReadAhead;
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxReceivers, Side};
 use crate::pki::{
@@ -204,7 +204,13 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
         mux.clone(),
         peer,
         identity.clone(),
-        hello.remote.clone(),
+        match (&hello.agent, hello.remote.is_empty()) {
+            (Some(agent), false) => Some(RemoteOffer {
+                classes: hello.remote.clone(),
+                agent: agent.clone(),
+            }),
+            _ => None,
+        },
     );
     let span = info_span!("link", node = %node, id = link_id, %peer);
     async {
@@ -295,6 +301,12 @@ fn serve_stream(incoming: IncomingStream, link_id: LinkId, ctx: &Arc<RelayCtx>) 
         }
         Ok(StreamHeader::Visitor(_)) => {
             stream.reset(ResetCode::Refused, "connectors cannot open visitor streams");
+        }
+        Ok(StreamHeader::RemoteRelayed(_)) => {
+            stream.reset(
+                ResetCode::Refused,
+                "remote operations go from the relay to connectors, not back",
+            );
         }
         Err(err) => {
             debug!(%err, "bad stream header from connector");

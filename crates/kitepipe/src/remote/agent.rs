@@ -202,6 +202,12 @@ pub(crate) async fn finish(stream: &OpStream, last: AgentRecord) {
     .await;
 }
 
+/// Answers an operation stream with a typed error instead of running it
+/// (a relay refusing an operation its rules do not allow).
+pub(crate) async fn refuse(stream: MuxStream, reply: ErrorReply) {
+    finish(&OpStream::new(stream), AgentRecord::Error(reply)).await;
+}
+
 /// Replies with an error built from an I/O error.
 pub(crate) async fn fail(stream: &OpStream, err: &io::Error, what: &str, path: Option<&str>) {
     finish(stream, AgentRecord::Error(error_reply(err, what, path))).await;

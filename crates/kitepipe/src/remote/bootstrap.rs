@@ -190,6 +190,23 @@ pub enum ConnectError {
     /// The agent broke the protocol.
     #[error("the agent broke the protocol: {0}")]
     Protocol(String),
+    /// The relay's gateway could not be reached (`node:NAME` sessions).
+    #[error("cannot reach the relay's gateway at {addr}: {source}")]
+    Gateway {
+        /// The gateway's address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The relay refused the session: node unknown or offline, not
+    /// accepting remote operations, or not granted by the relay's rules.
+    #[error("the relay refused: {message} (HTTP {status})")]
+    Refused {
+        /// The gateway's HTTP status.
+        status: u16,
+        /// The relay's reason.
+        message: String,
+    },
 }
 
 /// The ssh process of a session and the collector of its stderr.

@@ -24,6 +24,7 @@ mod exec;
 mod exec_tty;
 mod forward;
 mod fs;
+pub mod relayed;
 pub mod session;
 mod stream;
 
