@@ -74,11 +74,7 @@ enum Command {
     /// curl works just as well: curl http://127.0.0.1:8089/server/time.
     /// Exits 0 for a 2xx reply, 3 for any other status.
     Call(CallArgs),
-    /// Run commands and file operations on a host over SSH, installing nothing there.
-    ///
-    /// Example: kitepipe remote user@host exec -- uname -a
-    ///
-    /// See `kitepipe remote --help` for all operations.
+    // About and examples: the doc comment of `RemoteArgs`.
     Remote(remote::RemoteArgs),
     /// The agent `kitepipe remote` starts on a host (not for direct use).
     #[command(hide = true)]

@@ -54,9 +54,11 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 ///
 ///   kitepipe remote node:laptop --gateway 127.0.0.1:8089 exec -- uptime
 ///
-/// Exit status: the remote command's for exec; 4 when the host failed an
-/// operation (the cause is printed); 124 on a timeout; 255 when the host
-/// could not be reached or the session was lost.
+/// Exit status: the remote command's for exec (126: it could not be run,
+/// not permitted, also when a relay refuses exec; 127: not found); 4 when
+/// the host failed an operation (the cause is printed); 124 on a timeout;
+/// 255 when the host could not be reached, the relay refused the session,
+/// or the session was lost.
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub(crate) struct RemoteArgs {
