@@ -404,10 +404,16 @@ async fn run_inner(args: RemoteArgs) -> anyhow::Result<i32> {
         }
         RemoteOpArgs::Read { path } => {
             let mut stdout = tokio::io::stdout();
-            session
-                .read_into(&path, &mut stdout, &mut |_, _| {})
-                .await?;
-            Ok(exit::OK)
+            match session.read_into(&path, &mut stdout, &mut |_, _| {}).await {
+                Ok(_) => Ok(exit::OK),
+                // A closed stdout (`| head`) ends the read quietly.
+                Err(RemoteError::Local { source, .. })
+                    if source.kind() == std::io::ErrorKind::BrokenPipe =>
+                {
+                    Ok(exit::OK)
+                }
+                Err(err) => Err(err.into()),
+            }
         }
         RemoteOpArgs::Write { path } => {
             let mut stdin = tokio::io::stdin();

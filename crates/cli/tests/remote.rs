@@ -197,6 +197,29 @@ fn file_operations_and_typed_errors() {
     ok(sshd.kitepipe(&["rm", "-r", &format!("{base}/a")]));
     assert!(!tmp.path().join("a").exists());
 
+    // A reader that stops early (`| head`) ends the read quietly.
+    let big = tmp.path().join("big");
+    std::fs::write(&big, vec![b'x'; 4 << 20]).unwrap();
+    let script = format!(
+        "'{}' remote -F '{}' {} read '{}' | head -c 5 >/dev/null; echo ${{PIPESTATUS[0]}}",
+        support::BIN,
+        sshd.ssh_config().display(),
+        sshd::HOST,
+        big.display()
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // No such file: exit 4, the errno, message and path.
     let missing = format!("{base}/missing");
     let out = run(sshd.kitepipe(&["read", &missing]), b"");

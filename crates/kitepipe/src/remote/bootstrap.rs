@@ -398,14 +398,12 @@ pub(crate) async fn connect(options: SshOptions) -> Result<Session, ConnectError
     let mut session_options = options.session.clone();
     session_options.hello_timeout = deadline.saturating_duration_since(Instant::now());
     let io = tokio::io::join(stdout, stdin);
-    let stderr_probe = (ssh.stderr.clone(), ssh.stderr_done.clone());
     match Session::start(io, leftover, session_options, None).await {
         Ok(session) => {
             session.attach_ssh(ssh).await;
             Ok(session)
         }
         Err(err) => {
-            drop(stderr_probe);
             if matches!(err, ConnectError::Timeout { .. }) {
                 let _ = ssh.child.kill().await;
             }
