@@ -524,13 +524,31 @@ async fn run_exec(session: &Session, args: ExecArgs) -> anyhow::Result<i32> {
     let forward_stdin = !args.no_stdin;
     let stop_input = CancellationToken::new();
     let input_stop = stop_input.clone();
+    let tty = args.tty;
     let input_task = async move {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 64 * 1024];
         let mut stdin_open = forward_stdin;
+        // A terminal exec follows this terminal's size.
+        let mut winch = if tty {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
+        } else {
+            None
+        };
         loop {
             tokio::select! {
                 _ = input_stop.cancelled() => return,
+                Some(()) = async {
+                    match winch.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let (cols, rows) = terminal_size();
+                    if input.resize(rows, cols).await.is_err() {
+                        return;
+                    }
+                }
                 _ = tokio::signal::ctrl_c() => {
                     // Interrupt the remote command, as a terminal would.
                     if input.signal(2).await.is_err() {

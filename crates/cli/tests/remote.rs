@@ -135,6 +135,46 @@ fn exec_on_a_terminal() {
     );
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("got=typed"), "{:?}", out.stdout);
+
+    // A resize reaches the terminal (the library's Exec::input).
+    runtime().block_on(async {
+        let session = Session::ssh(sshd.options()).await.unwrap();
+        let command = RemoteCommand::new("sh")
+            .args(["-c", "echo ready; read go; stty size"])
+            .tty(24, 80)
+            .stdin(true);
+        let mut exec = session.exec(&command).await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            match exec.output.next().await.unwrap() {
+                kitepipe::remote::ExecEvent::Stdout(data) => {
+                    seen.extend_from_slice(&data);
+                    if String::from_utf8_lossy(&seen).contains("ready") {
+                        break;
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        exec.input.resize(40, 100).await.unwrap();
+        exec.input
+            .write(bytes::Bytes::from_static(b"go\n"))
+            .await
+            .unwrap();
+        loop {
+            match exec.output.next().await.unwrap() {
+                kitepipe::remote::ExecEvent::Stdout(data) => seen.extend_from_slice(&data),
+                kitepipe::remote::ExecEvent::Stderr(_) => {}
+                kitepipe::remote::ExecEvent::Exit(status) => {
+                    assert_eq!(status.code, Some(0));
+                    break;
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&seen);
+        assert!(text.contains("40 100"), "{text:?}");
+        session.close().await;
+    });
 }
 
 #[test]
