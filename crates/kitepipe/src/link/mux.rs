@@ -49,13 +49,6 @@ const CONTROL_QUEUE: usize = 64;
 /// fill full 16 KiB records and keep syscalls per byte low.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// A batch smaller than this waits for one pass of the scheduler before
-/// it is written: other streams' tasks that are ready to run (visitors
-/// whose requests arrived in the same poll of the sockets) add their frames
-/// first, so many small frames share one TLS record and one write instead
-/// of one each. A batch this large already fills a few TLS records.
-const COALESCE_BELOW: usize = 32 * 1024;
-
 /// How long a closing link may take to flush its GOAWAY before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -830,11 +823,11 @@ async fn run_writer<W: AsyncWrite>(
             },
         }
         drain_urgent(&shared, &mut batch);
-        drain_out(&shared, &mut out, &mut batch);
-        if !closing && !batch.is_empty() && batch.len < COALESCE_BELOW {
-            // Not cancel-sensitive: the next select! sees a cancellation.
-            tokio::task::yield_now().await;
-            drain_out(&shared, &mut out, &mut batch);
+        while batch.len < WRITE_BATCH {
+            match out.try_recv() {
+                Ok(frame) => batch.push(&shared, frame),
+                Err(_) => break,
+            }
         }
         drain_urgent(&shared, &mut batch);
         if lock(&shared.closed).is_some() {
@@ -933,16 +926,6 @@ impl Batch {
         }
         self.len = 0;
         writer.flush().await
-    }
-}
-
-/// Moves queued frames into the batch, up to [`WRITE_BATCH`] bytes.
-fn drain_out(shared: &Shared, out: &mut mpsc::Receiver<Frame>, batch: &mut Batch) {
-    while batch.len < WRITE_BATCH {
-        match out.try_recv() {
-            Ok(frame) => batch.push(shared, frame),
-            Err(_) => break,
-        }
     }
 }
 
