@@ -13,10 +13,12 @@
 pub mod backoff;
 pub mod io;
 pub mod mux;
+mod shared;
 
 use std::time::Duration;
 
 pub use mux::{IncomingStream, Mux, MuxConfig, MuxReceivers, MuxStream, Side, StreamReset};
+pub(crate) use shared::SharedStream;
 
 /// Default heartbeat: a link silent this long is dead. Pings go out every
 /// third of it, which also keeps NAT mappings alive (home routers and CGNAT

@@ -34,10 +34,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-use super::stream::{EventBody, HeadError, SharedStream, read_reply_head};
+use super::stream::{EventBody, HeadError, read_reply_head};
 use super::upstream::HOP_BY_HOP;
 use super::{PipeError, Progress, RouteError, Router, stalled};
 use crate::config::GatewayAddr;
+use crate::link::SharedStream;
 
 /// Largest request head the gateway reads. Far above any real request; a
 /// larger head gets 431 from hyper before anything is allocated for it.

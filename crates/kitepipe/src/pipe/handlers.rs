@@ -20,10 +20,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
 
-use super::stream::{EventBody, SharedStream};
+use super::stream::EventBody;
 use super::{PipeError, exec, upstream};
 use crate::config::{EventConfig, UpstreamUrl};
 use crate::link::MuxStream;
+use crate::link::SharedStream;
 
 /// Content type of JSON replies (the default format of events).
 pub(crate) const JSON: &str = "application/json";

@@ -2,63 +2,12 @@
 //! task that writes them, and the record reader on top.
 
 use std::io;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use kitepipe_proto::remote::{AgentRecord, ClientRecord, RecordError};
 
-use crate::link::MuxStream;
-
-/// Most bytes taken from a stream per read: one DATA frame.
-const RECV_CHUNK: usize = 64 * 1024;
-
-/// A [`MuxStream`] shared between its reading and writing halves (the
-/// stream keeps a waker per direction, so both may wait at once; the lock
-/// is held only inside one poll).
-#[derive(Clone)]
-pub(crate) struct OpStream(Arc<Mutex<MuxStream>>);
-
-impl OpStream {
-    pub(crate) fn new(stream: MuxStream) -> OpStream {
-        OpStream(Arc::new(Mutex::new(stream)))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, MuxStream> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The next received chunk; `None` at FIN. Cancel-safe.
-    pub(crate) async fn recv(&self) -> io::Result<Option<Bytes>> {
-        std::future::poll_fn(|cx| self.lock().poll_recv_chunk(cx, RECV_CHUNK)).await
-    }
-
-    /// Sends all of `data`. Not cancel-safe (a prefix may have been sent).
-    pub(crate) async fn send(&self, mut data: Bytes) -> io::Result<()> {
-        while !data.is_empty() {
-            std::future::poll_fn(|cx| self.lock().poll_send_chunk(cx, &mut data)).await?;
-        }
-        Ok(())
-    }
-
-    /// Sends FIN.
-    pub(crate) async fn finish(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| {
-            let mut stream = self.lock();
-            tokio::io::AsyncWrite::poll_shutdown(Pin::new(&mut *stream), cx)
-        })
-        .await
-    }
-
-    /// The stream itself, if this is the last handle on it.
-    pub(crate) fn into_inner(self) -> Option<MuxStream> {
-        Arc::try_unwrap(self.0)
-            .ok()
-            .map(|mutex| mutex.into_inner().unwrap_or_else(|p| p.into_inner()))
-    }
-}
+/// An operation stream shared by its reading and writing halves.
+pub(crate) type OpStream = crate::link::SharedStream;
 
 /// Why reading records failed.
 #[derive(Debug, thiserror::Error)]
