@@ -76,10 +76,19 @@ pub(crate) async fn exec(op: ExecOp, stream: OpStream) {
     let stdin = child.stdin.take();
     let input = pump_input(stream.clone(), stdin, pid);
     let output = pump_output(&stream, &mut child);
-    // The input pump ends when the client finished (or is gone); the
-    // output pump when the process exited, which ends the operation even
-    // if the client still holds stdin open. A client gone mid-way makes
-    // the output pump fail, and the child is killed on drop.
+    run_pumps(&stream, input, output).await;
+}
+
+/// Drives an exec's input and output pumps and reports the exit. The input
+/// pump ends when the client finished (or is gone); the output pump when
+/// the process exited, which ends the operation even if the client still
+/// holds stdin open. A client gone mid-way makes the output pump fail (no
+/// report), and the child is killed on drop.
+pub(crate) async fn run_pumps(
+    stream: &OpStream,
+    input: impl Future<Output = ()>,
+    output: impl Future<Output = Option<ExitReport>>,
+) {
     tokio::pin!(input);
     tokio::pin!(output);
     let mut input_done = false;
@@ -90,7 +99,7 @@ pub(crate) async fn exec(op: ExecOp, stream: OpStream) {
         }
     };
     if let Some(report) = report {
-        finish(&stream, AgentRecord::Done(to_json(&report))).await;
+        finish(stream, AgentRecord::Done(to_json(&report))).await;
     }
 }
 

@@ -23,8 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tracing::debug;
 
-use super::agent::{fail, finish};
-use super::exec::{exit_report, signal_process};
+use super::agent::fail;
+use super::exec::{exit_report, run_pumps, signal_process};
 use super::stream::{OpStream, RecordReader, agent_bytes};
 
 /// After the command exited, how long the terminal's remaining output may
@@ -146,18 +146,7 @@ pub(crate) async fn exec(op: ExecOp, stream: OpStream) {
             _ => None,
         }
     };
-    tokio::pin!(input);
-    tokio::pin!(output);
-    let mut input_done = false;
-    let report = loop {
-        tokio::select! {
-            report = &mut output => break report,
-            _ = &mut input, if !input_done => input_done = true,
-        }
-    };
-    if let Some(report) = report {
-        finish(&stream, AgentRecord::Done(to_json(&report))).await;
-    }
+    run_pumps(&stream, input, output).await;
 }
 
 fn winsize(size: TtySize) -> rustix::termios::Winsize {
