@@ -162,67 +162,68 @@ pub(crate) struct Gateway<R> {
 pub(crate) async fn run_gateway<R: Router>(listener: GatewayListener, gateway: Arc<Gateway<R>>) {
     let where_ = listener.describe();
     let connections = Arc::new(Semaphore::new(MAX_GATEWAY_CONNECTIONS));
+    let cannot = |err: io::Error| warn!(%err, gateway = %where_, "cannot serve the event gateway");
     match listener {
         GatewayListener::Tcp(listener) => {
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => listener,
-                Err(err) => {
-                    warn!(%err, gateway = %where_, "cannot serve the event gateway");
-                    return;
-                }
+                Err(err) => return cannot(err),
             };
             info!(gateway = %where_, "event gateway listening");
-            loop {
-                let sock = tokio::select! {
-                    _ = gateway.token.cancelled() => return,
-                    res = listener.accept() => match res {
-                        Ok((sock, _)) => sock,
-                        Err(err) => {
-                            debug!(%err, "gateway accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
+            let listener = &listener;
+            accept_loop(&gateway, &connections, move || async move {
+                let (sock, peer) = listener.accept().await?;
                 let _ = sock.set_nodelay(true);
-                let caller = match sock.peer_addr() {
-                    Ok(peer) => format!("gateway client {peer}"),
-                    Err(_) => "gateway client".to_string(),
-                };
-                spawn_connection(sock, caller, &gateway, &connections);
-            }
+                Ok((sock, format!("gateway client {peer}")))
+            })
+            .await;
         }
         GatewayListener::Unix(listener, path) => {
             let listener = match tokio::net::UnixListener::from_std(listener) {
                 Ok(listener) => listener,
-                Err(err) => {
-                    warn!(%err, gateway = %where_, "cannot serve the event gateway");
-                    return;
-                }
+                Err(err) => return cannot(err),
             };
             info!(gateway = %where_, "event gateway listening");
-            loop {
-                let sock = tokio::select! {
-                    _ = gateway.token.cancelled() => {
-                        let _ = std::fs::remove_file(&path);
-                        return;
-                    }
-                    res = listener.accept() => match res {
-                        Ok((sock, _)) => sock,
-                        Err(err) => {
-                            debug!(%err, "gateway accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
+            let listener = &listener;
+            accept_loop(&gateway, &connections, move || async move {
+                let (sock, _) = listener.accept().await?;
                 let caller = match sock.peer_cred() {
                     Ok(cred) => format!("gateway client uid {} pid {:?}", cred.uid(), cred.pid()),
                     Err(_) => "gateway client on the unix socket".to_string(),
                 };
-                spawn_connection(sock, caller, &gateway, &connections);
-            }
+                Ok((sock, caller))
+            })
+            .await;
+            let _ = std::fs::remove_file(&path);
         }
+    }
+}
+
+/// Accepts connections (a socket and a description of the caller, for
+/// logs) and serves each until the gateway's token is cancelled.
+async fn accept_loop<R, S, F, Fut>(
+    gateway: &Arc<Gateway<R>>,
+    connections: &Arc<Semaphore>,
+    mut accept: F,
+) where
+    R: Router,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<(S, String)>>,
+{
+    loop {
+        let (sock, caller) = tokio::select! {
+            _ = gateway.token.cancelled() => return,
+            res = accept() => match res {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    debug!(%err, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        spawn_connection(sock, caller, gateway, connections);
     }
 }
 
