@@ -23,6 +23,7 @@ use tracing::{Instrument, error, info, warn};
 
 use super::{EventLinks, Kites, LinkState, serve_stream};
 use crate::config::{ConnectorConfig, RelayTarget};
+use crate::link::LinkIo;
 use crate::link::backoff::Backoff;
 use crate::link::io::ReadAhead;
 use crate::link::{LinkClosed, Mux, MuxConfig, MuxReceivers, Side};
@@ -171,7 +172,7 @@ impl RelayLink {
             .unwrap_or_else(|_| ServerName::try_from("relay.invalid").expect("valid literal name"));
         let tls = tokio::select! {
             _ = self.token.cancelled() => return Ok(LinkClosed::Shutdown),
-            res = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(self.tls.clone()).connect(server_name, ReadAhead::new(BytesMut::new(), tcp))) => match res {
+            res = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(self.tls.clone()).connect(server_name, ReadAhead::for_handshake(BytesMut::new(), tcp))) => match res {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(source)) => return Err(AttemptError::Tls { source }),
                 Err(_) => return Err(AttemptError::TlsTimeout),
@@ -195,7 +196,8 @@ impl RelayLink {
             remote: self.config.allow_remote.clone(),
             agent: (!self.config.allow_remote.is_empty()).then(super::agent_hello),
         });
-        let mut tls = tls;
+        let mut tls = LinkIo::after_handshake(tokio_rustls::TlsStream::Client(tls))
+            .map_err(|err| AttemptError::Handshake(err.to_string()))?;
         let mut first = BytesMut::new();
         Frame::Control {
             payload: message::encode(&hello),

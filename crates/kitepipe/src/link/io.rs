@@ -36,8 +36,15 @@ pub struct ReadAhead<S> {
     buf: BytesMut,
     /// Bytes the last socket read returned.
     last_read: usize,
+    /// Never hand out bytes past the end of the current TLS record (see
+    /// [`ReadAhead::for_handshake`]); bytes of it still to hand out.
+    records_only: bool,
+    record_left: usize,
     inner: S,
 }
+
+/// TLS record header length.
+const RECORD_HEADER: usize = 5;
 
 impl<S> ReadAhead<S> {
     /// Wraps `inner`; `prefix` holds bytes already read from it, which are
@@ -46,8 +53,32 @@ impl<S> ReadAhead<S> {
         ReadAhead {
             buf: prefix,
             last_read: 0,
+            records_only: false,
+            record_left: 0,
             inner,
         }
+    }
+
+    /// Wraps `inner` for a TLS handshake whose session the link's own
+    /// record layer may take over afterwards: each read ends at the end of
+    /// the current TLS record at the latest, so rustls never holds part of
+    /// a record it has not processed. Everything past it stays here
+    /// ([`ReadAhead::into_parts`]).
+    pub fn for_handshake(prefix: BytesMut, inner: S) -> ReadAhead<S> {
+        ReadAhead {
+            records_only: true,
+            ..ReadAhead::new(prefix, inner)
+        }
+    }
+
+    /// Ends the record-by-record mode of [`ReadAhead::for_handshake`].
+    pub fn set_records_only(&mut self, on: bool) {
+        self.records_only = on;
+    }
+
+    /// The bytes read and not handed out, and the wrapped stream.
+    pub fn into_parts(self) -> (BytesMut, S) {
+        (self.buf, self.inner)
     }
 
     /// The wrapped stream.
@@ -63,6 +94,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.records_only {
+            return this.poll_read_record(cx, out);
+        }
         if this.buf.is_empty() {
             if out.remaining() >= DIRECT_READ {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
@@ -88,6 +122,47 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             // rather than hold it on every idle link.
             this.buf = BytesMut::new();
         }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> ReadAhead<S> {
+    /// A read that stops at the end of the current TLS record.
+    fn poll_read_record(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        // At a record boundary, learn the next record's length first.
+        let need = if self.record_left == 0 {
+            RECORD_HEADER
+        } else {
+            1
+        };
+        while self.buf.len() < need {
+            self.buf.reserve(READ_AHEAD);
+            let n = std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.inner),
+                cx,
+                &mut self.buf
+            ))?;
+            if n == 0 {
+                // End of stream: hand out what is left; rustls reports a
+                // truncated record itself.
+                let n = self.buf.len().min(out.remaining());
+                out.put_slice(&self.buf[..n]);
+                self.buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        if self.record_left == 0 {
+            self.record_left =
+                RECORD_HEADER + usize::from(u16::from_be_bytes([self.buf[3], self.buf[4]]));
+        }
+        let n = self.buf.len().min(out.remaining()).min(self.record_left);
+        out.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
+        self.record_left -= n;
         Poll::Ready(Ok(()))
     }
 }

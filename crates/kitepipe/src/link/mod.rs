@@ -2,7 +2,9 @@
 //! connection between a connector and a relay.
 //!
 //! Start at [`mux`] (streams over one TLS connection: framing, flow control,
-//! heartbeats), then [`io`] (the socket under the TLS: large reads) and
+//! heartbeats), then [`records`] (the link's own TLS record layer once
+//! rustls has done the handshake), [`io`] (the socket under the TLS
+//! handshake: large reads, record by record) and
 //! [`backoff`] (the one retry helper). The handshake that
 //! runs over a fresh link lives with its two ends: `connector::session` and
 //! `relay::session`.
@@ -13,11 +15,13 @@
 pub mod backoff;
 pub mod io;
 pub mod mux;
+pub mod records;
 mod shared;
 
 use std::time::Duration;
 
 pub use mux::{IncomingStream, Mux, MuxConfig, MuxReceivers, MuxStream, Side, StreamReset};
+pub use records::LinkIo;
 pub(crate) use shared::SharedStream;
 
 /// Default heartbeat: a link silent this long is dead. Pings go out every

@@ -45,9 +45,9 @@ pub use secret::{
     EXPORTER_LABEL, ProofInput, Secret, kite_proof, link_exporter, random_nonce, verify_kite_proof,
 };
 pub use tls::{
-    ALPN_LINK, ClientAuth, ConnectorTlsOptions, FingerprintMismatch, RelayTlsOptions, RelayTrust,
-    client_cert_verifier, connector_client_config, connector_client_config_with,
-    describe_relay_tls_error, describe_tls_error, find_tls_error, has_link_alpn,
+    ALPN_LINK, ALPN_LINK_V1, ClientAuth, ConnectorTlsOptions, FingerprintMismatch, RelayTlsOptions,
+    RelayTrust, client_cert_verifier, connector_client_config, connector_client_config_with,
+    describe_relay_tls_error, describe_tls_error, find_tls_error, has_link_alpn, is_link_alpn,
     relay_server_config, relay_server_config_with,
 };
 

@@ -24,7 +24,24 @@ use super::{CertInfo, ClientCa, Fingerprint, NodeIdentity, PkiError, RelayCert};
 
 /// The ALPN protocol name of the link. Connectors offer it; the relay's link
 /// server selects it and refuses clients that offer only other protocols.
-pub const ALPN_LINK: &[u8] = b"kitepipe/1";
+/// After a handshake that chose it, the link's own record layer takes the
+/// session over from rustls (`link::records`).
+pub const ALPN_LINK: &[u8] = b"kitepipe/2";
+
+/// The link protocol of kitepipe before its own record layer: the same link,
+/// with rustls for the whole session. Still accepted from and offered to
+/// older peers.
+pub const ALPN_LINK_V1: &[u8] = b"kitepipe/1";
+
+/// What connectors offer and the relay accepts, preferred first.
+fn link_alpns() -> Vec<Vec<u8>> {
+    vec![ALPN_LINK.to_vec(), ALPN_LINK_V1.to_vec()]
+}
+
+/// Whether `alpn` names one of the link's protocols.
+pub fn is_link_alpn(alpn: &[u8]) -> bool {
+    alpn == ALPN_LINK || alpn == ALPN_LINK_V1
+}
 
 /// How a connector decides that the TLS peer is its relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,7 +162,9 @@ pub fn relay_server_config_with(
     let mut config = builder
         .with_single_cert(cert.chain().to_vec(), cert.key().clone_key())
         .map_err(build_error)?;
-    config.alpn_protocols = vec![ALPN_LINK.to_vec()];
+    config.alpn_protocols = link_alpns();
+    // The link's record layer takes the session's keys over.
+    config.enable_secret_extraction = true;
     // Links are long-lived, so resumption saves little, and a full handshake
     // makes the relay prove its key on every reconnect. Without tickets the
     // server's handshake also ends when it reads the client's Finished,
@@ -236,17 +255,19 @@ pub fn connector_client_config_with(
             .map_err(build_error)?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![ALPN_LINK.to_vec()];
+    config.alpn_protocols = link_alpns();
+    config.enable_secret_extraction = true;
     // Every link handshake is a full one: see relay_server_config_with.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
-/// Whether the completed handshake on `conn` negotiated [`ALPN_LINK`].
+/// Whether the completed handshake on `conn` negotiated a link protocol
+/// ([`ALPN_LINK`] or [`ALPN_LINK_V1`]).
 ///
 /// Pass `tls_stream.get_ref().1` (client or server side).
 pub fn has_link_alpn(conn: &CommonState) -> bool {
-    conn.alpn_protocol() == Some(ALPN_LINK)
+    conn.alpn_protocol().is_some_and(is_link_alpn)
 }
 
 /// Finds the rustls error in `err`'s chain, looking inside `io::Error`s too

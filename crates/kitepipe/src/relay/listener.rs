@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::RelayCtx;
 use crate::config::ListenerConfig;
-use crate::pki::ALPN_LINK;
+use crate::pki::is_link_alpn;
 
 /// How long a new connection may take to show what it is (its first bytes,
 /// or a whole ClientHello). Generous for slow networks, short enough that
@@ -108,7 +108,7 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
         }
     };
     match hello {
-        Some(hello) if roles.link && hello.alpn.iter().any(|p| p == ALPN_LINK) => {
+        Some(hello) if roles.link && hello.alpn.iter().any(|p| is_link_alpn(p)) => {
             super::session::accept(sock, buf, peer, ctx).await;
         }
         Some(hello) if roles.https => {

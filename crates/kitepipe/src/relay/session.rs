@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::RelayCtx;
 use super::identity::{IdentityState, LinkIdentity, enforce};
 use super::registry::{Grant, LinkId, RemoteOffer};
+use crate::link::LinkIo;
 use crate::link::io::ReadAhead;
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxReceivers, Side};
 use crate::pki::{
@@ -50,7 +51,7 @@ pub(crate) async fn accept(
     peer: SocketAddr,
     ctx: Arc<RelayCtx>,
 ) {
-    let io = ReadAhead::new(prefix, sock);
+    let io = ReadAhead::for_handshake(prefix, sock);
     let state = ctx.identity();
     let accept = state.acceptor.accept(io).into_fallible();
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
@@ -95,6 +96,13 @@ pub(crate) async fn accept(
             }
         },
         _ => None,
+    };
+    let tls = match LinkIo::after_handshake(tokio_rustls::TlsStream::Server(tls)) {
+        Ok(tls) => tls,
+        Err(err) => {
+            warn!(%err, "cannot start the link's record layer; closing");
+            return;
+        }
     };
     let token = ctx.token.child_token();
     let (mux, rx) = Mux::start(
