@@ -656,9 +656,34 @@ async fn run_reader<R: AsyncRead>(
     incoming: mpsc::Sender<IncomingStream>,
     control: mpsc::Sender<Bytes>,
 ) {
+    // The stream and remaining payload bytes of a DATA frame whose header
+    // was consumed before all of its payload arrived.
+    let mut data_left: Option<(u32, usize)> = None;
     let reason = loop {
         // Decode everything buffered before reading more.
-        let frame = match Frame::decode(&mut buf) {
+        let decoded = match data_left {
+            Some((stream, left)) if !buf.is_empty() => {
+                let n = left.min(buf.len());
+                data_left = (n < left).then_some((stream, left - n));
+                Ok(Some(Frame::Data {
+                    stream,
+                    payload: buf.split_to(n).freeze(),
+                }))
+            }
+            Some(_) => Ok(None),
+            None => match Frame::partial_data(&buf) {
+                // Pass the part that is here on at once: waiting for the
+                // rest would copy it when the buffer is replaced.
+                Ok(Some((stream, len))) => {
+                    buf.advance(frame::HEADER_LEN);
+                    data_left = Some((stream, len));
+                    continue;
+                }
+                Ok(None) => Frame::decode(&mut buf),
+                Err(err) => Err(err),
+            },
+        };
+        let frame = match decoded {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {
