@@ -26,7 +26,7 @@ use tracing::debug;
 use super::RelayCtx;
 use super::registry::Lookup;
 use crate::link::{MuxStream, StreamReset};
-use crate::tunnel::COPY_BUF;
+use crate::tunnel::{ReadSize, SMALL_READ};
 
 /// Time a visitor has to send a complete request head once it has started
 /// one (and, for the first request, from connecting). Defeats slowloris
@@ -291,7 +291,7 @@ async fn read_more(
     buf: &mut BytesMut,
     patience: Duration,
 ) -> std::io::Result<bool> {
-    buf.reserve(COPY_BUF);
+    buf.reserve(SMALL_READ);
     match tokio::time::timeout(patience, reader.read_buf(buf)).await {
         Ok(Ok(n)) => Ok(n > 0),
         Ok(Err(err)) => Err(err),
@@ -307,8 +307,12 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut chunk = vec![0u8; COPY_BUF];
+    let mut size = ReadSize::default();
+    let mut chunk = vec![0u8; size.get()];
     loop {
+        if chunk.len() != size.get() {
+            chunk.resize(size.get(), 0);
+        }
         let n = match tokio::time::timeout(IDLE_TIMEOUT, reader.read(&mut chunk)).await {
             Ok(res) => res?,
             Err(_) => return Ok(()),
@@ -316,6 +320,7 @@ where
         if n == 0 {
             return Ok(());
         }
+        size.update(n);
         writer.write_all(&chunk[..n]).await?;
     }
 }
@@ -327,12 +332,17 @@ async fn forward_responses(
     writer: &mut OwnedWriteHalf,
     host: &str,
 ) -> std::io::Result<u64> {
-    let mut chunk = vec![0u8; COPY_BUF];
+    let mut size = ReadSize::default();
+    let mut chunk = vec![0u8; size.get()];
     let mut sent = 0u64;
     loop {
+        if chunk.len() != size.get() {
+            chunk.resize(size.get(), 0);
+        }
         match reader.read(&mut chunk).await {
             Ok(0) => return Ok(sent),
             Ok(n) => {
+                size.update(n);
                 writer.write_all(&chunk[..n]).await?;
                 sent += n as u64;
             }

@@ -19,6 +19,40 @@ use crate::link::MuxStream;
 /// read from a socket becomes one frame on the link.
 pub const COPY_BUF: usize = 64 * 1024;
 
+/// Smallest read buffer: enough for the requests and answers of an
+/// interactive or request/response connection.
+pub const SMALL_READ: usize = 4 * 1024;
+
+/// How much to read next from a socket: [`SMALL_READ`] while reads are
+/// small, growing to [`COPY_BUF`] while they fill the buffer. Idle and
+/// request/response connections then hold a few KiB instead of 64 KiB per
+/// direction (peak memory with many visitors), bulk ones still move 64 KiB
+/// per read.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadSize(usize);
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        ReadSize(SMALL_READ)
+    }
+}
+
+impl ReadSize {
+    /// The size of the next read.
+    pub fn get(self) -> usize {
+        self.0
+    }
+
+    /// Learns from a read of `n` bytes into a buffer of [`Self::get`] bytes.
+    pub fn update(&mut self, n: usize) {
+        if n >= self.0 {
+            self.0 = (self.0 * 4).min(COPY_BUF);
+        } else if n < self.0 / 8 {
+            self.0 = (self.0 / 2).max(SMALL_READ);
+        }
+    }
+}
+
 /// Copies both ways between `a` and `b` until both directions reach EOF;
 /// returns the bytes moved a->b and b->a.
 pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
@@ -82,6 +116,7 @@ where
 #[derive(Default)]
 struct Up {
     buf: BytesMut,
+    size: ReadSize,
     pending: Bytes,
     eof: bool,
     done: bool,
@@ -117,12 +152,17 @@ impl Up {
                 self.done = true;
                 continue;
             }
-            if self.buf.capacity() < COPY_BUF / 2 {
-                self.buf.reserve(COPY_BUF);
+            let want = self.size.get();
+            if self.buf.capacity() < want / 2 {
+                // A fresh buffer: the previous one may still be held by
+                // payloads in flight.
+                self.buf = BytesMut::with_capacity(want);
             }
+            let room = self.buf.capacity();
             match tokio_util::io::poll_read_buf(Pin::new(&mut *sock), cx, &mut self.buf) {
                 Poll::Ready(Ok(0)) => self.eof = true,
                 Poll::Ready(Ok(n)) => {
+                    self.size.update(if n >= room { want } else { n });
                     self.moved += n as u64;
                     self.pending = self.buf.split().freeze();
                 }
@@ -225,6 +265,24 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= HALF_CLOSED_LINGER);
         token.cancel();
+    }
+
+    #[test]
+    fn read_size_grows_with_full_reads_and_shrinks_with_small_ones() {
+        let mut size = ReadSize::default();
+        assert_eq!(size.get(), SMALL_READ);
+        size.update(100);
+        assert_eq!(size.get(), SMALL_READ, "never below the smallest size");
+        size.update(SMALL_READ);
+        assert_eq!(size.get(), 4 * SMALL_READ);
+        size.update(4 * SMALL_READ);
+        assert_eq!(size.get(), COPY_BUF);
+        size.update(COPY_BUF);
+        assert_eq!(size.get(), COPY_BUF, "never above the copy buffer");
+        size.update(COPY_BUF / 4);
+        assert_eq!(size.get(), COPY_BUF, "moderate reads keep the size");
+        size.update(100);
+        assert_eq!(size.get(), COPY_BUF / 2);
     }
 
     #[tokio::test]
