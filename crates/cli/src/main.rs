@@ -249,12 +249,26 @@ struct ConnectArgs {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    // `Targets` (level, or `target=level` directives) rather than
+    // `EnvFilter`: no regex engine in the binary or compiled at start, which
+    // is a good part of the code a freshly started relay or connector maps.
+    let filter = cli
+        .log
+        .parse::<tracing_subscriber::filter::Targets>()
+        .unwrap_or_else(|err| {
+            eprintln!("kitepipe: ignoring --log {:?} ({err}); using info", cli.log);
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing_subscriber::filter::LevelFilter::INFO)
+        });
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
         .init();
     // `kitepipe remote` and the agent are a few streams over one pipe: one
     // thread serves them with the least latency per round trip (no
