@@ -310,32 +310,50 @@ impl Frame {
         Ok(Some(frame))
     }
 
-    /// The stream and payload length of the DATA frame at the front of
-    /// `src` when its header and part of its payload have arrived but not
-    /// all of it; `None` otherwise (too few bytes, another type, or a
-    /// complete frame). DATA payload is a byte stream, so a reader may
-    /// consume the header and pass the payload on in pieces as it arrives
-    /// instead of holding (and copying) a partial frame. Checked as
-    /// [`Frame::decode`] checks a header.
-    pub fn partial_data(src: &[u8]) -> Result<Option<(u32, usize)>, FrameError> {
-        if src.len() <= HEADER_LEN || src[0] != T_DATA {
+    /// The header at the front of `src` once all [`HEADER_LEN`] bytes of
+    /// it have arrived, checked as [`Frame::decode`] checks it (type,
+    /// stream, length) before any of the payload is there. A reader uses it
+    /// to know how much more a frame needs, and to pass a DATA frame's
+    /// payload on in pieces as it arrives: DATA payload is a byte stream.
+    pub fn peek_header(src: &[u8]) -> Result<Option<Header>, FrameError> {
+        if src.len() < HEADER_LEN {
             return Ok(None);
         }
+        let kind = src[0];
         let stream = u32::from_be_bytes([src[1], src[2], src[3], src[4]]);
         let len = u32::from_be_bytes([src[5], src[6], src[7], src[8]]);
         if len as usize > MAX_PAYLOAD {
             return Err(FrameError::TooLarge(len));
         }
-        check_shape(T_DATA, stream, len)?;
-        if src.len() >= HEADER_LEN + len as usize {
-            return Ok(None);
-        }
-        Ok(Some((stream, len as usize)))
+        check_shape(kind, stream, len)?;
+        Ok(Some(Header {
+            is_data: kind == T_DATA,
+            stream,
+            len: len as usize,
+        }))
     }
 
     /// The encoded size of a DATA frame header plus `payload_len` bytes.
     pub fn data_len(payload_len: usize) -> usize {
         HEADER_LEN + payload_len
+    }
+}
+
+/// A checked frame header (see [`Frame::peek_header`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// A DATA frame.
+    pub is_data: bool,
+    /// The frame's stream.
+    pub stream: u32,
+    /// Payload length.
+    pub len: usize,
+}
+
+impl Header {
+    /// Header and payload length.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.len
     }
 }
 
@@ -456,36 +474,35 @@ mod tests {
     }
 
     #[test]
-    fn partial_data_names_only_incomplete_data_frames() {
+    fn peek_header_checks_a_header_before_its_payload_arrives() {
         let mut wire = BytesMut::new();
         Frame::Data {
             stream: 5,
             payload: Bytes::from(vec![7u8; 1000]),
         }
         .encode(&mut wire);
-        assert_eq!(Frame::partial_data(&wire[..HEADER_LEN]).unwrap(), None);
-        assert_eq!(
-            Frame::partial_data(&wire[..HEADER_LEN + 1]).unwrap(),
-            Some((5, 1000))
-        );
-        assert_eq!(
-            Frame::partial_data(&wire[..wire.len() - 1]).unwrap(),
-            Some((5, 1000))
-        );
-        assert_eq!(Frame::partial_data(&wire).unwrap(), None);
+        assert_eq!(Frame::peek_header(&wire[..HEADER_LEN - 1]).unwrap(), None);
+        let data = Header {
+            is_data: true,
+            stream: 5,
+            len: 1000,
+        };
+        assert_eq!(Frame::peek_header(&wire[..HEADER_LEN]).unwrap(), Some(data));
+        assert_eq!(data.frame_len(), wire.len());
         let mut control = BytesMut::new();
         Frame::Control {
             payload: Bytes::from(vec![1u8; 100]),
         }
         .encode(&mut control);
-        assert_eq!(Frame::partial_data(&control[..50]).unwrap(), None);
+        let header = Frame::peek_header(&control[..50]).unwrap().unwrap();
+        assert!(!header.is_data && header.stream == LINK_STREAM && header.len == 100);
         // DATA on the link stream, or longer than any frame: refused.
         let mut bad = wire[..20].to_vec();
         bad[1..5].copy_from_slice(&0u32.to_be_bytes());
-        assert!(Frame::partial_data(&bad).is_err());
+        assert!(Frame::peek_header(&bad).is_err());
         bad[1..5].copy_from_slice(&5u32.to_be_bytes());
         bad[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(Frame::partial_data(&bad).is_err());
+        assert!(Frame::peek_header(&bad).is_err());
     }
 
     #[test]

@@ -219,8 +219,10 @@ impl RelayLink {
             },
         }
         let token = self.token.child_token();
-        let (mux, mut rx) = Mux::start(
-            tls,
+        let (reader, writer) = tls.into_mux_parts();
+        let (mux, mut rx) = Mux::start_parts(
+            reader,
+            writer,
             first,
             Side::Connector,
             &self.mux,

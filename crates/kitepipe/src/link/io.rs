@@ -197,6 +197,55 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
     }
 }
 
+/// Where the mux reader takes received bytes from: pieces of the byte
+/// stream in order, each a buffer of its own, so the reader can slice DATA
+/// payloads out of them without copying. The link's record layer hands out
+/// each record's plaintext where it was decrypted
+/// ([`RecordReader`](super::records::RecordReader)); any other byte stream
+/// goes through [`ReadChunks`].
+pub trait ChunkSource: Send {
+    /// The next piece of the stream; `None` at its end.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<BytesMut>>>;
+}
+
+/// Bytes of the mux reader's chunks read at once from a plain byte stream.
+const READ_CHUNK: usize = 128 * 1024;
+
+/// A plain byte stream as a [`ChunkSource`]: each read is a chunk, taken
+/// out of one large buffer.
+#[derive(Debug)]
+pub struct ReadChunks<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R> ReadChunks<R> {
+    /// Reads `inner` in chunks.
+    pub fn new(inner: R) -> ReadChunks<R> {
+        ReadChunks {
+            inner,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<BytesMut>>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.inner),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == 0 {
+            return Poll::Ready(Ok(None));
+        }
+        Poll::Ready(Ok(Some(self.buf.split())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use kitepipe_proto::frame::{self, Frame, ResetCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, PollSender};
@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, trace};
 
 use super::LinkClosed;
+use super::io::{ChunkSource, ReadChunks};
 
 /// Frames queued for the writer before stream writers wait. 256 frames of
 /// at most 64 KiB bound the queue at 16 MiB in the worst case, and in
@@ -51,9 +52,6 @@ const WRITE_BATCH: usize = 256 * 1024;
 
 /// How long a closing link may take to flush its GOAWAY before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// Read buffer size of the reader task (grows when a frame needs more).
-const READ_CHUNK: usize = 128 * 1024;
 
 /// Which end of the link we are; decides stream id parity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +191,31 @@ impl Mux {
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
+        let (reader, writer) = tokio::io::split(io);
+        Mux::start_parts(
+            Box::new(ReadChunks::new(reader)),
+            Box::new(writer),
+            read_buf,
+            side,
+            config,
+            tracker,
+            token,
+        )
+    }
+
+    /// Starts a link over a reader and a writer of their own (the link's
+    /// record layer splits into two halves that need no lock between them,
+    /// and its reader hands out plaintext without a copy). `read_buf` holds
+    /// bytes already received.
+    pub fn start_parts(
+        reader: Box<dyn ChunkSource>,
+        writer: Box<dyn AsyncWrite + Send + Unpin>,
+        read_buf: BytesMut,
+        side: Side,
+        config: &MuxConfig,
+        tracker: &TaskTracker,
+        token: CancellationToken,
+    ) -> (Mux, MuxReceivers) {
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         let (incoming_tx, incoming_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -218,7 +241,6 @@ impl Mux {
             shared: shared.clone(),
             out: out_tx,
         };
-        let (reader, writer) = tokio::io::split(io);
         let span = tracing::Span::current();
         tracker.spawn(
             run_reader(
@@ -648,55 +670,32 @@ impl std::fmt::Debug for MuxStream {
     }
 }
 
-async fn run_reader<R: AsyncRead>(
-    mut reader: tokio::io::ReadHalf<R>,
-    mut buf: BytesMut,
+async fn run_reader(
+    mut source: Box<dyn ChunkSource>,
+    first: BytesMut,
     shared: Arc<Shared>,
     out: mpsc::Sender<Frame>,
     incoming: mpsc::Sender<IncomingStream>,
     control: mpsc::Sender<Bytes>,
 ) {
-    // The stream and remaining payload bytes of a DATA frame whose header
-    // was consumed before all of its payload arrived.
-    let mut data_left: Option<(u32, usize)> = None;
+    let mut frames = FrameReader {
+        chunk: first,
+        ..FrameReader::default()
+    };
     let reason = loop {
-        // Decode everything buffered before reading more.
-        let decoded = match data_left {
-            Some((stream, left)) if !buf.is_empty() => {
-                let n = left.min(buf.len());
-                data_left = (n < left).then_some((stream, left - n));
-                Ok(Some(Frame::Data {
-                    stream,
-                    payload: buf.split_to(n).freeze(),
-                }))
-            }
-            Some(_) => Ok(None),
-            None => match Frame::partial_data(&buf) {
-                // Pass the part that is here on at once: waiting for the
-                // rest would copy it when the buffer is replaced.
-                Ok(Some((stream, len))) => {
-                    buf.advance(frame::HEADER_LEN);
-                    data_left = Some((stream, len));
-                    continue;
-                }
-                Ok(None) => Frame::decode(&mut buf),
-                Err(err) => Err(err),
-            },
-        };
-        let frame = match decoded {
+        // Decode everything received before reading more.
+        let frame = match frames.next_frame() {
             Ok(Some(frame)) => frame,
             Ok(None) => {
-                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                    buf.reserve(READ_CHUNK);
-                }
                 let res = tokio::select! {
-                    res = reader.read_buf(&mut buf) => res,
+                    res = std::future::poll_fn(|cx| source.poll_chunk(cx)) => res,
                     _ = shared.token.cancelled() => return,
                 };
                 match res {
-                    Ok(0) => break LinkClosed::PeerClosed("connection closed".into()),
-                    Ok(_) => {
+                    Ok(None) => break LinkClosed::PeerClosed("connection closed".into()),
+                    Ok(Some(chunk)) => {
                         shared.mark_rx();
+                        frames.chunk = chunk;
                         continue;
                     }
                     Err(err) => break LinkClosed::Io(err.to_string()),
@@ -711,6 +710,90 @@ async fn run_reader<R: AsyncRead>(
         }
     };
     shared.set_closed(reason, true);
+}
+
+/// Frames out of the chunks a [`ChunkSource`] hands out. DATA payloads are
+/// sliced out of the chunks as they are, a frame's piece at a time when a
+/// frame spans chunks; other frames that span chunks are put together in a
+/// small buffer.
+#[derive(Default)]
+struct FrameReader {
+    /// The chunk being decoded.
+    chunk: BytesMut,
+    /// The start of a frame whose rest is in later chunks (never DATA
+    /// payload).
+    pending: BytesMut,
+    /// The stream and remaining payload bytes of a DATA frame whose header
+    /// was consumed before all of its payload arrived.
+    data_left: Option<(u32, usize)>,
+}
+
+impl FrameReader {
+    /// The next frame; `Ok(None)` once `chunk` is used up (its bytes are in
+    /// frames or in `pending`).
+    fn next_frame(&mut self) -> Result<Option<Frame>, frame::FrameError> {
+        loop {
+            if let Some((stream, left)) = self.data_left {
+                if self.chunk.is_empty() {
+                    return Ok(None);
+                }
+                let n = left.min(self.chunk.len());
+                self.data_left = (n < left).then_some((stream, left - n));
+                return Ok(Some(Frame::Data {
+                    stream,
+                    payload: self.chunk.split_to(n).freeze(),
+                }));
+            }
+            let from_pending = !self.pending.is_empty();
+            let buf = if from_pending {
+                &mut self.pending
+            } else {
+                &mut self.chunk
+            };
+            let Some(header) = Frame::peek_header(buf)? else {
+                if from_pending {
+                    // Complete the header from the chunk, byte-exact.
+                    let n = (frame::HEADER_LEN - self.pending.len()).min(self.chunk.len());
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                    self.pending.extend_from_slice(&self.chunk.split_to(n));
+                    continue;
+                }
+                self.pending.extend_from_slice(&self.chunk.split());
+                return Ok(None);
+            };
+            if header.is_data && buf.len() < header.frame_len() {
+                // Pass the payload on as it arrives.
+                buf.advance(frame::HEADER_LEN);
+                self.data_left = Some((header.stream, header.len));
+                if from_pending && !self.pending.is_empty() {
+                    let payload = self.pending.split().freeze();
+                    let left = header.len - payload.len();
+                    self.data_left = (left > 0).then_some((header.stream, left));
+                    return Ok(Some(Frame::Data {
+                        stream: header.stream,
+                        payload,
+                    }));
+                }
+                continue;
+            }
+            if buf.len() < header.frame_len() {
+                // Not DATA, and the rest is in later chunks.
+                let n = (header.frame_len() - self.pending.len()).min(self.chunk.len());
+                if from_pending {
+                    if n == 0 {
+                        return Ok(None);
+                    }
+                    self.pending.extend_from_slice(&self.chunk.split_to(n));
+                    continue;
+                }
+                self.pending.extend_from_slice(&self.chunk.split());
+                return Ok(None);
+            }
+            return Frame::decode(buf);
+        }
+    }
 }
 
 async fn handle_frame(
@@ -829,8 +912,8 @@ async fn handle_frame(
     Ok(())
 }
 
-async fn run_writer<W: AsyncWrite>(
-    mut writer: tokio::io::WriteHalf<W>,
+async fn run_writer(
+    mut writer: Box<dyn AsyncWrite + Send + Unpin>,
     shared: Arc<Shared>,
     mut out: mpsc::Receiver<Frame>,
 ) {

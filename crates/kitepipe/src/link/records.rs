@@ -38,7 +38,7 @@ use ring::{aead, hkdf};
 use rustls::ConnectionTrafficSecrets;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::io::ReadAhead;
+use super::io::{ChunkSource, ReadAhead, ReadChunks};
 
 /// Largest plaintext of one record (RFC 8446 §5.1).
 pub const MAX_PLAINTEXT: usize = 16 * 1024;
@@ -68,6 +68,10 @@ pub const REKEY_LABEL: &[u8] = b"EXPORTER-kitepipe-link-rekey";
 
 /// Bytes read from the socket at once.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Read buffer of a split reader, whose chunks share it: a new one is
+/// needed only every few reads.
+const SPLIT_CHUNK: usize = 256 * 1024;
 
 /// The read buffer is kept after it drains only if the last socket read was
 /// at least this large (a busy link); idle links hold no buffer.
@@ -211,8 +215,13 @@ fn expand(prk: &hkdf::Prk, label: &[u8], out: &mut [u8]) {
 /// A byte stream under the link's own record layer (see the module doc).
 pub struct RecordStream<S> {
     inner: S,
-    rx: Keys,
-    tx: Keys,
+    rx: Opener,
+    tx: Sealer,
+}
+
+/// The receiving half of a record layer: keys and the read buffer.
+struct Opener {
+    keys: Keys,
     /// Bytes read from the socket: the record at the front may already be
     /// decrypted (then `plain` says where its plaintext is).
     rbuf: BytesMut,
@@ -228,7 +237,12 @@ pub struct RecordStream<S> {
     read_closed: bool,
     /// Reading failed for good: every later read reports this.
     failed: Option<RecordError>,
-    /// Sealed records not yet written.
+}
+
+/// The sending half of a record layer: keys and the sealed records not
+/// yet written.
+struct Sealer {
+    keys: Keys,
     wbuf: BytesMut,
     close_sent: bool,
     rekey_after: u64,
@@ -237,8 +251,8 @@ pub struct RecordStream<S> {
 impl<S> std::fmt::Debug for RecordStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordStream")
-            .field("rx_seq", &self.rx.seq)
-            .field("tx_seq", &self.tx.seq)
+            .field("rx_seq", &self.rx.keys.seq)
+            .field("tx_seq", &self.tx.keys.seq)
             .finish()
     }
 }
@@ -283,18 +297,17 @@ impl<S> RecordStream<S> {
         let (rbuf, inner) = io.into_parts();
         Ok(RecordStream {
             inner,
-            rx: Keys::new(secrets.rx.1, secrets.rx.0, rx_rekey)?,
-            tx: Keys::new(secrets.tx.1, secrets.tx.0, tx_rekey)?,
-            rbuf,
-            plain: (0, 0),
-            record_end: 0,
-            carried,
-            last_read: 0,
-            read_closed: false,
-            failed: None,
-            wbuf: BytesMut::from(&wbuf[..]),
-            close_sent: false,
-            rekey_after: REKEY_AFTER,
+            rx: Opener::new(
+                Keys::new(secrets.rx.1, secrets.rx.0, rx_rekey)?,
+                rbuf,
+                carried,
+            ),
+            tx: Sealer {
+                keys: Keys::new(secrets.tx.1, secrets.tx.0, tx_rekey)?,
+                wbuf: BytesMut::from(&wbuf[..]),
+                close_sent: false,
+                rekey_after: REKEY_AFTER,
+            },
         })
     }
 
@@ -305,19 +318,93 @@ impl<S> RecordStream<S> {
 
     #[cfg(test)]
     fn set_rekey_after(&mut self, records: u64) {
-        self.rekey_after = records;
+        self.tx.rekey_after = records;
+    }
+}
+
+impl RecordStream<tokio::net::TcpStream> {
+    /// Splits the stream into a reader and a writer that work on their own,
+    /// with no lock between them.
+    pub fn into_split(self) -> (RecordReader, RecordWriter) {
+        let (read, write) = self.inner.into_split();
+        (
+            RecordReader {
+                sock: read,
+                rx: self.rx,
+            },
+            RecordWriter {
+                sock: write,
+                tx: self.tx,
+            },
+        )
+    }
+}
+
+/// The reading half of a split [`RecordStream`]: a [`ChunkSource`] handing
+/// out each record's plaintext where it was decrypted.
+pub struct RecordReader {
+    sock: tokio::net::tcp::OwnedReadHalf,
+    rx: Opener,
+}
+
+/// The writing half of a split [`RecordStream`].
+pub struct RecordWriter {
+    sock: tokio::net::tcp::OwnedWriteHalf,
+    tx: Sealer,
+}
+
+impl ChunkSource for RecordReader {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<BytesMut>>> {
+        self.rx.poll_chunk(&mut self.sock, cx)
+    }
+}
+
+impl AsyncWrite for RecordWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.tx
+            .poll_write_vectored(&mut this.sock, cx, &[io::IoSlice::new(buf)])
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.tx.poll_write_vectored(&mut this.sock, cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.tx.poll_flush(&mut this.sock, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.tx.poll_shutdown(&mut this.sock, cx)
+    }
+}
+
+impl Sealer {
     /// Starts a record at the end of `wbuf` (a key update first when the
     /// key is due); returns where it starts, for [`Self::finish_record`].
     fn begin_record(&mut self) -> usize {
-        if self.tx.seq >= self.rekey_after {
+        if self.keys.seq >= self.rekey_after {
             // The key update goes out under the old key; everything after
             // it under the new one.
             let start = self.begin_plain_record();
             self.wbuf.put_slice(&[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0]);
             self.finish_record(start, CONTENT_HANDSHAKE);
-            self.tx.rekey();
+            self.keys.rekey();
         }
         self.begin_plain_record()
     }
@@ -336,9 +423,9 @@ impl<S> RecordStream<S> {
         let body = start + HEADER_LEN;
         let header = record_header(self.wbuf.len() - body + TAG_LEN);
         self.wbuf[start..body].copy_from_slice(&header);
-        let nonce = self.tx.next_nonce();
+        let nonce = self.keys.next_nonce();
         let tag = self
-            .tx
+            .keys
             .key
             .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut self.wbuf[body..])
             .expect("record length is within the AEAD limit");
@@ -377,13 +464,14 @@ impl<S> RecordStream<S> {
     }
 
     /// Writes sealed records until none is left.
-    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>
-    where
-        S: AsyncWrite + Unpin,
-    {
+    fn poll_write_out<S: AsyncWrite + Unpin>(
+        &mut self,
+        sock: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut written = 0;
         while !self.wbuf.is_empty() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.wbuf))?;
+            let n = ready!(Pin::new(&mut *sock).poll_write(cx, &self.wbuf))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -395,6 +483,69 @@ impl<S> RecordStream<S> {
             self.wbuf = BytesMut::new();
         }
         Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_vectored<S: AsyncWrite + Unpin>(
+        &mut self,
+        sock: &mut S,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.close_sent {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after close_notify",
+            )));
+        }
+        if self.wbuf.len() >= WRITE_LIMIT {
+            ready!(self.poll_write_out(sock, cx))?;
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let budget = total.min(
+            WRITE_LIMIT
+                .saturating_sub(self.wbuf.len())
+                .max(MAX_PLAINTEXT),
+        );
+        Poll::Ready(Ok(self.seal_from(bufs, budget)))
+    }
+
+    fn poll_flush<S: AsyncWrite + Unpin>(
+        &mut self,
+        sock: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_out(sock, cx))?;
+        Pin::new(sock).poll_flush(cx)
+    }
+
+    fn poll_shutdown<S: AsyncWrite + Unpin>(
+        &mut self,
+        sock: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.close_sent {
+            let start = self.begin_record();
+            self.wbuf.put_slice(&[1, 0]);
+            self.finish_record(start, CONTENT_ALERT);
+            self.close_sent = true;
+        }
+        ready!(self.poll_write_out(sock, cx))?;
+        Pin::new(sock).poll_shutdown(cx)
+    }
+}
+
+impl Opener {
+    fn new(keys: Keys, rbuf: BytesMut, carried: BytesMut) -> Opener {
+        Opener {
+            keys,
+            rbuf,
+            plain: (0, 0),
+            record_end: 0,
+            carried,
+            last_read: 0,
+            read_closed: false,
+            failed: None,
+        }
     }
 
     /// Decrypts the record at the front of `rbuf` if it is complete.
@@ -421,9 +572,9 @@ impl<S> RecordStream<S> {
             self.rbuf.reserve(end - self.rbuf.len());
             return Ok(false);
         }
-        let nonce = self.rx.next_nonce();
+        let nonce = self.keys.next_nonce();
         let plain = self
-            .rx
+            .keys
             .key
             .open_in_place(
                 nonce,
@@ -487,7 +638,7 @@ impl<S> RecordStream<S> {
                 self.record_end = end;
                 self.consume_front();
                 if key_update {
-                    self.rx.rekey();
+                    self.keys.rekey();
                 }
             }
             other => return Err(RecordError::Unexpected(other)),
@@ -502,6 +653,143 @@ impl<S> RecordStream<S> {
         self.record_end = 0;
         if self.rbuf.is_empty() && self.last_read < KEEP_AFTER {
             self.rbuf = BytesMut::new();
+        }
+    }
+
+    /// Reads plaintext into `out` (one copy), reading `sock` when no
+    /// record is buffered.
+    fn poll_read<S: AsyncRead + Unpin>(
+        &mut self,
+        sock: &mut S,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(err) = &self.failed {
+            return Poll::Ready(Err(err.clone().into()));
+        }
+        if !self.carried.is_empty() {
+            let n = self.carried.len().min(out.remaining());
+            out.put_slice(&self.carried[..n]);
+            self.carried.advance(n);
+            if self.carried.is_empty() {
+                self.carried = BytesMut::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Hand out every record already buffered that fits.
+            let mut gave = false;
+            loop {
+                let (from, to) = self.plain;
+                if from < to {
+                    if out.remaining() == 0 {
+                        break;
+                    }
+                    let n = (to - from).min(out.remaining());
+                    out.put_slice(&self.rbuf[from..from + n]);
+                    self.plain.0 += n;
+                    gave = true;
+                    if from + n < to {
+                        break;
+                    }
+                    self.consume_front();
+                } else if self.read_closed {
+                    break;
+                } else {
+                    match self.open_front() {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(err) => {
+                            // Reported now, or after the plaintext before it.
+                            self.failed = Some(err.clone());
+                            if gave {
+                                return Poll::Ready(Ok(()));
+                            }
+                            return Poll::Ready(Err(err.into()));
+                        }
+                    }
+                }
+            }
+            if gave || self.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *sock),
+                cx,
+                &mut self.rbuf
+            ))?;
+            if n == 0 {
+                self.failed = Some(RecordError::Truncated);
+                return Poll::Ready(Err(RecordError::Truncated.into()));
+            }
+            self.last_read = n;
+        }
+    }
+
+    /// The next piece of plaintext without copying it: the rest of the
+    /// front record, split off the read buffer. `None` at close_notify.
+    fn poll_chunk<S: AsyncRead + Unpin>(
+        &mut self,
+        sock: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<BytesMut>>> {
+        if let Some(err) = &self.failed {
+            return Poll::Ready(Err(err.clone().into()));
+        }
+        if !self.carried.is_empty() {
+            return Poll::Ready(Ok(Some(self.carried.split())));
+        }
+        loop {
+            let (from, to) = self.plain;
+            if from < to {
+                let mut record = self.rbuf.split_to(self.record_end);
+                record.truncate(to);
+                record.advance(from);
+                self.plain = (0, 0);
+                self.record_end = 0;
+                if self.rbuf.is_empty() && self.last_read < KEEP_AFTER {
+                    // Not busy: hold no buffer between records.
+                    self.rbuf = BytesMut::new();
+                }
+                return Poll::Ready(Ok(Some(record)));
+            }
+            if self.read_closed {
+                return Poll::Ready(Ok(None));
+            }
+            match self.open_front() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(err) => {
+                    self.failed = Some(err.clone());
+                    return Poll::Ready(Err(err.into()));
+                }
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
+                // Chunks handed out share this buffer, so a new one is
+                // allocated and the partial record at its end copied:
+                // large buffers make that copy rare.
+                self.rbuf.reserve(if self.last_read >= KEEP_AFTER {
+                    SPLIT_CHUNK
+                } else {
+                    2 * (MAX_CIPHERTEXT + HEADER_LEN)
+                });
+            }
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *sock),
+                cx,
+                &mut self.rbuf
+            ))?;
+            if n == 0 {
+                self.failed = Some(RecordError::Truncated);
+                return Poll::Ready(Err(RecordError::Truncated.into()));
+            }
+            self.last_read = n;
         }
     }
 }
@@ -519,72 +807,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for RecordStream<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if out.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(err) = &this.failed {
-            return Poll::Ready(Err(err.clone().into()));
-        }
-        if !this.carried.is_empty() {
-            let n = this.carried.len().min(out.remaining());
-            out.put_slice(&this.carried[..n]);
-            this.carried.advance(n);
-            if this.carried.is_empty() {
-                this.carried = BytesMut::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        loop {
-            // Hand out every record already buffered that fits.
-            let mut gave = false;
-            loop {
-                let (from, to) = this.plain;
-                if from < to {
-                    if out.remaining() == 0 {
-                        break;
-                    }
-                    let n = (to - from).min(out.remaining());
-                    out.put_slice(&this.rbuf[from..from + n]);
-                    this.plain.0 += n;
-                    gave = true;
-                    if from + n < to {
-                        break;
-                    }
-                    this.consume_front();
-                } else if this.read_closed {
-                    break;
-                } else {
-                    match this.open_front() {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(err) => {
-                            // Reported now, or after the plaintext before it.
-                            this.failed = Some(err.clone());
-                            if gave {
-                                return Poll::Ready(Ok(()));
-                            }
-                            return Poll::Ready(Err(err.into()));
-                        }
-                    }
-                }
-            }
-            if gave || this.read_closed {
-                return Poll::Ready(Ok(()));
-            }
-            if this.rbuf.capacity() - this.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
-                this.rbuf.reserve(READ_CHUNK);
-            }
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.inner),
-                cx,
-                &mut this.rbuf
-            ))?;
-            if n == 0 {
-                this.failed = Some(RecordError::Truncated);
-                return Poll::Ready(Err(RecordError::Truncated.into()));
-            }
-            this.last_read = n;
-        }
+        this.rx.poll_read(&mut this.inner, cx, out)
     }
 }
 
@@ -594,7 +817,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        let this = self.get_mut();
+        this.tx
+            .poll_write_vectored(&mut this.inner, cx, &[io::IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -603,22 +828,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.close_sent {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after close_notify",
-            )));
-        }
-        if this.wbuf.len() >= WRITE_LIMIT {
-            ready!(this.poll_write_out(cx))?;
-        }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let budget = total.min(
-            WRITE_LIMIT
-                .saturating_sub(this.wbuf.len())
-                .max(MAX_PLAINTEXT),
-        );
-        Poll::Ready(Ok(this.seal_from(bufs, budget)))
+        this.tx.poll_write_vectored(&mut this.inner, cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -627,20 +837,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_write_out(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        this.tx.poll_flush(&mut this.inner, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_sent {
-            let start = this.begin_record();
-            this.wbuf.put_slice(&[1, 0]);
-            this.finish_record(start, CONTENT_ALERT);
-            this.close_sent = true;
-        }
-        ready!(this.poll_write_out(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        this.tx.poll_shutdown(&mut this.inner, cx)
     }
 }
 
@@ -652,6 +854,23 @@ pub enum LinkIo<S> {
     Records(Box<RecordStream<S>>),
     /// rustls for the whole link (a peer offering only `kitepipe/1`).
     Tls(Box<tokio_rustls::TlsStream<ReadAhead<S>>>),
+}
+
+impl LinkIo<tokio::net::TcpStream> {
+    /// The reader and writer the link's multiplexer runs on
+    /// ([`Mux::start_parts`](super::Mux::start_parts)).
+    pub fn into_mux_parts(self) -> (Box<dyn ChunkSource>, Box<dyn AsyncWrite + Send + Unpin>) {
+        match self {
+            LinkIo::Records(records) => {
+                let (reader, writer) = records.into_split();
+                (Box::new(reader), Box::new(writer))
+            }
+            LinkIo::Tls(tls) => {
+                let (reader, writer) = tokio::io::split(*tls);
+                (Box::new(ReadChunks::new(reader)), Box::new(writer))
+            }
+        }
+    }
 }
 
 impl<S> LinkIo<S> {

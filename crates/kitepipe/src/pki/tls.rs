@@ -531,8 +531,21 @@ impl ServerCertVerifier for PinnedVerifier {
 
 /// The ring provider, built per config so nothing depends on a process-wide
 /// default.
+/// ring, with the TLS 1.3 suites in the order the link prefers: AES-128-GCM
+/// first. Its 10 rounds against AES-256's 14 make bulk links cheaper per
+/// byte (the receiving end of a bulk link spends about a sixth of its CPU
+/// in AES-GCM) at a security level TLS 1.3 mandates for every
+/// implementation; AES-256-GCM and ChaCha20-Poly1305 remain accepted.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| match suite.suite() {
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+            _ => 2,
+        });
+    Arc::new(provider)
 }
 
 /// The next cause after `err`. `io::Error::source` skips the error it wraps

@@ -105,8 +105,10 @@ pub(crate) async fn accept(
         }
     };
     let token = ctx.token.child_token();
-    let (mux, rx) = Mux::start(
-        tls,
+    let (reader, writer) = tls.into_mux_parts();
+    let (mux, rx) = Mux::start_parts(
+        reader,
+        writer,
         BytesMut::new(),
         Side::Relay,
         &ctx.mux,

@@ -311,3 +311,93 @@ async fn a_peer_overrunning_its_window_gets_the_stream_reset() {
     .unwrap();
     assert_eq!(reset, ResetCode::ProtocolError);
 }
+
+/// Frames split into chunks of every size: DATA payloads arrive in order
+/// and whole per stream, other frames exactly as sent.
+#[test]
+fn frames_come_out_whole_however_the_chunks_fall() {
+    let frames = vec![
+        Frame::Open {
+            stream: 1,
+            header: Bytes::from(vec![b'h'; 300]),
+        },
+        Frame::Data {
+            stream: 1,
+            payload: Bytes::from(pattern(70_000, 1)),
+        },
+        Frame::Window {
+            stream: 1,
+            increment: 4096,
+        },
+        Frame::Data {
+            stream: 3,
+            payload: Bytes::from(pattern(5, 2)),
+        },
+        Frame::Data {
+            stream: 3,
+            payload: Bytes::new(),
+        },
+        Frame::Control {
+            payload: Bytes::from(vec![b'c'; 20_000]),
+        },
+        Frame::Data {
+            stream: 1,
+            payload: Bytes::from(pattern(9, 3)),
+        },
+        Frame::Fin { stream: 1 },
+        Frame::Ping { payload: 7 },
+    ];
+    let mut wire = BytesMut::new();
+    for frame in &frames {
+        frame.encode(&mut wire);
+    }
+    for size in [
+        1,
+        2,
+        5,
+        8,
+        9,
+        10,
+        17,
+        100,
+        4096,
+        16 * 1024,
+        100_000,
+        wire.len(),
+    ] {
+        let mut reader = FrameReader::default();
+        let mut data: std::collections::HashMap<u32, Vec<u8>> = Default::default();
+        let mut others = Vec::new();
+        for piece in wire.chunks(size) {
+            reader.chunk = BytesMut::from(piece);
+            while let Some(frame) = reader.next_frame().unwrap() {
+                match frame {
+                    Frame::Data { stream, payload } => {
+                        data.entry(stream).or_default().extend_from_slice(&payload)
+                    }
+                    other => others.push(other),
+                }
+            }
+            assert!(reader.chunk.is_empty());
+        }
+        let mut want = frames.clone();
+        want.retain(|f| !matches!(f, Frame::Data { .. }));
+        assert_eq!(others, want, "chunk size {size}");
+        let mut one = pattern(70_000, 1);
+        one.extend_from_slice(&pattern(9, 3));
+        assert!(data[&1] == one, "chunk size {size}");
+        assert_eq!(data[&3], pattern(5, 2), "chunk size {size}");
+        assert!(reader.pending.is_empty() && reader.data_left.is_none());
+    }
+}
+
+#[test]
+fn a_bad_header_split_across_chunks_is_still_refused() {
+    let mut reader = FrameReader::default();
+    // DATA on the link stream (0) is a protocol error.
+    let wire = [0u8, 0, 0, 0, 0, 0, 0, 0, 5, 1, 2, 3, 4, 5];
+    reader.chunk = BytesMut::from(&wire[..4]);
+    assert!(reader.next_frame().unwrap().is_none());
+    reader.chunk = BytesMut::from(&wire[4..]);
+    assert!(reader.next_frame().is_err());
+}
