@@ -480,28 +480,58 @@ impl MuxStream {
         cx: &mut Context<'_>,
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
+        let mut one = VecDeque::new();
+        match std::task::ready!(self.poll_recv_chunks(cx, max, 1, &mut one)) {
+            Ok(true) => Poll::Ready(Ok(one.pop_front())),
+            Ok(false) => Poll::Ready(Ok(None)),
+            Err(err) => Poll::Ready(Err(err)),
+        }
+    }
+
+    /// Appends received chunks to `out` without copying: up to `count`
+    /// chunks and `max` bytes (the first chunk is split to fit). `Ok(false)`
+    /// at EOF. Grants window credit back to the peer as bytes are taken.
+    pub fn poll_recv_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+        count: usize,
+        out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<bool>> {
         let mut recv = lock(&self.state.recv);
-        let Some(front) = recv.queue.front_mut() else {
+        if recv.queue.is_empty() {
             if let Some((code, reason)) = &recv.reset {
                 return Poll::Ready(Err(reset_error(*code, reason)));
             }
             if recv.fin {
-                return Poll::Ready(Ok(None));
+                return Poll::Ready(Ok(false));
             }
             if self.shared.is_closing() {
                 return Poll::Ready(Err(self.shared.link_error()));
             }
             recv.waker = Some(cx.waker().clone());
             return Poll::Pending;
-        };
-        let chunk = if front.len() <= max {
-            recv.queue.pop_front().expect("front exists")
-        } else {
-            front.split_to(max)
-        };
-        recv.buffered -= chunk.len();
-        // chunk.len() <= window, which is a u32.
-        recv.unacked += chunk.len() as u32;
+        }
+        let mut taken = 0;
+        let mut chunks = 0;
+        while chunks < count && taken < max {
+            let Some(front) = recv.queue.front_mut() else {
+                break;
+            };
+            let chunk = if front.len() <= max - taken {
+                recv.queue.pop_front().expect("front exists")
+            } else if chunks == 0 {
+                front.split_to(max)
+            } else {
+                break;
+            };
+            taken += chunk.len();
+            chunks += 1;
+            out.push_back(chunk);
+        }
+        recv.buffered -= taken;
+        // taken <= window, which is a u32.
+        recv.unacked += taken as u32;
         // Grant credit back once half the window is consumed: fewer WINDOW
         // frames than per-read updates, and the sender never stalls as long
         // as the reader keeps up.
@@ -513,7 +543,7 @@ impl MuxStream {
                 increment,
             });
         }
-        Poll::Ready(Ok(Some(chunk)))
+        Poll::Ready(Ok(true))
     }
 
     /// Sends a prefix of `data` (as much as the window allows, at most one

@@ -73,6 +73,14 @@ const READ_CHUNK: usize = 64 * 1024;
 /// needed only every few reads.
 const SPLIT_CHUNK: usize = 256 * 1024;
 
+/// Small reads in a row after which a split reader that was busy gives its
+/// buffers back (a bulk transfer has small reads now and then; an idle
+/// link's pings come every few seconds).
+const QUIET_READS: u8 = 16;
+
+/// Earlier read buffers a busy split reader keeps for reuse.
+const RETIRED_BUFFERS: usize = 8;
+
 /// The read buffer is kept after it drains only if the last socket read was
 /// at least this large (a busy link); idle links hold no buffer.
 const KEEP_AFTER: usize = 8 * 1024;
@@ -237,6 +245,12 @@ struct Opener {
     read_closed: bool,
     /// Reading failed for good: every later read reports this.
     failed: Option<RecordError>,
+    /// Earlier read buffers, empty, kept for reuse once the chunks handed
+    /// out of them are dropped.
+    retired: Vec<BytesMut>,
+    /// Small reads in a row: a busy link that went quiet gives its
+    /// buffers back after [`QUIET_READS`].
+    quiet_reads: u8,
 }
 
 /// The sending half of a record layer: keys and the sealed records not
@@ -535,8 +549,41 @@ impl Sealer {
 }
 
 impl Opener {
+    /// Moves the partial record at the end of the read buffer into a
+    /// buffer with room. Chunks handed out share the read buffer, so it can
+    /// only be reused once they are all dropped: a few earlier buffers are
+    /// kept and reused when they are free again (no page faults for fresh
+    /// memory on a busy link), large ones make the partial-record copy rare.
+    fn next_buffer(&mut self) {
+        let want = if self.last_read >= KEEP_AFTER || !self.retired.is_empty() {
+            SPLIT_CHUNK
+        } else {
+            2 * (MAX_CIPHERTEXT + HEADER_LEN)
+        };
+        if self.rbuf.try_reclaim(want) {
+            return;
+        }
+        let mut next = match self.retired.iter_mut().position(|b| b.try_reclaim(want)) {
+            Some(free) => self.retired.swap_remove(free),
+            None => BytesMut::with_capacity(want),
+        };
+        next.extend_from_slice(&self.rbuf);
+        let mut old = std::mem::replace(&mut self.rbuf, next);
+        old.clear();
+        if want == SPLIT_CHUNK {
+            // Oldest out: a buffer pinned for long (a stream's header, a
+            // slow stream's data) must not hold a place for good.
+            if self.retired.len() == RETIRED_BUFFERS {
+                self.retired.remove(0);
+            }
+            self.retired.push(old);
+        }
+    }
+
     fn new(keys: Keys, rbuf: BytesMut, carried: BytesMut) -> Opener {
         Opener {
+            retired: Vec::new(),
+            quiet_reads: 0,
             keys,
             rbuf,
             plain: (0, 0),
@@ -753,9 +800,15 @@ impl Opener {
                 record.advance(from);
                 self.plain = (0, 0);
                 self.record_end = 0;
-                if self.rbuf.is_empty() && self.last_read < KEEP_AFTER {
-                    // Not busy: hold no buffer between records.
-                    self.rbuf = BytesMut::new();
+                if self.rbuf.is_empty() {
+                    if self.quiet_reads >= QUIET_READS {
+                        // Not busy any more: hold no buffers.
+                        self.rbuf = BytesMut::new();
+                        self.retired.clear();
+                    } else if self.last_read < KEEP_AFTER && self.retired.is_empty() {
+                        // Never busy (an idle link): hold no buffer.
+                        self.rbuf = BytesMut::new();
+                    }
                 }
                 return Poll::Ready(Ok(Some(record)));
             }
@@ -771,14 +824,7 @@ impl Opener {
                 }
             }
             if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
-                // Chunks handed out share this buffer, so a new one is
-                // allocated and the partial record at its end copied:
-                // large buffers make that copy rare.
-                self.rbuf.reserve(if self.last_read >= KEEP_AFTER {
-                    SPLIT_CHUNK
-                } else {
-                    2 * (MAX_CIPHERTEXT + HEADER_LEN)
-                });
+                self.next_buffer();
             }
             let n = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut *sock),
@@ -790,6 +836,11 @@ impl Opener {
                 return Poll::Ready(Err(RecordError::Truncated.into()));
             }
             self.last_read = n;
+            self.quiet_reads = if n >= KEEP_AFTER {
+                0
+            } else {
+                self.quiet_reads.saturating_add(1)
+            };
         }
     }
 }

@@ -5,6 +5,7 @@
 //! open byte streams and moves bytes between them, keeping half-close (EOF
 //! one way shuts down that writer while the other way keeps flowing).
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -173,10 +174,14 @@ impl Up {
     }
 }
 
+/// Most bytes and chunks gathered into one socket write.
+const WRITE_GATHER: usize = 256 * 1024;
+const GATHER_CHUNKS: usize = 32;
+
 /// Stream -> socket.
 #[derive(Default)]
 struct Down {
-    pending: Bytes,
+    pending: VecDeque<Bytes>,
     eof: bool,
     done: bool,
     moved: u64,
@@ -197,11 +202,24 @@ impl Down {
                 return Ok(Poll::Ready(()));
             }
             if !self.pending.is_empty() {
-                match Pin::new(&mut *sock).poll_write(cx, &self.pending) {
+                // Several chunks (a bulk stream's records) in one writev.
+                let slices: Vec<io::IoSlice<'_>> =
+                    self.pending.iter().map(|c| io::IoSlice::new(c)).collect();
+                match Pin::new(&mut *sock).poll_write_vectored(cx, &slices) {
                     Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                    Poll::Ready(Ok(n)) => {
+                    Poll::Ready(Ok(mut n)) => {
                         self.moved += n as u64;
-                        self.pending.advance(n);
+                        while n > 0 {
+                            let front =
+                                self.pending.front_mut().expect("written bytes were queued");
+                            if n >= front.len() {
+                                n -= front.len();
+                                self.pending.pop_front();
+                            } else {
+                                front.advance(n);
+                                n = 0;
+                            }
+                        }
                     }
                     Poll::Ready(Err(err)) => return Err(err),
                     Poll::Pending => return Ok(Poll::Pending),
@@ -216,9 +234,9 @@ impl Down {
                 self.done = true;
                 continue;
             }
-            match stream.poll_recv_chunk(cx, usize::MAX) {
-                Poll::Ready(Ok(Some(chunk))) => self.pending = chunk,
-                Poll::Ready(Ok(None)) => self.eof = true,
+            match stream.poll_recv_chunks(cx, WRITE_GATHER, GATHER_CHUNKS, &mut self.pending) {
+                Poll::Ready(Ok(true)) => {}
+                Poll::Ready(Ok(false)) => self.eof = true,
                 Poll::Ready(Err(err)) => return Err(err),
                 Poll::Pending => return Ok(Poll::Pending),
             }
