@@ -79,7 +79,7 @@ const SPLIT_CHUNK: usize = 256 * 1024;
 const QUIET_READS: u8 = 16;
 
 /// Earlier read buffers a busy split reader keeps for reuse.
-const RETIRED_BUFFERS: usize = 8;
+const RETIRED_BUFFERS: usize = 4;
 
 /// The read buffer is kept after it drains only if the last socket read was
 /// at least this large (a busy link); idle links hold no buffer.
