@@ -254,23 +254,16 @@ impl Frame {
     /// then. The length is checked against [`MAX_PAYLOAD`] before waiting for
     /// (or allocating) the payload.
     pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        if src.len() < HEADER_LEN {
+        let Some(header) = Frame::peek_header(src)? else {
+            return Ok(None);
+        };
+        if src.len() < header.frame_len() {
+            src.reserve(header.frame_len() - src.len());
             return Ok(None);
         }
-        let kind = src[0];
-        let stream = u32::from_be_bytes([src[1], src[2], src[3], src[4]]);
-        let len = u32::from_be_bytes([src[5], src[6], src[7], src[8]]);
-        if len as usize > MAX_PAYLOAD {
-            return Err(FrameError::TooLarge(len));
-        }
-        check_shape(kind, stream, len)?;
-        let total = HEADER_LEN + len as usize;
-        if src.len() < total {
-            src.reserve(total - src.len());
-            return Ok(None);
-        }
+        let (kind, stream, len) = (src[0], header.stream, header.len);
         src.advance(HEADER_LEN);
-        let mut payload = src.split_to(len as usize).freeze();
+        let mut payload = src.split_to(len).freeze();
         let frame = match kind {
             T_DATA => Frame::Data { stream, payload },
             T_OPEN => Frame::Open {

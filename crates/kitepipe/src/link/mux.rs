@@ -780,48 +780,39 @@ impl FrameReader {
             } else {
                 &mut self.chunk
             };
-            let Some(header) = Frame::peek_header(buf)? else {
-                if from_pending {
-                    // Complete the header from the chunk, byte-exact.
-                    let n = (frame::HEADER_LEN - self.pending.len()).min(self.chunk.len());
-                    if n == 0 {
-                        return Ok(None);
+            // How many bytes the frame at the front of `buf` needs.
+            let need = match Frame::peek_header(buf)? {
+                Some(header) if header.is_data && buf.len() < header.frame_len() => {
+                    // Pass the payload on as it arrives.
+                    buf.advance(frame::HEADER_LEN);
+                    self.data_left = Some((header.stream, header.len));
+                    if from_pending && !self.pending.is_empty() {
+                        // Less than the payload: the frame was incomplete.
+                        let payload = self.pending.split().freeze();
+                        let left = header.len - payload.len();
+                        self.data_left = (left > 0).then_some((header.stream, left));
+                        return Ok(Some(Frame::Data {
+                            stream: header.stream,
+                            payload,
+                        }));
                     }
-                    self.pending.extend_from_slice(&self.chunk.split_to(n));
                     continue;
                 }
-                self.pending.extend_from_slice(&self.chunk.split());
-                return Ok(None);
+                Some(header) if buf.len() >= header.frame_len() => return Frame::decode(buf),
+                Some(header) => header.frame_len(),
+                None => frame::HEADER_LEN,
             };
-            if header.is_data && buf.len() < header.frame_len() {
-                // Pass the payload on as it arrives.
-                buf.advance(frame::HEADER_LEN);
-                self.data_left = Some((header.stream, header.len));
-                if from_pending && !self.pending.is_empty() {
-                    let payload = self.pending.split().freeze();
-                    let left = header.len - payload.len();
-                    self.data_left = (left > 0).then_some((header.stream, left));
-                    return Ok(Some(Frame::Data {
-                        stream: header.stream,
-                        payload,
-                    }));
-                }
-                continue;
-            }
-            if buf.len() < header.frame_len() {
-                // Not DATA, and the rest is in later chunks.
-                let n = (header.frame_len() - self.pending.len()).min(self.chunk.len());
-                if from_pending {
-                    if n == 0 {
-                        return Ok(None);
-                    }
-                    self.pending.extend_from_slice(&self.chunk.split_to(n));
-                    continue;
-                }
+            // The frame (or its header) goes on in later chunks: gather it
+            // in `pending`, copying from the chunk only what it needs.
+            if !from_pending {
                 self.pending.extend_from_slice(&self.chunk.split());
                 return Ok(None);
             }
-            return Frame::decode(buf);
+            let n = (need - self.pending.len()).min(self.chunk.len());
+            if n == 0 {
+                return Ok(None);
+            }
+            self.pending.extend_from_slice(&self.chunk.split_to(n));
         }
     }
 }

@@ -222,9 +222,9 @@ fn expand(prk: &hkdf::Prk, label: &[u8], out: &mut [u8]) {
 
 /// A byte stream under the link's own record layer (see the module doc).
 pub struct RecordStream<S> {
-    inner: S,
+    /// The transport (shared by both directions) and the sending half.
+    w: RecordWriter<S>,
     rx: Opener,
-    tx: Sealer,
 }
 
 /// The receiving half of a record layer: keys and the read buffer.
@@ -266,7 +266,7 @@ impl<S> std::fmt::Debug for RecordStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordStream")
             .field("rx_seq", &self.rx.keys.seq)
-            .field("tx_seq", &self.tx.keys.seq)
+            .field("tx_seq", &self.w.tx.keys.seq)
             .finish()
     }
 }
@@ -310,29 +310,31 @@ impl<S> RecordStream<S> {
         let secrets = conn.dangerous_extract_secrets().map_err(|e| handover(&e))?;
         let (rbuf, inner) = io.into_parts();
         Ok(RecordStream {
-            inner,
+            w: RecordWriter {
+                sock: inner,
+                tx: Sealer {
+                    keys: Keys::new(secrets.tx.1, secrets.tx.0, tx_rekey)?,
+                    wbuf: BytesMut::from(&wbuf[..]),
+                    close_sent: false,
+                    rekey_after: REKEY_AFTER,
+                },
+            },
             rx: Opener::new(
                 Keys::new(secrets.rx.1, secrets.rx.0, rx_rekey)?,
                 rbuf,
                 carried,
             ),
-            tx: Sealer {
-                keys: Keys::new(secrets.tx.1, secrets.tx.0, tx_rekey)?,
-                wbuf: BytesMut::from(&wbuf[..]),
-                close_sent: false,
-                rekey_after: REKEY_AFTER,
-            },
         })
     }
 
     /// The wrapped transport.
     pub fn get_ref(&self) -> &S {
-        &self.inner
+        &self.w.sock
     }
 
     #[cfg(test)]
     fn set_rekey_after(&mut self, records: u64) {
-        self.tx.rekey_after = records;
+        self.w.tx.rekey_after = records;
     }
 }
 
@@ -340,7 +342,7 @@ impl RecordStream<tokio::net::TcpStream> {
     /// Splits the stream into a reader and a writer that work on their own,
     /// with no lock between them.
     pub fn into_split(self) -> (RecordReader, RecordWriter) {
-        let (read, write) = self.inner.into_split();
+        let (read, write) = self.w.sock.into_split();
         (
             RecordReader {
                 sock: read,
@@ -348,7 +350,7 @@ impl RecordStream<tokio::net::TcpStream> {
             },
             RecordWriter {
                 sock: write,
-                tx: self.tx,
+                tx: self.w.tx,
             },
         )
     }
@@ -361,9 +363,10 @@ pub struct RecordReader {
     rx: Opener,
 }
 
-/// The writing half of a split [`RecordStream`].
-pub struct RecordWriter {
-    sock: tokio::net::tcp::OwnedWriteHalf,
+/// The sending half of a record layer over `W`: the writing half of a
+/// split [`RecordStream`], or inside an unsplit one.
+pub struct RecordWriter<W = tokio::net::tcp::OwnedWriteHalf> {
+    sock: W,
     tx: Sealer,
 }
 
@@ -373,7 +376,7 @@ impl ChunkSource for RecordReader {
     }
 }
 
-impl AsyncWrite for RecordWriter {
+impl<W: AsyncWrite + Unpin> AsyncWrite for RecordWriter<W> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -858,7 +861,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for RecordStream<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.rx.poll_read(&mut this.inner, cx, out)
+        this.rx.poll_read(&mut this.w.sock, cx, out)
     }
 }
 
@@ -868,9 +871,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.tx
-            .poll_write_vectored(&mut this.inner, cx, &[io::IoSlice::new(buf)])
+        Pin::new(&mut self.get_mut().w).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -878,8 +879,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.tx.poll_write_vectored(&mut this.inner, cx, bufs)
+        Pin::new(&mut self.get_mut().w).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -887,13 +887,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.tx.poll_flush(&mut this.inner, cx)
+        Pin::new(&mut self.get_mut().w).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.tx.poll_shutdown(&mut this.inner, cx)
+        Pin::new(&mut self.get_mut().w).poll_shutdown(cx)
     }
 }
 

@@ -93,7 +93,7 @@ async fn data_crosses_both_ways_in_large_and_small_pieces() {
     let (c, s) = tokio::io::duplex(8 * 1024);
     let (mut client, mut server) = link_pair(server, client, c, s).await;
     // The link prefers AES-128-GCM (see pki::tls::provider).
-    assert!(records(&mut client).tx.keys.algorithm == &aead::AES_128_GCM);
+    assert!(records(&mut client).w.tx.keys.algorithm == &aead::AES_128_GCM);
     assert!(records(&mut server).rx.keys.algorithm == &aead::AES_128_GCM);
     for (piece, len) in [
         (1, 300),
@@ -166,7 +166,7 @@ async fn keys_are_updated_and_data_keeps_flowing() {
     assert!(transfer(&mut server, &mut client, &down, 5000).await == down);
     // Several generations went by on both sides, in step.
     let (c, s) = (records(&mut client), records(&mut server));
-    let (ct, cr, st, sr) = (&c.tx.keys, &c.rx.keys, &s.tx.keys, &s.rx.keys);
+    let (ct, cr, st, sr) = (&c.w.tx.keys, &c.rx.keys, &s.w.tx.keys, &s.rx.keys);
     assert!(ct.generation >= 5 && st.generation >= 3);
     assert_eq!((ct.generation, ct.seq), (sr.generation, sr.seq));
     assert_eq!((st.generation, st.seq), (cr.generation, cr.seq));
@@ -201,16 +201,18 @@ async fn tamper(change: impl FnOnce(&mut Vec<u8>), close: bool) -> io::Error {
     assert!(server.rx.rbuf.is_empty());
     let (mut tap_in, tap_out) = tokio::io::duplex(1024 * 1024);
     let mut raw = vec![0u8; 40_000 + 3 * (HEADER_LEN + 1 + TAG_LEN)];
-    server.inner.read_exact(&mut raw).await.unwrap();
+    server.w.sock.read_exact(&mut raw).await.unwrap();
     change(&mut raw);
     tap_in.write_all(&raw).await.unwrap();
     if close {
         drop(tap_in);
     }
     let mut reader = RecordStream {
-        inner: tap_out,
+        w: RecordWriter {
+            sock: tap_out,
+            tx: server.w.tx,
+        },
         rx: Opener::new(server.rx.keys, BytesMut::new(), BytesMut::new()),
-        tx: server.tx,
     };
     let mut sink = Vec::new();
     tokio::time::timeout(
@@ -271,9 +273,9 @@ async fn a_fatal_alert_is_reported_as_rustls_reports_it() {
         panic!("expected records")
     };
     // What a relay's rustls sends when it refuses a client certificate.
-    let start = server.tx.begin_record();
-    server.tx.wbuf.put_slice(&[2, 45]);
-    server.tx.finish_record(start, CONTENT_ALERT);
+    let start = server.w.tx.begin_record();
+    server.w.tx.wbuf.put_slice(&[2, 45]);
+    server.w.tx.finish_record(start, CONTENT_ALERT);
     server.flush().await.unwrap();
     let mut buf = [0u8; 16];
     let err = client.read(&mut buf).await.unwrap_err();
