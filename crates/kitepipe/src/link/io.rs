@@ -101,18 +101,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
             if out.remaining() >= DIRECT_READ {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
-            // Reuses the drained buffer's space while the link is busy.
-            this.buf.reserve(READ_AHEAD);
-            let n = std::task::ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.inner),
-                cx,
-                &mut this.buf
-            ))?;
-            if n == 0 {
+            if std::task::ready!(this.poll_fill(cx))? == 0 {
                 this.buf = BytesMut::new();
                 return Poll::Ready(Ok(()));
             }
-            this.last_read = n;
         }
         let n = this.buf.len().min(out.remaining());
         out.put_slice(&this.buf[..n]);
@@ -127,6 +119,21 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
 }
 
 impl<S: AsyncRead + Unpin> ReadAhead<S> {
+    /// One socket read of up to [`READ_AHEAD`] bytes into the buffer
+    /// (reusing the drained buffer's space while the link is busy).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_AHEAD);
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.inner),
+            cx,
+            &mut self.buf
+        ))?;
+        if n > 0 {
+            self.last_read = n;
+        }
+        Poll::Ready(Ok(n))
+    }
+
     /// A read that stops at the end of the current TLS record.
     fn poll_read_record(
         &mut self,
@@ -140,13 +147,7 @@ impl<S: AsyncRead + Unpin> ReadAhead<S> {
             1
         };
         while self.buf.len() < need {
-            self.buf.reserve(READ_AHEAD);
-            let n = std::task::ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut self.inner),
-                cx,
-                &mut self.buf
-            ))?;
-            if n == 0 {
+            if std::task::ready!(self.poll_fill(cx))? == 0 {
                 // End of stream: hand out what is left; rustls reports a
                 // truncated record itself.
                 let n = self.buf.len().min(out.remaining());

@@ -66,9 +66,6 @@ pub const REKEY_AFTER: u64 = 1 << 23;
 /// Exporter label of the per-direction rekey secrets.
 pub const REKEY_LABEL: &[u8] = b"EXPORTER-kitepipe-link-rekey";
 
-/// Bytes read from the socket at once.
-const READ_CHUNK: usize = 64 * 1024;
-
 /// Read buffer of a split reader, whose chunks share it: a new one is
 /// needed only every few reads.
 const SPLIT_CHUNK: usize = 256 * 1024;
@@ -766,20 +763,35 @@ impl Opener {
             if gave || self.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
-                self.rbuf.reserve(READ_CHUNK);
-            }
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut *sock),
-                cx,
-                &mut self.rbuf
-            ))?;
-            if n == 0 {
-                self.failed = Some(RecordError::Truncated);
-                return Poll::Ready(Err(RecordError::Truncated.into()));
-            }
-            self.last_read = n;
+            ready!(self.poll_fill(sock, cx))?;
         }
+    }
+
+    /// Reads more of the stream into the read buffer.
+    fn poll_fill<S: AsyncRead + Unpin>(
+        &mut self,
+        sock: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
+            self.next_buffer();
+        }
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut *sock),
+            cx,
+            &mut self.rbuf
+        ))?;
+        if n == 0 {
+            self.failed = Some(RecordError::Truncated);
+            return Poll::Ready(Err(RecordError::Truncated.into()));
+        }
+        self.last_read = n;
+        self.quiet_reads = if n >= KEEP_AFTER {
+            0
+        } else {
+            self.quiet_reads.saturating_add(1)
+        };
+        Poll::Ready(Ok(()))
     }
 
     /// The next piece of plaintext without copying it: the rest of the
@@ -826,24 +838,7 @@ impl Opener {
                     return Poll::Ready(Err(err.into()));
                 }
             }
-            if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
-                self.next_buffer();
-            }
-            let n = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut *sock),
-                cx,
-                &mut self.rbuf
-            ))?;
-            if n == 0 {
-                self.failed = Some(RecordError::Truncated);
-                return Poll::Ready(Err(RecordError::Truncated.into()));
-            }
-            self.last_read = n;
-            self.quiet_reads = if n >= KEEP_AFTER {
-                0
-            } else {
-                self.quiet_reads.saturating_add(1)
-            };
+            ready!(self.poll_fill(sock, cx))?;
         }
     }
 }
