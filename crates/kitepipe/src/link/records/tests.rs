@@ -321,3 +321,78 @@ async fn split_halves_over_tcp_hand_out_plaintext_in_order() {
     assert!(got == data);
     assert!(chunks >= data.len() / MAX_PLAINTEXT);
 }
+
+/// A whole link over real TCP: handshake, `into_mux_parts`, and streams
+/// through the multiplexer both ways, with our record layer and with a
+/// peer that offers only `kitepipe/1` (rustls for the whole link).
+#[tokio::test]
+async fn a_mux_runs_over_both_link_transports() {
+    use crate::link::{Mux, MuxConfig, Side};
+    for v1 in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client_tcp, server_tcp) = tokio::join!(tokio::net::TcpStream::connect(addr), async {
+            listener.accept().await.unwrap().0
+        });
+        let (server, client) = configs();
+        let mut client = (*client).clone();
+        if v1 {
+            client.alpn_protocols = vec![ALPN_LINK_V1.to_vec()];
+        }
+        let (client, server) =
+            link_pair(server, Arc::new(client), client_tcp.unwrap(), server_tcp).await;
+        assert_eq!(matches!(client, LinkIo::Tls(_)), v1);
+        let tracker = tokio_util::task::TaskTracker::new();
+        let token = tokio_util::sync::CancellationToken::new();
+        let config = MuxConfig::default();
+        let (reader, writer) = client.into_mux_parts();
+        let (connector, _connector_rx) = Mux::start_parts(
+            reader,
+            writer,
+            BytesMut::new(),
+            Side::Connector,
+            &config,
+            &tracker,
+            token.clone(),
+        );
+        let (reader, writer) = server.into_mux_parts();
+        let (_relay, mut relay_rx) = Mux::start_parts(
+            reader,
+            writer,
+            BytesMut::new(),
+            Side::Relay,
+            &config,
+            &tracker,
+            token.clone(),
+        );
+        let mut out = connector
+            .open(bytes::Bytes::from_static(b"hdr"))
+            .await
+            .unwrap();
+        let incoming = relay_rx.incoming.recv().await.unwrap();
+        assert_eq!(&incoming.header[..], b"hdr");
+        let mut back = incoming.stream;
+        let up = pattern(2_000_000, 10);
+        let down = pattern(1_500_000, 11);
+        let (got_up, got_down) = tokio::join!(
+            async {
+                let mut got = Vec::new();
+                back.read_to_end(&mut got).await.unwrap();
+                back.write_all(&down).await.unwrap();
+                back.shutdown().await.unwrap();
+                got
+            },
+            async {
+                out.write_all(&up).await.unwrap();
+                out.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                out.read_to_end(&mut got).await.unwrap();
+                got
+            }
+        );
+        assert!(got_up == up && got_down == down, "kitepipe/1: {v1}");
+        token.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}
