@@ -8,11 +8,12 @@
 //! freed when it drains after a small read, so an idle link holds none (the
 //! scale target is at most 64 KiB of relay memory per linked connector).
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most bytes read from the socket at once: four full TLS records, one
@@ -196,6 +197,41 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
+}
+
+/// Most slices handed to one vectored write (well under IOV_MAX).
+pub(crate) const MAX_SLICES: usize = 64;
+
+/// Writes the front of `segments` with one vectored write (at most
+/// [`MAX_SLICES`] of them) and drops what was written; returns how many
+/// bytes that was. A write of zero bytes is an error.
+pub(crate) fn poll_write_segments<W: AsyncWrite + Unpin + ?Sized>(
+    writer: &mut W,
+    cx: &mut Context<'_>,
+    segments: &mut VecDeque<Bytes>,
+) -> Poll<io::Result<usize>> {
+    let mut slices = [io::IoSlice::new(&[]); MAX_SLICES];
+    let mut count = 0;
+    for (slot, segment) in slices.iter_mut().zip(segments.iter()) {
+        *slot = io::IoSlice::new(segment);
+        count += 1;
+    }
+    let written = std::task::ready!(Pin::new(writer).poll_write_vectored(cx, &slices[..count]))?;
+    if written == 0 {
+        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    }
+    let mut left = written;
+    while left > 0 {
+        let front = segments.front_mut().expect("written bytes were queued");
+        if left >= front.len() {
+            left -= front.len();
+            segments.pop_front();
+        } else {
+            front.advance(left);
+            left = 0;
+        }
+    }
+    Poll::Ready(Ok(written))
 }
 
 /// Where the mux reader takes received bytes from: pieces of the byte

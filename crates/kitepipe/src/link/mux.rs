@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, trace};
 
 use super::LinkClosed;
-use super::io::{ChunkSource, ReadChunks};
+use super::io::{ChunkSource, ReadChunks, poll_write_segments};
 
 /// Frames queued for the writer before stream writers wait. 256 frames of
 /// at most 64 KiB bound the queue at 16 MiB in the worst case, and in
@@ -480,12 +480,19 @@ impl MuxStream {
         cx: &mut Context<'_>,
         max: usize,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        let mut one = VecDeque::new();
-        match std::task::ready!(self.poll_recv_chunks(cx, max, 1, &mut one)) {
-            Ok(true) => Poll::Ready(Ok(one.pop_front())),
-            Ok(false) => Poll::Ready(Ok(None)),
-            Err(err) => Poll::Ready(Err(err)),
-        }
+        let mut chunk = None;
+        let open = std::task::ready!(self.poll_recv_with(cx, |queue| {
+            let front = queue.front_mut().expect("called with a non-empty queue");
+            let taken = if front.len() <= max {
+                queue.pop_front().expect("front exists")
+            } else {
+                front.split_to(max)
+            };
+            let n = taken.len();
+            chunk = Some(taken);
+            n
+        }))?;
+        Poll::Ready(Ok(if open { chunk } else { None }))
     }
 
     /// Appends received chunks to `out` without copying: up to `count`
@@ -497,6 +504,36 @@ impl MuxStream {
         max: usize,
         count: usize,
         out: &mut VecDeque<Bytes>,
+    ) -> Poll<io::Result<bool>> {
+        self.poll_recv_with(cx, |queue| {
+            let mut taken = 0;
+            let mut chunks = 0;
+            while chunks < count && taken < max {
+                let Some(front) = queue.front_mut() else {
+                    break;
+                };
+                let chunk = if front.len() <= max - taken {
+                    queue.pop_front().expect("front exists")
+                } else if chunks == 0 {
+                    front.split_to(max)
+                } else {
+                    break;
+                };
+                taken += chunk.len();
+                chunks += 1;
+                out.push_back(chunk);
+            }
+            taken
+        })
+    }
+
+    /// Waits for received bytes, lets `take` remove some from the (non-empty)
+    /// queue and return how many, and grants window credit back to the peer
+    /// as bytes are taken. `Ok(false)` at EOF.
+    fn poll_recv_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        take: impl FnOnce(&mut VecDeque<Bytes>) -> usize,
     ) -> Poll<io::Result<bool>> {
         let mut recv = lock(&self.state.recv);
         if recv.queue.is_empty() {
@@ -512,23 +549,7 @@ impl MuxStream {
             recv.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let mut taken = 0;
-        let mut chunks = 0;
-        while chunks < count && taken < max {
-            let Some(front) = recv.queue.front_mut() else {
-                break;
-            };
-            let chunk = if front.len() <= max - taken {
-                recv.queue.pop_front().expect("front exists")
-            } else if chunks == 0 {
-                front.split_to(max)
-            } else {
-                break;
-            };
-            taken += chunk.len();
-            chunks += 1;
-            out.push_back(chunk);
-        }
+        let taken = take(&mut recv.queue);
         recv.buffered -= taken;
         // taken <= window, which is a u32.
         recv.unacked += taken as u32;
@@ -995,9 +1016,6 @@ struct Batch {
 /// than an extra I/O slice.
 const COPY_BELOW: usize = 2048;
 
-/// Most slices handed to one vectored write (well under IOV_MAX).
-const MAX_SLICES: usize = 64;
-
 impl Batch {
     fn push(&mut self, shared: &Shared, frame: Frame) {
         trace!(?frame, "frame out");
@@ -1030,28 +1048,8 @@ impl Batch {
             self.segments.push_back(self.small.split().freeze());
         }
         while !self.segments.is_empty() {
-            let slices: Vec<io::IoSlice<'_>> = self
-                .segments
-                .iter()
-                .take(MAX_SLICES)
-                .map(|seg| io::IoSlice::new(seg))
-                .collect();
-            let mut written = writer.write_vectored(&slices).await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            while written > 0 {
-                let Some(front) = self.segments.front_mut() else {
-                    break;
-                };
-                if written >= front.len() {
-                    written -= front.len();
-                    self.segments.pop_front();
-                } else {
-                    front.advance(written);
-                    written = 0;
-                }
-            }
+            std::future::poll_fn(|cx| poll_write_segments(&mut *writer, cx, &mut self.segments))
+                .await?;
         }
         self.len = 0;
         writer.flush().await

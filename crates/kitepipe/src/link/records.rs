@@ -230,11 +230,13 @@ struct Opener {
     /// Bytes read from the socket: the record at the front may already be
     /// decrypted (then `plain` says where its plaintext is).
     rbuf: BytesMut,
-    /// Plaintext of the decrypted front record not yet handed out: start
-    /// and end offsets in `rbuf`, and where that record ends.
+    /// Plaintext of the decrypted front record: start and end offsets in
+    /// `rbuf`, and where that record ends.
     plain: (usize, usize),
     record_end: usize,
-    /// Plaintext rustls had already decrypted at the handover.
+    /// Plaintext taken out of the stream and not handed out yet: what
+    /// rustls had decrypted at the handover, or the rest of a record a read
+    /// did not take.
     carried: BytesMut,
     /// Bytes the last socket read returned.
     last_read: usize,
@@ -262,8 +264,8 @@ struct Sealer {
 impl<S> std::fmt::Debug for RecordStream<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordStream")
-            .field("rx_seq", &self.rx.keys.seq)
-            .field("tx_seq", &self.w.tx.keys.seq)
+            .field("rx", &(self.rx.keys.generation, self.rx.keys.seq))
+            .field("tx", &(self.w.tx.keys.generation, self.w.tx.keys.seq))
             .finish()
     }
 }
@@ -616,7 +618,7 @@ impl Opener {
         }
         let end = HEADER_LEN + ct_len;
         if self.rbuf.len() < end {
-            self.rbuf.reserve(end - self.rbuf.len());
+            // poll_fill leaves room for a whole record before each read.
             return Ok(false);
         }
         let nonce = self.keys.next_nonce();
@@ -693,18 +695,31 @@ impl Opener {
         Ok(true)
     }
 
-    /// Drops the front record once its plaintext is handed out.
+    /// Drops the front record (one without plaintext to hand out).
     fn consume_front(&mut self) {
         self.rbuf.advance(self.record_end);
         self.plain = (0, 0);
         self.record_end = 0;
-        if self.rbuf.is_empty() && self.last_read < KEEP_AFTER {
+        self.release_if_idle();
+    }
+
+    /// Gives the read buffers back when everything read is handed out and
+    /// the link is not busy: at once on a link that never was (an idle
+    /// link's pings), after [`QUIET_READS`] small reads on one that was.
+    fn release_if_idle(&mut self) {
+        if !self.rbuf.is_empty() {
+            return;
+        }
+        if self.quiet_reads >= QUIET_READS {
+            self.rbuf = BytesMut::new();
+            self.retired.clear();
+        } else if self.last_read < KEEP_AFTER && self.retired.is_empty() {
             self.rbuf = BytesMut::new();
         }
     }
 
-    /// Reads plaintext into `out` (one copy), reading `sock` when no
-    /// record is buffered.
+    /// Reads plaintext into `out` (one copy): the rest of the record a
+    /// read did not take, or the next one.
     fn poll_read<S: AsyncRead + Unpin>(
         &mut self,
         sock: &mut S,
@@ -714,57 +729,20 @@ impl Opener {
         if out.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        if let Some(err) = &self.failed {
-            return Poll::Ready(Err(err.clone().into()));
-        }
-        if !self.carried.is_empty() {
-            let n = self.carried.len().min(out.remaining());
-            out.put_slice(&self.carried[..n]);
-            self.carried.advance(n);
-            if self.carried.is_empty() {
-                self.carried = BytesMut::new();
+        if self.carried.is_empty() {
+            match ready!(self.poll_chunk(sock, cx))? {
+                Some(chunk) => self.carried = chunk,
+                None => return Poll::Ready(Ok(())),
             }
-            return Poll::Ready(Ok(()));
         }
-        loop {
-            // Hand out every record already buffered that fits.
-            let mut gave = false;
-            loop {
-                let (from, to) = self.plain;
-                if from < to {
-                    if out.remaining() == 0 {
-                        break;
-                    }
-                    let n = (to - from).min(out.remaining());
-                    out.put_slice(&self.rbuf[from..from + n]);
-                    self.plain.0 += n;
-                    gave = true;
-                    if from + n < to {
-                        break;
-                    }
-                    self.consume_front();
-                } else if self.read_closed {
-                    break;
-                } else {
-                    match self.open_front() {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(err) => {
-                            // Reported now, or after the plaintext before it.
-                            self.failed = Some(err.clone());
-                            if gave {
-                                return Poll::Ready(Ok(()));
-                            }
-                            return Poll::Ready(Err(err.into()));
-                        }
-                    }
-                }
-            }
-            if gave || self.read_closed {
-                return Poll::Ready(Ok(()));
-            }
-            ready!(self.poll_fill(sock, cx))?;
+        let n = self.carried.len().min(out.remaining());
+        out.put_slice(&self.carried[..n]);
+        self.carried.advance(n);
+        if self.carried.is_empty() {
+            // Let go of the read buffer the chunk came from.
+            self.carried = BytesMut::new();
         }
+        Poll::Ready(Ok(()))
     }
 
     /// Reads more of the stream into the read buffer.
@@ -815,16 +793,7 @@ impl Opener {
                 record.advance(from);
                 self.plain = (0, 0);
                 self.record_end = 0;
-                if self.rbuf.is_empty() {
-                    if self.quiet_reads >= QUIET_READS {
-                        // Not busy any more: hold no buffers.
-                        self.rbuf = BytesMut::new();
-                        self.retired.clear();
-                    } else if self.last_read < KEEP_AFTER && self.retired.is_empty() {
-                        // Never busy (an idle link): hold no buffer.
-                        self.rbuf = BytesMut::new();
-                    }
-                }
+                self.release_if_idle();
                 return Poll::Ready(Ok(Some(record)));
             }
             if self.read_closed {

@@ -197,8 +197,9 @@ async fn relay_op(
     let class = op.class();
     // The rules as they are now: a reload may have taken rights away.
     let grants = ctx.identity().rules.remote_grants(&node);
-    if !grants.contains(&class) || !accepts.contains(&class) {
-        let message = if !grants.contains(&class) {
+    let granted = grants.contains(&class);
+    if !granted || !accepts.contains(&class) {
+        let message = if !granted {
             format!(
                 "the relay's rules do not grant {class} operations on node {node} (they grant {})",
                 RemoteClass::describe(&grants)
@@ -223,10 +224,7 @@ async fn relay_op(
         return;
     }
     info!(op = %op.summary(), "remote operation");
-    let header = StreamHeader::RemoteRelayed(RelayedOp {
-        caller: caller.clone(),
-        op,
-    });
+    let header = StreamHeader::RemoteRelayed(RelayedOp { caller, op });
     let mut upstream = match link.open(message::encode(&header)).await {
         Ok(upstream) => upstream,
         Err(reason) => {

@@ -1,7 +1,7 @@
 //! Visitor streams and the byte-copy loop, shared by relay and connector.
 //!
 //! Start at [`splice_stream`] (a socket and a link stream, zero-copy) and
-//! [`splice`] (any two byte streams). This room never dials or accepts: it is handed two
+//! [`splice`] (two link streams, zero-copy). This room never dials or accepts: it is handed two
 //! open byte streams and moves bytes between them, keeping half-close (EOF
 //! one way shuts down that writer while the other way keeps flowing).
 
@@ -11,10 +11,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::link::MuxStream;
+use crate::link::io::{MAX_SLICES, poll_write_segments};
 
 /// Copy buffer per direction. 64 KiB matches the largest DATA frame, so one
 /// read from a socket becomes one frame on the link.
@@ -54,14 +55,70 @@ impl ReadSize {
     }
 }
 
-/// Copies both ways between `a` and `b` until both directions reach EOF;
-/// returns the bytes moved a->b and b->a.
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
+/// Passes bytes both ways between two link streams (the relay joining a
+/// client's stream to a node's) until both directions reach EOF, without a
+/// copy: received chunks are sent on as they are. Returns the bytes moved
+/// a->b and b->a.
+pub async fn splice(a: &mut MuxStream, b: &mut MuxStream) -> io::Result<(u64, u64)> {
+    let mut forth = Forward::default();
+    let mut back = Forward::default();
+    std::future::poll_fn(|cx| {
+        let forth_done = forth.poll(cx, a, b)?;
+        let back_done = back.poll(cx, b, a)?;
+        if forth_done.is_ready() && back_done.is_ready() {
+            return Poll::Ready(Ok((forth.moved, back.moved)));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// One direction of [`splice`].
+#[derive(Default)]
+struct Forward {
+    pending: Bytes,
+    eof: bool,
+    done: bool,
+    moved: u64,
+}
+
+impl Forward {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut MuxStream,
+        to: &mut MuxStream,
+    ) -> io::Result<Poll<()>> {
+        loop {
+            if self.done {
+                return Ok(Poll::Ready(()));
+            }
+            if !self.pending.is_empty() {
+                match to.poll_send_chunk(cx, &mut self.pending) {
+                    Poll::Ready(res) => res?,
+                    Poll::Pending => return Ok(Poll::Pending),
+                }
+                continue;
+            }
+            if self.eof {
+                match Pin::new(&mut *to).poll_shutdown(cx) {
+                    Poll::Ready(res) => res?,
+                    Poll::Pending => return Ok(Poll::Pending),
+                }
+                self.done = true;
+                continue;
+            }
+            match from.poll_recv_chunk(cx, usize::MAX) {
+                Poll::Ready(Ok(Some(chunk))) => {
+                    self.moved += chunk.len() as u64;
+                    self.pending = chunk;
+                }
+                Poll::Ready(Ok(None)) => self.eof = true,
+                Poll::Ready(Err(err)) => return Err(err),
+                Poll::Pending => return Ok(Poll::Pending),
+            }
+        }
+    }
 }
 
 /// How long a half-closed connection (one direction finished) may go
@@ -174,9 +231,8 @@ impl Up {
     }
 }
 
-/// Most bytes and chunks gathered into one socket write.
+/// Most bytes gathered into one socket write.
 const WRITE_GATHER: usize = 256 * 1024;
-const GATHER_CHUNKS: usize = 32;
 
 /// Stream -> socket.
 #[derive(Default)]
@@ -203,24 +259,8 @@ impl Down {
             }
             if !self.pending.is_empty() {
                 // Several chunks (a bulk stream's records) in one writev.
-                let slices: Vec<io::IoSlice<'_>> =
-                    self.pending.iter().map(|c| io::IoSlice::new(c)).collect();
-                match Pin::new(&mut *sock).poll_write_vectored(cx, &slices) {
-                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                    Poll::Ready(Ok(mut n)) => {
-                        self.moved += n as u64;
-                        while n > 0 {
-                            let front =
-                                self.pending.front_mut().expect("written bytes were queued");
-                            if n >= front.len() {
-                                n -= front.len();
-                                self.pending.pop_front();
-                            } else {
-                                front.advance(n);
-                                n = 0;
-                            }
-                        }
-                    }
+                match poll_write_segments(&mut *sock, cx, &mut self.pending) {
+                    Poll::Ready(Ok(n)) => self.moved += n as u64,
                     Poll::Ready(Err(err)) => return Err(err),
                     Poll::Pending => return Ok(Poll::Pending),
                 }
@@ -234,7 +274,7 @@ impl Down {
                 self.done = true;
                 continue;
             }
-            match stream.poll_recv_chunks(cx, WRITE_GATHER, GATHER_CHUNKS, &mut self.pending) {
+            match stream.poll_recv_chunks(cx, WRITE_GATHER, MAX_SLICES, &mut self.pending) {
                 Poll::Ready(Ok(true)) => {}
                 Poll::Ready(Ok(false)) => self.eof = true,
                 Poll::Ready(Err(err)) => return Err(err),
@@ -305,8 +345,32 @@ mod tests {
 
     #[tokio::test]
     async fn splice_keeps_half_close() {
-        let (mut client, mut near) = tokio::io::duplex(16);
-        let (mut far, mut server) = tokio::io::duplex(16);
+        // Two streams of one link, joined on the relay's side: what the
+        // connector writes on one comes out of the other.
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let tracker = tokio_util::task::TaskTracker::new();
+        let token = tokio_util::sync::CancellationToken::new();
+        let config = crate::link::MuxConfig::default();
+        let (_relay, mut relay_rx) = crate::link::Mux::start(
+            a,
+            BytesMut::new(),
+            crate::link::Side::Relay,
+            &config,
+            &tracker,
+            token.clone(),
+        );
+        let (connector, _connector_rx) = crate::link::Mux::start(
+            b,
+            BytesMut::new(),
+            crate::link::Side::Connector,
+            &config,
+            &tracker,
+            token.clone(),
+        );
+        let mut client = connector.open(Bytes::from_static(b"c")).await.unwrap();
+        let mut near = relay_rx.incoming.recv().await.unwrap().stream;
+        let mut server = connector.open(Bytes::from_static(b"s")).await.unwrap();
+        let mut far = relay_rx.incoming.recv().await.unwrap().stream;
         let task = tokio::spawn(async move { splice(&mut near, &mut far).await });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
@@ -320,5 +384,6 @@ mod tests {
         client.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"late reply");
         assert_eq!(task.await.unwrap().unwrap(), (7, 10));
+        token.cancel();
     }
 }
