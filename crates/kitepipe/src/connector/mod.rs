@@ -22,7 +22,6 @@ use kitepipe_proto::event::{Caller, Route};
 use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::kite::KiteRef;
 use kitepipe_proto::message::{self, RelayedOp, RemoteClass, StreamHeader};
-use kitepipe_proto::remote::AgentHello;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -339,12 +338,6 @@ async fn serve_relayed(relayed: RelayedOp, mut stream: MuxStream, allowed: &[Rem
     crate::remote::agent::serve_op(relayed.op, stream).await;
 }
 
-/// This process as an agent of remote operations, for the hello of a
-/// connector that accepts them.
-pub(crate) fn agent_hello() -> AgentHello {
-    crate::remote::agent::hello()
-}
-
 /// Serves one stream the relay opened: a visitor is connected to the
 /// kite's local target with bytes copied both ways; an event goes to the
 /// handlers.
@@ -499,6 +492,14 @@ mod tests {
                 None => {
                     read.unwrap();
                     assert!(!reply.is_empty(), "stat answered");
+                    let mut reply = BytesMut::from(&reply[..]);
+                    let record = kitepipe_proto::remote::AgentRecord::decode(&mut reply)
+                        .unwrap()
+                        .expect("a whole record");
+                    assert!(
+                        matches!(record, kitepipe_proto::remote::AgentRecord::Done(_)),
+                        "stat succeeded: {record:?}"
+                    );
                 }
             }
         }

@@ -194,7 +194,7 @@ impl RelayLink {
             software: concat!("kitepipe/", env!("CARGO_PKG_VERSION")).into(),
             client_nonce: message::hex(&client_nonce),
             remote: self.config.allow_remote.clone(),
-            agent: (!self.config.allow_remote.is_empty()).then(super::agent_hello),
+            agent: (!self.config.allow_remote.is_empty()).then(crate::remote::agent::hello),
         });
         let mut tls = LinkIo::after_handshake(tokio_rustls::TlsStream::Client(tls))
             .map_err(|err| AttemptError::Handshake(err.to_string()))?;
