@@ -60,11 +60,11 @@ impl ReadSize {
 /// copy: received chunks are sent on as they are. Returns the bytes moved
 /// a->b and b->a.
 pub async fn splice(a: &mut MuxStream, b: &mut MuxStream) -> io::Result<(u64, u64)> {
-    let mut forth = Forward::default();
-    let mut back = Forward::default();
+    let mut forth = ToStream::default();
+    let mut back = ToStream::default();
     std::future::poll_fn(|cx| {
-        let forth_done = forth.poll(cx, a, b)?;
-        let back_done = back.poll(cx, b, a)?;
+        let forth_done = forth.poll(cx, b, |cx| a.poll_recv_chunk(cx, usize::MAX))?;
+        let back_done = back.poll(cx, a, |cx| b.poll_recv_chunk(cx, usize::MAX))?;
         if forth_done.is_ready() && back_done.is_ready() {
             return Poll::Ready(Ok((forth.moved, back.moved)));
         }
@@ -73,21 +73,24 @@ pub async fn splice(a: &mut MuxStream, b: &mut MuxStream) -> io::Result<(u64, u6
     .await
 }
 
-/// One direction of [`splice`].
+/// One direction into a link stream: bytes from a source (another link
+/// stream, or a socket) sent on as DATA without a copy, then FIN.
 #[derive(Default)]
-struct Forward {
+struct ToStream {
     pending: Bytes,
     eof: bool,
     done: bool,
     moved: u64,
 }
 
-impl Forward {
+impl ToStream {
+    /// Moves bytes from `next` (the source's next piece; `None` at EOF)
+    /// into `to` until the source is finished or something must wait.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &mut MuxStream,
         to: &mut MuxStream,
+        mut next: impl FnMut(&mut Context<'_>) -> Poll<io::Result<Option<Bytes>>>,
     ) -> io::Result<Poll<()>> {
         loop {
             if self.done {
@@ -108,7 +111,7 @@ impl Forward {
                 self.done = true;
                 continue;
             }
-            match from.poll_recv_chunk(cx, usize::MAX) {
+            match next(cx) {
                 Poll::Ready(Ok(Some(chunk))) => {
                     self.moved += chunk.len() as u64;
                     self.pending = chunk;
@@ -145,11 +148,11 @@ where
         let up_done = up.poll(cx, sock, stream)?;
         let down_done = down.poll(cx, sock, stream)?;
         if up_done.is_ready() && down_done.is_ready() {
-            return Poll::Ready(Ok((up.moved, down.moved)));
+            return Poll::Ready(Ok((up.into.moved, down.moved)));
         }
         if up_done.is_ready() || down_done.is_ready() {
             // Half-closed: the other direction must keep making progress.
-            let moved = up.moved + down.moved;
+            let moved = up.into.moved + down.moved;
             let sleep =
                 linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(HALF_CLOSED_LINGER)));
             if moved != last_moved {
@@ -170,15 +173,12 @@ where
     .await
 }
 
-/// Socket -> stream.
+/// Socket -> stream: reads sized by [`ReadSize`], each read sent as it is.
 #[derive(Default)]
 struct Up {
     buf: BytesMut,
     size: ReadSize,
-    pending: Bytes,
-    eof: bool,
-    done: bool,
-    moved: u64,
+    into: ToStream,
 }
 
 impl Up {
@@ -191,43 +191,23 @@ impl Up {
     where
         S: AsyncRead + Unpin + ?Sized,
     {
-        loop {
-            if self.done {
-                return Ok(Poll::Ready(()));
-            }
-            if !self.pending.is_empty() {
-                match stream.poll_send_chunk(cx, &mut self.pending) {
-                    Poll::Ready(res) => res?,
-                    Poll::Pending => return Ok(Poll::Pending),
-                }
-                continue;
-            }
-            if self.eof {
-                match Pin::new(&mut *stream).poll_shutdown(cx) {
-                    Poll::Ready(res) => res?,
-                    Poll::Pending => return Ok(Poll::Pending),
-                }
-                self.done = true;
-                continue;
-            }
-            let want = self.size.get();
-            if self.buf.capacity() < want / 2 {
+        let (buf, size) = (&mut self.buf, &mut self.size);
+        self.into.poll(cx, stream, |cx| {
+            let want = size.get();
+            if buf.capacity() < want / 2 {
                 // A fresh buffer: the previous one may still be held by
                 // payloads in flight.
-                self.buf = BytesMut::with_capacity(want);
+                *buf = BytesMut::with_capacity(want);
             }
-            let room = self.buf.capacity();
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *sock), cx, &mut self.buf) {
-                Poll::Ready(Ok(0)) => self.eof = true,
-                Poll::Ready(Ok(n)) => {
-                    self.size.update(if n >= room { want } else { n });
-                    self.moved += n as u64;
-                    self.pending = self.buf.split().freeze();
-                }
-                Poll::Ready(Err(err)) => return Err(err),
-                Poll::Pending => return Ok(Poll::Pending),
+            let room = buf.capacity();
+            let n =
+                std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *sock), cx, buf))?;
+            if n == 0 {
+                return Poll::Ready(Ok(None));
             }
-        }
+            size.update(if n >= room { want } else { n });
+            Poll::Ready(Ok(Some(buf.split().freeze())))
+        })
     }
 }
 
