@@ -186,6 +186,10 @@ struct RelayArgs {
     /// connector must also opt in with --allow-remote.
     #[arg(long, value_name = "NODES:OPS")]
     remote: Vec<String>,
+    /// Threads serving links and visitors [default: half the CPU cores, at
+    /// least 1]. The kernel's TCP work for the same sockets needs the rest.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     #[command(flatten)]
     events: EventArgs,
 }
@@ -243,6 +247,11 @@ struct ConnectArgs {
     /// Private key (PEM) for --cert.
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    /// Threads serving the links and their streams [default: 1: a link's
+    /// frames pass through one reader and one writer anyway, and one thread
+    /// spares them cross-thread wake-ups].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     #[command(flatten)]
     events: EventArgs,
 }
@@ -270,12 +279,13 @@ fn main() {
         )
         .with(filter)
         .init();
-    // `kitepipe remote` and the agent are a few streams over one pipe: one
-    // thread serves them with the least latency per round trip (no
-    // cross-thread wake-ups); servers get a worker per core.
-    let mut builder = match cli.command {
-        Command::Remote(_) | Command::Agent(_) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
+    let mut builder = match runtime_threads(&cli.command) {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        threads => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
     };
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
@@ -286,6 +296,25 @@ fn main() {
     };
     let code = runtime.block_on(run(cli.command));
     std::process::exit(code);
+}
+
+/// How many threads the async runtime gets. One thread serves a few
+/// streams over one link or pipe with the least latency per round trip: no
+/// cross-thread wake-ups, and frames that become ready together leave in
+/// one write (`kitepipe remote`, the agent, a connector). A relay serves
+/// many links: a thread per two cores, because on a relay most of the work
+/// per request is the kernel's TCP (70% of the relay's CPU with small HTTP
+/// requests, bench/RESULTS.md), and threads beyond the cores left for it
+/// only add wake-ups (on 2 cores: 1 thread 16k req/s, 2 threads 14k).
+fn runtime_threads(command: &Command) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match command {
+        Command::Remote(_) | Command::Agent(_) => 1,
+        Command::Connect(args) => args.threads.map_or(1, usize::from),
+        Command::Relay(args) => args.threads.map_or((cores / 2).max(1), usize::from),
+        Command::Call(_) | Command::Ca(_) => 1,
+        Command::Demo => cores,
+    }
 }
 
 async fn run(command: Command) -> i32 {

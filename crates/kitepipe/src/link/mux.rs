@@ -50,6 +50,17 @@ const CONTROL_QUEUE: usize = 64;
 /// fill full 16 KiB records and keep syscalls per byte low.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// A batch of ordered frames smaller than this waits for one pass of the
+/// scheduler before it is written: the tasks of other streams that are
+/// ready to run (visitors whose requests arrived in the same poll of the
+/// sockets) add their frames first, so small frames share one TLS record
+/// and one write instead of one each (with wrk -c64 through an HTTP kite,
+/// link writes per request fell from 1.0 to 0.3-0.5 and req/s rose 10%).
+/// Urgent frames never wait: a window update held back stalls the peer's
+/// sender (an earlier version that let them wait cost bulk streams 15-25%),
+/// and a batch this large already fills a TLS record.
+const COALESCE_BELOW: usize = 16 * 1024;
+
 /// How long a closing link may take to flush its GOAWAY before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -973,11 +984,11 @@ async fn run_writer(
             },
         }
         drain_urgent(&shared, &mut batch);
-        while batch.len < WRITE_BATCH {
-            match out.try_recv() {
-                Ok(frame) => batch.push(&shared, frame),
-                Err(_) => break,
-            }
+        drain_out(&shared, &mut out, &mut batch);
+        if !closing && !batch.urgent && batch.len < COALESCE_BELOW {
+            // Not cancel-sensitive: the next select! sees a cancellation.
+            tokio::task::yield_now().await;
+            drain_out(&shared, &mut out, &mut batch);
         }
         drain_urgent(&shared, &mut batch);
         if lock(&shared.closed).is_some() {
@@ -1010,6 +1021,8 @@ struct Batch {
     small: BytesMut,
     segments: VecDeque<Bytes>,
     len: usize,
+    /// Holds an urgent frame (window update, ping, reset): write at once.
+    urgent: bool,
 }
 
 /// Payloads smaller than this are copied next to their header: cheaper
@@ -1052,6 +1065,7 @@ impl Batch {
                 .await?;
         }
         self.len = 0;
+        self.urgent = false;
         writer.flush().await
     }
 }
@@ -1059,7 +1073,18 @@ impl Batch {
 fn drain_urgent(shared: &Shared, batch: &mut Batch) {
     let frames: Vec<Frame> = lock(&shared.urgent).drain(..).collect();
     for frame in frames {
+        batch.urgent = true;
         batch.push(shared, frame);
+    }
+}
+
+/// Moves queued ordered frames into the batch, up to [`WRITE_BATCH`] bytes.
+fn drain_out(shared: &Shared, out: &mut mpsc::Receiver<Frame>, batch: &mut Batch) {
+    while batch.len < WRITE_BATCH {
+        match out.try_recv() {
+            Ok(frame) => batch.push(shared, frame),
+            Err(_) => break,
+        }
     }
 }
 

@@ -401,3 +401,123 @@ fn a_bad_header_split_across_chunks_is_still_refused() {
     reader.chunk = BytesMut::from(&wire[4..]);
     assert!(reader.next_frame().is_err());
 }
+
+/// Counts the writes the mux makes to the link.
+struct CountingWriter<W> {
+    inner: W,
+    writes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for CountingWriter<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// On a multi-thread runtime a woken writer runs right after the task that
+// woke it (tokio's LIFO slot): without the writer's one pass of waiting,
+// every stream's small frame went out in a write of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn small_frames_of_streams_ready_together_share_a_write() {
+    const STREAMS: usize = 32;
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    let config = MuxConfig::default();
+    let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (a_read, a_write) = tokio::io::split(a);
+    let (relay, _relay_rx) = Mux::start_parts(
+        Box::new(ReadChunks::new(a_read)),
+        Box::new(CountingWriter {
+            inner: a_write,
+            writes: writes.clone(),
+        }),
+        BytesMut::new(),
+        Side::Relay,
+        &config,
+        &tracker,
+        token.child_token(),
+    );
+    let (_connector, mut connector_rx) = Mux::start(
+        b,
+        BytesMut::new(),
+        Side::Connector,
+        &config,
+        &tracker,
+        token.child_token(),
+    );
+    let mut senders = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..STREAMS {
+        let stream = relay.open(Bytes::from(format!("s{i}"))).await.unwrap();
+        peers.push(connector_rx.incoming.recv().await.unwrap().stream);
+        senders.push(stream);
+    }
+    let before = writes.load(Ordering::Relaxed);
+    // The senders are woken from outside the runtime, as readiness of their
+    // sockets would wake them, and each is parked before the wake.
+    let go = Arc::new(tokio::sync::Notify::new());
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut stream)| {
+            let mut notified = Box::pin(go.clone().notified_owned());
+            notified.as_mut().enable();
+            tokio::spawn(async move {
+                notified.await;
+                stream.write_all(&pattern(100, i as u8)).await.unwrap();
+                stream
+            })
+        })
+        .collect();
+    std::thread::spawn(move || go.notify_waiters())
+        .join()
+        .unwrap();
+    let mut kept = Vec::new();
+    for task in tasks {
+        kept.push(task.await.unwrap());
+    }
+    for (i, peer) in peers.iter_mut().enumerate() {
+        let mut got = vec![0u8; 100];
+        tokio::time::timeout(Duration::from_secs(5), peer.read_exact(&mut got))
+            .await
+            .expect("every stream's bytes arrive")
+            .unwrap();
+        assert_eq!(got, pattern(100, i as u8));
+    }
+    let used = writes.load(Ordering::Relaxed) - before;
+    assert!(
+        used <= STREAMS / 4,
+        "{STREAMS} small frames ready together took {used} writes"
+    );
+    drop(kept);
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
