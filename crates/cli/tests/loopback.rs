@@ -357,13 +357,22 @@ fn echo_round_trip(port: u16, data: Vec<u8>) -> Vec<u8> {
     back
 }
 
-#[test]
-fn tcp_kite_carries_5_mib_both_ways_on_four_concurrent_connections() {
-    let relay = Relay::new().domain(&domain()).start();
+/// Threads of a process, from /proc.
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read /proc/PID/task")
+        .count()
+}
+
+/// Four concurrent connections through a TCP kite, 5 MiB each way each.
+/// Returns the relay's and the connector's thread counts.
+fn tcp_kite_round_trips(relay_args: &[&str], connector_args: &[&str]) -> (usize, usize) {
+    let relay = Relay::new().domain(&domain()).args(relay_args).start();
     let echo = Backend::start("tcp-echo");
     let connector = Connector::new(&relay)
         .secret(SECRET)
         .kite(&format!("tcp:db.example.net:0={}", echo.addr()))
+        .args(connector_args)
         .start();
     let port = tcp_kite_port(&connector, "db.example.net");
     assert_ne!(port, 0);
@@ -385,6 +394,29 @@ fn tcp_kite_carries_5_mib_both_ways_on_four_concurrent_connections() {
         connector.count("linked to relay"),
         1,
         "one link carried everything"
+    );
+    (
+        thread_count(relay.proc.pid()),
+        thread_count(connector.pid()),
+    )
+}
+
+#[test]
+fn tcp_kite_carries_5_mib_both_ways_on_four_concurrent_connections() {
+    // Defaults: the connector on one thread.
+    let (_, connector_threads) = tcp_kite_round_trips(&[], &[]);
+    assert_eq!(connector_threads, 1, "a connector runs on one thread");
+}
+
+#[test]
+fn tcp_kite_carries_the_same_with_both_ends_on_several_threads() {
+    let (relay_threads, connector_threads) =
+        tcp_kite_round_trips(&["--threads", "3"], &["--threads", "3"]);
+    // The main thread and three workers (and perhaps a blocking-pool thread).
+    assert!(relay_threads >= 4, "relay has {relay_threads} threads");
+    assert!(
+        connector_threads >= 4,
+        "connector has {connector_threads} threads"
     );
 }
 
