@@ -987,7 +987,7 @@ async fn run_writer(
         }
         drain_urgent(&shared, &mut batch);
         drain_out(&shared, &mut out, &mut batch);
-        if !closing && !batch.urgent && batch.len < COALESCE_BELOW {
+        if !closing && !batch.urgent && !batch.is_empty() && batch.len < COALESCE_BELOW {
             // Not cancel-sensitive: the next select! sees a cancellation.
             tokio::task::yield_now().await;
             drain_out(&shared, &mut out, &mut batch);
