@@ -303,9 +303,10 @@ fn main() {
 /// cross-thread wake-ups, and frames that become ready together leave in
 /// one write (`kitepipe remote`, the agent, a connector). A relay serves
 /// many links: a thread per two cores, because on a relay most of the work
-/// per request is the kernel's TCP (70% of the relay's CPU with small HTTP
-/// requests, bench/RESULTS.md), and threads beyond the cores left for it
-/// only add wake-ups (on 2 cores: 1 thread 16k req/s, 2 threads 14k).
+/// per request is the kernel's TCP (about three quarters of its CPU with
+/// small HTTP requests, bench/RESULTS.md), and threads beyond the cores
+/// left for it only add wake-ups (on 2 cores: 1 thread 16k req/s, 2
+/// threads 14k).
 fn runtime_threads(command: &Command) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     match command {

@@ -326,11 +326,6 @@ impl<S> RecordStream<S> {
         })
     }
 
-    /// The wrapped transport.
-    pub fn get_ref(&self) -> &S {
-        &self.w.sock
-    }
-
     #[cfg(test)]
     fn set_rekey_after(&mut self, records: u64) {
         self.w.tx.rekey_after = records;
