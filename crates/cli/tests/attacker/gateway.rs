@@ -1,0 +1,1 @@
+//! Attacker tests: gateway (filled in by its boundary).

@@ -1,0 +1,1 @@
+//! Attacker tests: link (filled in by its boundary).

@@ -1,0 +1,1 @@
+//! Attacker tests: names (filled in by its boundary).

@@ -1,0 +1,1 @@
+//! Attacker tests: pki (filled in by its boundary).

@@ -1,0 +1,1 @@
+//! Attacker tests: remote_client (filled in by its boundary).

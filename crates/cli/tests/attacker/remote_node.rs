@@ -1,0 +1,1 @@
+//! Attacker tests: remote_node (filled in by its boundary).

@@ -1,0 +1,1 @@
+//! Attacker tests: visitors (filled in by its boundary).
