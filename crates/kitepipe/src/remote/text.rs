@@ -16,7 +16,6 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::io::Write as _;
 
 /// Whether `c` must not reach a terminal as it is.
 fn unsafe_char(c: char) -> bool {
