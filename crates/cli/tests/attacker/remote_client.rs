@@ -772,3 +772,36 @@ fn no_home_means_no_cache() {
         shared.display()
     );
 }
+
+#[path = "../support/sshd.rs"]
+mod sshd;
+
+// Case 7 under a real OpenSSH server (skipped where sshd is missing, run
+// in CI): the planted file at the cache path is not run, the real agent is
+// pushed and replaces it.
+#[test]
+fn planted_cache_file_is_not_run_over_real_ssh() {
+    if sshd::skip_without_sshd("planted cache") {
+        return;
+    }
+    let sshd = sshd::Sshd::new().start();
+    let cache = sshd.home.join(".cache").join("kitepipe");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let hash = agent_hash();
+    let planted = cache.join(format!("agent-{hash}"));
+    let marker = sshd.dir.path().join("planted-ran");
+    write_script(
+        &planted,
+        &format!("#!/bin/sh\ntouch {}\nexit 0\n", marker.display()),
+    );
+    let out = run_within(
+        sshd.kitepipe_with(&["--cache"], &["exec", "-n", "--", "echo", "real"]),
+        b"",
+        Duration::from_secs(120),
+    );
+    assert!(!marker.exists(), "the planted file ran: {}", out.text());
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "real\n");
+    assert_eq!(sha256_hex(&std::fs::read(&planted).unwrap()), hash);
+}
