@@ -427,6 +427,20 @@ fn endless_listing_is_cut_at_its_bound() {
         "client RSS peaked at {} KiB",
         out.peak_rss_kib
     );
+
+    // A short --timeout ends the flood too (the reader yields to the
+    // deadline while records keep arriving), unless a fast machine reaches
+    // the bound first.
+    let out = run_within(
+        host.kitepipe(&["--timeout", "1s"], &["ls", "/"]),
+        b"",
+        bounded(),
+    );
+    assert!(
+        out.code == Some(124) || out.code == Some(4),
+        "{}",
+        out.text()
+    );
 }
 
 // Case 19: `--timeout` ends a listing that never ends, even while the host
