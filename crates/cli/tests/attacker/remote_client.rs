@@ -819,3 +819,57 @@ fn planted_cache_file_is_not_run_over_real_ssh() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "real\n");
     assert_eq!(sha256_hex(&std::fs::read(&planted).unwrap()), hash);
 }
+
+// Case 7: a host that cannot compute a SHA-256 (no sha256sum, shasum or
+// openssl) gets no cache: the agent is pushed as without --cache.
+#[test]
+fn no_hash_tool_means_no_cache() {
+    let dir = TempDir::new("nohash");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // A PATH with the bootstrap's tools and nothing to hash with.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in [
+        "sh", "uname", "head", "mktemp", "chmod", "rm", "mkdir", "mv", "ls", "id",
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+        assert!(!path.is_empty(), "no {tool} here");
+        std::os::unix::fs::symlink(path, bin.join(tool)).unwrap();
+    }
+    let ssh = local_ssh(
+        dir.path(),
+        &format!("HOME={} PATH={}", home.display(), bin.display()),
+    );
+    let mut command = Command::new(BIN);
+    command
+        .env("KITEPIPE_LOG", "kitepipe=debug")
+        .arg("remote")
+        .arg("--ssh")
+        .arg(&ssh)
+        .args([
+            "--cache",
+            "fake-host",
+            "exec",
+            "-n",
+            "--",
+            "/bin/echo",
+            "real",
+        ]);
+    let out = run_within(command, b"", bounded());
+    assert_eq!(out.code, Some(0), "{}", out.text());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "real\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no sha256sum, shasum or openssl"),
+        "{}",
+        out.text()
+    );
+    let cached = home
+        .join(".cache/kitepipe")
+        .join(format!("agent-{}", agent_hash()));
+    assert!(!cached.exists(), "cached without a way to check it");
+}
