@@ -323,10 +323,10 @@ impl Session {
             .map_err(|_| RemoteError::Timeout { op, after })
     }
 
-    /// The host's next record, within the operation deadline: an agent
-    /// that stays alive (its link answers pings) but never answers cannot
-    /// hold the operation.
-    async fn first_reply(
+    /// The host's next record, within the operation deadline (for a first
+    /// reply, or each record of a transfer): an agent that stays alive (its
+    /// link answers pings) but never answers cannot hold the operation.
+    async fn next_in_time(
         &self,
         op: &'static str,
         reader: &mut RecordReader,
@@ -400,7 +400,7 @@ impl Session {
             let _ = stream.finish().await;
         }
         let mut reader = RecordReader::new(stream.clone());
-        let pid = match self.first_reply("exec", &mut reader).await? {
+        let pid = match self.next_in_time("exec", &mut reader).await? {
             Ok(Some(AgentRecord::Head(json))) => decode::<ExecHead>("exec", &json)?.pid,
             Ok(Some(AgentRecord::Error(reply))) => {
                 return Err(RemoteError::Failed { op: "exec", reply });
@@ -589,7 +589,7 @@ impl Session {
         let mut done = 0u64;
         loop {
             // The host makes progress within the deadline, or the read ends.
-            match self.first_reply("read", &mut reader).await? {
+            match self.next_in_time("read", &mut reader).await? {
                 Ok(Some(AgentRecord::Head(json))) => {
                     total = decode::<ReadHead>("read", &json)?.size
                 }
@@ -820,7 +820,7 @@ impl Session {
         let _ = sock.set_nodelay(true);
         let stream = self.open("connect", RemoteOp::Connect(target)).await?;
         let mut reader = RecordReader::new(stream.clone());
-        match self.first_reply("connect", &mut reader).await? {
+        match self.next_in_time("connect", &mut reader).await? {
             Ok(Some(AgentRecord::Done(_))) => {}
             Ok(Some(AgentRecord::Error(reply))) => {
                 return Err(RemoteError::Failed {
