@@ -189,7 +189,7 @@ pub enum ConnectError {
         stderr: String,
     },
     /// The agent broke the protocol.
-    #[error("the agent broke the protocol: {0}")]
+    #[error("the agent broke the protocol: {}", escape(.0))]
     Protocol(String),
     /// The relay's gateway could not be reached (`node:NAME` sessions).
     #[error("cannot reach the relay's gateway at {addr}: {source}")]
