@@ -83,7 +83,9 @@ pub(crate) struct RemoteArgs {
     #[arg(long)]
     sudo: bool,
     /// Keep the agent on the host (~/.cache/kitepipe/agent-SHA256) so later
-    /// sessions skip the transfer.
+    /// sessions skip the transfer. It is run only when it and its directory
+    /// are yours and nobody else may write them, and its SHA-256 matches
+    /// (checked on the host); otherwise it is replaced or not used.
     #[arg(long)]
     cache: bool,
     /// Jump host(s), as `ssh -J`.
