@@ -6,8 +6,9 @@
 //! | 1    | runtime failure (cannot bind, cannot read the certificate, ...) |
 //! | 2    | usage or configuration error (bad flag, bad config value, a `ca` command refusing to overwrite or naming an unknown certificate) |
 //! | 3    | `kitepipe call`: the event's reply was not a 2xx status (the body is printed all the same) |
-//! | 4    | `kitepipe remote`: the host failed the operation (no such file, permission denied, ...); the remote cause is printed |
+//! | 4    | `kitepipe remote`: the host failed the operation (no such file, permission denied, ...; or its reply passed a bound of the client, e.g. a listing too long); the remote cause is printed |
 //! | 124  | `kitepipe remote`: a deadline passed (connect, bootstrap, an operation) |
+//! | 130, 143 | `kitepipe remote HOST cp`: interrupted by SIGINT or SIGTERM (the partial download was removed) |
 //! | 126, 127 | `kitepipe remote HOST exec`: the command could not be run (126: not permitted, 127: not found) |
 //! | 255  | `kitepipe remote`: the host could not be reached or the agent not started (ssh failed, unsupported host, sudo needs a password), or the session was lost |
 //!
@@ -83,7 +84,7 @@ pub(crate) fn classify(err: &anyhow::Error) -> i32 {
 fn remote_code(err: &kitepipe::remote::RemoteError) -> i32 {
     use kitepipe::remote::RemoteError;
     match err {
-        RemoteError::Failed { .. } => REMOTE_FAILED,
+        RemoteError::Failed { .. } | RemoteError::TooLarge { .. } => REMOTE_FAILED,
         RemoteError::Timeout { .. } => TIMEOUT,
         RemoteError::Local { .. } => RUNTIME,
         RemoteError::SessionLost { .. }

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use kitepipe::remote::{
     ExecEvent, ExitReport, FileKind, FileStat, RemoteCommand, RemoteError, Session, SshOptions,
+    escape,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -54,11 +55,17 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 ///
 ///   kitepipe remote node:laptop --gateway 127.0.0.1:8089 exec -- uptime
 ///
+/// What the host says (names, messages, paths, its platform, ssh's lines)
+/// is shown with control characters escaped (`\x1b`), so a host cannot
+/// drive this terminal; `ls --json` gives scripts the exact names. A
+/// command's own output (exec) passes through as it is, as with ssh.
+///
 /// Exit status: the remote command's for exec (126: it could not be run,
 /// not permitted, also when a relay refuses exec; 127: not found); 4 when
 /// the host failed an operation (the cause is printed); 124 on a timeout;
-/// 255 when the host could not be reached, the relay refused the session,
-/// or the session was lost.
+/// 130/143 when interrupted (SIGINT/SIGTERM; a download removes its
+/// partial file); 255 when the host could not be reached, the relay
+/// refused the session, or the session was lost.
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
 pub(crate) struct RemoteArgs {
@@ -76,7 +83,9 @@ pub(crate) struct RemoteArgs {
     #[arg(long)]
     sudo: bool,
     /// Keep the agent on the host (~/.cache/kitepipe/agent-SHA256) so later
-    /// sessions skip the transfer.
+    /// sessions skip the transfer. It is run only when it and its directory
+    /// are yours and nobody else may write them, and its SHA-256 matches
+    /// (checked on the host); otherwise it is replaced or not used.
     #[arg(long)]
     cache: bool,
     /// Jump host(s), as `ssh -J`.
@@ -103,7 +112,9 @@ pub(crate) struct RemoteArgs {
     /// Deadline for connecting and starting the agent, e.g. 30s.
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     connect_timeout: String,
-    /// Deadline of metadata operations (stat, ls, mkdir, rm, mv, kill, spawn), e.g. 60s.
+    /// Deadline of metadata operations (stat, ls, mkdir, rm, mv, kill,
+    /// spawn) and of the host's first reply to exec and forward; read,
+    /// write and cp fail when the host makes no progress this long. E.g. 60s.
     #[arg(long, value_name = "DURATION", default_value = "60s")]
     timeout: String,
     /// The session is lost when the host is silent this long, e.g. 15s.
@@ -135,11 +146,14 @@ enum RemoteOpArgs {
         /// Remote path.
         path: String,
     },
-    /// List a remote directory.
+    /// List a remote directory (names escaped for the terminal).
     Ls {
         /// Long format: kind, mode, size, modification time.
         #[arg(short = 'l')]
         long: bool,
+        /// One JSON object per entry and line, with the exact name (for scripts).
+        #[arg(long, conflicts_with = "long")]
+        json: bool,
         /// Remote path.
         #[arg(default_value = ".")]
         path: String,
@@ -315,7 +329,8 @@ pub(crate) async fn run(args: RemoteArgs) -> i32 {
     match run_inner(args).await {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("kitepipe: {err:#}");
+            // The chain holds the host's words: escaped for the terminal.
+            eprintln!("kitepipe: {}", escape(&format!("{err:#}")));
             exit::classify(&err)
         }
     }
@@ -422,14 +437,17 @@ async fn run_inner(args: RemoteArgs) -> anyhow::Result<i32> {
                 .await?;
             Ok(exit::OK)
         }
-        RemoteOpArgs::Ls { long, path } => {
+        RemoteOpArgs::Ls { long, json, path } => {
             let entries = session.ls(&path).await?;
             let mut out = String::new();
             for entry in entries {
-                if long {
-                    out.push_str(&long_line(&entry.stat, &entry.name));
+                if json {
+                    // Exact names, every control character escaped.
+                    out.push_str(&kitepipe::remote::terminal_json(&entry));
+                } else if long {
+                    out.push_str(&long_line(&entry.stat, &escape(&entry.name)));
                 } else {
-                    out.push_str(&entry.name);
+                    out.push_str(&escape(&entry.name));
                 }
                 out.push('\n');
             }
@@ -438,7 +456,7 @@ async fn run_inner(args: RemoteArgs) -> anyhow::Result<i32> {
         }
         RemoteOpArgs::Stat { path } => {
             let stat = session.stat(&path, false).await?;
-            println!("{}", serde_json::to_string(&stat).unwrap_or_default());
+            println!("{}", kitepipe::remote::terminal_json(&stat));
             Ok(exit::OK)
         }
         RemoteOpArgs::Mkdir { parents, path } => {
@@ -512,7 +530,7 @@ async fn run_exec(session: &Session, args: ExecArgs) -> anyhow::Result<i32> {
                 Some(kitepipe::remote::ErrorKind::PermissionDenied) => exit::EXEC_NOT_PERMITTED,
                 _ => return Err(err.into()),
             };
-            eprintln!("kitepipe: {err}");
+            eprintln!("kitepipe: {}", escape(&err.to_string()));
             return Ok(code);
         }
     };
@@ -668,9 +686,18 @@ async fn run_cp(session: &Session, src: &str, dst: &str, quiet: bool) -> anyhow:
                     .ok_or_else(|| usage(format!("{remote:?} names no file")))?;
                 local.push(name);
             }
-            session
-                .copy_from(remote, &local, &mut |done, total| bar.update(done, total))
-                .await?;
+            // An interrupted download removes its partial file (dropping
+            // the copy does) before kitepipe exits.
+            let mut progress = |done, total| bar.update(done, total);
+            tokio::select! {
+                res = session.copy_from(remote, &local, &mut progress) => {
+                    res?;
+                }
+                signal = interrupted() => {
+                    eprintln!("\nkitepipe: interrupted; the partial download was removed");
+                    return Ok(128 + signal);
+                }
+            }
         }
         _ => {
             return Err(usage(
@@ -680,6 +707,21 @@ async fn run_cp(session: &Session, src: &str, dst: &str, quiet: bool) -> anyhow:
     }
     bar.finish();
     Ok(exit::OK)
+}
+
+/// Resolves with the signal number at the first SIGINT or SIGTERM.
+async fn interrupted() -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => 2,
+        _ = term.recv() => 15,
+    }
 }
 
 /// A one-line progress bar on stderr.
@@ -741,7 +783,7 @@ async fn run_forward(session: &Session, bind: &str, host: &str, port: u16) -> an
     let handle = session.forward(listener, host, port);
     println!(
         "forwarding {local} -> {host}:{port} (through {}); Ctrl-C stops",
-        session.agent().platform
+        escape(&session.agent().platform)
     );
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::session::{Session, SessionOptions};
+use super::text::{escape, escape_bytes};
 use crate::link::LinkClosed;
 
 /// Default deadline for the whole start: SSH connect, authentication, the
@@ -145,20 +146,20 @@ pub enum ConnectError {
         stderr: String,
     },
     /// The host cannot run this agent (another system or machine).
-    #[error("{message}")]
+    #[error("{}", escape(message))]
     Unsupported {
         /// The bootstrap's message.
         message: String,
     },
     /// The bootstrap could not run on the host (a tool or a writable
     /// directory is missing).
-    #[error("{message}")]
+    #[error("{}", escape(message))]
     Bootstrap {
         /// The bootstrap's message.
         message: String,
     },
     /// `--sudo` was asked and sudo needs a password.
-    #[error("{message}")]
+    #[error("{}", escape(message))]
     SudoPassword {
         /// The bootstrap's message.
         message: String,
@@ -188,7 +189,7 @@ pub enum ConnectError {
         stderr: String,
     },
     /// The agent broke the protocol.
-    #[error("the agent broke the protocol: {0}")]
+    #[error("the agent broke the protocol: {}", escape(.0))]
     Protocol(String),
     /// The relay's gateway could not be reached (`node:NAME` sessions).
     #[error("cannot reach the relay's gateway at {addr}: {source}")]
@@ -200,7 +201,7 @@ pub enum ConnectError {
     },
     /// The relay refused the session: node unknown or offline, not
     /// accepting remote operations, or not granted by the relay's rules.
-    #[error("the relay refused: {message} (HTTP {status})")]
+    #[error("the relay refused: {} (HTTP {status})", escape(message))]
     Refused {
         /// The gateway's HTTP status.
         status: u16,
@@ -229,9 +230,16 @@ impl SshProcess {
         }
     }
 
+    /// ssh's stderr (the host's script's and ssh's own lines), each line
+    /// escaped: it is shown to a person in the error.
     fn stderr_text(&self) -> String {
         let tail = self.stderr.lock().unwrap_or_else(|p| p.into_inner());
-        String::from_utf8_lossy(&tail).trim().to_string()
+        tail.split(|&b| b == b'\n')
+            .map(|line| escape_bytes(line).into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+            .trim()
+            .to_string()
     }
 
     /// Why the start failed, from ssh's exit status and stderr.
@@ -353,7 +361,7 @@ pub(crate) async fn connect(options: SshOptions) -> Result<Session, ConnectError
                         Ok(n) => n,
                     },
                 };
-                debug!(stderr = %String::from_utf8_lossy(&buf[..n]).trim_end(), "ssh");
+                debug!(stderr = %escape_bytes(&buf[..n]), "ssh");
                 let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
                 tail.extend_from_slice(&buf[..n]);
                 if tail.len() > STDERR_TAIL {
@@ -568,11 +576,7 @@ pub(crate) fn script(params: &ScriptParams<'_>) -> String {
     );
     let mut s = String::new();
     s.push_str("kp_fail() { echo \"kitepipe bootstrap: $2\" >&2; exit \"$1\"; }\n");
-    let tools = if params.hash.is_some() {
-        "uname head mktemp chmod rm mkdir mv wc"
-    } else {
-        "uname head mktemp chmod rm"
-    };
+    let tools = "uname head mktemp chmod rm";
     s.push_str(&format!(
         "for t in {tools}; do command -v \"$t\" >/dev/null 2>&1 || kp_fail {EXIT_BOOTSTRAP} \"the host has no $t command (needed: {tools})\"; done\n"
     ));
@@ -588,42 +592,82 @@ pub(crate) fn script(params: &ScriptParams<'_>) -> String {
     } else {
         ""
     };
+    // Finds a directory where a private temporary file may be written and
+    // executed (some are mounted noexec: try one), and sets f to it.
+    s.push_str(
+        "kp_tempfile() {\nf=\nfor d in \"${XDG_RUNTIME_DIR:-}\" /dev/shm /tmp /var/tmp \"${HOME:-}\"; do\n",
+    );
+    s.push_str("  [ -n \"$d\" ] && [ -d \"$d\" ] && [ -w \"$d\" ] || continue\n");
+    s.push_str("  f=$(mktemp \"$d/.kitepipe-agent.XXXXXX\" 2>/dev/null) || { f=; continue; }\n");
+    s.push_str("  echo \"#!/bin/sh\" > \"$f\" && chmod 700 \"$f\" && \"$f\" && break\n");
+    s.push_str("  rm -f \"$f\"; f=\ndone\n");
+    s.push_str(&format!(
+        "[ -n \"$f\" ] || kp_fail {EXIT_BOOTSTRAP} \"no directory on the host where the agent may be written and run (tried XDG_RUNTIME_DIR, /dev/shm, /tmp, /var/tmp, HOME)\"\n}}\n"
+    ));
+    // Receives the agent into a temporary file, runs it; it removes the
+    // file before serving, and the script again after it ends.
+    let run_temp = format!(
+        "kp_tempfile\n\
+         head -c {size} > \"$f\" || {{ rm -f \"$f\"; kp_fail {EXIT_BOOTSTRAP} \"receiving the agent failed\"; }}\n\
+         echo KITEPIPE-AGENT-START\n\
+         {sudo}\"$f\" agent --stdio --unlink \"$f\" --log {log}\nr=$?; rm -f \"$f\"; exit $r\n"
+    );
     match params.hash {
-        None => {
-            s.push_str(
-                "f=\nfor d in \"${XDG_RUNTIME_DIR:-}\" /dev/shm /tmp /var/tmp \"${HOME:-}\"; do\n",
-            );
-            s.push_str("  [ -n \"$d\" ] && [ -d \"$d\" ] && [ -w \"$d\" ] || continue\n");
-            s.push_str(
-                "  f=$(mktemp \"$d/.kitepipe-agent.XXXXXX\" 2>/dev/null) || { f=; continue; }\n",
-            );
-            s.push_str("  echo \"#!/bin/sh\" > \"$f\" && chmod 700 \"$f\" && \"$f\" && break\n");
-            s.push_str("  rm -f \"$f\"; f=\ndone\n");
-            s.push_str(&format!(
-                "[ -n \"$f\" ] || kp_fail {EXIT_BOOTSTRAP} \"no directory on the host where the agent may be written and run (tried XDG_RUNTIME_DIR, /dev/shm, /tmp, /var/tmp, HOME)\"\n"
-            ));
-            s.push_str(&format!(
-                "head -c {size} > \"$f\" || {{ rm -f \"$f\"; kp_fail {EXIT_BOOTSTRAP} \"receiving the agent failed\"; }}\n"
-            ));
-            s.push_str("echo KITEPIPE-AGENT-START\n");
-            s.push_str(&format!(
-                "{sudo}\"$f\" agent --stdio --unlink \"$f\" --log {log}\nr=$?; rm -f \"$f\"; exit $r\n"
-            ));
-        }
+        None => s.push_str(&run_temp),
         Some(hash) => {
-            s.push_str("c=\"${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/kitepipe\"\n");
-            s.push_str(&format!("f=\"$c/agent-{hash}\"\n"));
-            s.push_str("if [ -x \"$f\" ]; then echo KITEPIPE-AGENT-HAVE; else\n  echo KITEPIPE-AGENT-NEED\n");
+            // Only hex reaches the script.
+            let hash: String = hash.chars().filter(char::is_ascii_hexdigit).collect();
+            s.push_str(&cache_script(&hash));
             s.push_str(&format!(
-                "  mkdir -p \"$c\" && t=$(mktemp \"$c/.agent.XXXXXX\") || kp_fail {EXIT_BOOTSTRAP} \"cannot write the cache directory $c\"\n"
+                "if [ -n \"$c\" ] && [ -f \"$f\" ] && kp_private \"$f\" && kp_hash_ok \"$f\"; then\n\
+                 echo KITEPIPE-AGENT-HAVE\nelse\necho KITEPIPE-AGENT-NEED\n\
+                 if [ -n \"$c\" ]; then\n\
+                 t=$(mktemp \"$c/.agent.XXXXXX\") || kp_fail {EXIT_BOOTSTRAP} \"cannot write the cache directory $c\"\n\
+                 head -c {size} > \"$t\" && chmod 700 \"$t\" && kp_hash_ok \"$t\" && mv -f \"$t\" \"$f\" || {{ rm -f \"$t\"; kp_fail {EXIT_BOOTSTRAP} \"receiving the agent failed\"; }}\n\
+                 else\n{run_temp}fi\nfi\n\
+                 echo KITEPIPE-AGENT-START\n\
+                 exec {sudo}\"$f\" agent --stdio --log {log}\n"
             ));
-            s.push_str(&format!(
-                "  head -c {size} > \"$t\" && [ \"$(wc -c < \"$t\")\" -eq {size} ] && chmod 700 \"$t\" && mv -f \"$t\" \"$f\" || {{ rm -f \"$t\"; kp_fail {EXIT_BOOTSTRAP} \"receiving the agent failed\"; }}\nfi\n"
-            ));
-            s.push_str("echo KITEPIPE-AGENT-START\n");
-            s.push_str(&format!("exec {sudo}\"$f\" agent --stdio --log {log}\n"));
         }
     }
+    s
+}
+
+/// The part of the bootstrap that decides whether the agent cache may be
+/// used; sets `c` (the cache directory, empty when not used) and `f` (the
+/// cached agent). The cache is used only when the host can compute a
+/// SHA-256 (sha256sum, shasum or openssl), HOME (or XDG_CACHE_HOME) is
+/// set (never a shared fallback such as /tmp), and the directory is a real
+/// directory owned by the user that neither group nor others may write.
+/// The file itself is run only when it is a regular file with the same
+/// owner and mode rules and its SHA-256 is the agent's; anything else is
+/// replaced by a fresh copy (`kp_hash_ok` checks that too before it moves
+/// into place). Whatever is refused is said on stderr
+/// ("not using the agent cache: ...").
+fn cache_script(hash: &str) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "kp_nocache() { echo \"kitepipe bootstrap: not using the agent cache: $1\" >&2; c=; }\n",
+    );
+    s.push_str("kp_tool=\nfor t in sha256sum shasum openssl; do command -v $t >/dev/null 2>&1 && { kp_tool=$t; break; }; done\n");
+    s.push_str("kp_sum() { case $kp_tool in sha256sum) sha256sum;; shasum) shasum -a 256;; openssl) openssl dgst -sha256 -r;; *) return 1;; esac; }\n");
+    s.push_str(&format!(
+        "kp_hash_ok() {{ h=$(kp_sum < \"$1\" 2>/dev/null) || return 1; [ \"${{h%% *}}\" = {hash} ]; }}\n"
+    ));
+    // Owner (numeric, from ls -ln: portable) and the group/other write bits
+    // of the mode string; symbolic links refused.
+    s.push_str("kp_uid=$(id -u 2>/dev/null)\n");
+    s.push_str("kp_private() { [ -h \"$1\" ] && return 1; set -- $(ls -ldn \"$1\" 2>/dev/null); [ -n \"$kp_uid\" ] && [ \"$3\" = \"$kp_uid\" ] || return 1; case $1 in ?????w*|????????w*) return 1;; esac; return 0; }\n");
+    s.push_str("c=\nif [ -n \"${XDG_CACHE_HOME:-}\" ]; then c=\"$XDG_CACHE_HOME/kitepipe\"\nelif [ -n \"${HOME:-}\" ]; then c=\"$HOME/.cache/kitepipe\"\nelse kp_nocache \"HOME is not set\"; fi\n");
+    s.push_str("if [ -n \"$c\" ]; then\n");
+    s.push_str("  for t in mkdir mv ls id; do command -v \"$t\" >/dev/null 2>&1 || { kp_nocache \"the host has no $t command\"; break; }; done\n");
+    s.push_str("fi\n");
+    s.push_str("[ -z \"$c\" ] || [ -n \"$kp_tool\" ] || kp_nocache \"the host has no sha256sum, shasum or openssl to check it\"\n");
+    s.push_str("if [ -n \"$c\" ]; then\n");
+    s.push_str("  [ -d \"$c\" ] || (umask 077 && mkdir -p \"$c\") 2>/dev/null\n");
+    s.push_str("  [ -d \"$c\" ] && kp_private \"$c\" || kp_nocache \"$c is not a directory that only its owner (you) may write\"\n");
+    s.push_str("fi\n");
+    s.push_str(&format!("f=\"$c/agent-{hash}\"\n"));
     s
 }
 
@@ -632,11 +676,16 @@ pub(crate) fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "'\\''"))
 }
 
-/// The last lines of ssh's stderr, for an error message.
+/// The last lines of ssh's stderr, for an error message (escaped: they
+/// come from the host and ssh, and are shown to a person).
 fn summary(stderr: &str) -> String {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     let start = lines.len().saturating_sub(3);
-    let text = lines[start..].join("; ");
+    let text = lines[start..]
+        .iter()
+        .map(|line| escape(line))
+        .collect::<Vec<_>>()
+        .join("; ");
     if text.is_empty() {
         "(no message)".into()
     } else {

@@ -27,6 +27,7 @@ mod fs;
 pub mod relayed;
 pub mod session;
 mod stream;
+mod text;
 
 pub use bootstrap::{ConnectError, SshOptions};
 pub use exec_tty::pty_child;
@@ -37,6 +38,7 @@ pub use session::{
     Exec, ExecEvent, ExecInput, ExecOutput, ForwardHandle, Output, RemoteCommand, RemoteError,
     Session, SessionOptions,
 };
+pub use text::{escape, escape_bytes, json as terminal_json};
 
 #[cfg(test)]
 mod tests;

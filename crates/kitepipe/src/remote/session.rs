@@ -26,12 +26,28 @@ use tracing::{Instrument, debug};
 
 use super::bootstrap::{ConnectError, SshOptions, SshProcess};
 use super::stream::{OpStream, RecordReader, RecvError, client_bytes};
+use super::text::escape;
 use crate::link::{LinkClosed, Mux, MuxConfig, Side, StreamReset};
 
 /// Default deadline of one metadata operation (`stat`, `ls`, `mkdir`, ...):
 /// generous for a slow disk, short enough that a hung file system (a dead
 /// NFS mount) ends in an error instead of a hang.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Entries of one listing the client keeps: a directory this large is
+/// rare (a big maildir), and at about 100 bytes each in memory the list
+/// stays near 100 MiB. A host sending more gets [`RemoteError::TooLarge`].
+pub const MAX_LS_ENTRIES: usize = 1_000_000;
+
+/// Bytes of `Items` payload (JSON) of one listing the client accepts:
+/// a million entries with 40-byte names; memory after decoding is about
+/// the same. Bounds a host that sends long names instead of many.
+pub const MAX_LS_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bytes [`Session::read`] and [`Session::output`] collect in memory; more
+/// is an error (stream bigger files with `read_into` or `exec`), so a host
+/// cannot grow the client's memory without end.
+pub const MAX_COLLECT_BYTES: usize = 256 * 1024 * 1024;
 
 /// Settings of a session.
 #[derive(Debug, Clone)]
@@ -40,8 +56,11 @@ pub struct SessionOptions {
     pub heartbeat: Duration,
     /// How long to wait for the agent's hello.
     pub hello_timeout: Duration,
-    /// Deadline of metadata operations; `exec`, copies and forwards have
-    /// none (the heartbeat still ends them if the session dies).
+    /// Deadline of metadata operations (the whole operation), and of the
+    /// host's first reply to `exec` and `connect`; a `read`, `write` or
+    /// copy fails when the host makes no progress for this long. A running
+    /// command's output and a forwarded connection have no deadline (the
+    /// heartbeat still ends them if the session dies).
     pub op_timeout: Duration,
 }
 
@@ -60,7 +79,7 @@ impl Default for SessionOptions {
 pub enum RemoteError {
     /// The host refused or failed the operation; the reply says why
     /// (kind, errno, message, path).
-    #[error("{op} failed on the host: {reply}")]
+    #[error("{op} failed on the host: {}", escape(&reply.to_string()))]
     Failed {
         /// The operation.
         op: &'static str,
@@ -77,7 +96,7 @@ pub enum RemoteError {
         reason: LinkClosed,
     },
     /// The agent aborted the operation's stream.
-    #[error("the agent aborted {op}: {reason}")]
+    #[error("the agent aborted {op}: {}", escape(reason))]
     Aborted {
         /// The operation.
         op: &'static str,
@@ -85,7 +104,7 @@ pub enum RemoteError {
         reason: String,
     },
     /// The agent broke the remote operation protocol.
-    #[error("the agent broke the protocol during {op}: {reason}")]
+    #[error("the agent broke the protocol during {op}: {}", escape(reason))]
     Protocol {
         /// The operation.
         op: &'static str,
@@ -99,6 +118,15 @@ pub enum RemoteError {
         op: &'static str,
         /// The deadline.
         after: Duration,
+    },
+    /// The host's reply passed a bound of the client (e.g.
+    /// [`MAX_LS_ENTRIES`]); the operation stops there.
+    #[error("{op}: the host sent {what}; kitepipe stops there")]
+    TooLarge {
+        /// The operation.
+        op: &'static str,
+        /// What passed which bound.
+        what: String,
     },
     /// A local file could not be read or written.
     #[error("local file {}: {source}", path.display())]
@@ -209,7 +237,7 @@ impl Session {
                 message::PROTOCOL_VERSION
             )));
         }
-        debug!(pid = hello.pid, uid = hello.uid, platform = %hello.platform, "agent ready");
+        debug!(pid = hello.pid, uid = hello.uid, platform = %escape(&hello.platform), "agent ready");
         // The agent opens no streams and sends no further control
         // messages; drain both so a misbehaving agent cannot fill them.
         let drain_token = token.clone();
@@ -283,27 +311,51 @@ impl Session {
         }
     }
 
+    /// Runs `work` within the operation deadline.
+    async fn with_deadline<T>(
+        &self,
+        op: &'static str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, RemoteError> {
+        let after = self.inner.options.op_timeout;
+        tokio::time::timeout(after, work)
+            .await
+            .map_err(|_| RemoteError::Timeout { op, after })
+    }
+
+    /// The host's next record, within the operation deadline (for a first
+    /// reply, or each record of a transfer): an agent that stays alive (its
+    /// link answers pings) but never answers cannot hold the operation.
+    async fn next_in_time(
+        &self,
+        op: &'static str,
+        reader: &mut RecordReader,
+    ) -> Result<Result<Option<AgentRecord>, RecvError>, RemoteError> {
+        self.with_deadline(op, reader.next_agent()).await
+    }
+
     fn stream_error(&self, op: &'static str, err: RecvError) -> RemoteError {
         stream_error(&self.inner.mux, op, err)
     }
 
-    /// Runs an operation without input; returns its `Done` payload and
-    /// the payloads of its `Items` records.
+    /// Runs an operation without input within the operation deadline;
+    /// hands each `Items` payload to `on_items` (which bounds what it
+    /// keeps) and returns the `Done` payload.
     async fn simple_records(
         &self,
         op_name: &'static str,
         op: RemoteOp,
-    ) -> Result<(Bytes, Vec<Bytes>), RemoteError> {
+        on_items: &mut (dyn FnMut(Bytes) -> Result<(), RemoteError> + Send),
+    ) -> Result<Bytes, RemoteError> {
         let after = self.inner.options.op_timeout;
         let work = async {
             let stream = self.open(op_name, op).await?;
             let _ = stream.finish().await;
             let mut reader = RecordReader::new(stream);
-            let mut items = Vec::new();
             loop {
                 match reader.next_agent().await {
-                    Ok(Some(AgentRecord::Done(json))) => return Ok((json, items)),
-                    Ok(Some(AgentRecord::Items(json))) => items.push(json),
+                    Ok(Some(AgentRecord::Done(json))) => return Ok(json),
+                    Ok(Some(AgentRecord::Items(json))) => on_items(json)?,
                     Ok(Some(AgentRecord::Error(reply))) => {
                         return Err(RemoteError::Failed { op: op_name, reply });
                     }
@@ -325,7 +377,11 @@ impl Session {
         op_name: &'static str,
         op: RemoteOp,
     ) -> Result<T, RemoteError> {
-        let (done, _) = self.simple_records(op_name, op).await?;
+        let done = self
+            .simple_records(op_name, op, &mut |_| {
+                Err(protocol(op_name, "list items where none belong"))
+            })
+            .await?;
         decode(op_name, &done)
     }
 
@@ -344,7 +400,7 @@ impl Session {
             let _ = stream.finish().await;
         }
         let mut reader = RecordReader::new(stream.clone());
-        let pid = match reader.next_agent().await {
+        let pid = match self.next_in_time("exec", &mut reader).await? {
             Ok(Some(AgentRecord::Head(json))) => decode::<ExecHead>("exec", &json)?.pid,
             Ok(Some(AgentRecord::Error(reply))) => {
                 return Err(RemoteError::Failed { op: "exec", reply });
@@ -381,7 +437,18 @@ impl Session {
             stderr: Vec::new(),
         };
         loop {
-            match exec.output.next().await? {
+            let event = exec.output.next().await?;
+            if let ExecEvent::Stdout(data) | ExecEvent::Stderr(data) = &event
+                && output.stdout.len() + output.stderr.len() + data.len() > MAX_COLLECT_BYTES
+            {
+                return Err(RemoteError::TooLarge {
+                    op: "exec",
+                    what: format!(
+                        "more than {MAX_COLLECT_BYTES} bytes of output (MAX_COLLECT_BYTES; stream it with exec)"
+                    ),
+                });
+            }
+            match event {
                 ExecEvent::Stdout(data) => output.stdout.extend_from_slice(&data),
                 ExecEvent::Stderr(data) => output.stderr.extend_from_slice(&data),
                 ExecEvent::Exit(status) => {
@@ -429,11 +496,27 @@ impl Session {
         let op = RemoteOp::Ls(PathOp {
             path: path.to_string(),
         });
-        let (_, batches) = self.simple_records("ls", op).await?;
         let mut entries = Vec::new();
-        for batch in batches {
-            entries.extend(decode::<Vec<DirEntry>>("ls", &batch)?);
-        }
+        let mut bytes = 0usize;
+        self.simple_records("ls", op, &mut |batch| {
+            bytes += batch.len();
+            if bytes > MAX_LS_BYTES {
+                return Err(RemoteError::TooLarge {
+                    op: "ls",
+                    what: format!("more than {MAX_LS_BYTES} bytes of listing (MAX_LS_BYTES)"),
+                });
+            }
+            let batch = decode::<Vec<DirEntry>>("ls", &batch)?;
+            if entries.len() + batch.len() > MAX_LS_ENTRIES {
+                return Err(RemoteError::TooLarge {
+                    op: "ls",
+                    what: format!("more than {MAX_LS_ENTRIES} entries (MAX_LS_ENTRIES)"),
+                });
+            }
+            entries.extend(batch);
+            Ok(())
+        })
+        .await?;
         Ok(entries)
     }
 
@@ -469,9 +552,23 @@ impl Session {
 
     /// Reads a whole remote file into memory.
     pub async fn read(&self, path: &str) -> Result<Vec<u8>, RemoteError> {
-        let mut out = Vec::new();
-        self.read_into(path, &mut out, &mut |_, _| {}).await?;
-        Ok(out)
+        let mut out = Bounded(Vec::new());
+        self.read_into(path, &mut out, &mut |_, _| {})
+            .await
+            .map_err(|err| match err {
+                RemoteError::Local { source, .. }
+                    if source.kind() == std::io::ErrorKind::FileTooLarge =>
+                {
+                    RemoteError::TooLarge {
+                        op: "read",
+                        what: format!(
+                            "more than {MAX_COLLECT_BYTES} bytes (MAX_COLLECT_BYTES; stream it with read_into)"
+                        ),
+                    }
+                }
+                other => other,
+            })?;
+        Ok(out.0)
     }
 
     /// Streams a remote file into `out`; `progress(done, total)` is called
@@ -491,7 +588,8 @@ impl Session {
         let mut total = 0;
         let mut done = 0u64;
         loop {
-            match reader.next_agent().await {
+            // The host makes progress within the deadline, or the read ends.
+            match self.next_in_time("read", &mut reader).await? {
                 Ok(Some(AgentRecord::Head(json))) => {
                     total = decode::<ReadHead>("read", &json)?.size
                 }
@@ -561,16 +659,15 @@ impl Session {
                     break;
                 }
                 buf[..RECORD_HEADER_LEN].copy_from_slice(&ClientRecord::data_header(n));
-                stream
-                    .send(buf.freeze())
-                    .await
+                // A host that grants no window for the deadline is stuck.
+                self.with_deadline("write", stream.send(buf.freeze()))
+                    .await?
                     .map_err(|err| self.stream_error("write", RecvError::Io(err)))?;
                 done += n as u64;
                 progress(done, total.max(done));
             }
-            stream
-                .send(client_bytes(&ClientRecord::Eof))
-                .await
+            self.with_deadline("write", stream.send(client_bytes(&ClientRecord::Eof)))
+                .await?
                 .map_err(|err| self.stream_error("write", RecvError::Io(err)))?;
             let _ = stream.finish().await;
             Ok::<u64, RemoteError>(done)
@@ -591,7 +688,8 @@ impl Session {
         tokio::select! {
             res = &mut upload => {
                 let sent = res?;
-                let written = reply.await?;
+                // The host answers within the deadline once all is sent.
+                let written = self.with_deadline("write", reply).await??;
                 if written != sent {
                     return Err(protocol("write", "the agent wrote a different length"));
                 }
@@ -641,16 +739,20 @@ impl Session {
             .unwrap_or_default();
         let temp = local.with_file_name(format!(".{name}.kitepipe-{:016x}", rand::random::<u64>()));
         let file = tokio::fs::File::create(&temp).await.map_err(local_err)?;
+        // Removes the partial file however the copy ends: an error, a
+        // timeout, or this future dropped (the user interrupted kitepipe).
+        let mut guard = TempFile(Some(temp.clone()));
         let mut out = tokio::io::BufWriter::with_capacity(DATA_CHUNK, file);
         let res = self.read_into(remote, &mut out, progress).await;
         drop(out);
         match res {
             Ok(n) => {
                 tokio::fs::rename(&temp, local).await.map_err(local_err)?;
+                guard.0 = None;
                 Ok(n)
             }
             Err(err) => {
-                let _ = tokio::fs::remove_file(&temp).await;
+                drop(guard);
                 Err(match err {
                     RemoteError::Local { source, .. } => local_err(source),
                     other => other,
@@ -718,7 +820,7 @@ impl Session {
         let _ = sock.set_nodelay(true);
         let stream = self.open("connect", RemoteOp::Connect(target)).await?;
         let mut reader = RecordReader::new(stream.clone());
-        match reader.next_agent().await {
+        match self.next_in_time("connect", &mut reader).await? {
             Ok(Some(AgentRecord::Done(_))) => {}
             Ok(Some(AgentRecord::Error(reply))) => {
                 return Err(RemoteError::Failed {
@@ -745,6 +847,50 @@ impl Session {
             .await
             .map(drop)
             .map_err(|err| self.stream_error("connect", RecvError::Io(err)))
+    }
+}
+
+/// A temporary file removed when dropped, unless taken.
+struct TempFile(Option<PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            // Dropping happens off the async path at most once per copy; a
+            // blocking unlink is the only way to clean up in Drop.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A byte sink that refuses to grow past [`MAX_COLLECT_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.0.len() + buf.len() > MAX_COLLECT_BYTES {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::FileTooLarge.into()));
+        }
+        self.0.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
