@@ -199,4 +199,13 @@ pub enum PkiError {
         #[source]
         source: rustls::Error,
     },
+    /// A directory or file that holds keys or secrets is open to other
+    /// users and cannot be made private (see `cert::ensure_private_dir`).
+    #[error("{} {why}", path.display())]
+    Unprotected {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong and what to do, e.g. "is owned by uid 1001 ...".
+        why: String,
+    },
 }

@@ -561,6 +561,7 @@ fn issue(
     let out = dir.join(name);
     ca.issue(&ca::IssueRequest {
         name: name.to_string(),
+        role: ca::CertRole::Connector,
         alt_names: vec![],
         not_before,
         not_after,
