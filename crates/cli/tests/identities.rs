@@ -157,7 +157,14 @@ fn whole_flow_from_ca_init_to_a_kite_over_mutual_tls() {
     // needs nothing but its identity directory (its ca.pem verifies the relay).
     let relay_id = ca.issue(
         "relay",
-        &["--role", "relay", "--san", "127.0.0.1", "--san", "localhost"],
+        &[
+            "--role",
+            "relay",
+            "--san",
+            "127.0.0.1",
+            "--san",
+            "localhost",
+        ],
     );
     let laptop = ca.issue("laptop", &[]);
     for file in ["cert.pem", "key.pem", "ca.pem"] {

@@ -57,7 +57,9 @@ fn kitepipe_exits(args: &[&str]) -> (std::process::ExitStatus, String) {
         // line `main` prints last.
         eventually("the error line to be read", || {
             let out = proc.output();
-            out.lines().any(|l| l.starts_with("kitepipe: ")).then_some(())
+            out.lines()
+                .any(|l| l.starts_with("kitepipe: "))
+                .then_some(())
         });
     }
     (status, proc.output())
@@ -188,13 +190,27 @@ fn issued_leaves_carry_key_identifiers_and_one_purpose() {
         assert!(text.contains("CA:FALSE"), "{name}: {text}");
     }
     for (name, text) in [("laptop", &laptop), ("sneaky", &sneaky)] {
-        assert!(text.contains("TLS Web Client Authentication"), "{name}: {text}");
-        assert!(!text.contains("TLS Web Server Authentication"), "{name}: {text}");
+        assert!(
+            text.contains("TLS Web Client Authentication"),
+            "{name}: {text}"
+        );
+        assert!(
+            !text.contains("TLS Web Server Authentication"),
+            "{name}: {text}"
+        );
     }
     assert!(relay.contains("TLS Web Server Authentication"), "{relay}");
     assert!(!relay.contains("TLS Web Client Authentication"), "{relay}");
     // A relay certificate without a name no connector could dial is a mistake.
-    let out = kitepipe(&["ca", "issue", "nameless", "--role", "relay", "--dir", &path(&ca.dir())]);
+    let out = kitepipe(&[
+        "ca",
+        "issue",
+        "nameless",
+        "--role",
+        "relay",
+        "--dir",
+        &path(&ca.dir()),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--san"));
 }
@@ -211,7 +227,12 @@ fn connector_leaf_with_the_relays_name_cannot_impersonate_the_relay() {
     let fake_relay = relay_with_leaf(&ca, &sneaky, &domain_file(files.path()));
     let victim = Connector::new(&fake_relay)
         .no_fingerprint()
-        .args(&["--identity", &path(&laptop), "--kite", "http:laptop.example.net=8000"])
+        .args(&[
+            "--identity",
+            &path(&laptop),
+            "--kite",
+            "http:laptop.example.net=8000",
+        ])
         .spawn();
     let outcome = link_outcome(&victim);
     assert!(outcome.contains("cannot link to relay"), "{outcome}");
@@ -244,7 +265,12 @@ fn relay_leaf_serves_connectors_and_cannot_serve_as_a_connector() {
         .start();
     let good = Connector::new(&relay)
         .no_fingerprint()
-        .args(&["--identity", &path(&laptop), "--kite", "http:laptop.example.net=8000"])
+        .args(&[
+            "--identity",
+            &path(&laptop),
+            "--kite",
+            "http:laptop.example.net=8000",
+        ])
         .spawn();
     let outcome = link_outcome(&good);
     assert!(outcome.contains("linked to relay"), "{outcome}");
@@ -252,6 +278,7 @@ fn relay_leaf_serves_connectors_and_cannot_serve_as_a_connector() {
     // The relay's own certificate presented by a connector: not a client
     // certificate, so the relay refuses it at the TLS layer.
     let impostor = Connector::new(&relay)
+        .no_fingerprint()
         .args(&[
             "--cert",
             &path(&relay_id.join("cert.pem")),
@@ -263,10 +290,11 @@ fn relay_leaf_serves_connectors_and_cannot_serve_as_a_connector() {
             "relay",
         ])
         .spawn();
-    let _ = impostor;
     relay
         .proc
         .wait_for("connector certificate is not for client authentication");
+    let outcome = link_outcome(&impostor);
+    assert!(outcome.contains("cannot link to relay"), "{outcome}");
 }
 
 #[test]
@@ -308,7 +336,10 @@ fn ca_init_into_a_world_writable_directory_is_tightened_with_a_message() {
     let refused = kitepipe(&["ca", "init", &path(&shared)]);
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains(&path(&shared)) && stderr.contains("1777"), "{stderr}");
+    assert!(
+        stderr.contains(&path(&shared)) && stderr.contains("1777"),
+        "{stderr}"
+    );
     assert_eq!(mode(&shared), 0o1777);
     assert!(!shared.join("ca-key.pem").exists());
 }
@@ -375,7 +406,11 @@ fn secret_files_keep_secrets_out_of_every_command_line() {
         .args(&["--secret-file", &path(&secret_file(files.path()))])
         .kite(&format!("http:argv.example.net={}", backend.addr()))
         .start();
-    let body = curl_ok(&["-H", "Host: argv.example.net", &format!("{}/", relay.http_url())]);
+    let body = curl_ok(&[
+        "-H",
+        "Host: argv.example.net",
+        &format!("{}/", relay.http_url()),
+    ]);
     assert_eq!(body, "hello from backend\n");
     // Every process on the machine, as any local user could list them.
     let mut seen = 0;
@@ -393,7 +428,11 @@ fn secret_files_keep_secrets_out_of_every_command_line() {
     }
     assert!(seen > 3, "read the command lines of the test's processes");
     for proc in [&relay.proc, &connector] {
-        assert!(!proc.output().contains("on the command line"), "{}", proc.output());
+        assert!(
+            !proc.output().contains("on the command line"),
+            "{}",
+            proc.output()
+        );
     }
 }
 
@@ -428,7 +467,10 @@ fn short_secrets_are_refused_with_a_clear_error() {
     ]);
     assert_eq!(status.code(), Some(2), "{out}");
     assert!(out.contains("at least 12"), "{out}");
-    assert!(!out.contains("s3cret"), "the error never echoes the secret: {out}");
+    assert!(
+        !out.contains("s3cret"),
+        "the error never echoes the secret: {out}"
+    );
 
     let short = files.path().join("secret");
     std::fs::write(&short, "hunter2\n").unwrap();
@@ -449,12 +491,15 @@ fn short_secrets_are_refused_with_a_clear_error() {
 
     // Long enough but low in variety: accepted, with a warning.
     let relay = Relay::new()
-        .args(&["--domain-file", &path(&{
-            let file = files.path().join("weak-domains");
-            std::fs::write(&file, "http:*.example.net:aaaaaaaaaaaaaaaaaaaa\n").unwrap();
-            chmod(&file, 0o600);
-            file
-        })])
+        .args(&[
+            "--domain-file",
+            &path(&{
+                let file = files.path().join("weak-domains");
+                std::fs::write(&file, "http:*.example.net:aaaaaaaaaaaaaaaaaaaa\n").unwrap();
+                chmod(&file, 0o600);
+                file
+            }),
+        ])
         .start();
     relay.proc.wait_for("weak secret");
 }

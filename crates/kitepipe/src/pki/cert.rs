@@ -414,10 +414,15 @@ pub(crate) fn check_private_file(
         let me = rustix::process::geteuid().as_raw();
         let tightened = mode & 0o700;
         let res = if owner == me {
-            fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(tightened))
-                .map_err(|err| err.to_string())
+            fs::set_permissions(
+                path,
+                std::os::unix::fs::PermissionsExt::from_mode(tightened),
+            )
+            .map_err(|err| err.to_string())
         } else {
-            Err(format!("it is owned by uid {owner}, not by this user (uid {me})"))
+            Err(format!(
+                "it is owned by uid {owner}, not by this user (uid {me})"
+            ))
         };
         match (res, if_exposed) {
             (Ok(()), _) => tracing::warn!(
