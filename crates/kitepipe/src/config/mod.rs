@@ -1607,6 +1607,93 @@ mod tests {
     }
 
     #[test]
+    fn secrets_come_from_files_and_short_ones_are_refused() {
+        let dir =
+            std::env::temp_dir().join(format!("kitepipe-config-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let domains = dir.join("domains");
+        std::fs::write(
+            &domains,
+            "# the blog\n\nhttp:*.example.net:9f86d081884c7d659a2f\n  tcp:db.example.org:aa:bb:cc:dd:ee:ff:00\n",
+        )
+        .unwrap();
+        let config = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            domain: vec!["https:x.example.com:https-secret-0123".into()],
+            domain_file: Some(domains.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let patterns: Vec<&str> = config.domains.iter().map(|d| d.pattern.as_str()).collect();
+        assert_eq!(
+            patterns,
+            ["x.example.com", "*.example.net", "db.example.org"]
+        );
+        assert_eq!(config.domains[2].secret.expose(), "aa:bb:cc:dd:ee:ff:00");
+
+        std::fs::write(&domains, "http:*.example.net:s3cret\n").unwrap();
+        let short = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            domain_file: Some(domains.clone()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            short.contains("at least 12") && !short.contains("s3cret"),
+            "{short}"
+        );
+        std::fs::write(&domains, "http:*.example.net\n").unwrap();
+        let bad = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            domain_file: Some(domains.clone()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains(":1"), "the error names the line: {bad}");
+
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "  9f86d081884c7d659a2f\n").unwrap();
+        let raw = RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            kite: vec!["http:x.example.net=80".into()],
+            secret_file: Some(secret.clone()),
+            ..Default::default()
+        };
+        let config = ConnectorConfig::try_from(raw.clone()).unwrap();
+        assert_eq!(
+            config.kites[0].secret.as_ref().map(Secret::expose),
+            Some("9f86d081884c7d659a2f")
+        );
+        let both = ConnectorConfig::try_from(RawConnectorConfig {
+            secret: Some("9f86d081884c7d659a2f".into()),
+            ..raw.clone()
+        })
+        .unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
+        // A secret from the flags (or the environment) replaces the file's.
+        let merged = raw.clone().merge(RawConnectorConfig {
+            secret: Some("from-the-environment".into()),
+            ..Default::default()
+        });
+        assert_eq!(merged.secret_file, None);
+        let short = ConnectorConfig::try_from(RawConnectorConfig {
+            secret: Some("hunter2".into()),
+            secret_file: None,
+            ..raw
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            short.contains("at least 12") && !short.contains("hunter2"),
+            "{short}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn connector_kites_need_a_secret_or_an_identity() {
         let raw = RawConnectorConfig {
             relay: vec!["r:1".into()],
