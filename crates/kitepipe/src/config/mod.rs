@@ -16,7 +16,8 @@ use serde::Deserialize;
 use crate::link::DEFAULT_HEARTBEAT;
 use crate::pki::{
     AllowRule, CrlSource, Fingerprint, IDENTITY_CA_FILE, IdentityPattern, IdentityRules,
-    KitePattern, NodeIdentity, PkiError, RelayTrust, RemoteRule, Secret, ca, read_secret_file,
+    KitePattern, NodeIdentity, PkiError, RelayTrust, RemoteRule, Secret, ca, protect_secret_file,
+    read_secret_file,
 };
 
 /// Default ceiling of the reconnect backoff. Short enough that a connector
@@ -689,16 +690,21 @@ pub struct KiteTarget {
 }
 
 impl RawRelayConfig {
-    /// Reads a TOML file.
+    /// Reads a TOML file; one holding domain secrets is checked like a
+    /// secret file (tightened to 0600 if this user's, else warned about).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let raw: RawRelayConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
-        })
+        })?;
+        if !raw.domain.is_empty() {
+            protect_config_file(path)?;
+        }
+        Ok(raw)
     }
 
     /// Overlays `flags` on `self`: every setting given on the command line wins.
@@ -730,16 +736,22 @@ impl RawRelayConfig {
 }
 
 impl RawConnectorConfig {
-    /// Reads a TOML file.
+    /// Reads a TOML file; one holding the secret is checked like a secret
+    /// file (tightened to 0600 if this user's, else warned about).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })
+        let raw: RawConnectorConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if raw.secret.is_some() {
+            protect_config_file(path)?;
+        }
+        Ok(raw)
     }
 
     /// Overlays `flags` on `self`: every setting given on the command line wins.
@@ -1040,6 +1052,13 @@ fn load_identity(
             "--cert and --key go together: give both (or --identity DIR)",
         )),
     }
+}
+
+fn protect_config_file(path: &std::path::Path) -> Result<(), ConfigError> {
+    protect_secret_file(path).map_err(|source| ConfigError::SecretFile {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Refuses a secret below the minimum strength and warns about a weak

@@ -44,7 +44,9 @@ pub use rules::{
 pub use secret::{
     EXPORTER_LABEL, ProofInput, Secret, kite_proof, link_exporter, random_nonce, verify_kite_proof,
 };
-pub use secret::{MIN_SECRET_LEN, RECOMMENDED_SECRET_LEN, SecretTooShort, read_secret_file};
+pub use secret::{
+    MIN_SECRET_LEN, RECOMMENDED_SECRET_LEN, SecretTooShort, protect_secret_file, read_secret_file,
+};
 pub use tls::{
     ALPN_LINK, ALPN_LINK_V1, ClientAuth, ConnectorTlsOptions, FingerprintMismatch, RelayTlsOptions,
     RelayTrust, client_cert_verifier, connector_client_config, connector_client_config_with,

@@ -101,12 +101,20 @@ impl Secret {
     }
 }
 
+/// Checks a file that holds secrets (a secret file, or a TOML config file
+/// with `secret` or `domain` in it): tightened to 0600 when this user's and
+/// open to others, else warned about. Never refuses (see
+/// `cert::IfExposed::Warn`).
+pub fn protect_secret_file(path: &Path) -> Result<(), PkiError> {
+    check_private_file(path, "file with secrets", IfExposed::Warn)
+}
+
 /// Reads a file that holds secrets (`--secret-file`, `--domain-file`),
 /// whole, as a [`Secret`]. A file other users can read is tightened to
 /// 0600 if it is this user's, and otherwise used with a warning (see
 /// `cert::IfExposed::Warn` for why not refused).
 pub fn read_secret_file(path: &Path) -> Result<Secret, PkiError> {
-    check_private_file(path, "secret file", IfExposed::Warn)?;
+    protect_secret_file(path)?;
     let text = std::fs::read_to_string(path).map_err(|source| PkiError::Read {
         path: path.to_path_buf(),
         source,
