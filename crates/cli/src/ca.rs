@@ -333,7 +333,8 @@ fn alt_names(entry: &IndexEntry) -> String {
         Some(CertRole::Connector) => "",
         Some(CertRole::Relay) => "  [relay]",
         // Issued before roles: it serves as client and as server.
-        None => "  [connector+relay: reissue]",
+        None if entry.revoked_at.is_none() => "  [connector+relay: reissue]",
+        None => "",
     };
     format!("{names}{role}")
 }
