@@ -858,3 +858,51 @@ fn secret_files_are_read_whole_and_tightened() -> TestResult {
     assert!(read_secret_file(&dir.path().join("missing")).is_err());
     Ok(())
 }
+
+#[test]
+fn leaves_serve_only_their_role() -> TestResult {
+    let (dir, ca) = test_ca("roles")?;
+    let (not_before, not_after) = a_year_around_now();
+    let relay_out = dir.path().join("relay");
+    let request = ca::IssueRequest {
+        name: "relay".to_string(),
+        role: ca::CertRole::Relay,
+        alt_names: vec!["relay.example.net".to_string()],
+        not_before,
+        not_after,
+        out: relay_out.clone(),
+        force: false,
+    };
+    let entry = ca.issue(&request)?.entry;
+    assert_eq!(entry.role, Some(ca::CertRole::Relay));
+    let relay = NodeIdentity::load_dir(&relay_out)?;
+    let client_ca = ClientCa::load(&ca.cert_path(), None)?;
+    let verifier = client_cert_verifier(&ClientAuth::Required(client_ca))?.expect("a verifier");
+    let err = verify(&verifier, &relay).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. }
+            )
+        ),
+        "{err:?}"
+    );
+    assert!(
+        describe_relay_tls_error(&err)
+            .unwrap_or_default()
+            .contains("not for client authentication")
+    );
+    let nameless = ca
+        .issue(&ca::IssueRequest {
+            alt_names: vec![],
+            out: dir.path().join("nameless"),
+            ..request
+        })
+        .unwrap_err();
+    assert!(
+        matches!(nameless, CaError::RelayWithoutNames) && nameless.is_usage(),
+        "{nameless:?}"
+    );
+    Ok(())
+}
