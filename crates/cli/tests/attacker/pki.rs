@@ -406,12 +406,29 @@ fn secret_files_keep_secrets_out_of_every_command_line() {
         .args(&["--secret-file", &path(&secret_file(files.path()))])
         .kite(&format!("http:argv.example.net={}", backend.addr()))
         .start();
-    let body = curl_ok(&[
-        "-H",
-        "Host: argv.example.net",
-        &format!("{}/", relay.http_url()),
-    ]);
-    assert_eq!(body, "hello from backend\n");
+    // The environment keeps working too (only the same user and root can
+    // read /proc/PID/environ).
+    let mut by_env = Command::new(BIN);
+    by_env
+        .args([
+            "connect",
+            &relay.link.to_string(),
+            "--fingerprint",
+            &relay.fingerprint,
+        ])
+        .args(["--name", "env-connector", "--kite"])
+        .arg(format!("http:env.example.net={}", backend.addr()))
+        .env("KITEPIPE_SECRET", STRONG_SECRET);
+    let by_env = Proc::spawn("env-connector", by_env);
+    by_env.wait_for("linked to relay");
+    for host in ["argv.example.net", "env.example.net"] {
+        let body = curl_ok(&[
+            "-H",
+            &format!("Host: {host}"),
+            &format!("{}/", relay.http_url()),
+        ]);
+        assert_eq!(body, "hello from backend\n", "{host}");
+    }
     // Every process on the machine, as any local user could list them.
     let mut seen = 0;
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -427,7 +444,7 @@ fn secret_files_keep_secrets_out_of_every_command_line() {
         );
     }
     assert!(seen > 3, "read the command lines of the test's processes");
-    for proc in [&relay.proc, &connector] {
+    for proc in [&relay.proc, &connector, &by_env] {
         assert!(
             !proc.output().contains("on the command line"),
             "{}",
