@@ -162,7 +162,8 @@ fn init(dir: PathBuf, args: &InitArgs) -> anyhow::Result<()> {
         "  revocation list  {}   (relays reread it when it changes)",
         ca.crl_path().display()
     );
-    println!("next: kitepipe ca issue NAME --dir {dir}");
+    println!("next: kitepipe ca issue NAME --dir {dir}   (a connector's certificate)");
+    println!("      kitepipe ca issue NAME --dir {dir} --role relay --san HOST   (a relay's)");
     Ok(())
 }
 
