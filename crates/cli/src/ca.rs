@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use kitepipe::config::{ConfigError, default_state_dir};
 use kitepipe::pki::CertAuthority;
 use kitepipe::pki::ca::{
-    BACKDATE, CaInit, DEFAULT_CA_VALIDITY, DEFAULT_NODE_VALIDITY, IndexEntry, IssueRequest,
+    BACKDATE, CaInit, CertRole, DEFAULT_CA_VALIDITY, DEFAULT_NODE_VALIDITY, IndexEntry,
+    IssueRequest,
 };
 
 /// One day, for `--days`.
@@ -24,8 +25,9 @@ pub(crate) enum CaCommand {
     /// Create a CA: a key (0600) and certificate, an empty index and an empty
     /// revocation list in DIR.
     Init(InitArgs),
-    /// Issue a certificate and key for a node (a connector, or a relay with
-    /// --san), written to an identity directory (cert.pem, key.pem, ca.pem).
+    /// Issue a certificate and key for a node (a connector by default, or a
+    /// relay with --role relay --san HOST), written to an identity directory
+    /// (cert.pem, key.pem, ca.pem).
     Issue(IssueArgs),
     /// List the certificates this CA issued, with their state.
     List(DirArgs),
@@ -69,8 +71,13 @@ pub(crate) struct IssueArgs {
     /// Where to write cert.pem, key.pem and ca.pem [default: DIR/issued/NAME].
     #[arg(long, value_name = "OUT")]
     out: Option<PathBuf>,
-    /// A DNS name or IP address the certificate is valid for (for a relay's
-    /// certificate: the names connectors dial). Repeatable.
+    /// What the certificate is for: a connector's (client authentication
+    /// only) or a relay's (server authentication only, needs --san). A
+    /// connector's certificate never passes for a relay, whatever its names.
+    #[arg(long, value_enum, default_value_t = Role::Connector)]
+    role: Role,
+    /// A DNS name or IP address a relay's certificate is valid for: the
+    /// names connectors dial. Repeatable; required with --role relay.
     #[arg(long, value_name = "HOST")]
     san: Vec<String>,
     /// How long the certificate is valid, in days, from --not-before or
@@ -86,6 +93,24 @@ pub(crate) struct IssueArgs {
     /// Overwrite files in OUT.
     #[arg(long)]
     force: bool,
+}
+
+/// `--role`: what a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Role {
+    /// Client authentication: a connector presenting it to relays.
+    Connector,
+    /// Server authentication: a relay presenting it to connectors.
+    Relay,
+}
+
+impl From<Role> for CertRole {
+    fn from(role: Role) -> CertRole {
+        match role {
+            Role::Connector => CertRole::Connector,
+            Role::Relay => CertRole::Relay,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -137,7 +162,8 @@ fn init(dir: PathBuf, args: &InitArgs) -> anyhow::Result<()> {
         "  revocation list  {}   (relays reread it when it changes)",
         ca.crl_path().display()
     );
-    println!("next: kitepipe ca issue NAME --dir {dir}");
+    println!("next: kitepipe ca issue NAME --dir {dir}   (a connector's certificate)");
+    println!("      kitepipe ca issue NAME --dir {dir} --role relay --san HOST   (a relay's)");
     Ok(())
 }
 
@@ -165,6 +191,7 @@ fn issue(dir: PathBuf, args: &IssueArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| dir.join("issued").join(args.name.to_ascii_lowercase()));
     let request = IssueRequest {
         name: args.name.clone(),
+        role: args.role.into(),
         alt_names: args.san.clone(),
         not_before,
         not_after,
@@ -185,7 +212,13 @@ fn issue(dir: PathBuf, args: &IssueArgs) -> anyhow::Result<()> {
     println!("  certificate  {}", issued.cert.display());
     println!("  key          {}   (mode 0600)", issued.key.display());
     println!("  CA           {}", issued.ca.display());
-    if args.san.is_empty() {
+    if args.role == Role::Connector {
+        if !args.san.is_empty() {
+            eprintln!(
+                "note: this is a connector's certificate (client authentication only): \
+                 its --san names do not make it a relay's; for a relay, issue with --role relay"
+            );
+        }
         println!(
             "connector: kitepipe connect RELAY:PORT --identity {} --kite http:{}.DOMAIN=8000",
             out.display(),
@@ -290,12 +323,21 @@ fn time(unix_seconds: i64) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
+/// The entry's names and, unless it is a plain connector's, its role.
 fn alt_names(entry: &IndexEntry) -> String {
-    if entry.alt_names.is_empty() {
+    let names = if entry.alt_names.is_empty() {
         String::new()
     } else {
         format!("  ({})", entry.alt_names.join(", "))
-    }
+    };
+    let role = match entry.role {
+        Some(CertRole::Connector) => "",
+        Some(CertRole::Relay) => "  [relay]",
+        // Issued before roles: it serves as client and as server.
+        None if entry.revoked_at.is_none() => "  [connector+relay: reissue]",
+        None => "",
+    };
+    format!("{names}{role}")
 }
 
 fn dir_join(dir: &Path, file: &str) -> String {

@@ -44,15 +44,16 @@ enum Command {
     ///
     /// Example (on a server with a public address):
     ///
-    ///   kitepipe relay --listen 0.0.0.0:8443 --http 0.0.0.0:80 --domain 'http,tcp:*.example.net:SECRET'
+    ///   kitepipe relay --listen 0.0.0.0:8443 --http 0.0.0.0:80 --domain-file /etc/kitepipe/domains
     ///
+    /// (the file holds 'http,tcp:*.example.net:SECRET' lines, mode 0600).
     /// The relay prints its certificate fingerprint at start; connectors pin it.
     Relay(RelayArgs),
     /// Run a connector: link to relays and serve local services as kites.
     ///
     /// Example (on the laptop behind NAT):
     ///
-    ///   kitepipe connect relay.example.net:8443 --fingerprint SHA256:... --secret SECRET --kite http:blog.example.net=127.0.0.1:8000
+    ///   kitepipe connect relay.example.net:8443 --fingerprint SHA256:... --secret-file ~/.kitepipe-secret --kite http:blog.example.net=127.0.0.1:8000
     Connect(ConnectArgs),
     /// Run this deployment's own certificate authority: create it, issue
     /// certificates to connectors and relays, list and revoke them.
@@ -141,9 +142,15 @@ struct RelayArgs {
     #[arg(long, value_name = "ADDR")]
     https: Vec<String>,
     /// A domain connectors may claim kites in: PROTOS:NAME:SECRET, e.g.
-    /// 'http,tcp:*.example.net:SECRET'. Repeatable.
+    /// 'http,tcp:*.example.net:SECRET'. Repeatable. Every local user can read
+    /// the command line: prefer --domain-file.
     #[arg(long, value_name = "SPEC")]
     domain: Vec<String>,
+    /// File of domains, one PROTOS:NAME:SECRET per line (# comments), mode
+    /// 0600: the secrets stay out of the process list. Secrets need at
+    /// least 12 bytes; 32 random hex digits (openssl rand -hex 16) are best.
+    #[arg(long, value_name = "FILE")]
+    domain_file: Option<PathBuf>,
     /// Address TCP kites' public ports bind to [default: 0.0.0.0].
     #[arg(long, value_name = "IP")]
     tcp_bind: Option<String>,
@@ -207,14 +214,15 @@ struct ConnectArgs {
     /// (port 0: the relay picks). Repeatable.
     #[arg(long, value_name = "SPEC")]
     kite: Vec<String>,
-    /// Shared secret of the kites' domain on the relay (never sent: it signs a challenge).
-    #[arg(
-        long,
-        env = "KITEPIPE_SECRET",
-        hide_env_values = true,
-        value_name = "SECRET"
-    )]
+    /// Shared secret of the kites' domain on the relay (never sent: it signs
+    /// a challenge). Every local user can read the command line: prefer
+    /// --secret-file or the environment variable KITEPIPE_SECRET.
+    #[arg(long, value_name = "SECRET", conflicts_with = "secret_file")]
     secret: Option<String>,
+    /// File holding the shared secret (mode 0600; surrounding whitespace
+    /// ignored). Without --secret and --secret-file, KITEPIPE_SECRET is used.
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
     /// The relay certificate's fingerprint, as the relay printed it at start.
     /// With several relays: once for all, or once per relay in the same order.
     #[arg(long, value_name = "SHA256:HEX")]
@@ -378,11 +386,18 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
 }
 
 async fn relay(args: RelayArgs) -> anyhow::Result<()> {
+    if !args.domain.is_empty() {
+        tracing::warn!(
+            "--domain puts its secret on the command line, where every local user can read it \
+             (ps, /proc/PID/cmdline): use --domain-file FILE"
+        );
+    }
     let flags = RawRelayConfig {
         listen: args.listen,
         http: args.http,
         https: args.https,
         domain: args.domain,
+        domain_file: args.domain_file,
         tcp_bind: args.tcp_bind,
         tcp_ports: args.tcp_ports,
         state_dir: args.state_dir,
@@ -460,10 +475,23 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
 }
 
 async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    if args.secret.is_some() {
+        tracing::warn!(
+            "--secret puts the secret on the command line, where every local user can read it \
+             (ps, /proc/PID/cmdline): use --secret-file FILE or KITEPIPE_SECRET"
+        );
+    }
+    // The environment is the fallback of both flags, read here so that
+    // only a secret typed on the command line is warned about.
+    let secret = match (&args.secret, &args.secret_file) {
+        (None, None) => std::env::var("KITEPIPE_SECRET").ok(),
+        _ => args.secret,
+    };
     let flags = RawConnectorConfig {
         relay: args.relay,
         kite: args.kite,
-        secret: args.secret,
+        secret,
+        secret_file: args.secret_file,
         fingerprint: args.fingerprint,
         ca: args.ca,
         name: args.name,

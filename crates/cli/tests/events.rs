@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-const SECRET: &str = "s3cret";
-const DOMAIN: &str = "http:*.example.net:s3cret";
+const SECRET: &str = "s3cret-for-tests-1";
+const DOMAIN: &str = "http:*.example.net:s3cret-for-tests-1";
 
 fn relay(args: &[&str]) -> RelayProc {
     Relay::new().domain(DOMAIN).args(args).start()

@@ -155,7 +155,17 @@ fn whole_flow_from_ca_init_to_a_kite_over_mutual_tls() {
     let ca_dir = path(&ca.dir());
     // The relay's own certificate comes from the same CA, so the connector
     // needs nothing but its identity directory (its ca.pem verifies the relay).
-    let relay_id = ca.issue("relay", &["--san", "127.0.0.1", "--san", "localhost"]);
+    let relay_id = ca.issue(
+        "relay",
+        &[
+            "--role",
+            "relay",
+            "--san",
+            "127.0.0.1",
+            "--san",
+            "localhost",
+        ],
+    );
     let laptop = ca.issue("laptop", &[]);
     for file in ["cert.pem", "key.pem", "ca.pem"] {
         assert!(laptop.join(file).is_file(), "{file} written");

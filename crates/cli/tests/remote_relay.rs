@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 
 use support::*;
 
-const SECRET: &str = "s3cret";
-const DOMAIN: &str = "http:*.example.net:s3cret";
+const SECRET: &str = "s3cret-for-tests-1";
+const DOMAIN: &str = "http:*.example.net:s3cret-for-tests-1";
 
 /// A connector named `name`, holding a kite (so it links), with `args`.
 fn connector(relay: &RelayProc, name: &str, args: &[&str]) -> Proc {

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use crate::link::DEFAULT_HEARTBEAT;
 use crate::pki::{
     AllowRule, CrlSource, Fingerprint, IDENTITY_CA_FILE, IdentityPattern, IdentityRules,
-    KitePattern, NodeIdentity, PkiError, RelayTrust, RemoteRule, Secret, ca,
+    KitePattern, NodeIdentity, PkiError, RelayTrust, RemoteRule, Secret, ca, protect_secret_file,
+    read_secret_file,
 };
 
 /// Default ceiling of the reconnect backoff. Short enough that a connector
@@ -58,6 +59,15 @@ pub enum ConfigError {
     /// A required setting is missing.
     #[error("{0}")]
     Missing(&'static str),
+    /// A file of secrets (`--secret-file`, `--domain-file`) could not be read.
+    #[error("cannot read the secret file {}", path.display())]
+    SecretFile {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: PkiError,
+    },
     /// The connector's certificate and key could not be loaded.
     #[error("cannot load the connector identity ({})", path.display())]
     Identity {
@@ -85,6 +95,9 @@ pub struct RawRelayConfig {
     /// Domains connectors may claim: `PROTOS:PATTERN:SECRET`.
     #[serde(default)]
     pub domain: Vec<String>,
+    /// File of more domains, one `PROTOS:PATTERN:SECRET` per line (`#`
+    /// comments), so their secrets stay out of argv and the TOML file.
+    pub domain_file: Option<PathBuf>,
     /// Address TCP kites' public ports bind to.
     pub tcp_bind: Option<String>,
     /// Allowed public ports for TCP kites, `LOW-HIGH`.
@@ -595,6 +608,9 @@ pub struct RawConnectorConfig {
     pub kite: Vec<String>,
     /// Shared secret for the kites' domain.
     pub secret: Option<String>,
+    /// File holding the shared secret (surrounding whitespace ignored),
+    /// instead of `secret`.
+    pub secret_file: Option<PathBuf>,
     /// Pinned relay certificate fingerprints: one for all relays, or one
     /// per relay in the same order.
     #[serde(default)]
@@ -674,16 +690,21 @@ pub struct KiteTarget {
 }
 
 impl RawRelayConfig {
-    /// Reads a TOML file.
+    /// Reads a TOML file; one holding domain secrets is checked like a
+    /// secret file (tightened to 0600 if this user's, else warned about).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let raw: RawRelayConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
-        })
+        })?;
+        if !raw.domain.is_empty() {
+            protect_config_file(path)?;
+        }
+        Ok(raw)
     }
 
     /// Overlays `flags` on `self`: every setting given on the command line wins.
@@ -692,6 +713,7 @@ impl RawRelayConfig {
         merge_vec(&mut self.http, flags.http);
         merge_vec(&mut self.https, flags.https);
         merge_vec(&mut self.domain, flags.domain);
+        merge_opt(&mut self.domain_file, flags.domain_file);
         merge_opt(&mut self.tcp_bind, flags.tcp_bind);
         merge_opt(&mut self.tcp_ports, flags.tcp_ports);
         merge_opt(&mut self.state_dir, flags.state_dir);
@@ -714,23 +736,34 @@ impl RawRelayConfig {
 }
 
 impl RawConnectorConfig {
-    /// Reads a TOML file.
+    /// Reads a TOML file; one holding the secret is checked like a secret
+    /// file (tightened to 0600 if this user's, else warned about).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })
+        let raw: RawConnectorConfig =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if raw.secret.is_some() {
+            protect_config_file(path)?;
+        }
+        Ok(raw)
     }
 
     /// Overlays `flags` on `self`: every setting given on the command line wins.
     pub fn merge(mut self, flags: RawConnectorConfig) -> RawConnectorConfig {
         merge_vec(&mut self.relay, flags.relay);
         merge_vec(&mut self.kite, flags.kite);
-        merge_opt(&mut self.secret, flags.secret);
+        // The secret and its file are one setting: either from the flags
+        // (or KITEPIPE_SECRET) replaces both from the file.
+        if flags.secret.is_some() || flags.secret_file.is_some() {
+            self.secret = flags.secret;
+            self.secret_file = flags.secret_file;
+        }
         merge_vec(&mut self.fingerprint, flags.fingerprint);
         merge_opt(&mut self.ca, flags.ca);
         merge_opt(&mut self.name, flags.name);
@@ -820,11 +853,17 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
                 "the relay needs a --listen address for connectors' links",
             ));
         }
-        let domains = raw
+        let mut domains = raw
             .domain
             .iter()
             .map(|d| parse_domain(d))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(path) = &raw.domain_file {
+            domains.extend(read_domain_file(path)?);
+        }
+        for domain in &domains {
+            check_secret_strength(&domain.secret, || format!("{}:***", domain.pattern))?;
+        }
         let tcp_bind = match &raw.tcp_bind {
             Some(text) => text.parse().map_err(|_| ConfigError::Invalid {
                 what: "tcp-bind",
@@ -882,13 +921,25 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             event_wait: raw.event_wait.clone(),
             event_timeout: raw.event_timeout.clone(),
         };
-        let secret = raw.secret.map(Secret::new);
+        let secret = match (raw.secret, &raw.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Missing(
+                    "give either the secret or a secret file (--secret-file), not both",
+                ));
+            }
+            (Some(text), None) => Some(Secret::new(text)),
+            (None, Some(path)) => Some(read_connector_secret(path)?),
+            (None, None) => None,
+        };
+        if let Some(secret) = &secret {
+            check_secret_strength(secret, || "***".to_string())?;
+        }
         let mut kites = Vec::new();
         for spec in &raw.kite {
             let (kite, target) = parse_kite_target(spec)?;
             if secret.is_none() && identity.is_none() {
                 return Err(ConfigError::Missing(
-                    "kites need the domain's shared secret (--secret or KITEPIPE_SECRET) \
+                    "kites need the domain's shared secret (--secret-file, KITEPIPE_SECRET or --secret) \
                      or a certificate (--identity DIR)",
                 ));
             }
@@ -1001,6 +1052,71 @@ fn load_identity(
             "--cert and --key go together: give both (or --identity DIR)",
         )),
     }
+}
+
+fn protect_config_file(path: &std::path::Path) -> Result<(), ConfigError> {
+    protect_secret_file(path).map_err(|source| ConfigError::SecretFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Refuses a secret below the minimum strength and warns about a weak
+/// one; `masked` names it in messages without quoting it.
+fn check_secret_strength(secret: &Secret, masked: impl Fn() -> String) -> Result<(), ConfigError> {
+    match secret.check_strength() {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => {
+            tracing::warn!("weak secret {}: {why}", masked());
+            Ok(())
+        }
+        Err(too_short) => Err(ConfigError::Invalid {
+            what: "secret",
+            value: masked(),
+            why: too_short.to_string(),
+        }),
+    }
+}
+
+/// Reads `--domain-file`: one `PROTOS:PATTERN:SECRET` per line; blank
+/// lines and lines starting with `#` are skipped.
+fn read_domain_file(path: &std::path::Path) -> Result<Vec<Domain>, ConfigError> {
+    let text = read_secret_file(path).map_err(|source| ConfigError::SecretFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut domains = Vec::new();
+    for (index, line) in text.expose().lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let domain = parse_domain(line).map_err(|err| ConfigError::Invalid {
+            what: "domain-file line",
+            value: format!("{}:{}", path.display(), index + 1),
+            // parse_domain's message never quotes the secret.
+            why: err.to_string(),
+        })?;
+        domains.push(domain);
+    }
+    Ok(domains)
+}
+
+/// Reads `--secret-file`: the whole file, surrounding whitespace ignored.
+fn read_connector_secret(path: &std::path::Path) -> Result<Secret, ConfigError> {
+    let text = read_secret_file(path).map_err(|source| ConfigError::SecretFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let secret = text.expose().trim();
+    if secret.is_empty() {
+        return Err(ConfigError::Invalid {
+            what: "secret-file",
+            value: path.display().to_string(),
+            why: "the file is empty".to_string(),
+        });
+    }
+    Ok(Secret::new(secret))
 }
 
 /// Parses `PROTOS:PATTERN:SECRET`, e.g. `http,tcp:*.example.net:s3cret`.
@@ -1267,7 +1383,7 @@ mod tests {
         let raw: RawRelayConfig = toml::from_str(
             r#"
             listen = ["127.0.0.1:0"]
-            domain = ["http:*.example.net:s3cret"]
+            domain = ["http:*.example.net:s3cret-long-enough"]
 
             [[remote]]
             nodes = ["ci-*", "Laptop"]
@@ -1507,6 +1623,93 @@ mod tests {
             ..Default::default()
         };
         assert!(parse_allow_rule(&bad_rule).is_err());
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_short_ones_are_refused() {
+        let dir =
+            std::env::temp_dir().join(format!("kitepipe-config-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let domains = dir.join("domains");
+        std::fs::write(
+            &domains,
+            "# the blog\n\nhttp:*.example.net:9f86d081884c7d659a2f\n  tcp:db.example.org:aa:bb:cc:dd:ee:ff:00\n",
+        )
+        .unwrap();
+        let config = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            domain: vec!["https:x.example.com:https-secret-0123".into()],
+            domain_file: Some(domains.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let patterns: Vec<&str> = config.domains.iter().map(|d| d.pattern.as_str()).collect();
+        assert_eq!(
+            patterns,
+            ["x.example.com", "*.example.net", "db.example.org"]
+        );
+        assert_eq!(config.domains[2].secret.expose(), "aa:bb:cc:dd:ee:ff:00");
+
+        std::fs::write(&domains, "http:*.example.net:s3cret\n").unwrap();
+        let short = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            domain_file: Some(domains.clone()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            short.contains("at least 12") && !short.contains("s3cret"),
+            "{short}"
+        );
+        std::fs::write(&domains, "http:*.example.net\n").unwrap();
+        let bad = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            domain_file: Some(domains.clone()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains(":1"), "the error names the line: {bad}");
+
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "  9f86d081884c7d659a2f\n").unwrap();
+        let raw = RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            kite: vec!["http:x.example.net=80".into()],
+            secret_file: Some(secret.clone()),
+            ..Default::default()
+        };
+        let config = ConnectorConfig::try_from(raw.clone()).unwrap();
+        assert_eq!(
+            config.kites[0].secret.as_ref().map(Secret::expose),
+            Some("9f86d081884c7d659a2f")
+        );
+        let both = ConnectorConfig::try_from(RawConnectorConfig {
+            secret: Some("9f86d081884c7d659a2f".into()),
+            ..raw.clone()
+        })
+        .unwrap_err();
+        assert!(both.to_string().contains("not both"), "{both}");
+        // A secret from the flags (or the environment) replaces the file's.
+        let merged = raw.clone().merge(RawConnectorConfig {
+            secret: Some("from-the-environment".into()),
+            ..Default::default()
+        });
+        assert_eq!(merged.secret_file, None);
+        let short = ConnectorConfig::try_from(RawConnectorConfig {
+            secret: Some("hunter2".into()),
+            secret_file: None,
+            ..raw
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            short.contains("at least 12") && !short.contains("hunter2"),
+            "{short}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //!
 //! `issue` writes a node's identity directory: `cert.pem`, `key.pem` (0600)
 //! and `ca.pem` (a copy of the CA certificate).
+//!
+//! The CA directory and every identity directory are created with mode
+//! 0700; existing ones that others may enter are tightened (this user's)
+//! or refused (another user's, or shared like `/tmp`), and a CA key others
+//! can read is tightened or refused, with the path and mode in the message.
 
 use std::fs;
 use std::io;
@@ -22,7 +27,10 @@ use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
 use super::PkiError;
-use super::cert::{load_certificates, write_atomically};
+use super::cert::{
+    IfExposed, check_private_dir, check_private_file, ensure_private_dir, load_certificates,
+    write_atomically,
+};
 use super::identity::{
     CertInfo, IDENTITY_CA_FILE, IDENTITY_CERT_FILE, IDENTITY_KEY_FILE, Serial, system_time,
 };
@@ -117,6 +125,9 @@ pub enum CaError {
         /// The name as given.
         name: String,
     },
+    /// A relay certificate without a name connectors could dial.
+    #[error("a relay certificate needs --san HOST: the names (or addresses) connectors dial")]
+    RelayWithoutNames,
     /// The validity period is empty or inverted.
     #[error("bad validity period: {why}")]
     BadValidity {
@@ -156,6 +167,7 @@ impl CaError {
                 | CaError::NoCa { .. }
                 | CaError::BadName { .. }
                 | CaError::BadAltName { .. }
+                | CaError::RelayWithoutNames
                 | CaError::BadValidity { .. }
                 | CaError::UnknownName { .. }
         )
@@ -184,12 +196,41 @@ impl Default for CaInit {
     }
 }
 
+/// What a node certificate is for. Each leaf has exactly one purpose
+/// (extended key usage), so a connector's certificate can never pass for a
+/// relay, whatever names it carries, and a relay's never for a connector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertRole {
+    /// A connector: TLS client authentication only (EKU clientAuth). The
+    /// relay's verifier refuses certificates without it.
+    #[default]
+    Connector,
+    /// A relay: TLS server authentication only (EKU serverAuth), for the
+    /// names in `alt_names`. A connector verifying relays by CA refuses a
+    /// certificate without it.
+    Relay,
+}
+
+impl std::fmt::Display for CertRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CertRole::Connector => "connector",
+            CertRole::Relay => "relay",
+        })
+    }
+}
+
 /// Settings for [`CertAuthority::issue`].
 #[derive(Debug, Clone)]
 pub struct IssueRequest {
     /// The node name, put in the certificate's common name.
     pub name: String,
-    /// Subject alternative names (DNS names or IP addresses), for relays.
+    /// What the certificate is for.
+    pub role: CertRole,
+    /// Subject alternative names (DNS names or IP addresses): the names a
+    /// relay answers for. Required for [`CertRole::Relay`]; a connector's
+    /// certificate may carry them, but they make it no relay.
     pub alt_names: Vec<String>,
     /// Start of the validity period.
     pub not_before: SystemTime,
@@ -229,6 +270,10 @@ pub struct IndexEntry {
     /// Subject alternative names.
     #[serde(default)]
     pub alt_names: Vec<String>,
+    /// What it is for; `None` for certificates issued before roles, which
+    /// are valid for both client and server authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<CertRole>,
     /// The certificate's SHA-256 fingerprint.
     pub fingerprint: String,
     /// When it was revoked, Unix seconds.
@@ -301,6 +346,7 @@ impl CertAuthority {
     pub fn init(dir: &Path, options: &CaInit) -> Result<CertAuthority, CaError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
+        ensure_private_dir(dir)?;
         if !options.force {
             for path in [&cert_path, &key_path] {
                 if exists(path)? {
@@ -345,7 +391,6 @@ impl CertAuthority {
                 what: "the CA certificate",
                 source,
             })?;
-        create_private_dir(dir)?;
         write_atomically(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_atomically(&cert_path, cert.pem().as_bytes(), 0o644)?;
         let ca = CertAuthority {
@@ -369,6 +414,8 @@ impl CertAuthority {
                 dir: dir.to_path_buf(),
             });
         }
+        check_private_dir(dir)?;
+        check_private_file(&key_path, "private key", IfExposed::Refuse)?;
         let cert_pem = read_to_string(&cert_path)?;
         let key_pem = read_to_string(&key_path)?;
         let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|source| CaError::Generate {
@@ -415,6 +462,9 @@ impl CertAuthority {
                 });
             }
         }
+        if request.role == CertRole::Relay && request.alt_names.is_empty() {
+            return Err(CaError::RelayWithoutNames);
+        }
         check_dates(request.not_before, request.not_after)?;
         let cert_path = request.out.join(IDENTITY_CERT_FILE);
         let key_path = request.out.join(IDENTITY_KEY_FILE);
@@ -443,12 +493,16 @@ impl CertAuthority {
         params.not_before = request.not_before.into();
         params.not_after = request.not_after.into();
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        // Both purposes: the same kind of certificate serves a connector
-        // (client) and a relay (server, with --san names).
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        ];
+        // One purpose per leaf: a connector's certificate that names the
+        // relay's host must not pass for the relay.
+        params.extended_key_usages = vec![match request.role {
+            CertRole::Connector => rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            CertRole::Relay => rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        }];
+        // "Not a CA", stated (basicConstraints CA:FALSE); with it rcgen also
+        // writes the Subject Key Identifier. The Authority Key Identifier
+        // names the CA's key, so chains build by key, not only by name.
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&key, &self.issuer()?)
@@ -457,7 +511,7 @@ impl CertAuthority {
                 source,
             })?;
         let info = CertInfo::parse(cert.der())?;
-        create_private_dir(&request.out)?;
+        ensure_private_dir(&request.out)?;
         write_atomically(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
         write_atomically(&cert_path, cert.pem().as_bytes(), 0o644)?;
         write_atomically(&ca_path, self.cert_pem.as_bytes(), 0o644)?;
@@ -467,6 +521,7 @@ impl CertAuthority {
             not_before: unix_seconds(info.not_before),
             not_after: unix_seconds(info.not_after),
             alt_names: info.alt_names.clone(),
+            role: Some(request.role),
             fingerprint: info.fingerprint.to_string(),
             revoked_at: None,
         };
@@ -647,17 +702,6 @@ fn random_serial() -> rcgen::SerialNumber {
     bytes[0] = (bytes[0] & 0x7f).max(1);
     let serial = Serial::from_bytes(&bytes);
     rcgen::SerialNumber::from_slice(serial.as_bytes())
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), CaError> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).map_err(|source| CaError::CreateDir {
-        path: dir.to_path_buf(),
-        source,
-    })
 }
 
 fn exists(path: &Path) -> Result<bool, CaError> {

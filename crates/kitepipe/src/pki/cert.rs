@@ -58,11 +58,12 @@ impl RelayCert {
     /// Loads a PEM certificate chain (end-entity first) and a PEM private key
     /// (PKCS#8, SEC1 or PKCS#1).
     ///
-    /// Logs a warning if the key file is readable by group or others.
+    /// A key file other users can read is tightened to 0600 if it is this
+    /// user's (with a warning), and refused otherwise.
     pub fn load(cert_pem: &Path, key_pem: &Path) -> Result<RelayCert, PkiError> {
         let chain = load_certificates(cert_pem)?;
+        check_private_file(key_pem, "private key", IfExposed::Refuse)?;
         let key_bytes = read(key_pem)?;
-        warn_if_exposed(key_pem);
         let key = match PrivateKeyDer::from_pem_slice(&key_bytes) {
             Ok(key) => key,
             Err(rustls_pki_types::pem::Error::NoItemsFound) => {
@@ -90,13 +91,16 @@ impl RelayCert {
     /// temporary name and renamed, so a crash never leaves a torn file.
     /// Later starts load the same files, so the fingerprint stays stable.
     /// If only one of the two files exists this fails rather than replace
-    /// the relay's identity.
+    /// the relay's identity. `state_dir` is created with mode 0700, or
+    /// checked and tightened like every directory that holds keys (see
+    /// [`ensure_private_dir`]).
     pub fn load_or_create(
         state_dir: &Path,
         names: &[String],
     ) -> Result<(RelayCert, bool), PkiError> {
         let cert_path = state_dir.join(CERT_FILE);
         let key_path = state_dir.join(KEY_FILE);
+        ensure_private_dir(state_dir)?;
         match (exists(&cert_path)?, exists(&key_path)?) {
             (true, true) => return Ok((RelayCert::load(&cert_path, &key_path)?, false)),
             (true, false) => {
@@ -119,10 +123,6 @@ impl RelayCert {
             names.to_vec()
         };
         let (cert_pem, key_pem, relay_cert) = generate(&names)?;
-        fs::create_dir_all(state_dir).map_err(|source| PkiError::Write {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
         // The key goes first: a crash between the two renames leaves only the
         // key, which the next start reports instead of silently replacing.
         write_atomically(&key_path, key_pem.as_bytes(), 0o600)?;
@@ -278,25 +278,177 @@ pub(super) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Resul
     fs::rename(&temp_path, path).map_err(write_error(path))
 }
 
-/// Warns if a key file is readable by group or others; the relay still
-/// starts, since the operator may have reasons.
-fn warn_if_exposed(key_path: &Path) {
+/// The permission bits that let users other than the owner in: group and
+/// others, any access.
+#[cfg(unix)]
+const OPEN_TO_OTHERS: u32 = 0o077;
+
+/// Bits that let group or others replace what a directory holds.
+#[cfg(unix)]
+const WRITABLE_BY_OTHERS: u32 = 0o022;
+
+/// The sticky bit: set on directories every user shares, such as `/tmp`.
+#[cfg(unix)]
+const STICKY: u32 = 0o1000;
+
+/// What to do with a private file that others can read and this user
+/// cannot tighten (someone else owns it, or the file system is read-only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IfExposed {
+    /// Refuse to use it: keys (OpenSSH refuses such keys as well).
+    Refuse,
+    /// Use it and warn: secret files, which orchestrators often mount
+    /// read-only with mode 0644 into a container with no other users;
+    /// refusing them would push the secret back onto the command line.
+    Warn,
+}
+
+/// Makes `dir` a directory only this user can reach, as a place for keys:
+/// creates it (and missing parents) with mode 0700, or checks an existing
+/// one like OpenSSH's `StrictModes`. An existing directory of this user
+/// that group or others may enter is tightened to 0700, with a warning
+/// naming the path and both modes; one owned by another user (root's, if
+/// group and others cannot write it, is fine) or shared like `/tmp`
+/// (sticky bit) is refused, and left as it is.
+pub(crate) fn ensure_private_dir(dir: &Path) -> Result<(), PkiError> {
+    match fs::metadata(dir) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            let mut builder = fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(dir).map_err(write_error(dir))
+        }
+        Err(source) => Err(PkiError::Read {
+            path: dir.to_path_buf(),
+            source,
+        }),
+        Ok(metadata) => check_dir(dir, &metadata),
+    }
+}
+
+/// [`ensure_private_dir`] for a directory keys are read from: the same
+/// checks, but a missing directory is left to the reader to report.
+pub(crate) fn check_private_dir(dir: &Path) -> Result<(), PkiError> {
+    match fs::metadata(dir) {
+        Err(_) => Ok(()),
+        Ok(metadata) => check_dir(dir, &metadata),
+    }
+}
+
+#[cfg(unix)]
+fn check_dir(dir: &Path, metadata: &fs::Metadata) -> Result<(), PkiError> {
+    use std::os::unix::fs::MetadataExt;
+    let unprotected = |why: String| PkiError::Unprotected {
+        path: dir.to_path_buf(),
+        why,
+    };
+    if !metadata.is_dir() {
+        return Err(unprotected("is not a directory".to_string()));
+    }
+    let mode = metadata.mode() & 0o7777;
+    let owner = metadata.uid();
+    let me = rustix::process::geteuid().as_raw();
+    if owner != me {
+        // Like OpenSSH's secure_filename: root's directories are trusted as
+        // long as only root can change what they hold.
+        if owner == 0 && mode & WRITABLE_BY_OTHERS == 0 {
+            return Ok(());
+        }
+        return Err(unprotected(format!(
+            "is owned by uid {owner}, not by this user (uid {me}), and has mode {mode:04o}: \
+             keys need a directory of your own (mkdir -m 700 a new one)"
+        )));
+    }
+    if mode & OPEN_TO_OTHERS == 0 {
+        return Ok(());
+    }
+    if mode & STICKY != 0 {
+        return Err(unprotected(format!(
+            "is a shared directory (mode {mode:04o}): keys need a directory of their own \
+             (mkdir -m 700 one inside it)"
+        )));
+    }
+    let tightened = mode & 0o700;
+    fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(tightened)).map_err(
+        |err| {
+            unprotected(format!(
+                "has mode {mode:04o}, open to other users, and cannot be tightened ({err}): \
+                 chmod 700 it"
+            ))
+        },
+    )?;
+    tracing::warn!(
+        "tightened {} from {mode:04o} to {tightened:04o}: it holds private keys and was open to other users",
+        dir.display()
+    );
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_dir(_dir: &Path, _metadata: &fs::Metadata) -> Result<(), PkiError> {
+    Ok(())
+}
+
+/// Checks that only this user can read the private file `path` (`what`
+/// says what it holds, e.g. "private key"). A file of this user that group
+/// or others may read is tightened to 0600, with a warning naming the path
+/// and its old mode; one this user cannot tighten is refused or warned
+/// about, as `if_exposed` says. A missing file is left to the reader.
+pub(crate) fn check_private_file(
+    path: &Path,
+    what: &str,
+    if_exposed: IfExposed,
+) -> Result<(), PkiError> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(metadata) = fs::metadata(key_path) {
-            let mode = metadata.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                tracing::warn!(
-                    path = %key_path.display(),
-                    mode = format_args!("{mode:o}"),
-                    "relay key file is readable by group or others; chmod 600 it"
-                );
+        use std::os::unix::fs::MetadataExt;
+        let Ok(metadata) = fs::metadata(path) else {
+            return Ok(());
+        };
+        let mode = metadata.mode() & 0o7777;
+        if mode & OPEN_TO_OTHERS == 0 {
+            return Ok(());
+        }
+        let owner = metadata.uid();
+        let me = rustix::process::geteuid().as_raw();
+        let tightened = mode & 0o700;
+        let res = if owner == me {
+            fs::set_permissions(
+                path,
+                std::os::unix::fs::PermissionsExt::from_mode(tightened),
+            )
+            .map_err(|err| err.to_string())
+        } else {
+            Err(format!(
+                "it is owned by uid {owner}, not by this user (uid {me})"
+            ))
+        };
+        match (res, if_exposed) {
+            (Ok(()), _) => tracing::warn!(
+                "tightened {} from {mode:04o} to {tightened:04o}: a {what} other users could read \
+                 (if others use this machine, consider it exposed and replace it)",
+                path.display()
+            ),
+            (Err(why), IfExposed::Refuse) => {
+                return Err(PkiError::Unprotected {
+                    path: path.to_path_buf(),
+                    why: format!(
+                        "is a {what} other users can read (mode {mode:04o}) and cannot be \
+                         tightened ({why}): chmod 600 it, or copy it to a file of your own"
+                    ),
+                });
             }
+            (Err(why), IfExposed::Warn) => tracing::warn!(
+                "{} is a {what} other users can read (mode {mode:04o}) and cannot be \
+                 tightened ({why}); using it anyway",
+                path.display()
+            ),
         }
     }
     #[cfg(not(unix))]
-    let _ = key_path;
+    let _ = (path, what, if_exposed);
+    Ok(())
 }
 
 fn write_error(path: &Path) -> impl FnOnce(io::Error) -> PkiError {

@@ -12,7 +12,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use super::cert::load_certificates;
+use super::cert::{check_private_dir, load_certificates};
 use super::{Fingerprint, PkiError, RelayCert};
 
 /// File name of a node's certificate inside an identity directory (as
@@ -193,8 +193,11 @@ impl NodeIdentity {
     }
 
     /// Loads `cert.pem` and `key.pem` from an identity directory written by
-    /// `kitepipe ca issue`.
+    /// `kitepipe ca issue`. The directory and the key are checked like
+    /// every place that holds keys: tightened if this user's, refused if
+    /// another user's (see `cert::check_private_dir`).
     pub fn load_dir(dir: &Path) -> Result<NodeIdentity, PkiError> {
+        check_private_dir(dir)?;
         NodeIdentity::load(&dir.join(IDENTITY_CERT_FILE), &dir.join(IDENTITY_KEY_FILE))
     }
 

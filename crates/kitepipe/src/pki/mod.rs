@@ -44,6 +44,9 @@ pub use rules::{
 pub use secret::{
     EXPORTER_LABEL, ProofInput, Secret, kite_proof, link_exporter, random_nonce, verify_kite_proof,
 };
+pub use secret::{
+    MIN_SECRET_LEN, RECOMMENDED_SECRET_LEN, SecretTooShort, protect_secret_file, read_secret_file,
+};
 pub use tls::{
     ALPN_LINK, ALPN_LINK_V1, ClientAuth, ConnectorTlsOptions, FingerprintMismatch, RelayTlsOptions,
     RelayTrust, client_cert_verifier, connector_client_config, connector_client_config_with,
@@ -198,5 +201,14 @@ pub enum PkiError {
         /// Why rustls refused.
         #[source]
         source: rustls::Error,
+    },
+    /// A directory or file that holds keys or secrets is open to other
+    /// users and cannot be made private (see `cert::ensure_private_dir`).
+    #[error("{} {why}", path.display())]
+    Unprotected {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong and what to do, e.g. "is owned by uid 1001 ...".
+        why: String,
     },
 }

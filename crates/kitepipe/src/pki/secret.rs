@@ -5,11 +5,42 @@
 //! nonces from both sides, and to the kite it claims, so it cannot be
 //! replayed on another link, in another session, or for another kite.
 
+use std::collections::HashSet;
 use std::fmt;
+use std::path::Path;
 
 use ring::hmac;
 
 use super::PkiError;
+use super::cert::{IfExposed, check_private_file};
+
+/// Shortest secret accepted, in bytes. Every claim is one online guess at
+/// the relay; twelve characters even from lowercase letters and digits
+/// (36 symbols) leave about 62 bits, out of reach of online guessing at any
+/// rate a relay serves, while six-character words like "s3cret" fall to a
+/// dictionary. Shorter secrets are refused at start, on both sides.
+pub const MIN_SECRET_LEN: usize = 12;
+
+/// Length below which a secret is accepted with a warning: 16 random bytes
+/// (32 hex digits from `openssl rand -hex 16`) is what a new secret should
+/// have, as much as a TLS session key.
+pub const RECOMMENDED_SECRET_LEN: usize = 16;
+
+/// Fewer distinct bytes than this and a secret is a pattern, not random
+/// ("aaaaaaaaaaaa", "abababababab"): accepted with a warning. Random 16
+/// hex digits have about 10 distinct ones; 8 leaves room for short ones.
+const MIN_DISTINCT_BYTES: usize = 8;
+
+/// A secret refused because it is too short to resist guessing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the secret is too short ({len} bytes): use at least {MIN_SECRET_LEN}, \
+     better 32 random hex digits (openssl rand -hex 16)"
+)]
+pub struct SecretTooShort {
+    /// The secret's length in bytes.
+    pub len: usize,
+}
 
 /// The label the link passes to rustls `export_keying_material` (with no
 /// context) to get [`ProofInput::tls_exporter`].
@@ -34,6 +65,61 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Checks the secret against the minimum strength: an error below
+    /// [`MIN_SECRET_LEN`] bytes; `Ok(Some(why))` for a secret accepted with
+    /// a warning (shorter than [`RECOMMENDED_SECRET_LEN`], or a pattern of
+    /// few distinct bytes); `Ok(None)` for a good one. Never quotes the
+    /// secret.
+    ///
+    /// ```
+    /// use kitepipe::pki::Secret;
+    ///
+    /// assert!(Secret::new("s3cret").check_strength().is_err());
+    /// assert!(Secret::new("aaaaaaaaaaaaaaaaaaaa").check_strength().unwrap().is_some());
+    /// assert_eq!(Secret::new("9f86d081884c7d659a2feaa0c55ad015").check_strength(), Ok(None));
+    /// ```
+    pub fn check_strength(&self) -> Result<Option<String>, SecretTooShort> {
+        let bytes = self.0.as_bytes();
+        if bytes.len() < MIN_SECRET_LEN {
+            return Err(SecretTooShort { len: bytes.len() });
+        }
+        let distinct = bytes.iter().collect::<HashSet<_>>().len();
+        if distinct < MIN_DISTINCT_BYTES {
+            return Ok(Some(format!(
+                "only {distinct} distinct characters: use random ones (openssl rand -hex 16)"
+            )));
+        }
+        if bytes.len() < RECOMMENDED_SECRET_LEN {
+            return Ok(Some(format!(
+                "{} bytes, less than the {RECOMMENDED_SECRET_LEN} recommended \
+                 (openssl rand -hex 16)",
+                bytes.len()
+            )));
+        }
+        Ok(None)
+    }
+}
+
+/// Checks a file that holds secrets (a secret file, or a TOML config file
+/// with `secret` or `domain` in it): tightened to 0600 when this user's and
+/// open to others, else warned about. Never refuses (see
+/// `cert::IfExposed::Warn`).
+pub fn protect_secret_file(path: &Path) -> Result<(), PkiError> {
+    check_private_file(path, "file with secrets", IfExposed::Warn)
+}
+
+/// Reads a file that holds secrets (`--secret-file`, `--domain-file`),
+/// whole, as a [`Secret`]. A file other users can read is tightened to
+/// 0600 if it is this user's, and otherwise used with a warning (see
+/// `cert::IfExposed::Warn` for why not refused).
+pub fn read_secret_file(path: &Path) -> Result<Secret, PkiError> {
+    protect_secret_file(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| PkiError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Secret(text))
 }
 
 impl fmt::Debug for Secret {

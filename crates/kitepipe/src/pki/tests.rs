@@ -561,6 +561,7 @@ fn issue(
     let out = dir.join(name);
     ca.issue(&ca::IssueRequest {
         name: name.to_string(),
+        role: ca::CertRole::Connector,
         alt_names: vec![],
         not_before,
         not_after,
@@ -775,4 +776,133 @@ fn connector_hints_name_the_relays_verdict_on_its_certificate() {
         describe_relay_tls_error(&relay_side)
             .is_some_and(|hint| hint.contains("the connector rejected the relay's certificate"))
     );
+}
+
+#[test]
+fn secret_strength_refuses_short_and_warns_about_weak_secrets() {
+    for (secret, expected) in [
+        ("", Err(0)),
+        ("s3cret", Err(6)),
+        ("hunter2hunt", Err(11)),
+        ("abcdefghijkl", Ok(Some("less than the 16"))),
+        ("aaaaaaaaaaaaaaaaaaaaaaaa", Ok(Some("distinct"))),
+        ("abababababababababababab", Ok(Some("distinct"))),
+        ("9f86d081884c7d659a2feaa0c55ad015", Ok(None)),
+        ("correct horse battery staple", Ok(None)),
+    ] {
+        let got = Secret::new(secret).check_strength();
+        match (&got, expected) {
+            (Err(too_short), Err(len)) => {
+                assert_eq!(too_short.len, len, "{secret:?}");
+                let message = too_short.to_string();
+                assert!(message.contains("at least 12"), "{message}");
+            }
+            (Ok(None), Ok(None)) => {}
+            (Ok(Some(why)), Ok(Some(needle))) => assert!(why.contains(needle), "{secret:?}: {why}"),
+            _ => panic!("{secret:?}: {got:?}, expected {expected:?}"),
+        }
+        if let Ok(Some(why)) = &got {
+            assert!(
+                !why.contains(secret),
+                "the warning quotes the secret: {why}"
+            );
+        }
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn key_directories_are_created_private_and_loose_ones_tightened() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("private-dir");
+    let nested = dir.path().join("a/b");
+    cert::ensure_private_dir(&nested)?;
+    assert_eq!(mode_of(&nested)?, 0o700);
+    fs::set_permissions(&nested, fs::Permissions::from_mode(0o775))?;
+    cert::check_private_dir(&nested)?;
+    assert_eq!(mode_of(&nested)?, 0o700);
+    fs::set_permissions(&nested, fs::Permissions::from_mode(0o1777))?;
+    let err = cert::ensure_private_dir(&nested).unwrap_err();
+    assert!(
+        matches!(&err, PkiError::Unprotected { why, .. } if why.contains("shared directory")),
+        "{err:?}"
+    );
+    fs::set_permissions(&nested, fs::Permissions::from_mode(0o700))?;
+    let file = nested.join("key.pem");
+    fs::write(&file, "not really a key")?;
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o640))?;
+    cert::check_private_file(&file, "private key", cert::IfExposed::Refuse)?;
+    assert_eq!(mode_of(&file)?, 0o600);
+    // Missing things are left to whoever reads them.
+    cert::check_private_dir(&dir.path().join("missing"))?;
+    cert::check_private_file(
+        &nested.join("missing"),
+        "private key",
+        cert::IfExposed::Refuse,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn secret_files_are_read_whole_and_tightened() -> TestResult {
+    let dir = TempDir::new("secret-file");
+    cert::ensure_private_dir(dir.path())?;
+    let file = dir.path().join("secret");
+    fs::write(&file, "9f86d081884c7d659a2feaa0c55ad015\n")?;
+    #[cfg(unix)]
+    fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let secret = read_secret_file(&file)?;
+    assert_eq!(secret.expose(), "9f86d081884c7d659a2feaa0c55ad015\n");
+    #[cfg(unix)]
+    assert_eq!(mode_of(&file)?, 0o600);
+    assert!(read_secret_file(&dir.path().join("missing")).is_err());
+    Ok(())
+}
+
+#[test]
+fn leaves_serve_only_their_role() -> TestResult {
+    let (dir, ca) = test_ca("roles")?;
+    let (not_before, not_after) = a_year_around_now();
+    let relay_out = dir.path().join("relay");
+    let request = ca::IssueRequest {
+        name: "relay".to_string(),
+        role: ca::CertRole::Relay,
+        alt_names: vec!["relay.example.net".to_string()],
+        not_before,
+        not_after,
+        out: relay_out.clone(),
+        force: false,
+    };
+    let entry = ca.issue(&request)?.entry;
+    assert_eq!(entry.role, Some(ca::CertRole::Relay));
+    let relay = NodeIdentity::load_dir(&relay_out)?;
+    let client_ca = ClientCa::load(&ca.cert_path(), None)?;
+    let verifier = client_cert_verifier(&ClientAuth::Required(client_ca))?.expect("a verifier");
+    let err = verify(&verifier, &relay).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. }
+            )
+        ),
+        "{err:?}"
+    );
+    assert!(
+        describe_relay_tls_error(&err)
+            .unwrap_or_default()
+            .contains("not for client authentication")
+    );
+    let nameless = ca
+        .issue(&ca::IssueRequest {
+            alt_names: vec![],
+            out: dir.path().join("nameless"),
+            ..request
+        })
+        .unwrap_err();
+    assert!(
+        matches!(nameless, CaError::RelayWithoutNames) && nameless.is_usage(),
+        "{nameless:?}"
+    );
+    Ok(())
 }

@@ -312,6 +312,12 @@ pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
             | CertificateError::NotValidYetContext { .. } => {
                 "relay certificate is outside its validity period: check the clocks, or renew it"
             }
+            // A connector's certificate (client authentication only) shown
+            // by a peer that claims to be the relay.
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "relay certificate is not for server authentication: a relay needs one issued \
+                 with `kitepipe ca issue NAME --role relay --san HOST`"
+            }
             _ => return None,
         },
         // The alerts below are the relay's verdict on this connector's
@@ -370,7 +376,8 @@ pub fn describe_relay_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
                 "connector certificate revoked (listed in the CA's revocation list)"
             }
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-                "connector certificate is not for client authentication: issue it with `kitepipe ca issue`"
+                "connector certificate is not for client authentication (a relay's?): \
+                 issue one with `kitepipe ca issue NAME`"
             }
             _ => return None,
         },
