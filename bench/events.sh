@@ -43,7 +43,7 @@ wait_for() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-SECRET="bench-$$-$RANDOM"
+SECRET="bench-$$-$RANDOM-$RANDOM"
 "$BIN" relay --listen 127.0.0.1:0 --http 127.0.0.1:0 --state-dir "$TMP/relay" \
   --domain "http:*.bench.test:$SECRET" --log warn >"$TMP/relay.out" 2>&1 &
 PIDS+=($!)
