@@ -205,8 +205,17 @@ fn upgrade_answered_200_keeps_parsing_so_a_smuggled_request_never_reaches_the_ba
     let (head, _) = read_response(&mut sock);
     assert!(head.starts_with("HTTP/1.1 421"), "{head}");
 
+    // A later request on a new connection: once it arrived, anything the
+    // relay had let through before it would have too.
+    let mut later = connect(relay.http.unwrap().port());
+    later
+        .write_all(b"GET /later HTTP/1.1\r\nHost: blog.example.net\r\n\r\n")
+        .unwrap();
+    let (head, _) = read_response(&mut later);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    backend.proc.wait_for("REQ GET /later");
     let seen = backend.requests();
-    assert_eq!(seen.len(), 1, "only the first request arrived: {seen:?}");
+    assert_eq!(seen.len(), 2, "only /upgrade and /later arrived: {seen:?}");
     assert!(
         seen.iter()
             .all(|r| !r.contains("smuggled") && !r.contains("internal.local") && !r.contains("10.6.6.6")),
@@ -253,6 +262,7 @@ fn a_keep_alive_request_for_another_kite_gets_421_and_forwarded_headers_are_repl
     let _ = sock.read_to_end(&mut rest);
     assert!(rest.is_empty(), "the connection ends after the 421");
 
+    blog.proc.wait_for_count("REQ ", 2);
     let seen = blog.requests();
     assert_eq!(
         seen,
