@@ -696,10 +696,7 @@ fn sigterm_stops_relay_and_connector_cleanly() {
 #[test]
 fn http_connect_on_the_http_port_reaches_a_tcp_kite() {
     // CONNECT is off unless the operator enables it.
-    let relay = Relay::new()
-        .domain(&domain())
-        .arg("--http-connect")
-        .start();
+    let relay = Relay::new().domain(&domain()).arg("--http-connect").start();
     let echo = Backend::start("tcp-echo");
     let connector = Connector::new(&relay)
         .secret(SECRET)

@@ -284,10 +284,8 @@ pub fn parse_response_head(
     let fields = Fields {
         fields: response.headers,
     };
-    let no_body = request_method == "HEAD"
-        || (100..200).contains(&status)
-        || status == 204
-        || status == 304;
+    let no_body =
+        request_method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
     let body = if no_body {
         ResponseBody::Framed(BodyKind::Empty)
     } else {
@@ -1628,20 +1626,86 @@ mod tests {
     #[test]
     fn delimits_response_bodies() {
         use ResponseBody::{Framed, UntilClose};
-        let cases: &[(&str, &str, &[u8], Result<Option<(u16, ResponseBody)>, HttpError>)] = &[
-            ("length", "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Ok(Some((200, Framed(BodyKind::Length(5)))))),
-            ("chunked", "GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Ok(Some((200, Framed(BodyKind::Chunked))))),
-            ("neither: until close", "GET", b"HTTP/1.0 200 OK\r\n\r\n", Ok(Some((200, UntilClose)))),
-            ("coding not chunked: until close", "GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", Ok(Some((200, UntilClose)))),
-            ("head request", "HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Ok(Some((200, Framed(BodyKind::Empty))))),
-            ("interim", "GET", b"HTTP/1.1 100 Continue\r\n\r\n", Ok(Some((100, Framed(BodyKind::Empty))))),
-            ("switching", "GET", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", Ok(Some((101, Framed(BodyKind::Empty))))),
-            ("no content", "GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", Ok(Some((204, Framed(BodyKind::Empty))))),
-            ("not modified", "GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", Ok(Some((304, Framed(BodyKind::Empty))))),
-            ("partial", "GET", b"HTTP/1.1 200 OK\r\nContent-Len", Ok(None)),
-            ("both framings", "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", Err(HttpError::TransferEncodingWithContentLength)),
-            ("conflicting lengths", "GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", Err(HttpError::ConflictingContentLength)),
-            ("bare lf", "GET", b"HTTP/1.1 200 OK\nContent-Length: 5\r\n\r\n", Err(HttpError::Malformed("bare lf"))),
+        type Want = Result<Option<(u16, ResponseBody)>, HttpError>;
+        let cases: &[(&str, &str, &[u8], Want)] = &[
+            (
+                "length",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Ok(Some((200, Framed(BodyKind::Length(5))))),
+            ),
+            (
+                "chunked",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Ok(Some((200, Framed(BodyKind::Chunked)))),
+            ),
+            (
+                "neither: until close",
+                "GET",
+                b"HTTP/1.0 200 OK\r\n\r\n",
+                Ok(Some((200, UntilClose))),
+            ),
+            (
+                "coding not chunked: until close",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Ok(Some((200, UntilClose))),
+            ),
+            (
+                "head request",
+                "HEAD",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Ok(Some((200, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "interim",
+                "GET",
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                Ok(Some((100, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "switching",
+                "GET",
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+                Ok(Some((101, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "no content",
+                "GET",
+                b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                Ok(Some((204, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "not modified",
+                "GET",
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                Ok(Some((304, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "partial",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Len",
+                Ok(None),
+            ),
+            (
+                "both framings",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(HttpError::TransferEncodingWithContentLength),
+            ),
+            (
+                "conflicting lengths",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                Err(HttpError::ConflictingContentLength),
+            ),
+            (
+                "bare lf",
+                "GET",
+                b"HTTP/1.1 200 OK\nContent-Length: 5\r\n\r\n",
+                Err(HttpError::Malformed("bare lf")),
+            ),
         ];
         for (name, method, input, want) in cases {
             let got = parse_response_head(input, method)
@@ -1649,7 +1713,10 @@ mod tests {
             assert_eq!(&got, want, "{name}");
         }
         let big = [b"HTTP/1.1 200 OK\r\nX: ".as_slice(), &[b'a'; MAX_HEAD_LEN]].concat();
-        assert_eq!(parse_response_head(&big, "GET"), Err(HttpError::HeadTooLarge));
+        assert_eq!(
+            parse_response_head(&big, "GET"),
+            Err(HttpError::HeadTooLarge)
+        );
     }
 
     #[test]

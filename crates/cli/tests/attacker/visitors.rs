@@ -217,8 +217,9 @@ fn upgrade_answered_200_keeps_parsing_so_a_smuggled_request_never_reaches_the_ba
     let seen = backend.requests();
     assert_eq!(seen.len(), 2, "only /upgrade and /later arrived: {seen:?}");
     assert!(
-        seen.iter()
-            .all(|r| !r.contains("smuggled") && !r.contains("internal.local") && !r.contains("10.6.6.6")),
+        seen.iter().all(|r| !r.contains("smuggled")
+            && !r.contains("internal.local")
+            && !r.contains("10.6.6.6")),
         "{seen:?}"
     );
 }
@@ -333,7 +334,15 @@ fn a_connector_killed_mid_response_makes_curl_fail_with_a_reset() {
             .start();
         let url = format!("{}{path}", relay.http_url());
         let curl = Command::new("curl")
-            .args(["-sS", "--max-time", "60", "--noproxy", "*", "-o", "/dev/null"])
+            .args([
+                "-sS",
+                "--max-time",
+                "60",
+                "--noproxy",
+                "*",
+                "-o",
+                "/dev/null",
+            ])
             .args(["-H", "Host: cut.example.net", &url])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

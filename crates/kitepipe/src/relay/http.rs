@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe_proto::frame::ResetCode;
-use kitepipe_proto::http1::{
-    self, BodyScanner, Forwarded, HttpError, RequestHead, ResponseBody,
-};
+use kitepipe_proto::http1::{self, BodyScanner, Forwarded, HttpError, RequestHead, ResponseBody};
 use kitepipe_proto::kite::KiteProto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
