@@ -451,3 +451,30 @@ fn one_link_cannot_hold_more_than_16_tcp_ports() {
     assert_eq!(connector.count("kite online kite=tcp:"), 16, "{out}");
     assert!(out.contains("TCP kite ports per link"), "{out}");
 }
+
+/// Case 8: one identity (here every holder of the `*.example.net` secret)
+/// holds at most `MAX_TCP_PORTS_PER_IDENTITY` (64) TCP kite ports across
+/// its links: opening more links gets it no more.
+#[test]
+fn one_secret_cannot_hold_more_than_64_tcp_ports_across_links() {
+    let echo = Backend::start("tcp-echo");
+    let relay = Relay::new().domain(&domain()).start();
+    let mut connectors = Vec::new();
+    for link in 0..5 {
+        let mut connector = Connector::new(&relay)
+            .secret(SECRET)
+            .args(&["--name", &format!("link{link}")]);
+        for n in 0..16 {
+            connector = connector.kite(&format!("tcp:l{link}p{n}.example.net:0={}", echo.addr()));
+        }
+        connectors.push(connector.start());
+    }
+    let online: usize = connectors
+        .iter()
+        .map(|c| c.count("kite online kite=tcp:"))
+        .sum();
+    assert_eq!(online, 64);
+    let last = connectors.last().unwrap().output();
+    assert_eq!(last.matches("relay refused kite").count(), 16, "{last}");
+    assert!(last.contains("already holds 64 TCP kite ports"), "{last}");
+}

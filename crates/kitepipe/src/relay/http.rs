@@ -205,10 +205,15 @@ pub(crate) fn reset(sock: TcpStream) {
 /// (`0.0.0.0` or `::`) or on exactly `local`. A visitor who came in on a
 /// public address never reaches a kite kept on 127.0.0.1.
 fn connect_reaches(tcp_bind: IpAddr, local: Option<SocketAddr>) -> bool {
-    if tcp_bind.is_unspecified() {
-        return true;
+    let Some(local) = local.map(|local| local.ip().to_canonical()) else {
+        return false;
+    };
+    match tcp_bind {
+        // `::` listens on IPv6 and (dual stack) IPv4; `0.0.0.0` on IPv4 only.
+        IpAddr::V6(any) if any.is_unspecified() => true,
+        IpAddr::V4(any) if any.is_unspecified() => local.is_ipv4(),
+        bind => local == bind.to_canonical(),
     }
-    local.is_some_and(|local| local.ip().to_canonical() == tcp_bind.to_canonical())
 }
 
 /// `CONNECT name:port` on the HTTP port reaches the TCP kite of that name
@@ -455,7 +460,12 @@ async fn forward_requests<W: AsyncWrite + Unpin>(
             match http1::parse_request_head(&buf) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
-                Err(err) => return Err(invalid(err)),
+                Err(err) => {
+                    let (status, title, detail) = refusal(&err);
+                    let page = http1::error_response(status, title, &detail);
+                    let _ = expect.send(Expect::Refusal(page)).await;
+                    return Err(invalid(err));
+                }
             }
             let patience = if buf.is_empty() {
                 IDLE_TIMEOUT
@@ -549,6 +559,13 @@ async fn forward_responses(
         // Between responses: wait for the next request, noticing the
         // backend closing (or failing) meanwhile.
         let next = loop {
+            // A request is announced before it is written to the kite, so
+            // bytes of its response never come before its announcement.
+            match expect.try_recv() {
+                Ok(next) => break Some(next),
+                Err(mpsc::error::TryRecvError::Disconnected) => break None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
             if !buf.is_empty() {
                 debug!("kite sent bytes no request asked for; closing");
                 let _ = writer.write_all(&buf).await;
@@ -706,4 +723,36 @@ fn bad_gateway(host: &str, err: &std::io::Error) -> Vec<u8> {
 
 fn invalid(err: HttpError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_reaches_only_what_the_kites_ports_would_accept() {
+        let at = |addr: &str| Some(addr.parse::<SocketAddr>().expect("literal"));
+        let ip = |text: &str| text.parse::<IpAddr>().expect("literal");
+        let cases = [
+            ("0.0.0.0", at("203.0.113.1:80"), true),
+            ("0.0.0.0", at("127.0.0.1:80"), true),
+            ("0.0.0.0", at("[2001:db8::1]:80"), false),
+            ("0.0.0.0", at("[::ffff:203.0.113.1]:80"), true),
+            ("::", at("[2001:db8::1]:80"), true),
+            ("::", at("203.0.113.1:80"), true),
+            ("127.0.0.1", at("127.0.0.1:80"), true),
+            ("127.0.0.1", at("203.0.113.1:80"), false),
+            ("127.0.0.1", at("127.0.0.2:80"), false),
+            ("203.0.113.1", at("[::ffff:203.0.113.1]:80"), true),
+            ("::1", at("127.0.0.1:80"), false),
+            ("0.0.0.0", None, false),
+        ];
+        for (bind, local, want) in cases {
+            assert_eq!(
+                connect_reaches(ip(bind), local),
+                want,
+                "{bind} from {local:?}"
+            );
+        }
+    }
 }
