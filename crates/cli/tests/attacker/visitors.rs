@@ -478,3 +478,40 @@ fn one_secret_cannot_hold_more_than_64_tcp_ports_across_links() {
     assert_eq!(last.matches("relay refused kite").count(), 16, "{last}");
     assert!(last.contains("already holds 64 TCP kite ports"), "{last}");
 }
+
+/// Case 8, the other side of releasing ports: a connector whose remembered
+/// port is no longer its own (here: a relay restarted with another
+/// `--tcp-ports`) asks for any port on the same link instead of staying
+/// refused.
+#[test]
+fn a_connector_whose_old_port_is_gone_gets_another_one() {
+    let state = TempDir::new("old-port-state");
+    let link = format!("127.0.0.1:{}", free_port());
+    let echo = Backend::start("tcp-echo");
+    let start = |ports: &str| {
+        Relay::new()
+            .args(&["--listen", &link, "--tcp-ports", ports])
+            .domain(&domain())
+            .state_dir(state.path())
+            .start()
+    };
+    let (low, high) = free_port_pair();
+    let mut relay = start(&format!("{low}-{low}"));
+    let connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("tcp:db.example.net:0={}", echo.addr()))
+        .args(&["--max-backoff", "1s"])
+        .start();
+    assert_eq!(tcp_kite_port(&connector, "db.example.net"), low);
+
+    relay.proc.kill();
+    relay = start(&format!("{high}-{high}"));
+    let needle = format!("kite online kite=tcp:db.example.net:{high}");
+    connector.wait_for(&needle);
+    let mut sock = connect(high);
+    sock.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    sock.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    drop(relay);
+}

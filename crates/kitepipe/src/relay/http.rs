@@ -1,13 +1,19 @@
 //! Visitor HTTP: read a request head, route by Host, forward.
 //!
-//! Requests are scanned (head rewritten with `X-Forwarded-For` and
-//! `X-Forwarded-Proto`, body forwarded by its exact length or chunking, then
-//! the next head); responses flow back as raw bytes. After an upgrade
-//! (WebSocket) or CONNECT, bytes flow raw both ways. A keep-alive connection
-//! stays on the kite its first request was routed to.
+//! Requests are scanned (every head routed by its own Host and rewritten
+//! with the relay's own `X-Forwarded-For` and `X-Forwarded-Proto`, body
+//! forwarded by its exact length or chunking, then the next head);
+//! responses are delimited the same way and matched to their requests in
+//! order. Only a backend's 101 answering an upgrade request turns the
+//! connection into raw bytes both ways; CONNECT (where enabled) does so for
+//! TCP kites. A keep-alive request for another kite than the connection's
+//! first gets 421. A kite failing mid-response resets the visitor's
+//! connection.
 //!
-//! Every refusal is an HTTP error page: 400 malformed, 404 unknown kite, 408
-//! head too slow, 431 head too large, 502 target unreachable, 503 offline.
+//! Every refusal is an HTTP error page: 400 malformed, 403 CONNECT from
+//! where the TCP kites are not reachable, 404 unknown kite, 405 CONNECT not
+//! enabled, 408 head too slow, 421 another kite, 431 head too large, 502
+//! target unreachable, 503 offline.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
