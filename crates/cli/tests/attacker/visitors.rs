@@ -28,9 +28,12 @@ fn domain() -> String {
 ///   it receives. `/cut-length`, `/cut-chunked` and `/cut-close` send part of
 ///   a response (Content-Length, chunked, or delimited by the connection's
 ///   end), print `CUT`, and hang.
+///   `/reset-length` sends part of a Content-Length response, then resets
+///   the connection.
 /// - `tcp-cut`: sends `hello\n` to every connection, prints `CUT`, and hangs.
+/// - `tcp-reset`: sends `hello\n`, waits for a byte, resets the connection.
 const BACKEND: &str = r#"
-import socket, socketserver, sys, time
+import socket, socketserver, struct, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Handler(BaseHTTPRequestHandler):
@@ -50,6 +53,16 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             self.wfile.write(b"5\r\nline\n\r\n" * 10)
+        elif self.path == "/reset-length":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"line\n" * 10)
+            self.wfile.flush()
+            time.sleep(0.5)
+            abort(self.connection)
+            self.close_connection = True
+            return
         elif self.path == "/cut-close":
             self.send_response(200)
             self.send_header("Connection", "close")
@@ -66,6 +79,17 @@ class Handler(BaseHTTPRequestHandler):
         print("CUT", flush=True)
         time.sleep(600)
 
+def abort(sock):
+    # SO_LINGER 0 then close: a TCP reset.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+class Reset(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(b"hello\n")
+        self.request.recv(1)
+        abort(self.request)
+
 class Cut(socketserver.BaseRequestHandler):
     def handle(self):
         self.request.sendall(b"hello\n")
@@ -79,6 +103,8 @@ mode = sys.argv[1]
 if mode == "http":
     ThreadingHTTPServer.daemon_threads = True
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+elif mode == "tcp-reset":
+    server = Tcp(("127.0.0.1", 0), Reset)
 else:
     server = Tcp(("127.0.0.1", 0), Cut)
 print("READY %d" % server.server_address[1], flush=True)
@@ -514,4 +540,42 @@ fn a_connector_whose_old_port_is_gone_gets_another_one() {
     sock.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"ping");
     drop(relay);
+}
+
+/// Case 6, from the far end: the connector's local service resetting its
+/// connection mid-response reaches the visitor as a reset too (the
+/// connector resets the stream, the relay the visitor), for an HTTP and a
+/// TCP kite.
+#[test]
+fn a_local_service_reset_mid_response_reaches_the_visitor_as_a_reset() {
+    let dir = TempDir::new("reset");
+    let relay = Relay::new().domain(&domain()).start();
+    let http = Recorder::start(&dir, "http");
+    let tcp_dir = TempDir::new("reset-tcp");
+    let tcp = Recorder::start(&tcp_dir, "tcp-reset");
+    let connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("http:reset.example.net={}", http.addr()))
+        .kite(&format!("tcp:reset.example.net:0={}", tcp.addr()))
+        .start();
+
+    let (code, _, err) = curl(&[
+        "-o",
+        "/dev/null",
+        "-H",
+        "Host: reset.example.net",
+        &format!("{}/reset-length", relay.http_url()),
+    ]);
+    assert_eq!(code, 56, "curl said {err}");
+
+    let port = tcp_kite_port(&connector, "reset.example.net");
+    let mut sock = connect(port);
+    let mut hello = [0u8; 6];
+    sock.read_exact(&mut hello).unwrap();
+    sock.write_all(b"x").unwrap();
+    let mut rest = Vec::new();
+    let err = sock
+        .read_to_end(&mut rest)
+        .expect_err("the visitor's connection is reset, not ended");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
 }
