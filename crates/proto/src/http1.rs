@@ -313,8 +313,9 @@ pub fn parse_response_head(
 /// lines before the request line are dropped. The relay is the edge: what a
 /// visitor says about earlier hops cannot be checked, so every field a
 /// backend could take for the relay's word about the client is removed
-/// (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, see [`is_forwarding_field`])
-/// and the relay's own two fields are added last. A backend can then trust
+/// (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, see [`is_forwarding_field`];
+/// and kitepipe's own `X-Kitepipe-*`, see [`is_kitepipe_field`]) and the
+/// relay's own two fields are added last. A backend can then trust
 /// `X-Forwarded-For` as exactly one address.
 ///
 /// ```
@@ -362,7 +363,7 @@ pub fn rewrite_head(raw_head: &[u8], forwarded: &Forwarded) -> Result<Vec<u8>, H
             break;
         }
         let name = line.split(|&byte| byte == b':').next().unwrap_or_default();
-        if is_forwarding_field(name) {
+        if is_forwarding_field(name) || is_kitepipe_field(name) {
             continue;
         }
         out.extend_from_slice(line);
@@ -374,6 +375,16 @@ pub fn rewrite_head(raw_head: &[u8], forwarded: &Forwarded) -> Result<Vec<u8>, H
     out.extend_from_slice(forwarded.proto.as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
     Ok(out)
+}
+
+/// Whether a field is in kitepipe's own namespace (`X-Kitepipe-*`, e.g. the
+/// caller identity the event pipe gives a handler upstream): only kitepipe
+/// sets those, so a visitor's are removed, in case the kite's service is
+/// also a node's handler upstream.
+pub fn is_kitepipe_field(name: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"x-kitepipe-";
+    name.get(..PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(PREFIX))
 }
 
 /// Whether a request field claims something about the client or earlier
@@ -1742,7 +1753,7 @@ mod tests {
                 "drops every forwarding field the visitor sent",
                 b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nHost: a.example\r\nX-Forwarded-For: 10.0.0.2\r\n\
                   Forwarded: for=10.0.0.3\r\nX-Real-IP: 10.0.0.4\r\nX-Forwarded-Host: admin.local\r\n\
-                  X-Forwarded: x\r\n\r\n",
+                  X-Forwarded: x\r\nX-Kitepipe-Caller-Identity: admin\r\n\r\n",
                 v4,
                 b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded: x\r\n\
                   X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n",
