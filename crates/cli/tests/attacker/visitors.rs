@@ -32,6 +32,8 @@ fn domain() -> String {
 ///   the connection.
 /// - `tcp-cut`: sends `hello\n` to every connection, prints `CUT`, and hangs.
 /// - `tcp-reset`: sends `hello\n`, waits for a byte, resets the connection.
+/// - `tcp-watch`: reads, printing `GOT <n>` per read and `END clean` or
+///   `END reset` for how the connection ended.
 const BACKEND: &str = r#"
 import socket, socketserver, struct, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -90,6 +92,18 @@ class Reset(socketserver.BaseRequestHandler):
         self.request.recv(1)
         abort(self.request)
 
+class Watch(socketserver.BaseRequestHandler):
+    def handle(self):
+        try:
+            while True:
+                data = self.request.recv(65536)
+                if not data:
+                    print("END clean", flush=True)
+                    return
+                print("GOT %d" % len(data), flush=True)
+        except ConnectionResetError:
+            print("END reset", flush=True)
+
 class Cut(socketserver.BaseRequestHandler):
     def handle(self):
         self.request.sendall(b"hello\n")
@@ -103,6 +117,8 @@ mode = sys.argv[1]
 if mode == "http":
     ThreadingHTTPServer.daemon_threads = True
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+elif mode == "tcp-watch":
+    server = Tcp(("127.0.0.1", 0), Watch)
 elif mode == "tcp-reset":
     server = Tcp(("127.0.0.1", 0), Reset)
 else:
@@ -578,4 +594,25 @@ fn a_local_service_reset_mid_response_reaches_the_visitor_as_a_reset() {
         .read_to_end(&mut rest)
         .expect_err("the visitor's connection is reset, not ended");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+}
+
+/// Case 6, the other way: a link lost in the middle of a TCP visitor's
+/// upload reaches the local service as a reset, so a cut upload never looks
+/// complete to it either.
+#[test]
+fn a_link_lost_mid_upload_reaches_the_local_service_as_a_reset() {
+    let dir = TempDir::new("watch");
+    let mut relay = Relay::new().domain(&domain()).start();
+    let backend = Recorder::start(&dir, "tcp-watch");
+    let connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("tcp:upload.example.net:0={}", backend.addr()))
+        .start();
+    let port = tcp_kite_port(&connector, "upload.example.net");
+    let mut sock = connect(port);
+    sock.write_all(b"part of an upload").unwrap();
+    backend.proc.wait_for("GOT ");
+    relay.proc.kill();
+    let out = backend.proc.wait_for("END ");
+    assert!(out.contains("END reset"), "{out}");
 }
