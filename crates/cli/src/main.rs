@@ -157,6 +157,10 @@ struct RelayArgs {
     /// Public ports TCP kites may use, LOW-HIGH [default: 1024-65535].
     #[arg(long, value_name = "RANGE")]
     tcp_ports: Option<String>,
+    /// Let `CONNECT name:port` on the HTTP port reach TCP kites (only from
+    /// listener addresses the kites' ports are bound to, see --tcp-bind).
+    #[arg(long)]
+    http_connect: bool,
     /// Directory for the self-signed certificate created on first start
     /// [default: ~/.local/state/kitepipe].
     #[arg(long, value_name = "DIR")]
@@ -400,6 +404,7 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         domain_file: args.domain_file,
         tcp_bind: args.tcp_bind,
         tcp_ports: args.tcp_ports,
+        http_connect: args.http_connect.then_some(true),
         state_dir: args.state_dir,
         cert: args.cert,
         key: args.key,

@@ -695,7 +695,8 @@ fn sigterm_stops_relay_and_connector_cleanly() {
 
 #[test]
 fn http_connect_on_the_http_port_reaches_a_tcp_kite() {
-    let relay = Relay::new().domain(&domain()).start();
+    // CONNECT is off unless the operator enables it.
+    let relay = Relay::new().domain(&domain()).arg("--http-connect").start();
     let echo = Backend::start("tcp-echo");
     let connector = Connector::new(&relay)
         .secret(SECRET)

@@ -3,9 +3,11 @@
 //! The relay reads a request head with [`parse_request_head`], routes by
 //! [`RequestHead::host`], forwards the head rewritten by [`rewrite_head`], then
 //! forwards exactly the body as [`BodyScanner`] delimits it, and parses the next
-//! request on the same keep-alive connection. Responses are not parsed here:
-//! they flow back as raw bytes. After a head with [`RequestHead::upgrade`] set,
-//! both directions are raw bytes. [`error_response`] builds what the relay
+//! request on the same keep-alive connection. Responses are delimited by
+//! [`parse_response_head`] and the same [`BodyScanner`], so that the relay
+//! knows which response answers which request: after a head with
+//! [`RequestHead::upgrade`] set, both directions are raw bytes only once the
+//! backend answered it with `101 Switching Protocols`. [`error_response`] builds what the relay
 //! answers when it cannot forward, with the status of [`HttpError::status`].
 //!
 //! Framing is strict on purpose: the relay forwards the visitor's bytes
@@ -215,16 +217,106 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> 
     }))
 }
 
-/// Rewrites a request head for forwarding: adds the visitor's address to
-/// `X-Forwarded-For` and sets `X-Forwarded-Proto`.
+/// What the relay needs to know about one response head: where it ends and
+/// how its body is delimited, so that it can tell the response to an
+/// upgrade request apart from what follows, and only then pass raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// The status code, e.g. `200`; `1xx` are interim responses (`101`
+    /// switches protocols).
+    pub status: u16,
+    /// How the body that follows the head is delimited.
+    pub body: ResponseBody,
+    /// Length of the head in the buffer, final blank line included.
+    pub head_len: usize,
+}
+
+/// How a response body is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseBody {
+    /// Delimited like a request body: empty, by length, or chunked.
+    Framed(BodyKind),
+    /// Everything until the backend closes the connection.
+    UntilClose,
+}
+
+/// Parses the response head at the start of `buf`, sent in answer to a
+/// request with method `request_method`.
+///
+/// Returns `Ok(None)` while the head is incomplete, and
+/// [`HttpError::HeadTooLarge`] once `buf` holds [`MAX_HEAD_LEN`] bytes without
+/// a complete head. Framing is as strict as for requests: both
+/// `Transfer-Encoding` and `Content-Length`, or conflicting lengths, are
+/// refused; a `Transfer-Encoding` not ending in `chunked` reads until close.
+///
+/// ```
+/// use kitepipe_proto::http1::{parse_response_head, BodyKind, ResponseBody};
+/// let buf = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi";
+/// let head = parse_response_head(buf, "GET")?.expect("complete head");
+/// assert_eq!(head.status, 200);
+/// assert_eq!(head.body, ResponseBody::Framed(BodyKind::Length(2)));
+/// let head = parse_response_head(buf, "HEAD")?.expect("complete head");
+/// assert_eq!(head.body, ResponseBody::Framed(BodyKind::Empty));
+/// # Ok::<(), kitepipe_proto::http1::HttpError>(())
+/// ```
+pub fn parse_response_head(
+    buf: &[u8],
+    request_method: &str,
+) -> Result<Option<ResponseHead>, HttpError> {
+    let (window, _) = buf.split_at(buf.len().min(MAX_HEAD_LEN));
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut fields);
+    let head_len = match response.parse(window) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if window.len() >= MAX_HEAD_LEN => {
+            return Err(HttpError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(map_httparse_error(err)),
+    };
+    let raw_head = window
+        .get(..head_len)
+        .ok_or(HttpError::Malformed("head length"))?;
+    check_line_endings(raw_head)?;
+    let (Some(status), Some(version_minor)) = (response.code, response.version) else {
+        return Err(HttpError::Malformed("status line"));
+    };
+    let fields = Fields {
+        fields: response.headers,
+    };
+    let no_body =
+        request_method == "HEAD" || (100..200).contains(&status) || status == 204 || status == 304;
+    let body = if no_body {
+        ResponseBody::Framed(BodyKind::Empty)
+    } else {
+        match body_kind(version_minor, &fields) {
+            Ok(kind @ (BodyKind::Length(_) | BodyKind::Chunked)) => ResponseBody::Framed(kind),
+            Ok(BodyKind::Empty) => ResponseBody::UntilClose,
+            // A coding other than chunked last: the body ends with the
+            // connection (RFC 9112 section 6.3, item 4).
+            Err(HttpError::UnsupportedTransferEncoding) => ResponseBody::UntilClose,
+            Err(err) => return Err(err),
+        }
+    };
+    Ok(Some(ResponseHead {
+        status,
+        body,
+        head_len,
+    }))
+}
+
+/// Rewrites a request head for forwarding: sets `X-Forwarded-For` to the
+/// visitor's address and `X-Forwarded-Proto` to its scheme.
 ///
 /// `raw_head` is `buf[..head_len]` of a head that [`parse_request_head`]
 /// accepted. Every other byte of the head keeps its order and case; empty
-/// lines before the request line are dropped. The address is appended to the
-/// last `X-Forwarded-For` field if there is one (so the list reads
-/// client-supplied entries first, then what the relay saw), else a new field
-/// is added. Any `X-Forwarded-Proto` the visitor sent is removed, since the
-/// relay alone knows the scheme.
+/// lines before the request line are dropped. The relay is the edge: what a
+/// visitor says about earlier hops cannot be checked, so every field a
+/// backend could take for the relay's word about the client is removed
+/// (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, see [`is_forwarding_field`];
+/// and kitepipe's own `X-Kitepipe-*`, see [`is_kitepipe_field`]) and the
+/// relay's own two fields are added last. A backend can then trust
+/// `X-Forwarded-For` as exactly one address.
 ///
 /// ```
 /// use std::net::IpAddr;
@@ -233,7 +325,7 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> 
 /// let forwarded = Forwarded { client_ip: IpAddr::from([203, 0, 113, 7]), proto: "https" };
 /// assert_eq!(
 ///     rewrite_head(head, &forwarded)?,
-///     b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 10.0.0.1, 203.0.113.7\r\n\
+///     b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 203.0.113.7\r\n\
 ///       X-Forwarded-Proto: https\r\n\r\n"
 /// );
 /// # Ok::<(), kitepipe_proto::http1::HttpError>(())
@@ -264,7 +356,6 @@ pub fn rewrite_head(raw_head: &[u8], forwarded: &Forwarded) -> Result<Vec<u8>, H
             break;
         }
     }
-    let mut last_forwarded_for: Option<usize> = None;
     for line in lines {
         if line.is_empty() {
             // The blank line that ends the head; anything after it is the
@@ -272,37 +363,39 @@ pub fn rewrite_head(raw_head: &[u8], forwarded: &Forwarded) -> Result<Vec<u8>, H
             break;
         }
         let name = line.split(|&byte| byte == b':').next().unwrap_or_default();
-        if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+        if is_forwarding_field(name) || is_kitepipe_field(name) {
             continue;
         }
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-            let value = line.get(name.len() + 1..).unwrap_or_default();
-            if value.trim_ascii().is_empty() {
-                // An empty list is dropped; the address starts a new one.
-                continue;
-            }
-            out.extend_from_slice(line.trim_ascii_end());
-            last_forwarded_for = Some(out.len());
-        } else {
-            out.extend_from_slice(line);
-        }
+        out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
-    match last_forwarded_for {
-        Some(value_end) => {
-            let addition = format!(", {client_ip}");
-            out.splice(value_end..value_end, addition.bytes());
-        }
-        None => {
-            out.extend_from_slice(b"X-Forwarded-For: ");
-            out.extend_from_slice(client_ip.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-    }
-    out.extend_from_slice(b"X-Forwarded-Proto: ");
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    out.extend_from_slice(client_ip.as_bytes());
+    out.extend_from_slice(b"\r\nX-Forwarded-Proto: ");
     out.extend_from_slice(forwarded.proto.as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
     Ok(out)
+}
+
+/// Whether a field is in kitepipe's own namespace (`X-Kitepipe-*`, e.g. the
+/// caller identity the event pipe gives a handler upstream): only kitepipe
+/// sets those, so a visitor's are removed, in case the kite's service is
+/// also a node's handler upstream.
+pub fn is_kitepipe_field(name: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"x-kitepipe-";
+    name.get(..PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(PREFIX))
+}
+
+/// Whether a request field claims something about the client or earlier
+/// proxies that only the relay may say: `X-Forwarded-*` (For, Proto, Host,
+/// Port, ...), `Forwarded` (RFC 7239) and `X-Real-IP`.
+pub fn is_forwarding_field(name: &[u8]) -> bool {
+    const PREFIX: &[u8] = b"x-forwarded-";
+    name.get(..PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(PREFIX))
+        || name.eq_ignore_ascii_case(b"forwarded")
+        || name.eq_ignore_ascii_case(b"x-real-ip")
 }
 
 /// Delimits a request body in a byte stream, one buffer at a time.
@@ -1542,6 +1635,102 @@ mod tests {
     }
 
     #[test]
+    fn delimits_response_bodies() {
+        use ResponseBody::{Framed, UntilClose};
+        type Want = Result<Option<(u16, ResponseBody)>, HttpError>;
+        let cases: &[(&str, &str, &[u8], Want)] = &[
+            (
+                "length",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Ok(Some((200, Framed(BodyKind::Length(5))))),
+            ),
+            (
+                "chunked",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Ok(Some((200, Framed(BodyKind::Chunked)))),
+            ),
+            (
+                "neither: until close",
+                "GET",
+                b"HTTP/1.0 200 OK\r\n\r\n",
+                Ok(Some((200, UntilClose))),
+            ),
+            (
+                "coding not chunked: until close",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                Ok(Some((200, UntilClose))),
+            ),
+            (
+                "head request",
+                "HEAD",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+                Ok(Some((200, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "interim",
+                "GET",
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                Ok(Some((100, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "switching",
+                "GET",
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+                Ok(Some((101, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "no content",
+                "GET",
+                b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+                Ok(Some((204, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "not modified",
+                "GET",
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                Ok(Some((304, Framed(BodyKind::Empty)))),
+            ),
+            (
+                "partial",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Len",
+                Ok(None),
+            ),
+            (
+                "both framings",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(HttpError::TransferEncodingWithContentLength),
+            ),
+            (
+                "conflicting lengths",
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                Err(HttpError::ConflictingContentLength),
+            ),
+            (
+                "bare lf",
+                "GET",
+                b"HTTP/1.1 200 OK\nContent-Length: 5\r\n\r\n",
+                Err(HttpError::Malformed("bare lf")),
+            ),
+        ];
+        for (name, method, input, want) in cases {
+            let got = parse_response_head(input, method)
+                .map(|head| head.map(|head| (head.status, head.body)));
+            assert_eq!(&got, want, "{name}");
+        }
+        let big = [b"HTTP/1.1 200 OK\r\nX: ".as_slice(), &[b'a'; MAX_HEAD_LEN]].concat();
+        assert_eq!(
+            parse_response_head(&big, "GET"),
+            Err(HttpError::HeadTooLarge)
+        );
+    }
+
+    #[test]
     fn rewrites_heads() {
         let v4 = Forwarded {
             client_ip: IpAddr::from([203, 0, 113, 7]),
@@ -1555,16 +1744,19 @@ mod tests {
                 b"GET / HTTP/1.1\r\nHost: a.example\r\nAccept: */*\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n",
             ),
             (
-                "appends to an existing list, keeping its case",
+                "replaces a visitor's list, whatever its case",
                 b"GET / HTTP/1.1\r\nx-forwarded-for: 10.0.0.1,10.0.0.2  \r\nHost: a.example\r\n\r\n",
                 v4,
-                b"GET / HTTP/1.1\r\nx-forwarded-for: 10.0.0.1,10.0.0.2, 203.0.113.7\r\nHost: a.example\r\nX-Forwarded-Proto: https\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n",
             ),
             (
-                "appends to the last of several fields",
-                b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nHost: a.example\r\nX-Forwarded-For: 10.0.0.2\r\n\r\n",
+                "drops every forwarding field the visitor sent",
+                b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nHost: a.example\r\nX-Forwarded-For: 10.0.0.2\r\n\
+                  Forwarded: for=10.0.0.3\r\nX-Real-IP: 10.0.0.4\r\nX-Forwarded-Host: admin.local\r\n\
+                  X-Forwarded: x\r\nX-Kitepipe-Caller-Identity: admin\r\n\r\n",
                 v4,
-                b"GET / HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nHost: a.example\r\nX-Forwarded-For: 10.0.0.2, 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Forwarded: x\r\n\
+                  X-Forwarded-For: 203.0.113.7\r\nX-Forwarded-Proto: https\r\n\r\n",
             ),
             (
                 "drops an empty list",

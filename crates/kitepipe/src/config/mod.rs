@@ -102,6 +102,8 @@ pub struct RawRelayConfig {
     pub tcp_bind: Option<String>,
     /// Allowed public ports for TCP kites, `LOW-HIGH`.
     pub tcp_ports: Option<String>,
+    /// Whether `CONNECT name:port` on the HTTP port reaches TCP kites.
+    pub http_connect: Option<bool>,
     /// Where the relay keeps its self-signed certificate.
     pub state_dir: Option<PathBuf>,
     /// Certificate chain (PEM) instead of the self-signed one.
@@ -235,8 +237,12 @@ pub struct RelayConfig {
     pub domains: Vec<Domain>,
     /// Address TCP kites bind to.
     pub tcp_bind: IpAddr,
-    /// Allowed public ports for TCP kites (0 always means "any free port").
+    /// Allowed public ports for TCP kites (a claim of port 0 gets a free
+    /// port of this range).
     pub tcp_ports: (u16, u16),
+    /// Whether `CONNECT name:port` on the HTTP port reaches TCP kites (off
+    /// by default; never from a listener address outside `tcp_bind`).
+    pub http_connect: bool,
     /// The relay's certificate source.
     pub tls: RelayTlsSource,
     /// Public host name of the relay.
@@ -716,6 +722,7 @@ impl RawRelayConfig {
         merge_opt(&mut self.domain_file, flags.domain_file);
         merge_opt(&mut self.tcp_bind, flags.tcp_bind);
         merge_opt(&mut self.tcp_ports, flags.tcp_ports);
+        merge_opt(&mut self.http_connect, flags.http_connect);
         merge_opt(&mut self.state_dir, flags.state_dir);
         merge_opt(&mut self.cert, flags.cert);
         merge_opt(&mut self.key, flags.key);
@@ -894,6 +901,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             domains,
             tcp_bind,
             tcp_ports,
+            http_connect: raw.http_connect.unwrap_or(false),
             tls,
             name: raw.name.unwrap_or_else(|| "localhost".into()),
             heartbeat: parse_duration("heartbeat", raw.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?,

@@ -405,7 +405,12 @@ pub(crate) async fn serve_stream(
         let mut sock = sock;
         match tunnel::splice_stream(&mut sock, &mut stream).await {
             Ok((up, down)) => debug!(up, down, "visitor done"),
-            Err(err) => debug!(%err, "visitor stream ended with error"),
+            Err(err) => {
+                debug!(%err, "visitor stream ended with error");
+                // The visitor or the link failed: the local service sees a
+                // reset, never a clean end of a cut request or upload.
+                let _ = sock.set_zero_linger();
+            }
         }
     }
     .instrument(span)

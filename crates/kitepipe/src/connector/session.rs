@@ -8,8 +8,8 @@ use bytes::BytesMut;
 use kitepipe_proto::frame::Frame;
 use kitepipe_proto::kite::KiteProto;
 use kitepipe_proto::message::{
-    self, ConnectorMessage, ErrorCode, Hello, KiteClaim, KiteResult, PROTOCOL_VERSION, Register,
-    Registered, RelayMessage, Role, Withdrawn,
+    self, ConnectorMessage, ErrorCode, Hello, KiteClaim, KiteResult, PROTOCOL_VERSION,
+    RefuseReason, Register, Registered, RelayMessage, Role, Withdrawn,
 };
 use rustls::AlertDescription;
 use rustls_pki_types::ServerName;
@@ -310,6 +310,54 @@ impl RelayLink {
             other => return Err(unexpected(other)),
         };
         self.report(&registered);
+        // A TCP kite that asked for the port it had before and was refused
+        // (the relay closed it while the kite was offline and gave it to
+        // another, or it is outside the relay's range now) asks for any
+        // port instead; the relay's answer comes while serving.
+        let retry: Vec<KiteClaim> = self
+            .config
+            .kites
+            .iter()
+            .filter(|target| target.kite.proto == KiteProto::Tcp && target.kite.port == 0)
+            .filter(|target| {
+                registered.kites.iter().any(|outcome| {
+                    outcome.kite.proto == KiteProto::Tcp
+                        && outcome.kite.name == target.kite.name
+                        && outcome.kite.port != 0
+                        && matches!(
+                            outcome.result,
+                            KiteResult::Refused {
+                                reason: RefuseReason::PortUnavailable,
+                                ..
+                            }
+                        )
+                })
+            })
+            .map(|target| {
+                let input = ProofInput {
+                    tls_exporter: exporter,
+                    server_nonce: &server_nonce,
+                    client_nonce,
+                    protocol: target.kite.proto.as_str(),
+                    name: &target.kite.name,
+                };
+                let proof = match &target.secret {
+                    Some(secret) => message::hex(&kite_proof(secret, &input)),
+                    None => String::new(),
+                };
+                KiteClaim {
+                    proof,
+                    kite: target.kite.clone(),
+                }
+            })
+            .collect();
+        if !retry.is_empty() {
+            info!(
+                kites = retry.len(),
+                "asking for any port for TCP kites whose previous port is gone"
+            );
+            send(mux, &ConnectorMessage::Register(Register { kites: retry })).await?;
+        }
         self.event_links.set(self.index, Some(mux.clone()));
         self.serve(mux, rx).await
     }
@@ -327,6 +375,13 @@ impl RelayLink {
                     online.push((outcome.kite.clone(), public.clone()));
                 }
                 KiteResult::Refused { reason, message } => {
+                    if outcome.kite.proto == kitepipe_proto::kite::KiteProto::Tcp
+                        && *reason == RefuseReason::PortUnavailable
+                    {
+                        // Not ours any more: the next link asks for any port.
+                        lock(&self.kites.assigned_ports)
+                            .remove(&(self.relay.addr.clone(), outcome.kite.name.clone()));
+                    }
                     error!(kite = %outcome.kite, ?reason, %message, "relay refused kite");
                 }
             }

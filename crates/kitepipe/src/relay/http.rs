@@ -1,30 +1,36 @@
 //! Visitor HTTP: read a request head, route by Host, forward.
 //!
-//! Requests are scanned (head rewritten with `X-Forwarded-For` and
-//! `X-Forwarded-Proto`, body forwarded by its exact length or chunking, then
-//! the next head); responses flow back as raw bytes. After an upgrade
-//! (WebSocket) or CONNECT, bytes flow raw both ways. A keep-alive connection
-//! stays on the kite its first request was routed to.
+//! Requests are scanned (every head routed by its own Host and rewritten
+//! with the relay's own `X-Forwarded-For` and `X-Forwarded-Proto`, body
+//! forwarded by its exact length or chunking, then the next head);
+//! responses are delimited the same way and matched to their requests in
+//! order. Only a backend's 101 answering an upgrade request turns the
+//! connection into raw bytes both ways; CONNECT (where enabled) does so for
+//! TCP kites. A keep-alive request for another kite than the connection's
+//! first gets 421. A kite failing mid-response resets the visitor's
+//! connection.
 //!
-//! Every refusal is an HTTP error page: 400 malformed, 404 unknown kite, 408
-//! head too slow, 431 head too large, 502 target unreachable, 503 offline.
+//! Every refusal is an HTTP error page: 400 malformed, 403 CONNECT from
+//! where the TCP kites are not reachable, 404 unknown kite, 405 CONNECT not
+//! enabled, 408 head too slow, 421 another kite, 431 head too large, 502
+//! target unreachable, 503 offline.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe_proto::frame::ResetCode;
-use kitepipe_proto::http1::{self, BodyScanner, Forwarded, HttpError, RequestHead};
+use kitepipe_proto::http1::{self, BodyScanner, Forwarded, HttpError, RequestHead, ResponseBody};
 use kitepipe_proto::kite::KiteProto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 
 use super::RelayCtx;
-use super::registry::Lookup;
+use super::registry::{Backend, Lookup};
 use crate::link::{MuxStream, StreamReset};
 use crate::tunnel::{ReadSize, SMALL_READ};
 
@@ -37,6 +43,45 @@ pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// body or upgraded stream may go without a byte from the visitor.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How many requests of one connection may be forwarded ahead of their
+/// responses (pipelining). Browsers do not pipeline and tools send a few;
+/// past this the relay stops reading the visitor until responses catch up,
+/// so a visitor cannot queue unbounded work for one backend.
+const MAX_PIPELINED: usize = 16;
+
+/// What the response side expects next, in request order.
+enum Expect {
+    /// The response to a forwarded request.
+    Response {
+        /// The request was a HEAD: its response has no body.
+        head: bool,
+        /// The request asked for an upgrade: told whether the backend
+        /// switched protocols (101), or left the connection HTTP.
+        upgrade: Option<oneshot::Sender<bool>>,
+    },
+    /// A refusal of a request that was not forwarded, sent once every
+    /// earlier response is through; the connection then ends.
+    Refusal(Vec<u8>),
+}
+
+/// How the response side ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The exchange is over (or the backend closed between responses): the
+    /// visitor gets a FIN.
+    Clean,
+    /// The kite failed in the middle of a response (link lost, stream
+    /// reset, malformed response): the visitor gets a TCP reset, so that a
+    /// cut response never looks complete.
+    Cut,
+}
+
+/// The kite a connection was routed to by its first request.
+struct Route {
+    host: String,
+    backend: Backend,
+}
+
 /// Serves one visitor connection; `buf` holds bytes already read.
 pub(crate) async fn serve(
     sock: TcpStream,
@@ -44,6 +89,7 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     ctx: Arc<RelayCtx>,
 ) {
+    let local = sock.local_addr().ok();
     let (mut reader, mut writer) = sock.into_split();
     let head = match read_first_head(&mut reader, &mut buf).await {
         Ok(Some(head)) => head,
@@ -67,7 +113,7 @@ pub(crate) async fn serve(
         return;
     };
     if head.method.eq_ignore_ascii_case("CONNECT") {
-        connect_tcp_kite(reader, writer, buf, &head, &host, peer, &ctx).await;
+        connect_tcp_kite(reader, writer, buf, &head, &host, peer, local, &ctx).await;
         return;
     }
     let backends = match ctx.registry.lookup_name(KiteProto::Http, &host) {
@@ -100,32 +146,87 @@ pub(crate) async fn serve(
         return;
     };
     debug!(node = %backend.node, %host, "visitor routed");
+    let route = Route {
+        host: host.clone(),
+        backend,
+    };
     let forwarded = Forwarded {
         client_ip: peer.ip(),
         proto: "http",
     };
     let (stream_reader, mut stream_writer) = tokio::io::split(stream);
-    let (done_tx, done_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = watch::channel(None::<Ended>);
+    let (expect_tx, expect_rx) = mpsc::channel(MAX_PIPELINED);
     let requests = async {
-        let res = forward_requests(reader, buf, head, &mut stream_writer, forwarded, done_rx).await;
+        let mut cut = done_rx.clone();
+        let res = tokio::select! {
+            res = forward_requests(
+                &mut reader,
+                buf,
+                head,
+                &mut stream_writer,
+                forwarded,
+                &route,
+                &ctx,
+                expect_tx,
+                &mut done_rx,
+            ) => res,
+            _ = cut.wait_for(|ended| *ended == Some(Ended::Cut)) => Ok(()),
+        };
         // Whatever ended the requests (EOF, a bad request, an idle visitor),
         // the kite sees EOF and finishes its response.
         let _ = stream_writer.shutdown().await;
         res
     };
     let responses = async {
-        let res = forward_responses(stream_reader, &mut writer, &host).await;
-        let _ = writer.shutdown().await;
-        let _ = done_tx.send(true);
-        res
+        let ended = forward_responses(stream_reader, &mut writer, expect_rx, &host).await;
+        if ended == Ended::Clean {
+            let _ = writer.shutdown().await;
+        }
+        let _ = done_tx.send(Some(ended));
+        ended
     };
-    let (req, resp) = tokio::join!(requests, responses);
-    debug!(?req, ?resp, "visitor done");
+    let (req, ended) = tokio::join!(requests, responses);
+    debug!(?req, ?ended, "visitor done");
+    if ended == Ended::Cut
+        && let Ok(sock) = reader.reunite(writer)
+    {
+        reset(sock);
+    }
+}
+
+/// Closes a visitor's connection with a TCP reset (`SO_LINGER` 0, then
+/// close): how an upstream failure reaches the visitor, so that a cut
+/// response or byte stream never ends like a complete one.
+pub(crate) fn reset(sock: TcpStream) {
+    if let Err(err) = sock.set_zero_linger() {
+        debug!(%err, "cannot set SO_LINGER on a visitor's socket");
+    }
+    drop(sock);
+}
+
+/// Whether CONNECT on a listener reached at `local` may go to TCP kites
+/// bound to `tcp_bind`: only if a visitor who reached `local` could also
+/// have reached the kite's own port, i.e. the kites listen on every address
+/// (`0.0.0.0` or `::`) or on exactly `local`. A visitor who came in on a
+/// public address never reaches a kite kept on 127.0.0.1.
+fn connect_reaches(tcp_bind: IpAddr, local: Option<SocketAddr>) -> bool {
+    let Some(local) = local.map(|local| local.ip().to_canonical()) else {
+        return false;
+    };
+    match tcp_bind {
+        // `::` listens on IPv6 and (dual stack) IPv4; `0.0.0.0` on IPv4 only.
+        IpAddr::V6(any) if any.is_unspecified() => true,
+        IpAddr::V4(any) if any.is_unspecified() => local.is_ipv4(),
+        bind => local == bind.to_canonical(),
+    }
 }
 
 /// `CONNECT name:port` on the HTTP port reaches the TCP kite of that name
 /// and port (PageKite-style, e.g. `ssh -o ProxyCommand` through a proxy-aware
-/// helper), then bytes flow raw both ways.
+/// helper), then bytes flow raw both ways. Only where the operator enabled it
+/// (`--http-connect`) and never past `--tcp-bind` ([`connect_reaches`]).
+#[allow(clippy::too_many_arguments)]
 async fn connect_tcp_kite(
     reader: OwnedReadHalf,
     mut writer: OwnedWriteHalf,
@@ -133,8 +234,23 @@ async fn connect_tcp_kite(
     head: &RequestHead,
     host: &str,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
     ctx: &Arc<RelayCtx>,
 ) {
+    if !ctx.config.http_connect {
+        let detail = "CONNECT to TCP kites is not enabled on this relay (--http-connect).";
+        let _ = writer
+            .write_all(&http1::error_response(405, "Method Not Allowed", detail))
+            .await;
+        return;
+    }
+    if !connect_reaches(ctx.config.tcp_bind, local) {
+        let detail = "TCP kites on this relay are not reachable from this address.";
+        let _ = writer
+            .write_all(&http1::error_response(403, "Forbidden", detail))
+            .await;
+        return;
+    }
     let port = head
         .target
         .rsplit_once(':')
@@ -186,7 +302,10 @@ async fn connect_tcp_kite(
     };
     match crate::tunnel::splice_stream(&mut sock, &mut stream).await {
         Ok((up, down)) => debug!(node = %backend.node, up, down, "CONNECT visitor done"),
-        Err(err) => debug!(node = %backend.node, %err, "CONNECT visitor ended with error"),
+        Err(err) => {
+            debug!(node = %backend.node, %err, "CONNECT visitor ended with error");
+            reset(sock);
+        }
     }
 }
 
@@ -233,41 +352,126 @@ async fn read_first_head(
     }
 }
 
-/// Visitor -> kite: heads rewritten, bodies forwarded exactly, until EOF,
-/// an upgrade (then raw), or the response side ending between requests.
+/// Why a request after the first is not forwarded down the connection's
+/// stream, as the page to answer it with; `None` if it goes on.
+///
+/// Every request is routed by its own Host: one for the kite the connection
+/// was routed to (the same name, or another name that routes to the same
+/// kite on the same link, e.g. under one wildcard) goes on; anything else is
+/// answered 421 Misdirected Request, and the visitor opens a new connection
+/// for the other site (browsers and curl do so by themselves).
+fn misdirected(head: &RequestHead, route: &Route, ctx: &RelayCtx) -> Option<Vec<u8>> {
+    if head.method.eq_ignore_ascii_case("CONNECT") {
+        return Some(http1::error_response(
+            405,
+            "Method Not Allowed",
+            "CONNECT must be the first request on a connection.",
+        ));
+    }
+    let Some(host) = &head.host else {
+        return Some(http1::error_response(
+            400,
+            "Bad Request",
+            "The request has no Host header, so kitepipe cannot tell which site you want.",
+        ));
+    };
+    if *host == route.host {
+        return None;
+    }
+    let same_kite = match ctx.registry.lookup_name(KiteProto::Http, host) {
+        Lookup::Found(backends) => backends
+            .iter()
+            .any(|b| b.link == route.backend.link && b.kite == route.backend.kite),
+        Lookup::Offline | Lookup::Unknown => false,
+    };
+    if same_kite {
+        return None;
+    }
+    debug!(first = %route.host, %host, "keep-alive request for another kite");
+    let detail = format!(
+        "This connection was opened for {}; open a new connection for {host}.",
+        route.host
+    );
+    Some(http1::error_response(421, "Misdirected Request", &detail))
+}
+
+/// Visitor -> kite: heads routed and rewritten, bodies forwarded exactly,
+/// until EOF, a refusal, an upgrade the backend accepted (then raw), or the
+/// response side ending between requests.
+#[allow(clippy::too_many_arguments)]
 async fn forward_requests<W: AsyncWrite + Unpin>(
-    mut reader: OwnedReadHalf,
+    reader: &mut OwnedReadHalf,
     mut buf: BytesMut,
     first: RequestHead,
     writer: &mut W,
     forwarded: Forwarded,
-    mut response_done: watch::Receiver<bool>,
+    route: &Route,
+    ctx: &RelayCtx,
+    expect: mpsc::Sender<Expect>,
+    response_done: &mut watch::Receiver<Option<Ended>>,
 ) -> std::io::Result<()> {
     let mut head = first;
     loop {
+        if let Some(page) = misdirected(&head, route, ctx) {
+            let _ = expect.send(Expect::Refusal(page)).await;
+            return Ok(());
+        }
         let raw = buf.split_to(head.head_len);
         let rewritten = http1::rewrite_head(&raw, &forwarded).map_err(invalid)?;
-        writer.write_all(&rewritten).await?;
-        if head.upgrade {
-            writer.write_all(&buf).await?;
-            buf.clear();
-            return copy_raw(&mut reader, writer).await;
+        // The response side learns of the request before the backend can
+        // answer it.
+        let (upgrade_tx, upgraded) = if head.upgrade {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let is_head = head.method.eq_ignore_ascii_case("HEAD");
+        if expect
+            .send(Expect::Response {
+                head: is_head,
+                upgrade: upgrade_tx,
+            })
+            .await
+            .is_err()
+        {
+            return Ok(());
         }
+        writer.write_all(&rewritten).await?;
         let mut scanner = BodyScanner::new(head.body);
         while !scanner.is_done() {
-            if buf.is_empty() && !read_more(&mut reader, &mut buf, IDLE_TIMEOUT).await? {
+            if buf.is_empty() && !read_more(reader, &mut buf, IDLE_TIMEOUT).await? {
                 return Ok(());
             }
             let progress = scanner.scan(&buf).map_err(invalid)?;
             let chunk = buf.split_to(progress.consumed);
             writer.write_all(&chunk).await?;
         }
+        if let Some(upgraded) = upgraded {
+            // Nothing more is read from the visitor until the backend has
+            // answered: raw bytes only after a 101; after anything else the
+            // next bytes are the next request, parsed like the first.
+            match upgraded.await {
+                Ok(true) => {
+                    writer.write_all(&buf).await?;
+                    buf.clear();
+                    return copy_raw(reader, writer).await;
+                }
+                Ok(false) => {}
+                Err(_) => return Ok(()),
+            }
+        }
         // Between requests: wait for the next head, unless the kite closed.
         head = loop {
             match http1::parse_request_head(&buf) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
-                Err(err) => return Err(invalid(err)),
+                Err(err) => {
+                    let (status, title, detail) = refusal(&err);
+                    let page = http1::error_response(status, title, &detail);
+                    let _ = expect.send(Expect::Refusal(page)).await;
+                    return Err(invalid(err));
+                }
             }
             let patience = if buf.is_empty() {
                 IDLE_TIMEOUT
@@ -275,8 +479,8 @@ async fn forward_requests<W: AsyncWrite + Unpin>(
                 HEAD_TIMEOUT
             };
             let more = tokio::select! {
-                more = read_more(&mut reader, &mut buf, patience) => more?,
-                _ = response_done.wait_for(|done| *done) => false,
+                more = read_more(reader, &mut buf, patience) => more?,
+                _ = response_done.wait_for(Option::is_some) => false,
             };
             if !more {
                 return Ok(());
@@ -307,15 +511,34 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    copy_raw_idle(reader, writer, Some(IDLE_TIMEOUT)).await
+}
+
+/// Copies until EOF; `idle`: how long the source may send nothing before
+/// the copy ends (`None`: forever; the kite's side of an upgraded
+/// connection or a response delimited by the connection's end may be quiet
+/// for as long as the visitor keeps the connection).
+async fn copy_raw_idle<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    idle: Option<Duration>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut size = ReadSize::default();
     let mut chunk = vec![0u8; size.get()];
     loop {
         if chunk.len() != size.get() {
             chunk.resize(size.get(), 0);
         }
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, reader.read(&mut chunk)).await {
-            Ok(res) => res?,
-            Err(_) => return Ok(()),
+        let n = match idle {
+            Some(idle) => match tokio::time::timeout(idle, reader.read(&mut chunk)).await {
+                Ok(res) => res?,
+                Err(_) => return Ok(()),
+            },
+            None => reader.read(&mut chunk).await?,
         };
         if n == 0 {
             return Ok(());
@@ -325,52 +548,217 @@ where
     }
 }
 
-/// Kite -> visitor, raw. If the kite fails before sending anything, the
-/// visitor gets a 502 page saying why.
+/// Kite -> visitor: each response delimited (head, then body by its
+/// framing) and matched to its request in order, so that only the answer to
+/// an upgrade request can switch the connection to raw bytes, and a refusal
+/// goes out after the responses before it. If the kite fails before a
+/// response began, the visitor gets a 502 page saying why; after, a reset.
 async fn forward_responses(
     mut reader: tokio::io::ReadHalf<MuxStream>,
     writer: &mut OwnedWriteHalf,
+    mut expect: mpsc::Receiver<Expect>,
     host: &str,
-) -> std::io::Result<u64> {
+) -> Ended {
+    let mut buf = BytesMut::new();
     let mut size = ReadSize::default();
-    let mut chunk = vec![0u8; size.get()];
-    let mut sent = 0u64;
     loop {
-        if chunk.len() != size.get() {
-            chunk.resize(size.get(), 0);
-        }
-        match reader.read(&mut chunk).await {
-            Ok(0) => return Ok(sent),
-            Ok(n) => {
-                size.update(n);
-                writer.write_all(&chunk[..n]).await?;
-                sent += n as u64;
+        // Between responses: wait for the next request, noticing the
+        // backend closing (or failing) meanwhile.
+        let next = loop {
+            // A request is announced before it is written to the kite, so
+            // bytes of its response never come before its announcement.
+            match expect.try_recv() {
+                Ok(next) => break Some(next),
+                Err(mpsc::error::TryRecvError::Disconnected) => break None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
             }
-            Err(err) if sent == 0 => {
-                let reset = err
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<StreamReset>());
-                let detail = match reset {
-                    Some(reset) if reset.code == ResetCode::TargetUnreachable => format!(
-                        "The connector serving {host} could not reach its local service: {}.",
-                        reset.reason
-                    ),
-                    Some(reset) => format!(
-                        "The connector serving {host} refused the request: {}.",
-                        reset.reason
-                    ),
-                    None => format!("The link to the connector serving {host} failed: {err}."),
+            if !buf.is_empty() {
+                debug!("kite sent bytes no request asked for; closing");
+                let _ = writer.write_all(&buf).await;
+                return Ended::Cut;
+            }
+            tokio::select! {
+                biased;
+                next = expect.recv() => break next,
+                read = read_response(&mut reader, &mut buf, &mut size) => match read {
+                    Ok(0) => return Ended::Clean,
+                    Ok(_) => {}
+                    Err(err) => {
+                        debug!(%err, "kite failed between responses");
+                        return Ended::Clean;
+                    }
+                },
+            }
+        };
+        let (is_head, mut upgrade) = match next {
+            None => return Ended::Clean,
+            Some(Expect::Refusal(page)) => {
+                let _ = writer.write_all(&page).await;
+                return Ended::Clean;
+            }
+            Some(Expect::Response { head, upgrade }) => (head, upgrade),
+        };
+        let mut begun = false;
+        // Interim (1xx) responses come before the final one.
+        loop {
+            let response = loop {
+                let method = if is_head { "HEAD" } else { "GET" };
+                match http1::parse_response_head(&buf, method) {
+                    Ok(Some(response)) => break response,
+                    Ok(None) => {}
+                    Err(err) => {
+                        debug!(%err, "malformed response from the kite");
+                        return Ended::Cut;
+                    }
+                }
+                match read_response(&mut reader, &mut buf, &mut size).await {
+                    Ok(0) if !begun && buf.is_empty() => return Ended::Clean,
+                    Ok(0) => return Ended::Cut,
+                    Ok(_) => {}
+                    Err(err) if !begun && buf.is_empty() => {
+                        let _ = writer.write_all(&bad_gateway(host, &err)).await;
+                        return Ended::Clean;
+                    }
+                    Err(err) => {
+                        debug!(%err, "kite failed inside a response head");
+                        return Ended::Cut;
+                    }
+                }
+            };
+            begun = true;
+            let head = buf.split_to(response.head_len);
+            if writer.write_all(&head).await.is_err() {
+                return Ended::Cut;
+            }
+            if response.status == 101 {
+                let Some(upgrade) = upgrade.take() else {
+                    debug!("kite switched protocols unasked");
+                    return Ended::Cut;
                 };
-                writer
-                    .write_all(&http1::error_response(502, "Bad Gateway", &detail))
-                    .await?;
-                return Err(err);
+                let _ = upgrade.send(true);
+                if writer.write_all(&buf).await.is_err() {
+                    return Ended::Cut;
+                }
+                buf.clear();
+                return match copy_raw_idle(&mut reader, writer, None).await {
+                    Ok(()) => Ended::Clean,
+                    Err(_) => Ended::Cut,
+                };
             }
-            Err(err) => return Err(err),
+            if response.status >= 200 {
+                match forward_body(&mut reader, writer, &mut buf, &mut size, response.body).await {
+                    Ok(true) => break,
+                    // Delimited by the end of the connection, which came.
+                    Ok(false) => return Ended::Clean,
+                    Err(err) => {
+                        debug!(%err, "response cut short");
+                        return Ended::Cut;
+                    }
+                }
+            }
+        }
+        if let Some(upgrade) = upgrade {
+            let _ = upgrade.send(false);
         }
     }
 }
 
+/// Forwards one response body from `buf` and `reader`; `Ok(true)` when it
+/// ended by its framing (the connection may carry another response),
+/// `Ok(false)` when it ended with the connection. An EOF inside a framed
+/// body is an error: the response was cut short.
+async fn forward_body(
+    reader: &mut tokio::io::ReadHalf<MuxStream>,
+    writer: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+    size: &mut ReadSize,
+    body: ResponseBody,
+) -> std::io::Result<bool> {
+    let ResponseBody::Framed(kind) = body else {
+        writer.write_all(buf).await?;
+        buf.clear();
+        copy_raw_idle(reader, writer, None).await?;
+        return Ok(false);
+    };
+    let mut scanner = BodyScanner::new(kind);
+    while !scanner.is_done() {
+        if buf.is_empty() && read_response(reader, buf, size).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "response body cut short",
+            ));
+        }
+        let progress = scanner.scan(buf).map_err(invalid)?;
+        let chunk = buf.split_to(progress.consumed);
+        writer.write_all(&chunk).await?;
+    }
+    Ok(true)
+}
+
+/// Reads the kite's next bytes into `buf`, sized by `size`; 0 at EOF.
+async fn read_response(
+    reader: &mut tokio::io::ReadHalf<MuxStream>,
+    buf: &mut BytesMut,
+    size: &mut ReadSize,
+) -> std::io::Result<usize> {
+    buf.reserve(size.get());
+    let room = buf.capacity() - buf.len();
+    let n = reader.read_buf(buf).await?;
+    size.update(if n >= room { size.get() } else { n });
+    Ok(n)
+}
+
+/// The page for a kite that failed before its response began.
+fn bad_gateway(host: &str, err: &std::io::Error) -> Vec<u8> {
+    let reset = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<StreamReset>());
+    let detail = match reset {
+        Some(reset) if reset.code == ResetCode::TargetUnreachable => format!(
+            "The connector serving {host} could not reach its local service: {}.",
+            reset.reason
+        ),
+        Some(reset) => format!(
+            "The connector serving {host} refused the request: {}.",
+            reset.reason
+        ),
+        None => format!("The link to the connector serving {host} failed: {err}."),
+    };
+    http1::error_response(502, "Bad Gateway", &detail)
+}
+
 fn invalid(err: HttpError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_reaches_only_what_the_kites_ports_would_accept() {
+        let at = |addr: &str| Some(addr.parse::<SocketAddr>().expect("literal"));
+        let ip = |text: &str| text.parse::<IpAddr>().expect("literal");
+        let cases = [
+            ("0.0.0.0", at("203.0.113.1:80"), true),
+            ("0.0.0.0", at("127.0.0.1:80"), true),
+            ("0.0.0.0", at("[2001:db8::1]:80"), false),
+            ("0.0.0.0", at("[::ffff:203.0.113.1]:80"), true),
+            ("::", at("[2001:db8::1]:80"), true),
+            ("::", at("203.0.113.1:80"), true),
+            ("127.0.0.1", at("127.0.0.1:80"), true),
+            ("127.0.0.1", at("203.0.113.1:80"), false),
+            ("127.0.0.1", at("127.0.0.2:80"), false),
+            ("203.0.113.1", at("[::ffff:203.0.113.1]:80"), true),
+            ("::1", at("127.0.0.1:80"), false),
+            ("0.0.0.0", None, false),
+        ];
+        for (bind, local, want) in cases {
+            assert_eq!(
+                connect_reaches(ip(bind), local),
+                want,
+                "{bind} from {local:?}"
+            );
+        }
+    }
 }

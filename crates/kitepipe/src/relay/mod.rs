@@ -27,9 +27,8 @@ mod remote;
 mod session;
 mod tcp;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -112,8 +111,8 @@ pub(crate) struct RelayCtx {
     pub(crate) token: CancellationToken,
     /// Bounds connections served at once.
     pub(crate) connections: Arc<Semaphore>,
-    /// TCP kite ports bound so far (they stay bound until shutdown).
-    pub(crate) tcp_listeners: Mutex<HashMap<u16, SocketAddr>>,
+    /// TCP kite ports bound, and who holds them (`tcp::TcpPorts`).
+    pub(crate) tcp_listeners: tcp::TcpPorts,
     /// Port of the first HTTP listener, for the URLs shown to connectors.
     pub(crate) http_port: Option<u16>,
     /// Port of the first HTTPS listener.
@@ -188,7 +187,7 @@ impl Relay {
             tracker: TaskTracker::new(),
             token: CancellationToken::new(),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            tcp_listeners: Mutex::new(HashMap::new()),
+            tcp_listeners: tcp::TcpPorts::default(),
             http_port,
             https_port,
             handlers,

@@ -236,6 +236,26 @@ impl Registry {
         lock(&self.inner).tcp_ports.get(&port).cloned()
     }
 
+    /// Forgets which kite TCP `port` belongs to, if no link serves it any
+    /// more (for `tcp.rs`, closing an idle port). True if the port is free.
+    pub(crate) fn release_tcp_port(&self, port: u16) -> bool {
+        let mut inner = lock(&self.inner);
+        let Some(name) = inner.tcp_ports.get(&port).cloned() else {
+            return true;
+        };
+        let key = (KiteProto::Tcp, name, port);
+        if inner
+            .kites
+            .get(&key)
+            .is_some_and(|kite| !kite.backends.is_empty())
+        {
+            return false;
+        }
+        inner.tcp_ports.remove(&port);
+        inner.kites.remove(&key);
+        true
+    }
+
     /// Adds `kite` to the backends of link `id`, authorized by `grant`.
     /// Returns false if the link is gone.
     pub(crate) fn add_kite(&self, id: LinkId, kite: &KiteRef, grant: Grant) -> bool {

@@ -424,7 +424,7 @@ async fn register_one(
             }
         }
         KiteProto::Tcp => {
-            let port = super::tcp::bind_kite_port(&kite, ctx).await?;
+            let port = super::tcp::bind_kite_port(&kite, link_id, grant, ctx)?;
             kite.port = port;
             format!("{}:{port}", ctx.config.name)
         }

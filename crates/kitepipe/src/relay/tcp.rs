@@ -1,20 +1,27 @@
 //! Visitors that are passed through as raw bytes: HTTPS routed by SNI, and
-//! TCP kites on their own public ports. Also opening a visitor stream on
-//! the first live backend (failover), shared with [`super::http`].
+//! TCP kites on their own public ports (bound inside `--tcp-ports`, capped
+//! per link and per identity, closed when their kite has been offline for
+//! [`TCP_PORT_GRACE`]). Also opening a visitor stream on the first live
+//! backend (failover), shared with [`super::http`]. A kite failing in the
+//! middle reaches the visitor as a TCP reset.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe_proto::kite::{KiteProto, KiteRef};
 use kitepipe_proto::message::{self, RefuseReason, StreamHeader, VisitorHeader};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::RelayCtx;
-use super::registry::{Backend, Lookup};
+use super::registry::{Backend, Grant, LinkId, Lookup};
 use crate::link::MuxStream;
+use crate::pki::pattern_covers;
 use crate::tunnel;
 
 /// A fatal TLS alert `unrecognized_name` (112), sent to HTTPS visitors whose
@@ -70,14 +77,78 @@ pub(crate) async fn serve_https(
     if stream.write_all(&prefix).await.is_err() {
         return;
     }
-    pass_through(&mut sock, &mut stream, &backend).await;
+    pass_through(sock, &mut stream, &backend).await;
 }
 
-/// Binds the public port of a TCP kite (once; it stays bound until the relay
-/// stops, so an offline kite's port refuses nobody's bind and answers by
-/// closing). Returns the port actually bound.
-pub(crate) async fn bind_kite_port(
+/// How long a TCP kite's port stays bound after the last link serving the
+/// kite is gone (checked this often, so a port is closed 1 to 2 graces
+/// after its kite went offline). A connector that lost its link comes back
+/// within a second or two (its first reconnect delay is 250 ms) and asks for
+/// the port it had, which is still its own; a kite gone for longer gives
+/// the port (a file descriptor and a public port) back to the range.
+pub(crate) const TCP_PORT_GRACE: Duration = Duration::from_secs(10);
+
+/// Most TCP kite ports one link may hold. A connector serves a handful of
+/// TCP services (ssh, a database, a game server); 16 is generous for that
+/// and keeps one link's share of the relay's descriptors small.
+pub(crate) const MAX_TCP_PORTS_PER_LINK: usize = 16;
+
+/// Most TCP kite ports one identity may hold across all its links: a
+/// certificate identity by name, a secret holder by the domain whose secret
+/// covers the kite (every holder of one secret is one party). Bounds what
+/// one party can take from `--tcp-ports` and the relay's descriptors by
+/// opening many links; 4 links' worth of [`MAX_TCP_PORTS_PER_LINK`].
+pub(crate) const MAX_TCP_PORTS_PER_IDENTITY: usize = 64;
+
+/// The TCP kite ports the relay listens on, and who holds them.
+#[derive(Default)]
+pub(crate) struct TcpPorts {
+    ports: Mutex<HashMap<u16, PortEntry>>,
+}
+
+struct PortEntry {
+    /// The kite name the port serves.
+    name: String,
+    /// The identity charged for it (see [`MAX_TCP_PORTS_PER_IDENTITY`]).
+    owner: String,
+    /// Links that claimed it (dead ones are not removed; they count for
+    /// nothing once gone).
+    links: HashSet<LinkId>,
+    /// Claims so far: a claim during the grace keeps the port.
+    claims: u64,
+    /// Stops the accept loop, which closes the listener.
+    stop: CancellationToken,
+}
+
+/// Who is charged for a TCP kite port claimed by `link` under `grant`.
+fn port_owner(kite: &KiteRef, link: LinkId, grant: Grant, ctx: &RelayCtx) -> String {
+    if grant == Grant::Identity
+        && let Some(identity) = ctx.registry.identity_link(link)
+    {
+        return format!("identity {}", identity.identity.name);
+    }
+    // The most specific domain covering the name: the secret that proved it.
+    ctx.config
+        .domains
+        .iter()
+        .filter(|d| d.protos.contains(&KiteProto::Tcp) && pattern_covers(&d.pattern, &kite.name))
+        .max_by_key(|d| d.pattern.len())
+        .map_or_else(
+            || format!("link {link}"),
+            |d| format!("domain {}", d.pattern),
+        )
+}
+
+/// Binds the public port of a TCP kite claimed by `link`, or finds the one
+/// its kite already has. The port is always inside `--tcp-ports`: port 0
+/// gets a free one from the range (refused when none is left). Caps:
+/// [`MAX_TCP_PORTS_PER_LINK`], [`MAX_TCP_PORTS_PER_IDENTITY`]. The port is
+/// closed [`TCP_PORT_GRACE`] after no link serves its kite any more.
+/// Returns the port.
+pub(crate) fn bind_kite_port(
     kite: &KiteRef,
+    link: LinkId,
+    grant: Grant,
     ctx: &Arc<RelayCtx>,
 ) -> Result<u16, (RefuseReason, String)> {
     let (low, high) = ctx.config.tcp_ports;
@@ -90,7 +161,26 @@ pub(crate) async fn bind_kite_port(
             ),
         ));
     }
+    let owner = port_owner(kite, link, grant, ctx);
+    // One lock over the checks, the bind and the record, so that caps hold
+    // under concurrent claims and a port is never released while claimed.
+    let mut ports = lock(&ctx.tcp_listeners.ports);
+    let held_by_link = ports.values().filter(|e| e.links.contains(&link)).count();
     if kite.port != 0 {
+        if let Some(entry) = ports.get_mut(&kite.port) {
+            if entry.name != kite.name {
+                return Err((
+                    RefuseReason::PortUnavailable,
+                    format!("port {} already serves kite {}", kite.port, entry.name),
+                ));
+            }
+            if !entry.links.contains(&link) && held_by_link >= MAX_TCP_PORTS_PER_LINK {
+                return Err(per_link_refusal());
+            }
+            entry.links.insert(link);
+            entry.claims += 1;
+            return Ok(kite.port);
+        }
         if let Some(owner) = ctx.registry.tcp_port_owner(kite.port)
             && owner != kite.name
         {
@@ -99,44 +189,143 @@ pub(crate) async fn bind_kite_port(
                 format!("port {} already serves kite {owner}", kite.port),
             ));
         }
-        if lock(&ctx.tcp_listeners).contains_key(&kite.port) {
-            return Ok(kite.port);
-        }
     }
-    let addr = SocketAddr::new(ctx.config.tcp_bind, kite.port);
-    let listener = TcpListener::bind(addr).await.map_err(|err| {
+    if held_by_link >= MAX_TCP_PORTS_PER_LINK {
+        return Err(per_link_refusal());
+    }
+    if ports.values().filter(|e| e.owner == owner).count() >= MAX_TCP_PORTS_PER_IDENTITY {
+        return Err((
+            RefuseReason::PortUnavailable,
+            format!(
+                "{owner} already holds {MAX_TCP_PORTS_PER_IDENTITY} TCP kite ports, the most \
+                 this relay gives one identity"
+            ),
+        ));
+    }
+    let listener = if kite.port != 0 {
+        let addr = SocketAddr::new(ctx.config.tcp_bind, kite.port);
+        std::net::TcpListener::bind(addr).map_err(|err| {
+            (
+                RefuseReason::PortUnavailable,
+                format!("cannot listen on {addr}: {err}"),
+            )
+        })?
+    } else {
+        bind_free_port(ctx, &ports)?
+    };
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+        .map_err(|err| {
+            (
+                RefuseReason::PortUnavailable,
+                format!("cannot listen for TCP kite {}: {err}", kite.name),
+            )
+        })?;
+    let port = listener.local_addr().map(|a| a.port()).map_err(|err| {
         (
             RefuseReason::PortUnavailable,
-            format!("cannot listen on {addr}: {err}"),
+            format!("cannot listen for TCP kite {}: {err}", kite.name),
         )
     })?;
-    let bound = listener.local_addr().map_err(|err| {
-        (
-            RefuseReason::PortUnavailable,
-            format!("cannot listen on {addr}: {err}"),
-        )
-    })?;
-    {
-        let mut listeners = lock(&ctx.tcp_listeners);
-        if listeners.contains_key(&bound.port()) {
-            // Another link bound it while we were binding; ours is redundant.
-            return Ok(bound.port());
-        }
-        listeners.insert(bound.port(), bound);
-    }
-    info!(port = bound.port(), kite = %kite.name, "listening for TCP kite");
-    let ctx2 = ctx.clone();
-    ctx.tracker.spawn(
-        accept_tcp(listener, bound.port(), ctx2)
-            .instrument(info_span!("tcp_kite", port = bound.port())),
+    let stop = ctx.token.child_token();
+    ports.insert(
+        port,
+        PortEntry {
+            name: kite.name.clone(),
+            owner,
+            links: HashSet::from([link]),
+            claims: 1,
+            stop: stop.clone(),
+        },
     );
-    Ok(bound.port())
+    drop(ports);
+    info!(port, kite = %kite.name, "listening for TCP kite");
+    let span = info_span!("tcp_kite", port);
+    ctx.tracker
+        .spawn(accept_tcp(listener, port, stop.clone(), ctx.clone()).instrument(span.clone()));
+    ctx.tracker
+        .spawn(release_when_idle(port, stop, ctx.clone()).instrument(span));
+    Ok(port)
 }
 
-async fn accept_tcp(listener: TcpListener, port: u16, ctx: Arc<RelayCtx>) {
+fn per_link_refusal() -> (RefuseReason, String) {
+    (
+        RefuseReason::PortUnavailable,
+        format!(
+            "this link already holds {MAX_TCP_PORTS_PER_LINK} TCP kite ports, the most this \
+             relay gives one link (TCP kite ports per link)"
+        ),
+    )
+}
+
+/// Binds a free port of `--tcp-ports` on `--tcp-bind`: the kernel's pick
+/// if it falls inside the range (always, with the default range), else the
+/// lowest port of the range that binds.
+fn bind_free_port(
+    ctx: &RelayCtx,
+    ports: &HashMap<u16, PortEntry>,
+) -> Result<std::net::TcpListener, (RefuseReason, String)> {
+    let (low, high) = ctx.config.tcp_ports;
+    let bind = ctx.config.tcp_bind;
+    if let Ok(listener) = std::net::TcpListener::bind(SocketAddr::new(bind, 0))
+        && let Ok(addr) = listener.local_addr()
+        && (low..=high).contains(&addr.port())
+        && !ports.contains_key(&addr.port())
+        && ctx.registry.tcp_port_owner(addr.port()).is_none()
+    {
+        return Ok(listener);
+    }
+    for port in low..=high {
+        if port == 0 || ports.contains_key(&port) || ctx.registry.tcp_port_owner(port).is_some() {
+            continue;
+        }
+        if let Ok(listener) = std::net::TcpListener::bind(SocketAddr::new(bind, port)) {
+            return Ok(listener);
+        }
+    }
+    Err((
+        RefuseReason::PortUnavailable,
+        format!("no free port in {low}-{high} (this relay's TCP kite ports)"),
+    ))
+}
+
+/// Closes TCP kite `port` once no link has served its kite for a whole
+/// [`TCP_PORT_GRACE`] and no claim came meanwhile.
+async fn release_when_idle(port: u16, stop: CancellationToken, ctx: Arc<RelayCtx>) {
+    let mut idle_since: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TCP_PORT_GRACE) => {}
+        }
+        let served = matches!(ctx.registry.lookup_port(port), Lookup::Found(_));
+        let mut ports = lock(&ctx.tcp_listeners.ports);
+        let Some(entry) = ports.get(&port) else {
+            return;
+        };
+        let claims = entry.claims;
+        if served {
+            idle_since = None;
+            continue;
+        }
+        match idle_since {
+            Some(seen) if seen == claims && ctx.registry.release_tcp_port(port) => {
+                if let Some(entry) = ports.remove(&port) {
+                    entry.stop.cancel();
+                    info!(port, kite = %entry.name, "no connector serves this TCP kite any more; port closed");
+                }
+                return;
+            }
+            _ => idle_since = Some(claims),
+        }
+    }
+}
+
+async fn accept_tcp(listener: TcpListener, port: u16, stop: CancellationToken, ctx: Arc<RelayCtx>) {
     loop {
         let accepted = tokio::select! {
-            _ = ctx.token.cancelled() => return,
+            _ = stop.cancelled() => return,
             res = listener.accept() => res,
         };
         let (sock, peer) = match accepted {
@@ -144,7 +333,7 @@ async fn accept_tcp(listener: TcpListener, port: u16, ctx: Arc<RelayCtx>) {
             Err(err) => {
                 warn!(%err, "accept failed");
                 tokio::select! {
-                    _ = ctx.token.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => continue,
                 }
             }
@@ -165,7 +354,7 @@ async fn accept_tcp(listener: TcpListener, port: u16, ctx: Arc<RelayCtx>) {
     }
 }
 
-async fn serve_tcp(mut sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<RelayCtx>) {
+async fn serve_tcp(sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<RelayCtx>) {
     let backends = match ctx.registry.lookup_port(port) {
         Lookup::Found(backends) => backends,
         other => {
@@ -176,18 +365,30 @@ async fn serve_tcp(mut sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<R
     let Some((mut stream, backend)) = open_visitor_stream(&backends, None, peer).await else {
         return;
     };
-    pass_through(&mut sock, &mut stream, &backend).await;
+    pass_through(sock, &mut stream, &backend).await;
 }
 
-async fn pass_through(sock: &mut TcpStream, stream: &mut MuxStream, backend: &Backend) {
-    tokio::select! {
-        res = tunnel::splice_stream(sock, stream) => match res {
-            Ok((up, down)) => debug!(node = %backend.node, up, down, "visitor done"),
-            Err(err) => debug!(node = %backend.node, %err, "visitor stream ended with error"),
+/// Passes a visitor's bytes both ways until both ends finish; if the kite
+/// fails first (link lost, stream reset), the visitor gets a TCP reset,
+/// never a clean end.
+async fn pass_through(mut sock: TcpStream, stream: &mut MuxStream, backend: &Backend) {
+    let failed = tokio::select! {
+        res = tunnel::splice_stream(&mut sock, stream) => match res {
+            Ok((up, down)) => {
+                debug!(node = %backend.node, up, down, "visitor done");
+                false
+            }
+            Err(err) => {
+                debug!(node = %backend.node, %err, "visitor stream ended with error");
+                true
+            }
         },
         // The link died: splice sees that as an error on the stream anyway,
         // so nothing else to do here but not outlive a shut-down relay.
-        _ = backend.mux.closed() => {}
+        _ = backend.mux.closed() => true,
+    };
+    if failed {
+        super::http::reset(sock);
     }
 }
 
