@@ -20,7 +20,7 @@ use kitepipe::link::io::ReadAhead;
 use kitepipe::connector::MAX_LINK_STREAMS;
 use kitepipe::link::{LinkIo, Mux, MuxConfig, MuxStream, Side};
 use kitepipe::pki::{RelayCert, relay_server_config};
-use kitepipe::remote::agent::MAX_CONCURRENT_OPS;
+use kitepipe::remote::agent::{MAX_CONCURRENT_OPS, MAX_RELAYED_PROCESSES};
 use kitepipe_proto::event::EventHeader;
 use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::message::{
@@ -739,4 +739,88 @@ fn unread_relayed_reads_leave_the_connector_bounded() {
     eventually("the connector's fds to come back", || {
         (connector.fd_count() <= fds_before + 8).then_some(())
     });
+}
+
+/// Case 18 (processes): a relay with `exec` could start processes without
+/// bound. Now at most `MAX_RELAYED_PROCESSES` relayed processes run at
+/// once; one more is refused at once with a typed error, and the slots
+/// come back when the relay lets its commands go.
+#[test]
+fn relayed_processes_are_capped() {
+    let relay = FakeRelay::start();
+    let connector = relay
+        .connector()
+        .args(&["--allow-remote", "exec"])
+        .start();
+    let link = relay.link();
+    let head_type = {
+        let mut buf = BytesMut::new();
+        AgentRecord::Head(Bytes::new()).encode(&mut buf);
+        buf[0]
+    };
+    let sleep = || {
+        RemoteOp::Exec(ExecOp {
+            argv: vec!["sleep".into(), "120".into()],
+            stdin: true,
+            ..Default::default()
+        })
+    };
+    // Fill every slot: each command runs until its stream goes away.
+    let mut held = Vec::new();
+    for _ in 0..MAX_RELAYED_PROCESSES {
+        let header = StreamHeader::RemoteRelayed(RelayedOp {
+            caller: "attacker".into(),
+            op: sleep(),
+        });
+        let mut stream = relay
+            .rt
+            .block_on(link.open(message::encode(&header)))
+            .expect("open");
+        let mut first = [0u8; 1];
+        let read = relay.rt.block_on(async {
+            tokio::time::timeout(patience(), stream.read_exact(&mut first)).await
+        });
+        assert!(
+            matches!(read, Ok(Ok(_))) && first[0] == head_type,
+            "a command within the cap starts"
+        );
+        held.push(stream);
+    }
+    // The connector's child processes, over all its threads.
+    let children = || -> usize {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", connector.pid()));
+        tasks
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|task| {
+                std::fs::read_to_string(task.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .count()
+            })
+            .sum()
+    };
+    assert_eq!(children(), MAX_RELAYED_PROCESSES, "the commands run");
+    let outcome = relay.run(sleep(), &[]);
+    let Some(reply) = outcome.error() else {
+        panic!("one process over the cap: {outcome:?}");
+    };
+    assert!(reply.message.contains("busy"), "{reply:?}");
+    // Letting go kills the commands and frees the slots.
+    {
+        let _runtime = relay.rt.enter();
+        drop(held);
+    }
+    eventually("the relayed commands to be gone", || {
+        (children() == 0).then_some(())
+    });
+    let outcome = relay.run(
+        RemoteOp::Exec(ExecOp {
+            argv: vec!["true".into()],
+            ..Default::default()
+        }),
+        &[],
+    );
+    assert!(outcome.succeeded(), "{outcome:?}");
 }
