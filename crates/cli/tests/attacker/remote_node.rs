@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
-use kitepipe::link::io::ReadAhead;
 use kitepipe::connector::MAX_LINK_STREAMS;
+use kitepipe::link::io::ReadAhead;
 use kitepipe::link::{LinkIo, Mux, MuxConfig, MuxStream, Side};
 use kitepipe::pki::{RelayCert, relay_server_config};
 use kitepipe::remote::agent::{MAX_CONCURRENT_OPS, MAX_RELAYED_PROCESSES};
@@ -461,11 +461,18 @@ fn fs_grant_cannot_plant_a_handler_or_touch_keys_and_config() {
     assert_refused(&relay.run(read_op(&key), &[]), "read the key", why);
     let outcome = relay.run(
         write_op(&key, 0o600),
-        &[ClientRecord::Data(Bytes::from_static(b"x")), ClientRecord::Eof],
+        &[
+            ClientRecord::Data(Bytes::from_static(b"x")),
+            ClientRecord::Eof,
+        ],
     );
     assert_refused(&outcome, "write the key", why);
     assert_eq!(std::fs::read(&key).unwrap(), key_before, "key untouched");
-    assert_refused(&relay.run(read_op(&files.config), &[]), "read the config", why);
+    assert_refused(
+        &relay.run(read_op(&files.config), &[]),
+        "read the config",
+        why,
+    );
     let outcome = relay.run(
         write_op(&files.config, 0o644),
         &[
@@ -509,7 +516,10 @@ fn fs_read_grant_refuses_every_write() {
     let why = "fs-read";
     let outcome = relay.run(
         write_op(&files.work.join("new.txt"), 0o644),
-        &[ClientRecord::Data(Bytes::from_static(b"x")), ClientRecord::Eof],
+        &[
+            ClientRecord::Data(Bytes::from_static(b"x")),
+            ClientRecord::Eof,
+        ],
     );
     assert_refused(&outcome, "write", why);
     assert!(!files.work.join("new.txt").exists());
@@ -588,7 +598,10 @@ fn relayed_exec_gets_a_clean_environment() {
         ])
         .args(&["--allow-remote", "exec"])
         .start();
-    for tty in [None, Some(kitepipe_proto::remote::TtySize { rows: 24, cols: 80 })] {
+    for tty in [
+        None,
+        Some(kitepipe_proto::remote::TtySize { rows: 24, cols: 80 }),
+    ] {
         let outcome = relay.run(
             RemoteOp::Exec(ExecOp {
                 argv: vec!["env".into()],
@@ -600,7 +613,12 @@ fn relayed_exec_gets_a_clean_environment() {
         );
         assert!(outcome.succeeded(), "{outcome:?}");
         let env = outcome.stdout();
-        for secret in ["KITEPIPE_", "connector-domain-secret", "hunter2", "DATABASE_"] {
+        for secret in [
+            "KITEPIPE_",
+            "connector-domain-secret",
+            "hunter2",
+            "DATABASE_",
+        ] {
             assert!(
                 !env.contains(secret),
                 "{secret} reached a relayed command (tty {tty:?}):\n{env}"
@@ -694,10 +712,14 @@ fn unread_relayed_reads_leave_the_connector_bounded() {
         }));
     }
     let over = FLOOD_STREAMS - MAX_LINK_STREAMS;
-    eventually("the connector to run reads and refuse the streams over its cap", || {
-        (running.load(Ordering::SeqCst) >= MAX_CONCURRENT_OPS && busy.load(Ordering::SeqCst) >= over)
-            .then_some(())
-    });
+    eventually(
+        "the connector to run reads and refuse the streams over its cap",
+        || {
+            (running.load(Ordering::SeqCst) >= MAX_CONCURRENT_OPS
+                && busy.load(Ordering::SeqCst) >= over)
+                .then_some(())
+        },
+    );
     // Whatever got through is running and pinned now: measure.
     let fds = connector.fd_count();
     let rss = connector.rss_kib();
@@ -748,10 +770,7 @@ fn unread_relayed_reads_leave_the_connector_bounded() {
 #[test]
 fn relayed_processes_are_capped() {
     let relay = FakeRelay::start();
-    let connector = relay
-        .connector()
-        .args(&["--allow-remote", "exec"])
-        .start();
+    let connector = relay.connector().args(&["--allow-remote", "exec"]).start();
     let link = relay.link();
     let head_type = {
         let mut buf = BytesMut::new();

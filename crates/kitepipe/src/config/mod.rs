@@ -690,7 +690,10 @@ pub fn parse_allow_remote(text: &str) -> Result<(Vec<RemoteClass>, bool), Config
         Vec::new()
     } else {
         RemoteClass::parse_list(&rest.join(",")).map_err(|why| {
-            invalid(why.replace("exec, fs, forward or all", "exec, fs, fs-read, forward or all"))
+            invalid(why.replace(
+                "exec, fs, forward or all",
+                "exec, fs, fs-read, forward or all",
+            ))
         })?
     };
     let write = classes.contains(&RemoteClass::Fs);
@@ -1401,7 +1404,7 @@ mod tests {
     /// (or `all`) grants writing, whatever else is listed.
     #[test]
     fn allow_remote_fs_read_is_fs_without_writing() {
-        use RemoteClass::{Exec, Fs, Forward};
+        use RemoteClass::{Exec, Forward, Fs};
         for (text, classes, write) in [
             ("fs-read", vec![Fs], false),
             ("exec,fs-read", vec![Exec, Fs], false),

@@ -102,14 +102,17 @@ impl NodePolicy {
 
     /// A slot for one more relayed process, or the typed refusal.
     pub(crate) fn process_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ErrorReply> {
-        self.processes.clone().try_acquire_owned().map_err(|_| ErrorReply {
-            kind: ErrorKind::Other,
-            errno: None,
-            message: format!(
-                "busy: {MAX_RELAYED_PROCESSES} relayed processes already run on this connector"
-            ),
-            path: None,
-        })
+        self.processes
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ErrorReply {
+                kind: ErrorKind::Other,
+                errno: None,
+                message: format!(
+                    "busy: {MAX_RELAYED_PROCESSES} relayed processes already run on this connector"
+                ),
+                path: None,
+            })
     }
 
     /// Refuses what this policy does not allow before the operation runs.

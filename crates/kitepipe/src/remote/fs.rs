@@ -495,8 +495,6 @@ pub(crate) fn check_paths(
             protected.check(&op.from, Reach::Change)?;
             protected.check(&op.to, Reach::Change)
         }
-        RemoteOp::Exec(_) | RemoteOp::Spawn(_) | RemoteOp::Kill(_) | RemoteOp::Connect(_) => {
-            Ok(())
-        }
+        RemoteOp::Exec(_) | RemoteOp::Spawn(_) | RemoteOp::Kill(_) | RemoteOp::Connect(_) => Ok(()),
     }
 }
