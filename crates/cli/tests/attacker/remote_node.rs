@@ -843,3 +843,88 @@ fn relayed_processes_are_capped() {
     );
     assert!(outcome.succeeded(), "{outcome:?}");
 }
+
+/// Visitor streams opened over the cap in the flood below: enough to see
+/// the resets, few enough to stay quick.
+const VISITORS_OVER: usize = 100;
+
+/// Case 18 (visitors): every visitor stream holds a socket to the kite's
+/// target, and nothing capped them. Now a link holds at most
+/// `MAX_LINK_STREAMS` streams; the rest are reset `busy`, and the
+/// connector's descriptors stay within the cap.
+#[test]
+fn visitor_streams_are_capped_per_link() {
+    use std::sync::Mutex;
+    let relay = FakeRelay::start();
+    // A target that accepts and holds every connection.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let holder = accepted.clone();
+    std::thread::spawn(move || {
+        for sock in target.incoming() {
+            let Ok(sock) = sock else { break };
+            let mut held = holder.lock().unwrap();
+            held.push(sock);
+            if held.len() >= MAX_LINK_STREAMS {
+                break;
+            }
+        }
+    });
+    let kite = "held.example.net";
+    let connector = relay
+        .connector()
+        .args(&["--secret", "remote-node-attacker-secret-5f0c2e9a7b"])
+        .args(&["--kite", &format!("tcp:{kite}:7000={target_addr}")])
+        .start();
+    let link = relay.link();
+    let fds_before = connector.fd_count();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let mut streams = Vec::new();
+    for n in 0..MAX_LINK_STREAMS + VISITORS_OVER {
+        let header = StreamHeader::Visitor(kitepipe_proto::message::VisitorHeader {
+            kite: kitepipe_proto::kite::KiteRef {
+                proto: kitepipe_proto::kite::KiteProto::Tcp,
+                name: kite.into(),
+                port: 7000,
+            },
+            host: None,
+            peer: format!("192.0.2.1:{}", 1024 + n),
+        });
+        let stream = relay
+            .rt
+            .block_on(link.open(message::encode(&header)))
+            .expect("open");
+        let busy = busy.clone();
+        streams.push(relay.rt.spawn(async move {
+            let mut stream = stream;
+            let mut first = [0u8; 1];
+            if stream.read(&mut first).await.is_err()
+                && matches!(stream.reset_reason(), Some((ResetCode::Busy, _)))
+            {
+                busy.fetch_add(1, Ordering::SeqCst);
+            }
+            std::future::pending::<()>().await;
+            drop(stream);
+        }));
+    }
+    eventually("the target to hold a full link of visitors", || {
+        (accepted.lock().unwrap().len() >= MAX_LINK_STREAMS).then_some(())
+    });
+    eventually("the visitors over the cap to be reset as busy", || {
+        (busy.load(Ordering::SeqCst) >= VISITORS_OVER).then_some(())
+    });
+    let fds = connector.fd_count();
+    assert_eq!(busy.load(Ordering::SeqCst), VISITORS_OVER);
+    assert_eq!(accepted.lock().unwrap().len(), MAX_LINK_STREAMS);
+    assert!(
+        fds <= fds_before + MAX_LINK_STREAMS + 40,
+        "the connector holds {fds} fds (baseline {fds_before})"
+    );
+    for task in &streams {
+        task.abort();
+    }
+    eventually("the connector's fds to come back", || {
+        (connector.fd_count() <= fds_before + 8).then_some(())
+    });
+}

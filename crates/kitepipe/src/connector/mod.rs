@@ -48,10 +48,37 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Streams a relay may have open on one link at once: visitors, events and
 /// remote operations together. Each may hold a descriptor here (a
 /// visitor's socket to its target, an operation's file) and a task; 1024
-/// is more than a home or office service sees at once, and with a few
-/// relays it stays under the usual descriptor limits. A stream beyond it
-/// is reset (`busy`) at once.
+/// is more than a home or office service sees at once. A stream beyond it
+/// is reset (`busy`) at once. A full link needs more descriptors than the
+/// usual soft limit of 1024, so the connector raises its soft limit to
+/// [`WANTED_FD_LIMIT`] (within the hard limit) at start.
 pub const MAX_LINK_STREAMS: usize = 1024;
+
+/// The soft descriptor limit a connector asks for at start: room for
+/// [`MAX_LINK_STREAMS`] on a few relay links, running processes' pipes and
+/// the event gateway's clients.
+pub const WANTED_FD_LIMIT: u64 = 8192;
+
+/// Raises the soft descriptor limit to [`WANTED_FD_LIMIT`], or the hard
+/// limit if that is lower; never lowers it.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let wanted = match limit.maximum {
+        Some(hard) => WANTED_FD_LIMIT.min(hard),
+        None => WANTED_FD_LIMIT,
+    };
+    if limit.current.is_some_and(|soft| soft < wanted) {
+        let raised = Rlimit {
+            current: Some(wanted),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => debug!(soft = wanted, "raised the descriptor limit"),
+            Err(err) => debug!(%err, "cannot raise the descriptor limit"),
+        }
+    }
+}
 
 /// Why a connector could not start.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +168,7 @@ impl Connector {
 
     /// Keeps a link to every relay until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        raise_fd_limit();
         if let Some(identity) = &self.config.identity {
             let info = identity.info();
             match info.validity_problem(std::time::SystemTime::now()) {
