@@ -197,3 +197,50 @@ fn protected_paths_are_refused_however_they_are_named() {
     assert!(protected.check_opened(&fine, "work").is_ok());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// An operation beyond the slots waits `OP_SLOT_WAIT`, then gets a typed
+/// `busy` refusal instead of queueing for ever; a slot freed in time is
+/// taken.
+#[tokio::test(start_paused = true)]
+async fn an_operation_waits_a_bounded_time_for_a_slot() {
+    use std::sync::Arc;
+
+    use super::agent::{OP_SLOT_WAIT, op_slot};
+    let slots = Arc::new(tokio::sync::Semaphore::new(1));
+    let held = op_slot(&slots).await.expect("a free slot");
+    let started = tokio::time::Instant::now();
+    let refusal = op_slot(&slots).await.expect_err("no slot came free");
+    assert_eq!(started.elapsed(), OP_SLOT_WAIT);
+    assert_eq!(refusal.kind, ErrorKind::Other);
+    assert!(refusal.message.starts_with("busy"), "{}", refusal.message);
+    let waiter = tokio::spawn({
+        let slots = slots.clone();
+        async move { op_slot(&slots).await.is_ok() }
+    });
+    tokio::time::sleep(OP_SLOT_WAIT / 2).await;
+    drop(held);
+    assert!(waiter.await.unwrap(), "a slot freed in time is taken");
+}
+
+/// Relayed commands inherit only the listed variables of the connector,
+/// and get a `PATH` even when the connector has none.
+#[test]
+fn relayed_environment_keeps_only_harmless_variables() {
+    use super::agent::relayed_env;
+    let node = |key: &str| match key {
+        "HOME" => Some("/home/node".to_string()),
+        "KITEPIPE_SECRET" | "AWS_SECRET_ACCESS_KEY" => Some("leak".to_string()),
+        _ => None,
+    };
+    let env = relayed_env(&node);
+    assert_eq!(
+        env,
+        [
+            ("HOME".to_string(), "/home/node".to_string()),
+            (
+                "PATH".to_string(),
+                "/usr/local/bin:/usr/bin:/bin".to_string()
+            ),
+        ]
+    );
+}
