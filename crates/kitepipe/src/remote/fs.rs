@@ -4,10 +4,11 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kitepipe_proto::remote::{
     AgentRecord, ClientRecord, DATA_CHUNK, DirEntry, FileKind, FileStat, LS_BATCH, MkdirOp, MvOp,
-    PathOp, ReadHead, ReadOp, RmOp, StatOp, WriteOp, Written, to_json,
+    PathOp, RECORD_HEADER_LEN, ReadHead, ReadOp, RmOp, StatOp, WriteOp, Written, put_record_header,
+    to_json,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -15,6 +16,18 @@ use kitepipe_proto::remote::{ErrorKind, ErrorReply};
 
 use super::agent::{fail, finish, invalid};
 use super::stream::{OpStream, RecordReader, agent_bytes};
+
+/// The header of an agent `Data` record of `len` bytes (the record type as
+/// `AgentRecord::encode` writes it, and the length).
+fn data_record_header(len: usize) -> [u8; RECORD_HEADER_LEN] {
+    let mut empty = BytesMut::with_capacity(RECORD_HEADER_LEN);
+    AgentRecord::Data(Bytes::new()).encode(&mut empty);
+    let mut header = BytesMut::with_capacity(RECORD_HEADER_LEN);
+    put_record_header(&mut header, empty[0], len);
+    let mut out = [0u8; RECORD_HEADER_LEN];
+    out.copy_from_slice(&header);
+    out
+}
 
 fn done_empty() -> AgentRecord {
     AgentRecord::Done(Bytes::from_static(b"{}"))
@@ -43,19 +56,20 @@ pub(crate) async fn read(op: ReadOp, stream: OpStream, protected: Option<&Protec
     if stream.send(agent_bytes(&head)).await.is_err() {
         return;
     }
-    // Each chunk is read on the blocking pool into a buffer of its own and
-    // only its encoded record is kept while the stream waits for credit:
-    // a read blocked by a peer that grants no window holds one chunk
-    // (tokio's `File` would keep a second buffer of its own).
+    // Each chunk is read on the blocking pool straight behind its record
+    // header, so a read blocked by a peer that grants no window holds one
+    // buffer of one chunk (tokio's `File` would keep a second buffer, and
+    // encoding a separate record a third).
     let mut file = Some(file);
     loop {
         let Some(mut taken) = file.take() else { return };
         let chunk = tokio::task::spawn_blocking(move || {
             use std::io::Read;
-            let mut buf = vec![0u8; DATA_CHUNK];
-            let res = taken.read(&mut buf).map(|n| {
-                buf.truncate(n);
-                buf
+            let mut record = BytesMut::zeroed(RECORD_HEADER_LEN + DATA_CHUNK);
+            let res = taken.read(&mut record[RECORD_HEADER_LEN..]).map(|n| {
+                record.truncate(RECORD_HEADER_LEN + n);
+                record[..RECORD_HEADER_LEN].copy_from_slice(&data_record_header(n));
+                (n, record.freeze())
             });
             (taken, res)
         })
@@ -65,9 +79,8 @@ pub(crate) async fn read(op: ReadOp, stream: OpStream, protected: Option<&Protec
         };
         file = Some(taken);
         match res {
-            Ok(buf) if buf.is_empty() => break,
-            Ok(buf) => {
-                let record = agent_bytes(&AgentRecord::Data(Bytes::from(buf)));
+            Ok((0, _)) => break,
+            Ok((_, record)) => {
                 if stream.send(record).await.is_err() {
                     return;
                 }
