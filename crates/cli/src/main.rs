@@ -244,8 +244,10 @@ struct ConnectArgs {
     #[arg(long, value_name = "DURATION")]
     max_backoff: Option<String>,
     /// Accept remote operations from the relay (off by default): exec, fs,
-    /// forward or all, comma-separated, e.g. --allow-remote exec,fs. The
-    /// relay's rules decide who may use them; each is logged.
+    /// fs-read, forward or all, comma-separated, e.g. --allow-remote
+    /// exec,fs. fs (every file operation) is as good as exec; fs-read
+    /// allows read, ls and stat only. The relay's rules decide who may use
+    /// them; each is logged.
     #[arg(long, value_name = "OPS")]
     allow_remote: Option<String>,
     /// Certificate identity directory from `kitepipe ca issue` (cert.pem,
@@ -518,6 +520,11 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     };
     let mut config = ConnectorConfig::try_from(raw).map_err(exit::usage)?;
     config.events.handler_env = handler_env(&|key| std::env::var(key).ok());
+    if let Some(path) = &args.config {
+        // Relayed file operations never reach the config file.
+        let file = (path.clone(), "the config file".to_string());
+        config.remote_fs.protected.push(file);
+    }
     if config.kites.is_empty() && config.events.gateway.is_none() {
         tracing::warn!("no --kite and no gateway: the connector links but serves nothing");
     }

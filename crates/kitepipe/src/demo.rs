@@ -148,6 +148,7 @@ pub async fn run(
         identity: None,
         events: Default::default(),
         allow_remote: Vec::new(),
+        remote_fs: Default::default(),
     })?;
     let mut state = connector.watch(0).expect("one relay configured");
     let connector_gateway = connector.gateway_addr();

@@ -670,6 +670,61 @@ pub struct ConnectorConfig {
     pub events: EventConfig,
     /// Kinds of remote operations accepted from relays (empty: none).
     pub allow_remote: Vec<RemoteClass>,
+    /// What relayed file operations may do and never reach.
+    pub remote_fs: RemoteFsConfig,
+}
+
+/// What relayed file operations may do on a connector, besides the kinds
+/// in `allow_remote`.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteFsConfig {
+    /// `fs` was granted (every file operation; as good as `exec`, since
+    /// writing files as the connector's user runs code through cron,
+    /// shell profiles or authorized keys); false with `fs-read` only.
+    pub write: bool,
+    /// Paths relayed file operations never reach, each with what it is:
+    /// the handlers directory, identity files, the config file, and any
+    /// file a secret was read from.
+    pub protected: Vec<(PathBuf, String)>,
+}
+
+/// Parses `--allow-remote`: `exec`, `fs`, `fs-read` (read, ls and stat
+/// only), `forward` or `all`, comma-separated. `fs-read` is offered to
+/// relays as `fs` and narrowed on the connector.
+pub fn parse_allow_remote(text: &str) -> Result<(Vec<RemoteClass>, bool), ConfigError> {
+    let invalid = |why: String| ConfigError::Invalid {
+        what: "allow-remote",
+        value: text.to_string(),
+        why,
+    };
+    let words: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .collect();
+    let read_only = words.iter().any(|w| w.eq_ignore_ascii_case("fs-read"));
+    let rest: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|w| !w.eq_ignore_ascii_case("fs-read"))
+        .collect();
+    let mut classes = if rest.is_empty() && read_only {
+        Vec::new()
+    } else {
+        RemoteClass::parse_list(&rest.join(",")).map_err(|why| {
+            invalid(why.replace(
+                "exec, fs, forward or all",
+                "exec, fs, fs-read, forward or all",
+            ))
+        })?
+    };
+    let write = classes.contains(&RemoteClass::Fs);
+    if read_only {
+        classes.push(RemoteClass::Fs);
+        classes.sort();
+        classes.dedup();
+    }
+    Ok((classes, write))
 }
 
 /// A relay to link to.
@@ -995,6 +1050,23 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             .enumerate()
             .map(|(index, text)| parse_relay_target(text, trust_for(index)?))
             .collect::<Result<Vec<_>, _>>()?;
+        let (allow_remote, fs_write) = match raw.allow_remote.as_deref() {
+            None => (Vec::new(), false),
+            Some(text) => parse_allow_remote(text)?,
+        };
+        let remote_fs = RemoteFsConfig {
+            write: fs_write,
+            protected: [
+                (&raw.handlers, "the handlers directory"),
+                (&raw.identity, "the identity directory"),
+                (&raw.cert, "the certificate"),
+                (&raw.key, "the private key"),
+                (&raw.ca, "the relay CA file"),
+            ]
+            .into_iter()
+            .filter_map(|(path, what)| Some((path.clone()?, what.to_string())))
+            .collect(),
+        };
         let name = raw
             .name
             .or_else(|| identity.as_ref().map(|id| id.info().name.clone()))
@@ -1014,16 +1086,8 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             )?,
             identity,
             events: EventConfig::from_raw(&raw_events)?,
-            allow_remote: match raw.allow_remote.as_deref() {
-                None => Vec::new(),
-                Some(text) => {
-                    RemoteClass::parse_list(text).map_err(|why| ConfigError::Invalid {
-                        what: "allow-remote",
-                        value: text.to_string(),
-                        why,
-                    })?
-                }
-            },
+            allow_remote,
+            remote_fs,
         })
     }
 }
@@ -1457,6 +1521,29 @@ mod tests {
             [RemoteClass::Exec, RemoteClass::Fs]
         );
         let err = connector(Some("root")).unwrap_err().to_string();
+        assert!(err.contains("allow-remote"), "{err}");
+    }
+
+    /// `fs-read` is offered as `fs` and narrowed on the connector; `fs`
+    /// (or `all`) grants writing, whatever else is listed.
+    #[test]
+    fn allow_remote_fs_read_is_fs_without_writing() {
+        use RemoteClass::{Exec, Forward, Fs};
+        for (text, classes, write) in [
+            ("fs-read", vec![Fs], false),
+            ("exec,fs-read", vec![Exec, Fs], false),
+            ("fs", vec![Fs], true),
+            ("fs-read,fs", vec![Fs], true),
+            ("all", vec![Exec, Fs, Forward], true),
+            ("FS-READ, forward", vec![Fs, Forward], false),
+        ] {
+            assert_eq!(
+                parse_allow_remote(text).unwrap(),
+                (classes, write),
+                "{text}"
+            );
+        }
+        let err = parse_allow_remote("fs-write").unwrap_err().to_string();
         assert!(err.contains("allow-remote"), "{err}");
     }
 

@@ -23,7 +23,7 @@ use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::kite::KiteRef;
 use kitepipe_proto::message::{self, RelayedOp, RemoteClass, StreamHeader};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -35,6 +35,7 @@ use crate::pipe::{
     run_gateway,
 };
 use crate::pki::{ConnectorTlsOptions, PkiError, connector_client_config_with};
+use crate::remote::agent::{MAX_CONCURRENT_OPS, NodePolicy, Origin};
 use crate::tunnel;
 
 /// How long connecting to a local target may take. Local services answer
@@ -43,6 +44,44 @@ pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for in-flight streams.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Streams a relay may have open on one link at once: visitors, events and
+/// remote operations together. Each may hold a descriptor here (a
+/// visitor's socket to its target, an operation's file), a task and the
+/// copy buffers of a visitor (about 30 KiB in all, as on the relay), so
+/// a full link costs about 4,096 descriptors and 120 MiB. That is well
+/// beyond what a service behind one connector sees at once (the hostile
+/// suite holds 2,000 TCP visitors), and bounded. A stream beyond it is
+/// reset (`busy`) at once. A full link needs more descriptors than the
+/// usual soft limit of 1024, so the connector raises its soft limit to
+/// [`WANTED_FD_LIMIT`] (within the hard limit) at start.
+pub const MAX_LINK_STREAMS: usize = 4096;
+
+/// The soft descriptor limit a connector asks for at start: room for
+/// [`MAX_LINK_STREAMS`] on a few relay links, running processes' pipes and
+/// the event gateway's clients.
+pub const WANTED_FD_LIMIT: u64 = 16 * 1024;
+
+/// Raises the soft descriptor limit to [`WANTED_FD_LIMIT`], or the hard
+/// limit if that is lower; never lowers it.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let wanted = match limit.maximum {
+        Some(hard) => WANTED_FD_LIMIT.min(hard),
+        None => WANTED_FD_LIMIT,
+    };
+    if limit.current.is_some_and(|soft| soft < wanted) {
+        let raised = Rlimit {
+            current: Some(wanted),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => debug!(soft = wanted, "raised the descriptor limit"),
+            Err(err) => debug!(%err, "cannot raise the descriptor limit"),
+        }
+    }
+}
 
 /// Why a connector could not start.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +171,7 @@ impl Connector {
 
     /// Keeps a link to every relay until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
+        raise_fd_limit();
         if let Some(identity) = &self.config.identity {
             let info = identity.info();
             match info.validity_problem(std::time::SystemTime::now()) {
@@ -217,6 +257,9 @@ pub(crate) struct Kites {
     targets: Vec<crate::config::KiteTarget>,
     /// Kinds of remote operations accepted from relays (`--allow-remote`).
     allow_remote: Vec<RemoteClass>,
+    /// How relayed operations run (`fs-read`, protected paths, their
+    /// environment, the process cap).
+    remote: Origin,
     /// Public ports relays gave TCP kites registered with port 0, so a
     /// reconnect asks for the same port again. Key: (relay, kite name).
     assigned_ports: Mutex<HashMap<(String, String), u16>>,
@@ -227,6 +270,7 @@ impl Kites {
         Kites {
             targets: config.kites.clone(),
             allow_remote: config.allow_remote.clone(),
+            remote: Origin::Relayed(Arc::new(node_policy(config))),
             assigned_ports: Mutex::new(HashMap::new()),
         }
     }
@@ -242,6 +286,63 @@ impl Kites {
             })
             .map(|t| t.target.as_str())
     }
+}
+
+/// The policy for relayed operations: the config's grant and protected
+/// paths, plus this process's own executable and `/proc` entries (its
+/// environment and command line may hold secrets).
+fn node_policy(config: &ConnectorConfig) -> NodePolicy {
+    let mut protected: Vec<(std::path::PathBuf, &str)> = config
+        .remote_fs
+        .protected
+        .iter()
+        .map(|(path, what)| (path.clone(), what.as_str()))
+        .collect();
+    if let Ok(exe) = std::env::current_exe() {
+        protected.push((exe, "the connector's executable"));
+    }
+    protected.push((
+        std::path::PathBuf::from("/proc/self"),
+        "the connector's process (its environment and command line)",
+    ));
+    NodePolicy::new(
+        config.remote_fs.write,
+        crate::remote::agent::Protected::new(protected),
+        &|key| std::env::var(key).ok(),
+    )
+}
+
+/// What bounds the streams of one relay link: how many may be open
+/// ([`MAX_LINK_STREAMS`]) and how many remote operations run at once
+/// ([`MAX_CONCURRENT_OPS`], the same bound as an agent's).
+#[derive(Clone)]
+pub(crate) struct LinkBounds {
+    streams: Arc<Semaphore>,
+    ops: Arc<Semaphore>,
+}
+
+impl LinkBounds {
+    pub(crate) fn new() -> LinkBounds {
+        LinkBounds {
+            streams: Arc::new(Semaphore::new(MAX_LINK_STREAMS)),
+            ops: Arc::new(Semaphore::new(MAX_CONCURRENT_OPS)),
+        }
+    }
+
+    /// A slot for one more open stream; `None` when the link is full.
+    pub(crate) fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.streams.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Resets a stream the link has no room for.
+pub(crate) fn refuse_full(incoming: IncomingStream) {
+    let mut stream = incoming.stream;
+    debug!(stream = stream.id(), "stream refused: the link is full");
+    stream.reset(
+        ResetCode::Busy,
+        &format!("this connector has {MAX_LINK_STREAMS} streams open on this link already"),
+    );
 }
 
 /// The links events go out on: one slot per relay, `Some` while that
@@ -318,8 +419,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Runs a remote operation the relay passed on, if this connector accepts
-/// its kind; logs it with the caller either way.
-async fn serve_relayed(relayed: RelayedOp, mut stream: MuxStream, allowed: &[RemoteClass]) {
+/// its kind, once one of the link's operation slots is free; logs it with
+/// the caller either way.
+async fn serve_relayed(
+    relayed: RelayedOp,
+    mut stream: MuxStream,
+    allowed: &[RemoteClass],
+    origin: &Origin,
+    ops: &Arc<Semaphore>,
+) {
     let class = relayed.op.class();
     if !allowed.contains(&class) {
         warn!(caller = %relayed.caller, op = %class, "remote operation refused: not accepted here");
@@ -335,16 +443,25 @@ async fn serve_relayed(relayed: RelayedOp, mut stream: MuxStream, allowed: &[Rem
         return;
     }
     info!(caller = %relayed.caller, op = %relayed.op.summary(), "remote operation");
-    crate::remote::agent::serve_op(relayed.op, stream).await;
+    match crate::remote::agent::op_slot(ops).await {
+        // Boxed: an operation waiting for a slot holds a pointer, not the
+        // state of every kind of operation.
+        Ok(_slot) => Box::pin(crate::remote::agent::serve_op(relayed.op, stream, origin)).await,
+        Err(busy) => {
+            warn!(caller = %relayed.caller, op = %relayed.op.summary(), "remote operation refused: busy");
+            crate::remote::agent::refuse(stream, busy).await;
+        }
+    }
 }
 
 /// Serves one stream the relay opened: a visitor is connected to the
 /// kite's local target with bytes copied both ways; an event goes to the
-/// handlers.
+/// handlers; a remote operation runs within the link's `bounds`.
 pub(crate) async fn serve_stream(
     incoming: IncomingStream,
     kites: Arc<Kites>,
     handlers: Arc<Handlers>,
+    bounds: LinkBounds,
 ) {
     let IncomingStream { header, mut stream } = incoming;
     let header = match message::decode::<StreamHeader>(&header) {
@@ -356,11 +473,21 @@ pub(crate) async fn serve_stream(
                 node: RELAY_NODE.to_string(),
                 identity: None,
             });
-            pipe::serve_event(stream, event, caller, handlers).await;
+            // Boxed, like the visitor below: a stream's task is sized for
+            // its largest kind, and relayed operations waiting for a slot
+            // should not each hold an event's or a visitor's state.
+            Box::pin(pipe::serve_event(stream, event, caller, handlers)).await;
             return;
         }
         Ok(StreamHeader::RemoteRelayed(relayed)) => {
-            serve_relayed(relayed, stream, &kites.allow_remote).await;
+            serve_relayed(
+                relayed,
+                stream,
+                &kites.allow_remote,
+                &kites.remote,
+                &bounds.ops,
+            )
+            .await;
             return;
         }
         Err(err) => {
@@ -380,7 +507,7 @@ pub(crate) async fn serve_stream(
         return;
     };
     let span = tracing::debug_span!("visitor", kite = %header.kite, peer = %header.peer);
-    async {
+    let visitor = async {
         let sock =
             match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
                 Ok(Ok(sock)) => sock,
@@ -412,9 +539,8 @@ pub(crate) async fn serve_stream(
                 let _ = sock.set_zero_linger();
             }
         }
-    }
-    .instrument(span)
-    .await;
+    };
+    Box::pin(visitor.instrument(span)).await;
 }
 
 #[cfg(test)]
@@ -454,6 +580,11 @@ mod tests {
             Arc::new(Kites {
                 targets: Vec::new(),
                 allow_remote: classes,
+                remote: Origin::Relayed(Arc::new(NodePolicy::new(
+                    false,
+                    Default::default(),
+                    &|_| None,
+                ))),
                 assigned_ports: Mutex::new(HashMap::new()),
             })
         };
@@ -484,7 +615,12 @@ mod tests {
                 "test",
                 &crate::config::EventConfig::default(),
             ));
-            tracker.spawn(serve_stream(incoming, allow(accepts), handlers));
+            tracker.spawn(serve_stream(
+                incoming,
+                allow(accepts),
+                handlers,
+                LinkBounds::new(),
+            ));
             let mut reply = Vec::new();
             let read = stream.read_to_end(&mut reply).await;
             match refusal {

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, warn};
 
-use super::{EventLinks, Kites, LinkState, serve_stream};
+use super::{EventLinks, Kites, LinkBounds, LinkState, refuse_full, serve_stream};
 use crate::config::{ConnectorConfig, RelayTarget};
 use crate::link::LinkIo;
 use crate::link::backoff::Backoff;
@@ -406,6 +406,7 @@ impl RelayLink {
     }
 
     async fn serve(&self, mux: &Mux, rx: &mut MuxReceivers) -> Result<LinkClosed, AttemptError> {
+        let bounds = LinkBounds::new();
         loop {
             tokio::select! {
                 _ = self.token.cancelled() => {
@@ -415,9 +416,15 @@ impl RelayLink {
                 reason = mux.closed() => return Ok(reason),
                 incoming = rx.incoming.recv() => {
                     let Some(incoming) = incoming else { return Ok(mux.closed().await) };
+                    // Every stream counts against the link's cap until it ends.
+                    let Some(slot) = bounds.admit() else {
+                        refuse_full(incoming);
+                        continue;
+                    };
                     let kites = self.kites.clone();
                     let span = tracing::debug_span!("stream", id = incoming.stream.id());
-                    self.tracker.spawn(serve_stream(incoming, kites, self.handlers.clone()).instrument(span));
+                    let serve = serve_stream(incoming, kites, self.handlers.clone(), bounds.clone());
+                    self.tracker.spawn(async move { serve.await; drop(slot) }.instrument(span));
                 }
                 control = rx.control.recv() => {
                     let Some(payload) = control else { return Ok(mux.closed().await) };

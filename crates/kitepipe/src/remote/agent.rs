@@ -22,13 +22,148 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
+pub use super::fs::Protected;
 use super::stream::{OpStream, agent_bytes};
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxConfig, MuxStream, Side};
 
-/// Operations served at once; more wait for a slot. Each holds a stream
-/// window (1 MiB of credit) and perhaps a process, so this bounds the
-/// agent's memory and the processes one client can start at once.
+/// Operations served at once per link (an agent's, or a connector's link
+/// to one relay); more wait for a slot. Each holds a stream window (1 MiB
+/// of credit), a buffer of one chunk and perhaps an open file or a
+/// process, so this bounds the memory and descriptors one client (or one
+/// relay) can pin: 256 blocked reads hold 32 MiB of chunks and 256 files.
 pub const MAX_CONCURRENT_OPS: usize = 256;
+
+/// How long an operation beyond [`MAX_CONCURRENT_OPS`] waits for a slot
+/// before it is refused with a typed error. Long enough for a burst of
+/// short operations (a recursive copy) to pass, short enough that a
+/// client holding every slot is told so instead of queueing for ever.
+pub const OP_SLOT_WAIT: Duration = Duration::from_secs(30);
+
+/// Processes started by relayed `exec` and `spawn` that may run at once
+/// on a connector (all its relays together). A process holds up to four
+/// descriptors here (pipes, pidfd) and whatever it uses on the machine;
+/// 64 at once is far beyond what one operator's automation runs, and a
+/// relay that asks for more is refused at once (processes may run for
+/// hours: waiting for a slot would not help).
+pub const MAX_RELAYED_PROCESSES: usize = 64;
+
+/// Variables of the connector's environment a relayed command inherits
+/// (`TERM` too on a terminal). Nothing else: the connector's environment
+/// may hold `KITEPIPE_SECRET` or any secret of the service that runs it.
+pub const RELAYED_ENV_INHERITED: &[&str] = &[
+    "PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL",
+];
+
+/// `PATH` of relayed commands when the connector has none.
+const DEFAULT_RELAYED_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Who asked for an operation, which decides how it runs.
+#[derive(Clone, Default)]
+pub enum Origin {
+    /// A client of `kitepipe agent --stdio`: the user who logged in (over
+    /// SSH) runs it, with that login's environment and reach.
+    #[default]
+    Agent,
+    /// A relay passed it on to this connector: the connector's
+    /// [`NodePolicy`] applies.
+    Relayed(Arc<NodePolicy>),
+}
+
+/// What a connector allows the operations its relays pass on, besides
+/// the kinds (`--allow-remote`).
+#[derive(Debug)]
+pub struct NodePolicy {
+    /// File operations that change anything are allowed (`fs`); false:
+    /// read, ls and stat only (`fs-read`).
+    pub fs_write: bool,
+    /// Paths no relayed file operation reaches.
+    pub protected: Protected,
+    /// The environment relayed commands start from.
+    pub env: Vec<(String, String)>,
+    /// Slots of running relayed processes ([`MAX_RELAYED_PROCESSES`]).
+    processes: Arc<Semaphore>,
+}
+
+impl NodePolicy {
+    /// A policy; `env` is the connector's environment, looked up by name
+    /// (only [`RELAYED_ENV_INHERITED`] is read).
+    pub fn new(
+        fs_write: bool,
+        protected: Protected,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> NodePolicy {
+        NodePolicy {
+            fs_write,
+            protected,
+            env: relayed_env(env),
+            processes: Arc::new(Semaphore::new(MAX_RELAYED_PROCESSES)),
+        }
+    }
+
+    /// A slot for one more relayed process, or the typed refusal.
+    pub(crate) fn process_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ErrorReply> {
+        self.processes
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ErrorReply {
+                kind: ErrorKind::Other,
+                errno: None,
+                message: format!(
+                    "busy: {MAX_RELAYED_PROCESSES} relayed processes already run on this connector"
+                ),
+                path: None,
+            })
+    }
+
+    /// Refuses what this policy does not allow before the operation runs.
+    fn admit(&self, op: &RemoteOp) -> Result<(), ErrorReply> {
+        if !self.fs_write && super::fs::changes(op) {
+            return Err(ErrorReply {
+                kind: ErrorKind::PermissionDenied,
+                errno: None,
+                message: format!(
+                    "this connector grants fs-read only (read, ls, stat), not {}",
+                    op.summary()
+                ),
+                path: None,
+            });
+        }
+        super::fs::check_paths(op, &self.protected)
+    }
+}
+
+/// The environment of relayed commands: the connector's
+/// [`RELAYED_ENV_INHERITED`] variables, and a default `PATH` if it has none.
+pub fn relayed_env(env: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = RELAYED_ENV_INHERITED
+        .iter()
+        .filter_map(|key| env(key).map(|value| (key.to_string(), value)))
+        .collect();
+    if !vars.iter().any(|(key, _)| key == "PATH") {
+        vars.push(("PATH".into(), DEFAULT_RELAYED_PATH.into()));
+    }
+    vars
+}
+
+/// Takes one of `slots`, waiting at most [`OP_SLOT_WAIT`]; the typed
+/// refusal when none came free.
+pub(crate) async fn op_slot(
+    slots: &Arc<Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ErrorReply> {
+    match tokio::time::timeout(OP_SLOT_WAIT, slots.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(ErrorReply {
+            kind: ErrorKind::Other,
+            errno: None,
+            message: format!(
+                "busy: {MAX_CONCURRENT_OPS} operations already run on this link; none ended \
+                 within {}s",
+                OP_SLOT_WAIT.as_secs()
+            ),
+            path: None,
+        }),
+    }
+}
 
 /// How long the agent lets in-flight operations finish after the link
 /// closed before it exits anyway.
@@ -108,9 +243,10 @@ where
                 let slots = slots.clone();
                 let span = tracing::debug_span!("op", stream = incoming.stream.id());
                 tracker.spawn(async move {
-                    // The semaphore is never closed.
-                    let Ok(_slot) = slots.acquire_owned().await else { return };
-                    serve_stream(incoming).await;
+                    match op_slot(&slots).await {
+                        Ok(_slot) => serve_stream(incoming).await,
+                        Err(busy) => refuse(incoming.stream, busy).await,
+                    }
                 }.instrument(span));
             }
             control = receivers.control.recv() => {
@@ -157,7 +293,7 @@ pub fn hello() -> AgentHello {
 pub async fn serve_stream(incoming: IncomingStream) {
     let IncomingStream { header, mut stream } = incoming;
     match message::decode::<RemoteHeader>(&header) {
-        Ok(RemoteHeader::Remote(op)) => serve_op(op, stream).await,
+        Ok(RemoteHeader::Remote(op)) => serve_op(op, stream, &Origin::Agent).await,
         Err(err) => {
             debug!(%err, "bad remote operation header");
             stream.reset(
@@ -168,15 +304,24 @@ pub async fn serve_stream(incoming: IncomingStream) {
     }
 }
 
-/// Runs one decoded operation on its stream.
-pub async fn serve_op(op: RemoteOp, stream: MuxStream) {
+/// Runs one decoded operation on its stream, as `origin` allows.
+pub async fn serve_op(op: RemoteOp, stream: MuxStream, origin: &Origin) {
+    let policy = match origin {
+        Origin::Agent => None,
+        Origin::Relayed(policy) => Some(&**policy),
+    };
+    if let Some(Err(refusal)) = policy.map(|policy| policy.admit(&op)) {
+        info!(op = %op.summary(), why = %refusal.message, "remote operation refused");
+        return refuse(stream, refusal).await;
+    }
+    let protected = policy.map(|policy| &policy.protected);
     let stream = OpStream::new(stream);
     match op {
-        RemoteOp::Exec(op) => super::exec::exec(op, stream).await,
-        RemoteOp::Spawn(op) => super::exec::spawn(op, stream).await,
+        RemoteOp::Exec(op) => super::exec::exec(op, stream, policy).await,
+        RemoteOp::Spawn(op) => super::exec::spawn(op, stream, policy).await,
         RemoteOp::Kill(op) => super::exec::kill(op, stream).await,
-        RemoteOp::Read(op) => super::fs::read(op, stream).await,
-        RemoteOp::Write(op) => super::fs::write(op, stream).await,
+        RemoteOp::Read(op) => super::fs::read(op, stream, protected).await,
+        RemoteOp::Write(op) => super::fs::write(op, stream, protected).await,
         RemoteOp::Ls(op) => super::fs::ls(op, stream).await,
         RemoteOp::Stat(op) => super::fs::stat(op, stream).await,
         RemoteOp::Mkdir(op) => super::fs::mkdir(op, stream).await,

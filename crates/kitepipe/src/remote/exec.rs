@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 use tracing::debug;
 
-use super::agent::{error_reply, fail, finish, invalid};
+use super::agent::{NodePolicy, error_reply, fail, finish, invalid};
 use super::stream::{OpStream, RecordReader, agent_bytes};
 
 /// After the process exited, how long its output pipes may stay open (held
@@ -20,15 +20,39 @@ use super::stream::{OpStream, RecordReader, agent_bytes};
 /// anyway. Output already in the pipes arrives well within it.
 const EXIT_DRAIN: Duration = Duration::from_millis(500);
 
+/// The environment of a command: the agent's own plus the operation's;
+/// for a relayed one (`policy`), only the connector's few harmless
+/// variables plus the operation's.
+pub(crate) fn set_env(
+    command: &mut Command,
+    env: &[(String, String)],
+    env_clear: bool,
+    policy: Option<&NodePolicy>,
+) {
+    if env_clear || policy.is_some() {
+        command.env_clear();
+    }
+    if let (Some(policy), false) = (policy, env_clear) {
+        command.envs(policy.env.iter().map(|(k, v)| (k, v)));
+    }
+    command.envs(env.iter().map(|(k, v)| (k, v)));
+}
+
 /// Runs a command, streaming its stdin, stdout and stderr, and reports how
-/// it ended. The process is killed if the client goes away.
-pub(crate) async fn exec(op: ExecOp, stream: OpStream) {
+/// it ended. The process is killed if the client goes away. A relayed one
+/// (`policy`) takes a process slot for as long as it runs.
+pub(crate) async fn exec(op: ExecOp, stream: OpStream, policy: Option<&NodePolicy>) {
     let Some(program) = op.argv.first() else {
         finish(&stream, invalid("exec needs a command")).await;
         return;
     };
+    let _slot = match policy.map(NodePolicy::process_slot) {
+        Some(Err(busy)) => return finish(&stream, AgentRecord::Error(busy)).await,
+        Some(Ok(slot)) => Some(slot),
+        None => None,
+    };
     if op.tty.is_some() {
-        super::exec_tty::exec(op, stream).await;
+        super::exec_tty::exec(op, stream, policy).await;
         return;
     }
     let mut command = Command::new(program);
@@ -42,10 +66,7 @@ pub(crate) async fn exec(op: ExecOp, stream: OpStream) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if op.env_clear {
-        command.env_clear();
-    }
-    command.envs(op.env.iter().map(|(k, v)| (k, v)));
+    set_env(&mut command, &op.env, op.env_clear, policy);
     if let Some(cwd) = &op.cwd {
         command.current_dir(cwd);
     }
@@ -206,12 +227,18 @@ pub(crate) fn signal_process(pid: u32, signal: i32) {
 
 /// Starts a command in the background, in its own process group, with
 /// stdin from `/dev/null` and output to `/dev/null` or the log file. It
-/// outlives the operation and the session.
-pub(crate) async fn spawn(op: SpawnOp, stream: OpStream) {
+/// outlives the operation and the session. A relayed one (`policy`) holds
+/// a process slot until it exits.
+pub(crate) async fn spawn(op: SpawnOp, stream: OpStream, policy: Option<&NodePolicy>) {
     use std::os::unix::process::CommandExt;
     let Some(program) = op.argv.first() else {
         finish(&stream, invalid("spawn needs a command")).await;
         return;
+    };
+    let slot = match policy.map(NodePolicy::process_slot) {
+        Some(Err(busy)) => return finish(&stream, AgentRecord::Error(busy)).await,
+        Some(Ok(slot)) => Some(slot),
+        None => None,
     };
     let (stdout, stderr) = match &op.log {
         Some(path) => {
@@ -236,17 +263,25 @@ pub(crate) async fn spawn(op: SpawnOp, stream: OpStream) {
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
-        .process_group(0)
-        .envs(op.env.iter().map(|(k, v)| (k, v)));
+        .process_group(0);
     if let Some(cwd) = &op.cwd {
         command.current_dir(cwd);
     }
+    let mut command = Command::from(command);
+    set_env(&mut command, &op.env, false, policy);
     // Through tokio so the child is reaped in the background when it
     // exits (tokio reaps dropped children).
-    match Command::from(command).spawn() {
-        Ok(child) => {
+    match command.spawn() {
+        Ok(mut child) => {
             let pid = child.id().unwrap_or(0);
             debug!(pid, argv = ?op.argv, "spawned");
+            if let Some(slot) = slot {
+                // The slot is free again once the process has exited.
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                    drop(slot);
+                });
+            }
             finish(&stream, AgentRecord::Done(to_json(&Spawned { pid }))).await;
         }
         Err(err) => fail(&stream, &err, "cannot run the command", Some(program)).await,

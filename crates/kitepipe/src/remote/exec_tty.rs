@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tracing::debug;
 
-use super::agent::fail;
+use super::agent::{NodePolicy, fail};
 use super::exec::{exit_report, run_pumps, signal_process};
 use super::stream::{OpStream, RecordReader, agent_bytes};
 
@@ -34,8 +34,9 @@ const EXIT_DRAIN: Duration = Duration::from_millis(500);
 /// The terminal's end-of-file character (Ctrl-D, `VEOF` in canonical mode).
 const VEOF: u8 = 0x04;
 
-/// Runs a command on a new pseudo-terminal.
-pub(crate) async fn exec(op: ExecOp, stream: OpStream) {
+/// Runs a command on a new pseudo-terminal; a relayed one (`policy`) with
+/// the connector's relayed environment.
+pub(crate) async fn exec(op: ExecOp, stream: OpStream, policy: Option<&NodePolicy>) {
     let size = op.tty.unwrap_or(TtySize { rows: 24, cols: 80 });
     let (master, slave) = match open_pty(size) {
         Ok(pair) => pair,
@@ -49,10 +50,7 @@ pub(crate) async fn exec(op: ExecOp, stream: OpStream) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
-    if op.env_clear {
-        command.env_clear();
-    }
-    command.envs(op.env.iter().map(|(k, v)| (k, v)));
+    super::exec::set_env(&mut command, &op.env, op.env_clear, policy);
     if !op.env.iter().any(|(k, _)| k == "TERM") {
         command.env("TERM", "xterm-256color");
     }

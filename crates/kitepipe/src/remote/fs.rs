@@ -4,27 +4,47 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use kitepipe_proto::remote::{
     AgentRecord, ClientRecord, DATA_CHUNK, DirEntry, FileKind, FileStat, LS_BATCH, MkdirOp, MvOp,
-    PathOp, ReadHead, ReadOp, RmOp, StatOp, WriteOp, Written, to_json,
+    PathOp, RECORD_HEADER_LEN, ReadHead, ReadOp, RmOp, StatOp, WriteOp, Written, put_record_header,
+    to_json,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+
+use kitepipe_proto::remote::{ErrorKind, ErrorReply};
 
 use super::agent::{fail, finish, invalid};
 use super::stream::{OpStream, RecordReader, agent_bytes};
+
+/// The header of an agent `Data` record of `len` bytes (the record type as
+/// `AgentRecord::encode` writes it, and the length).
+fn data_record_header(len: usize) -> [u8; RECORD_HEADER_LEN] {
+    let mut empty = BytesMut::with_capacity(RECORD_HEADER_LEN);
+    AgentRecord::Data(Bytes::new()).encode(&mut empty);
+    let mut header = BytesMut::with_capacity(RECORD_HEADER_LEN);
+    put_record_header(&mut header, empty[0], len);
+    let mut out = [0u8; RECORD_HEADER_LEN];
+    out.copy_from_slice(&header);
+    out
+}
 
 fn done_empty() -> AgentRecord {
     AgentRecord::Done(Bytes::from_static(b"{}"))
 }
 
-/// Streams a file: `Head` with its size, `Data` records, `Done`.
-pub(crate) async fn read(op: ReadOp, stream: OpStream) {
-    let mut file = match tokio::fs::File::open(&op.path).await {
+/// Streams a file: `Head` with its size, `Data` records, `Done`. With
+/// `protected`, the file opened is checked again (its real path, device
+/// and inode), so a symlink swapped in after the check by path is caught.
+pub(crate) async fn read(op: ReadOp, stream: OpStream, protected: Option<&Protected>) {
+    let file = match std::fs::File::open(&op.path) {
         Ok(file) => file,
         Err(err) => return fail(&stream, &err, "cannot open", Some(&op.path)).await,
     };
-    let size = match file.metadata().await {
+    if let Some(refusal) = protected.and_then(|p| p.check_opened(&file, &op.path).err()) {
+        return finish(&stream, AgentRecord::Error(refusal)).await;
+    }
+    let size = match file.metadata() {
         Ok(meta) if meta.is_dir() => {
             let err = io::Error::from(io::ErrorKind::IsADirectory);
             return fail(&stream, &err, "cannot read", Some(&op.path)).await;
@@ -36,39 +56,63 @@ pub(crate) async fn read(op: ReadOp, stream: OpStream) {
     if stream.send(agent_bytes(&head)).await.is_err() {
         return;
     }
+    // Each chunk is read on the blocking pool straight behind its record
+    // header, so a read blocked by a peer that grants no window holds one
+    // buffer of one chunk (tokio's `File` would keep a second buffer, and
+    // encoding a separate record a third).
+    let mut file = Some(file);
     loop {
-        let mut buf = vec![0u8; DATA_CHUNK];
-        match file.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.truncate(n);
-                if stream
-                    .send(agent_bytes(&AgentRecord::Data(Bytes::from(buf))))
-                    .await
-                    .is_err()
-                {
+        let Some(mut taken) = file.take() else { return };
+        let chunk = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut record = BytesMut::zeroed(RECORD_HEADER_LEN + DATA_CHUNK);
+            let res = taken.read(&mut record[RECORD_HEADER_LEN..]).map(|n| {
+                record.truncate(RECORD_HEADER_LEN + n);
+                record[..RECORD_HEADER_LEN].copy_from_slice(&data_record_header(n));
+                (n, record.freeze())
+            });
+            (taken, res)
+        })
+        .await;
+        let Ok((taken, res)) = chunk else {
+            return finish(&stream, invalid("reading failed")).await;
+        };
+        file = Some(taken);
+        match res {
+            Ok((0, _)) => break,
+            Ok((_, record)) => {
+                if stream.send(record).await.is_err() {
                     return;
                 }
             }
             Err(err) => return fail(&stream, &err, "cannot read", Some(&op.path)).await,
         }
     }
+    drop(file);
     finish(&stream, done_empty()).await;
 }
 
 /// Writes a file from the client's `Data` records: into a temporary file
 /// beside it, renamed over the target at `Eof`, so the file appears
-/// complete or not at all.
-pub(crate) async fn write(op: WriteOp, stream: OpStream) {
+/// complete or not at all. With `protected`, the temporary file is checked
+/// again once created (where it really is).
+pub(crate) async fn write(op: WriteOp, stream: OpStream, protected: Option<&Protected>) {
+    use std::os::unix::fs::OpenOptionsExt;
     let target = PathBuf::from(&op.path);
     let temp = temp_beside(&target);
-    let mut options = tokio::fs::OpenOptions::new();
+    let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     options.mode(op.mode.unwrap_or(0o644));
-    let mut file = match options.open(&temp).await {
+    let file = match options.open(&temp) {
         Ok(file) => file,
         Err(err) => return fail(&stream, &err, "cannot create", Some(&op.path)).await,
     };
+    if let Some(refusal) = protected.and_then(|p| p.check_opened(&file, &op.path).err()) {
+        drop(file);
+        let _ = std::fs::remove_file(&temp);
+        return finish(&stream, AgentRecord::Error(refusal)).await;
+    }
+    let mut file = tokio::fs::File::from_std(file);
     let mut reader = RecordReader::new(stream.clone());
     let mut written = 0u64;
     let outcome: Result<(), AgentRecord> = loop {
@@ -248,5 +292,222 @@ pub(crate) async fn mv(op: MvOp, stream: OpStream) {
             };
             fail(&stream, &err, "cannot rename", Some(path)).await;
         }
+    }
+}
+
+/// The files and directories of a connector that relayed file operations
+/// never reach: its handlers directory (a file there is an executable
+/// anyone with events may run), its identity (keys), its config, its own
+/// executable and its process's `/proc` entries (environment and command
+/// line hold secrets). Checked on resolved paths (symlinks followed,
+/// `..` resolved against real directories), and again on the file
+/// actually opened for reads and writes.
+#[derive(Debug, Default)]
+pub struct Protected {
+    entries: Vec<ProtectedEntry>,
+}
+
+#[derive(Debug)]
+struct ProtectedEntry {
+    /// Canonical path (or, if it does not exist yet, the path resolved as
+    /// far as it exists).
+    path: PathBuf,
+    /// Device and inode, for an entry that exists: the same file under
+    /// another name (a hard link) is the same file.
+    id: Option<(u64, u64)>,
+    /// What it is, for the refusal.
+    what: String,
+}
+
+/// How an operation reaches a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// Reads what the path names, following a final symlink (read, ls, stat).
+    Read,
+    /// Reads the path itself, not a final symlink's target (stat --no-follow).
+    ReadLink,
+    /// Creates, replaces, removes or renames the path itself (a final
+    /// symlink is replaced, not followed): refused inside a protected
+    /// entry and on any directory that holds one.
+    Change,
+}
+
+impl Protected {
+    /// Protects `paths` (each with what it is, for messages).
+    pub fn new<'a>(paths: impl IntoIterator<Item = (PathBuf, &'a str)>) -> Protected {
+        use std::os::unix::fs::MetadataExt;
+        let mut entries = Vec::new();
+        for (path, what) in paths {
+            let resolved = resolve(&path, true);
+            let id = std::fs::metadata(&resolved)
+                .ok()
+                .map(|meta| (meta.dev(), meta.ino()));
+            entries.push(ProtectedEntry {
+                path: resolved,
+                id,
+                what: what.to_string(),
+            });
+        }
+        Protected { entries }
+    }
+
+    /// Whether nothing is protected.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Refuses `path` if, resolved, it lies inside a protected entry (or,
+    /// for a change, holds one).
+    pub(crate) fn check(&self, path: &str, reach: Reach) -> Result<(), ErrorReply> {
+        use std::os::unix::fs::MetadataExt;
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        let resolved = resolve(Path::new(path), reach == Reach::Read);
+        let id = match reach {
+            Reach::Read => std::fs::metadata(&resolved).ok(),
+            Reach::ReadLink | Reach::Change => std::fs::symlink_metadata(&resolved).ok(),
+        }
+        .map(|meta| (meta.dev(), meta.ino()));
+        for entry in &self.entries {
+            let inside = resolved.starts_with(&entry.path)
+                || (id.is_some() && id == entry.id && reach != Reach::Change);
+            let holds = reach == Reach::Change && entry.path.starts_with(&resolved);
+            if inside || holds {
+                return Err(self.refusal(path, &resolved, entry, holds && !inside));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the file actually opened (after a check by path): its real
+    /// path (`/proc/self/fd`) and its device and inode.
+    pub(crate) fn check_opened(&self, file: &std::fs::File, path: &str) -> Result<(), ErrorReply> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok();
+        let id = file.metadata().ok().map(|meta| (meta.dev(), meta.ino()));
+        for entry in &self.entries {
+            let inside = real
+                .as_ref()
+                .is_some_and(|real| real.starts_with(&entry.path));
+            if inside || (id.is_some() && id == entry.id) {
+                let resolved = real.clone().unwrap_or_else(|| PathBuf::from(path));
+                return Err(self.refusal(path, &resolved, entry, false));
+            }
+        }
+        Ok(())
+    }
+
+    fn refusal(
+        &self,
+        path: &str,
+        resolved: &Path,
+        entry: &ProtectedEntry,
+        holds: bool,
+    ) -> ErrorReply {
+        let shown = if resolved == Path::new(path) {
+            String::new()
+        } else {
+            format!(" (resolves to {})", resolved.display())
+        };
+        let relation = if holds { "holds" } else { "is inside" };
+        ErrorReply {
+            kind: ErrorKind::PermissionDenied,
+            errno: None,
+            message: format!(
+                "{path}{shown} {relation} {} ({}), which is protected from remote file \
+                 operations on this connector",
+                entry.what,
+                entry.path.display()
+            ),
+            path: Some(path.to_string()),
+        }
+    }
+}
+
+/// Resolves `path` against the real file system: the longest existing
+/// prefix is canonicalized (symlinks and `..` resolved by the kernel's own
+/// view), the rest is appended with `.` and `..` applied lexically (a part
+/// that does not exist cannot be a symlink). With `follow` false a final
+/// symlink is left as is (what rename, unlink and mkdir act on).
+fn resolve(path: &Path, follow: bool) -> PathBuf {
+    use std::path::Component;
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(path)
+    };
+    let (base, last) = if follow {
+        (absolute.as_path(), None)
+    } else {
+        match (absolute.parent(), absolute.components().next_back()) {
+            (Some(parent), Some(Component::Normal(name))) => (parent, Some(name)),
+            _ => (absolute.as_path(), None),
+        }
+    };
+    // Walk up to the longest prefix that exists.
+    let mut rest = Vec::new();
+    let mut existing = base;
+    let mut resolved = loop {
+        match std::fs::canonicalize(existing) {
+            Ok(real) => break real,
+            Err(_) => match (existing.parent(), existing.components().next_back()) {
+                (Some(parent), Some(last)) => {
+                    rest.push(last);
+                    existing = parent;
+                }
+                _ => break PathBuf::from("/"),
+            },
+        }
+    };
+    for part in rest.into_iter().rev() {
+        match part {
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            Component::Normal(name) => resolved.push(name),
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    if let Some(name) = last {
+        resolved.push(name);
+    }
+    resolved
+}
+
+/// Whether a file operation changes anything (refused under `fs-read`).
+pub(crate) fn changes(op: &kitepipe_proto::remote::RemoteOp) -> bool {
+    use kitepipe_proto::remote::RemoteOp;
+    matches!(
+        op,
+        RemoteOp::Write(_) | RemoteOp::Mkdir(_) | RemoteOp::Rm(_) | RemoteOp::Mv(_)
+    )
+}
+
+/// Checks every path of a file operation against `protected`.
+pub(crate) fn check_paths(
+    op: &kitepipe_proto::remote::RemoteOp,
+    protected: &Protected,
+) -> Result<(), ErrorReply> {
+    use kitepipe_proto::remote::RemoteOp;
+    match op {
+        RemoteOp::Read(op) => protected.check(&op.path, Reach::Read),
+        RemoteOp::Ls(op) => protected.check(&op.path, Reach::Read),
+        RemoteOp::Stat(op) if op.no_follow => protected.check(&op.path, Reach::ReadLink),
+        RemoteOp::Stat(op) => protected.check(&op.path, Reach::Read),
+        RemoteOp::Write(op) => protected.check(&op.path, Reach::Change),
+        RemoteOp::Mkdir(op) => protected.check(&op.path, Reach::Change),
+        RemoteOp::Rm(op) => protected.check(&op.path, Reach::Change),
+        RemoteOp::Mv(op) => {
+            protected.check(&op.from, Reach::Change)?;
+            protected.check(&op.to, Reach::Change)
+        }
+        RemoteOp::Exec(_) | RemoteOp::Spawn(_) | RemoteOp::Kill(_) | RemoteOp::Connect(_) => Ok(()),
     }
 }

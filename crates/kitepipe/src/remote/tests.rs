@@ -133,3 +133,114 @@ async fn an_agent_that_goes_away_fails_operations_in_flight() {
     );
     agent.await.unwrap();
 }
+
+/// What the connector's protected paths refuse, by path and by reach: a
+/// table of (path, reach, refused), over real directories and symlinks.
+#[test]
+fn protected_paths_are_refused_however_they_are_named() {
+    use super::fs::{Protected, Reach};
+    let root = std::env::temp_dir().join(format!("kitepipe-protected-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let handlers = root.join("node/handlers");
+    let work = root.join("work");
+    std::fs::create_dir_all(&handlers).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    let key = root.join("node/key.pem");
+    std::fs::write(&key, "secret").unwrap();
+    std::fs::write(handlers.join("time"), "#!/bin/sh\n").unwrap();
+    std::os::unix::fs::symlink(&handlers, work.join("to-handlers")).unwrap();
+    std::os::unix::fs::symlink(&key, work.join("to-key")).unwrap();
+    std::fs::hard_link(&key, work.join("key-link")).unwrap();
+    let protected = Protected::new([
+        (handlers.clone(), "the handlers directory"),
+        (key.clone(), "the private key"),
+    ]);
+    let at = |path: &str| root.join(path).to_str().unwrap().to_string();
+    for (path, reach, refused) in [
+        ("node/handlers/new", Reach::Change, true),
+        ("node/handlers", Reach::Change, true),
+        ("node/handlers/time", Reach::Read, true),
+        ("node/handlers", Reach::Read, true),
+        ("node/key.pem", Reach::Read, true),
+        ("node/key.pem", Reach::Change, true),
+        // Symlinks, dot-segments and parts that do not exist yet.
+        ("work/to-handlers/new", Reach::Change, true),
+        ("work/to-handlers/time", Reach::Read, true),
+        ("work/../node/handlers/x", Reach::Change, true),
+        ("work/nothing/../../node/handlers/a/b", Reach::Change, true),
+        ("work/to-key", Reach::Read, true),
+        // A hard link is the same file when read.
+        ("work/key-link", Reach::Read, true),
+        // A directory holding a protected entry may be read, not changed.
+        ("node", Reach::Read, false),
+        ("node", Reach::Change, true),
+        ("", Reach::Change, true),
+        // Changing a symlink itself (rename or remove it) leaves its
+        // target alone; replacing a hard link's name too.
+        ("work/to-key", Reach::Change, false),
+        ("work/key-link", Reach::Change, false),
+        ("work/file", Reach::Change, false),
+        ("work/nothing/deeper", Reach::Change, false),
+        ("work", Reach::Read, false),
+    ] {
+        let res = protected.check(&at(path), reach);
+        assert_eq!(res.is_err(), refused, "{path} {reach:?}: {res:?}");
+        if let Err(reply) = res {
+            assert_eq!(reply.kind, ErrorKind::PermissionDenied);
+            assert!(reply.message.contains("protected"), "{}", reply.message);
+        }
+    }
+    // The file actually opened is checked too.
+    let opened = std::fs::File::open(work.join("to-key")).unwrap();
+    assert!(protected.check_opened(&opened, "work/to-key").is_err());
+    let fine = std::fs::File::open(&work).unwrap();
+    assert!(protected.check_opened(&fine, "work").is_ok());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// An operation beyond the slots waits `OP_SLOT_WAIT`, then gets a typed
+/// `busy` refusal instead of queueing for ever; a slot freed in time is
+/// taken.
+#[tokio::test(start_paused = true)]
+async fn an_operation_waits_a_bounded_time_for_a_slot() {
+    use std::sync::Arc;
+
+    use super::agent::{OP_SLOT_WAIT, op_slot};
+    let slots = Arc::new(tokio::sync::Semaphore::new(1));
+    let held = op_slot(&slots).await.expect("a free slot");
+    let started = tokio::time::Instant::now();
+    let refusal = op_slot(&slots).await.expect_err("no slot came free");
+    assert_eq!(started.elapsed(), OP_SLOT_WAIT);
+    assert_eq!(refusal.kind, ErrorKind::Other);
+    assert!(refusal.message.starts_with("busy"), "{}", refusal.message);
+    let waiter = tokio::spawn({
+        let slots = slots.clone();
+        async move { op_slot(&slots).await.is_ok() }
+    });
+    tokio::time::sleep(OP_SLOT_WAIT / 2).await;
+    drop(held);
+    assert!(waiter.await.unwrap(), "a slot freed in time is taken");
+}
+
+/// Relayed commands inherit only the listed variables of the connector,
+/// and get a `PATH` even when the connector has none.
+#[test]
+fn relayed_environment_keeps_only_harmless_variables() {
+    use super::agent::relayed_env;
+    let node = |key: &str| match key {
+        "HOME" => Some("/home/node".to_string()),
+        "KITEPIPE_SECRET" | "AWS_SECRET_ACCESS_KEY" => Some("leak".to_string()),
+        _ => None,
+    };
+    let env = relayed_env(&node);
+    assert_eq!(
+        env,
+        [
+            ("HOME".to_string(), "/home/node".to_string()),
+            (
+                "PATH".to_string(),
+                "/usr/local/bin:/usr/bin:/bin".to_string()
+            ),
+        ]
+    );
+}
