@@ -171,7 +171,10 @@ fn header_values(seen: &serde_json::Value, name: &str) -> Vec<String> {
 #[test]
 fn forged_caller_identity_never_reaches_a_handler() {
     let upstream = Upstream::start();
-    let dir = handlers("forged-env", &[("get_env", "echo 'Content-Type: text/plain'\nenv")]);
+    let dir = handlers(
+        "identity-env",
+        &[("get_env", "echo 'Content-Type: text/plain'\nenv")],
+    );
     let relay = Relay::new()
         .domain(DOMAIN)
         .args(&[
@@ -198,9 +201,21 @@ fn forged_caller_identity_never_reaches_a_handler() {
     let seen = upstream.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     let seen = &seen[0];
-    assert_eq!(header_values(seen, "x-kitepipe-caller-identity"), Vec::<String>::new(), "{seen}");
-    assert_eq!(header_values(seen, "x-kitepipe-caller"), ["test-connector"], "{seen}");
-    assert_eq!(header_values(seen, "x-kitepipe-event"), ["get_whoami"], "{seen}");
+    assert_eq!(
+        header_values(seen, "x-kitepipe-caller-identity"),
+        Vec::<String>::new(),
+        "{seen}"
+    );
+    assert_eq!(
+        header_values(seen, "x-kitepipe-caller"),
+        ["test-connector"],
+        "{seen}"
+    );
+    assert_eq!(
+        header_values(seen, "x-kitepipe-event"),
+        ["get_whoami"],
+        "{seen}"
+    );
     assert!(header_values(seen, "x-kitepipe-node").is_empty(), "{seen}");
     assert!(!seen.to_string().contains("admin"), "{seen}");
     assert!(!seen.to_string().contains("forged"), "{seen}");
@@ -210,7 +225,10 @@ fn forged_caller_identity_never_reaches_a_handler() {
     assert_eq!(status, 200, "{env}");
     assert!(env.contains("KITEPIPE_CALLER=test-connector"), "{env}");
     for line in env.lines() {
-        assert!(!line.contains("admin") && !line.contains("forged"), "{line}");
+        assert!(
+            !line.contains("admin") && !line.contains("forged"),
+            "{line}"
+        );
         assert!(!line.starts_with("KITEPIPE_HEADER_X_KITEPIPE"), "{line}");
     }
 }
@@ -218,8 +236,14 @@ fn forged_caller_identity_never_reaches_a_handler() {
 #[test]
 fn cross_origin_and_rebinding_requests_reach_no_handler() {
     let marks = TempDir::new("origin-marks");
-    let script = format!(": > '{}/mark-$KITEPIPE_NODE-$1'\necho ok", path(marks.path()));
-    let dir = handlers("origin-handlers", &[("post_mark", &script), ("get_mark", &script)]);
+    let script = format!(
+        ": > \"{}/mark-$KITEPIPE_NODE-$1\"\necho ok",
+        path(marks.path())
+    );
+    let dir = handlers(
+        "origin-handlers",
+        &[("post_mark", &script), ("get_mark", &script)],
+    );
     let relay = Relay::new()
         .domain(DOMAIN)
         .args(&["--handlers", &path(dir.path())])
@@ -230,26 +254,67 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
     let token = format!("{TOKEN_HEADER}: {}", token_of(&relay));
     let gateways = [
         (cgw, "/server/mark".to_string(), None),
-        (rgw, "/client/test-connector/mark".to_string(), Some(token.as_str())),
+        (
+            rgw,
+            "/client/test-connector/mark".to_string(),
+            Some(token.as_str()),
+        ),
     ];
     for (gw, target, token) in &gateways {
         let with = |extra: &[&str]| -> Vec<String> {
-            token.iter().map(|t| t.to_string()).chain(extra.iter().map(|e| e.to_string())).collect()
+            token
+                .iter()
+                .map(|t| t.to_string())
+                .chain(extra.iter().map(|e| e.to_string()))
+                .collect()
         };
         let attacks: Vec<(&str, String, Vec<String>, &str)> = vec![
             // A web page POSTing cross-origin.
-            ("POST", gw.to_string(), with(&["Origin: http://attacker.example"]), "origin"),
-            ("POST", gw.to_string(), with(&["Origin: null"]), "null-origin"),
+            (
+                "POST",
+                gw.to_string(),
+                with(&["Origin: http://attacker.example"]),
+                "origin",
+            ),
+            (
+                "POST",
+                gw.to_string(),
+                with(&["Origin: null"]),
+                "null-origin",
+            ),
             // A page whose name now resolves to 127.0.0.1 (DNS rebinding).
-            ("GET", format!("attacker.example:{}", gw.port()), with(&[]), "rebind"),
-            ("POST", format!("attacker.example:{}", gw.port()), with(&[]), "rebind-post"),
-            ("GET", "127.0.0.1.attacker.example".into(), with(&[]), "rebind-dotted"),
+            (
+                "GET",
+                format!("attacker.example:{}", gw.port()),
+                with(&[]),
+                "rebind",
+            ),
+            (
+                "POST",
+                format!("attacker.example:{}", gw.port()),
+                with(&[]),
+                "rebind-post",
+            ),
+            (
+                "GET",
+                "127.0.0.1.attacker.example".into(),
+                with(&[]),
+                "rebind-dotted",
+            ),
             // A cross-site GET the browser sends without an Origin (an <img>).
-            ("GET", gw.to_string(), with(&["Sec-Fetch-Site: cross-site"]), "no-cors"),
+            (
+                "GET",
+                gw.to_string(),
+                with(&["Sec-Fetch-Site: cross-site"]),
+                "no-cors",
+            ),
         ];
         for (method, host, headers, tag) in attacks {
             let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
-            let (status, _, body) = raw(*gw, &request_text(method, &format!("{target}//{tag}"), &host, &headers));
+            let (status, _, body) = raw(
+                *gw,
+                &request_text(method, &format!("{target}//{tag}"), &host, &headers),
+            );
             assert!(
                 status == 403 || status == 421,
                 "{method} {target} Host {host} {headers:?}: {status} {body}"
@@ -257,10 +322,16 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
         }
         // The owner's own requests still work.
         let headers: Vec<&str> = token.iter().copied().collect();
-        let (status, _, body) = raw(*gw, &request_text("POST", &format!("{target}//owner"), "localhost", &headers));
+        let (status, _, body) = raw(
+            *gw,
+            &request_text("POST", &format!("{target}//owner"), "localhost", &headers),
+        );
         assert_eq!(status, 200, "{body}");
         let host = gw.to_string();
-        let (status, _, body) = raw(*gw, &request_text("GET", &format!("{target}//owner2"), &host, &headers));
+        let (status, _, body) = raw(
+            *gw,
+            &request_text("GET", &format!("{target}//owner2"), &host, &headers),
+        );
         assert_eq!(status, 200, "{body}");
     }
     let mut marked: Vec<String> = std::fs::read_dir(marks.path())
@@ -271,8 +342,8 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
     assert_eq!(
         marked,
         [
-            "mark-relay-owner",
-            "mark-relay-owner2",
+            "mark-localhost-owner",
+            "mark-localhost-owner2",
             "mark-test-connector-owner",
             "mark-test-connector-owner2"
         ]
@@ -310,7 +381,10 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
         let (status, _, body) = raw(rgw, &request_text("GET", time, &host, &headers));
         assert_eq!(status, 401, "{headers:?}: {body}");
         let with_upgrade: Vec<&str> = headers.iter().chain(upgrade.iter()).copied().collect();
-        let (status, _, body) = raw(rgw, &request_text("GET", "/remote/test-connector", &host, &with_upgrade));
+        let (status, _, body) = raw(
+            rgw,
+            &request_text("GET", "/remote/test-connector", &host, &with_upgrade),
+        );
         assert_eq!(status, 401, "{headers:?}: {body}");
     }
     let with_token = format!("{TOKEN_HEADER}: {token}");
@@ -318,33 +392,71 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
     assert_eq!(status, 200, "{body}");
     let (status, head, _) = raw(
         rgw,
-        &request_text("GET", "/remote/test-connector", &host, &[&with_token, upgrade[0], upgrade[1]]),
+        &request_text(
+            "GET",
+            "/remote/test-connector",
+            &host,
+            &[&with_token, upgrade[0], upgrade[1]],
+        ),
     );
     assert_eq!(status, 101, "{head}");
 
     // The owner's tools find the token on their own.
     let gateway = rgw.to_string();
     let out = Command::new(BIN)
-        .args(["call", "GET", "client/test-connector/time", "--gateway", &gateway])
+        .args([
+            "call",
+            "GET",
+            "client/test-connector/time",
+            "--gateway",
+            &gateway,
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(BIN)
-        .args(["remote", "node:test-connector", "--gateway", &gateway, "exec", "--", "echo", "owner-ok"])
+        .args([
+            "remote",
+            "node:test-connector",
+            "--gateway",
+            &gateway,
+            "exec",
+            "--",
+            "echo",
+            "owner-ok",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "owner-ok");
     // And so does an explicit --token-file.
     let out = Command::new(BIN)
-        .args(["call", "GET", "client/test-connector/time", "--gateway", &gateway])
+        .args([
+            "call",
+            "GET",
+            "client/test-connector/time",
+            "--gateway",
+            &gateway,
+        ])
         .args(["--token-file", &path(&token_file)])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -353,8 +465,16 @@ fn dot_segments_never_reach_the_upstream() {
     let ca = TempDir::new("dots-ca");
     let ca_dir = ca.path().join("ca");
     let kitepipe_ok = |args: &[&str]| {
-        let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     kitepipe_ok(&["ca", "init", &path(&ca_dir)]);
     kitepipe_ok(&["ca", "issue", "alpha", "--dir", &path(&ca_dir)]);
@@ -371,7 +491,12 @@ fn dot_segments_never_reach_the_upstream() {
     .unwrap();
     let relay = Relay::new().args(&["--config", &path(&config)]).start();
     let alpha = Connector::new(&relay)
-        .args(&["--identity", &path(&ca_dir.join("issued").join("alpha")), "--name", "alpha"])
+        .args(&[
+            "--identity",
+            &path(&ca_dir.join("issued").join("alpha")),
+            "--name",
+            "alpha",
+        ])
         .start();
     let gw = gateway_of(&alpha);
     let host = gw.to_string();
@@ -396,14 +521,20 @@ fn dot_segments_never_reach_the_upstream() {
     // arriving under /api/status only.
     let (status, _, body) = raw(gw, &request_text("GET", "/server/admin/delete", &host, &[]));
     assert_eq!(status, 403, "{body}");
-    let (status, _, body) = raw(gw, &request_text("GET", "/server/status//full/a%20b", &host, &[]));
+    let (status, _, body) = raw(
+        gw,
+        &request_text("GET", "/server/status//full/a%20b", &host, &[]),
+    );
     assert_eq!(status, 200, "{body}");
     let seen = upstream.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0]["path"], "/api/status//full/a%20b");
     for seen in upstream.seen() {
         let path = seen["path"].as_str().unwrap();
-        assert!(path.starts_with("/api/status") && !path.contains(".."), "{path}");
+        assert!(
+            path.starts_with("/api/status") && !path.contains(".."),
+            "{path}"
+        );
     }
 }
 
@@ -437,7 +568,8 @@ fn queued_handler_runs_never_outlive_their_callers() {
     let callers: Vec<_> = (0..CALLERS)
         .map(|id| {
             std::thread::spawn(move || {
-                let request = request_text("POST", &format!("/server/slow//{id}"), "127.0.0.1", &[]);
+                let request =
+                    request_text("POST", &format!("/server/slow//{id}"), "127.0.0.1", &[]);
                 let mut sock = TcpStream::connect(gw).unwrap();
                 sock.write_all(request.as_bytes()).unwrap();
                 sock.set_read_timeout(Some(hang_up)).unwrap();
@@ -452,22 +584,38 @@ fn queued_handler_runs_never_outlive_their_callers() {
                     .nth(1)
                     .and_then(|code| code.parse().ok())
                     .unwrap_or(0);
-                (id, Outcome { status, retry_after: text.contains("\r\nretry-after:"), at })
+                (
+                    id,
+                    Outcome {
+                        status,
+                        retry_after: text.contains("\r\nretry-after:"),
+                        at,
+                    },
+                )
             })
         })
         .collect();
-    let outcomes: HashMap<usize, Outcome> = callers.into_iter().map(|t| t.join().unwrap()).collect();
+    let outcomes: HashMap<usize, Outcome> =
+        callers.into_iter().map(|t| t.join().unwrap()).collect();
     // Whatever is still queued has had time to run (or be dropped).
     std::thread::park_timeout(Duration::from_secs(6));
     let starts: HashMap<usize, SystemTime> = std::fs::read_dir(marks.path())
         .unwrap()
         .map(|e| e.unwrap())
         .filter_map(|e| {
-            let id = e.file_name().to_string_lossy().strip_prefix("start-")?.parse().ok()?;
+            let id = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("start-")?
+                .parse()
+                .ok()?;
             Some((id, e.metadata().unwrap().modified().unwrap()))
         })
         .collect();
-    let full = outcomes.values().filter(|o| o.status == 503 && o.retry_after).count();
+    let full = outcomes
+        .values()
+        .filter(|o| o.status == 503 && o.retry_after)
+        .count();
     assert!(full > 0, "no caller was told the queue is full");
     assert!(
         starts.len() <= SLOTS + QUEUE,
@@ -481,10 +629,16 @@ fn queued_handler_runs_never_outlive_their_callers() {
         .filter(|(_, o)| o.status != 200)
         .filter_map(|(id, o)| {
             let started = starts.get(id)?;
-            (*started > o.at + slack).then(|| (*id, o.status, started.duration_since(o.at).unwrap()))
+            (*started > o.at + slack)
+                .then(|| (*id, o.status, started.duration_since(o.at).unwrap()))
         })
         .collect();
-    assert!(late.is_empty(), "{} handlers started after their callers gave up: {:?}", late.len(), &late[..late.len().min(5)]);
+    assert!(
+        late.is_empty(),
+        "{} handlers started after their callers gave up: {:?}",
+        late.len(),
+        &late[..late.len().min(5)]
+    );
 }
 
 #[test]
@@ -511,13 +665,23 @@ fn stalled_handler_grandchild_dies_without_kill_on_path() {
         .start();
     let conn = connector(&relay, &[]);
     let gw = gateway_of(&conn);
-    let (status, _, body) = raw(gw, &request_text("GET", "/server/stall", &gw.to_string(), &[]));
+    let (status, _, body) = raw(
+        gw,
+        &request_text("GET", "/server/stall", &gw.to_string(), &[]),
+    );
     assert_eq!(status, 504, "{body}");
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let alive = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+            .and_then(|stat| {
+                stat.rsplit_once(") ")
+                    .map(|(_, rest)| !rest.starts_with('Z'))
+            })
             .unwrap_or(false)
     };
     // Do not leave it behind if the assertion fails.
@@ -530,5 +694,7 @@ fn stalled_handler_grandchild_dies_without_kill_on_path() {
         }
     }
     let _guard = KillOnDrop(pid);
-    eventually("the stalled handler's grandchild to die", || (!alive(pid)).then_some(()));
+    eventually("the stalled handler's grandchild to die", || {
+        (!alive(pid)).then_some(())
+    });
 }

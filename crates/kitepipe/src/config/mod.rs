@@ -376,15 +376,13 @@ impl EventConfig {
 /// (no path), compared lowercase.
 pub fn parse_origin(text: &str) -> Result<String, ConfigError> {
     let origin = text.trim().to_ascii_lowercase();
-    let valid = origin
-        .split_once("://")
-        .is_some_and(|(scheme, host)| {
-            !scheme.is_empty()
-                && scheme.bytes().all(|b| b.is_ascii_lowercase())
-                && !host.is_empty()
-                && !host.contains('/')
-                && host.bytes().all(|b| b.is_ascii_graphic())
-        });
+    let valid = origin.split_once("://").is_some_and(|(scheme, host)| {
+        !scheme.is_empty()
+            && scheme.bytes().all(|b| b.is_ascii_lowercase())
+            && !host.is_empty()
+            && !host.contains('/')
+            && host.bytes().all(|b| b.is_ascii_graphic())
+    });
     if !valid {
         return Err(ConfigError::Invalid {
             what: "gateway-origin",

@@ -171,9 +171,7 @@ async fn wait_for_slot<'a>(
     if let Ok(slot) = handlers.exec_slots.try_acquire() {
         return Ok(slot);
     }
-    let busy = |why: &str| {
-        Reply::error(503, why).with_header("retry-after", RETRY_AFTER_SECS)
-    };
+    let busy = |why: &str| Reply::error(503, why).with_header("retry-after", RETRY_AFTER_SECS);
     let Some(_queued) = QueueSeat::take(&handlers.exec_queued) else {
         debug!("handler queue full; refusing the event");
         return Err(Some(busy(&format!(

@@ -116,17 +116,26 @@ pub(crate) async fn run(
     };
     tokio::pin!(conn);
     let mut conn_done = false;
-    let response = tokio::select! {
-        res = sender.send_request(upstream_request) => res,
-        res = &mut conn => {
-            let why = match res { Ok(()) => "closed the connection".to_string(), Err(err) => err.to_string() };
-            out.reply(fail(format!("handler upstream {url}: {why}"))).await;
-            return;
-        }
-        _ = stalled(&progress, timeout) => {
-            let message = format!("handler upstream {url} did not answer within {timeout:?}");
-            out.reply(error_reply(504, &message, None, None)).await;
-            return;
+    let send = sender.send_request(upstream_request);
+    tokio::pin!(send);
+    let response = loop {
+        tokio::select! {
+            res = &mut send => break res,
+            // A server that answers and closes (HTTP/1.0 style) ends the
+            // connection as the response arrives: the response still
+            // counts; without one, `send` fails next.
+            res = &mut conn, if !conn_done => {
+                conn_done = true;
+                if let Err(err) = res {
+                    out.reply(fail(format!("handler upstream {url}: {err}"))).await;
+                    return;
+                }
+            }
+            _ = stalled(&progress, timeout) => {
+                let message = format!("handler upstream {url} did not answer within {timeout:?}");
+                out.reply(error_reply(504, &message, None, None)).await;
+                return;
+            }
         }
     };
     drop(sender);
