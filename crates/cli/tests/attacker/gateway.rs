@@ -597,8 +597,14 @@ fn queued_handler_runs_never_outlive_their_callers() {
         .collect();
     let outcomes: HashMap<usize, Outcome> =
         callers.into_iter().map(|t| t.join().unwrap()).collect();
-    // Whatever is still queued has had time to run (or be dropped).
-    std::thread::park_timeout(Duration::from_secs(6));
+    // Handler slots go to waiting events in order: once an event sent after
+    // every caller is done has started, none of theirs still waits.
+    let last = std::thread::spawn(move || {
+        raw(gw, &request_text("POST", "/server/slow//last", "127.0.0.1", &[]))
+    });
+    eventually("an event sent after every caller to start", || {
+        marks.path().join("start-last").exists().then_some(())
+    });
     let starts: HashMap<usize, SystemTime> = std::fs::read_dir(marks.path())
         .unwrap()
         .map(|e| e.unwrap())
@@ -612,16 +618,6 @@ fn queued_handler_runs_never_outlive_their_callers() {
             Some((id, e.metadata().unwrap().modified().unwrap()))
         })
         .collect();
-    let full = outcomes
-        .values()
-        .filter(|o| o.status == 503 && o.retry_after)
-        .count();
-    assert!(full > 0, "no caller was told the queue is full");
-    assert!(
-        starts.len() <= SLOTS + QUEUE,
-        "{} handlers ran for {CALLERS} callers: the queue is not bounded",
-        starts.len()
-    );
     // A queued event whose caller got its error or hung up never runs.
     let slack = Duration::from_millis(500);
     let late: Vec<_> = outcomes
@@ -639,6 +635,18 @@ fn queued_handler_runs_never_outlive_their_callers() {
         late.len(),
         &late[..late.len().min(5)]
     );
+    let full = outcomes
+        .values()
+        .filter(|o| o.status == 503 && o.retry_after)
+        .count();
+    assert!(full > 0, "no caller was told the queue is full");
+    assert!(
+        starts.len() <= SLOTS + QUEUE,
+        "{} handlers ran for {CALLERS} callers: the queue is not bounded",
+        starts.len()
+    );
+    let (status, _, body) = last.join().unwrap();
+    assert_eq!(status, 200, "{body}");
 }
 
 #[test]
