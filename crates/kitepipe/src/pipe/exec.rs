@@ -168,6 +168,9 @@ async fn wait_for_slot<'a>(
     handlers: &'a Handlers,
     watch: &SharedStream,
 ) -> Result<SemaphorePermit<'a>, Option<Reply>> {
+    if stream_reset(watch) {
+        return Err(None);
+    }
     if let Ok(slot) = handlers.exec_slots.try_acquire() {
         return Ok(slot);
     }
@@ -223,11 +226,16 @@ impl Drop for QueueSeat<'_> {
 /// every [`CALLER_CHECK`]. Cancel-safe.
 async fn caller_gone(stream: &SharedStream) {
     loop {
-        if stream.reset_reason().is_some() {
+        if stream_reset(stream) {
             return;
         }
         tokio::time::sleep(CALLER_CHECK).await;
     }
+}
+
+/// True once the caller has reset the event.
+fn stream_reset(stream: &SharedStream) -> bool {
+    stream.reset_reason().is_some()
 }
 
 /// Why a handler failed before its reply began.
