@@ -658,7 +658,7 @@ fn five_hundred_events_at_once_pass_a_slow_handler() {
         .map(|i| {
             std::thread::spawn(move || {
                 let request = format!(
-                    "GET /server/cat//event-{i} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+                    "GET /server/cat//event-{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                 );
                 let mut sock = TcpStream::connect(cgw).unwrap();
                 sock.set_read_timeout(Some(patience())).unwrap();
