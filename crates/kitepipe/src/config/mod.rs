@@ -1615,4 +1615,42 @@ mod tests {
         .unwrap_err();
         assert!(lone_cert.to_string().contains("go together"), "{lone_cert}");
     }
+
+    #[test]
+    fn gateway_origins_and_the_relay_token_file() {
+        assert_eq!(
+            parse_origin(" HTTPS://App.Example.net:8443 ").unwrap(),
+            "https://app.example.net:8443"
+        );
+        for bad in ["app.example.net", "https://", "https://a/b", "://a", "*"] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
+        }
+        let relay = |raw: RawRelayConfig| {
+            RelayConfig::try_from(RawRelayConfig {
+                listen: vec!["127.0.0.1:0".into()],
+                state_dir: Some("/state".into()),
+                ..raw
+            })
+            .unwrap()
+        };
+        let default = relay(RawRelayConfig::default());
+        assert_eq!(
+            default.events.gateway_token_file,
+            Some(PathBuf::from("/state/gateway-token"))
+        );
+        let open = relay(RawRelayConfig {
+            insecure_gateway_without_token: Some(true),
+            ..Default::default()
+        });
+        assert_eq!(open.events.gateway_token_file, None);
+        let connector = ConnectorConfig::try_from(RawConnectorConfig {
+            relay: vec!["relay.example.net:8443".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            gateway_origin: vec!["http://localhost:3000".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(connector.events.gateway_token_file, None);
+        assert_eq!(connector.events.gateway_origins, ["http://localhost:3000"]);
+    }
 }

@@ -858,3 +858,76 @@ async fn upload(stream: SharedStream, body: UploadBody, progress: Arc<Progress>)
         stream.reset(ResetCode::Cancel, "the request body was cut");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8089",
+            "127.0.0.1",
+            "127.0.0.1:8089",
+            "127.9.8.7:1",
+            "[::1]",
+            "[::1]:8089",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:8089",
+            "127.0.0.1.attacker.example",
+            "localhost.attacker.example",
+            "x",
+            "",
+            "10.0.0.1:8089",
+            "[::2]:8089",
+            "[::1]x",
+            "127.0.0.1:",
+            "127.0.0.1:80:80",
+            "localhost:http",
+            "0.0.0.0:8089",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"ab"));
+        assert!(!same_secret(b"", b"a"));
+    }
+
+    #[test]
+    fn token_files_are_private_and_fresh() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kitepipe-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("state").join("gateway-token");
+        let first = write_token(&file).unwrap();
+        assert_eq!(first.len(), 2 * TOKEN_BYTES);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(file.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o077, 0);
+        // A loose earlier file is replaced by a private one.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let second = write_token(&file).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap().trim(),
+            second.as_str()
+        );
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
