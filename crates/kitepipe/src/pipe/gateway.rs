@@ -291,12 +291,12 @@ fn is_port(text: &str) -> bool {
 }
 
 impl Access {
-    /// Refuses a request that is not for this gateway's intended callers:
+    /// The refusal of a request that is not for this gateway's intended callers:
     /// a Host other than loopback (DNS rebinding; TCP only: a browser
     /// cannot reach a unix socket), an `Origin` the operator did not allow
     /// or a cross-site fetch without one (web pages), and, where a token is
     /// set, a request without it (other local users).
-    fn check(&self, req: &Request<Incoming>, peer: Peer) -> Result<(), Response<GatewayBody>> {
+    fn refusal(&self, req: &Request<Incoming>, peer: Peer) -> Option<Response<GatewayBody>> {
         let headers = req.headers();
         if peer == Peer::Tcp {
             let mut hosts = headers.get_all(hyper::header::HOST).iter();
@@ -306,7 +306,7 @@ impl Access {
                 || host.is_some_and(|h| h.to_str().map_or(true, |h| !loopback_host(h)))
                 || authority.is_some_and(|a| !loopback_host(a));
             if bad {
-                return Err(error_response(
+                return Some(error_response(
                     StatusCode::MISDIRECTED_REQUEST,
                     "this gateway answers only requests for localhost, 127.0.0.1 or [::1] \
                      (a browser sent this for another name: DNS rebinding?)",
@@ -317,7 +317,7 @@ impl Access {
         for origin in headers.get_all(hyper::header::ORIGIN) {
             let origin = String::from_utf8_lossy(origin.as_bytes()).to_ascii_lowercase();
             if !self.origins.contains(&origin) {
-                return Err(error_response(
+                return Some(error_response(
                     StatusCode::FORBIDDEN,
                     "requests from web pages are refused: this Origin is not allowed \
                      (the gateway's operator can allow it with --gateway-origin)",
@@ -329,7 +329,7 @@ impl Access {
             .get("sec-fetch-site")
             .is_some_and(|site| !matches!(site.as_bytes(), b"same-origin" | b"none"));
         if cross_site && !origin_allowed {
-            return Err(error_response(
+            return Some(error_response(
                 StatusCode::FORBIDDEN,
                 "cross-site requests from web pages are refused",
             ));
@@ -350,10 +350,10 @@ impl Access {
                 if let Ok(value) = HeaderValue::from_str(&token.file.to_string_lossy()) {
                     response.headers_mut().insert(TOKEN_FILE_HEADER, value);
                 }
-                return Err(response);
+                return Some(response);
             }
         }
-        Ok(())
+        None
     }
 }
 
@@ -478,7 +478,7 @@ fn spawn_connection<R, S>(
             service_fn(move |req: Request<Incoming>| {
                 let gateway = gateway.clone();
                 let caller = caller.clone();
-                let refused = access.check(&req, peer).err();
+                let refused = access.refusal(&req, peer);
                 async move {
                     if let Some(response) = refused {
                         info!(%caller, path = %req.uri().path(), status = %response.status(), "gateway request refused");
