@@ -265,7 +265,8 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 fn loopback_host(host: &str) -> bool {
     let name = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
-            Some((ip, port)) if port.is_empty() || is_port(port) => ip,
+            Some((ip, "")) => ip,
+            Some((ip, port)) if port.strip_prefix(':').is_some_and(is_port) => ip,
             _ => return false,
         }
     } else {
@@ -285,8 +286,7 @@ fn loopback_host(host: &str) -> bool {
     }
 }
 
-fn is_port(text: &str) -> bool {
-    let digits = text.strip_prefix(':').unwrap_or(text);
+fn is_port(digits: &str) -> bool {
     !digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
@@ -886,6 +886,7 @@ mod tests {
             "10.0.0.1:8089",
             "[::2]:8089",
             "[::1]x",
+            "[::1]8089",
             "127.0.0.1:",
             "127.0.0.1:80:80",
             "localhost:http",
