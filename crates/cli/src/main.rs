@@ -103,6 +103,10 @@ struct EventArgs {
     /// How long a handler may go without progress before 504, e.g. 30s.
     #[arg(long, value_name = "DURATION")]
     event_timeout: Option<String>,
+    /// Let web pages of this origin (scheme://host[:port]) use the gateway;
+    /// requests with any other Origin get 403. Repeatable [default: none].
+    #[arg(long, value_name = "ORIGIN")]
+    gateway_origin: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +128,10 @@ struct CallArgs {
     /// Print the status line and response headers to stderr.
     #[arg(long, short = 'i')]
     include: bool,
+    /// The relay gateway's owner token file [default: the file the gateway
+    /// names, if it is the caller's own and private].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +211,15 @@ struct RelayArgs {
     threads: Option<u16>,
     #[command(flatten)]
     events: EventArgs,
+    /// Where the gateway's owner token is written at start (mode 0600); a
+    /// request needs it in X-Kitepipe-Token (kitepipe call and kitepipe
+    /// remote find it) [default: STATE_DIR/gateway-token].
+    #[arg(long, value_name = "FILE")]
+    gateway_token_file: Option<PathBuf>,
+    /// Serve /client/ and /remote/ to every local user without the owner
+    /// token (the behaviour before tokens; not recommended).
+    #[arg(long)]
+    insecure_gateway_without_token: bool,
 }
 
 #[derive(Debug, Args)]
@@ -427,6 +444,9 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
         handler_upstream: args.events.handler_upstream,
         event_wait: args.events.event_wait,
         event_timeout: args.events.event_timeout,
+        gateway_origin: args.events.gateway_origin,
+        gateway_token_file: args.gateway_token_file,
+        insecure_gateway_without_token: args.insecure_gateway_without_token.then_some(true),
     };
     let mut raw = match &args.config {
         Some(path) => RawRelayConfig::from_file(path)?.merge(flags.clone()),
@@ -513,6 +533,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         event_wait: args.events.event_wait,
         event_timeout: args.events.event_timeout,
         allow_remote: args.allow_remote,
+        gateway_origin: args.events.gateway_origin,
     };
     let raw = match &args.config {
         Some(path) => RawConnectorConfig::from_file(path)?.merge(flags),
@@ -540,6 +561,7 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
 async fn demo() -> anyhow::Result<()> {
     let state_dir = std::env::temp_dir().join(format!("kitepipe-demo-{}", std::process::id()));
     let shutdown = shutdown_on_signal();
+    let state_dir_for_print = state_dir.clone();
     let res = kitepipe::demo::run(state_dir.clone(), shutdown, |info| {
         let http = info.http_addr;
         let port = http.port();
@@ -557,7 +579,11 @@ async fn demo() -> anyhow::Result<()> {
         if let (Some(relay_gw), Some(connector_gw)) = (info.relay_gateway, info.connector_gateway) {
             println!();
             println!("Events (the event pipe: each node's local REST gateway):");
-            println!("  curl http://{relay_gw}/client/{}/time     (relay -> connector: the connector's clock)", kitepipe::demo::DEMO_NODE);
+            // The relay's gateway serves its owner only: the token is in
+            // the demo's state dir (mode 0600).
+            let token = std::fs::read_to_string(state_dir_for_print.join(kitepipe::config::GATEWAY_TOKEN_FILE)).unwrap_or_default();
+            println!("  curl -H '{}: {}' http://{relay_gw}/client/{}/time     (relay -> connector: the connector's clock)", kitepipe::pipe::TOKEN_HEADER, token.trim(), kitepipe::demo::DEMO_NODE);
+            println!("  kitepipe call GET client/{}/time --gateway {relay_gw}     (the same; finds the token itself)", kitepipe::demo::DEMO_NODE);
             println!("  curl http://{connector_gw}/server/cat//hello%20/world     (connector -> relay: prints hello world)");
             println!("  kitepipe call GET server/time --gateway {connector_gw}");
         }
@@ -615,6 +641,14 @@ async fn call_inner(args: CallArgs) -> anyhow::Result<i32> {
         headers,
         body,
     };
+    let mut request = request;
+    if let Some(token) =
+        kitepipe::pipe::client::gateway_token(&gateway, args.token_file.as_deref()).await?
+    {
+        request
+            .headers
+            .push((kitepipe::pipe::TOKEN_HEADER.to_string(), token));
+    }
     let mut stdout = tokio::io::stdout();
     let response = kitepipe::pipe::client::call(&gateway, request, &mut stdout).await?;
     if args.include {

@@ -21,7 +21,49 @@ const SECRET: &str = "s3cret-for-tests-1";
 const DOMAIN: &str = "http:*.example.net:s3cret-for-tests-1";
 
 fn relay(args: &[&str]) -> RelayProc {
-    Relay::new().domain(DOMAIN).args(args).start()
+    remember(Relay::new().domain(DOMAIN).args(args).start())
+}
+
+/// Owner tokens of the relays started here, by their gateway's base URL:
+/// the relay's gateway serves its owner only, so requests to it carry the
+/// token (see [`with_token`]).
+static TOKENS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Notes `relay`'s gateway token.
+fn remember(relay: RelayProc) -> RelayProc {
+    if let Some(gateway) = relay.gateway {
+        TOKENS
+            .lock()
+            .unwrap()
+            .push((format!("http://{gateway}/"), relay.token_header()));
+    }
+    relay
+}
+
+/// `args` with the token header of the relay gateway a URL among them
+/// goes to, if any.
+fn with_token(args: &[&str]) -> Vec<String> {
+    let tokens = TOKENS.lock().unwrap();
+    let token = args.iter().find_map(|arg| {
+        tokens
+            .iter()
+            .rev()
+            .find(|(base, _)| arg.starts_with(base.as_str()))
+            .map(|(_, header)| header.clone())
+    });
+    let mut all: Vec<String> = token
+        .into_iter()
+        .flat_map(|t| ["-H".to_string(), t])
+        .collect();
+    all.extend(args.iter().map(|a| a.to_string()));
+    all
+}
+
+/// curl with the relay gateway's token where the URL needs it.
+fn tcurl(args: &[&str]) -> (i32, Vec<u8>, String) {
+    let args = with_token(args);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    curl(&args)
 }
 
 /// A connector holding a kite proven with the secret (which is what lets a
@@ -66,7 +108,7 @@ impl Reply {
 
 /// curl `args` (plus a URL among them); status, headers and body.
 fn request(args: &[&str]) -> Reply {
-    let (code, out, err) = curl(&[&["-D", "/dev/stderr", "-w", "\n%{http_code}"], args].concat());
+    let (code, out, err) = tcurl(&[&["-D", "/dev/stderr", "-w", "\n%{http_code}"], args].concat());
     assert_eq!(code, 0, "curl {args:?} failed: {err}");
     let text = String::from_utf8_lossy(&out).into_owned();
     let (body, status) = text.rsplit_once('\n').expect("curl printed the status");
@@ -100,12 +142,14 @@ impl RestartableRelay {
 
     fn start(&self) -> RelayProc {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        Relay::new()
-            .domain(DOMAIN)
-            .args(&["--listen", &self.listen])
-            .args(&args)
-            .state_dir(self.state.path())
-            .start()
+        remember(
+            Relay::new()
+                .domain(DOMAIN)
+                .args(&["--listen", &self.listen])
+                .args(&args)
+                .state_dir(self.state.path())
+                .start(),
+        )
     }
 }
 
@@ -478,7 +522,7 @@ fn connector_to_connector_follows_the_rules() {
     .unwrap();
     let beta_handlers = handlers("beta-handlers", &[("get_env", "env")]);
     let relay_started = Instant::now();
-    let relay = Relay::new().args(&["--config", &path(&config)]).start();
+    let relay = remember(Relay::new().args(&["--config", &path(&config)]).start());
     let node = |name: &str, extra: &[&str]| {
         let identity = ca_dir.join("issued").join(name);
         let proc = Connector::new(&relay)
@@ -576,7 +620,8 @@ fn a_gigabyte_each_way_with_bounded_memory() {
     let down = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "curl -sS --noproxy '*' --max-time 300 http://{rgw}/client/test-connector/zeros//{GIB} | wc -c"
+            "curl -sS --noproxy '*' --max-time 300 -H '{}' http://{rgw}/client/test-connector/zeros//{GIB} | wc -c",
+            relay.token_header()
         ))
         .output()
         .unwrap();
@@ -613,7 +658,7 @@ fn five_hundred_events_at_once_pass_a_slow_handler() {
         .map(|i| {
             std::thread::spawn(move || {
                 let request = format!(
-                    "GET /server/cat//event-{i} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+                    "GET /server/cat//event-{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                 );
                 let mut sock = TcpStream::connect(cgw).unwrap();
                 sock.set_read_timeout(Some(patience())).unwrap();
@@ -731,12 +776,15 @@ fn hostile_input_is_refused_and_nothing_escapes() {
     assert_eq!(up.status, 400, "{}", up.body);
 
     // Invalid UTF-8 and 1 MB of headers, raw.
-    let status = raw_status(
-        rgw,
-        b"GET /client/test-connector/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
-    );
+    let token = relay.token_header();
+    let mut bad_utf8 =
+        b"GET /client/test-connector/\xff\xfe HTTP/1.1\r\nHost: 127.0.0.1\r\n".to_vec();
+    bad_utf8.extend_from_slice(format!("{token}\r\n\r\n").as_bytes());
+    let status = raw_status(rgw, &bad_utf8);
     assert_eq!(status, 400);
-    let mut big = b"GET /client/test-connector/time HTTP/1.1\r\nHost: x\r\n".to_vec();
+    let mut big =
+        format!("GET /client/test-connector/time HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}\r\n")
+            .into_bytes();
     for i in 0..1024 {
         big.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
     }
@@ -759,7 +807,7 @@ fn hostile_input_is_refused_and_nothing_escapes() {
         (early.status, early.json()["code"].as_i64()),
         (500, Some(2))
     );
-    let (code, out, _) = curl(&[
+    let (code, out, _) = tcurl(&[
         "-o",
         "/dev/null",
         "-w",
@@ -772,7 +820,7 @@ fn hostile_input_is_refused_and_nothing_escapes() {
 
     // A handler that prints forever: streamed with bounded memory; the
     // caller hanging up stops it.
-    let (code, out, _) = curl(&[
+    let (code, out, _) = tcurl(&[
         "-o",
         "/dev/null",
         "--max-time",
@@ -800,18 +848,35 @@ fn demo_prints_event_commands_that_work() {
     command.arg("demo");
     let mut demo = Proc::spawn("demo", command);
     let out = demo.wait_for("Press Ctrl-C");
-    let urls: Vec<&str> = out
+    // `curl [-H 'NAME: VALUE'] URL   (comment)`, as a shell would split it.
+    let commands: Vec<Vec<String>> = out
         .lines()
         .map(str::trim)
-        .filter(|l| {
-            l.starts_with("curl http://") && (l.contains("/client/") || l.contains("/server/"))
+        .filter(|l| l.starts_with("curl ") && (l.contains("/client/") || l.contains("/server/")))
+        .map(|l| {
+            let l = l.strip_prefix("curl ").unwrap();
+            let (args, url) = match l.strip_prefix("-H '") {
+                Some(rest) => {
+                    let (header, rest) = rest.split_once('\'').unwrap();
+                    (
+                        vec!["-H".to_string(), header.to_string()],
+                        rest.trim_start(),
+                    )
+                }
+                None => (Vec::new(), l),
+            };
+            let url = url.split_whitespace().next().unwrap().to_string();
+            args.into_iter().chain([url]).collect()
         })
-        .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
-    assert_eq!(urls.len(), 2, "{out}");
-    let to_connector = get(urls[0]);
+    assert_eq!(commands.len(), 2, "{out}");
+    let run = |args: &Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        request(&args)
+    };
+    let to_connector = run(&commands[0]);
     assert_eq!(to_connector.json()["node"], "demo-laptop");
-    assert_eq!(get(urls[1]).body, "hello world");
+    assert_eq!(run(&commands[1]).body, "hello world");
     assert!(demo.terminate().success());
 }
 

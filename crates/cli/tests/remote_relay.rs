@@ -237,7 +237,8 @@ fn plain_requests_to_the_remote_route_get_a_clear_400() {
         .args(&["--remote", "laptop:all"])
         .start();
     let url = format!("http://{}/remote/laptop", relay.gateway.unwrap());
-    let (code, body, _) = curl(&["-s", "-w", "\n%{http_code}", &url]);
+    let token = relay.token_header();
+    let (code, body, _) = curl(&["-s", "-H", &token, "-w", "\n%{http_code}", &url]);
     assert_eq!(code, 0);
     let body = String::from_utf8_lossy(&body);
     assert!(body.ends_with("\n400"), "{body}");

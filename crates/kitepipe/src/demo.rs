@@ -81,6 +81,11 @@ pub async fn run(
 ) -> Result<(), DemoError> {
     let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let secret = Secret::new(crate::link::backoff::random_token());
+    // The relay's gateway serves its owner only, as a real relay's does.
+    let relay_events = crate::config::EventConfig {
+        gateway_token_file: Some(state_dir.join(crate::config::GATEWAY_TOKEN_FILE)),
+        ..Default::default()
+    };
     let relay = Relay::bind(RelayConfig {
         listeners: vec![
             ListenerConfig {
@@ -109,7 +114,7 @@ pub async fn run(
         heartbeat: DEFAULT_HEARTBEAT,
         identity: Default::default(),
         reload_from: None,
-        events: Default::default(),
+        events: relay_events,
     })
     .await?;
     let listeners = relay.listeners();

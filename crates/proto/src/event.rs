@@ -138,6 +138,14 @@ pub enum EventPathError {
     /// A segment is not valid percent-encoded UTF-8, or holds a NUL.
     #[error("bad percent-encoding or invalid UTF-8 in {0:?}")]
     BadEncoding(String),
+    /// An argument is or holds a dot-segment (`.` or `..`, also encoded,
+    /// between `/` or `\`): an upstream that normalizes paths would
+    /// climb out of the handler's path with it.
+    #[error("argument {0:?} holds a dot-segment (. or ..): not allowed in event arguments")]
+    DotSegment(String),
+    /// The path does not name the event's handler and arguments.
+    #[error("the event path {0:?} does not match its handler name and arguments")]
+    PathMismatch(String),
 }
 
 /// Parses a gateway request (`method`, and the path without the query).
@@ -173,13 +181,44 @@ pub fn parse_gateway_path(method: &str, path: &str) -> Result<EventPath, EventPa
         }
         _ => return Err(EventPathError::UnknownRoute),
     };
-    let event_path = format!("/{rest}");
+    let (name, path, args) = parse_event_path(method, &format!("/{rest}"))?;
+    Ok(EventPath {
+        route,
+        name,
+        path,
+        args,
+    })
+}
+
+/// Parses the path after the route (`/NOUN.../NOUN//ARG/ARG`): the handler
+/// name, the canonical path (nouns, then the arguments percent-encoded
+/// anew, so what an upstream receives is exactly what was checked) and the
+/// decoded arguments. Refuses dot-segments in arguments.
+///
+/// ```
+/// use kitepipe_proto::event::parse_event_path;
+///
+/// let (name, path, args) = parse_event_path("GET", "/status/").unwrap();
+/// assert_eq!((name.as_str(), path.as_str(), args.len()), ("get_status", "/status", 0));
+/// let (_, path, args) = parse_event_path("GET", "/cat//a%2fb/c%7E").unwrap();
+/// assert_eq!((path.as_str(), args), ("/cat//a%2Fb/c~", vec!["a/b".to_string(), "c~".into()]));
+/// assert!(parse_event_path("GET", "/status//../../admin").is_err());
+/// assert!(parse_event_path("GET", "/status//%2e%2E/admin").is_err());
+/// ```
+pub fn parse_event_path(
+    method: &str,
+    path: &str,
+) -> Result<(String, String, Vec<String>), EventPathError> {
+    let rest = path
+        .strip_prefix('/')
+        .ok_or_else(|| EventPathError::BadEncoding(path.to_string()))?;
     let (nouns, args) = match rest.split_once("//") {
         Some((nouns, args)) => (nouns, Some(args)),
         None => (rest, None),
     };
     let verb = method_verb(method)?;
     let mut name = verb;
+    let mut canonical = String::with_capacity(path.len());
     let mut n_nouns = 0;
     for noun in nouns.split('/') {
         let noun = decode_segment(noun)?;
@@ -195,6 +234,8 @@ pub fn parse_gateway_path(method: &str, path: &str) -> Result<EventPath, EventPa
         }
         name.push('_');
         name.push_str(&noun);
+        canonical.push('/');
+        canonical.push_str(&noun);
         n_nouns += 1;
     }
     if n_nouns == 0 {
@@ -210,12 +251,46 @@ pub fn parse_gateway_path(method: &str, path: &str) -> Result<EventPath, EventPa
             .map(decode_segment)
             .collect::<Result<Vec<_>, _>>()?,
     };
-    Ok(EventPath {
-        route,
-        name,
-        path: event_path,
-        args,
-    })
+    check_args(&args)?;
+    if !args.is_empty() {
+        canonical.push('/');
+        for arg in &args {
+            canonical.push('/');
+            encode_segment(arg, &mut canonical);
+        }
+    }
+    Ok((name, canonical, args))
+}
+
+/// Refuses arguments that are or hold a dot-segment: split at `/` and `\`
+/// (which some servers also take as a separator), a part that is `.` or
+/// `..`, also before a `;` (path parameters, as in `..;/`).
+fn check_args(args: &[String]) -> Result<(), EventPathError> {
+    for arg in args {
+        let dotted = arg.split(['/', '\\']).any(|part| {
+            let part = part.split(';').next().unwrap_or(part);
+            part == "." || part == ".."
+        });
+        if dotted {
+            return Err(EventPathError::DotSegment(arg.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encodes `text` for a path segment: everything but RFC 3986's
+/// unreserved characters.
+fn encode_segment(text: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
+        }
+    }
 }
 
 /// True if `name` is a valid handler name: 1 to [`MAX_NAME_LEN`] bytes of
@@ -238,7 +313,8 @@ pub fn is_node_name(name: &str) -> bool {
 
 impl EventHeader {
     /// Checks what a peer sent: the name is a handler name, the arguments
-    /// hold no NUL (they become argv), the path is printable ASCII.
+    /// hold no NUL (they become argv) and no dot-segment, the path is
+    /// printable ASCII and names exactly this handler and these arguments.
     pub fn validate(&self) -> Result<(), EventPathError> {
         if !is_handler_name(&self.name) {
             return Err(EventPathError::BadNoun(self.name.clone()));
@@ -246,9 +322,16 @@ impl EventHeader {
         if let Some(bad) = self.args.iter().find(|arg| arg.contains('\0')) {
             return Err(EventPathError::BadEncoding(bad.clone()));
         }
+        check_args(&self.args)?;
         let printable = |text: &str| text.bytes().all(|b| b.is_ascii_graphic());
         if !printable(&self.path) || !self.path.starts_with('/') {
             return Err(EventPathError::BadEncoding(self.path.clone()));
+        }
+        // What handler rules were checked against (the name) is what the
+        // handler gets: the path must name the same handler and arguments.
+        let (name, _, args) = parse_event_path(&self.method, &self.path)?;
+        if name != self.name || args != self.args {
+            return Err(EventPathError::PathMismatch(self.path.clone()));
         }
         if !printable(&self.query) {
             return Err(EventPathError::BadEncoding(self.query.clone()));
@@ -409,6 +492,15 @@ mod tests {
             "/server/cat//%00",
             "/server/cat//%zz",
             "/server/cat//%4",
+            "/server/status//../../admin/delete",
+            "/server/status//%2e%2e/%2E%2E/admin",
+            "/server/status//.%2e/x",
+            "/server/status//..%2F..%2Fadmin",
+            "/server/status//x%2F..%2Fadmin",
+            "/server/status//.",
+            "/server/status//..;/admin",
+            "/server/status//..%5Cadmin",
+            "/server/status//ok/../../admin",
         ];
         for path in cases {
             assert!(parse_gateway_path("GET", path).is_err(), "{path:?}");
@@ -480,6 +572,25 @@ mod tests {
             },
             EventHeader {
                 method: "G;T".into(),
+                ..header.clone()
+            },
+            // Checked as get_time, sent to an upstream as /admin.
+            EventHeader {
+                path: "/admin".into(),
+                ..header.clone()
+            },
+            EventHeader {
+                path: "/time//..".into(),
+                args: vec!["..".into()],
+                ..header.clone()
+            },
+            EventHeader {
+                path: "/time//a".into(),
+                args: vec!["b".into()],
+                ..header.clone()
+            },
+            EventHeader {
+                method: "POST".into(),
                 ..header.clone()
             },
         ] {

@@ -261,6 +261,8 @@ pub struct RelayProc {
     /// The event gateway, when it listens on TCP.
     pub gateway: Option<SocketAddr>,
     pub state: Arc<TempDir>,
+    /// The state dir the relay runs with (`state`, or the one it was given).
+    pub state_path: PathBuf,
 }
 
 impl Relay {
@@ -356,11 +358,20 @@ impl Relay {
             fingerprint,
             proc,
             state,
+            state_path,
         }
     }
 }
 
 impl RelayProc {
+    /// The gateway's owner token (written by the relay at start), as the
+    /// `X-Kitepipe-Token: ...` header its gateway requires.
+    pub fn token_header(&self) -> String {
+        let token = std::fs::read_to_string(self.state_path.join("gateway-token"))
+            .expect("the relay writes its gateway token into its state dir");
+        format!("X-Kitepipe-Token: {}", token.trim())
+    }
+
     /// Base URL of the HTTP listener.
     pub fn http_url(&self) -> String {
         format!("http://{}", self.http.expect("relay has an HTTP listener"))

@@ -141,6 +141,15 @@ pub struct RawRelayConfig {
     pub event_wait: Option<String>,
     /// How long a handler may go without progress, e.g. `30s`.
     pub event_timeout: Option<String>,
+    /// `Origin`s (`scheme://host[:port]`) whose browser requests the
+    /// gateway accepts; none by default.
+    #[serde(default)]
+    pub gateway_origin: Vec<String>,
+    /// The gateway's owner token file [default: `STATE_DIR/gateway-token`].
+    pub gateway_token_file: Option<PathBuf>,
+    /// Serve `/client/` and `/remote/` to every local user without the
+    /// owner token (the behaviour before tokens).
+    pub insecure_gateway_without_token: Option<bool>,
 }
 
 /// Event pipe settings as written; the same fields in [`RawRelayConfig`]
@@ -157,6 +166,8 @@ pub struct RawEventConfig {
     pub event_wait: Option<String>,
     /// How long a handler may go without progress, e.g. `30s`.
     pub event_timeout: Option<String>,
+    /// `Origin`s whose browser requests the gateway accepts.
+    pub gateway_origin: Vec<String>,
 }
 
 /// One `[[allow]]` table as written.
@@ -284,7 +295,20 @@ pub struct EventConfig {
     /// `KITEPIPE_*` variables of the event): nothing else of the node's
     /// environment reaches them, so no secret leaks into a handler.
     pub handler_env: Vec<(String, String)>,
+    /// `Origin`s (lowercase `scheme://host[:port]`) whose requests the
+    /// gateway accepts; any other `Origin` is refused (403), so a web page
+    /// cannot drive the gateway. Empty by default.
+    pub gateway_origins: Vec<String>,
+    /// The owner token file: when set, the gateway writes a fresh token
+    /// there (mode 0600) at start and every request must carry it in
+    /// `X-Kitepipe-Token` (or come over a unix socket from the same uid).
+    /// The relay's CLI sets `STATE_DIR/gateway-token`; `None`: every local
+    /// user may use the gateway.
+    pub gateway_token_file: Option<PathBuf>,
 }
+
+/// Name of the relay gateway's owner token file in its state dir.
+pub const GATEWAY_TOKEN_FILE: &str = "gateway-token";
 
 impl Default for EventConfig {
     fn default() -> Self {
@@ -295,6 +319,8 @@ impl Default for EventConfig {
             wait: DEFAULT_EVENT_WAIT,
             timeout: DEFAULT_EVENT_TIMEOUT,
             handler_env: handler_env(&|_| None),
+            gateway_origins: Vec::new(),
+            gateway_token_file: None,
         }
     }
 }
@@ -355,8 +381,35 @@ impl EventConfig {
                 DEFAULT_EVENT_TIMEOUT,
             )?,
             handler_env: handler_env(&|_| None),
+            gateway_origins: raw
+                .gateway_origin
+                .iter()
+                .map(|origin| parse_origin(origin))
+                .collect::<Result<_, _>>()?,
+            gateway_token_file: None,
         })
     }
+}
+
+/// Parses an allowed `Origin`: `scheme://host[:port]`, as browsers send it
+/// (no path), compared lowercase.
+pub fn parse_origin(text: &str) -> Result<String, ConfigError> {
+    let origin = text.trim().to_ascii_lowercase();
+    let valid = origin.split_once("://").is_some_and(|(scheme, host)| {
+        !scheme.is_empty()
+            && scheme.bytes().all(|b| b.is_ascii_lowercase())
+            && !host.is_empty()
+            && !host.contains('/')
+            && host.bytes().all(|b| b.is_ascii_graphic())
+    });
+    if !valid {
+        return Err(ConfigError::Invalid {
+            what: "gateway-origin",
+            value: text.to_string(),
+            why: "expected scheme://host[:port], e.g. https://app.example.net".into(),
+        });
+    }
+    Ok(origin)
 }
 
 /// The environment handler executables start with: the node's
@@ -649,6 +702,10 @@ pub struct RawConnectorConfig {
     /// Kinds of remote operations accepted from the relay (`exec,fs,forward`
     /// or `all`); none unless given.
     pub allow_remote: Option<String>,
+    /// `Origin`s (`scheme://host[:port]`) whose browser requests the
+    /// gateway accepts; none by default.
+    #[serde(default)]
+    pub gateway_origin: Vec<String>,
 }
 
 /// A validated connector configuration.
@@ -793,6 +850,12 @@ impl RawRelayConfig {
         merge_opt(&mut self.handler_upstream, flags.handler_upstream);
         merge_opt(&mut self.event_wait, flags.event_wait);
         merge_opt(&mut self.event_timeout, flags.event_timeout);
+        merge_vec(&mut self.gateway_origin, flags.gateway_origin);
+        merge_opt(&mut self.gateway_token_file, flags.gateway_token_file);
+        merge_opt(
+            &mut self.insecure_gateway_without_token,
+            flags.insecure_gateway_without_token,
+        );
         self
     }
 }
@@ -840,6 +903,7 @@ impl RawConnectorConfig {
         merge_opt(&mut self.event_wait, flags.event_wait);
         merge_opt(&mut self.event_timeout, flags.event_timeout);
         merge_opt(&mut self.allow_remote, flags.allow_remote);
+        merge_vec(&mut self.gateway_origin, flags.gateway_origin);
         self
     }
 }
@@ -879,6 +943,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             handler_upstream: raw.handler_upstream.clone(),
             event_wait: raw.event_wait.clone(),
             event_timeout: raw.event_timeout.clone(),
+            gateway_origin: raw.gateway_origin.clone(),
         };
         let mut listeners: Vec<ListenerConfig> = Vec::new();
         let roles: [(&Vec<String>, &'static str); 3] = [
@@ -938,6 +1003,15 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             Some(text) => parse_port_range(text)?,
             None => (1024, 65535),
         };
+        let mut events = EventConfig::from_raw(&raw_events)?;
+        if !raw.insecure_gateway_without_token.unwrap_or(false) {
+            events.gateway_token_file = Some(raw.gateway_token_file.clone().unwrap_or_else(|| {
+                raw.state_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(".kitepipe"))
+                    .join(GATEWAY_TOKEN_FILE)
+            }));
+        }
         let tls = match (raw.cert, raw.key) {
             (Some(cert), Some(key)) => RelayTlsSource::Files { cert, key },
             (None, None) => RelayTlsSource::StateDir(
@@ -962,7 +1036,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             heartbeat: parse_duration("heartbeat", raw.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?,
             identity,
             reload_from: None,
-            events: EventConfig::from_raw(&raw_events)?,
+            events,
         })
     }
 }
@@ -983,6 +1057,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             handler_upstream: raw.handler_upstream.clone(),
             event_wait: raw.event_wait.clone(),
             event_timeout: raw.event_timeout.clone(),
+            gateway_origin: raw.gateway_origin.clone(),
         };
         let secret = match (raw.secret, &raw.secret_file) {
             (Some(_), Some(_)) => {
@@ -1837,5 +1912,43 @@ mod tests {
         })
         .unwrap_err();
         assert!(lone_cert.to_string().contains("go together"), "{lone_cert}");
+    }
+
+    #[test]
+    fn gateway_origins_and_the_relay_token_file() {
+        assert_eq!(
+            parse_origin(" HTTPS://App.Example.net:8443 ").unwrap(),
+            "https://app.example.net:8443"
+        );
+        for bad in ["app.example.net", "https://", "https://a/b", "://a", "*"] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
+        }
+        let relay = |raw: RawRelayConfig| {
+            RelayConfig::try_from(RawRelayConfig {
+                listen: vec!["127.0.0.1:0".into()],
+                state_dir: Some("/state".into()),
+                ..raw
+            })
+            .unwrap()
+        };
+        let default = relay(RawRelayConfig::default());
+        assert_eq!(
+            default.events.gateway_token_file,
+            Some(PathBuf::from("/state/gateway-token"))
+        );
+        let open = relay(RawRelayConfig {
+            insecure_gateway_without_token: Some(true),
+            ..Default::default()
+        });
+        assert_eq!(open.events.gateway_token_file, None);
+        let connector = ConnectorConfig::try_from(RawConnectorConfig {
+            relay: vec!["relay.example.net:8443".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            gateway_origin: vec!["http://localhost:3000".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(connector.events.gateway_token_file, None);
+        assert_eq!(connector.events.gateway_origins, ["http://localhost:3000"]);
     }
 }

@@ -134,7 +134,7 @@ impl Connector {
             .map(|_| watch::channel(LinkState::Down).0)
             .collect();
         let gateway = match &config.events.gateway {
-            Some(addr) => Some(GatewayListener::bind(addr)?),
+            Some(addr) => Some(GatewayListener::bind(addr)?.with_access(&config.events)?),
             None => None,
         };
         let handlers = Arc::new(Handlers::new(&config.name, &config.events));

@@ -3,6 +3,7 @@
 //! typing the gateway's URL.
 
 use std::io;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -10,7 +11,8 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::config::GatewayAddr;
+use super::gateway::TOKEN_FILE_HEADER;
+use crate::config::{GATEWAY_TOKEN_FILE, GatewayAddr};
 
 /// One request to a gateway.
 #[derive(Debug, Clone)]
@@ -55,6 +57,94 @@ pub enum CallError {
     /// Writing the body out failed.
     #[error("writing the response body")]
     Write(#[source] io::Error),
+    /// The gateway's owner token could not be read.
+    #[error("gateway token file {}: {why}", path.display())]
+    Token {
+        /// The token file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+/// Largest token file read (a token is 64 hex digits and a newline).
+const MAX_TOKEN_FILE: u64 = 1024;
+
+/// The owner token to send to the gateway at `gateway`: read from `file`
+/// if given; else, if the gateway answers a token-less request with 401
+/// and names its token file, read from there (the owner's tools thus find
+/// it wherever the relay keeps its state). `None`: the gateway needs none.
+///
+/// A file is used only if it is a regular file (not a symlink) of the
+/// caller's own uid, unreadable by group and others, holding 64 hex
+/// digits; a named one must also be called `gateway-token`. So a process
+/// squatting the gateway's address cannot make the caller read and send
+/// another file.
+pub async fn gateway_token(
+    gateway: &GatewayAddr,
+    file: Option<&Path>,
+) -> Result<Option<String>, CallError> {
+    if let Some(file) = file {
+        return read_token_file(file).map(Some);
+    }
+    let probe = CallRequest {
+        method: "GET".into(),
+        path: "/".into(),
+        headers: Vec::new(),
+        body: Bytes::new(),
+    };
+    let response = call(gateway, probe, &mut tokio::io::sink()).await?;
+    if response.status != 401 {
+        return Ok(None);
+    }
+    let Some((_, named)) = response
+        .headers
+        .iter()
+        .find(|(name, _)| name == TOKEN_FILE_HEADER)
+    else {
+        return Ok(None);
+    };
+    let named = PathBuf::from(named);
+    if named.file_name() != Some(std::ffi::OsStr::new(GATEWAY_TOKEN_FILE)) {
+        return Err(CallError::Token {
+            path: named,
+            why: format!("the gateway named a file not called {GATEWAY_TOKEN_FILE}; not read"),
+        });
+    }
+    read_token_file(&named).map(Some)
+}
+
+/// Reads a token file, refusing one that is not the caller's own and
+/// private (see [`gateway_token`]).
+fn read_token_file(path: &Path) -> Result<String, CallError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let bad = |why: String| CallError::Token {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|err| bad(err.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        return Err(bad("owned by another user".into()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "mode {:o} lets others read it: chmod 600",
+            meta.mode() & 0o777
+        )));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_TOKEN_FILE).read_to_string(&mut text))
+        .map_err(|err| bad(err.to_string()))?;
+    let token = text.trim();
+    if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("not a gateway token (64 hex digits)".into()));
+    }
+    Ok(token.to_ascii_lowercase())
 }
 
 /// Sends `request` to the gateway at `gateway` and streams the response

@@ -14,6 +14,7 @@ use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,10 +22,15 @@ use bytes::{Buf, BytesMut};
 use kitepipe_proto::event::ReplyHead;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::SemaphorePermit;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::handlers::{EventRequest, Handlers, JSON, ReplyWriter, error_reply};
-use super::{Progress, RequestBody, stalled};
+use super::handlers::{
+    EventRequest, Handlers, JSON, MAX_RUNNING_EXECUTABLES, ReplyWriter, error_reply,
+};
+use super::{Progress, Reply, RequestBody, is_own_header, stalled};
+use crate::link::SharedStream;
 
 /// Output held back until the handler exits (see the module docs). Small
 /// replies, the common case, get an exact status; larger ones stream.
@@ -40,6 +46,22 @@ const CONTENT_TYPE_LINE_MAX: usize = 1024;
 /// tail is taken as it is (a grandchild may hold stderr open).
 const STDERR_SETTLE: Duration = Duration::from_millis(500);
 
+/// Events waiting for an executable slot at once (beyond
+/// [`MAX_RUNNING_EXECUTABLES`]): a burst of as many again as can run waits
+/// (each waiting event costs a task and a stream, no process); past that
+/// the caller gets 503 with `Retry-After` at once instead of a wait that
+/// would outlast its own deadline.
+pub(crate) const MAX_QUEUED_EXECUTABLES: usize = 256;
+
+/// `Retry-After` (seconds) on a 503 for a full handler queue: handlers
+/// are short-lived, a second frees slots.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// How often a waiting or running handler's event is checked for a caller
+/// that went away: short against any event timeout, and a check is one
+/// lock of the stream.
+const CALLER_CHECK: Duration = Duration::from_millis(100);
+
 /// The output prefix that sets the reply's content type.
 const CONTENT_TYPE_PREFIX: &[u8] = b"content-type:";
 
@@ -50,12 +72,16 @@ pub(crate) async fn run(
     out: ReplyWriter,
     handlers: &Handlers,
 ) {
-    // The semaphore is never closed.
-    let _slot = handlers
-        .exec_slots
-        .acquire()
-        .await
-        .expect("executable slots are never closed");
+    let watch = out.stream();
+    let _slot = match wait_for_slot(handlers, &watch).await {
+        Ok(slot) => slot,
+        Err(Some(reply)) => {
+            out.reply(reply).await;
+            return;
+        }
+        // The caller is gone: nothing runs, nobody to answer.
+        Err(None) => return,
+    };
     let name = request.name.clone();
     let mut command = Command::new(&path);
     command
@@ -100,15 +126,21 @@ pub(crate) async fn run(
         let (mut pump_done, mut errs_done) = (false, false);
         let outcome = loop {
             tokio::select! {
-                outcome = &mut main => break outcome,
+                outcome = &mut main => break Some(outcome),
                 _ = &mut pump, if !pump_done => pump_done = true,
                 _ = &mut errs, if !errs_done => errs_done = true,
+                _ = caller_gone(&watch) => break None,
             }
         };
-        if outcome.is_some() && !errs_done {
+        if outcome.as_ref().is_some_and(Option::is_some) && !errs_done {
             let _ = tokio::time::timeout(STDERR_SETTLE, &mut errs).await;
         }
         outcome
+    };
+    let Some(outcome) = outcome else {
+        debug!(handler = %name, "the caller went away; stopping the handler");
+        kill_group(&mut child).await;
+        return;
     };
     let Some((out, failure)) = outcome else {
         return;
@@ -126,6 +158,84 @@ pub(crate) async fn run(
         }
     };
     out.reply(reply).await;
+}
+
+/// Waits for an executable slot: at once if one is free, else in the
+/// queue (at most [`MAX_QUEUED_EXECUTABLES`] events) until one frees, the
+/// event timeout passes (503 with `Retry-After`) or the caller goes away
+/// (`Err(None)`: the event is dropped, never run). Cancel-safe.
+async fn wait_for_slot<'a>(
+    handlers: &'a Handlers,
+    watch: &SharedStream,
+) -> Result<SemaphorePermit<'a>, Option<Reply>> {
+    if stream_reset(watch) {
+        return Err(None);
+    }
+    if let Ok(slot) = handlers.exec_slots.try_acquire() {
+        return Ok(slot);
+    }
+    let busy = |why: &str| Reply::error(503, why).with_header("retry-after", RETRY_AFTER_SECS);
+    let Some(_queued) = QueueSeat::take(&handlers.exec_queued) else {
+        debug!("handler queue full; refusing the event");
+        return Err(Some(busy(&format!(
+            "{MAX_RUNNING_EXECUTABLES} handlers are running and {MAX_QUEUED_EXECUTABLES} \
+             events wait for them: try again later"
+        ))));
+    };
+    let deadline = Instant::now() + handlers.timeout;
+    tokio::select! {
+        slot = handlers.exec_slots.acquire() => {
+            // The semaphore is never closed.
+            Ok(slot.expect("executable slots are never closed"))
+        }
+        _ = tokio::time::sleep_until(deadline) => Err(Some(busy(&format!(
+            "no handler slot freed within {:?}: try again later",
+            handlers.timeout
+        )))),
+        _ = caller_gone(watch) => {
+            debug!("the caller went away while its event waited for a handler slot");
+            Err(None)
+        }
+    }
+}
+
+/// A place in the handler queue, given back on drop.
+struct QueueSeat<'a>(&'a AtomicUsize);
+
+impl<'a> QueueSeat<'a> {
+    /// A seat, unless [`MAX_QUEUED_EXECUTABLES`] are taken.
+    fn take(queued: &'a AtomicUsize) -> Option<QueueSeat<'a>> {
+        queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_QUEUED_EXECUTABLES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| QueueSeat(queued))
+    }
+}
+
+impl Drop for QueueSeat<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Returns once the caller has reset the event (it hung up, or its
+/// gateway gave up waiting). The stream cannot signal a reset without
+/// reading the request body (which the handler must get), so this looks
+/// every [`CALLER_CHECK`]. Cancel-safe.
+async fn caller_gone(stream: &SharedStream) {
+    loop {
+        if stream_reset(stream) {
+            return;
+        }
+        tokio::time::sleep(CALLER_CHECK).await;
+    }
+}
+
+/// True once the caller has reset the event.
+fn stream_reset(stream: &SharedStream) -> bool {
+    stream.reset_reason().is_some()
 }
 
 /// Why a handler failed before its reply began.
@@ -274,16 +384,15 @@ fn describe_exit(name: &str, status: ExitStatus) -> (Option<i32>, String) {
 
 /// Stops a handler and its process group.
 async fn kill_group(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        // The group id is the handler's pid (process_group(0) above). No
-        // unsafe code here, so the signal goes through kill(1).
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pid}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
+    // The group id is the handler's pid (process_group(0) above). The
+    // signal goes by syscall: no `kill` executable is needed (slim
+    // containers have none), and none on PATH is trusted.
+    let group = child
+        .id()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = group {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
     let _ = child.start_kill();
     let _ = child.wait().await;
@@ -333,26 +442,15 @@ async fn collect_stderr(mut stderr: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail
     }
 }
 
-/// The `KITEPIPE_*` variables describing an event.
+/// The `KITEPIPE_*` variables describing an event: the travelling headers
+/// as `KITEPIPE_HEADER_*` (never a caller's X-Kitepipe-*), then this
+/// node's own description of the event, last.
 fn event_env(request: &EventRequest, node: &str) -> Vec<(String, String)> {
-    let mut vars = vec![
-        ("KITEPIPE_EVENT".to_string(), request.name.clone()),
-        ("KITEPIPE_METHOD".to_string(), request.method.clone()),
-        ("KITEPIPE_PATH".to_string(), request.path.clone()),
-        ("KITEPIPE_QUERY".to_string(), request.query.clone()),
-        ("KITEPIPE_CALLER".to_string(), request.caller.node.clone()),
-        ("KITEPIPE_NODE".to_string(), node.to_string()),
-    ];
-    if let Some(identity) = &request.caller.identity {
-        vars.push(("KITEPIPE_CALLER_IDENTITY".to_string(), identity.clone()));
-    }
-    if let Some(content_type) = request.header("content-type") {
-        vars.push((
-            "KITEPIPE_CONTENT_TYPE".to_string(),
-            content_type.to_string(),
-        ));
-    }
+    let mut vars = Vec::new();
     for (name, value) in &request.headers {
+        if is_own_header(name) {
+            continue;
+        }
         let key: String = name
             .bytes()
             .map(|b| {
@@ -364,6 +462,23 @@ fn event_env(request: &EventRequest, node: &str) -> Vec<(String, String)> {
             })
             .collect();
         vars.push((format!("KITEPIPE_HEADER_{key}"), value.clone()));
+    }
+    vars.extend([
+        ("KITEPIPE_EVENT".to_string(), request.name.clone()),
+        ("KITEPIPE_METHOD".to_string(), request.method.clone()),
+        ("KITEPIPE_PATH".to_string(), request.path.clone()),
+        ("KITEPIPE_QUERY".to_string(), request.query.clone()),
+        ("KITEPIPE_CALLER".to_string(), request.caller.node.clone()),
+        ("KITEPIPE_NODE".to_string(), node.to_string()),
+    ]);
+    if let Some(identity) = &request.caller.identity {
+        vars.push(("KITEPIPE_CALLER_IDENTITY".to_string(), identity.clone()));
+    }
+    if let Some(content_type) = request.header("content-type") {
+        vars.push((
+            "KITEPIPE_CONTENT_TYPE".to_string(),
+            content_type.to_string(),
+        ));
     }
     vars
 }

@@ -36,8 +36,8 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::stream::{EventBody, HeadError, read_reply_head};
 use super::upstream::HOP_BY_HOP;
-use super::{PipeError, Progress, RouteError, Router, stalled};
-use crate::config::GatewayAddr;
+use super::{PipeError, Progress, RouteError, Router, is_own_header, stalled};
+use crate::config::{EventConfig, GatewayAddr};
 use crate::link::SharedStream;
 
 /// Largest request head the gateway reads. Far above any real request; a
@@ -77,9 +77,17 @@ pub(crate) const IDEMPOTENT_HEADER: &str = "x-kitepipe-idempotent";
 /// The body type of gateway responses.
 type GatewayBody = UnsyncBoxBody<Bytes, io::Error>;
 
-/// A bound gateway socket (bound at configuration time, served later).
+/// A bound gateway socket (bound at configuration time, served later),
+/// with who may use it.
 #[derive(Debug)]
-pub enum GatewayListener {
+pub struct GatewayListener {
+    socket: GatewaySocket,
+    access: Access,
+}
+
+/// The socket of a [`GatewayListener`].
+#[derive(Debug)]
+enum GatewaySocket {
     /// TCP on loopback.
     Tcp(std::net::TcpListener),
     /// A unix socket, and its path.
@@ -88,9 +96,10 @@ pub enum GatewayListener {
 
 impl GatewayListener {
     /// Binds `addr` (synchronously: nodes bind everything before running).
-    /// A stale unix socket file at the path is replaced.
+    /// A stale unix socket file at the path is replaced. The gateway
+    /// accepts no `Origin` and needs no token until [`Self::with_access`].
     pub fn bind(addr: &GatewayAddr) -> Result<GatewayListener, PipeError> {
-        match addr {
+        let socket = match addr {
             GatewayAddr::Tcp(addr) => {
                 let bind = || -> io::Result<std::net::TcpListener> {
                     let listener = std::net::TcpListener::bind(addr)?;
@@ -98,11 +107,11 @@ impl GatewayListener {
                     Ok(listener)
                 };
                 bind()
-                    .map(GatewayListener::Tcp)
+                    .map(GatewaySocket::Tcp)
                     .map_err(|source| PipeError::Bind {
                         addr: addr.to_string(),
                         source,
-                    })
+                    })?
             }
             GatewayAddr::Unix(path) => {
                 use std::os::unix::fs::FileTypeExt;
@@ -115,32 +124,236 @@ impl GatewayListener {
                     Ok(listener)
                 };
                 bind()
-                    .map(|listener| GatewayListener::Unix(listener, path.clone()))
+                    .map(|listener| GatewaySocket::Unix(listener, path.clone()))
                     .map_err(|source| PipeError::Bind {
                         addr: format!("unix:{}", path.display()),
                         source,
-                    })
+                    })?
             }
+        };
+        Ok(GatewayListener {
+            socket,
+            access: Access::default(),
+        })
+    }
+
+    /// Applies `events`' access settings: the allowed `Origin`s, and, if
+    /// it names a token file, a fresh owner token written there (mode
+    /// 0600, replacing any earlier one) that requests must then carry.
+    pub fn with_access(mut self, events: &EventConfig) -> Result<GatewayListener, PipeError> {
+        self.access.origins = events.gateway_origins.clone();
+        if let Some(file) = &events.gateway_token_file {
+            let token = write_token(file).map_err(|source| PipeError::Token {
+                path: file.clone(),
+                source,
+            })?;
+            self.access.token = Some(OwnerToken {
+                value: token,
+                file: std::path::absolute(file).unwrap_or_else(|_| file.clone()),
+            });
         }
+        Ok(self)
     }
 
     /// Where it listens, as `127.0.0.1:PORT` or `unix:PATH`.
     pub fn describe(&self) -> String {
-        match self {
-            GatewayListener::Tcp(listener) => listener
+        match &self.socket {
+            GatewaySocket::Tcp(listener) => listener
                 .local_addr()
                 .map(|addr| addr.to_string())
                 .unwrap_or_else(|_| "?".into()),
-            GatewayListener::Unix(_, path) => format!("unix:{}", path.display()),
+            GatewaySocket::Unix(_, path) => format!("unix:{}", path.display()),
         }
     }
 
     /// The TCP address, if it listens on TCP.
     pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
-        match self {
-            GatewayListener::Tcp(listener) => listener.local_addr().ok(),
-            GatewayListener::Unix(..) => None,
+        match &self.socket {
+            GatewaySocket::Tcp(listener) => listener.local_addr().ok(),
+            GatewaySocket::Unix(..) => None,
         }
+    }
+}
+
+/// Header carrying the relay gateway's owner token. Not `Authorization`:
+/// that one travels with events to handlers. Stripped like every
+/// `X-Kitepipe-*` header before an event leaves.
+pub const TOKEN_HEADER: &str = "x-kitepipe-token";
+
+/// Header of a 401 naming the token file, so the owner's own tools
+/// (`kitepipe call`, `kitepipe remote`) find it; only its owner can read it.
+pub const TOKEN_FILE_HEADER: &str = "x-kitepipe-token-file";
+
+/// Bytes of randomness in an owner token (shown as hex): 256 bits, beyond
+/// guessing.
+const TOKEN_BYTES: usize = 32;
+
+/// Who may use a gateway besides reaching its socket.
+#[derive(Debug, Default)]
+struct Access {
+    /// Allowed `Origin`s, lowercase.
+    origins: Vec<String>,
+    /// The owner token, if requests need one.
+    token: Option<OwnerToken>,
+}
+
+#[derive(Debug)]
+struct OwnerToken {
+    /// Lowercase hex.
+    value: String,
+    /// Where it is written (absolute).
+    file: PathBuf,
+}
+
+/// Who is on the other end of a gateway connection, as far as the socket
+/// tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// A TCP client on loopback: any local user (or a browser).
+    Tcp,
+    /// A unix socket client of the gateway's own uid (checked by
+    /// `SO_PEERCRED`): the owner, who needs no token.
+    UnixOwner,
+    /// A unix socket client of another uid.
+    UnixOther,
+}
+
+/// Writes a fresh token to `path` (mode 0600, through a temporary file and
+/// a rename, so a reader never sees half of it) and returns it.
+fn write_token(path: &std::path::Path) -> io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mut bytes = [0u8; TOKEN_BYTES];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| io::Error::other("no randomness for the gateway token"))?;
+    let token = kitepipe_proto::message::hex(&bytes);
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(format!("{token}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(token)
+}
+
+/// Equal without leaking where they differ through timing.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// True if `host` (a Host header or URI authority) names this machine's
+/// loopback: `localhost`, `127.0.0.0/8` or `[::1]`, with any port.
+fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, "")) => ip,
+            Some((ip, port)) if port.strip_prefix(':').is_some_and(is_port) => ip,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback(),
+        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback(),
+        Err(_) => false,
+    }
+}
+
+fn is_port(digits: &str) -> bool {
+    !digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl Access {
+    /// The refusal of a request that is not for this gateway's intended callers:
+    /// a Host other than loopback (DNS rebinding; TCP only: a browser
+    /// cannot reach a unix socket), an `Origin` the operator did not allow
+    /// or a cross-site fetch without one (web pages), and, where a token is
+    /// set, a request without it (other local users).
+    fn refusal(&self, req: &Request<Incoming>, peer: Peer) -> Option<Response<GatewayBody>> {
+        let headers = req.headers();
+        if peer == Peer::Tcp {
+            let mut hosts = headers.get_all(hyper::header::HOST).iter();
+            let host = hosts.next();
+            let authority = req.uri().authority().map(|a| a.as_str());
+            let bad = hosts.next().is_some()
+                || host.is_some_and(|h| h.to_str().map_or(true, |h| !loopback_host(h)))
+                || authority.is_some_and(|a| !loopback_host(a));
+            if bad {
+                return Some(error_response(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this gateway answers only requests for localhost, 127.0.0.1 or [::1] \
+                     (a browser sent this for another name: DNS rebinding?)",
+                ));
+            }
+        }
+        let mut origin_allowed = false;
+        for origin in headers.get_all(hyper::header::ORIGIN) {
+            let origin = String::from_utf8_lossy(origin.as_bytes()).to_ascii_lowercase();
+            if !self.origins.contains(&origin) {
+                return Some(error_response(
+                    StatusCode::FORBIDDEN,
+                    "requests from web pages are refused: this Origin is not allowed \
+                     (the gateway's operator can allow it with --gateway-origin)",
+                ));
+            }
+            origin_allowed = true;
+        }
+        let cross_site = headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| !matches!(site.as_bytes(), b"same-origin" | b"none"));
+        if cross_site && !origin_allowed {
+            return Some(error_response(
+                StatusCode::FORBIDDEN,
+                "cross-site requests from web pages are refused",
+            ));
+        }
+        if let Some(token) = &self.token
+            && peer != Peer::UnixOwner
+        {
+            let given = headers.get(TOKEN_HEADER).map(|v| v.as_bytes());
+            if !given.is_some_and(|given| same_secret(given, token.value.as_bytes())) {
+                let mut response = error_response(
+                    StatusCode::UNAUTHORIZED,
+                    &format!(
+                        "this gateway serves its owner only: send the token from {} in \
+                         X-Kitepipe-Token (kitepipe call and kitepipe remote do so on their own)",
+                        token.file.display()
+                    ),
+                );
+                if let Ok(value) = HeaderValue::from_str(&token.file.to_string_lossy()) {
+                    response.headers_mut().insert(TOKEN_FILE_HEADER, value);
+                }
+                return Some(response);
+            }
+        }
+        None
     }
 }
 
@@ -161,37 +374,49 @@ pub(crate) struct Gateway<R> {
 /// Serves the gateway until its token is cancelled.
 pub(crate) async fn run_gateway<R: Router>(listener: GatewayListener, gateway: Arc<Gateway<R>>) {
     let where_ = listener.describe();
+    let access = Arc::new(listener.access);
     let connections = Arc::new(Semaphore::new(MAX_GATEWAY_CONNECTIONS));
     let cannot = |err: io::Error| warn!(%err, gateway = %where_, "cannot serve the event gateway");
-    match listener {
-        GatewayListener::Tcp(listener) => {
+    match listener.socket {
+        GatewaySocket::Tcp(listener) => {
             let listener = match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => listener,
                 Err(err) => return cannot(err),
             };
             info!(gateway = %where_, "event gateway listening");
             let listener = &listener;
-            accept_loop(&gateway, &connections, move || async move {
+            accept_loop(&gateway, &access, &connections, move || async move {
                 let (sock, peer) = listener.accept().await?;
                 let _ = sock.set_nodelay(true);
-                Ok((sock, format!("gateway client {peer}")))
+                Ok((sock, format!("gateway client {peer}"), Peer::Tcp))
             })
             .await;
         }
-        GatewayListener::Unix(listener, path) => {
+        GatewaySocket::Unix(listener, path) => {
             let listener = match tokio::net::UnixListener::from_std(listener) {
                 Ok(listener) => listener,
                 Err(err) => return cannot(err),
             };
             info!(gateway = %where_, "event gateway listening");
             let listener = &listener;
-            accept_loop(&gateway, &connections, move || async move {
+            let own_uid = rustix::process::geteuid().as_raw();
+            accept_loop(&gateway, &access, &connections, move || async move {
                 let (sock, _) = listener.accept().await?;
-                let caller = match sock.peer_cred() {
-                    Ok(cred) => format!("gateway client uid {} pid {:?}", cred.uid(), cred.pid()),
-                    Err(_) => "gateway client on the unix socket".to_string(),
+                let (caller, peer) = match sock.peer_cred() {
+                    Ok(cred) => (
+                        format!("gateway client uid {} pid {:?}", cred.uid(), cred.pid()),
+                        if cred.uid() == own_uid {
+                            Peer::UnixOwner
+                        } else {
+                            Peer::UnixOther
+                        },
+                    ),
+                    Err(_) => (
+                        "gateway client on the unix socket".to_string(),
+                        Peer::UnixOther,
+                    ),
                 };
-                Ok((sock, caller))
+                Ok((sock, caller, peer))
             })
             .await;
             let _ = std::fs::remove_file(&path);
@@ -203,16 +428,17 @@ pub(crate) async fn run_gateway<R: Router>(listener: GatewayListener, gateway: A
 /// logs) and serves each until the gateway's token is cancelled.
 async fn accept_loop<R, S, F, Fut>(
     gateway: &Arc<Gateway<R>>,
+    access: &Arc<Access>,
     connections: &Arc<Semaphore>,
     mut accept: F,
 ) where
     R: Router,
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     F: FnMut() -> Fut,
-    Fut: Future<Output = io::Result<(S, String)>>,
+    Fut: Future<Output = io::Result<(S, String, Peer)>>,
 {
     loop {
-        let (sock, caller) = tokio::select! {
+        let (sock, caller, peer) = tokio::select! {
             _ = gateway.token.cancelled() => return,
             res = accept() => match res {
                 Ok(accepted) => accepted,
@@ -223,14 +449,16 @@ async fn accept_loop<R, S, F, Fut>(
                 }
             },
         };
-        spawn_connection(sock, caller, gateway, connections);
+        spawn_connection(sock, caller, peer, gateway, access, connections);
     }
 }
 
 fn spawn_connection<R, S>(
     sock: S,
     caller: String,
+    peer: Peer,
     gateway: &Arc<Gateway<R>>,
+    access: &Arc<Access>,
     connections: &Arc<Semaphore>,
 ) where
     R: Router,
@@ -241,15 +469,23 @@ fn spawn_connection<R, S>(
         return;
     };
     let gateway = gateway.clone();
+    let access = access.clone();
     gateway.tracker.clone().spawn(async move {
         let _permit = permit;
         let service = {
             let gateway = gateway.clone();
             let caller: Arc<str> = caller.into();
-            service_fn(move |req| {
+            service_fn(move |req: Request<Incoming>| {
                 let gateway = gateway.clone();
                 let caller = caller.clone();
-                async move { Ok::<_, Infallible>(handle(gateway, req, caller).await) }
+                let refused = access.refusal(&req, peer);
+                async move {
+                    if let Some(response) = refused {
+                        info!(%caller, path = %req.uri().path(), status = %response.status(), "gateway request refused");
+                        return Ok::<_, Infallible>(response);
+                    }
+                    Ok(handle(gateway, req, caller).await)
+                }
             })
         };
         let conn = hyper::server::conn::http1::Builder::new()
@@ -400,7 +636,10 @@ async fn handle<R: Router>(
     let mut headers = Vec::new();
     for (name, value) in &parts.headers {
         let name = name.as_str();
+        // The caller's own X-Kitepipe-* never travel: the handler's node
+        // describes the event and its caller itself.
         if (TRAVELLING_HEADERS.contains(&name) || name.starts_with("x-"))
+            && !is_own_header(name)
             && let Ok(value) = value.to_str()
         {
             headers.push((name.to_string(), value.to_string()));
@@ -617,5 +856,79 @@ async fn upload(stream: SharedStream, body: UploadBody, progress: Arc<Progress>)
     if let Err(err) = res {
         debug!(%err, stream = stream.id(), "event upload ended early");
         stream.reset(ResetCode::Cancel, "the request body was cut");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8089",
+            "127.0.0.1",
+            "127.0.0.1:8089",
+            "127.9.8.7:1",
+            "[::1]",
+            "[::1]:8089",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "attacker.example",
+            "attacker.example:8089",
+            "127.0.0.1.attacker.example",
+            "localhost.attacker.example",
+            "x",
+            "",
+            "10.0.0.1:8089",
+            "[::2]:8089",
+            "[::1]x",
+            "[::1]8089",
+            "127.0.0.1:",
+            "127.0.0.1:80:80",
+            "localhost:http",
+            "0.0.0.0:8089",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"ab"));
+        assert!(!same_secret(b"", b"a"));
+    }
+
+    #[test]
+    fn token_files_are_private_and_fresh() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kitepipe-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join("state").join("gateway-token");
+        let first = write_token(&file).unwrap();
+        assert_eq!(first.len(), 2 * TOKEN_BYTES);
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(file.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o077, 0);
+        // A loose earlier file is replaced by a private one.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let second = write_token(&file).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap().trim(),
+            second.as_str()
+        );
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -66,6 +66,8 @@ pub struct Handlers {
     closures: RwLock<HashMap<String, Closure>>,
     /// Bounds executables running at once.
     pub(crate) exec_slots: Semaphore,
+    /// Events waiting for a slot (bounded by `exec::MAX_QUEUED_EXECUTABLES`).
+    pub(crate) exec_queued: std::sync::atomic::AtomicUsize,
     /// Cancelled when the node shuts down: running handlers are stopped
     /// (executables killed) and their events reset.
     shutdown: CancellationToken,
@@ -261,6 +263,7 @@ impl Handlers {
             env: config.handler_env.clone(),
             closures: RwLock::new(HashMap::new()),
             exec_slots: Semaphore::new(MAX_RUNNING_EXECUTABLES),
+            exec_queued: std::sync::atomic::AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
         }
     }
@@ -353,6 +356,11 @@ impl ReplyWriter {
         }
     }
 
+    /// The event's stream (to watch for the caller going away).
+    pub(crate) fn stream(&self) -> SharedStream {
+        self.stream.clone()
+    }
+
     /// Sends the reply head.
     pub(crate) async fn head(&mut self, head: &ReplyHead) -> io::Result<()> {
         self.head_sent = true;
@@ -443,13 +451,26 @@ pub(crate) async fn serve_event(
             stream.drain(timeout).await;
             return;
         }
+        // The path as it was checked (validate() parsed it to this very
+        // name and these arguments), rebuilt from them: an upstream gets
+        // exactly that, never a peer's spelling of it.
+        let path = event::parse_event_path(&header.method, &header.path)
+            .map(|(_, canonical, _)| canonical)
+            .unwrap_or(header.path);
         let request = EventRequest {
             name: header.name,
             method: header.method,
-            path: header.path,
+            path,
             args: header.args,
             query: header.query,
-            headers: header.headers,
+            // Whatever a peer put in X-Kitepipe-* is dropped: only this
+            // node describes the event (from `caller`, which the relay
+            // fills in from the calling link).
+            headers: header
+                .headers
+                .into_iter()
+                .filter(|(name, _)| !super::is_own_header(name))
+                .collect(),
             caller,
             body: RequestBody(EventBody::new(Bytes::new(), stream.clone())),
         };

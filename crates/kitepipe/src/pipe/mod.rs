@@ -41,12 +41,23 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub(crate) use gateway::{Gateway, run_gateway};
-pub use gateway::{GatewayListener, REMOTE_UPGRADE};
+pub use gateway::{GatewayListener, REMOTE_UPGRADE, TOKEN_FILE_HEADER, TOKEN_HEADER};
 pub use handlers::{EventRequest, Handlers, Reply, ReplyBody, RequestBody};
 pub(crate) use handlers::{reply_error, serve_event};
 pub use kitepipe_proto::event::Caller;
 
 use crate::link::Mux;
+
+/// Headers named like this describe an event and its caller; only the node
+/// that runs the handler sets them. Callers' own are dropped at every
+/// step (gateway, event on the wire, upstream request, executable env).
+pub(crate) fn is_own_header(name: &str) -> bool {
+    name.get(..OWN_HEADER_PREFIX.len())
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(OWN_HEADER_PREFIX))
+}
+
+/// The prefix of the headers [`is_own_header`] reserves.
+const OWN_HEADER_PREFIX: &str = "x-kitepipe-";
 
 /// Node name the relay uses as the caller of events it sends.
 pub const RELAY_NODE: &str = "relay";
@@ -57,6 +68,15 @@ pub enum PipeError {
     /// A handler name is not `[a-z0-9_]` (at most 128 bytes).
     #[error("bad handler name {0:?}: use a-z, 0-9 and _ (e.g. get_time_utc)")]
     BadName(String),
+    /// The gateway's owner token could not be written.
+    #[error("cannot write the gateway token file {}", path.display())]
+    Token {
+        /// The token file.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The gateway could not listen.
     #[error("cannot listen for the event gateway on {addr}")]
     Bind {

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use super::handlers::{EventRequest, Handlers, ReplyWriter, error_reply};
-use super::{Progress, stalled};
+use super::{Progress, is_own_header, stalled};
 use crate::config::UpstreamUrl;
 
 /// How long connecting to the upstream may take; it is on this machine.
@@ -79,16 +79,18 @@ pub(crate) async fn run(
     let mut builder = Request::builder()
         .method(request.method.as_str())
         .uri(uri)
-        .header("host", url.authority.as_str())
+        .header("host", url.authority.as_str());
+    for (name, value) in &request.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) && !is_own_header(name) {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+    }
+    // This node's description of the event, last and alone of its kind.
+    builder = builder
         .header("x-kitepipe-event", request.name.as_str())
         .header("x-kitepipe-caller", request.caller.node.as_str());
     if let Some(identity) = &request.caller.identity {
         builder = builder.header("x-kitepipe-caller-identity", identity.as_str());
-    }
-    for (name, value) in &request.headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
-            builder = builder.header(name.as_str(), value.as_str());
-        }
     }
     let progress = std::sync::Arc::new(Progress::new());
     progress.touch();
@@ -114,17 +116,26 @@ pub(crate) async fn run(
     };
     tokio::pin!(conn);
     let mut conn_done = false;
-    let response = tokio::select! {
-        res = sender.send_request(upstream_request) => res,
-        res = &mut conn => {
-            let why = match res { Ok(()) => "closed the connection".to_string(), Err(err) => err.to_string() };
-            out.reply(fail(format!("handler upstream {url}: {why}"))).await;
-            return;
-        }
-        _ = stalled(&progress, timeout) => {
-            let message = format!("handler upstream {url} did not answer within {timeout:?}");
-            out.reply(error_reply(504, &message, None, None)).await;
-            return;
+    let send = sender.send_request(upstream_request);
+    tokio::pin!(send);
+    let response = loop {
+        tokio::select! {
+            res = &mut send => break res,
+            // A server that answers and closes (HTTP/1.0 style) ends the
+            // connection as the response arrives: the response still
+            // counts; without one, `send` fails next.
+            res = &mut conn, if !conn_done => {
+                conn_done = true;
+                if let Err(err) = res {
+                    out.reply(fail(format!("handler upstream {url}: {err}"))).await;
+                    return;
+                }
+            }
+            _ = stalled(&progress, timeout) => {
+                let message = format!("handler upstream {url} did not answer within {timeout:?}");
+                out.reply(error_reply(504, &message, None, None)).await;
+                return;
+            }
         }
     };
     drop(sender);

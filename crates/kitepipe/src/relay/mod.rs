@@ -170,7 +170,7 @@ impl Relay {
             listeners.push((listener, roles.clone()));
         }
         let gateway = match &config.events.gateway {
-            Some(addr) => Some(GatewayListener::bind(addr)?),
+            Some(addr) => Some(GatewayListener::bind(addr)?.with_access(&config.events)?),
             None => None,
         };
         let handlers = Arc::new(Handlers::new(&config.name, &config.events));

@@ -45,6 +45,16 @@ impl Session {
             stage,
             stderr: String::new(),
         };
+        // The relay's gateway serves its owner only: its token, found as
+        // `kitepipe call` finds it.
+        let token = tokio::time::timeout(
+            connect_timeout,
+            crate::pipe::client::gateway_token(gateway, None),
+        )
+        .await
+        .map_err(|_| timeout("asking the relay's gateway for its token"))?
+        .map_err(|err| ConnectError::Protocol(format!("{err}")))?;
+        let token = token.as_deref();
         match gateway {
             GatewayAddr::Tcp(sock_addr) => {
                 let sock = tokio::time::timeout(
@@ -55,7 +65,7 @@ impl Session {
                 .map_err(|_| timeout("connecting to the relay's gateway"))?
                 .map_err(unreachable)?;
                 let _ = sock.set_nodelay(true);
-                upgrade(sock, node, options, connect_timeout).await
+                upgrade(sock, node, token, options, connect_timeout).await
             }
             GatewayAddr::Unix(path) => {
                 let sock =
@@ -63,7 +73,7 @@ impl Session {
                         .await
                         .map_err(|_| timeout("connecting to the relay's gateway"))?
                         .map_err(unreachable)?;
-                upgrade(sock, node, options, connect_timeout).await
+                upgrade(sock, node, token, options, connect_timeout).await
             }
         }
     }
@@ -73,15 +83,19 @@ impl Session {
 async fn upgrade<S>(
     mut sock: S,
     node: &str,
+    token: Option<&str>,
     options: SessionOptions,
     deadline: Duration,
 ) -> Result<Session, ConnectError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let token = token
+        .map(|token| format!("{}: {token}\r\n", crate::pipe::TOKEN_HEADER))
+        .unwrap_or_default();
     let request = format!(
-        "GET /remote/{node} HTTP/1.1\r\nHost: kitepipe\r\nConnection: Upgrade\r\n\
-         Upgrade: {REMOTE_UPGRADE}\r\n\r\n"
+        "GET /remote/{node} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+         Upgrade: {REMOTE_UPGRADE}\r\n{token}\r\n"
     );
     let answer = async {
         sock.write_all(request.as_bytes()).await?;
