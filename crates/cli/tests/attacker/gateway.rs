@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::support::*;
 
-const SECRET: &str = "s3cret";
-const DOMAIN: &str = "http:*.example.net:s3cret";
+const SECRET: &str = "gateway-attacker-secret";
+const DOMAIN: &str = "http:*.example.net:gateway-attacker-secret";
 
 /// Handler executables running at once on a node (pipe's
 /// `MAX_RUNNING_EXECUTABLES`).

@@ -153,13 +153,13 @@ impl FakeRelay {
         })
     }
 
-    /// Sends an event (a GET with no body) to handler `name`; returns the
-    /// reply's bytes.
-    fn event(&self, name: &str) -> String {
+    /// Sends an event (a GET of `/NOUN` with no body, so to handler
+    /// `get_NOUN`); returns the reply's bytes.
+    fn event(&self, noun: &str) -> String {
         let header = StreamHeader::Event(EventHeader {
-            name: name.into(),
+            name: format!("get_{noun}"),
             method: "GET".into(),
-            path: format!("/{name}"),
+            path: format!("/{noun}"),
             args: Vec::new(),
             query: String::new(),
             headers: Vec::new(),
@@ -392,7 +392,7 @@ fn fs_grant_cannot_plant_a_handler_or_touch_keys_and_config() {
     let why = "protected";
 
     // The plain attack of the issue: an executable handler.
-    let planted = files.handlers.join("pwn");
+    let planted = files.handlers.join("get_pwn");
     let outcome = relay.run(write_op(&planted, 0o755), &payload(&files.marker));
     assert_refused(&outcome, "write into the handlers directory", why);
     assert!(!planted.exists(), "no handler was planted");

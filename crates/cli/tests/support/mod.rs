@@ -4,7 +4,7 @@
 //!
 //! ```ignore
 //! let relay = Relay::new().domain("http,tcp:*.example.net:s3cret").start();
-//! let conn = Connector::new(&relay).secret("s3cret").kite("http:blog.example.net=127.0.0.1:8000").start();
+//! let conn = Connector::new(&relay).secret("s3cret-for-tests-1").kite("http:blog.example.net=127.0.0.1:8000").start();
 //! ```
 #![allow(dead_code, unreachable_pub)]
 // Test processes are real and so is their time: these waits measure the
