@@ -572,6 +572,30 @@ pub enum RelayTlsSource {
     },
 }
 
+/// The default node name of a connector that holds a domain secret and no
+/// certificate: one its secret can prove (the relay accepts only node
+/// names under a domain whose secret the connector proves), i.e. its first
+/// secret kite's name, or `HOST.REST` for a wildcard kite `*.REST`.
+fn provable_node_name(kites: &[KiteTarget], host: Option<&str>) -> Option<String> {
+    let kite = kites.iter().find(|kite| kite.secret.is_some())?;
+    match kite.kite.name.strip_prefix("*.") {
+        None => Some(kite.kite.name.clone()),
+        Some(rest) => {
+            let label: String = host
+                .unwrap_or("connector")
+                .split('.')
+                .next()
+                .unwrap_or("connector")
+                .to_ascii_lowercase()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            let label = if label.is_empty() { "connector".to_string() } else { label };
+            Some(format!("{label}.{rest}"))
+        }
+    }
+}
+
 /// A domain connectors may claim kites in, with its shared secret.
 #[derive(Debug, Clone)]
 pub struct Domain {
@@ -601,7 +625,9 @@ pub struct RawConnectorConfig {
     pub fingerprint: Vec<String>,
     /// CA certificate (PEM) the relay's certificate must chain to.
     pub ca: Option<PathBuf>,
-    /// This connector's node name (default: the host name).
+    /// This connector's node name (default: the certificate's name; with a
+    /// secret, the first secret kite's name, which the secret can prove;
+    /// else the host name).
     pub name: Option<String>,
     /// Heartbeat interval, e.g. `15s`.
     pub heartbeat: Option<String>,
@@ -936,10 +962,15 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             .enumerate()
             .map(|(index, text)| parse_relay_target(text, trust_for(index)?))
             .collect::<Result<Vec<_>, _>>()?;
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty());
         let name = raw
             .name
             .or_else(|| identity.as_ref().map(|id| id.info().name.clone()))
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .or_else(|| provable_node_name(&kites, host.as_deref()))
+            .or(host)
             .map(|n| n.trim().to_string())
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "connector".into());
