@@ -192,7 +192,9 @@ fn builtins_answer_both_ways_as_restpipe_did() {
     let json = time.json();
     assert_eq!(json["node"], "localhost", "{json}");
     assert!(json["time"].as_str().unwrap().ends_with('Z'), "{json}");
-    let time = get(&format!("http://{rgw}/client/test-connector.example.net/time/utc"));
+    let time = get(&format!(
+        "http://{rgw}/client/test-connector.example.net/time/utc"
+    ));
     assert_eq!(time.status, 200, "{}", time.body);
     assert_eq!(time.json()["node"], "test-connector.example.net");
 
@@ -377,7 +379,10 @@ fn upstream_handlers_both_ways() {
     let rgw = relay.gateway.unwrap();
     for (base, caller) in [
         (format!("http://{cgw}/server"), "test-connector.example.net"),
-        (format!("http://{rgw}/client/test-connector.example.net"), "relay"),
+        (
+            format!("http://{rgw}/client/test-connector.example.net"),
+            "relay",
+        ),
     ] {
         let headers = get(&format!("{base}/headers"));
         assert_eq!(headers.status, 200, "{}", headers.body);
@@ -437,7 +442,9 @@ fn unix_socket_gateway_and_unknown_and_offline_nodes() {
 
     conn.kill();
     let t0 = Instant::now();
-    let offline = get(&format!("http://{rgw}/client/test-connector.example.net/time"));
+    let offline = get(&format!(
+        "http://{rgw}/client/test-connector.example.net/time"
+    ));
     assert_eq!(offline.status, 503, "{}", offline.body);
     assert!(
         t0.elapsed() >= Duration::from_millis(1900),

@@ -172,7 +172,12 @@ fn exec_and_files_on_an_opted_in_connector_are_logged_on_both_sides() {
 fn refused_where_the_connector_did_not_opt_in_or_the_rules_do_not_grant() {
     let relay = Relay::new()
         .domain(DOMAIN)
-        .args(&["--remote", "desk.example.net:exec,fs", "--remote", "ci-*:fs"])
+        .args(&[
+            "--remote",
+            "desk.example.net:exec,fs",
+            "--remote",
+            "ci-*:fs",
+        ])
         // Unknown nodes are unknown (not waited for) once the relay is older.
         .args(&["--event-wait", "1s"])
         .start();

@@ -365,7 +365,10 @@ fn secret_holder_cannot_take_certificate_names() {
         .start();
     let _real = Connector::new(&relay)
         .args(&["--identity", &path(&laptop)])
-        .args(&["--kite", &format!("http:laptop.example.net={}", backend.addr())])
+        .args(&[
+            "--kite",
+            &format!("http:laptop.example.net={}", backend.addr()),
+        ])
         .start();
     let intruder = Connector::new(&relay)
         .secret("s3cret")
@@ -382,7 +385,10 @@ fn secret_holder_cannot_take_certificate_names() {
                 .find(|l| l.contains("relay refused kite") && l.contains(&format!("http:{kite} ")))
                 .map(str::to_string)
         });
-        assert!(line.contains("reserved for certificate identities"), "{line}");
+        assert!(
+            line.contains("reserved for certificate identities"),
+            "{line}"
+        );
     }
     let line = eventually("the intruder's node name refused", || {
         intruder
@@ -405,7 +411,10 @@ fn secret_holder_cannot_take_certificate_names() {
             .find(|l| l.contains("relay did not accept this node name"))
             .map(str::to_string)
     });
-    assert!(line.contains("reserved for certificate identities"), "{line}");
+    assert!(
+        line.contains("reserved for certificate identities"),
+        "{line}"
+    );
     // The certificate's kite still reaches its own backend.
     let (code, out, err) = curl(&[
         "-s",
@@ -417,7 +426,11 @@ fn secret_holder_cannot_take_certificate_names() {
         "Host: laptop.example.net",
         &relay.http_url(),
     ]);
-    assert_eq!((code, String::from_utf8_lossy(&out).into_owned()), (0, "200".into()), "{err}");
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).into_owned()),
+        (0, "200".into()),
+        "{err}"
+    );
     // A name under the secret's own domain is proven.
     let honest = Connector::new(&relay)
         .secret("s3cret")
@@ -453,7 +466,11 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
         assert_eq!(registered["node"]["proven"], false, "{registered}");
         let mut other = FakeLink::open(&relay, instance, "evil.example.org").await;
         let registered = other
-            .register(Some("other-secret"), &["evil.example.org"], "evil.example.org")
+            .register(
+                Some("other-secret"),
+                &["evil.example.org"],
+                "evil.example.org",
+            )
             .await;
         assert_eq!(registered["node"]["proven"], true, "{registered}");
         // The registry replaces before it answers: nothing was replaced.
@@ -472,7 +489,10 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
         tokio::time::timeout(patience(), real.mux.closed())
             .await
             .expect("the stale link is closed");
-        assert_eq!(lines_with(&relay.proc.output(), &["replacing its previous link"]), 1);
+        assert_eq!(
+            lines_with(&relay.proc.output(), &["replacing its previous link"]),
+            1
+        );
         drop(other);
     });
 }
@@ -486,14 +506,19 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
 /// proofs. A connector with the right secret, linked before, is untouched.
 #[test]
 fn wrong_secret_guessing_is_slowed_and_the_link_closed() {
-    let relay = Relay::new().domain("http:*.example.net:right-secret").start();
+    let relay = Relay::new()
+        .domain("http:*.example.net:right-secret")
+        .start();
     let honest = Connector::new(&relay)
         .secret("right-secret")
         .kite("http:honest.example.net=127.0.0.1:9")
         .start();
-    let mut guesser = Connector::new(&relay)
-        .secret("wrong-guess")
-        .args(&["--name", "guess.example.net", "--max-backoff", "1s"]);
+    let mut guesser = Connector::new(&relay).secret("wrong-guess").args(&[
+        "--name",
+        "guess.example.net",
+        "--max-backoff",
+        "1s",
+    ]);
     for i in 0..20 {
         guesser = guesser.kite(&format!("http:g{i}.example.net=127.0.0.1:9"));
     }
@@ -510,7 +535,10 @@ fn wrong_secret_guessing_is_slowed_and_the_link_closed() {
         verdicts >= 4 && verdicts <= bound,
         "{verdicts} wrong proofs checked in {window:?} (bound {bound}):\n{log}"
     );
-    assert!(lines_with(&log, &["not checked", "retry after"]) > 0, "{log}");
+    assert!(
+        lines_with(&log, &["not checked", "retry after"]) > 0,
+        "{log}"
+    );
     let out = guesser.output();
     assert!(out.contains("too many wrong proofs"), "{out}");
     // The honest connector was never disturbed.
@@ -560,7 +588,8 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
     // Made-up names, said and gone.
     rt.block_on(async {
         for i in 0..20 {
-            let mut link = FakeLink::open(&relay, &format!("bogus-{i}"), &format!("bogus-{i}")).await;
+            let mut link =
+                FakeLink::open(&relay, &format!("bogus-{i}"), &format!("bogus-{i}")).await;
             let registered = link.register(None, &[], &format!("bogus-{i}")).await;
             assert_eq!(registered["node"]["proven"], false, "{registered}");
         }
@@ -628,7 +657,10 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
         .args(&["--name", "real.example.net"])
         .spawn();
     real.wait_for("node name proven");
-    eprintln!("real connector linked after {} bogus hellos", done.load(Ordering::Relaxed));
+    eprintln!(
+        "real connector linked after {} bogus hellos",
+        done.load(Ordering::Relaxed)
+    );
     let flood_patience = patience() * 10;
     rt.block_on(async {
         tokio::time::timeout(flood_patience, flood)
@@ -648,7 +680,10 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
         peak <= baseline_fds + MAX_UNPROVEN_LINKS + 128,
         "relay held {peak} fds during the flood (baseline {baseline_fds})"
     );
-    assert!(rss < RSS_BOUND_KIB, "relay RSS {rss} KiB after {FLOOD} bogus hellos");
+    assert!(
+        rss < RSS_BOUND_KIB,
+        "relay RSS {rss} KiB after {FLOOD} bogus hellos"
+    );
     assert!(
         !real.output().contains("link to relay lost"),
         "{}",

@@ -590,7 +590,11 @@ fn provable_node_name(kites: &[KiteTarget], host: Option<&str>) -> Option<String
                 .chars()
                 .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
                 .collect();
-            let label = if label.is_empty() { "connector".to_string() } else { label };
+            let label = if label.is_empty() {
+                "connector".to_string()
+            } else {
+                label
+            };
             Some(format!("{label}.{rest}"))
         }
     }

@@ -221,7 +221,10 @@ impl Registry {
             inner.prove(id, ProvenBy::Secret(name.to_ascii_lowercase()))
         };
         if let Some(old) = replaced {
-            tracing::info!(node = name, "connector came back: replacing its previous link");
+            tracing::info!(
+                node = name,
+                "connector came back: replacing its previous link"
+            );
             old.close(LinkClosed::Replaced);
         }
         self.links_changed.notify_waiters();
@@ -619,7 +622,14 @@ mod tests {
         let registry = Registry::default();
         let laptop = Arc::new(LinkIdentity::for_tests("laptop"));
         let real_mux = mux(&tracker);
-        let real = registry.add_link("same", "laptop", real_mux.clone(), peer(), Some(laptop), None);
+        let real = registry.add_link(
+            "same",
+            "laptop",
+            real_mux.clone(),
+            peer(),
+            Some(laptop),
+            None,
+        );
         // A secret holder proving another name, and a stranger proving
         // nothing, with the same instance.
         let other = registry.add_link("same", "laptop", mux(&tracker), peer(), None, None);
@@ -628,11 +638,21 @@ mod tests {
         assert!(!real_mux.is_closed());
         assert_eq!(registry.link_count(), 3);
         // Only the certificate link is proven as `laptop`.
-        assert!(matches!(registry.lookup_node("LAPTOP"), NodeLookup::Found(_)));
+        assert!(matches!(
+            registry.lookup_node("LAPTOP"),
+            NodeLookup::Found(_)
+        ));
         registry.remove_link(real);
-        assert!(matches!(registry.lookup_node("laptop"), NodeLookup::Offline));
+        assert!(matches!(
+            registry.lookup_node("laptop"),
+            NodeLookup::Offline
+        ));
         assert!(matches!(registry.lookup_node("never"), NodeLookup::Unknown));
-        assert!(registry.caller(other).is_some_and(|c| c.node == "laptop.example.net"));
+        assert!(
+            registry
+                .caller(other)
+                .is_some_and(|c| c.node == "laptop.example.net")
+        );
     }
 
     #[tokio::test]
@@ -640,19 +660,30 @@ mod tests {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
         let id = registry.add_link("a", "laptop", mux(&tracker), peer(), None, None);
-        assert!(matches!(registry.lookup_node("laptop"), NodeLookup::Unknown));
+        assert!(matches!(
+            registry.lookup_node("laptop"),
+            NodeLookup::Unknown
+        ));
         assert!(registry.lookup_remote("laptop").is_none());
-        assert!(registry.caller(id).is_some_and(|c| c.node == UNPROVEN_CALLER));
+        assert!(
+            registry
+                .caller(id)
+                .is_some_and(|c| c.node == UNPROVEN_CALLER)
+        );
         registry.remove_link(id);
         assert!(lock(&registry.inner).nodes_seen.is_empty());
     }
 
     #[test]
     fn nodes_seen_is_bounded() {
-        let mut inner = Inner::default();
-        inner.nodes_seen = (0..MAX_NODES_SEEN).map(|i| format!("n{i}")).collect();
+        let mut inner = Inner {
+            nodes_seen: (0..MAX_NODES_SEEN).map(|i| format!("n{i}")).collect(),
+            ..Inner::default()
+        };
         let tracker = TaskTracker::new();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let _guard = rt.enter();
         inner.links.insert(
             1,

@@ -1097,7 +1097,11 @@ mod tests {
         assert_eq!(links.len(), MAX_UNPROVEN_LINKS);
         // A source at its own bound evicts its own oldest, nobody else's.
         let last = links.enter(source(MAX_UNPROVEN_LINKS - 1));
-        assert!(slots[MAX_UNPROVEN_LINKS - MAX_UNPROVEN_PER_SOURCE].evicted.is_cancelled());
+        assert!(
+            slots[MAX_UNPROVEN_LINKS - MAX_UNPROVEN_PER_SOURCE]
+                .evicted
+                .is_cancelled()
+        );
         assert!(!slots[1].evicted.is_cancelled() && !last.evicted.is_cancelled());
         drop(slots);
         assert_eq!(links.len(), 2);
@@ -1119,7 +1123,11 @@ mod tests {
         assert_eq!(throttle.check(guesser, now), Err(GUESS_BACKOFF_FIRST));
         throttle.failed(guesser, now);
         assert_eq!(throttle.check(guesser, now), Err(GUESS_BACKOFF_FIRST * 2));
-        assert!(throttle.check(guesser, now + GUESS_BACKOFF_FIRST * 2).is_ok());
+        assert!(
+            throttle
+                .check(guesser, now + GUESS_BACKOFF_FIRST * 2)
+                .is_ok()
+        );
         assert!(throttle.check(honest, now).is_ok());
         // One host's whole /64 is one source.
         let a: IpAddr = "2001:db8::1".parse().unwrap();
