@@ -140,7 +140,7 @@ pub async fn run(
                 kite: kitepipe_proto::kite::KiteRef::parse(&format!("tcp:{DEMO_TCP_KITE}:0"))
                     .expect("valid literal kite"),
                 target: echo_addr.to_string(),
-                secret: Some(secret),
+                secret: Some(secret.clone()),
             },
         ],
         name: DEMO_NODE.into(),
@@ -149,6 +149,7 @@ pub async fn run(
         identity: None,
         events: Default::default(),
         allow_remote: Vec::new(),
+        node_secret: Some(secret),
     })?;
     let mut state = connector.watch(0).expect("one relay configured");
     let connector_gateway = connector.gateway_addr();

@@ -678,6 +678,9 @@ pub struct ConnectorConfig {
     pub events: EventConfig,
     /// Kinds of remote operations accepted from relays (empty: none).
     pub allow_remote: Vec<RemoteClass>,
+    /// The domain secret (`--secret`), kites or not: it also proves the
+    /// node name (a connector without kites can still be reached by name).
+    pub node_secret: Option<Secret>,
 }
 
 /// A relay to link to.
@@ -1000,6 +1003,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                     })?
                 }
             },
+            node_secret: secret,
         })
     }
 }
@@ -1542,6 +1546,27 @@ mod tests {
             ..Default::default()
         };
         assert!(parse_allow_rule(&bad_rule).is_err());
+    }
+
+    #[test]
+    fn a_secret_connector_is_named_so_its_secret_can_prove_it() {
+        let raw = |kite: &str| RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            kite: vec![kite.into()],
+            secret: Some("s".into()),
+            ..Default::default()
+        };
+        let named = |raw| ConnectorConfig::try_from(raw).unwrap().name;
+        assert_eq!(named(raw("http:blog.example.net=80")), "blog.example.net");
+        let wildcard = named(raw("http:*.example.net=80"));
+        assert!(wildcard.ends_with(".example.net"), "{wildcard}");
+        assert!(!wildcard.starts_with("*"), "{wildcard}");
+        let given = RawConnectorConfig {
+            name: Some("laptop".into()),
+            ..raw("http:blog.example.net=80")
+        };
+        assert_eq!(named(given), "laptop");
     }
 
     #[test]

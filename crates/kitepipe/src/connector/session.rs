@@ -338,7 +338,8 @@ impl RelayLink {
             name: &self.config.name,
         };
         let mut secrets: Vec<&str> = Vec::new();
-        for secret in self.config.kites.iter().filter_map(|k| k.secret.as_ref()) {
+        let kite_secrets = self.config.kites.iter().filter_map(|k| k.secret.as_ref());
+        for secret in self.config.node_secret.iter().chain(kite_secrets) {
             if secrets.len() < message::MAX_NODE_PROOFS && !secrets.contains(&secret.expose()) {
                 secrets.push(secret.expose());
             }

@@ -96,6 +96,13 @@ pub(crate) struct LinkCaller {
 /// at most ~20 MiB, far more nodes than one relay serves.
 pub(crate) const MAX_NODES_SEEN: usize = 64 * 1024;
 
+/// Most kites remembered as "known" (visitors of a kite that went away get
+/// "offline" rather than "unknown"). A secret holder can register any
+/// number of names under its domain, one after the other; past this many
+/// new ones are not remembered (they are "unknown" once gone). Same sizing
+/// as [`MAX_NODES_SEEN`].
+pub(crate) const MAX_KNOWN_KITES: usize = 64 * 1024;
+
 /// Result of looking up a node for an event.
 #[derive(Debug)]
 pub(crate) enum NodeLookup {
@@ -343,7 +350,9 @@ impl Registry {
         if kite.proto == KiteProto::Tcp {
             inner.tcp_ports.insert(kite.port, kite.name.clone());
         }
-        inner.known.insert(key.clone());
+        if inner.known.len() < MAX_KNOWN_KITES {
+            inner.known.insert(key.clone());
+        }
         inner.kites.entry(key).or_default().backends.push(backend);
         true
     }
@@ -364,6 +373,9 @@ impl Registry {
         for key in &keys {
             if let Some(entry) = inner.kites.get_mut(key) {
                 entry.backends.retain(|backend| backend.link != id);
+                if entry.backends.is_empty() {
+                    inner.kites.remove(key);
+                }
             }
         }
     }
@@ -489,6 +501,10 @@ impl Inner {
         for key in &entry.kites {
             if let Some(kite) = self.kites.get_mut(key) {
                 kite.backends.retain(|b| b.link != id);
+                // No entry outlives its last backend: names come and go.
+                if kite.backends.is_empty() {
+                    self.kites.remove(key);
+                }
             }
         }
         Some(entry.mux)
