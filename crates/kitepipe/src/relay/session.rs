@@ -1,6 +1,14 @@
 //! A connector's link, seen from the relay: TLS, handshake, kite
 //! registration (authorized by a domain secret or the link's certificate
-//! identity), and cleanup when the link ends.
+//! identity), the node name's proof, and cleanup when the link ends.
+//!
+//! Strangers are bounded here: a link holds a place among the unproven
+//! ([`MAX_UNPROVEN_LINKS`], [`MAX_UNPROVEN_PER_SOURCE`]) until it proves
+//! something, and is closed if it has not within [`HANDSHAKE_TIMEOUT`] or
+//! after its first registration; wrong proofs close the link
+//! ([`MAX_WRONG_PROOFS_PER_LINK`]) and make its source address back off
+//! ([`ProofThrottle`]); names reserved for certificate identities are never
+//! granted to a secret; a link with a certificate ends at its notAfter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
