@@ -436,7 +436,7 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
              got version {} as {:?}: upgrade the older side",
             hello.version, hello.role
         );
-        warn!(node = %hello.node, version = hello.version, "refusing link: version mismatch");
+        warn!(node = %printable(&hello.node), version = hello.version, "refusing link: version mismatch");
         fail(&mux, ErrorCode::Version, why).await;
         return;
     }
@@ -461,7 +461,7 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
     // a node proof backs it.
     let node = match &identity {
         Some(identity) => identity.name.clone(),
-        None => hello.node.chars().take(MAX_NODE_NAME).collect::<String>(),
+        None => printable(&hello.node),
     };
     let link_id = ctx.registry.add_link(
         &hello.instance,
@@ -519,6 +519,17 @@ struct Nonces {
 
 /// Longest node name kept from a hello (a DNS name is at most 253 bytes).
 const MAX_NODE_NAME: usize = 253;
+
+/// A hello's node name as the relay keeps and logs it: at most
+/// [`MAX_NODE_NAME`] characters, anything but printable ASCII replaced by
+/// `?` (it reaches logs a person reads; such a name is no host name and
+/// can never be proven anyway).
+fn printable(name: &str) -> String {
+    name.chars()
+        .take(MAX_NODE_NAME)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
 
 /// What the relay knows about a live link, as its registrations change it.
 struct LinkState {
