@@ -276,7 +276,8 @@ fn reload(ctx: &Arc<RelayCtx>, why: &str) {
             Enforced::Closed => closed += 1,
         }
     }
-    info!(%why, generation = state.generation, links_closed = closed, kites_withdrawn = withdrawn, "identity settings reloaded");
+    let reserved = super::session::rejudge_secret_grants(ctx, &state);
+    info!(%why, generation = state.generation, links_closed = closed, kites_withdrawn = withdrawn, secret_grants_reserved = reserved, "identity settings reloaded");
 }
 
 /// Closes link `link` whose certificate is no longer accepted: stops

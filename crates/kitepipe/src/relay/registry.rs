@@ -157,6 +157,17 @@ struct LinkEntry {
     remote: Option<RemoteOffer>,
 }
 
+/// What a link holds by a domain secret, as a reload re-judges it.
+#[derive(Clone, Debug)]
+pub(crate) struct SecretGrants {
+    pub(crate) link: LinkId,
+    pub(crate) mux: Mux,
+    /// Kites granted by a secret.
+    pub(crate) kites: Vec<KiteRef>,
+    /// The node name proven with a secret.
+    pub(crate) node: Option<String>,
+}
+
 /// What a connector accepts for remote operations, from its hello.
 #[derive(Clone, Debug)]
 pub(crate) struct RemoteOffer {
@@ -355,6 +366,57 @@ impl Registry {
         }
         inner.kites.entry(key).or_default().backends.push(backend);
         true
+    }
+
+    /// Every live link holding something by a domain secret: its id, mux,
+    /// the kites a secret granted and the node name a secret proved.
+    pub(crate) fn secret_grants(&self) -> Vec<SecretGrants> {
+        let inner = lock(&self.inner);
+        inner
+            .links
+            .iter()
+            .filter_map(|(id, link)| {
+                let kites: Vec<KiteRef> = link
+                    .kites
+                    .iter()
+                    .filter(|key| !link.identity_kites.contains(*key))
+                    .map(|(proto, name, port)| KiteRef {
+                        proto: *proto,
+                        name: name.clone(),
+                        port: *port,
+                    })
+                    .collect();
+                let node = match &link.proven {
+                    Some(ProvenBy::Secret(name)) => Some(name.clone()),
+                    _ => None,
+                };
+                (!kites.is_empty() || node.is_some()).then(|| SecretGrants {
+                    link: *id,
+                    mux: link.mux.clone(),
+                    kites,
+                    node,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes back the node name link `id` proved with a secret: it no
+    /// longer routes (the rules now reserve it for certificates).
+    pub(crate) fn unprove_node(&self, id: LinkId) {
+        let mut inner = lock(&self.inner);
+        let Some(link) = inner.links.get_mut(&id) else {
+            return;
+        };
+        if !matches!(link.proven, Some(ProvenBy::Secret(_))) {
+            return;
+        }
+        let Some(proven) = link.proven.take() else {
+            return;
+        };
+        let key = (proven, link.instance.clone());
+        if inner.instances.get(&key) == Some(&id) {
+            inner.instances.remove(&key);
+        }
     }
 
     /// Stops serving `kites` through link `id` (they stay known, so visitors
@@ -669,6 +731,34 @@ mod tests {
                 .caller(other)
                 .is_some_and(|c| c.node == "laptop.example.net")
         );
+    }
+
+    #[tokio::test]
+    async fn secret_grants_can_be_taken_back() {
+        let tracker = TaskTracker::new();
+        let registry = Registry::default();
+        let identity = Arc::new(LinkIdentity::for_tests("laptop"));
+        let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity), None);
+        registry.add_kite(a, &kite("http:laptop.example.net"), Grant::Identity);
+        let b = registry.add_link("b", "box", mux(&tracker), peer(), None, None);
+        assert!(registry.prove_node(b, "box.example.net"));
+        registry.add_kite(b, &kite("http:box.example.net"), Grant::Secret);
+        let grants = registry.secret_grants();
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].link, b);
+        assert_eq!(grants[0].node.as_deref(), Some("box.example.net"));
+        assert_eq!(grants[0].kites, [kite("http:box.example.net")]);
+        registry.unprove_node(b);
+        assert!(matches!(
+            registry.lookup_node("box.example.net"),
+            NodeLookup::Offline
+        ));
+        // A certificate's name is not taken back this way.
+        registry.unprove_node(a);
+        assert!(matches!(
+            registry.lookup_node("laptop"),
+            NodeLookup::Found(_)
+        ));
     }
 
     #[tokio::test]

@@ -93,6 +93,12 @@ const GUESS_FORGET_AFTER: Duration = Duration::from_secs(60 * 60);
 /// a fresh [`FREE_WRONG_PROOFS`] per network).
 pub(crate) const MAX_GUESS_SOURCES: usize = 4096;
 
+/// Least time between two registrations on one link: a later `register`
+/// waits (the link's control loop is its own backpressure). A connector
+/// registers once per link; this bounds what a link can make the relay
+/// check (claims, proofs, TCP port binds) to one message's worth a second.
+pub(crate) const MIN_REGISTER_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Links that have proven nothing yet from one source address (IPv6: one
 /// /64); past this many, that source's oldest is closed. A flood from one
 /// address then only ever evicts its own links, never another address's
@@ -497,6 +503,7 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
             deadline,
             node_answered: identity.is_some(),
             wrong_proofs: 0,
+            last_register: None,
             expires: identity.as_ref().map(|identity| expiry(identity.not_after)),
             identity,
         };
@@ -546,6 +553,8 @@ struct LinkState {
     node_answered: bool,
     /// Wrong proofs so far (see [`MAX_WRONG_PROOFS_PER_LINK`]).
     wrong_proofs: u32,
+    /// When the last registration was judged (see [`MIN_REGISTER_INTERVAL`]).
+    last_register: Option<Instant>,
     /// When the link's certificate expires.
     expires: Option<Instant>,
     identity: Option<Arc<LinkIdentity>>,
@@ -610,6 +619,13 @@ async fn serve(
                 let Some(payload) = control else { return mux.closed().await };
                 match message::decode::<ConnectorMessage>(&payload) {
                     Ok(ConnectorMessage::Register(register)) => {
+                        if let Some(last) = link.last_register {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(last + MIN_REGISTER_INTERVAL) => {}
+                                reason = mux.closed() => return reason,
+                            }
+                        }
+                        link.last_register = Some(Instant::now());
                         if let Some(reason) = registration(mux, register, nonces, link, ctx).await {
                             return reason;
                         }
@@ -774,6 +790,47 @@ fn prove_node(
         proven: true,
         message: String::new(),
     }
+}
+
+/// Applies the names `state` reserves for certificate identities to what
+/// links hold by a secret (after a reload added a certificate domain):
+/// withdraws such kites (telling the connector) and stops routing to such
+/// node names. Returns how many kites and names were taken back.
+pub(crate) fn rejudge_secret_grants(ctx: &Arc<RelayCtx>, state: &IdentityState) -> usize {
+    let mut taken = 0;
+    for grants in ctx.registry.secret_grants() {
+        if let Some(node) = &grants.node
+            && let Some(why) = reserved_for_certificates(node, state, ctx)
+        {
+            warn!(link = grants.link, %node, %why, "node name no longer proven: the rules now reserve it");
+            ctx.registry.unprove_node(grants.link);
+            taken += 1;
+        }
+        let reserved: Vec<KiteRef> = grants
+            .kites
+            .into_iter()
+            .filter(|kite| reserved_for_certificates(&kite.name, state, ctx).is_some())
+            .collect();
+        if reserved.is_empty() {
+            continue;
+        }
+        ctx.registry.withdraw(grants.link, &reserved);
+        for kite in &reserved {
+            warn!(link = grants.link, kite = %kite, "kite withdrawn: the rules now reserve it for certificate identities");
+        }
+        taken += reserved.len();
+        let withdrawn = RelayMessage::Withdrawn(message::Withdrawn {
+            kites: reserved,
+            message: "the relay's rules now reserve these names for certificate identities".into(),
+        });
+        let mux = grants.mux;
+        ctx.tracker.spawn(async move {
+            let _ =
+                tokio::time::timeout(REFUSE_GRACE, mux.send_control(message::encode(&withdrawn)))
+                    .await;
+        });
+    }
+    taken
 }
 
 /// Why `name` (a kite name or pattern, or a node name; lowercase) is
