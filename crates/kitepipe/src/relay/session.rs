@@ -469,8 +469,10 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
         Some(identity) => identity.name.clone(),
         None => printable(&hello.node),
     };
+    // A connector's instance is 32 hex digits; a longer one is cut, not kept.
+    let instance: String = hello.instance.chars().take(MAX_INSTANCE).collect();
     let link_id = ctx.registry.add_link(
-        &hello.instance,
+        &instance,
         &node,
         mux.clone(),
         peer,
@@ -486,8 +488,8 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
     let span = info_span!("link", node = %node, id = link_id, %peer);
     async {
         match &identity {
-            Some(identity) => info!(software = %hello.software, identity = %identity.name, serial = %identity.serial, "connector linked"),
-            None => info!(software = %hello.software, "connector linked"),
+            Some(identity) => info!(software = %printable(&hello.software), identity = %identity.name, serial = %identity.serial, "connector linked"),
+            None => info!(software = %printable(&hello.software), "connector linked"),
         }
         recheck_if_reloaded(ctx, link_id, generation);
         let nonces = Nonces {
@@ -526,6 +528,10 @@ struct Nonces {
 
 /// Longest node name kept from a hello (a DNS name is at most 253 bytes).
 const MAX_NODE_NAME: usize = 253;
+
+/// Longest connector instance kept from a hello (connectors send 32 hex
+/// digits).
+const MAX_INSTANCE: usize = 64;
 
 /// A hello's node name as the relay keeps and logs it: at most
 /// [`MAX_NODE_NAME`] characters, anything but printable ASCII replaced by
