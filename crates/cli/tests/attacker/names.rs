@@ -697,6 +697,28 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// Case 15: a link that says hello and then nothing is told why and closed
+/// at the handshake deadline (15 s from its first byte), not kept.
+#[test]
+fn a_link_that_proves_nothing_is_closed_at_the_deadline() {
+    let relay = Relay::new().domain("http:*.example.net:s3cret").start();
+    let rt = runtime();
+    rt.block_on(async {
+        let started = Instant::now();
+        let mut idle = FakeLink::open(&relay, "idle", "idle.example.net").await;
+        let error = recv_json(&mut idle.rx).await;
+        assert_eq!(error["type"], "error", "{error}");
+        assert_eq!(error["code"], "unauthorized", "{error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("proved nothing within 15s"), "{message}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(14), "closed after {waited:?}");
+        tokio::time::timeout(patience(), idle.mux.closed())
+            .await
+            .expect("the relay closes the link");
+    });
+}
+
 // ---- case 12: certificate expiry --------------------------------------
 
 /// Case 12: a link whose certificate expires while linked is closed at its
