@@ -251,7 +251,10 @@ struct ConnectArgs {
     /// CA certificate (PEM) the relay's certificate must chain to (instead of --fingerprint).
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// This connector's node name [default: the host name].
+    /// This connector's node name; it routes events and remote operations
+    /// only if proven: a certificate's name, or a name under a domain whose
+    /// secret the connector holds [default: the certificate's name, else the
+    /// first secret kite's name, else the host name].
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
     /// A link silent this long is dead, e.g. 15s.

@@ -67,11 +67,13 @@ fn tcurl(args: &[&str]) -> (i32, Vec<u8>, String) {
 }
 
 /// A connector holding a kite proven with the secret (which is what lets a
-/// link without a certificate call the relay's handlers).
+/// link without a certificate call the relay's handlers), named under the
+/// secret's domain (so the secret proves the name, which then routes).
 fn connector(relay: &RelayProc, args: &[&str]) -> Proc {
     Connector::new(relay)
         .secret(SECRET)
         .kite("http:laptop.example.net=127.0.0.1:9")
+        .args(&["--name", "test-connector.example.net"])
         .args(args)
         .start()
 }
@@ -234,14 +236,16 @@ fn builtins_answer_both_ways_as_restpipe_did() {
     let json = time.json();
     assert_eq!(json["node"], "localhost", "{json}");
     assert!(json["time"].as_str().unwrap().ends_with('Z'), "{json}");
-    let time = get(&format!("http://{rgw}/client/test-connector/time/utc"));
+    let time = get(&format!(
+        "http://{rgw}/client/test-connector.example.net/time/utc"
+    ));
     assert_eq!(time.status, 200, "{}", time.body);
-    assert_eq!(time.json()["node"], "test-connector");
+    assert_eq!(time.json()["node"], "test-connector.example.net");
 
     // cat//hello%20/world is "hello world", both ways.
     for url in [
         format!("http://{cgw}/server/cat//hello%20/world"),
-        format!("http://{rgw}/client/test-connector/cat//hello%20/world"),
+        format!("http://{rgw}/client/test-connector.example.net/cat//hello%20/world"),
     ] {
         let cat = get(&url);
         assert_eq!(
@@ -254,7 +258,7 @@ fn builtins_answer_both_ways_as_restpipe_did() {
     let echo = request(&[
         "--data-binary",
         "payload",
-        &format!("http://{rgw}/client/test-connector/cat//head:"),
+        &format!("http://{rgw}/client/test-connector.example.net/cat//head:"),
     ]);
     assert_eq!(echo.body, "head:payload");
 
@@ -290,7 +294,7 @@ fn builtins_answer_both_ways_as_restpipe_did() {
         .args([
             "call",
             "post",
-            "client/test-connector/cat",
+            "client/test-connector.example.net/cat",
             "-d",
             "x",
             "--gateway",
@@ -332,11 +336,11 @@ fn executable_handlers_both_ways() {
     let sides = [
         (
             format!("http://{cgw}/server"),
-            "test-connector",
+            "test-connector.example.net",
             relay_dir.path(),
         ),
         (
-            format!("http://{rgw}/client/test-connector"),
+            format!("http://{rgw}/client/test-connector.example.net"),
             "relay",
             conn_dir.path(),
         ),
@@ -418,8 +422,11 @@ fn upstream_handlers_both_ways() {
     let cgw = gateway_of(&conn);
     let rgw = relay.gateway.unwrap();
     for (base, caller) in [
-        (format!("http://{cgw}/server"), "test-connector"),
-        (format!("http://{rgw}/client/test-connector"), "relay"),
+        (format!("http://{cgw}/server"), "test-connector.example.net"),
+        (
+            format!("http://{rgw}/client/test-connector.example.net"),
+            "relay",
+        ),
     ] {
         let headers = get(&format!("{base}/headers"));
         assert_eq!(headers.status, 200, "{}", headers.body);
@@ -479,7 +486,9 @@ fn unix_socket_gateway_and_unknown_and_offline_nodes() {
 
     conn.kill();
     let t0 = Instant::now();
-    let offline = get(&format!("http://{rgw}/client/test-connector/time"));
+    let offline = get(&format!(
+        "http://{rgw}/client/test-connector.example.net/time"
+    ));
     assert_eq!(offline.status, 503, "{}", offline.body);
     assert!(
         t0.elapsed() >= Duration::from_millis(1900),
@@ -620,7 +629,7 @@ fn a_gigabyte_each_way_with_bounded_memory() {
     let down = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "curl -sS --noproxy '*' --max-time 300 -H '{}' http://{rgw}/client/test-connector/zeros//{GIB} | wc -c",
+            "curl -sS --noproxy '*' --max-time 300 -H '{}' http://{rgw}/client/test-connector.example.net/zeros//{GIB} | wc -c",
             relay.token_header()
         ))
         .output()
@@ -750,7 +759,7 @@ fn hostile_input_is_refused_and_nothing_escapes() {
         &["--handlers", &path(dir.path()), "--event-timeout", "2s"],
     );
     let rgw = relay.gateway.unwrap();
-    let base = format!("http://{rgw}/client/test-connector");
+    let base = format!("http://{rgw}/client/test-connector.example.net");
 
     // Names that could escape the directory or reach a shell.
     for bad in [
@@ -778,12 +787,12 @@ fn hostile_input_is_refused_and_nothing_escapes() {
     // Invalid UTF-8 and 1 MB of headers, raw.
     let token = relay.token_header();
     let mut bad_utf8 =
-        b"GET /client/test-connector/\xff\xfe HTTP/1.1\r\nHost: 127.0.0.1\r\n".to_vec();
+        b"GET /client/test-connector.example.net/\xff\xfe HTTP/1.1\r\nHost: 127.0.0.1\r\n".to_vec();
     bad_utf8.extend_from_slice(format!("{token}\r\n\r\n").as_bytes());
     let status = raw_status(rgw, &bad_utf8);
     assert_eq!(status, 400);
     let mut big =
-        format!("GET /client/test-connector/time HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}\r\n")
+        format!("GET /client/test-connector.example.net/time HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}\r\n")
             .into_bytes();
     for i in 0..1024 {
         big.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
@@ -875,7 +884,7 @@ fn demo_prints_event_commands_that_work() {
         request(&args)
     };
     let to_connector = run(&commands[0]);
-    assert_eq!(to_connector.json()["node"], "demo-laptop");
+    assert_eq!(to_connector.json()["node"], "laptop.kitepipe.localhost");
     assert_eq!(run(&commands[1]).body, "hello world");
     assert!(demo.terminate().success());
 }

@@ -15,17 +15,19 @@ use support::*;
 const SECRET: &str = "s3cret-for-tests-1";
 const DOMAIN: &str = "http:*.example.net:s3cret-for-tests-1";
 
-/// A connector named `name`, holding a kite (so it links), with `args`.
+/// A connector named `name`.example.net (under the secret's domain, so the
+/// secret proves the name), holding a kite (so it links), with `args`.
 fn connector(relay: &RelayProc, name: &str, args: &[&str]) -> Proc {
     Connector::new(relay)
         .secret(SECRET)
         .kite(&format!("http:{name}.example.net=127.0.0.1:9"))
-        .args(&["--name", name])
+        .args(&["--name", &format!("{name}.example.net")])
         .args(args)
         .start()
 }
 
-/// `kitepipe remote node:NODE --gateway GW ARGS...`: exit code, stdout, stderr.
+/// `kitepipe remote node:NODE.example.net --gateway GW ARGS...`: exit
+/// code, stdout, stderr.
 fn remote(relay: &RelayProc, node: &str, args: &[&str]) -> (i32, String, String) {
     remote_with_stdin(relay, node, args, b"")
 }
@@ -39,7 +41,12 @@ fn remote_with_stdin(
     use std::io::Write;
     let gateway = relay.gateway.expect("the relay runs a gateway").to_string();
     let mut child = Command::new(BIN)
-        .args(["remote", &format!("node:{node}"), "--gateway", &gateway])
+        .args([
+            "remote",
+            &format!("node:{node}.example.net"),
+            "--gateway",
+            &gateway,
+        ])
         .args(["--connect-timeout", "10s"])
         .args(args)
         .stdin(Stdio::piped())
@@ -81,7 +88,7 @@ fn wait_bounded(child: std::process::Child) -> std::process::Output {
 fn exec_and_files_on_an_opted_in_connector_are_logged_on_both_sides() {
     let relay = Relay::new()
         .domain(DOMAIN)
-        .args(&["--remote", "laptop:exec,fs"])
+        .args(&["--remote", "laptop.example.net:exec,fs"])
         .start();
     let laptop = connector(&relay, "laptop", &["--allow-remote", "exec,fs"]);
     let dir = TempDir::new("remote-relay");
@@ -119,7 +126,7 @@ fn exec_and_files_on_an_opted_in_connector_are_logged_on_both_sides() {
         Command::new(BIN)
             .args([
                 "remote",
-                "node:laptop",
+                "node:laptop.example.net",
                 "--gateway",
                 &gateway,
                 "read",
@@ -165,7 +172,12 @@ fn exec_and_files_on_an_opted_in_connector_are_logged_on_both_sides() {
 fn refused_where_the_connector_did_not_opt_in_or_the_rules_do_not_grant() {
     let relay = Relay::new()
         .domain(DOMAIN)
-        .args(&["--remote", "desk:exec,fs", "--remote", "ci-*:fs"])
+        .args(&[
+            "--remote",
+            "desk.example.net:exec,fs",
+            "--remote",
+            "ci-*:fs",
+        ])
         // Unknown nodes are unknown (not waited for) once the relay is older.
         .args(&["--event-wait", "1s"])
         .start();

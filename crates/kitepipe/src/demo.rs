@@ -31,8 +31,10 @@ pub const DEMO_HTTP_KITE: &str = "demo.kitepipe.localhost";
 /// Name of the demo's TCP kite (an echo service).
 pub const DEMO_TCP_KITE: &str = "echo.kitepipe.localhost";
 
-/// Node name of the demo's connector (events reach it as `/client/demo-laptop/...`).
-pub const DEMO_NODE: &str = "demo-laptop";
+/// Node name of the demo's connector (events reach it as
+/// `/client/laptop.kitepipe.localhost/...`): under the demo's domain, so its
+/// secret proves the name (an unproven name routes nothing).
+pub const DEMO_NODE: &str = "laptop.kitepipe.localhost";
 
 /// How long the demo waits for its connector to link before giving up.
 const LINK_WAIT: Duration = Duration::from_secs(10);
@@ -67,7 +69,7 @@ pub struct DemoInfo {
     pub web_addr: SocketAddr,
     /// The relay certificate's fingerprint.
     pub fingerprint: Fingerprint,
-    /// The relay's event gateway (reaches the connector as `/client/demo-laptop/...`).
+    /// The relay's event gateway (reaches the connector as `/client/laptop.kitepipe.localhost/...`).
     pub relay_gateway: Option<SocketAddr>,
     /// The connector's event gateway (reaches the relay as `/server/...`).
     pub connector_gateway: Option<SocketAddr>,
@@ -144,7 +146,7 @@ pub async fn run(
                 kite: kitepipe_proto::kite::KiteRef::parse(&format!("tcp:{DEMO_TCP_KITE}:0"))
                     .expect("valid literal kite"),
                 target: echo_addr.to_string(),
-                secret: Some(secret),
+                secret: Some(secret.clone()),
             },
         ],
         name: DEMO_NODE.into(),
@@ -154,6 +156,7 @@ pub async fn run(
         events: Default::default(),
         allow_remote: Vec::new(),
         remote_fs: Default::default(),
+        node_secret: Some(secret),
     })?;
     let mut state = connector.watch(0).expect("one relay configured");
     let connector_gateway = connector.gateway_addr();

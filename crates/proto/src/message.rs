@@ -172,12 +172,28 @@ pub struct Challenge {
     pub server_nonce: String,
 }
 
-/// A set of kite claims.
+/// Most node proofs one registration may carry; the relay checks no more.
+/// A connector sends one per distinct domain secret it holds.
+pub const MAX_NODE_PROOFS: usize = 8;
+
+/// A set of kite claims, and proofs of the hello's node name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {
     /// Kites claimed.
     pub kites: Vec<KiteClaim>,
+    /// Proofs (hex) that the connector may use the node name of its hello:
+    /// each the kite proof of protocol `node` and the node name, under one
+    /// domain secret the connector holds (at most [`MAX_NODE_PROOFS`]). The
+    /// relay accepts the name if one proof matches the secret of a domain
+    /// covering it. Ignored on a link with a certificate (the certificate
+    /// names the node). Absent (an older connector): the name stays unproven.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_proofs: Vec<String>,
 }
+
+/// The `protocol` of a node proof's input (kites use their protocol's
+/// name, so a kite proof never passes for a node proof).
+pub const NODE_PROOF_PROTOCOL: &str = "node";
 
 /// One kite claimed by a connector, with proof that it holds the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +209,24 @@ pub struct KiteClaim {
 pub struct Registered {
     /// One entry per claim, in claim order.
     pub kites: Vec<KiteOutcome>,
+    /// What the relay made of the node name, on a link without a
+    /// certificate, in answer to the first registration (absent from older
+    /// relays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeOutcome>,
+}
+
+/// Whether a link's node name is proven: only a proven name routes events
+/// (`/client/NODE/`, `/peer/NODE/`) and remote operations (`/remote/NODE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeOutcome {
+    /// The node name, as the relay routes it (lowercase).
+    pub name: String,
+    /// True if a node proof matched.
+    pub proven: bool,
+    /// Why not, for humans (empty when proven).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// What the relay made of one claim.
@@ -459,9 +493,20 @@ mod tests {
                     port: 40000,
                 },
             }],
+            node: Some(NodeOutcome {
+                name: "laptop.example.net".into(),
+                proven: true,
+                message: String::new(),
+            }),
         });
         let back: RelayMessage = decode(&encode(&registered)).unwrap();
         assert_eq!(back, registered);
+        // An older connector's registration proves no node name.
+        let old = br#"{"type":"register","kites":[]}"#;
+        match decode::<ConnectorMessage>(old) {
+            Ok(ConnectorMessage::Register(register)) => assert!(register.node_proofs.is_empty()),
+            other => panic!("{other:?}"),
+        }
 
         let header = StreamHeader::Visitor(VisitorHeader {
             kite: KiteRef {

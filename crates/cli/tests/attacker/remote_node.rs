@@ -222,7 +222,10 @@ async fn accept_link(
     let Ok(ConnectorMessage::Register(_)) = message::decode::<ConnectorMessage>(&register) else {
         return None;
     };
-    let registered = RelayMessage::Registered(Registered { kites: Vec::new() });
+    let registered = RelayMessage::Registered(Registered {
+        kites: Vec::new(),
+        node: None,
+    });
     mux.send_control(message::encode(&registered)).await.ok()?;
     tracker.spawn(async move {
         loop {

@@ -644,6 +644,34 @@ pub enum RelayTlsSource {
     },
 }
 
+/// The default node name of a connector that holds a domain secret and no
+/// certificate: one its secret can prove (the relay accepts only node
+/// names under a domain whose secret the connector proves), i.e. its first
+/// secret kite's name, or `HOST.REST` for a wildcard kite `*.REST`.
+fn provable_node_name(kites: &[KiteTarget], host: Option<&str>) -> Option<String> {
+    let kite = kites.iter().find(|kite| kite.secret.is_some())?;
+    match kite.kite.name.strip_prefix("*.") {
+        None => Some(kite.kite.name.clone()),
+        Some(rest) => {
+            let label: String = host
+                .unwrap_or("connector")
+                .split('.')
+                .next()
+                .unwrap_or("connector")
+                .to_ascii_lowercase()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            let label = if label.is_empty() {
+                "connector".to_string()
+            } else {
+                label
+            };
+            Some(format!("{label}.{rest}"))
+        }
+    }
+}
+
 /// A domain connectors may claim kites in, with its shared secret.
 #[derive(Debug, Clone)]
 pub struct Domain {
@@ -676,7 +704,9 @@ pub struct RawConnectorConfig {
     pub fingerprint: Vec<String>,
     /// CA certificate (PEM) the relay's certificate must chain to.
     pub ca: Option<PathBuf>,
-    /// This connector's node name (default: the host name).
+    /// This connector's node name (default: the certificate's name; with a
+    /// secret, the first secret kite's name, which the secret can prove;
+    /// else the host name).
     pub name: Option<String>,
     /// Heartbeat interval, e.g. `15s`.
     pub heartbeat: Option<String>,
@@ -727,6 +757,9 @@ pub struct ConnectorConfig {
     pub events: EventConfig,
     /// Kinds of remote operations accepted from relays (empty: none).
     pub allow_remote: Vec<RemoteClass>,
+    /// The domain secret (`--secret`), kites or not: it also proves the
+    /// node name (a connector without kites can still be reached by name).
+    pub node_secret: Option<Secret>,
     /// What relayed file operations may do and never reach.
     pub remote_fs: RemoteFsConfig,
 }
@@ -1142,10 +1175,15 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             .filter_map(|(path, what)| Some((path.clone()?, what.to_string())))
             .collect(),
         };
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty());
         let name = raw
             .name
             .or_else(|| identity.as_ref().map(|id| id.info().name.clone()))
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .or_else(|| provable_node_name(&kites, host.as_deref()))
+            .or(host)
             .map(|n| n.trim().to_string())
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "connector".into());
@@ -1163,6 +1201,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             events: EventConfig::from_raw(&raw_events)?,
             allow_remote,
             remote_fs,
+            node_secret: secret,
         })
     }
 }
@@ -1880,6 +1919,27 @@ mod tests {
             "{short}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_secret_connector_is_named_so_its_secret_can_prove_it() {
+        let raw = |kite: &str| RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            kite: vec![kite.into()],
+            secret: Some("node-name-secret-1".into()),
+            ..Default::default()
+        };
+        let named = |raw| ConnectorConfig::try_from(raw).unwrap().name;
+        assert_eq!(named(raw("http:blog.example.net=80")), "blog.example.net");
+        let wildcard = named(raw("http:*.example.net=80"));
+        assert!(wildcard.ends_with(".example.net"), "{wildcard}");
+        assert!(!wildcard.starts_with("*"), "{wildcard}");
+        let given = RawConnectorConfig {
+            name: Some("laptop".into()),
+            ..raw("http:blog.example.net=80")
+        };
+        assert_eq!(named(given), "laptop");
     }
 
     #[test]

@@ -304,7 +304,12 @@ impl RelayLink {
                 KiteClaim { proof, kite }
             })
             .collect();
-        send(mux, &ConnectorMessage::Register(Register { kites: claims })).await?;
+        let node_proofs = self.node_proofs(exporter, &server_nonce, client_nonce);
+        let register = Register {
+            kites: claims,
+            node_proofs,
+        };
+        send(mux, &ConnectorMessage::Register(register)).await?;
         let registered = match recv(mux, rx).await? {
             RelayMessage::Registered(registered) => registered,
             other => return Err(unexpected(other)),
@@ -356,13 +361,56 @@ impl RelayLink {
                 kites = retry.len(),
                 "asking for any port for TCP kites whose previous port is gone"
             );
-            send(mux, &ConnectorMessage::Register(Register { kites: retry })).await?;
+            // The node name was judged with the first registration.
+            let register = Register {
+                kites: retry,
+                node_proofs: Vec::new(),
+            };
+            send(mux, &ConnectorMessage::Register(register)).await?;
         }
         self.event_links.set(self.index, Some(mux.clone()));
         self.serve(mux, rx).await
     }
 
+    /// Proofs of this connector's node name, one per distinct secret it
+    /// holds (none with a certificate: the certificate names the node).
+    fn node_proofs(
+        &self,
+        exporter: &[u8; 32],
+        server_nonce: &[u8],
+        client_nonce: &[u8; 32],
+    ) -> Vec<String> {
+        if self.config.identity.is_some() {
+            return Vec::new();
+        }
+        let input = ProofInput {
+            tls_exporter: exporter,
+            server_nonce,
+            client_nonce,
+            protocol: message::NODE_PROOF_PROTOCOL,
+            name: &self.config.name,
+        };
+        let mut secrets: Vec<&str> = Vec::new();
+        let kite_secrets = self.config.kites.iter().filter_map(|k| k.secret.as_ref());
+        for secret in self.config.node_secret.iter().chain(kite_secrets) {
+            if secrets.len() < message::MAX_NODE_PROOFS && !secrets.contains(&secret.expose()) {
+                secrets.push(secret.expose());
+            }
+        }
+        secrets
+            .into_iter()
+            .map(|secret| message::hex(&kite_proof(&crate::pki::Secret::new(secret), &input)))
+            .collect()
+    }
+
     fn report(&self, registered: &Registered) {
+        if let Some(node) = &registered.node {
+            if node.proven {
+                info!(node = %node.name, "node name proven");
+            } else {
+                warn!(node = %node.name, message = %node.message, "relay did not accept this node name: events and remote operations cannot reach this node by name");
+            }
+        }
         let mut online = Vec::new();
         for outcome in &registered.kites {
             match &outcome.result {

@@ -8,7 +8,9 @@
 //! connectors its `peers` patterns allow; a link that holds a kite proven
 //! with a domain secret may call every relay handler but reach no other
 //! connector (rules name identities, and it has none); any other link may
-//! do neither. The caller's name is always the link's, never a claim.
+//! do neither. The caller's name is always the link's proven name (its
+//! certificate's, or one a node proof backs; `unproven` otherwise), never a
+//! claim, and only proven names are routed to.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -49,6 +49,9 @@ pub(crate) struct LinkIdentity {
     pub(crate) name: String,
     /// Serial of the end-entity certificate.
     pub(crate) serial: Serial,
+    /// End of the end-entity certificate's validity: the link is closed
+    /// then (see `session`).
+    pub(crate) not_after: SystemTime,
     /// The chain as presented, end-entity first; verified again on reload.
     chain: Vec<CertificateDer<'static>>,
 }
@@ -62,6 +65,7 @@ impl LinkIdentity {
             // Rules and patterns are lowercase; so are names `ca issue` writes.
             name: info.name.to_ascii_lowercase(),
             serial: info.serial,
+            not_after: info.not_after,
             chain: chain.iter().map(|cert| cert.clone().into_owned()).collect(),
         })
     }
@@ -72,6 +76,7 @@ impl LinkIdentity {
         LinkIdentity {
             name: name.to_string(),
             serial: Serial::from_bytes(&[1]),
+            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(4_102_444_800),
             chain: Vec::new(),
         }
     }
@@ -271,7 +276,34 @@ fn reload(ctx: &Arc<RelayCtx>, why: &str) {
             Enforced::Closed => closed += 1,
         }
     }
-    info!(%why, generation = state.generation, links_closed = closed, kites_withdrawn = withdrawn, "identity settings reloaded");
+    let reserved = super::session::rejudge_secret_grants(ctx, &state);
+    info!(%why, generation = state.generation, links_closed = closed, kites_withdrawn = withdrawn, secret_grants_reserved = reserved, "identity settings reloaded");
+}
+
+/// Closes link `link` whose certificate is no longer accepted: stops
+/// routing to it at once, tells the connector why (`unauthorized`), and
+/// closes it after [`REFUSE_GRACE`]. The message goes out from a task on
+/// the relay's tracker, so a stuck link cannot hold up the caller.
+pub(crate) fn refuse_link(
+    ctx: &Arc<RelayCtx>,
+    link: super::registry::LinkId,
+    mux: crate::link::Mux,
+    message: String,
+) {
+    ctx.registry.remove_link(link);
+    let token = ctx.token.clone();
+    ctx.tracker.spawn(async move {
+        let error = RelayMessage::Error(ErrorMessage {
+            code: ErrorCode::Unauthorized,
+            message: message.clone(),
+        });
+        let _ = tokio::time::timeout(REFUSE_GRACE, mux.send_control(message::encode(&error))).await;
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = tokio::time::timeout(REFUSE_GRACE, mux.closed()) => {}
+        }
+        mux.close(LinkClosed::Protocol(message));
+    });
 }
 
 /// What [`enforce`] did to a link.
@@ -298,22 +330,7 @@ pub(crate) fn enforce(ctx: &Arc<RelayCtx>, state: &IdentityState, link: Identity
         );
         warn!(identity = %identity.name, serial = %identity.serial, link = link.link, %why, "closing link: certificate no longer accepted");
         // Stop routing to it now; the session's own cleanup follows.
-        ctx.registry.remove_link(link.link);
-        let mux = link.mux.clone();
-        let token = ctx.token.clone();
-        ctx.tracker.spawn(async move {
-            let error = RelayMessage::Error(ErrorMessage {
-                code: ErrorCode::Unauthorized,
-                message: message.clone(),
-            });
-            let _ =
-                tokio::time::timeout(REFUSE_GRACE, mux.send_control(message::encode(&error))).await;
-            tokio::select! {
-                _ = token.cancelled() => {}
-                _ = tokio::time::timeout(REFUSE_GRACE, mux.closed()) => {}
-            }
-            mux.close(LinkClosed::Protocol(message));
-        });
+        refuse_link(ctx, link.link, link.mux.clone(), message);
         return Enforced::Closed;
     }
     let forbidden: Vec<KiteRef> = link

@@ -122,6 +122,10 @@ pub(crate) struct RelayCtx {
     /// When the relay started (nodes not seen yet are waited for while it
     /// is young: they are reconnecting after a restart).
     pub(crate) started: tokio::time::Instant,
+    /// Links that have proven nothing yet, bounded on their own.
+    pub(crate) unproven: session::UnprovenLinks,
+    /// Wrong proofs per source address, for the guessing backoff.
+    pub(crate) proof_throttle: session::ProofThrottle,
 }
 
 impl Relay {
@@ -192,6 +196,8 @@ impl Relay {
             https_port,
             handlers,
             started: tokio::time::Instant::now(),
+            unproven: session::UnprovenLinks::default(),
+            proof_throttle: session::ProofThrottle::default(),
         });
         Ok(Relay {
             ctx,

@@ -3,8 +3,13 @@
 //!
 //! Invariant: a kite's backends are exactly the live links that registered
 //! it. A link is added once its connector said hello and removed when it
-//! closes; a new link with the same connector instance replaces the old one
-//! at once (the old one is closed with [`LinkClosed::Replaced`]).
+//! closes; a new link with the same connector instance and the same proven
+//! identity (certificate name, or proven node name) replaces the old one at
+//! once (the old one is closed with [`LinkClosed::Replaced`]); links of
+//! other identities presenting the same instance coexist.
+//!
+//! Only proven node names route (`lookup_node`, `lookup_remote`): a hello's
+//! name is a claim until the link's certificate or a node proof backs it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -68,16 +73,35 @@ pub(crate) struct Registry {
     links_changed: tokio::sync::Notify,
 }
 
+/// The caller name handlers see for a link whose node name is not proven.
+pub(crate) const UNPROVEN_CALLER: &str = "unproven";
+
 /// Who is behind a link, as events see it.
 #[derive(Clone, Debug)]
 pub(crate) struct LinkCaller {
-    /// The node name (the certificate's name when there is one).
+    /// The proven node name (the certificate's name when there is one), or
+    /// [`UNPROVEN_CALLER`].
     pub(crate) node: String,
     /// The certificate identity, if the connector presented one.
     pub(crate) identity: Option<Arc<LinkIdentity>>,
     /// Whether the link holds a kite proven with a domain secret.
     pub(crate) secret: bool,
 }
+
+/// Most node names remembered as "seen" (so an event for a node that left
+/// waits for it as "offline" rather than failing as "unknown"). Only proven
+/// names are remembered, but a secret holder can prove any name under its
+/// domain: past this many the relay stops remembering new ones (they are
+/// "unknown" once gone, the only cost). 64 Ki names of up to 253 bytes is
+/// at most ~20 MiB, far more nodes than one relay serves.
+pub(crate) const MAX_NODES_SEEN: usize = 64 * 1024;
+
+/// Most kites remembered as "known" (visitors of a kite that went away get
+/// "offline" rather than "unknown"). A secret holder can register any
+/// number of names under its domain, one after the other; past this many
+/// new ones are not remembered (they are "unknown" once gone). Same sizing
+/// as [`MAX_NODES_SEEN`].
+pub(crate) const MAX_KNOWN_KITES: usize = 64 * 1024;
 
 /// Result of looking up a node for an event.
 #[derive(Debug)]
@@ -94,20 +118,35 @@ pub(crate) enum NodeLookup {
 struct Inner {
     next_link: LinkId,
     links: HashMap<LinkId, LinkEntry>,
-    instances: HashMap<String, LinkId>,
+    /// (proven identity, instance) -> its current link. Only links with a
+    /// proven identity are here, so one per link at most.
+    instances: HashMap<(ProvenBy, String), LinkId>,
     /// Key: (protocol, name or pattern, port for TCP).
     kites: HashMap<(KiteProto, String, u16), KiteEntry>,
     /// TCP port -> kite name bound to it.
     tcp_ports: HashMap<u16, String>,
     /// Every (protocol, name) ever registered: these are "offline", not "unknown".
     known: HashSet<(KiteProto, String, u16)>,
-    /// Every node name that ever linked (lowercase): "offline", not "unknown".
+    /// Every proven node name that ever linked (lowercase): "offline", not
+    /// "unknown". At most [`MAX_NODES_SEEN`].
     nodes_seen: HashSet<String>,
+}
+
+/// What proved a link's node name: a certificate or a node proof of a
+/// domain secret. Only a link proven the same way, with the same name,
+/// replaces another of the same instance.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum ProvenBy {
+    Certificate(String),
+    Secret(String),
 }
 
 struct LinkEntry {
     instance: String,
+    /// The node name as the hello claimed it (for logs only).
     node: String,
+    /// The proven node name (lowercase), the only one that routes.
+    proven: Option<ProvenBy>,
     mux: Mux,
     kites: Vec<(KiteProto, String, u16)>,
     /// The connector's verified certificate identity, if it presented one.
@@ -116,6 +155,17 @@ struct LinkEntry {
     identity_kites: HashSet<(KiteProto, String, u16)>,
     /// What the connector offers for remote operations (`--allow-remote`).
     remote: Option<RemoteOffer>,
+}
+
+/// What a link holds by a domain secret, as a reload re-judges it.
+#[derive(Clone, Debug)]
+pub(crate) struct SecretGrants {
+    pub(crate) link: LinkId,
+    pub(crate) mux: Mux,
+    /// Kites granted by a secret.
+    pub(crate) kites: Vec<KiteRef>,
+    /// The node name proven with a secret.
+    pub(crate) node: Option<String>,
 }
 
 /// What a connector accepts for remote operations, from its hello.
@@ -134,7 +184,9 @@ struct KiteEntry {
 }
 
 impl Registry {
-    /// Adds a link; closes and forgets an older link of the same connector instance.
+    /// Adds a link (its node name `node` only a claim, unless `identity`
+    /// proves it); closes and forgets an older link of the same connector
+    /// instance with the same certificate identity.
     pub(crate) fn add_link(
         &self,
         instance: &str,
@@ -144,18 +196,19 @@ impl Registry {
         identity: Option<Arc<LinkIdentity>>,
         remote: Option<RemoteOffer>,
     ) -> LinkId {
-        let replaced = {
+        let proven = identity
+            .as_ref()
+            .map(|identity| ProvenBy::Certificate(identity.name.to_ascii_lowercase()));
+        let (id, replaced) = {
             let mut inner = lock(&self.inner);
             inner.next_link += 1;
             let id = inner.next_link;
-            let old = inner.instances.insert(instance.to_string(), id);
-            let old_mux = old.and_then(|old| inner.remove_link(old));
-            inner.nodes_seen.insert(node.to_ascii_lowercase());
             inner.links.insert(
                 id,
                 LinkEntry {
                     instance: instance.to_string(),
                     node: node.to_string(),
+                    proven: None,
                     mux,
                     kites: Vec::new(),
                     identity,
@@ -163,43 +216,85 @@ impl Registry {
                     remote,
                 },
             );
-            (id, old_mux)
+            let replaced = proven.and_then(|proven| inner.prove(id, proven));
+            (id, replaced)
         };
-        if let Some(old) = replaced.1 {
+        if let Some(old) = replaced {
             tracing::info!(node, %peer, "connector came back: replacing its previous link");
             old.close(LinkClosed::Replaced);
         }
         self.links_changed.notify_waiters();
-        replaced.0
+        id
     }
 
-    /// The link of node `node` (case-insensitive; the most recent live one
-    /// if several links claim the name).
-    pub(crate) fn lookup_node(&self, node: &str) -> NodeLookup {
-        let inner = lock(&self.inner);
-        let found = inner
+    /// Records that link `id` proved node name `name` with a domain secret;
+    /// closes an older link of the same instance that proved the same name.
+    /// False if the link is gone.
+    pub(crate) fn prove_node(&self, id: LinkId, name: &str) -> bool {
+        let replaced = {
+            let mut inner = lock(&self.inner);
+            if !inner.links.contains_key(&id) {
+                return false;
+            }
+            inner.prove(id, ProvenBy::Secret(name.to_ascii_lowercase()))
+        };
+        if let Some(old) = replaced {
+            tracing::info!(
+                node = name,
+                "connector came back: replacing its previous link"
+            );
+            old.close(LinkClosed::Replaced);
+        }
+        self.links_changed.notify_waiters();
+        true
+    }
+
+    /// Whether `name` is the name of a live link's certificate identity
+    /// (case-insensitive): such names are never granted to secret claims.
+    pub(crate) fn is_identity_name(&self, name: &str) -> bool {
+        lock(&self.inner).links.values().any(|link| {
+            link.identity
+                .as_ref()
+                .is_some_and(|identity| identity.name.eq_ignore_ascii_case(name))
+        })
+    }
+
+    /// The live link proven as node `node` (case-insensitive): a link whose
+    /// certificate names it before one that proved it with a secret, then
+    /// the most recent.
+    fn find_proven<'a>(inner: &'a Inner, node: &str) -> Option<&'a LinkEntry> {
+        inner
             .links
             .iter()
-            .filter(|(_, link)| link.node.eq_ignore_ascii_case(node) && !link.mux.is_closed())
-            .max_by_key(|(id, _)| **id)
-            .map(|(_, link)| link.mux.clone());
-        match found {
-            Some(mux) => NodeLookup::Found(mux),
+            .filter(|(_, link)| !link.mux.is_closed())
+            .filter_map(|(id, link)| {
+                let certificate = match &link.proven {
+                    Some(ProvenBy::Certificate(name)) if name.eq_ignore_ascii_case(node) => true,
+                    Some(ProvenBy::Secret(name)) if name.eq_ignore_ascii_case(node) => false,
+                    _ => return None,
+                };
+                Some(((certificate, *id), link))
+            })
+            .max_by_key(|(key, _)| *key)
+            .map(|(_, link)| link)
+    }
+
+    /// The link of node `node`: only a proven name routes (see
+    /// [`Registry::find_proven`]).
+    pub(crate) fn lookup_node(&self, node: &str) -> NodeLookup {
+        let inner = lock(&self.inner);
+        match Self::find_proven(&inner, node) {
+            Some(link) => NodeLookup::Found(link.mux.clone()),
             None if inner.nodes_seen.contains(&node.to_ascii_lowercase()) => NodeLookup::Offline,
             None => NodeLookup::Unknown,
         }
     }
 
-    /// The most recent live link of node `node` and what it offers for
-    /// remote operations.
+    /// The link proven as node `node` and what it offers for remote
+    /// operations.
     pub(crate) fn lookup_remote(&self, node: &str) -> Option<(Mux, Option<RemoteOffer>)> {
         let inner = lock(&self.inner);
-        inner
-            .links
-            .iter()
-            .filter(|(_, link)| link.node.eq_ignore_ascii_case(node) && !link.mux.is_closed())
-            .max_by_key(|(id, _)| **id)
-            .map(|(_, link)| (link.mux.clone(), link.remote.clone()))
+        Self::find_proven(&inner, node).map(|link| (link.mux.clone(), link.remote.clone()))
     }
 
     /// Resolves after the next link is added. Create it before looking up,
@@ -213,7 +308,10 @@ impl Registry {
         let inner = lock(&self.inner);
         let link = inner.links.get(&id)?;
         Some(LinkCaller {
-            node: link.node.clone(),
+            node: match &link.proven {
+                Some(ProvenBy::Certificate(name) | ProvenBy::Secret(name)) => name.clone(),
+                None => UNPROVEN_CALLER.to_string(),
+            },
             identity: link.identity.clone(),
             secret: link.kites.len() > link.identity_kites.len(),
         })
@@ -223,10 +321,12 @@ impl Registry {
     pub(crate) fn remove_link(&self, id: LinkId) {
         let mut inner = lock(&self.inner);
         if let Some(entry) = inner.links.get(&id)
-            && inner.instances.get(&entry.instance) == Some(&id)
+            && let Some(proven) = entry.proven.clone()
         {
-            let instance = entry.instance.clone();
-            inner.instances.remove(&instance);
+            let key = (proven, entry.instance.clone());
+            if inner.instances.get(&key) == Some(&id) {
+                inner.instances.remove(&key);
+            }
         }
         inner.remove_link(id);
     }
@@ -281,9 +381,62 @@ impl Registry {
         if kite.proto == KiteProto::Tcp {
             inner.tcp_ports.insert(kite.port, kite.name.clone());
         }
-        inner.known.insert(key.clone());
+        if inner.known.len() < MAX_KNOWN_KITES {
+            inner.known.insert(key.clone());
+        }
         inner.kites.entry(key).or_default().backends.push(backend);
         true
+    }
+
+    /// Every live link holding something by a domain secret: its id, mux,
+    /// the kites a secret granted and the node name a secret proved.
+    pub(crate) fn secret_grants(&self) -> Vec<SecretGrants> {
+        let inner = lock(&self.inner);
+        inner
+            .links
+            .iter()
+            .filter_map(|(id, link)| {
+                let kites: Vec<KiteRef> = link
+                    .kites
+                    .iter()
+                    .filter(|key| !link.identity_kites.contains(*key))
+                    .map(|(proto, name, port)| KiteRef {
+                        proto: *proto,
+                        name: name.clone(),
+                        port: *port,
+                    })
+                    .collect();
+                let node = match &link.proven {
+                    Some(ProvenBy::Secret(name)) => Some(name.clone()),
+                    _ => None,
+                };
+                (!kites.is_empty() || node.is_some()).then(|| SecretGrants {
+                    link: *id,
+                    mux: link.mux.clone(),
+                    kites,
+                    node,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes back the node name link `id` proved with a secret: it no
+    /// longer routes (the rules now reserve it for certificates).
+    pub(crate) fn unprove_node(&self, id: LinkId) {
+        let mut inner = lock(&self.inner);
+        let Some(link) = inner.links.get_mut(&id) else {
+            return;
+        };
+        if !matches!(link.proven, Some(ProvenBy::Secret(_))) {
+            return;
+        }
+        let Some(proven) = link.proven.take() else {
+            return;
+        };
+        let key = (proven, link.instance.clone());
+        if inner.instances.get(&key) == Some(&id) {
+            inner.instances.remove(&key);
+        }
     }
 
     /// Stops serving `kites` through link `id` (they stay known, so visitors
@@ -302,6 +455,9 @@ impl Registry {
         for key in &keys {
             if let Some(entry) = inner.kites.get_mut(key) {
                 entry.backends.retain(|backend| backend.link != id);
+                if entry.backends.is_empty() {
+                    inner.kites.remove(key);
+                }
             }
         }
     }
@@ -377,6 +533,27 @@ impl Registry {
 }
 
 impl Inner {
+    /// Marks link `id` (present) as proven by `proven`; returns the mux of
+    /// an older link of the same instance and identity, now forgotten.
+    fn prove(&mut self, id: LinkId, proven: ProvenBy) -> Option<Mux> {
+        let link = self.links.get_mut(&id)?;
+        if link.proven.is_some() {
+            return None;
+        }
+        link.proven = Some(proven.clone());
+        let key = (proven.clone(), link.instance.clone());
+        let name = match proven {
+            ProvenBy::Certificate(name) | ProvenBy::Secret(name) => name,
+        };
+        if self.nodes_seen.len() < MAX_NODES_SEEN {
+            self.nodes_seen.insert(name);
+        } else if !self.nodes_seen.contains(&name) {
+            tracing::debug!(node = %name, "too many node names seen; not remembering this one");
+        }
+        let old = self.instances.insert(key, id)?;
+        self.remove_link(old)
+    }
+
     fn identity_link(&self, id: LinkId) -> Option<IdentityLink> {
         let link = self.links.get(&id)?;
         let identity = link.identity.clone()?;
@@ -406,6 +583,10 @@ impl Inner {
         for key in &entry.kites {
             if let Some(kite) = self.kites.get_mut(key) {
                 kite.backends.retain(|b| b.link != id);
+                // No entry outlives its last backend: names come and go.
+                if kite.backends.is_empty() {
+                    self.kites.remove(key);
+                }
             }
         }
         Some(entry.mux)
@@ -515,8 +696,12 @@ mod tests {
         let registry = Registry::default();
         let old_mux = mux(&tracker);
         let old = registry.add_link("same", "laptop", old_mux.clone(), peer(), None, None);
+        assert!(registry.prove_node(old, "laptop.example.net"));
         registry.add_kite(old, &kite("tcp:db.example.net:15432"), Grant::Secret);
         let new = registry.add_link("same", "laptop", mux(&tracker), peer(), None, None);
+        // Not replaced until it proves the same identity.
+        assert!(matches!(registry.lookup_port(15432), Lookup::Found(_)));
+        assert!(registry.prove_node(new, "LAPTOP.example.net"));
         assert!(matches!(registry.lookup_port(15432), Lookup::Offline));
         registry.add_kite(new, &kite("tcp:db.example.net:15432"), Grant::Secret);
         assert!(
@@ -527,6 +712,120 @@ mod tests {
         registry.remove_link(old);
         assert_eq!(registry.link_count(), 1);
         assert!(!registry.add_kite(old, &kite("http:x.example.net"), Grant::Secret));
+    }
+
+    #[tokio::test]
+    async fn the_same_instance_from_another_identity_replaces_nothing() {
+        let tracker = TaskTracker::new();
+        let registry = Registry::default();
+        let laptop = Arc::new(LinkIdentity::for_tests("laptop"));
+        let real_mux = mux(&tracker);
+        let real = registry.add_link(
+            "same",
+            "laptop",
+            real_mux.clone(),
+            peer(),
+            Some(laptop),
+            None,
+        );
+        // A secret holder proving another name, and a stranger proving
+        // nothing, with the same instance.
+        let other = registry.add_link("same", "laptop", mux(&tracker), peer(), None, None);
+        assert!(registry.prove_node(other, "laptop.example.net"));
+        registry.add_link("same", "laptop", mux(&tracker), peer(), None, None);
+        assert!(!real_mux.is_closed());
+        assert_eq!(registry.link_count(), 3);
+        // Only the certificate link is proven as `laptop`.
+        assert!(matches!(
+            registry.lookup_node("LAPTOP"),
+            NodeLookup::Found(_)
+        ));
+        registry.remove_link(real);
+        assert!(matches!(
+            registry.lookup_node("laptop"),
+            NodeLookup::Offline
+        ));
+        assert!(matches!(registry.lookup_node("never"), NodeLookup::Unknown));
+        assert!(
+            registry
+                .caller(other)
+                .is_some_and(|c| c.node == "laptop.example.net")
+        );
+    }
+
+    #[tokio::test]
+    async fn secret_grants_can_be_taken_back() {
+        let tracker = TaskTracker::new();
+        let registry = Registry::default();
+        let identity = Arc::new(LinkIdentity::for_tests("laptop"));
+        let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity), None);
+        registry.add_kite(a, &kite("http:laptop.example.net"), Grant::Identity);
+        let b = registry.add_link("b", "box", mux(&tracker), peer(), None, None);
+        assert!(registry.prove_node(b, "box.example.net"));
+        registry.add_kite(b, &kite("http:box.example.net"), Grant::Secret);
+        let grants = registry.secret_grants();
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].link, b);
+        assert_eq!(grants[0].node.as_deref(), Some("box.example.net"));
+        assert_eq!(grants[0].kites, [kite("http:box.example.net")]);
+        registry.unprove_node(b);
+        assert!(matches!(
+            registry.lookup_node("box.example.net"),
+            NodeLookup::Offline
+        ));
+        // A certificate's name is not taken back this way.
+        registry.unprove_node(a);
+        assert!(matches!(
+            registry.lookup_node("laptop"),
+            NodeLookup::Found(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn unproven_names_route_nothing_and_are_not_remembered() {
+        let tracker = TaskTracker::new();
+        let registry = Registry::default();
+        let id = registry.add_link("a", "laptop", mux(&tracker), peer(), None, None);
+        assert!(matches!(
+            registry.lookup_node("laptop"),
+            NodeLookup::Unknown
+        ));
+        assert!(registry.lookup_remote("laptop").is_none());
+        assert!(
+            registry
+                .caller(id)
+                .is_some_and(|c| c.node == UNPROVEN_CALLER)
+        );
+        registry.remove_link(id);
+        assert!(lock(&registry.inner).nodes_seen.is_empty());
+    }
+
+    #[test]
+    fn nodes_seen_is_bounded() {
+        let mut inner = Inner {
+            nodes_seen: (0..MAX_NODES_SEEN).map(|i| format!("n{i}")).collect(),
+            ..Inner::default()
+        };
+        let tracker = TaskTracker::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        inner.links.insert(
+            1,
+            LinkEntry {
+                instance: "i".into(),
+                node: "x".into(),
+                proven: None,
+                mux: mux(&tracker),
+                kites: Vec::new(),
+                identity: None,
+                identity_kites: HashSet::new(),
+                remote: None,
+            },
+        );
+        inner.prove(1, ProvenBy::Secret("one-more.example.net".into()));
+        assert_eq!(inner.nodes_seen.len(), MAX_NODES_SEEN);
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //!
 //! A client (`kitepipe remote node:NAME ...` on the relay's machine) asks
 //! the gateway for `/remote/NAME` with `Upgrade: kitepipe-remote`. The relay
-//! checks that the node is linked, that it accepts remote operations
+//! checks that a link proved the node name (a certificate, or a node proof
+//! of a domain secret: see `session`), that it accepts remote operations
 //! (`--allow-remote`) and that the `[[remote]]` rules grant some of them,
 //! then speaks the same link protocol a `kitepipe agent` speaks over SSH:
 //! it says the connector's hello and takes one stream per operation. Each
