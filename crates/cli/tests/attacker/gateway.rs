@@ -28,6 +28,9 @@ const SLOTS: usize = 256;
 /// Events waiting for a slot (pipe's `MAX_QUEUED_EXECUTABLES`).
 const QUEUE: usize = 256;
 
+/// The connector's node name, proven by the secret of `*.example.net`.
+const NODE: &str = "test-connector.example.net";
+
 /// The relay's gateway token header.
 const TOKEN_HEADER: &str = "X-Kitepipe-Token";
 
@@ -41,6 +44,7 @@ fn connector(relay: &RelayProc, args: &[&str]) -> Proc {
     Connector::new(relay)
         .secret(SECRET)
         .kite("http:laptop.example.net=127.0.0.1:9")
+        .args(&["--name", NODE])
         .args(args)
         .start()
 }
@@ -208,7 +212,7 @@ fn forged_caller_identity_never_reaches_a_handler() {
     );
     assert_eq!(
         header_values(seen, "x-kitepipe-caller"),
-        ["test-connector"],
+        ["test-connector.example.net"],
         "{seen}"
     );
     assert_eq!(
@@ -223,7 +227,7 @@ fn forged_caller_identity_never_reaches_a_handler() {
     // An executable's environment holds no caller-written X-Kitepipe-*.
     let (status, _, env) = raw(cgw, &request_text("GET", "/server/env", &host, &forged));
     assert_eq!(status, 200, "{env}");
-    assert!(env.contains("KITEPIPE_CALLER=test-connector"), "{env}");
+    assert!(env.contains("KITEPIPE_CALLER=test-connector.example.net"), "{env}");
     for line in env.lines() {
         assert!(
             !line.contains("admin") && !line.contains("forged"),
@@ -256,7 +260,7 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
         (cgw, "/server/mark".to_string(), None),
         (
             rgw,
-            "/client/test-connector/mark".to_string(),
+            "/client/test-connector.example.net/mark".to_string(),
             Some(token.as_str()),
         ),
     ];
@@ -344,8 +348,8 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
         [
             "mark-localhost-owner",
             "mark-localhost-owner2",
-            "mark-test-connector-owner",
-            "mark-test-connector-owner2"
+            "mark-test-connector.example.net-owner",
+            "mark-test-connector.example.net-owner2"
         ]
     );
 }
@@ -354,7 +358,7 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
 fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
     let relay = Relay::new()
         .domain(DOMAIN)
-        .args(&["--remote", "test-connector:exec"])
+        .args(&["--remote", "test-connector.example.net:exec"])
         .start();
     let _conn = connector(&relay, &["--allow-remote", "exec"]);
     let rgw = relay.gateway.expect("the relay runs a gateway");
@@ -368,7 +372,7 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
     let token = token_of(&relay);
     assert_eq!(token.len(), 64, "{token}");
 
-    let time = "/client/test-connector/time";
+    let time = "/client/test-connector.example.net/time";
     let upgrade = ["Connection: Upgrade", "Upgrade: kitepipe-remote"];
     for headers in [
         vec![],
@@ -383,7 +387,7 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
         let with_upgrade: Vec<&str> = headers.iter().chain(upgrade.iter()).copied().collect();
         let (status, _, body) = raw(
             rgw,
-            &request_text("GET", "/remote/test-connector", &host, &with_upgrade),
+            &request_text("GET", "/remote/test-connector.example.net", &host, &with_upgrade),
         );
         assert_eq!(status, 401, "{headers:?}: {body}");
     }
@@ -394,7 +398,7 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
         rgw,
         &request_text(
             "GET",
-            "/remote/test-connector",
+            "/remote/test-connector.example.net",
             &host,
             &[&with_token, upgrade[0], upgrade[1]],
         ),
@@ -407,7 +411,7 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
         .args([
             "call",
             "GET",
-            "client/test-connector/time",
+            "client/test-connector.example.net/time",
             "--gateway",
             &gateway,
         ])
@@ -422,7 +426,7 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
     let out = Command::new(BIN)
         .args([
             "remote",
-            "node:test-connector",
+            "node:test-connector.example.net",
             "--gateway",
             &gateway,
             "exec",
@@ -444,7 +448,7 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
         .args([
             "call",
             "GET",
-            "client/test-connector/time",
+            "client/test-connector.example.net/time",
             "--gateway",
             &gateway,
         ])

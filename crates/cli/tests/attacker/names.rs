@@ -95,12 +95,16 @@ fn handlers(tag: &str, scripts: &[(&str, &str)]) -> TempDir {
     dir
 }
 
-/// GET `url` with an `Authorization` header: (status, body).
-fn get(url: &str) -> (u16, String) {
+/// GET `url` on the relay's gateway, as its owner (with the gateway
+/// token), with an `Authorization` header: (status, body).
+fn get(relay: &RelayProc, url: &str) -> (u16, String) {
+    let token = relay.token_header();
     let (_, out, err) = curl(&[
         "-s",
         "--max-time",
         "30",
+        "-H",
+        &token,
         "-H",
         "Authorization: Bearer operator-token",
         "-w",
@@ -287,7 +291,7 @@ fn impersonator_gets_no_remote_ops_and_no_events() {
     let laptop = ca.issue("laptop", &[]);
     let relay = Relay::new()
         .args(&["--client-ca", &ca.cert(), "--cert-domain", "example.net"])
-        .args(&["--domain", "http:*.example.org:s3cret"])
+        .args(&["--domain", "http:*.example.org:names-attacker-secret"])
         .args(&["--remote", "laptop:exec,fs", "--event-wait", "1s"])
         .start();
     let rgw = relay.gateway.expect("relay gateway");
@@ -320,11 +324,11 @@ fn impersonator_gets_no_remote_ops_and_no_events() {
     // Events (with their Authorization header) go to the real laptop only.
     for _ in 0..3 {
         assert_eq!(
-            get(&format!("http://{rgw}/client/laptop/whoami")),
+            get(&relay, &format!("http://{rgw}/client/laptop/whoami")),
             (200, "real\n".to_string())
         );
         assert_eq!(
-            get(&format!("http://{rgw}/client/LAPTOP/whoami")),
+            get(&relay, &format!("http://{rgw}/client/LAPTOP/whoami")),
             (200, "real\n".to_string())
         );
     }
@@ -338,7 +342,7 @@ fn impersonator_gets_no_remote_ops_and_no_events() {
 
     // Without the real laptop, the impersonator still gets nothing.
     real.kill();
-    let (status, body) = get(&format!("http://{rgw}/client/laptop/whoami"));
+    let (status, body) = get(&relay, &format!("http://{rgw}/client/laptop/whoami"));
     assert_eq!(status, 503, "{body}");
     let (code, _, err) = remote(&relay, "laptop", &["exec", "--", "true"]);
     assert_ne!(code, 0, "{err}");
@@ -360,8 +364,8 @@ fn secret_holder_cannot_take_certificate_names() {
     let backend = Backend::start("http");
     let relay = Relay::new()
         .args(&["--client-ca", &ca.cert(), "--cert-domain", "example.net"])
-        .args(&["--domain", "http:*.example.net:s3cret"])
-        .args(&["--domain", "http:*.example.org:s3cret"])
+        .args(&["--domain", "http:*.example.net:names-attacker-secret"])
+        .args(&["--domain", "http:*.example.org:names-attacker-secret"])
         .start();
     let _real = Connector::new(&relay)
         .args(&["--identity", &path(&laptop)])
@@ -371,7 +375,7 @@ fn secret_holder_cannot_take_certificate_names() {
         ])
         .start();
     let intruder = Connector::new(&relay)
-        .secret("s3cret")
+        .secret("names-attacker-secret")
         .kite("http:LAPTOP.example.net=127.0.0.1:9")
         .kite("http:*.example.net=127.0.0.1:9")
         .kite("http:intruder.example.org=127.0.0.1:9")
@@ -400,7 +404,7 @@ fn secret_holder_cannot_take_certificate_names() {
     assert!(line.contains("linked certificate identity"), "{line}");
     // A node name under the certificate domain is reserved too.
     let second = Connector::new(&relay)
-        .secret("s3cret")
+        .secret("names-attacker-secret")
         .kite("http:second.example.org=127.0.0.1:9")
         .args(&["--name", "laptop.EXAMPLE.net"])
         .start();
@@ -433,7 +437,7 @@ fn secret_holder_cannot_take_certificate_names() {
     );
     // A name under the secret's own domain is proven.
     let honest = Connector::new(&relay)
-        .secret("s3cret")
+        .secret("names-attacker-secret")
         .kite("http:box.example.org=127.0.0.1:9")
         .args(&["--name", "box.example.org"])
         .spawn();
@@ -449,7 +453,7 @@ fn secret_holder_cannot_take_certificate_names() {
 #[test]
 fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
     let relay = Relay::new()
-        .domain("http:*.example.net:s3cret")
+        .domain("http:*.example.net:names-attacker-secret")
         .domain("http:*.example.org:other-secret")
         .start();
     let rt = runtime();
@@ -457,7 +461,7 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
         let instance = "0123456789abcdef";
         let mut real = FakeLink::open(&relay, instance, "real.example.net").await;
         let registered = real
-            .register(Some("s3cret"), &["real.example.net"], "real.example.net")
+            .register(Some("names-attacker-secret"), &["real.example.net"], "real.example.net")
             .await;
         assert_eq!(registered["node"]["proven"], true, "{registered}");
 
@@ -484,7 +488,7 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
         // The same proven name does replace (a connector coming back).
         let mut again = FakeLink::open(&relay, instance, "real.example.net").await;
         again
-            .register(Some("s3cret"), &["real.example.net"], "real.example.net")
+            .register(Some("names-attacker-secret"), &["real.example.net"], "real.example.net")
             .await;
         tokio::time::timeout(patience(), real.mux.closed())
             .await
@@ -513,7 +517,7 @@ fn wrong_secret_guessing_is_slowed_and_the_link_closed() {
         .secret("right-secret")
         .kite("http:honest.example.net=127.0.0.1:9")
         .start();
-    let mut guesser = Connector::new(&relay).secret("wrong-guess").args(&[
+    let mut guesser = Connector::new(&relay).secret("wrong-guess-secret-0").args(&[
         "--name",
         "guess.example.net",
         "--max-backoff",
@@ -574,7 +578,7 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
     const IN_FLIGHT: usize = 600;
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     let relay = Relay::new()
-        .domain("http:*.example.net:s3cret")
+        .domain("http:*.example.net:names-attacker-secret")
         .args(&["--event-wait", "1s"])
         .start();
     let baseline_fds = relay.proc.fd_count();
@@ -652,7 +656,7 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
         (done.load(Ordering::Relaxed) >= 2 * MAX_UNPROVEN_LINKS).then_some(())
     });
     let real = Connector::new(&relay)
-        .secret("s3cret")
+        .secret("names-attacker-secret")
         .kite("http:real.example.net=127.0.0.1:9")
         .args(&["--name", "real.example.net"])
         .spawn();
@@ -691,9 +695,9 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
     );
     // The made-up names were never remembered.
     let rgw = relay.gateway.expect("relay gateway");
-    let (status, body) = get(&format!("http://{rgw}/client/bogus-3/time"));
+    let (status, body) = get(&relay, &format!("http://{rgw}/client/bogus-3/time"));
     assert_eq!(status, 404, "{body}");
-    let (status, body) = get(&format!("http://{rgw}/client/real.example.net/time"));
+    let (status, body) = get(&relay, &format!("http://{rgw}/client/real.example.net/time"));
     assert_eq!(status, 200, "{body}");
 }
 
@@ -701,7 +705,7 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
 /// at the handshake deadline (15 s from its first byte), not kept.
 #[test]
 fn a_link_that_proves_nothing_is_closed_at_the_deadline() {
-    let relay = Relay::new().domain("http:*.example.net:s3cret").start();
+    let relay = Relay::new().domain("http:*.example.net:names-attacker-secret").start();
     let rt = runtime();
     rt.block_on(async {
         let started = Instant::now();
