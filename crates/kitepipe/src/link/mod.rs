@@ -41,6 +41,14 @@ pub enum LinkClosed {
     /// Nothing arrived from the peer for longer than the heartbeat interval.
     #[error("no traffic from the peer for {}s (heartbeat timeout)", .0.as_secs())]
     HeartbeatTimeout(Duration),
+    /// The peer answered none of our pings for this long: it does not read
+    /// what this side sends (see `mux::UNANSWERED_HEARTBEATS`).
+    #[error("the peer answered no ping for {}s: it does not read this side's writes", .0.as_secs())]
+    Unresponsive(Duration),
+    /// More than this many bytes of urgent frames piled up for a peer that
+    /// does not read (see `mux::URGENT_BACKLOG`).
+    #[error("over {0} bytes queued for a peer that does not read")]
+    Backlog(usize),
     /// Reading or writing the connection failed.
     #[error("connection error: {0}")]
     Io(String),
