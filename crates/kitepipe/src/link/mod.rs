@@ -3,7 +3,8 @@
 //!
 //! Start at [`mux`] (streams over one TLS connection: framing, flow control,
 //! heartbeats), then [`records`] (the link's own TLS record layer once
-//! rustls has done the handshake), [`io`] (the socket under the TLS
+//! rustls has done the handshake, with [`secrets`]: TLS 1.3's key
+//! schedule for its key updates), [`io`] (the socket under the TLS
 //! handshake: large reads, record by record) and
 //! [`backoff`] (the one retry helper). The handshake that
 //! runs over a fresh link lives with its two ends: `connector::session` and
@@ -16,6 +17,7 @@ pub mod backoff;
 pub mod io;
 pub mod mux;
 pub mod records;
+pub mod secrets;
 mod shared;
 
 use std::time::Duration;

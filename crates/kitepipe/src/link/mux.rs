@@ -897,7 +897,11 @@ async fn run_reader(
             Err(reason) => break reason,
         }
     };
-    shared.set_closed(reason, true);
+    // The writer shuts the connection down (the record layer's alert if the
+    // peer broke it, else close_notify); the watchdog cuts it after
+    // CLOSE_GRACE if the writer is stuck.
+    shared.set_closed(reason, false);
+    shared.close_notify.notify_one();
 }
 
 /// Frames out of the chunks a [`ChunkSource`] hands out. DATA payloads are
