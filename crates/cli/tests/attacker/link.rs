@@ -7,7 +7,7 @@
 //! does not read), while a real connector keeps serving its kite. The
 //! record layer's RFC 8446 checks are unit tests (`link::records::tests`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe::link::LinkIo;
@@ -125,7 +125,7 @@ fn a_ping_flood_that_never_reads_is_bounded_and_cut() {
     let (sent, peak, took) = runtime.block_on(async {
         let mut link = fake_connector(&relay).await;
         relay.proc.wait_for("flooder");
-        let start = Instant::now();
+        let start = tokio::time::Instant::now();
         let mut sent = 0usize;
         let mut peak = baseline;
         let mut pace = tokio::time::interval(FLOOD_PACE);

@@ -16,12 +16,12 @@
 //!
 //! | queue | bound | when full |
 //! |---|---|---|
-//! | PONGs owed | one ([`Urgent::pong`]) | the newest PING's PONG replaces an older one |
-//! | our PINGs unsent | one ([`Urgent::ping`]) | the newest replaces an older one |
+//! | PONGs owed | one (`Urgent::pong`) | the newest PING's PONG replaces an older one |
+//! | our PINGs unsent | one (`Urgent::ping`) | the newest replaces an older one |
 //! | urgent frames (resets, window updates) | [`URGENT_BACKLOG`] bytes | the link is closed ([`LinkClosed::Backlog`]) |
-//! | ordered frames | [`OUT_QUEUE`] frames | stream writers wait |
-//! | streams waiting to be accepted | [`ACCEPT_QUEUE`] | the stream is reset `Busy` |
-//! | control messages | [`CONTROL_QUEUE`] | the reader waits (the peer's writes back up) |
+//! | ordered frames | `OUT_QUEUE` frames | stream writers wait |
+//! | streams waiting to be accepted | `ACCEPT_QUEUE` | the stream is reset `Busy` |
+//! | control messages | `CONTROL_QUEUE` | the reader waits (the peer's writes back up) |
 //! | a stream's received bytes | its window | the stream is reset |
 //!
 //! A peer that never reads what we send cannot keep a link alive by

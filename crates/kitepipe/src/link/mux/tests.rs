@@ -559,9 +559,10 @@ async fn a_ping_flood_from_a_peer_that_never_reads_owes_one_pong_and_is_cut() {
                 // The link is gone: its reason is what counts.
                 std::future::pending::<()>().await;
             }
-            let urgent = lock(&mux.shared.urgent);
-            assert!(urgent.frames.is_empty() && urgent.bytes == 0);
-            drop(urgent);
+            {
+                let urgent = lock(&mux.shared.urgent);
+                assert!(urgent.frames.is_empty() && urgent.bytes == 0);
+            }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     };
