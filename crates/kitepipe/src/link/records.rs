@@ -1060,7 +1060,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
 }
 
 /// The transport of a TLS link after its handshake: this module's record
-/// layer when both ends speak `kitepipe/2`, rustls otherwise.
+/// layer when both ends speak `kitepipe/3`, rustls otherwise.
 #[derive(Debug)]
 pub enum LinkIo<S> {
     /// The link's own record layer.
