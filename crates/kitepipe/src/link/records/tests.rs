@@ -793,3 +793,53 @@ async fn update_requests_get_one_answer_that_requests_nothing() {
     assert_eq!(transfer(&mut server, &mut client, b"z", 1).await, b"z");
     assert_eq!(records(&mut server).w.tx.keys.generation, 6);
 }
+
+/// A link whose multiplexer reads a record the RFC forbids is closed with
+/// the RFC's alert: the reader's refusal reaches the peer through the
+/// writer's shutdown.
+#[tokio::test]
+async fn a_mux_link_refusing_a_record_sends_the_alert() {
+    use crate::link::{LinkClosed, Mux, MuxConfig, Side};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (client_tcp, server_tcp) = tokio::join!(tokio::net::TcpStream::connect(addr), async {
+        listener.accept().await.unwrap().0
+    });
+    let (server, client) = configs();
+    let (mut client, server) = link_pair(server, client, client_tcp.unwrap(), server_tcp).await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let (reader, writer) = server.into_mux_parts();
+    let (relay, _rx) = Mux::start_parts(
+        reader,
+        writer,
+        BytesMut::new(),
+        Side::Relay,
+        &MuxConfig::default(),
+        &tracker,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let LinkIo::Records(records) = &mut client else {
+        panic!("expected records")
+    };
+    let tx = &mut records.w.tx;
+    let start = tx.begin_plain_record();
+    tx.finish_record(start, CONTENT_CHANGE_CIPHER_SPEC);
+    client.flush().await.unwrap();
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(10), relay.closed())
+        .await
+        .expect("the link closes");
+    assert!(
+        matches!(&reason, LinkClosed::Io(why) if why.contains("unexpected message")),
+        "{reason:?}"
+    );
+    let mut sink = Vec::new();
+    let err = client.read_to_end(&mut sink).await.unwrap_err();
+    assert_eq!(
+        crate::pki::find_tls_error(&err),
+        Some(&rustls::Error::AlertReceived(
+            rustls::AlertDescription::UnexpectedMessage
+        ))
+    );
+    tracker.close();
+    tracker.wait().await;
+}
