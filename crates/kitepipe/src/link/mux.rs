@@ -110,8 +110,9 @@ pub enum Side {
 /// Settings of a multiplexed link.
 #[derive(Debug, Clone)]
 pub struct MuxConfig {
-    /// Declare the link dead after this long without receiving any frame.
-    /// Pings go out every third of it.
+    /// Declare the link dead after this long without receiving any frame,
+    /// or after [`UNANSWERED_HEARTBEATS`] of it without a PONG to one of
+    /// our pings. Pings go out every third of it.
     pub heartbeat: Duration,
     /// Per-stream receive window in bytes.
     pub stream_window: u32,
