@@ -178,15 +178,19 @@ impl Pending {
     }
 }
 
+impl Pending {
+    fn new() -> Pending {
+        Pending {
+            by_iv: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
 fn store() -> std::sync::MutexGuard<'static, Pending> {
     static STORE: OnceLock<Mutex<Pending>> = OnceLock::new();
     STORE
-        .get_or_init(|| {
-            Mutex::new(Pending {
-                by_iv: HashMap::new(),
-                order: VecDeque::new(),
-            })
-        })
+        .get_or_init(|| Mutex::new(Pending::new()))
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -201,4 +205,47 @@ pub(crate) fn take(iv: &[u8]) -> Option<TrafficSecret> {
         return Some(secret.clone());
     }
     store.by_iv.remove(&iv).map(|(secret, _)| secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(n: u32) -> TrafficSecret {
+        let mut bytes = [0u8; 32];
+        bytes[..4].copy_from_slice(&n.to_be_bytes());
+        TrafficSecret::new(&bytes).unwrap()
+    }
+
+    /// Handshakes that never finish cannot grow the store: the oldest
+    /// secrets go first, and all go after `PENDING_FOR`.
+    #[tokio::test(start_paused = true)]
+    async fn pending_secrets_are_bounded_in_count_and_time() {
+        let mut pending = Pending::new();
+        for n in 0..3 * MAX_PENDING_SECRETS as u32 {
+            pending.put(secret(n));
+            assert!(pending.by_iv.len() <= MAX_PENDING_SECRETS);
+            assert!(pending.order.len() <= MAX_PENDING_SECRETS);
+        }
+        let newest = secret(3 * MAX_PENDING_SECRETS as u32 - 1).iv();
+        assert!(pending.by_iv.contains_key(&newest));
+        assert!(!pending.by_iv.contains_key(&secret(0).iv()));
+        tokio::time::advance(PENDING_FOR).await;
+        pending.put(secret(u32::MAX));
+        assert_eq!(pending.by_iv.len(), 1);
+    }
+
+    /// Logged once per end of a link in this process, taken once per end.
+    #[test]
+    fn a_secret_logged_twice_is_taken_twice() {
+        let log = LinkKeyLog;
+        let bytes = [0x5au8; 48];
+        rustls::KeyLog::log(&log, CLIENT_SECRET, &[], &bytes);
+        rustls::KeyLog::log(&log, CLIENT_SECRET, &[], &bytes);
+        let iv = TrafficSecret::new(&bytes).unwrap().iv();
+        assert!(take(&iv).is_some() && take(&iv).is_some());
+        assert!(take(&iv).is_none());
+        // Other labels (handshake secrets, exporter) are not kept.
+        assert!(!rustls::KeyLog::will_log(&log, "EXPORTER_SECRET"));
+    }
 }
