@@ -116,6 +116,14 @@ const QUIET_READS: u8 = 16;
 /// Earlier read buffers a busy split reader keeps for reuse.
 const RETIRED_BUFFERS: usize = 4;
 
+/// Read buffers kept alive by plaintext handed out of them (a stream's
+/// queued chunk holds its whole buffer) beyond which the reader hands out
+/// copies instead, until they are let go: 64 of 256 KiB, 16 MiB per link.
+/// A working link pins a few (its streams' consumers keep up); a peer
+/// that spaces small DATA frames for a stream nobody reads over many
+/// buffers would otherwise pin memory without bound.
+pub const MAX_PINNED_BUFFERS: usize = 64;
+
 /// The read buffer is kept after it drains only if the last socket read was
 /// at least this large (a busy link); idle links hold no buffer.
 const KEEP_AFTER: usize = 8 * 1024;
@@ -340,6 +348,15 @@ struct Opener {
     /// Earlier read buffers, empty, kept for reuse once the chunks handed
     /// out of them are dropped.
     retired: Vec<BytesMut>,
+    /// Earlier read buffers no longer kept for reuse, each with its size,
+    /// while plaintext handed out of them may still hold them: counted
+    /// against [`MAX_PINNED_BUFFERS`], dropped once free.
+    pinned: Vec<(BytesMut, usize)>,
+    /// Size of `rbuf`'s allocation (a lower bound).
+    rbuf_alloc: usize,
+    /// Too many buffers are pinned: hand out copies (see
+    /// [`MAX_PINNED_BUFFERS`]).
+    copy_out: bool,
     /// Small reads in a row: a busy link that went quiet gives its
     /// buffers back after [`QUIET_READS`].
     quiet_reads: u8,
@@ -679,14 +696,39 @@ impl Opener {
         };
         next.extend_from_slice(&self.rbuf);
         let mut old = std::mem::replace(&mut self.rbuf, next);
+        let old_alloc = std::mem::replace(&mut self.rbuf_alloc, want);
         old.clear();
         if want == SPLIT_CHUNK {
             // Oldest out: a buffer pinned for long (a stream's header, a
             // slow stream's data) must not hold a place for good.
             if self.retired.len() == RETIRED_BUFFERS {
-                self.retired.remove(0);
+                let oldest = self.retired.remove(0);
+                self.pinned.push((oldest, SPLIT_CHUNK));
             }
             self.retired.push(old);
+        } else {
+            self.pinned.push((old, old_alloc));
+        }
+        self.sweep_pinned();
+    }
+
+    /// Forgets the earlier buffers nothing holds any more, and decides
+    /// whether plaintext goes out as copies.
+    fn sweep_pinned(&mut self) {
+        // A buffer whose whole allocation can be reclaimed is held by
+        // nobody else (`try_reclaim` beyond the capacity left checks that).
+        self.pinned
+            .retain_mut(|(buf, alloc)| *alloc == 0 || !buf.try_reclaim(*alloc));
+        self.copy_out = self.pinned.len() >= MAX_PINNED_BUFFERS;
+    }
+
+    /// Lets go of `rbuf` (empty), keeping track of it while it may be
+    /// pinned.
+    fn drop_rbuf(&mut self) {
+        let old = std::mem::take(&mut self.rbuf);
+        let alloc = std::mem::replace(&mut self.rbuf_alloc, 0);
+        if alloc > 0 {
+            self.pinned.push((old, alloc));
         }
     }
 
@@ -697,11 +739,15 @@ impl Opener {
         is_client: bool,
         signals: Arc<Signals>,
     ) -> Opener {
+        let rbuf_alloc = rbuf.capacity();
         Opener {
             handshake: BytesMut::new(),
             is_client,
             signals,
             retired: Vec::new(),
+            pinned: Vec::new(),
+            rbuf_alloc,
+            copy_out: false,
             quiet_reads: 0,
             keys,
             rbuf,
@@ -782,7 +828,9 @@ impl Opener {
                 match alert[1] {
                     ALERT_CLOSE_NOTIFY => {
                         self.read_closed = true;
-                        self.rbuf = BytesMut::new();
+                        self.rbuf.clear();
+                        self.drop_rbuf();
+                        self.sweep_pinned();
                     }
                     // Not an error; a close_notify follows (RFC 8446 §6.1).
                     ALERT_USER_CANCELED => self.consume_front(),
@@ -883,10 +931,15 @@ impl Opener {
             return;
         }
         if self.quiet_reads >= QUIET_READS {
-            self.rbuf = BytesMut::new();
-            self.retired.clear();
+            self.drop_rbuf();
+            for old in self.retired.drain(..) {
+                self.pinned.push((old, SPLIT_CHUNK));
+            }
         } else if self.last_read < KEEP_AFTER && self.retired.is_empty() {
-            self.rbuf = BytesMut::new();
+            self.drop_rbuf();
+        }
+        if !self.pinned.is_empty() {
+            self.sweep_pinned();
         }
     }
 
@@ -925,6 +978,9 @@ impl Opener {
     ) -> Poll<io::Result<()>> {
         if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
             self.next_buffer();
+        } else if self.copy_out {
+            // The read buffer stays; see whether the pinned ones were let go.
+            self.sweep_pinned();
         }
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut *sock),
@@ -959,6 +1015,15 @@ impl Opener {
         }
         loop {
             let (from, to) = self.plain;
+            if from < to && self.copy_out {
+                // Too many buffers pinned: this one stays free for reuse.
+                let copy = BytesMut::from(&self.rbuf[from..to]);
+                self.rbuf.advance(self.record_end);
+                self.plain = (0, 0);
+                self.record_end = 0;
+                self.release_if_idle();
+                return Poll::Ready(Ok(Some(copy)));
+            }
             if from < to {
                 let mut record = self.rbuf.split_to(self.record_end);
                 record.truncate(to);

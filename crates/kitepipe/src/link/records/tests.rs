@@ -843,3 +843,67 @@ async fn a_mux_link_refusing_a_record_sends_the_alert() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// A consumer that keeps one small chunk out of every read buffer (a
+/// stream nobody reads, fed a byte at a time between other traffic) pins
+/// at most MAX_PINNED_BUFFERS buffers: past that the reader hands out
+/// copies, and goes back to zero copy once the chunks are let go.
+#[tokio::test]
+async fn chunks_held_by_a_slow_consumer_pin_a_bounded_number_of_buffers() {
+    const ROUNDS: usize = MAX_PINNED_BUFFERS + 36;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (client_tcp, server_tcp) = tokio::join!(tokio::net::TcpStream::connect(addr), async {
+        listener.accept().await.unwrap().0
+    });
+    let (server, client) = configs();
+    let (client, server) = link_pair(server, client, client_tcp.unwrap(), server_tcp).await;
+    let (_client_reader, mut writer) = client.into_mux_parts();
+    let LinkIo::Records(server) = server else {
+        panic!("expected records")
+    };
+    let (mut reader, _server_writer) = server.into_split();
+    let filler = vec![0u8; SPLIT_CHUNK + 4 * MAX_PLAINTEXT];
+    let write = async {
+        for _ in 0..ROUNDS + 8 {
+            writer.write_all(b"H").await.unwrap();
+            writer.flush().await.unwrap();
+            writer.write_all(&filler).await.unwrap();
+        }
+        writer.shutdown().await.unwrap();
+    };
+    let read = async {
+        let mut held = Vec::new();
+        let mut most_pinned = 0;
+        let mut copied = false;
+        while let Some(chunk) = std::future::poll_fn(|cx| reader.poll_chunk(cx))
+            .await
+            .unwrap()
+        {
+            if chunk[..] == *b"H" {
+                if held.len() < ROUNDS {
+                    held.push(chunk);
+                } else {
+                    // Let go of everything: the pins go, and so does copying.
+                    held.clear();
+                }
+            }
+            most_pinned = most_pinned.max(reader.rx.pinned.len());
+            copied |= reader.rx.copy_out;
+        }
+        (
+            most_pinned,
+            copied,
+            reader.rx.copy_out,
+            reader.rx.pinned.len(),
+        )
+    };
+    let (_, (most_pinned, copied, copying_at_end, pinned_at_end)) = tokio::join!(write, read);
+    eprintln!("{most_pinned} buffers pinned at most, {pinned_at_end} at the end");
+    assert!(
+        most_pinned <= MAX_PINNED_BUFFERS,
+        "{most_pinned} buffers pinned"
+    );
+    assert!(copied, "the reader switched to copies");
+    assert!(!copying_at_end && pinned_at_end < MAX_PINNED_BUFFERS);
+}
