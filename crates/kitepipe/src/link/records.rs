@@ -698,7 +698,7 @@ impl Opener {
         let mut old = std::mem::replace(&mut self.rbuf, next);
         let old_alloc = std::mem::replace(&mut self.rbuf_alloc, want);
         old.clear();
-        if want == SPLIT_CHUNK {
+        if want == SPLIT_CHUNK && old_alloc == SPLIT_CHUNK {
             // Oldest out: a buffer pinned for long (a stream's header, a
             // slow stream's data) must not hold a place for good.
             if self.retired.len() == RETIRED_BUFFERS {
@@ -706,7 +706,7 @@ impl Opener {
                 self.pinned.push((oldest, SPLIT_CHUNK));
             }
             self.retired.push(old);
-        } else {
+        } else if old_alloc > 0 {
             self.pinned.push((old, old_alloc));
         }
         self.sweep_pinned();
@@ -718,7 +718,7 @@ impl Opener {
         // A buffer whose whole allocation can be reclaimed is held by
         // nobody else (`try_reclaim` beyond the capacity left checks that).
         self.pinned
-            .retain_mut(|(buf, alloc)| *alloc == 0 || !buf.try_reclaim(*alloc));
+            .retain_mut(|(buf, alloc)| !buf.try_reclaim(*alloc));
         self.copy_out = self.pinned.len() >= MAX_PINNED_BUFFERS;
     }
 

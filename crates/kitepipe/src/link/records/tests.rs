@@ -106,6 +106,12 @@ async fn data_crosses_both_ways_in_large_and_small_pieces() {
         let down = pattern(len, 2);
         assert!(transfer(&mut server, &mut client, &down, piece).await == down);
     }
+    // Nothing holds the read buffers any more: at most the last one is
+    // still counted until the next read sweeps it.
+    for side in [&mut client, &mut server] {
+        let pinned = records(side).rx.pinned.len();
+        assert!(pinned <= 1, "{pinned} buffers still counted as pinned");
+    }
 }
 
 #[tokio::test]
