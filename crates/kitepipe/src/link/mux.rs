@@ -23,6 +23,7 @@
 //! | streams waiting to be accepted | `ACCEPT_QUEUE` | the stream is reset `Busy` |
 //! | control messages | `CONTROL_QUEUE` | the reader waits (the peer's writes back up) |
 //! | a stream's received bytes | its window | the stream is reset |
+//! | read buffers kept alive by queued chunks | `records::MAX_PINNED_BUFFERS`, `io::MAX_PINNED_CHUNK_BUFFERS` | chunks go out as copies |
 //!
 //! A peer that never reads what we send cannot keep a link alive by
 //! sending: pings carry unpredictable payloads, and a link whose peer has
