@@ -248,12 +248,27 @@ pub trait ChunkSource: Send {
 /// Bytes of the mux reader's chunks read at once from a plain byte stream.
 const READ_CHUNK: usize = 128 * 1024;
 
+/// Earlier read buffers of a [`ReadChunks`] kept alive by chunks handed
+/// out of them beyond which it hands out copies, until they are let go:
+/// 128 of 128 KiB, 16 MiB per link (as the record layer's
+/// `MAX_PINNED_BUFFERS`): a stream nobody reads, fed a byte now and then,
+/// would otherwise pin a buffer per byte.
+pub const MAX_PINNED_CHUNK_BUFFERS: usize = 128;
+
 /// A plain byte stream as a [`ChunkSource`]: each read is a chunk, taken
 /// out of one large buffer.
 #[derive(Debug)]
 pub struct ReadChunks<R> {
     inner: R,
     buf: BytesMut,
+    /// Earlier buffers that chunks may still hold (see
+    /// [`MAX_PINNED_CHUNK_BUFFERS`]); each handle keeps its buffer until
+    /// the next sweep finds it free.
+    pinned: Vec<BytesMut>,
+    /// Too many are pinned: chunks go out as copies.
+    copy_out: bool,
+    /// `buf` is a buffer of [`READ_CHUNK`] allocated here.
+    started: bool,
 }
 
 impl<R> ReadChunks<R> {
@@ -262,14 +277,35 @@ impl<R> ReadChunks<R> {
         ReadChunks {
             inner,
             buf: BytesMut::new(),
+            pinned: Vec::new(),
+            copy_out: false,
+            started: false,
         }
+    }
+
+    /// Forgets the earlier buffers nothing holds any more (their whole
+    /// allocation can be reclaimed), and decides whether to copy.
+    fn sweep_pinned(&mut self) {
+        self.pinned.retain_mut(|buf| !buf.try_reclaim(READ_CHUNK));
+        self.copy_out = self.pinned.len() >= MAX_PINNED_CHUNK_BUFFERS;
     }
 }
 
 impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
     fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<BytesMut>>> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4
+            && !self.buf.try_reclaim(READ_CHUNK)
+        {
+            // Chunks still hold this buffer: start another. (Only the
+            // first buffer is not one of ours: `BytesMut::new()`.)
+            let old = std::mem::replace(&mut self.buf, BytesMut::with_capacity(READ_CHUNK));
+            if std::mem::replace(&mut self.started, true) {
+                self.pinned.push(old);
+            }
+            self.sweep_pinned();
+        } else if !self.pinned.is_empty() {
+            // Let go of buffers freed since: idle links hold none.
+            self.sweep_pinned();
         }
         let n = std::task::ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut self.inner),
@@ -278,6 +314,11 @@ impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
         ))?;
         if n == 0 {
             return Poll::Ready(Ok(None));
+        }
+        if self.copy_out {
+            let copy = BytesMut::from(&self.buf[..]);
+            self.buf.clear();
+            return Poll::Ready(Ok(Some(copy)));
         }
         Poll::Ready(Ok(Some(self.buf.split())))
     }
@@ -317,5 +358,52 @@ mod tests {
         let n = io.read(&mut big).await.unwrap();
         assert_eq!(n, 1000);
         assert_eq!(io.buf.capacity(), 0);
+    }
+
+    /// A consumer keeping one chunk out of every read (a stream nobody
+    /// reads, fed between other traffic) pins a bounded number of buffers:
+    /// past the bound the chunks are copies; once let go, the buffers go.
+    #[tokio::test]
+    async fn chunks_held_by_a_slow_consumer_pin_a_bounded_number_of_buffers() {
+        let (mut far, near) = tokio::io::duplex(256 * 1024);
+        let mut chunks = ReadChunks::new(near);
+        let rounds = MAX_PINNED_CHUNK_BUFFERS + 40;
+        let write = async {
+            for _ in 0..rounds {
+                // One read fills most of a buffer: the next read needs another.
+                far.write_all(&[1u8; READ_CHUNK - READ_CHUNK / 8])
+                    .await
+                    .unwrap();
+                far.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            far.shutdown().await.unwrap();
+        };
+        let read = async {
+            let mut held = Vec::new();
+            let mut most = 0;
+            let mut copied = false;
+            let mut total = 0;
+            while let Some(mut chunk) = std::future::poll_fn(|cx| chunks.poll_chunk(cx))
+                .await
+                .unwrap()
+            {
+                total += chunk.len();
+                held.push(chunk.split_to(1));
+                most = most.max(chunks.pinned.len());
+                copied |= chunks.copy_out;
+            }
+            drop(held);
+            (most, copied, total)
+        };
+        let (_, (most, copied, total)) = tokio::join!(write, read);
+        assert_eq!(total, rounds * (READ_CHUNK - READ_CHUNK / 8));
+        assert!(most <= MAX_PINNED_CHUNK_BUFFERS, "{most} buffers pinned");
+        assert!(
+            copied,
+            "the reader switched to copies ({most} pinned at most)"
+        );
+        chunks.sweep_pinned();
+        assert!(chunks.pinned.is_empty() && !chunks.copy_out);
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Start at [`mux`] (streams over one TLS connection: framing, flow control,
 //! heartbeats), then [`records`] (the link's own TLS record layer once
-//! rustls has done the handshake), [`io`] (the socket under the TLS
+//! rustls has done the handshake, with [`secrets`]: TLS 1.3's key
+//! schedule for its key updates), [`io`] (the socket under the TLS
 //! handshake: large reads, record by record) and
 //! [`backoff`] (the one retry helper). The handshake that
 //! runs over a fresh link lives with its two ends: `connector::session` and
@@ -16,6 +17,7 @@ pub mod backoff;
 pub mod io;
 pub mod mux;
 pub mod records;
+pub mod secrets;
 mod shared;
 
 use std::time::Duration;
@@ -24,7 +26,8 @@ pub use mux::{IncomingStream, Mux, MuxConfig, MuxReceivers, MuxStream, Side, Str
 pub use records::LinkIo;
 pub(crate) use shared::SharedStream;
 
-/// Default heartbeat: a link silent this long is dead. Pings go out every
+/// Default heartbeat: a link silent this long is dead, and so is one whose
+/// peer answers none of our pings for two of it. Pings go out every
 /// third of it, which also keeps NAT mappings alive (home routers and CGNAT
 /// forget idle TCP flows after minutes, never seconds).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
@@ -41,6 +44,14 @@ pub enum LinkClosed {
     /// Nothing arrived from the peer for longer than the heartbeat interval.
     #[error("no traffic from the peer for {}s (heartbeat timeout)", .0.as_secs())]
     HeartbeatTimeout(Duration),
+    /// The peer answered none of our pings for this long: it does not read
+    /// what this side sends (see `mux::UNANSWERED_HEARTBEATS`).
+    #[error("the peer answered no ping for {}s: it does not read this side's writes", .0.as_secs())]
+    Unresponsive(Duration),
+    /// More than this many bytes of urgent frames piled up for a peer that
+    /// does not read (see `mux::URGENT_BACKLOG`).
+    #[error("over {0} bytes queued for a peer that does not read")]
+    Backlog(usize),
     /// Reading or writing the connection failed.
     #[error("connection error: {0}")]
     Io(String),

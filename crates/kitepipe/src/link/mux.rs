@@ -9,9 +9,26 @@
 //!
 //! Frames that must keep their order relative to a stream's data (OPEN,
 //! DATA, FIN, CONTROL) go through one bounded queue. Window updates, pings
-//! and resets are urgent: they go through a small side queue the writer
-//! drains first, and each stream has at most one pending window update, so
-//! that queue is bounded by the number of streams.
+//! and resets are urgent: they go through a side queue the writer drains
+//! first.
+//!
+//! Every queue the peer can make grow has a bound and a policy:
+//!
+//! | queue | bound | when full |
+//! |---|---|---|
+//! | PONGs owed | one (`Urgent::pong`) | the newest PING's PONG replaces an older one |
+//! | our PINGs unsent | one (`Urgent::ping`) | the newest replaces an older one |
+//! | urgent frames (resets, window updates) | [`URGENT_BACKLOG`] bytes | the link is closed ([`LinkClosed::Backlog`]) |
+//! | ordered frames | `OUT_QUEUE` frames | stream writers wait |
+//! | streams waiting to be accepted | `ACCEPT_QUEUE` | the stream is reset `Busy` |
+//! | control messages | `CONTROL_QUEUE` | the reader waits (the peer's writes back up) |
+//! | a stream's received bytes | its window | the stream is reset |
+//! | read buffers kept alive by queued chunks | `records::MAX_PINNED_BUFFERS`, `io::MAX_PINNED_CHUNK_BUFFERS` | chunks go out as copies |
+//!
+//! A peer that never reads what we send cannot keep a link alive by
+//! sending: pings carry unpredictable payloads, and a link whose peer has
+//! echoed none of them for [`UNANSWERED_HEARTBEATS`] heartbeats is closed
+//! ([`LinkClosed::Unresponsive`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -61,6 +78,24 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// and a batch this large already fills a TLS record.
 const COALESCE_BELOW: usize = 16 * 1024;
 
+/// Urgent frames (resets, window updates) queued for the writer beyond
+/// which the link is closed: the peer does not read what we send. A link
+/// that works never holds more than a few per stream (a stream owes at
+/// most four window updates before its peer runs out of credit), so 1 MiB
+/// (about 80,000 window updates) is far above any working link and bounds
+/// what a peer that only sends can make us hold.
+pub const URGENT_BACKLOG: usize = 1024 * 1024;
+
+/// Heartbeats after which a link whose peer has answered none of our pings
+/// is closed. A PONG proves the peer read everything we sent before the
+/// PING; two heartbeats leave room for a PONG queued behind a full batch on
+/// a slow uplink.
+pub const UNANSWERED_HEARTBEATS: u32 = 2;
+
+/// Pings remembered for matching PONGs (pings go out every third of a
+/// heartbeat, so this covers more than a heartbeat of them).
+const PINGS_REMEMBERED: usize = 4;
+
 /// How long a closing link may take to flush its GOAWAY before it is cut.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -76,8 +111,9 @@ pub enum Side {
 /// Settings of a multiplexed link.
 #[derive(Debug, Clone)]
 pub struct MuxConfig {
-    /// Declare the link dead after this long without receiving any frame.
-    /// Pings go out every third of it.
+    /// Declare the link dead after this long without receiving any frame,
+    /// or after [`UNANSWERED_HEARTBEATS`] of it without a PONG to one of
+    /// our pings. Pings go out every third of it.
     pub heartbeat: Duration,
     /// Per-stream receive window in bytes.
     pub stream_window: u32,
@@ -138,8 +174,10 @@ struct Shared {
     window: u32,
     streams: Mutex<HashMap<u32, Arc<StreamState>>>,
     next_id: AtomicU32,
-    urgent: Mutex<VecDeque<Frame>>,
+    urgent: Mutex<Urgent>,
     urgent_notify: Notify,
+    /// Our pings, to tell a real PONG from a made-up one.
+    pings: Mutex<Pings>,
     /// Wakes the watchdog to force the close if the writer cannot flush.
     close_notify: Notify,
     /// Cancelled when the link is closed, for any reason.
@@ -149,6 +187,75 @@ struct Shared {
     /// Milliseconds since `started` at which the last frame arrived.
     last_rx_ms: AtomicU64,
     stats: MuxStats,
+}
+
+/// Frames the writer sends before anything else.
+#[derive(Default)]
+struct Urgent {
+    frames: VecDeque<Frame>,
+    /// Encoded bytes of `frames`, bounded by [`URGENT_BACKLOG`].
+    bytes: usize,
+    /// The PONG owed: one answers the newest PING (older ones are moot).
+    pong: Option<u64>,
+    /// Our PING not yet written: one at most.
+    ping: Option<u64>,
+}
+
+/// Our recent pings and when the peer last proved it reads.
+struct Pings {
+    /// Payload and send time (ms since start) of recent pings, newest at
+    /// `next - 1`.
+    sent: [Option<(u64, u64)>; PINGS_REMEMBERED],
+    next: usize,
+    counter: u64,
+    /// Keys the payloads: a peer cannot echo a ping it did not read.
+    keys: std::collections::hash_map::RandomState,
+    /// Send time (ms since start) of the newest ping the peer answered.
+    answered_ms: u64,
+}
+
+impl Pings {
+    fn new() -> Pings {
+        Pings {
+            sent: [None; PINGS_REMEMBERED],
+            next: 0,
+            counter: 0,
+            keys: std::collections::hash_map::RandomState::new(),
+            answered_ms: 0,
+        }
+    }
+
+    /// A fresh unpredictable payload, remembered with its send time.
+    fn next_payload(&mut self, now_ms: u64) -> u64 {
+        use std::hash::BuildHasher;
+        self.counter += 1;
+        let payload = self.keys.hash_one(self.counter);
+        self.sent[self.next % PINGS_REMEMBERED] = Some((payload, now_ms));
+        self.next += 1;
+        payload
+    }
+
+    /// The send time of the ping `payload` answers, if it is one of ours.
+    fn answered(&mut self, payload: u64) -> Option<u64> {
+        let (_, sent_ms) = self
+            .sent
+            .iter()
+            .flatten()
+            .find(|(p, _)| *p == payload)
+            .copied()?;
+        self.answered_ms = self.answered_ms.max(sent_ms);
+        Some(sent_ms)
+    }
+}
+
+/// The encoded size of an urgent frame.
+fn urgent_len(frame: &Frame) -> usize {
+    frame::HEADER_LEN
+        + match frame {
+            Frame::Reset { reason, .. } | Frame::GoAway { reason, .. } => 4 + reason.len(),
+            Frame::Window { .. } => 4,
+            _ => 8,
+        }
 }
 
 struct StreamState {
@@ -239,8 +346,9 @@ impl Mux {
                 Side::Connector => 1,
                 Side::Relay => 2,
             }),
-            urgent: Mutex::new(VecDeque::new()),
+            urgent: Mutex::new(Urgent::default()),
             urgent_notify: Notify::new(),
+            pings: Mutex::new(Pings::new()),
             close_notify: Notify::new(),
             token,
             closed: Mutex::new(None),
@@ -366,8 +474,26 @@ impl Shared {
         state
     }
 
+    /// Queues an urgent frame; closes the link instead if the peer has let
+    /// [`URGENT_BACKLOG`] bytes of them pile up.
     fn push_urgent(&self, frame: Frame) {
-        lock(&self.urgent).push_back(frame);
+        let len = urgent_len(&frame);
+        {
+            let mut urgent = lock(&self.urgent);
+            if urgent.bytes + len <= URGENT_BACKLOG {
+                urgent.bytes += len;
+                urgent.frames.push_back(frame);
+                drop(urgent);
+                self.urgent_notify.notify_one();
+                return;
+            }
+        }
+        self.set_closed(LinkClosed::Backlog(URGENT_BACKLOG), true);
+    }
+
+    /// Owes the peer a PONG for `payload`, replacing an older one not sent.
+    fn push_pong(&self, payload: u64) {
+        lock(&self.urgent).pong = Some(payload);
         self.urgent_notify.notify_one();
     }
 
@@ -773,7 +899,11 @@ async fn run_reader(
             Err(reason) => break reason,
         }
     };
-    shared.set_closed(reason, true);
+    // The writer shuts the connection down (the record layer's alert if the
+    // peer broke it, else close_notify); the watchdog cuts it after
+    // CLOSE_GRACE if the writer is stuck.
+    shared.set_closed(reason, false);
+    shared.close_notify.notify_one();
 }
 
 /// Frames out of the chunks a [`ChunkSource`] hands out. DATA payloads are
@@ -947,13 +1077,16 @@ async fn handle_frame(
                 }
             }
         }
-        Frame::Ping { payload } => shared.push_urgent(Frame::Pong { payload }),
+        Frame::Ping { payload } => shared.push_pong(payload),
         Frame::Pong { payload } => {
-            let now = shared.started.elapsed().as_micros() as u64;
-            shared
-                .stats
-                .rtt_micros
-                .store(now.saturating_sub(payload), Ordering::Relaxed);
+            // Unknown payloads (made up, or a ping forgotten) prove nothing.
+            if let Some(sent_ms) = lock(&shared.pings).answered(payload) {
+                let now = shared.started.elapsed().as_millis() as u64;
+                shared
+                    .stats
+                    .rtt_micros
+                    .store(now.saturating_sub(sent_ms) * 1000, Ordering::Relaxed);
+            }
         }
         Frame::Control { payload } => {
             if control.send(payload).await.is_err() {
@@ -1073,8 +1206,20 @@ impl Batch {
 }
 
 fn drain_urgent(shared: &Shared, batch: &mut Batch) {
-    let frames: Vec<Frame> = lock(&shared.urgent).drain(..).collect();
-    for frame in frames {
+    let (frames, pong, ping) = {
+        let mut urgent = lock(&shared.urgent);
+        urgent.bytes = 0;
+        (
+            std::mem::take(&mut urgent.frames),
+            urgent.pong.take(),
+            urgent.ping.take(),
+        )
+    };
+    let pings = pong
+        .map(|payload| Frame::Pong { payload })
+        .into_iter()
+        .chain(ping.map(|payload| Frame::Ping { payload }));
+    for frame in frames.into_iter().chain(pings) {
         batch.urgent = true;
         batch.push(shared, frame);
     }
@@ -1113,8 +1258,18 @@ async fn run_watchdog(shared: Arc<Shared>, heartbeat: Duration) {
             shared.set_closed(LinkClosed::HeartbeatTimeout(silent), true);
             return;
         }
-        let payload = shared.started.elapsed().as_micros() as u64;
-        shared.push_urgent(Frame::Ping { payload });
+        let payload = {
+            let mut pings = lock(&shared.pings);
+            let unanswered = Duration::from_millis(now_ms.saturating_sub(pings.answered_ms));
+            if unanswered > heartbeat * UNANSWERED_HEARTBEATS {
+                drop(pings);
+                shared.set_closed(LinkClosed::Unresponsive(unanswered), true);
+                return;
+            }
+            pings.next_payload(now_ms)
+        };
+        lock(&shared.urgent).ping = Some(payload);
+        shared.urgent_notify.notify_one();
     }
 }
 

@@ -10,10 +10,12 @@
 //! one buffer that goes out in one `write`.
 //!
 //! How a link gets here ([`LinkIo::after_handshake`]): both ends offer the
-//! ALPN [`ALPN_LINK`](crate::pki::ALPN_LINK) (`kitepipe/2`), rustls runs the
+//! ALPN [`ALPN_LINK`](crate::pki::ALPN_LINK) (`kitepipe/3`), rustls runs the
 //! whole handshake over a [`ReadAhead`] that never hands rustls bytes past
 //! the end of the current record, and then rustls gives up the traffic keys
-//! and sequence numbers (`dangerous_extract_secrets`). Nothing it read is
+//! and sequence numbers (`dangerous_extract_secrets`), and the traffic
+//! secrets they came from wait in [`secrets`] (rustls's
+//! key log). Nothing it read is
 //! lost: rustls has consumed whole records only, the rest is still in the
 //! `ReadAhead` buffer, and plaintext or records rustls still held are
 //! carried over. The records on the wire stay genuine TLS 1.3 records under
@@ -24,21 +26,38 @@
 //!
 //! Keys wear out: AES-GCM must not seal more than about 2^24.5 full records
 //! under one key (RFC 8446 §5.5). Every [`REKEY_AFTER`] records a sender
-//! sends a TLS `KeyUpdate` message and moves to the next key generation.
-//! rustls does not expose the traffic secrets TLS 1.3 would derive the next
-//! keys from, so both ends derive them from a per-direction secret taken
-//! from the session's exporter (label [`REKEY_LABEL`]) with HKDF-SHA256.
+//! sends a TLS `KeyUpdate` message (update_not_requested) and moves to the
+//! next generation of TLS 1.3's own key schedule (§7.2): the next traffic
+//! secret is HKDF-Expand-Label(secret, "traffic upd", "", Hash.length), its
+//! key and IV come from it by the labels "key" and "iv". A peer's
+//! `KeyUpdate` with update_requested is answered with one of ours before
+//! our next record (several requests while we are silent get one answer;
+//! our answers never request, so two ends cannot ping-pong updates).
+//!
+//! What a peer may send after the handshake, as RFC 8446 §4.6 and §5 say:
+//! records of outer type application_data only (change_cipher_spec and
+//! anything else is refused), ciphertext up to 2^14 + 256 bytes and inner
+//! plaintext (content, type, padding) up to 2^14 + 1, a content type in
+//! every record, alerts of exactly two bytes, no empty handshake or alert
+//! records, handshake messages that may span records but not interleave
+//! with other types and not cross a key change, and only `KeyUpdate` (and
+//! `NewSessionTicket` to a client: a server never receives one). A refusal
+//! ends the link with the RFC's alert (when the link's writer shuts down).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
 use bytes::{Buf, BufMut, BytesMut};
-use ring::{aead, hkdf};
+use ring::aead;
 use rustls::ConnectionTrafficSecrets;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::io::{ChunkSource, ReadAhead, ReadChunks};
+use super::secrets::{self, TrafficSecret};
 
 /// Largest plaintext of one record (RFC 8446 §5.1).
 pub const MAX_PLAINTEXT: usize = 16 * 1024;
@@ -52,6 +71,15 @@ const TAG_LEN: usize = 16;
 /// Largest ciphertext of one record (RFC 8446 §5.2).
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 
+/// Largest inner plaintext of one record: content, content type and
+/// padding together (RFC 8446 §5.4).
+const MAX_INNER_PLAINTEXT: usize = MAX_PLAINTEXT + 1;
+
+/// Largest post-handshake message accepted, as rustls does: a
+/// NewSessionTicket's ticket and extensions fit easily.
+const MAX_HANDSHAKE_MESSAGE: usize = 0xffff;
+
+const CONTENT_CHANGE_CIPHER_SPEC: u8 = 20;
 const CONTENT_ALERT: u8 = 21;
 const CONTENT_HANDSHAKE: u8 = 22;
 const CONTENT_APPLICATION_DATA: u8 = 23;
@@ -59,12 +87,22 @@ const CONTENT_APPLICATION_DATA: u8 = 23;
 const HANDSHAKE_NEW_SESSION_TICKET: u8 = 4;
 const HANDSHAKE_KEY_UPDATE: u8 = 24;
 
+/// KeyUpdate's request_update values (RFC 8446 §4.6.3).
+const UPDATE_NOT_REQUESTED: u8 = 0;
+const UPDATE_REQUESTED: u8 = 1;
+
+/// Alert descriptions sent when a peer breaks the record layer.
+const ALERT_CLOSE_NOTIFY: u8 = 0;
+const ALERT_UNEXPECTED_MESSAGE: u8 = 10;
+const ALERT_BAD_RECORD_MAC: u8 = 20;
+const ALERT_RECORD_OVERFLOW: u8 = 22;
+const ALERT_ILLEGAL_PARAMETER: u8 = 47;
+const ALERT_DECODE_ERROR: u8 = 50;
+const ALERT_USER_CANCELED: u8 = 90;
+
 /// Records sealed under one key generation before the sender moves on to
 /// the next: far below AES-GCM's limit of 2^24.5 full-size records.
 pub const REKEY_AFTER: u64 = 1 << 23;
-
-/// Exporter label of the per-direction rekey secrets.
-pub const REKEY_LABEL: &[u8] = b"EXPORTER-kitepipe-link-rekey";
 
 /// Read buffer of a split reader, whose chunks share it: a new one is
 /// needed only every few reads.
@@ -77,6 +115,14 @@ const QUIET_READS: u8 = 16;
 
 /// Earlier read buffers a busy split reader keeps for reuse.
 const RETIRED_BUFFERS: usize = 4;
+
+/// Read buffers kept alive by plaintext handed out of them (a stream's
+/// queued chunk holds its whole buffer) beyond which the reader hands out
+/// copies instead, until they are let go: 64 of 256 KiB, 16 MiB per link.
+/// A working link pins a few (its streams' consumers keep up); a peer
+/// that spaces small DATA frames for a stream nobody reads over many
+/// buffers would otherwise pin memory without bound.
+pub const MAX_PINNED_BUFFERS: usize = 64;
 
 /// The read buffer is kept after it drains only if the last socket read was
 /// at least this large (a busy link); idle links hold no buffer.
@@ -92,6 +138,29 @@ pub enum RecordError {
     /// A record's header is not a TLS 1.3 application-data record header.
     #[error("malformed record header (type {0}, version {1:#06x})")]
     BadHeader(u8, u16),
+    /// A change_cipher_spec record after the handshake (RFC 8446 §5).
+    #[error("change_cipher_spec record after the handshake")]
+    ChangeCipherSpec,
+    /// An empty record of a type that must carry something (handshake,
+    /// alert).
+    #[error("empty record of content type {0}")]
+    Empty(u8),
+    /// An alert or handshake message that does not parse.
+    #[error("malformed message (content type {0})")]
+    Malformed(u8),
+    /// A handshake message split across records was interrupted by a
+    /// record of another type.
+    #[error("handshake message interleaved with another record type")]
+    Interleaved,
+    /// A key update not at the end of its record (RFC 8446 §5.1).
+    #[error("key update not aligned with the end of its record")]
+    KeyUpdateNotAligned,
+    /// A key update with a request_update other than 0 or 1.
+    #[error("key update with request_update {0}")]
+    BadKeyUpdate(u8),
+    /// A NewSessionTicket from the client (only servers send them).
+    #[error("new_session_ticket from the client")]
+    ClientTicket,
     /// A record is larger than TLS allows.
     #[error("record of {0} bytes exceeds the TLS limit")]
     Oversized(usize),
@@ -122,6 +191,40 @@ pub enum RecordError {
     Handover(String),
 }
 
+impl RecordError {
+    /// The alert RFC 8446 says to end the connection with, if any.
+    fn alert(&self) -> Option<u8> {
+        Some(match self {
+            RecordError::Oversized(_) => ALERT_RECORD_OVERFLOW,
+            RecordError::Forged => ALERT_BAD_RECORD_MAC,
+            RecordError::Malformed(_) => ALERT_DECODE_ERROR,
+            RecordError::BadKeyUpdate(_) => ALERT_ILLEGAL_PARAMETER,
+            RecordError::BadHeader(..)
+            | RecordError::ChangeCipherSpec
+            | RecordError::Empty(_)
+            | RecordError::NoContentType
+            | RecordError::Unexpected(_)
+            | RecordError::UnexpectedHandshake(_)
+            | RecordError::Interleaved
+            | RecordError::KeyUpdateNotAligned
+            | RecordError::ClientTicket => ALERT_UNEXPECTED_MESSAGE,
+            RecordError::Truncated
+            | RecordError::UnsupportedSuite
+            | RecordError::Alert(_)
+            | RecordError::Handover(_) => return None,
+        })
+    }
+}
+
+/// What the receiving half tells the sending half.
+#[derive(Debug, Default)]
+struct Signals {
+    /// The peer asked for a key update: send ours before the next record.
+    answer_update: AtomicBool,
+    /// The peer broke the record layer: the alert to close with (0: none).
+    alert: AtomicU8,
+}
+
 impl From<RecordError> for io::Error {
     fn from(err: RecordError) -> io::Error {
         let kind = match err {
@@ -133,24 +236,24 @@ impl From<RecordError> for io::Error {
 }
 
 /// One direction's keys: the AEAD key, the IV, the next sequence number,
-/// and the secret the next generation is derived from.
+/// and the traffic secret they come from (and the next generation).
 struct Keys {
     algorithm: &'static aead::Algorithm,
     key: aead::LessSafeKey,
     iv: [u8; aead::NONCE_LEN],
     seq: u64,
-    rekey_secret: [u8; 32],
+    secret: TrafficSecret,
     /// Key updates so far.
     generation: u64,
 }
 
 impl Keys {
-    fn new(
-        secrets: ConnectionTrafficSecrets,
-        seq: u64,
-        rekey_secret: [u8; 32],
-    ) -> Result<Keys, RecordError> {
-        let (algorithm, key, iv) = match secrets {
+    /// The keys rustls extracted (`extracted`, next sequence number `seq`)
+    /// with the traffic secret they were derived from, which rustls's key
+    /// log kept (see [`secrets`]): refused unless the secret derives
+    /// exactly these keys.
+    fn new(extracted: ConnectionTrafficSecrets, seq: u64) -> Result<Keys, RecordError> {
+        let (algorithm, key, iv) = match extracted {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
@@ -158,18 +261,39 @@ impl Keys {
             }
             _ => return Err(RecordError::UnsupportedSuite),
         };
-        let key = aead::UnboundKey::new(algorithm, key.as_ref())
-            .map_err(|_| RecordError::UnsupportedSuite)?;
-        let iv = iv
-            .as_ref()
-            .try_into()
-            .map_err(|_| RecordError::UnsupportedSuite)?;
+        let secret = secrets::take(iv.as_ref()).ok_or_else(|| {
+            RecordError::Handover("the session's traffic secret was not logged".into())
+        })?;
+        let mut keys = Keys::from_secret(algorithm, secret, seq)?;
+        keys.generation = 0;
+        let mut derived = [0u8; 32];
+        let derived = &mut derived[..algorithm.key_len()];
+        keys.secret.expand_label(b"key", derived);
+        if derived != key.as_ref() || keys.iv[..] != *iv.as_ref() {
+            return Err(RecordError::Handover(
+                "the logged traffic secret does not derive the session's keys".into(),
+            ));
+        }
+        Ok(keys)
+    }
+
+    /// The keys of `secret` (RFC 8446 §7.3), starting at sequence `seq`.
+    fn from_secret(
+        algorithm: &'static aead::Algorithm,
+        secret: TrafficSecret,
+        seq: u64,
+    ) -> Result<Keys, RecordError> {
+        let mut key = [0u8; 32];
+        let key = &mut key[..algorithm.key_len()];
+        secret.expand_label(b"key", key);
+        let key =
+            aead::UnboundKey::new(algorithm, key).map_err(|_| RecordError::UnsupportedSuite)?;
         Ok(Keys {
             algorithm,
             key: aead::LessSafeKey::new(key),
-            iv,
+            iv: secret.iv(),
             seq,
-            rekey_secret,
+            secret,
             generation: 0,
         })
     }
@@ -184,37 +308,14 @@ impl Keys {
         aead::Nonce::assume_unique_for_key(nonce)
     }
 
-    /// Moves to the next key generation.
+    /// Moves to the next generation of the key schedule (RFC 8446 §7.2);
+    /// the sequence number starts again at 0.
     fn rekey(&mut self) {
-        let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &self.rekey_secret);
-        let mut next = [0u8; 32];
-        expand(&prk, b"kitepipe traffic upd", &mut next);
-        let next_prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &next);
-        let mut key = [0u8; 32];
-        let key = &mut key[..self.algorithm.key_len()];
-        expand(&next_prk, b"kitepipe key", key);
-        expand(&next_prk, b"kitepipe iv", &mut self.iv);
-        self.key = aead::LessSafeKey::new(
-            aead::UnboundKey::new(self.algorithm, key).expect("key length of the algorithm"),
-        );
-        self.rekey_secret = next;
-        self.seq = 0;
-        self.generation += 1;
+        let generation = self.generation + 1;
+        *self = Keys::from_secret(self.algorithm, self.secret.next(), 0)
+            .expect("a key of the algorithm's length");
+        self.generation = generation;
     }
-}
-
-struct Len(usize);
-
-impl hkdf::KeyType for Len {
-    fn len(&self) -> usize {
-        self.0
-    }
-}
-
-fn expand(prk: &hkdf::Prk, label: &[u8], out: &mut [u8]) {
-    prk.expand(&[label], Len(out.len()))
-        .and_then(|okm| okm.fill(out))
-        .expect("HKDF output length is far below its limit");
 }
 
 /// A byte stream under the link's own record layer (see the module doc).
@@ -247,9 +348,23 @@ struct Opener {
     /// Earlier read buffers, empty, kept for reuse once the chunks handed
     /// out of them are dropped.
     retired: Vec<BytesMut>,
+    /// Earlier read buffers no longer kept for reuse, each with its size,
+    /// while plaintext handed out of them may still hold them: counted
+    /// against [`MAX_PINNED_BUFFERS`], dropped once free.
+    pinned: Vec<(BytesMut, usize)>,
+    /// Size of `rbuf`'s allocation (a lower bound).
+    rbuf_alloc: usize,
+    /// Too many buffers are pinned: hand out copies (see
+    /// [`MAX_PINNED_BUFFERS`]).
+    copy_out: bool,
     /// Small reads in a row: a busy link that went quiet gives its
     /// buffers back after [`QUIET_READS`].
     quiet_reads: u8,
+    /// The start of a handshake message whose rest is in the next record.
+    handshake: BytesMut,
+    /// This end is the TLS client (it may receive NewSessionTickets).
+    is_client: bool,
+    signals: Arc<Signals>,
 }
 
 /// The sending half of a record layer: keys and the sealed records not
@@ -259,6 +374,7 @@ struct Sealer {
     wbuf: BytesMut,
     close_sent: bool,
     rekey_after: u64,
+    signals: Arc<Signals>,
 }
 
 impl<S> std::fmt::Debug for RecordStream<S> {
@@ -295,33 +411,26 @@ impl<S> RecordStream<S> {
                 Err(err) => return Err(handover(&err)),
             }
         }
-        let (ours, theirs): (&[u8], &[u8]) = if is_client {
-            (b"client", b"server")
-        } else {
-            (b"server", b"client")
-        };
-        let tx_rekey = conn
-            .export_keying_material([0u8; 32], REKEY_LABEL, Some(ours))
-            .map_err(|e| handover(&e))?;
-        let rx_rekey = conn
-            .export_keying_material([0u8; 32], REKEY_LABEL, Some(theirs))
-            .map_err(|e| handover(&e))?;
-        let secrets = conn.dangerous_extract_secrets().map_err(|e| handover(&e))?;
+        let extracted = conn.dangerous_extract_secrets().map_err(|e| handover(&e))?;
         let (rbuf, inner) = io.into_parts();
+        let signals = Arc::new(Signals::default());
         Ok(RecordStream {
             w: RecordWriter {
                 sock: inner,
                 tx: Sealer {
-                    keys: Keys::new(secrets.tx.1, secrets.tx.0, tx_rekey)?,
+                    keys: Keys::new(extracted.tx.1, extracted.tx.0)?,
                     wbuf: BytesMut::from(&wbuf[..]),
                     close_sent: false,
                     rekey_after: REKEY_AFTER,
+                    signals: signals.clone(),
                 },
             },
             rx: Opener::new(
-                Keys::new(secrets.rx.1, secrets.rx.0, rx_rekey)?,
+                Keys::new(extracted.rx.1, extracted.rx.0)?,
                 rbuf,
                 carried,
+                is_client,
+                signals,
             ),
         })
     }
@@ -409,15 +518,24 @@ impl Sealer {
     /// Starts a record at the end of `wbuf` (a key update first when the
     /// key is due); returns where it starts, for [`Self::finish_record`].
     fn begin_record(&mut self) -> usize {
-        if self.keys.seq >= self.rekey_after {
-            // The key update goes out under the old key; everything after
-            // it under the new one.
-            let start = self.begin_plain_record();
-            self.wbuf.put_slice(&[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0]);
-            self.finish_record(start, CONTENT_HANDSHAKE);
-            self.keys.rekey();
+        if self.keys.seq >= self.rekey_after
+            || (self.signals.answer_update.load(Ordering::Relaxed)
+                && self.signals.answer_update.swap(false, Ordering::Relaxed))
+        {
+            // Ours never requests one back: no update ping-pong.
+            self.send_key_update(UPDATE_NOT_REQUESTED);
         }
         self.begin_plain_record()
+    }
+
+    /// Sends a KeyUpdate under the current key and moves to the next:
+    /// everything after it goes under the new one.
+    fn send_key_update(&mut self, request_update: u8) {
+        let start = self.begin_plain_record();
+        self.wbuf
+            .put_slice(&[HANDSHAKE_KEY_UPDATE, 0, 0, 1, request_update]);
+        self.finish_record(start, CONTENT_HANDSHAKE);
+        self.keys.rekey();
     }
 
     fn begin_plain_record(&mut self) -> usize {
@@ -431,6 +549,12 @@ impl Sealer {
     /// after the header.
     fn finish_record(&mut self, start: usize, content_type: u8) {
         self.wbuf.put_u8(content_type);
+        self.seal_record(start);
+    }
+
+    /// Seals the record started at `start` whose inner plaintext (content,
+    /// type, padding) is everything after the header.
+    fn seal_record(&mut self, start: usize) {
         let body = start + HEADER_LEN;
         let header = record_header(self.wbuf.len() - body + TAG_LEN);
         self.wbuf[start..body].copy_from_slice(&header);
@@ -535,8 +659,14 @@ impl Sealer {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         if !self.close_sent {
+            // A fatal alert if the peer broke the record layer, else
+            // close_notify.
+            let alert = match self.signals.alert.load(Ordering::Relaxed) {
+                ALERT_CLOSE_NOTIFY => [1, ALERT_CLOSE_NOTIFY],
+                fatal => [2, fatal],
+            };
             let start = self.begin_record();
-            self.wbuf.put_slice(&[1, 0]);
+            self.wbuf.put_slice(&alert);
             self.finish_record(start, CONTENT_ALERT);
             self.close_sent = true;
         }
@@ -566,20 +696,58 @@ impl Opener {
         };
         next.extend_from_slice(&self.rbuf);
         let mut old = std::mem::replace(&mut self.rbuf, next);
+        let old_alloc = std::mem::replace(&mut self.rbuf_alloc, want);
         old.clear();
-        if want == SPLIT_CHUNK {
+        if want == SPLIT_CHUNK && old_alloc == SPLIT_CHUNK {
             // Oldest out: a buffer pinned for long (a stream's header, a
             // slow stream's data) must not hold a place for good.
             if self.retired.len() == RETIRED_BUFFERS {
-                self.retired.remove(0);
+                let oldest = self.retired.remove(0);
+                self.pinned.push((oldest, SPLIT_CHUNK));
             }
             self.retired.push(old);
+        } else if old_alloc > 0 {
+            self.pinned.push((old, old_alloc));
+        }
+        self.sweep_pinned();
+    }
+
+    /// Forgets the earlier buffers nothing holds any more, and decides
+    /// whether plaintext goes out as copies.
+    fn sweep_pinned(&mut self) {
+        // A buffer whose whole allocation can be reclaimed is held by
+        // nobody else (`try_reclaim` beyond the capacity left checks that).
+        self.pinned
+            .retain_mut(|(buf, alloc)| !buf.try_reclaim(*alloc));
+        self.copy_out = self.pinned.len() >= MAX_PINNED_BUFFERS;
+    }
+
+    /// Lets go of `rbuf` (empty), keeping track of it while it may be
+    /// pinned.
+    fn drop_rbuf(&mut self) {
+        let old = std::mem::take(&mut self.rbuf);
+        let alloc = std::mem::replace(&mut self.rbuf_alloc, 0);
+        if alloc > 0 {
+            self.pinned.push((old, alloc));
         }
     }
 
-    fn new(keys: Keys, rbuf: BytesMut, carried: BytesMut) -> Opener {
+    fn new(
+        keys: Keys,
+        rbuf: BytesMut,
+        carried: BytesMut,
+        is_client: bool,
+        signals: Arc<Signals>,
+    ) -> Opener {
+        let rbuf_alloc = rbuf.capacity();
         Opener {
+            handshake: BytesMut::new(),
+            is_client,
+            signals,
             retired: Vec::new(),
+            pinned: Vec::new(),
+            rbuf_alloc,
+            copy_out: false,
             quiet_reads: 0,
             keys,
             rbuf,
@@ -601,6 +769,9 @@ impl Opener {
         }
         let header: [u8; HEADER_LEN] = self.rbuf[..HEADER_LEN].try_into().expect("5 bytes");
         let version = u16::from_be_bytes([header[1], header[2]]);
+        if header[0] == CONTENT_CHANGE_CIPHER_SPEC {
+            return Err(RecordError::ChangeCipherSpec);
+        }
         if header[0] != CONTENT_APPLICATION_DATA || version != 0x0303 {
             return Err(RecordError::BadHeader(header[0], version));
         }
@@ -610,6 +781,11 @@ impl Opener {
         }
         if ct_len < TAG_LEN + 1 {
             return Err(RecordError::Forged);
+        }
+        if ct_len - TAG_LEN > MAX_INNER_PLAINTEXT {
+            // Every suite's tag is 16 bytes: the plaintext is too long
+            // whatever it holds.
+            return Err(RecordError::Oversized(ct_len - TAG_LEN));
         }
         let end = HEADER_LEN + ct_len;
         if self.rbuf.len() < end {
@@ -631,63 +807,112 @@ impl Opener {
             return Err(RecordError::NoContentType);
         };
         let content_type = plain[type_at];
+        if !self.handshake.is_empty() && content_type != CONTENT_HANDSHAKE {
+            return Err(RecordError::Interleaved);
+        }
+        self.record_end = end;
         match content_type {
             CONTENT_APPLICATION_DATA => {
-                if type_at > MAX_PLAINTEXT {
-                    return Err(RecordError::Oversized(type_at));
-                }
                 self.plain = (HEADER_LEN, HEADER_LEN + type_at);
-                self.record_end = end;
                 if type_at == 0 {
+                    // Allowed (traffic analysis padding); nothing to hand out.
                     self.consume_front();
                 }
             }
             CONTENT_ALERT => {
-                let alert = &plain[..type_at];
-                if alert.len() != 2 {
-                    return Err(RecordError::Unexpected(CONTENT_ALERT));
+                let alert: [u8; 2] = match plain[..type_at] {
+                    [] => return Err(RecordError::Empty(CONTENT_ALERT)),
+                    [level, description] => [level, description],
+                    _ => return Err(RecordError::Malformed(CONTENT_ALERT)),
+                };
+                match alert[1] {
+                    ALERT_CLOSE_NOTIFY => {
+                        self.read_closed = true;
+                        self.rbuf.clear();
+                        self.drop_rbuf();
+                        self.sweep_pinned();
+                    }
+                    // Not an error; a close_notify follows (RFC 8446 §6.1).
+                    ALERT_USER_CANCELED => self.consume_front(),
+                    // Every other alert is fatal, whatever its level (§6).
+                    description => {
+                        let description = rustls::AlertDescription::from(description);
+                        return Err(RecordError::Alert(rustls::Error::AlertReceived(
+                            description,
+                        )));
+                    }
                 }
-                if alert[1] == 0 {
-                    // close_notify
-                    self.read_closed = true;
-                    self.rbuf = BytesMut::new();
-                    return Ok(true);
-                }
-                let description = rustls::AlertDescription::from(alert[1]);
-                return Err(RecordError::Alert(rustls::Error::AlertReceived(
-                    description,
-                )));
             }
             CONTENT_HANDSHAKE => {
-                let mut messages = &plain[..type_at];
-                let mut key_update = false;
-                while !messages.is_empty() {
-                    if messages.len() < 4 || key_update {
-                        return Err(RecordError::UnexpectedHandshake(messages[0]));
-                    }
-                    let kind = messages[0];
-                    let len = usize::from(messages[1]) << 16
-                        | usize::from(messages[2]) << 8
-                        | usize::from(messages[3]);
-                    if messages.len() < 4 + len {
-                        return Err(RecordError::UnexpectedHandshake(kind));
-                    }
-                    match kind {
-                        HANDSHAKE_KEY_UPDATE if len == 1 => key_update = true,
-                        HANDSHAKE_NEW_SESSION_TICKET => {}
-                        other => return Err(RecordError::UnexpectedHandshake(other)),
-                    }
-                    messages = &messages[4 + len..];
+                if type_at == 0 {
+                    return Err(RecordError::Empty(CONTENT_HANDSHAKE));
                 }
-                self.record_end = end;
+                // Rare (a key update every few million records): the copy
+                // lets a message span records.
+                self.handshake.extend_from_slice(&plain[..type_at]);
+                let update = self.handshake_messages()?;
                 self.consume_front();
-                if key_update {
+                if let Some(requested) = update {
                     self.keys.rekey();
+                    if requested {
+                        self.signals.answer_update.store(true, Ordering::Relaxed);
+                    }
                 }
             }
             other => return Err(RecordError::Unexpected(other)),
         }
         Ok(true)
+    }
+
+    /// Handles the whole handshake messages in `self.handshake`, leaving
+    /// the start of an unfinished one there. `Some(update_requested)` if
+    /// one of them was a key update (the last thing in the record).
+    fn handshake_messages(&mut self) -> Result<Option<bool>, RecordError> {
+        let mut update = None;
+        while !self.handshake.is_empty() {
+            if update.is_some() {
+                return Err(RecordError::KeyUpdateNotAligned);
+            }
+            let Some(&[kind, a, b, c]) = self.handshake.get(..4) else {
+                break;
+            };
+            let len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+            match kind {
+                HANDSHAKE_KEY_UPDATE if len != 1 => {
+                    return Err(RecordError::Malformed(CONTENT_HANDSHAKE));
+                }
+                HANDSHAKE_KEY_UPDATE => {}
+                HANDSHAKE_NEW_SESSION_TICKET if !self.is_client => {
+                    return Err(RecordError::ClientTicket);
+                }
+                HANDSHAKE_NEW_SESSION_TICKET if len <= MAX_HANDSHAKE_MESSAGE => {}
+                HANDSHAKE_NEW_SESSION_TICKET => {
+                    return Err(RecordError::Malformed(CONTENT_HANDSHAKE));
+                }
+                other => return Err(RecordError::UnexpectedHandshake(other)),
+            }
+            if self.handshake.len() < 4 + len {
+                break;
+            }
+            let body = &self.handshake[4..4 + len];
+            match kind {
+                HANDSHAKE_KEY_UPDATE => match body[0] {
+                    UPDATE_NOT_REQUESTED => update = Some(false),
+                    UPDATE_REQUESTED => update = Some(true),
+                    other => return Err(RecordError::BadKeyUpdate(other)),
+                },
+                // Well-formed, and of no use: links never resume.
+                _ => check_ticket(body)?,
+            }
+            self.handshake.advance(4 + len);
+        }
+        if update.is_some() && !self.handshake.is_empty() {
+            return Err(RecordError::KeyUpdateNotAligned);
+        }
+        if self.handshake.is_empty() {
+            self.handshake = BytesMut::new();
+        }
+        Ok(update)
     }
 
     /// Drops the front record (one without plaintext to hand out).
@@ -706,10 +931,15 @@ impl Opener {
             return;
         }
         if self.quiet_reads >= QUIET_READS {
-            self.rbuf = BytesMut::new();
-            self.retired.clear();
+            self.drop_rbuf();
+            for old in self.retired.drain(..) {
+                self.pinned.push((old, SPLIT_CHUNK));
+            }
         } else if self.last_read < KEEP_AFTER && self.retired.is_empty() {
-            self.rbuf = BytesMut::new();
+            self.drop_rbuf();
+        }
+        if !self.pinned.is_empty() {
+            self.sweep_pinned();
         }
     }
 
@@ -748,6 +978,9 @@ impl Opener {
     ) -> Poll<io::Result<()>> {
         if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
             self.next_buffer();
+        } else if self.copy_out {
+            // The read buffer stays; see whether the pinned ones were let go.
+            self.sweep_pinned();
         }
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut *sock),
@@ -782,6 +1015,15 @@ impl Opener {
         }
         loop {
             let (from, to) = self.plain;
+            if from < to && self.copy_out {
+                // Too many buffers pinned: this one stays free for reuse.
+                let copy = BytesMut::from(&self.rbuf[from..to]);
+                self.rbuf.advance(self.record_end);
+                self.plain = (0, 0);
+                self.record_end = 0;
+                self.release_if_idle();
+                return Poll::Ready(Ok(Some(copy)));
+            }
             if from < to {
                 let mut record = self.rbuf.split_to(self.record_end);
                 record.truncate(to);
@@ -798,12 +1040,40 @@ impl Opener {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(err) => {
+                    if let Some(alert) = err.alert() {
+                        self.signals.alert.store(alert, Ordering::Relaxed);
+                    }
                     self.failed = Some(err.clone());
                     return Poll::Ready(Err(err.into()));
                 }
             }
             ready!(self.poll_fill(sock, cx))?;
         }
+    }
+}
+
+/// Checks that `body` is a NewSessionTicket (RFC 8446 §4.6.1):
+/// ticket_lifetime, ticket_age_add, ticket_nonce<0..255>,
+/// ticket<1..2^16-1>, extensions<0..2^16-2>, and nothing after.
+fn check_ticket(body: &[u8]) -> Result<(), RecordError> {
+    let malformed = RecordError::Malformed(CONTENT_HANDSHAKE);
+    let mut rest = body.get(8..).ok_or(malformed.clone())?;
+    let nonce_len = usize::from(*rest.first().ok_or(malformed.clone())?);
+    rest = rest.get(1 + nonce_len..).ok_or(malformed.clone())?;
+    for min in [1, 0] {
+        let [hi, lo] = *rest.get(..2).ok_or(malformed.clone())? else {
+            return Err(malformed);
+        };
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        if len < min {
+            return Err(malformed);
+        }
+        rest = rest.get(2 + len..).ok_or(malformed.clone())?;
+    }
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(malformed)
     }
 }
 
@@ -855,7 +1125,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RecordStream<S> {
 }
 
 /// The transport of a TLS link after its handshake: this module's record
-/// layer when both ends speak `kitepipe/2`, rustls otherwise.
+/// layer when both ends speak `kitepipe/3`, rustls otherwise.
 #[derive(Debug)]
 pub enum LinkIo<S> {
     /// The link's own record layer.

@@ -25,8 +25,12 @@ use super::{CertInfo, ClientCa, Fingerprint, NodeIdentity, PkiError, RelayCert};
 /// The ALPN protocol name of the link. Connectors offer it; the relay's link
 /// server selects it and refuses clients that offer only other protocols.
 /// After a handshake that chose it, the link's own record layer takes the
-/// session over from rustls (`link::records`).
-pub const ALPN_LINK: &[u8] = b"kitepipe/2";
+/// session over from rustls (`link::records`), with RFC 8446 key updates.
+///
+/// `kitepipe/2` (the record layer of earlier releases, whose key updates
+/// used keys of its own making) is no longer offered nor accepted: such a
+/// peer offers `kitepipe/1` too, and the two ends agree on that.
+pub const ALPN_LINK: &[u8] = b"kitepipe/3";
 
 /// The link protocol of kitepipe before its own record layer: the same link,
 /// with rustls for the whole session. Still accepted from and offered to
@@ -163,8 +167,10 @@ pub fn relay_server_config_with(
         .with_single_cert(cert.chain().to_vec(), cert.key().clone_key())
         .map_err(build_error)?;
     config.alpn_protocols = link_alpns();
-    // The link's record layer takes the session's keys over.
+    // The link's record layer takes the session's keys over, and the
+    // traffic secrets its key updates start from.
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(crate::link::secrets::LinkKeyLog);
     // Links are long-lived, so resumption saves little, and a full handshake
     // makes the relay prove its key on every reconnect. Without tickets the
     // server's handshake also ends when it reads the client's Finished,
@@ -257,6 +263,7 @@ pub fn connector_client_config_with(
     };
     config.alpn_protocols = link_alpns();
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(crate::link::secrets::LinkKeyLog);
     // Every link handshake is a full one: see relay_server_config_with.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))

@@ -521,3 +521,118 @@ async fn small_frames_of_streams_ready_together_share_a_write() {
     tracker.close();
     tracker.wait().await;
 }
+
+/// A mux on one end of a duplex whose other end the test drives by hand.
+fn lone(
+    buffer: usize,
+    config: MuxConfig,
+) -> (Mux, MuxReceivers, tokio::io::DuplexStream, TaskTracker) {
+    let (a, b) = tokio::io::duplex(buffer);
+    let tracker = TaskTracker::new();
+    let (mux, rx) = Mux::start(
+        a,
+        BytesMut::new(),
+        Side::Relay,
+        &config,
+        &tracker,
+        CancellationToken::new(),
+    );
+    (mux, rx, b, tracker)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ping_flood_from_a_peer_that_never_reads_owes_one_pong_and_is_cut() {
+    let heartbeat = Duration::from_secs(3);
+    let config = MuxConfig {
+        heartbeat,
+        ..MuxConfig::default()
+    };
+    let (mux, _rx, mut peer, tracker) = lone(64 * 1024, config);
+    let mut wire = BytesMut::new();
+    for payload in 0..10_000u64 {
+        Frame::Ping { payload }.encode(&mut wire);
+    }
+    // Keep sending (the link sees traffic all along) and never read.
+    let flood = async {
+        for _ in 0..40 {
+            if peer.write_all(&wire).await.is_err() {
+                // The link is gone: its reason is what counts.
+                std::future::pending::<()>().await;
+            }
+            {
+                let urgent = lock(&mux.shared.urgent);
+                assert!(urgent.frames.is_empty() && urgent.bytes == 0);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    tokio::select! {
+        _ = flood => panic!("the link outlived 10s of pings from a peer that never reads"),
+        reason = mux.closed() => assert!(
+            matches!(reason, LinkClosed::Unresponsive(d) if d > 2 * heartbeat && d <= 3 * heartbeat),
+            "{reason:?}"
+        ),
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test]
+async fn refused_streams_from_a_peer_that_never_reads_close_the_link_at_the_backlog_bound() {
+    let (mux, _rx, mut peer, tracker) = lone(64 * 1024, MuxConfig::default());
+    // Nobody accepts: past ACCEPT_QUEUE, every OPEN is answered with a
+    // RESET that the peer never reads.
+    let flood = async {
+        let mut wire = BytesMut::new();
+        for stream in (1..200_000u32).step_by(2) {
+            Frame::Open {
+                stream,
+                header: Bytes::from_static(b"h"),
+            }
+            .encode(&mut wire);
+            if wire.len() > 16 * 1024 {
+                if peer.write_all(&wire).await.is_err() {
+                    return;
+                }
+                wire.clear();
+            }
+            assert!(lock(&mux.shared.urgent).bytes <= URGENT_BACKLOG);
+        }
+    };
+    let reason = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(flood, mux.closed()).1
+    })
+    .await
+    .expect("the link is closed");
+    assert_eq!(reason, LinkClosed::Backlog(URGENT_BACKLOG));
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn made_up_pongs_do_not_keep_a_link_alive() {
+    let heartbeat = Duration::from_secs(3);
+    let config = MuxConfig {
+        heartbeat,
+        ..MuxConfig::default()
+    };
+    let (mux, _rx, mut peer, tracker) = lone(1 << 20, config);
+    // PONGs with the payloads an earlier version used (microseconds since
+    // the link started) and a few guesses: none echoes a ping.
+    let guesses = async {
+        for i in 0..40u64 {
+            let mut wire = BytesMut::new();
+            for payload in [i * 250_000, i, u64::MAX - i, 0] {
+                Frame::Pong { payload }.encode(&mut wire);
+            }
+            peer.write_all(&wire).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    tokio::select! {
+        _ = guesses => panic!("made-up pongs kept the link alive"),
+        reason = mux.closed() => assert!(matches!(reason, LinkClosed::Unresponsive(_)), "{reason:?}"),
+    }
+    tracker.close();
+    tracker.wait().await;
+}
