@@ -791,9 +791,10 @@ fn hostile_input_is_refused_and_nothing_escapes() {
     bad_utf8.extend_from_slice(format!("{token}\r\n\r\n").as_bytes());
     let status = raw_status(rgw, &bad_utf8);
     assert_eq!(status, 400);
-    let mut big =
-        format!("GET /client/test-connector.example.net/time HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}\r\n")
-            .into_bytes();
+    let mut big = format!(
+        "GET /client/test-connector.example.net/time HTTP/1.1\r\nHost: 127.0.0.1\r\n{token}\r\n"
+    )
+    .into_bytes();
     for i in 0..1024 {
         big.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "a".repeat(1000)).as_bytes());
     }

@@ -227,7 +227,10 @@ fn forged_caller_identity_never_reaches_a_handler() {
     // An executable's environment holds no caller-written X-Kitepipe-*.
     let (status, _, env) = raw(cgw, &request_text("GET", "/server/env", &host, &forged));
     assert_eq!(status, 200, "{env}");
-    assert!(env.contains("KITEPIPE_CALLER=test-connector.example.net"), "{env}");
+    assert!(
+        env.contains("KITEPIPE_CALLER=test-connector.example.net"),
+        "{env}"
+    );
     for line in env.lines() {
         assert!(
             !line.contains("admin") && !line.contains("forged"),
@@ -387,7 +390,12 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
         let with_upgrade: Vec<&str> = headers.iter().chain(upgrade.iter()).copied().collect();
         let (status, _, body) = raw(
             rgw,
-            &request_text("GET", "/remote/test-connector.example.net", &host, &with_upgrade),
+            &request_text(
+                "GET",
+                "/remote/test-connector.example.net",
+                &host,
+                &with_upgrade,
+            ),
         );
         assert_eq!(status, 401, "{headers:?}: {body}");
     }

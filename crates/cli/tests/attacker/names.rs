@@ -461,7 +461,11 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
         let instance = "0123456789abcdef";
         let mut real = FakeLink::open(&relay, instance, "real.example.net").await;
         let registered = real
-            .register(Some("names-attacker-secret"), &["real.example.net"], "real.example.net")
+            .register(
+                Some("names-attacker-secret"),
+                &["real.example.net"],
+                "real.example.net",
+            )
             .await;
         assert_eq!(registered["node"]["proven"], true, "{registered}");
 
@@ -488,7 +492,11 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
         // The same proven name does replace (a connector coming back).
         let mut again = FakeLink::open(&relay, instance, "real.example.net").await;
         again
-            .register(Some("names-attacker-secret"), &["real.example.net"], "real.example.net")
+            .register(
+                Some("names-attacker-secret"),
+                &["real.example.net"],
+                "real.example.net",
+            )
             .await;
         tokio::time::timeout(patience(), real.mux.closed())
             .await
@@ -517,12 +525,9 @@ fn wrong_secret_guessing_is_slowed_and_the_link_closed() {
         .secret("right-secret")
         .kite("http:honest.example.net=127.0.0.1:9")
         .start();
-    let mut guesser = Connector::new(&relay).secret("wrong-guess-secret-0").args(&[
-        "--name",
-        "guess.example.net",
-        "--max-backoff",
-        "1s",
-    ]);
+    let mut guesser = Connector::new(&relay)
+        .secret("wrong-guess-secret-0")
+        .args(&["--name", "guess.example.net", "--max-backoff", "1s"]);
     for i in 0..20 {
         guesser = guesser.kite(&format!("http:g{i}.example.net=127.0.0.1:9"));
     }
@@ -697,7 +702,10 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
     let rgw = relay.gateway.expect("relay gateway");
     let (status, body) = get(&relay, &format!("http://{rgw}/client/bogus-3/time"));
     assert_eq!(status, 404, "{body}");
-    let (status, body) = get(&relay, &format!("http://{rgw}/client/real.example.net/time"));
+    let (status, body) = get(
+        &relay,
+        &format!("http://{rgw}/client/real.example.net/time"),
+    );
     assert_eq!(status, 200, "{body}");
 }
 
@@ -705,7 +713,9 @@ fn ten_thousand_bogus_hellos_stay_bounded_and_a_real_connector_links() {
 /// at the handshake deadline (15 s from its first byte), not kept.
 #[test]
 fn a_link_that_proves_nothing_is_closed_at_the_deadline() {
-    let relay = Relay::new().domain("http:*.example.net:names-attacker-secret").start();
+    let relay = Relay::new()
+        .domain("http:*.example.net:names-attacker-secret")
+        .start();
     let rt = runtime();
     rt.block_on(async {
         let started = Instant::now();

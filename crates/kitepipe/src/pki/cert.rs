@@ -93,7 +93,7 @@ impl RelayCert {
     /// If only one of the two files exists this fails rather than replace
     /// the relay's identity. `state_dir` is created with mode 0700, or
     /// checked and tightened like every directory that holds keys (see
-    /// [`ensure_private_dir`]).
+    /// `ensure_private_dir`).
     pub fn load_or_create(
         state_dir: &Path,
         names: &[String],
