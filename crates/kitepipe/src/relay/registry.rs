@@ -249,6 +249,52 @@ impl Registry {
         true
     }
 
+    /// Closes older links of the same connector instance that neither a
+    /// certificate nor a node proof identifies, and whose every kite link
+    /// `id` (itself unidentified and unproven) now holds by a secret. A
+    /// connector whose name cannot be proven still replaces its stale link
+    /// at once when it comes back (after a NAT reset the relay has not
+    /// noticed), and only a link holding every right the old one had can
+    /// do so: its proven kites are its identity.
+    pub(crate) fn replace_by_kites(&self, id: LinkId) {
+        let replaced: Vec<Mux> = {
+            let mut inner = lock(&self.inner);
+            let Some(new) = inner.links.get(&id) else {
+                return;
+            };
+            if new.identity.is_some() || new.proven.is_some() || new.kites.is_empty() {
+                return;
+            }
+            let held: HashSet<&(KiteProto, String, u16)> = new.kites.iter().collect();
+            let stale: Vec<LinkId> = inner
+                .links
+                .iter()
+                .filter(|(old_id, old)| {
+                    **old_id != id
+                        && old.instance == new.instance
+                        && old.identity.is_none()
+                        && old.proven.is_none()
+                        && !old.kites.is_empty()
+                        && old.kites.iter().all(|kite| held.contains(kite))
+                })
+                .map(|(old_id, _)| *old_id)
+                .collect();
+            stale
+                .into_iter()
+                .filter_map(|old| inner.remove_link(old))
+                .collect()
+        };
+        for old in &replaced {
+            tracing::info!(
+                "connector came back: replacing its previous link (same instance, same kites)"
+            );
+            old.close(LinkClosed::Replaced);
+        }
+        if !replaced.is_empty() {
+            self.links_changed.notify_waiters();
+        }
+    }
+
     /// Whether `name` is the name of a live link's certificate identity
     /// (case-insensitive): such names are never granted to secret claims.
     pub(crate) fn is_identity_name(&self, name: &str) -> bool {

@@ -677,6 +677,9 @@ async fn registration(
     if accepted || proven {
         link.unproven = None;
     }
+    if accepted && !proven && link.identity.is_none() {
+        ctx.registry.replace_by_kites(link.link_id);
+    }
     let reply = RelayMessage::Registered(Registered {
         kites: outcomes,
         node,
