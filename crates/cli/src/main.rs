@@ -103,7 +103,7 @@ struct EventArgs {
     /// How long a handler may go without progress before 504, e.g. 30s.
     #[arg(long, value_name = "DURATION")]
     event_timeout: Option<String>,
-    /// Let web pages of this origin (scheme://host[:port]) use the gateway;
+    /// Let web pages of this origin (`scheme://host[:port]`) use the gateway;
     /// requests with any other Origin get 403. Repeatable [default: none].
     #[arg(long, value_name = "ORIGIN")]
     gateway_origin: Vec<String>,
