@@ -626,6 +626,28 @@ async fn forward_responses(
                 }
             };
             begun = true;
+            if response.status >= 200 && response.status != 101 {
+                // The head goes out in one write with the body bytes that
+                // came with it (a small response: one write, one packet).
+                match forward_body(
+                    &mut reader,
+                    writer,
+                    &mut buf,
+                    &mut size,
+                    response.head_len,
+                    response.body,
+                )
+                .await
+                {
+                    Ok(true) => break,
+                    // Delimited by the end of the connection, which came.
+                    Ok(false) => return Ended::Clean,
+                    Err(err) => {
+                        debug!(%err, "response cut short");
+                        return Ended::Cut;
+                    }
+                }
+            }
             let head = buf.split_to(response.head_len);
             if writer.write_all(&head).await.is_err() {
                 return Ended::Cut;
@@ -645,17 +667,6 @@ async fn forward_responses(
                     Err(_) => Ended::Cut,
                 };
             }
-            if response.status >= 200 {
-                match forward_body(&mut reader, writer, &mut buf, &mut size, response.body).await {
-                    Ok(true) => break,
-                    // Delimited by the end of the connection, which came.
-                    Ok(false) => return Ended::Clean,
-                    Err(err) => {
-                        debug!(%err, "response cut short");
-                        return Ended::Cut;
-                    }
-                }
-            }
         }
         if let Some(upgrade) = upgrade {
             let _ = upgrade.send(false);
@@ -663,15 +674,18 @@ async fn forward_responses(
     }
 }
 
-/// Forwards one response body from `buf` and `reader`; `Ok(true)` when it
-/// ended by its framing (the connection may carry another response),
-/// `Ok(false)` when it ended with the connection. An EOF inside a framed
-/// body is an error: the response was cut short.
+/// Forwards one response, its head (the first `head_len` bytes of `buf`)
+/// and its body from `buf` and `reader`, writing the head with the body
+/// bytes already read; `Ok(true)` when the body ended by its framing (the
+/// connection may carry another response), `Ok(false)` when it ended with
+/// the connection. An EOF inside a framed body is an error: the response
+/// was cut short.
 async fn forward_body(
     reader: &mut tokio::io::ReadHalf<MuxStream>,
     writer: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
     size: &mut ReadSize,
+    head_len: usize,
     body: ResponseBody,
 ) -> std::io::Result<bool> {
     let ResponseBody::Framed(kind) = body else {
@@ -681,16 +695,29 @@ async fn forward_body(
         return Ok(false);
     };
     let mut scanner = BodyScanner::new(kind);
+    // Bytes at the front of `buf` that belong to this response and are
+    // not written yet.
+    let mut pending = head_len;
     while !scanner.is_done() {
-        if buf.is_empty() && read_response(reader, buf, size).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "response body cut short",
-            ));
+        if buf.len() == pending {
+            if pending > 0 {
+                let out = buf.split_to(pending);
+                pending = 0;
+                writer.write_all(&out).await?;
+            }
+            if read_response(reader, buf, size).await? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "response body cut short",
+                ));
+            }
         }
-        let progress = scanner.scan(buf).map_err(invalid)?;
-        let chunk = buf.split_to(progress.consumed);
-        writer.write_all(&chunk).await?;
+        let progress = scanner.scan(&buf[pending..]).map_err(invalid)?;
+        pending += progress.consumed;
+    }
+    if pending > 0 {
+        let out = buf.split_to(pending);
+        writer.write_all(&out).await?;
     }
     Ok(true)
 }
