@@ -11,7 +11,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -76,22 +75,6 @@ fn connector(relay: &RelayProc, args: &[&str]) -> Proc {
         .args(&["--name", "test-connector.example.net"])
         .args(args)
         .start()
-}
-
-/// A directory of handler executables: `(name, shell script body)`.
-fn handlers(tag: &str, scripts: &[(&str, &str)]) -> TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::new(tag);
-    for (name, body) in scripts {
-        let path = dir.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    dir
-}
-
-fn path(path: &Path) -> String {
-    path.to_str().expect("temp paths are UTF-8").to_string()
 }
 
 /// A response as curl saw it.

@@ -75,10 +75,6 @@ impl Ca {
     }
 }
 
-fn path(path: &Path) -> String {
-    path.to_str().expect("temp paths are UTF-8").to_string()
-}
-
 /// RFC 3339 for now + `offset` (negative: in the past).
 fn rfc3339(offset_days: i64) -> String {
     let offset = Duration::from_secs(offset_days.unsigned_abs() * 24 * 60 * 60);

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
@@ -34,10 +34,6 @@ const NODE: &str = "test-connector.example.net";
 /// The relay's gateway token header.
 const TOKEN_HEADER: &str = "X-Kitepipe-Token";
 
-fn path(path: &Path) -> String {
-    path.to_str().expect("temp paths are UTF-8").to_string()
-}
-
 /// A connector holding a kite proven with the secret (which lets a link
 /// without a certificate call the relay's handlers).
 fn connector(relay: &RelayProc, args: &[&str]) -> Proc {
@@ -47,18 +43,6 @@ fn connector(relay: &RelayProc, args: &[&str]) -> Proc {
         .args(&["--name", NODE])
         .args(args)
         .start()
-}
-
-/// A directory of handler executables: `(name, shell script body)`.
-fn handlers(tag: &str, scripts: &[(&str, &str)]) -> TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::new(tag);
-    for (name, body) in scripts {
-        let path = dir.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    dir
 }
 
 /// The relay's gateway token, as its owner reads it from the state dir.

@@ -13,7 +13,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -53,10 +53,6 @@ fn kitepipe_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn path(path: &Path) -> String {
-    path.to_str().expect("temp paths are UTF-8").to_string()
-}
-
 /// A CA made by `kitepipe ca init`.
 struct Ca {
     dir: TempDir,
@@ -81,18 +77,6 @@ impl Ca {
         kitepipe_ok(&all);
         dir.join("issued").join(name)
     }
-}
-
-/// A directory of handler executables: `(file name, shell script body)`.
-fn handlers(tag: &str, scripts: &[(&str, &str)]) -> TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::new(tag);
-    for (name, body) in scripts {
-        let file = dir.path().join(name);
-        std::fs::write(&file, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    dir
 }
 
 /// GET `url` on the relay's gateway, as its owner (with the gateway

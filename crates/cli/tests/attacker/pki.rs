@@ -65,10 +65,6 @@ fn kitepipe_exits(args: &[&str]) -> (std::process::ExitStatus, String) {
     (status, proc.output())
 }
 
-fn path(path: &Path) -> String {
-    path.to_str().expect("temp paths are UTF-8").to_string()
-}
-
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }

@@ -561,3 +561,21 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A directory of handler executables: `(name, shell script body)`, each
+/// written as `#!/bin/sh` with mode 0755.
+pub fn handlers(tag: &str, scripts: &[(&str, &str)]) -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new(tag);
+    for (name, body) in scripts {
+        let file = dir.path().join(name);
+        std::fs::write(&file, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir
+}
+
+/// A temp path as a command-line argument.
+pub fn path(path: &Path) -> String {
+    path.to_str().expect("temp paths are UTF-8").to_string()
+}
