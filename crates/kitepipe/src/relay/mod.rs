@@ -52,6 +52,28 @@ use registry::Registry;
 /// visitors (issue 5's scale target), which 16 Ki did not.
 pub const MAX_CONNECTIONS: usize = 32 * 1024;
 
+/// Pending connections the kernel queues for each public listener before
+/// the relay accepts them. A burst of visitors or reconnecting connectors
+/// (after a relay restart, thousands within a second) overflows tokio's
+/// default of 1024: the kernel then drops the handshake's last ACK and a
+/// client that sends nothing first (a TCP kite's visitor) hangs on a
+/// connection the relay never sees. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a public listener (address reuse as `TcpListener::bind`, with
+/// [`LISTEN_BACKLOG`]).
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// How long shutdown waits for in-flight connections before cutting them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -154,13 +176,10 @@ impl Relay {
         let mut http_port = None;
         let mut https_port = None;
         for roles in &config.listeners {
-            let listener =
-                TcpListener::bind(roles.addr)
-                    .await
-                    .map_err(|source| RelayError::Bind {
-                        addr: roles.addr,
-                        source,
-                    })?;
+            let listener = bind_listener(roles.addr).map_err(|source| RelayError::Bind {
+                addr: roles.addr,
+                source,
+            })?;
             let addr = listener.local_addr().map_err(|source| RelayError::Bind {
                 addr: roles.addr,
                 source,
