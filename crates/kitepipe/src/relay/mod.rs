@@ -61,9 +61,9 @@ pub const MAX_CONNECTIONS: usize = 32 * 1024;
 /// `net.core.somaxconn` (4096 by default since Linux 5.4).
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds a public listener (address reuse as `TcpListener::bind`, with
-/// [`LISTEN_BACKLOG`]).
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds a public listener (the relay's ports and TCP kite ports; address
+/// reuse as `TcpListener::bind`, with [`LISTEN_BACKLOG`]). Needs a runtime.
+pub(crate) fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

@@ -204,7 +204,7 @@ pub(crate) fn bind_kite_port(
     }
     let listener = if kite.port != 0 {
         let addr = SocketAddr::new(ctx.config.tcp_bind, kite.port);
-        std::net::TcpListener::bind(addr).map_err(|err| {
+        super::bind_listener(addr).map_err(|err| {
             (
                 RefuseReason::PortUnavailable,
                 format!("cannot listen on {addr}: {err}"),
@@ -213,15 +213,6 @@ pub(crate) fn bind_kite_port(
     } else {
         bind_free_port(ctx, &ports)?
     };
-    let listener = listener
-        .set_nonblocking(true)
-        .and_then(|()| TcpListener::from_std(listener))
-        .map_err(|err| {
-            (
-                RefuseReason::PortUnavailable,
-                format!("cannot listen for TCP kite {}: {err}", kite.name),
-            )
-        })?;
     let port = listener.local_addr().map(|a| a.port()).map_err(|err| {
         (
             RefuseReason::PortUnavailable,
@@ -265,10 +256,10 @@ fn per_link_refusal() -> (RefuseReason, String) {
 fn bind_free_port(
     ctx: &RelayCtx,
     ports: &HashMap<u16, PortEntry>,
-) -> Result<std::net::TcpListener, (RefuseReason, String)> {
+) -> Result<TcpListener, (RefuseReason, String)> {
     let (low, high) = ctx.config.tcp_ports;
     let bind = ctx.config.tcp_bind;
-    if let Ok(listener) = std::net::TcpListener::bind(SocketAddr::new(bind, 0))
+    if let Ok(listener) = super::bind_listener(SocketAddr::new(bind, 0))
         && let Ok(addr) = listener.local_addr()
         && (low..=high).contains(&addr.port())
         && !ports.contains_key(&addr.port())
@@ -280,7 +271,7 @@ fn bind_free_port(
         if port == 0 || ports.contains_key(&port) || ctx.registry.tcp_port_owner(port).is_some() {
             continue;
         }
-        if let Ok(listener) = std::net::TcpListener::bind(SocketAddr::new(bind, port)) {
+        if let Ok(listener) = super::bind_listener(SocketAddr::new(bind, port)) {
             return Ok(listener);
         }
     }
