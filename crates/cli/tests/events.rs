@@ -11,7 +11,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -485,18 +485,6 @@ fn unix_socket_gateway_and_unknown_and_offline_nodes() {
 fn connector_to_connector_follows_the_rules() {
     let ca = TempDir::new("events-ca");
     let ca_dir = ca.path().join("ca");
-    let kitepipe_ok = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     kitepipe_ok(&["ca", "init", &path(&ca_dir)]);
     for name in ["alpha", "beta", "gamma"] {
         kitepipe_ok(&["ca", "issue", name, "--dir", &path(&ca_dir)]);

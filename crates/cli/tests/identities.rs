@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
@@ -39,37 +39,8 @@ fn kitepipe_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A CA made by `kitepipe ca init` in a fresh directory.
-struct Ca {
-    dir: TempDir,
-}
-
+/// What only these tests do with the shared [`Ca`].
 impl Ca {
-    fn init(tag: &str) -> Ca {
-        let dir = TempDir::new(tag);
-        kitepipe_ok(&["ca", "init", &path(&dir.path().join("ca"))]);
-        Ca { dir }
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.dir.path().join("ca")
-    }
-
-    fn cert(&self) -> String {
-        path(&self.dir().join("ca-cert.pem"))
-    }
-
-    /// Issues a certificate for `name` with extra `args`; returns its
-    /// identity directory.
-    fn issue(&self, name: &str, args: &[&str]) -> PathBuf {
-        let dir = self.dir();
-        let mut all = vec!["ca", "issue", name, "--dir", dir.to_str().unwrap()];
-        all.extend_from_slice(args);
-        let out = kitepipe_ok(&all);
-        assert!(out.contains(&format!("issued {name} (serial ")), "{out}");
-        dir.join("issued").join(name)
-    }
-
     fn revoke(&self, name: &str) -> String {
         kitepipe_ok(&["ca", "revoke", name, "--dir", &path(&self.dir())])
     }

@@ -315,7 +315,9 @@ impl EventHeader {
     /// Checks what a peer sent: the name is a handler name, the arguments
     /// hold no NUL (they become argv) and no dot-segment, the path is
     /// printable ASCII and names exactly this handler and these arguments.
-    pub fn validate(&self) -> Result<(), EventPathError> {
+    /// Returns the path as it was checked, in canonical form (see
+    /// [`parse_event_path`]): what a handler's upstream should receive.
+    pub fn validate(&self) -> Result<String, EventPathError> {
         if !is_handler_name(&self.name) {
             return Err(EventPathError::BadNoun(self.name.clone()));
         }
@@ -329,7 +331,7 @@ impl EventHeader {
         }
         // What handler rules were checked against (the name) is what the
         // handler gets: the path must name the same handler and arguments.
-        let (name, _, args) = parse_event_path(&self.method, &self.path)?;
+        let (name, canonical, args) = parse_event_path(&self.method, &self.path)?;
         if name != self.name || args != self.args {
             return Err(EventPathError::PathMismatch(self.path.clone()));
         }
@@ -339,7 +341,7 @@ impl EventHeader {
         if !self.method.bytes().all(|b| b.is_ascii_alphabetic()) || self.method.is_empty() {
             return Err(EventPathError::BadMethod(self.method.clone()));
         }
-        Ok(())
+        Ok(canonical)
     }
 }
 
@@ -552,7 +554,7 @@ mod tests {
             caller: None,
             wait_ms: 0,
         };
-        assert!(header.validate().is_ok());
+        assert_eq!(header.validate(), Ok("/time".to_string()));
         for bad in [
             EventHeader {
                 name: "../x".into(),

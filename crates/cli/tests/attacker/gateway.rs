@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use crate::support::*;
@@ -239,7 +239,15 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
         .domain(DOMAIN)
         .args(&["--handlers", &path(dir.path())])
         .start();
-    let conn = connector(&relay, &["--handlers", &path(dir.path())]);
+    let conn = connector(
+        &relay,
+        &[
+            "--handlers",
+            &path(dir.path()),
+            "--gateway-origin",
+            "http://localhost:3000",
+        ],
+    );
     let cgw = gateway_of(&conn);
     let rgw = relay.gateway.expect("the relay runs a gateway");
     let token = format!("{TOKEN_HEADER}: {}", token_of(&relay));
@@ -325,6 +333,24 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
         );
         assert_eq!(status, 200, "{body}");
     }
+    // An Origin the operator allowed passes, whatever its case; the
+    // relay's gateway, which allows none, still refuses it.
+    let origin = "Origin: HTTP://Localhost:3000";
+    let (status, _, body) = raw(
+        cgw,
+        &request_text("POST", "/server/mark//allowed", "localhost", &[origin]),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = raw(
+        rgw,
+        &request_text(
+            "POST",
+            "/client/test-connector.example.net/mark//allowed",
+            "localhost",
+            &[&token, origin],
+        ),
+    );
+    assert_eq!(status, 403, "{body}");
     let mut marked: Vec<String> = std::fs::read_dir(marks.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -333,6 +359,7 @@ fn cross_origin_and_rebinding_requests_reach_no_handler() {
     assert_eq!(
         marked,
         [
+            "mark-localhost-allowed",
             "mark-localhost-owner",
             "mark-localhost-owner2",
             "mark-test-connector.example.net-owner",
@@ -399,60 +426,27 @@ fn local_caller_without_the_token_gets_nothing_from_the_relay_gateway() {
 
     // The owner's tools find the token on their own.
     let gateway = rgw.to_string();
-    let out = Command::new(BIN)
-        .args([
-            "call",
-            "GET",
-            "client/test-connector.example.net/time",
-            "--gateway",
-            &gateway,
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new(BIN)
-        .args([
-            "remote",
-            "node:test-connector.example.net",
-            "--gateway",
-            &gateway,
-            "exec",
-            "--",
-            "echo",
-            "owner-ok",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "owner-ok");
+    let call = [
+        "call",
+        "GET",
+        "client/test-connector.example.net/time",
+        "--gateway",
+        &gateway,
+    ];
+    kitepipe_ok(&call);
+    let out = kitepipe_ok(&[
+        "remote",
+        "node:test-connector.example.net",
+        "--gateway",
+        &gateway,
+        "exec",
+        "--",
+        "echo",
+        "owner-ok",
+    ]);
+    assert_eq!(out.trim(), "owner-ok");
     // And so does an explicit --token-file.
-    let out = Command::new(BIN)
-        .args([
-            "call",
-            "GET",
-            "client/test-connector.example.net/time",
-            "--gateway",
-            &gateway,
-        ])
-        .args(["--token-file", &path(&token_file)])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kitepipe_ok(&[&call[..], &["--token-file", &path(&token_file)]].concat());
 }
 
 #[test]
@@ -460,18 +454,6 @@ fn dot_segments_never_reach_the_upstream() {
     let upstream = Upstream::start();
     let ca = TempDir::new("dots-ca");
     let ca_dir = ca.path().join("ca");
-    let kitepipe_ok = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     kitepipe_ok(&["ca", "init", &path(&ca_dir)]);
     kitepipe_ok(&["ca", "issue", "alpha", "--dir", &path(&ca_dir)]);
     let config = ca.path().join("relay.toml");

@@ -13,8 +13,7 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -36,48 +35,6 @@ const MAX_UNPROVEN_LINKS: usize = 256;
 const FREE_WRONG_PROOFS: usize = 8;
 
 // ---- fixtures ---------------------------------------------------------
-
-/// Runs `kitepipe ARGS`, asserts success, returns stdout.
-fn kitepipe_ok(args: &[&str]) -> String {
-    let out: Output = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run kitepipe");
-    assert!(
-        out.status.success(),
-        "kitepipe {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A CA made by `kitepipe ca init`.
-struct Ca {
-    dir: TempDir,
-}
-
-impl Ca {
-    fn init(tag: &str) -> Ca {
-        let dir = TempDir::new(tag);
-        kitepipe_ok(&["ca", "init", &path(&dir.path().join("ca"))]);
-        Ca { dir }
-    }
-
-    fn cert(&self) -> String {
-        path(&self.dir.path().join("ca").join("ca-cert.pem"))
-    }
-
-    /// Issues a certificate for `name`; returns its identity directory.
-    fn issue(&self, name: &str, args: &[&str]) -> PathBuf {
-        let dir = self.dir.path().join("ca");
-        let mut all = vec!["ca", "issue", name, "--dir", dir.to_str().unwrap()];
-        all.extend_from_slice(args);
-        kitepipe_ok(&all);
-        dir.join("issued").join(name)
-    }
-}
 
 /// GET `url` on the relay's gateway, as its owner (with the gateway
 /// token), with an `Authorization` header: (status, body).
@@ -747,4 +704,58 @@ fn a_link_is_closed_when_its_certificate_expires() {
     relay.proc.wait_for("closing link: certificate expired");
     // And it cannot come back with it.
     connector.wait_for("CertificateExpired");
+}
+
+/// An unnamed link (no certificate, no provable name) is replaced by a new
+/// link of the same instance only once that link holds, by secret, every
+/// kite the old one held: a stranger who learned the instance, and holds a
+/// secret for some of its kites or for other names, cannot kick it.
+#[test]
+fn an_unnamed_link_is_replaced_only_by_one_proving_all_its_kites() {
+    let relay = Relay::new()
+        .domain("http:*.example.net:names-attacker-secret")
+        .domain("http:*.example.org:other-secret")
+        .start();
+    let rt = runtime();
+    rt.block_on(async {
+        let instance = "fedcba9876543210";
+        let kites = ["a.example.net", "b.example.net"];
+        let mut real = FakeLink::open(&relay, instance, "laptop").await;
+        let registered = real
+            .register(Some("names-attacker-secret"), &kites, "laptop")
+            .await;
+        assert_eq!(registered["node"]["proven"], false, "{registered}");
+
+        // A subset of the kites, and other kites under another secret.
+        let mut subset = FakeLink::open(&relay, instance, "laptop").await;
+        subset
+            .register(Some("names-attacker-secret"), &kites[..1], "laptop")
+            .await;
+        let mut other = FakeLink::open(&relay, instance, "laptop").await;
+        other
+            .register(
+                Some("other-secret"),
+                &["a.example.org", "b.example.org"],
+                "laptop",
+            )
+            .await;
+        // The registry replaces before it answers: nothing was replaced.
+        assert!(
+            !relay.proc.output().contains("replacing its previous link"),
+            "{}",
+            relay.proc.output()
+        );
+        assert!(!real.mux.is_closed());
+
+        // The connector coming back with every kite does replace it.
+        let mut again = FakeLink::open(&relay, instance, "laptop").await;
+        again
+            .register(Some("names-attacker-secret"), &kites, "laptop")
+            .await;
+        tokio::time::timeout(patience(), real.mux.closed())
+            .await
+            .expect("the stale link is closed");
+        assert!(!other.mux.is_closed(), "a link holding other kites stays");
+        drop(subset);
+    });
 }

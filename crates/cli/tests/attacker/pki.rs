@@ -73,36 +73,6 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// A CA made by `kitepipe ca init` in a fresh directory.
-struct Ca {
-    dir: TempDir,
-}
-
-impl Ca {
-    fn init(tag: &str) -> Ca {
-        let dir = TempDir::new(tag);
-        kitepipe_ok(&["ca", "init", &path(&dir.path().join("ca"))]);
-        Ca { dir }
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.dir.path().join("ca")
-    }
-
-    fn cert(&self) -> String {
-        path(&self.dir().join("ca-cert.pem"))
-    }
-
-    /// Issues `name` with `args`; returns the identity directory.
-    fn issue(&self, name: &str, args: &[&str]) -> PathBuf {
-        let dir = self.dir();
-        let mut all = vec!["ca", "issue", name, "--dir", dir.to_str().unwrap()];
-        all.extend_from_slice(args);
-        kitepipe_ok(&all);
-        dir.join("issued").join(name)
-    }
-}
-
 /// `openssl x509 -text` of a certificate file.
 fn openssl_text(cert: &Path) -> String {
     let out = Command::new("openssl")
@@ -115,8 +85,8 @@ fn openssl_text(cert: &Path) -> String {
 }
 
 /// A relay presenting the certificate in `identity` and verifying
-/// connectors against `ca`, with one secret domain for kites.
-fn relay_with_leaf(ca: &Ca, identity: &Path, domain_file: &Path) -> RelayProc {
+/// connectors against `ca`, with one secret domain for kites, plus `args`.
+fn relay_with_leaf(ca: &Ca, identity: &Path, domain_file: &Path, args: &[&str]) -> RelayProc {
     Relay::new()
         .args(&[
             "--cert",
@@ -128,6 +98,7 @@ fn relay_with_leaf(ca: &Ca, identity: &Path, domain_file: &Path) -> RelayProc {
             "--domain-file",
             &path(domain_file),
         ])
+        .args(args)
         .start()
 }
 
@@ -211,6 +182,24 @@ fn issued_leaves_carry_key_identifiers_and_one_purpose() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--san"));
 }
 
+/// Starts a connector to `relay` with the identity in `identity` (checking
+/// the relay against the identity's `ca.pem`, no pinned fingerprint) and
+/// returns what it reached first (see [`link_outcome`]), with the connector
+/// still running.
+fn identity_link_outcome(relay: &RelayProc, identity: &Path) -> (Proc, String) {
+    let connector = Connector::new(relay)
+        .no_fingerprint()
+        .args(&[
+            "--identity",
+            &path(identity),
+            "--kite",
+            "http:laptop.example.net=8000",
+        ])
+        .spawn();
+    let outcome = link_outcome(&connector);
+    (connector, outcome)
+}
+
 #[test]
 fn connector_leaf_with_the_relays_name_cannot_impersonate_the_relay() {
     let ca = Ca::init("pki-impersonate");
@@ -220,17 +209,8 @@ fn connector_leaf_with_the_relays_name_cannot_impersonate_the_relay() {
     let sneaky = ca.issue("sneaky", &["--san", "127.0.0.1"]);
     let laptop = ca.issue("laptop", &[]);
     let files = TempDir::new("pki-impersonate-files");
-    let fake_relay = relay_with_leaf(&ca, &sneaky, &domain_file(files.path()));
-    let victim = Connector::new(&fake_relay)
-        .no_fingerprint()
-        .args(&[
-            "--identity",
-            &path(&laptop),
-            "--kite",
-            "http:laptop.example.net=8000",
-        ])
-        .spawn();
-    let outcome = link_outcome(&victim);
+    let fake_relay = relay_with_leaf(&ca, &sneaky, &domain_file(files.path()), &[]);
+    let (victim, outcome) = identity_link_outcome(&fake_relay, &laptop);
     assert!(outcome.contains("cannot link to relay"), "{outcome}");
     assert!(
         outcome.contains("not for server authentication"),
@@ -245,30 +225,13 @@ fn relay_leaf_serves_connectors_and_cannot_serve_as_a_connector() {
     let relay_id = ca.issue("relay", &["--role", "relay", "--san", "127.0.0.1"]);
     let laptop = ca.issue("laptop", &[]);
     let files = TempDir::new("pki-relay-role-files");
-    let relay = Relay::new()
-        .args(&[
-            "--cert",
-            &path(&relay_id.join("cert.pem")),
-            "--key",
-            &path(&relay_id.join("key.pem")),
-            "--client-ca",
-            &ca.cert(),
-            "--cert-domain",
-            "example.net",
-            "--domain-file",
-            &path(&domain_file(files.path())),
-        ])
-        .start();
-    let good = Connector::new(&relay)
-        .no_fingerprint()
-        .args(&[
-            "--identity",
-            &path(&laptop),
-            "--kite",
-            "http:laptop.example.net=8000",
-        ])
-        .spawn();
-    let outcome = link_outcome(&good);
+    let relay = relay_with_leaf(
+        &ca,
+        &relay_id,
+        &domain_file(files.path()),
+        &["--cert-domain", "example.net"],
+    );
+    let (_good, outcome) = identity_link_outcome(&relay, &laptop);
     assert!(outcome.contains("linked to relay"), "{outcome}");
 
     // The relay's own certificate presented by a connector: not a client

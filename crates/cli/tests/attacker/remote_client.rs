@@ -295,6 +295,17 @@ struct Run {
 }
 
 impl Run {
+    /// Asserts that stderr contains `needle`; `context` (if not empty)
+    /// prefixes the message, which shows the whole run.
+    fn assert_stderr_has(&self, needle: &str, context: &str) {
+        assert!(
+            String::from_utf8_lossy(&self.stderr).contains(needle),
+            "{context}{}stderr lacks {needle:?}: {}",
+            if context.is_empty() { "" } else { ": " },
+            self.text()
+        );
+    }
+
     fn text(&self) -> String {
         format!(
             "exit {:?} after {:?}\nstdout: {}\nstderr: {}",
@@ -454,11 +465,7 @@ fn dripping_listing_ends_at_the_timeout() {
         bounded(),
     );
     assert_eq!(out.code, Some(124), "{}", out.text());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("timed out"),
-        "{}",
-        out.text()
-    );
+    out.assert_stderr_has("timed out", "");
 }
 
 // Case 20: names, error messages, paths and the platform string from the
@@ -510,10 +517,9 @@ fn escapes_from_the_host_never_reach_the_terminal() {
         assert_ne!(out.code, Some(0), "{args:?}: {}", out.text());
         assert_no_terminal_controls(&out.stdout, &format!("{args:?} stdout"));
         assert_no_terminal_controls(&out.stderr, &format!("{args:?} stderr"));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("all files verified OK"),
-            "{args:?}: the host's message is shown, escaped: {}",
-            out.text()
+        out.assert_stderr_has(
+            "all files verified OK",
+            &format!("{args:?}: the host's message is shown, escaped"),
         );
     }
 
@@ -571,11 +577,7 @@ fn ssh_diagnostics_are_escaped() {
     let out = run_within(command, b"", bounded());
     assert_eq!(out.code, Some(255), "{}", out.text());
     assert_no_terminal_controls(&out.stderr, "ssh failure");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("all files verified OK"),
-        "{}",
-        out.text()
-    );
+    out.assert_stderr_has("all files verified OK", "");
 }
 
 // Case 21: a host that stays alive (its link answers pings) but never
@@ -597,11 +599,7 @@ fn silent_host_cannot_hold_exec_read_or_write() {
     ] {
         let out = run_within(host.kitepipe(&["--timeout", "2s"], args), stdin, bounded());
         assert_eq!(out.code, Some(124), "{args:?}: {}", out.text());
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("timed out"),
-            "{args:?}: {}",
-            out.text()
-        );
+        out.assert_stderr_has("timed out", &format!("{args:?}"));
     }
     assert_eq!(temp_files(host.dir.path()), Vec::<String>::new());
     assert!(!Path::new(&dl).exists());
@@ -746,11 +744,7 @@ fn loose_cache_directory_is_not_trusted() {
     assert_eq!(out.code, Some(0), "{}", out.text());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "real\n");
     // The bootstrap said why (kitepipe logs ssh's stderr at debug).
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not using the agent cache"),
-        "{}",
-        out.text()
-    );
+    out.assert_stderr_has("not using the agent cache", "");
     // Left as it was: neither run from there nor tightened behind the
     // owner's back (the session used a private temporary copy).
     let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
@@ -863,11 +857,7 @@ fn no_hash_tool_means_no_cache() {
     let out = run_within(command, b"", bounded());
     assert_eq!(out.code, Some(0), "{}", out.text());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "real\n");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no sha256sum, shasum or openssl"),
-        "{}",
-        out.text()
-    );
+    out.assert_stderr_has("no sha256sum, shasum or openssl", "");
     let cached = home
         .join(".cache/kitepipe")
         .join(format!("agent-{}", agent_hash()));

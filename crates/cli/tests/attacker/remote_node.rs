@@ -11,7 +11,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -36,6 +35,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::support::path as p;
 use crate::support::*;
 
 /// A relay played by the attacker: accepts the connector's links and
@@ -290,10 +290,6 @@ fn assert_refused(outcome: &Outcome, what: &str, why: &str) {
     );
 }
 
-fn p(path: &Path) -> String {
-    path.to_str().expect("temp paths are UTF-8").to_string()
-}
-
 fn write_op(path: &Path, mode: u32) -> RemoteOp {
     RemoteOp::Write(WriteOp {
         path: p(path),
@@ -314,25 +310,11 @@ fn payload(marker: &Path) -> [ClientRecord; 2] {
     ]
 }
 
-/// Runs `kitepipe ARGS` to completion and asserts success.
-fn kitepipe_ok(args: &[&str]) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("KITEPIPE_LOG", "warn")
-        .output()
-        .expect("run kitepipe");
-    assert!(
-        out.status.success(),
-        "kitepipe {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A connector's files: handlers directory, identity directory (issued by
 /// a CA), config file, and a working directory the relay may use.
 struct NodeFiles {
     _dir: TempDir,
+    _ca: Ca,
     handlers: PathBuf,
     identity: PathBuf,
     config: PathBuf,
@@ -348,15 +330,14 @@ impl NodeFiles {
         let work = root.join("work");
         std::fs::create_dir_all(&handlers).unwrap();
         std::fs::create_dir_all(&work).unwrap();
-        let ca = root.join("ca");
-        kitepipe_ok(&["ca", "init", &p(&ca)]);
-        kitepipe_ok(&["ca", "issue", "victim", "--dir", &p(&ca)]);
-        let identity = ca.join("issued").join("victim");
+        let ca = Ca::init("remote-node-ca");
+        let identity = ca.issue("victim", &[]);
         let config = root.join("connector.toml");
         std::fs::write(&config, "name = \"victim\"\n").unwrap();
         NodeFiles {
             marker: root.join("pwned"),
             _dir: dir,
+            _ca: ca,
             handlers,
             identity,
             config,

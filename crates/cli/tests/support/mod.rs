@@ -579,3 +579,54 @@ pub fn handlers(tag: &str, scripts: &[(&str, &str)]) -> TempDir {
 pub fn path(path: &Path) -> String {
     path.to_str().expect("temp paths are UTF-8").to_string()
 }
+
+/// Runs `kitepipe ARGS` with stdin closed, asserts it succeeded (showing
+/// its stderr if not), returns its stdout.
+pub fn kitepipe_ok(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kitepipe");
+    assert!(
+        out.status.success(),
+        "kitepipe {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A CA made by `kitepipe ca init` in a fresh directory (`ca` inside a
+/// temp dir), issuing identities with `kitepipe ca issue`.
+pub struct Ca {
+    dir: TempDir,
+}
+
+impl Ca {
+    pub fn init(tag: &str) -> Ca {
+        let dir = TempDir::new(tag);
+        kitepipe_ok(&["ca", "init", &path(&dir.path().join("ca"))]);
+        Ca { dir }
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// The CA certificate, as a command-line argument.
+    pub fn cert(&self) -> String {
+        path(&self.dir().join("ca-cert.pem"))
+    }
+
+    /// Issues a certificate for `name` with extra `args`, asserts the CLI
+    /// says so, and returns its identity directory.
+    pub fn issue(&self, name: &str, args: &[&str]) -> PathBuf {
+        let dir = self.dir();
+        let mut all = vec!["ca", "issue", name, "--dir", dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = kitepipe_ok(&all);
+        assert!(out.contains(&format!("issued {name} (serial ")), "{out}");
+        dir.join("issued").join(name)
+    }
+}

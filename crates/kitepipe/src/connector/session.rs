@@ -288,20 +288,7 @@ impl RelayLink {
                         kite.port = *port;
                     }
                 }
-                let input = ProofInput {
-                    tls_exporter: exporter,
-                    server_nonce: &server_nonce,
-                    client_nonce,
-                    protocol: kite.proto.as_str(),
-                    name: &kite.name,
-                };
-                // Without a secret the claim rests on this connector's
-                // certificate: an empty proof says so.
-                let proof = match &target.secret {
-                    Some(secret) => message::hex(&kite_proof(secret, &input)),
-                    None => String::new(),
-                };
-                KiteClaim { proof, kite }
+                claim(target, kite, exporter, &server_nonce, client_nonce)
             })
             .collect();
         let node_proofs = self.node_proofs(exporter, &server_nonce, client_nonce);
@@ -339,21 +326,13 @@ impl RelayLink {
                 })
             })
             .map(|target| {
-                let input = ProofInput {
-                    tls_exporter: exporter,
-                    server_nonce: &server_nonce,
+                claim(
+                    target,
+                    target.kite.clone(),
+                    exporter,
+                    &server_nonce,
                     client_nonce,
-                    protocol: target.kite.proto.as_str(),
-                    name: &target.kite.name,
-                };
-                let proof = match &target.secret {
-                    Some(secret) => message::hex(&kite_proof(secret, &input)),
-                    None => String::new(),
-                };
-                KiteClaim {
-                    proof,
-                    kite: target.kite.clone(),
-                }
+                )
             })
             .collect();
         if !retry.is_empty() {
@@ -390,16 +369,18 @@ impl RelayLink {
             protocol: message::NODE_PROOF_PROTOCOL,
             name: &self.config.name,
         };
-        let mut secrets: Vec<&str> = Vec::new();
+        let mut secrets: Vec<&crate::pki::Secret> = Vec::new();
         let kite_secrets = self.config.kites.iter().filter_map(|k| k.secret.as_ref());
         for secret in self.config.node_secret.iter().chain(kite_secrets) {
-            if secrets.len() < message::MAX_NODE_PROOFS && !secrets.contains(&secret.expose()) {
-                secrets.push(secret.expose());
+            if secrets.len() < message::MAX_NODE_PROOFS
+                && !secrets.iter().any(|s| s.expose() == secret.expose())
+            {
+                secrets.push(secret);
             }
         }
         secrets
             .into_iter()
-            .map(|secret| message::hex(&kite_proof(&crate::pki::Secret::new(secret), &input)))
+            .map(|secret| message::hex(&kite_proof(secret, &input)))
             .collect()
     }
 
@@ -416,14 +397,14 @@ impl RelayLink {
             match &outcome.result {
                 KiteResult::Accepted { public, port } => {
                     info!(kite = %outcome.kite, %public, "kite online");
-                    if outcome.kite.proto == kitepipe_proto::kite::KiteProto::Tcp {
+                    if outcome.kite.proto == KiteProto::Tcp {
                         lock(&self.kites.assigned_ports)
                             .insert((self.relay.addr.clone(), outcome.kite.name.clone()), *port);
                     }
                     online.push((outcome.kite.clone(), public.clone()));
                 }
                 KiteResult::Refused { reason, message } => {
-                    if outcome.kite.proto == kitepipe_proto::kite::KiteProto::Tcp
+                    if outcome.kite.proto == KiteProto::Tcp
                         && *reason == RefuseReason::PortUnavailable
                     {
                         // Not ours any more: the next link asks for any port.
@@ -491,6 +472,29 @@ impl RelayLink {
             }
         }
     }
+}
+
+/// The claim of `target` as `kite`: its proof of the target's secret, or
+/// an empty proof (the claim rests on this connector's certificate).
+fn claim(
+    target: &crate::config::KiteTarget,
+    kite: kitepipe_proto::kite::KiteRef,
+    exporter: &[u8; 32],
+    server_nonce: &[u8],
+    client_nonce: &[u8; 32],
+) -> KiteClaim {
+    let input = ProofInput {
+        tls_exporter: exporter,
+        server_nonce,
+        client_nonce,
+        protocol: kite.proto.as_str(),
+        name: &kite.name,
+    };
+    let proof = match &target.secret {
+        Some(secret) => message::hex(&kite_proof(secret, &input)),
+        None => String::new(),
+    };
+    KiteClaim { proof, kite }
 }
 
 async fn send(mux: &Mux, message: &ConnectorMessage) -> Result<(), AttemptError> {

@@ -255,6 +255,63 @@ const READ_CHUNK: usize = 128 * 1024;
 /// would otherwise pin a buffer per byte.
 pub const MAX_PINNED_CHUNK_BUFFERS: usize = 128;
 
+/// Earlier read buffers that chunks handed out of them may still hold (a
+/// queued chunk keeps its whole buffer alive), counted against a bound
+/// past which the reader hands out copies instead: the one mechanism of
+/// [`ReadChunks`] and the record layer's reader. Each is forgotten once a
+/// sweep finds nothing else holds it.
+#[derive(Debug)]
+pub(crate) struct PinnedBuffers {
+    /// Each buffer with the size of its allocation.
+    bufs: Vec<(BytesMut, usize)>,
+    /// Buffers pinned at most before chunks go out as copies.
+    max: usize,
+    /// Too many are pinned: chunks go out as copies.
+    copy_out: bool,
+}
+
+impl PinnedBuffers {
+    pub(crate) fn new(max: usize) -> PinnedBuffers {
+        PinnedBuffers {
+            bufs: Vec::new(),
+            max,
+            copy_out: false,
+        }
+    }
+
+    /// Keeps track of `buf`, an allocation of `alloc` bytes (none: nothing
+    /// to track), until nothing else holds it.
+    pub(crate) fn push(&mut self, buf: BytesMut, alloc: usize) {
+        if alloc > 0 {
+            self.bufs.push((buf, alloc));
+        }
+    }
+
+    /// Forgets the buffers nothing holds any more, and decides whether
+    /// chunks go out as copies.
+    pub(crate) fn sweep(&mut self) {
+        // A buffer whose whole allocation can be reclaimed is held by
+        // nobody else (`try_reclaim` beyond the capacity left checks that).
+        self.bufs
+            .retain_mut(|(buf, alloc)| !buf.try_reclaim(*alloc));
+        self.copy_out = self.bufs.len() >= self.max;
+    }
+
+    /// Too many buffers were pinned at the last sweep: hand out copies.
+    pub(crate) fn copy_out(&self) -> bool {
+        self.copy_out
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.bufs.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
+    }
+}
+
 /// A plain byte stream as a [`ChunkSource`]: each read is a chunk, taken
 /// out of one large buffer.
 #[derive(Debug)]
@@ -262,11 +319,8 @@ pub struct ReadChunks<R> {
     inner: R,
     buf: BytesMut,
     /// Earlier buffers that chunks may still hold (see
-    /// [`MAX_PINNED_CHUNK_BUFFERS`]); each handle keeps its buffer until
-    /// the next sweep finds it free.
-    pinned: Vec<BytesMut>,
-    /// Too many are pinned: chunks go out as copies.
-    copy_out: bool,
+    /// [`MAX_PINNED_CHUNK_BUFFERS`]).
+    pinned: PinnedBuffers,
     /// `buf` is a buffer of [`READ_CHUNK`] allocated here.
     started: bool,
 }
@@ -277,17 +331,9 @@ impl<R> ReadChunks<R> {
         ReadChunks {
             inner,
             buf: BytesMut::new(),
-            pinned: Vec::new(),
-            copy_out: false,
+            pinned: PinnedBuffers::new(MAX_PINNED_CHUNK_BUFFERS),
             started: false,
         }
-    }
-
-    /// Forgets the earlier buffers nothing holds any more (their whole
-    /// allocation can be reclaimed), and decides whether to copy.
-    fn sweep_pinned(&mut self) {
-        self.pinned.retain_mut(|buf| !buf.try_reclaim(READ_CHUNK));
-        self.copy_out = self.pinned.len() >= MAX_PINNED_CHUNK_BUFFERS;
     }
 }
 
@@ -300,12 +346,12 @@ impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
             // first buffer is not one of ours: `BytesMut::new()`.)
             let old = std::mem::replace(&mut self.buf, BytesMut::with_capacity(READ_CHUNK));
             if std::mem::replace(&mut self.started, true) {
-                self.pinned.push(old);
+                self.pinned.push(old, READ_CHUNK);
             }
-            self.sweep_pinned();
+            self.pinned.sweep();
         } else if !self.pinned.is_empty() {
             // Let go of buffers freed since: idle links hold none.
-            self.sweep_pinned();
+            self.pinned.sweep();
         }
         let n = std::task::ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut self.inner),
@@ -315,7 +361,7 @@ impl<R: AsyncRead + Unpin + Send> ChunkSource for ReadChunks<R> {
         if n == 0 {
             return Poll::Ready(Ok(None));
         }
-        if self.copy_out {
+        if self.pinned.copy_out() {
             let copy = BytesMut::from(&self.buf[..]);
             self.buf.clear();
             return Poll::Ready(Ok(Some(copy)));
@@ -391,7 +437,7 @@ mod tests {
                 total += chunk.len();
                 held.push(chunk.split_to(1));
                 most = most.max(chunks.pinned.len());
-                copied |= chunks.copy_out;
+                copied |= chunks.pinned.copy_out();
             }
             drop(held);
             (most, copied, total)
@@ -403,7 +449,7 @@ mod tests {
             copied,
             "the reader switched to copies ({most} pinned at most)"
         );
-        chunks.sweep_pinned();
-        assert!(chunks.pinned.is_empty() && !chunks.copy_out);
+        chunks.pinned.sweep();
+        assert!(chunks.pinned.is_empty() && !chunks.pinned.copy_out());
     }
 }

@@ -56,7 +56,7 @@ use ring::aead;
 use rustls::ConnectionTrafficSecrets;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::io::{ChunkSource, ReadAhead, ReadChunks};
+use super::io::{ChunkSource, PinnedBuffers, ReadAhead, ReadChunks};
 use super::secrets::{self, TrafficSecret};
 
 /// Largest plaintext of one record (RFC 8446 §5.1).
@@ -264,8 +264,7 @@ impl Keys {
         let secret = secrets::take(iv.as_ref()).ok_or_else(|| {
             RecordError::Handover("the session's traffic secret was not logged".into())
         })?;
-        let mut keys = Keys::from_secret(algorithm, secret, seq)?;
-        keys.generation = 0;
+        let keys = Keys::from_secret(algorithm, secret, seq)?;
         let mut derived = [0u8; 32];
         let derived = &mut derived[..algorithm.key_len()];
         keys.secret.expand_label(b"key", derived);
@@ -348,15 +347,12 @@ struct Opener {
     /// Earlier read buffers, empty, kept for reuse once the chunks handed
     /// out of them are dropped.
     retired: Vec<BytesMut>,
-    /// Earlier read buffers no longer kept for reuse, each with its size,
-    /// while plaintext handed out of them may still hold them: counted
-    /// against [`MAX_PINNED_BUFFERS`], dropped once free.
-    pinned: Vec<(BytesMut, usize)>,
+    /// Earlier read buffers no longer kept for reuse, while plaintext
+    /// handed out of them may still hold them: counted against
+    /// [`MAX_PINNED_BUFFERS`], past which plaintext goes out as copies.
+    pinned: PinnedBuffers,
     /// Size of `rbuf`'s allocation (a lower bound).
     rbuf_alloc: usize,
-    /// Too many buffers are pinned: hand out copies (see
-    /// [`MAX_PINNED_BUFFERS`]).
-    copy_out: bool,
     /// Small reads in a row: a busy link that went quiet gives its
     /// buffers back after [`QUIET_READS`].
     quiet_reads: u8,
@@ -518,10 +514,11 @@ impl Sealer {
     /// Starts a record at the end of `wbuf` (a key update first when the
     /// key is due); returns where it starts, for [`Self::finish_record`].
     fn begin_record(&mut self) -> usize {
-        if self.keys.seq >= self.rekey_after
-            || (self.signals.answer_update.load(Ordering::Relaxed)
-                && self.signals.answer_update.swap(false, Ordering::Relaxed))
-        {
+        // A requested update is owed either way: a due one answers it too
+        // (checked first, so that it is not answered again a record later).
+        let requested = self.signals.answer_update.load(Ordering::Relaxed)
+            && self.signals.answer_update.swap(false, Ordering::Relaxed);
+        if requested || self.keys.seq >= self.rekey_after {
             // Ours never requests one back: no update ping-pong.
             self.send_key_update(UPDATE_NOT_REQUESTED);
         }
@@ -703,23 +700,13 @@ impl Opener {
             // slow stream's data) must not hold a place for good.
             if self.retired.len() == RETIRED_BUFFERS {
                 let oldest = self.retired.remove(0);
-                self.pinned.push((oldest, SPLIT_CHUNK));
+                self.pinned.push(oldest, SPLIT_CHUNK);
             }
             self.retired.push(old);
-        } else if old_alloc > 0 {
-            self.pinned.push((old, old_alloc));
+        } else {
+            self.pinned.push(old, old_alloc);
         }
-        self.sweep_pinned();
-    }
-
-    /// Forgets the earlier buffers nothing holds any more, and decides
-    /// whether plaintext goes out as copies.
-    fn sweep_pinned(&mut self) {
-        // A buffer whose whole allocation can be reclaimed is held by
-        // nobody else (`try_reclaim` beyond the capacity left checks that).
-        self.pinned
-            .retain_mut(|(buf, alloc)| !buf.try_reclaim(*alloc));
-        self.copy_out = self.pinned.len() >= MAX_PINNED_BUFFERS;
+        self.pinned.sweep();
     }
 
     /// Lets go of `rbuf` (empty), keeping track of it while it may be
@@ -727,9 +714,7 @@ impl Opener {
     fn drop_rbuf(&mut self) {
         let old = std::mem::take(&mut self.rbuf);
         let alloc = std::mem::replace(&mut self.rbuf_alloc, 0);
-        if alloc > 0 {
-            self.pinned.push((old, alloc));
-        }
+        self.pinned.push(old, alloc);
     }
 
     fn new(
@@ -745,9 +730,8 @@ impl Opener {
             is_client,
             signals,
             retired: Vec::new(),
-            pinned: Vec::new(),
+            pinned: PinnedBuffers::new(MAX_PINNED_BUFFERS),
             rbuf_alloc,
-            copy_out: false,
             quiet_reads: 0,
             keys,
             rbuf,
@@ -830,7 +814,7 @@ impl Opener {
                         self.read_closed = true;
                         self.rbuf.clear();
                         self.drop_rbuf();
-                        self.sweep_pinned();
+                        self.pinned.sweep();
                     }
                     // Not an error; a close_notify follows (RFC 8446 §6.1).
                     ALERT_USER_CANCELED => self.consume_front(),
@@ -933,13 +917,13 @@ impl Opener {
         if self.quiet_reads >= QUIET_READS {
             self.drop_rbuf();
             for old in self.retired.drain(..) {
-                self.pinned.push((old, SPLIT_CHUNK));
+                self.pinned.push(old, SPLIT_CHUNK);
             }
         } else if self.last_read < KEEP_AFTER && self.retired.is_empty() {
             self.drop_rbuf();
         }
         if !self.pinned.is_empty() {
-            self.sweep_pinned();
+            self.pinned.sweep();
         }
     }
 
@@ -978,9 +962,9 @@ impl Opener {
     ) -> Poll<io::Result<()>> {
         if self.rbuf.capacity() - self.rbuf.len() < MAX_CIPHERTEXT + HEADER_LEN {
             self.next_buffer();
-        } else if self.copy_out {
+        } else if self.pinned.copy_out() {
             // The read buffer stays; see whether the pinned ones were let go.
-            self.sweep_pinned();
+            self.pinned.sweep();
         }
         let n = ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut *sock),
@@ -1015,7 +999,7 @@ impl Opener {
         }
         loop {
             let (from, to) = self.plain;
-            if from < to && self.copy_out {
+            if from < to && self.pinned.copy_out() {
                 // Too many buffers pinned: this one stays free for reuse.
                 let copy = BytesMut::from(&self.rbuf[from..to]);
                 self.rbuf.advance(self.record_end);

@@ -43,7 +43,8 @@ const MAX_SECRET: usize = 48;
 /// AEAD nonce (IV) length of every TLS 1.3 cipher suite.
 pub(crate) const IV_LEN: usize = 12;
 
-/// One direction's traffic secret and the hash of its cipher suite.
+/// One direction's traffic secret (its length tells the hash of its
+/// cipher suite).
 #[derive(Clone)]
 pub(crate) struct TrafficSecret {
     bytes: [u8; MAX_SECRET],
@@ -163,6 +164,13 @@ struct Pending {
 }
 
 impl Pending {
+    fn new() -> Pending {
+        Pending {
+            by_iv: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
     fn put(&mut self, secret: TrafficSecret) {
         let now = Instant::now();
         while let Some(&(iv, at)) = self.order.front() {
@@ -175,15 +183,6 @@ impl Pending {
         let iv = secret.iv();
         self.by_iv.entry(iv).or_insert((secret, 0)).1 += 1;
         self.order.push_back((iv, now));
-    }
-}
-
-impl Pending {
-    fn new() -> Pending {
-        Pending {
-            by_iv: HashMap::new(),
-            order: VecDeque::new(),
-        }
     }
 }
 

@@ -11,7 +11,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::gateway::TOKEN_FILE_HEADER;
+use super::gateway::{TOKEN_BYTES, TOKEN_FILE_HEADER};
 use crate::config::{GATEWAY_TOKEN_FILE, GatewayAddr};
 
 /// One request to a gateway.
@@ -141,7 +141,7 @@ fn read_token_file(path: &Path) -> Result<String, CallError> {
         .and_then(|file| file.take(MAX_TOKEN_FILE).read_to_string(&mut text))
         .map_err(|err| bad(err.to_string()))?;
     let token = text.trim();
-    if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if token.len() != 2 * TOKEN_BYTES || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("not a gateway token (64 hex digits)".into()));
     }
     Ok(token.to_ascii_lowercase())

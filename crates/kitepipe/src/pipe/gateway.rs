@@ -186,7 +186,7 @@ pub const TOKEN_FILE_HEADER: &str = "x-kitepipe-token-file";
 
 /// Bytes of randomness in an owner token (shown as hex): 256 bits, beyond
 /// guessing.
-const TOKEN_BYTES: usize = 32;
+pub(super) const TOKEN_BYTES: usize = 32;
 
 /// Who may use a gateway besides reaching its socket.
 #[derive(Debug, Default)]
@@ -315,8 +315,11 @@ impl Access {
         }
         let mut origin_allowed = false;
         for origin in headers.get_all(hyper::header::ORIGIN) {
-            let origin = String::from_utf8_lossy(origin.as_bytes()).to_ascii_lowercase();
-            if !self.origins.contains(&origin) {
+            let allowed = self
+                .origins
+                .iter()
+                .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin.as_bytes()));
+            if !allowed {
                 return Some(error_response(
                     StatusCode::FORBIDDEN,
                     "requests from web pages are refused: this Origin is not allowed \

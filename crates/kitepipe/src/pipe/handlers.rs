@@ -446,17 +446,17 @@ pub(crate) async fn serve_event(
         debug!("event received");
         let timeout = handlers.timeout;
         let out = ReplyWriter::new(stream.clone(), timeout);
-        if let Err(err) = header.validate() {
-            out.reply(Reply::error(400, &err.to_string())).await;
-            stream.drain(timeout).await;
-            return;
-        }
         // The path as it was checked (validate() parsed it to this very
         // name and these arguments), rebuilt from them: an upstream gets
         // exactly that, never a peer's spelling of it.
-        let path = event::parse_event_path(&header.method, &header.path)
-            .map(|(_, canonical, _)| canonical)
-            .unwrap_or(header.path);
+        let path = match header.validate() {
+            Ok(canonical) => canonical,
+            Err(err) => {
+                out.reply(Reply::error(400, &err.to_string())).await;
+                stream.drain(timeout).await;
+                return;
+            }
+        };
         let request = EventRequest {
             name: header.name,
             method: header.method,

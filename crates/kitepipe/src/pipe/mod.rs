@@ -51,13 +51,11 @@ use crate::link::Mux;
 /// Headers named like this describe an event and its caller; only the node
 /// that runs the handler sets them. Callers' own are dropped at every
 /// step (gateway, event on the wire, upstream request, executable env).
+/// The same namespace the relay strips from visitors' requests
+/// ([`kitepipe_proto::http1::is_kitepipe_field`]).
 pub(crate) fn is_own_header(name: &str) -> bool {
-    name.get(..OWN_HEADER_PREFIX.len())
-        .is_some_and(|prefix| prefix.eq_ignore_ascii_case(OWN_HEADER_PREFIX))
+    kitepipe_proto::http1::is_kitepipe_field(name.as_bytes())
 }
-
-/// The prefix of the headers [`is_own_header`] reserves.
-const OWN_HEADER_PREFIX: &str = "x-kitepipe-";
 
 /// Node name the relay uses as the caller of events it sends.
 pub const RELAY_NODE: &str = "relay";

@@ -146,10 +146,7 @@ pub(crate) async fn serve(
         return;
     };
     debug!(node = %backend.node, %host, "visitor routed");
-    let route = Route {
-        host: host.clone(),
-        backend,
-    };
+    let route = Route { host, backend };
     let forwarded = Forwarded {
         client_ip: peer.ip(),
         proto: "http",
@@ -179,7 +176,7 @@ pub(crate) async fn serve(
         res
     };
     let responses = async {
-        let ended = forward_responses(stream_reader, &mut writer, expect_rx, &host).await;
+        let ended = forward_responses(stream_reader, &mut writer, expect_rx, &route.host).await;
         if ended == Ended::Clean {
             let _ = writer.shutdown().await;
         }
@@ -599,10 +596,11 @@ async fn forward_responses(
             Some(Expect::Response { head, upgrade }) => (head, upgrade),
         };
         let mut begun = false;
+        // Only whether it was HEAD matters for how the response is framed.
+        let method = if is_head { "HEAD" } else { "GET" };
         // Interim (1xx) responses come before the final one.
         loop {
             let response = loop {
-                let method = if is_head { "HEAD" } else { "GET" };
                 match http1::parse_response_head(&buf, method) {
                     Ok(Some(response)) => break response,
                     Ok(None) => {}

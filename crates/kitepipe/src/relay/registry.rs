@@ -473,10 +473,10 @@ impl Registry {
         let Some(link) = inner.links.get_mut(&id) else {
             return;
         };
-        if !matches!(link.proven, Some(ProvenBy::Secret(_))) {
-            return;
-        }
-        let Some(proven) = link.proven.take() else {
+        let Some(proven) = link
+            .proven
+            .take_if(|proven| matches!(proven, ProvenBy::Secret(_)))
+        else {
             return;
         };
         let key = (proven, link.instance.clone());

@@ -351,11 +351,6 @@ impl Protected {
         Protected { entries }
     }
 
-    /// Whether nothing is protected.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Refuses `path` if, resolved, it lies inside a protected entry (or,
     /// for a change, holds one).
     pub(crate) fn check(&self, path: &str, reach: Reach) -> Result<(), ErrorReply> {

@@ -594,8 +594,9 @@ async fn inner_plaintext_over_2_14_plus_1_is_refused_with_record_overflow() {
     // Padding counts too.
     let mut padded = inner(b"x", CONTENT_APPLICATION_DATA);
     padded.resize(MAX_PLAINTEXT + 2, 0);
-    let (err, _) = refusal(false, |io| seal_raw(io, &padded)).await;
+    let (err, alert) = refusal(false, |io| seal_raw(io, &padded)).await;
     assert!(err.to_string().contains("exceeds"), "{err}");
+    assert_eq!(alert, Some(rustls::AlertDescription::RecordOverflow));
 }
 
 #[tokio::test]
@@ -636,11 +637,13 @@ async fn empty_handshake_and_alert_records_are_refused() {
         assert_eq!(alert, Some(rustls::AlertDescription::UnexpectedMessage));
     }
     // Padding is no content either.
-    let (err, _) = refusal(false, |io| seal_raw(io, &[CONTENT_HANDSHAKE, 0, 0, 0])).await;
+    let (err, alert) = refusal(false, |io| seal_raw(io, &[CONTENT_HANDSHAKE, 0, 0, 0])).await;
     assert!(err.to_string().contains("empty record"), "{err}");
+    assert_eq!(alert, Some(rustls::AlertDescription::UnexpectedMessage));
     // Nor is a record of padding only.
-    let (err, _) = refusal(false, |io| seal_raw(io, &[0, 0, 0])).await;
+    let (err, alert) = refusal(false, |io| seal_raw(io, &[0, 0, 0])).await;
     assert!(err.to_string().contains("without a content type"), "{err}");
+    assert_eq!(alert, Some(rustls::AlertDescription::UnexpectedMessage));
 }
 
 #[tokio::test]
@@ -734,36 +737,54 @@ async fn other_handshake_messages_are_refused() {
 
 #[tokio::test]
 async fn key_updates_with_bad_requests_or_misaligned_are_refused() {
+    use rustls::AlertDescription::{DecodeError, IllegalParameter, UnexpectedMessage};
     let update = |request: u8| [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request];
-    let (err, alert) = refusal(false, |io| {
-        seal_raw(io, &inner(&update(2), CONTENT_HANDSHAKE))
-    })
-    .await;
-    assert!(err.to_string().contains("request_update 2"), "{err}");
-    assert_eq!(alert, Some(rustls::AlertDescription::IllegalParameter));
-    // Another message after a key update in the same record.
     let mut two = update(0).to_vec();
     two.extend_from_slice(&update(0));
-    let (err, alert) = refusal(false, |io| seal_raw(io, &inner(&two, CONTENT_HANDSHAKE))).await;
-    assert!(err.to_string().contains("aligned"), "{err}");
-    assert_eq!(alert, Some(rustls::AlertDescription::UnexpectedMessage));
-    // A key update of the wrong length.
-    let (err, _) = refusal(false, |io| {
-        seal_raw(
-            io,
-            &inner(&[HANDSHAKE_KEY_UPDATE, 0, 0, 2, 0, 0], CONTENT_HANDSHAKE),
-        )
-    })
-    .await;
-    assert!(err.to_string().contains("malformed"), "{err}");
-    // Half a message, then application data.
-    let (err, alert) = refusal(false, |io| {
-        seal_raw(io, &inner(&update(0)[..2], CONTENT_HANDSHAKE));
-        seal_raw(io, &inner(b"data", CONTENT_APPLICATION_DATA));
-    })
-    .await;
-    assert!(err.to_string().contains("interleaved"), "{err}");
-    assert_eq!(alert, Some(rustls::AlertDescription::UnexpectedMessage));
+    // Each case: the records the client sends, what the server's error
+    // says, and the alert it closes with.
+    let cases: [(&str, Vec<Vec<u8>>, &str, _); 4] = [
+        (
+            "a request_update other than 0 or 1",
+            vec![inner(&update(2), CONTENT_HANDSHAKE)],
+            "request_update 2",
+            IllegalParameter,
+        ),
+        (
+            "another message after a key update in the same record",
+            vec![inner(&two, CONTENT_HANDSHAKE)],
+            "aligned",
+            UnexpectedMessage,
+        ),
+        (
+            "a key update of the wrong length",
+            vec![inner(
+                &[HANDSHAKE_KEY_UPDATE, 0, 0, 2, 0, 0],
+                CONTENT_HANDSHAKE,
+            )],
+            "malformed",
+            DecodeError,
+        ),
+        (
+            "half a message, then application data",
+            vec![
+                inner(&update(0)[..2], CONTENT_HANDSHAKE),
+                inner(b"data", CONTENT_APPLICATION_DATA),
+            ],
+            "interleaved",
+            UnexpectedMessage,
+        ),
+    ];
+    for (what, sent, says, want) in cases {
+        let (err, alert) = refusal(false, |io| {
+            for record in &sent {
+                seal_raw(io, record);
+            }
+        })
+        .await;
+        assert!(err.to_string().contains(says), "{what}: {err}");
+        assert_eq!(alert, Some(want), "{what}");
+    }
 }
 
 /// A peer asking for updates over and over while we are silent gets one
@@ -895,12 +916,12 @@ async fn chunks_held_by_a_slow_consumer_pin_a_bounded_number_of_buffers() {
                 }
             }
             most_pinned = most_pinned.max(reader.rx.pinned.len());
-            copied |= reader.rx.copy_out;
+            copied |= reader.rx.pinned.copy_out();
         }
         (
             most_pinned,
             copied,
-            reader.rx.copy_out,
+            reader.rx.pinned.copy_out(),
             reader.rx.pinned.len(),
         )
     };
