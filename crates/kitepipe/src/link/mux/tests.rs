@@ -6,6 +6,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use super::reader::FrameReader;
 use super::*;
 use crate::link::LinkClosed;
 
