@@ -1,10 +1,13 @@
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
+use ring::aead;
 use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
+use crate::link::secrets::TrafficSecret;
 use crate::pki::{
     ALPN_LINK_V1, RelayCert, RelayTrust, connector_client_config, relay_server_config,
 };
