@@ -14,7 +14,7 @@
 //! whole handshake over a [`ReadAhead`] that never hands rustls bytes past
 //! the end of the current record, and then rustls gives up the traffic keys
 //! and sequence numbers (`dangerous_extract_secrets`), and the traffic
-//! secrets they came from wait in [`secrets`] (rustls's
+//! secrets they came from wait in [`secrets`](super::secrets) (rustls's
 //! key log). Nothing it read is
 //! lost: rustls has consumed whole records only, the rest is still in the
 //! `ReadAhead` buffer, and plaintext or records rustls still held are
