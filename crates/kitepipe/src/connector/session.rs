@@ -8,8 +8,8 @@ use bytes::BytesMut;
 use kitepipe_proto::frame::Frame;
 use kitepipe_proto::kite::KiteProto;
 use kitepipe_proto::message::{
-    self, ConnectorMessage, ErrorCode, Hello, KiteClaim, KiteResult, PROTOCOL_VERSION,
-    RefuseReason, Register, Registered, RelayMessage, Role, Withdrawn,
+    self, ConnectorMessage, ErrorCode, Hello, KiteClaim, KiteResult, MessageError,
+    PROTOCOL_VERSION, RefuseReason, Register, Registered, RelayMessage, Role, Withdrawn,
 };
 use rustls::AlertDescription;
 use rustls_pki_types::ServerName;
@@ -23,21 +23,20 @@ use tracing::{Instrument, error, info, warn};
 
 use super::{EventLinks, Kites, LinkBounds, LinkState, refuse_full, serve_stream};
 use crate::config::{ConnectorConfig, RelayTarget};
-use crate::link::LinkIo;
 use crate::link::backoff::Backoff;
 use crate::link::io::ReadAhead;
-use crate::link::{LinkClosed, Mux, MuxConfig, MuxReceivers, Side};
+use crate::link::records::RecordError;
+use crate::link::{HANDSHAKE_TIMEOUT, LinkIo};
+use crate::link::{LinkClosed, Mux, MuxConfig, MuxReceivers, PeerGoodbye, Side};
 use crate::pipe::Handlers;
 use crate::pki::{
-    ProofInput, describe_tls_error, find_tls_error, kite_proof, link_exporter, random_nonce,
+    PkiError, ProofInput, describe_tls_error, find_tls_error, kite_proof, link_exporter,
+    random_nonce,
 };
 
 /// How long dialing the relay may take (TCP connect). A relay behind a cut
 /// network never answers; this bounds each attempt.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long the TLS handshake and each handshake message may take.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// First reconnect delay. Short, so a relay restart costs well under a second.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
@@ -80,7 +79,45 @@ enum AttemptError {
     #[error("relay refused the link: {0}")]
     Refused(String),
     #[error("link handshake failed: {0}")]
-    Handshake(String),
+    Handshake(#[source] HandshakeError),
+}
+
+/// Why the link handshake failed once TLS was up.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    /// The TLS exporter the proofs are bound to could not be derived.
+    #[error("{0}")]
+    Exporter(#[source] PkiError),
+    /// The link's record layer could not take the session over from rustls.
+    #[error("{0}")]
+    Records(#[source] RecordError),
+    /// The relay closed the connection before its first answer.
+    #[error("relay closed the link before answering")]
+    ClosedBeforeAnswer,
+    /// The relay's answer did not come within [`HANDSHAKE_TIMEOUT`].
+    #[error("relay did not answer in time")]
+    Timeout,
+    /// The link closed during the handshake.
+    #[error("{0}")]
+    Link(#[source] LinkClosed),
+    /// The link's control queue ended.
+    #[error("link closed")]
+    ControlClosed,
+    /// A control message from the relay did not decode.
+    #[error("{0}")]
+    Message(#[source] MessageError),
+    /// The relay's challenge nonce is not hex.
+    #[error("bad relay nonce")]
+    BadNonce,
+    /// The relay sent a message that does not belong at this step.
+    #[error("unexpected message from relay: {0:?}")]
+    Unexpected(Box<RelayMessage>),
+}
+
+impl From<HandshakeError> for AttemptError {
+    fn from(err: HandshakeError) -> AttemptError {
+        AttemptError::Handshake(err)
+    }
 }
 
 /// Everything one relay's link task needs.
@@ -178,8 +215,7 @@ impl RelayLink {
                 Err(_) => return Err(AttemptError::TlsTimeout),
             },
         };
-        let exporter = link_exporter(tls.get_ref().1)
-            .map_err(|err| AttemptError::Handshake(err.to_string()))?;
+        let exporter = link_exporter(tls.get_ref().1).map_err(HandshakeError::Exporter)?;
         // Say hello on the TLS stream itself and wait for the first bytes
         // of the answer before the multiplexer takes over: in TLS 1.3 the
         // relay judges this connector's certificate after the handshake is
@@ -197,7 +233,7 @@ impl RelayLink {
             agent: (!self.config.allow_remote.is_empty()).then(crate::remote::agent::hello),
         });
         let mut tls = LinkIo::after_handshake(tokio_rustls::TlsStream::Client(tls))
-            .map_err(|err| AttemptError::Handshake(err.to_string()))?;
+            .map_err(HandshakeError::Records)?;
         let mut first = BytesMut::new();
         Frame::Control {
             payload: message::encode(&hello),
@@ -212,10 +248,10 @@ impl RelayLink {
         tokio::select! {
             _ = self.token.cancelled() => return Ok(LinkClosed::Shutdown),
             res = tokio::time::timeout(HANDSHAKE_TIMEOUT, answer) => match res {
-                Ok(Ok(0)) => return Err(AttemptError::Handshake("relay closed the link before answering".into())),
+                Ok(Ok(0)) => return Err(HandshakeError::ClosedBeforeAnswer.into()),
                 Ok(Ok(_)) => {}
                 Ok(Err(source)) => return Err(AttemptError::FirstRead { source }),
-                Err(_) => return Err(AttemptError::Handshake("relay did not answer in time".into())),
+                Err(_) => return Err(HandshakeError::Timeout.into()),
             },
         }
         let token = self.token.child_token();
@@ -271,8 +307,9 @@ impl RelayLink {
         client_nonce: &[u8; 32],
     ) -> Result<LinkClosed, AttemptError> {
         let server_nonce = match recv(mux, rx).await? {
-            RelayMessage::Challenge(challenge) => message::unhex(&challenge.server_nonce)
-                .ok_or_else(|| AttemptError::Handshake("bad relay nonce".into()))?,
+            RelayMessage::Challenge(challenge) => {
+                message::unhex(&challenge.server_nonce).ok_or(HandshakeError::BadNonce)?
+            }
             other => return Err(unexpected(other)),
         };
         let claims = self
@@ -461,7 +498,7 @@ impl RelayLink {
                         Ok(RelayMessage::Registered(registered)) => self.report(&registered),
                         Ok(RelayMessage::Withdrawn(withdrawn)) => self.withdrawn(&withdrawn),
                         Ok(RelayMessage::Error(err)) if err.code == ErrorCode::Unauthorized => {
-                            mux.close(LinkClosed::PeerClosed(err.message.clone()));
+                            mux.close(LinkClosed::PeerClosed(PeerGoodbye::Refused(err.message.clone())));
                             return Err(AttemptError::Refused(err.message));
                         }
                         Ok(RelayMessage::Error(err)) => error!(code = ?err.code, message = %err.message, "relay reported an error"),
@@ -500,7 +537,7 @@ fn claim(
 async fn send(mux: &Mux, message: &ConnectorMessage) -> Result<(), AttemptError> {
     mux.send_control(message::encode(message))
         .await
-        .map_err(|reason| AttemptError::Handshake(reason.to_string()))
+        .map_err(|reason| HandshakeError::Link(reason).into())
 }
 
 async fn recv(mux: &Mux, rx: &mut MuxReceivers) -> Result<RelayMessage, AttemptError> {
@@ -508,19 +545,19 @@ async fn recv(mux: &Mux, rx: &mut MuxReceivers) -> Result<RelayMessage, AttemptE
         // Control first: a relay that refuses says why, then closes.
         biased;
         payload = rx.control.recv() => payload,
-        reason = mux.closed() => return Err(AttemptError::Handshake(reason.to_string())),
-        _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => return Err(AttemptError::Handshake("relay did not answer in time".into())),
+        reason = mux.closed() => return Err(HandshakeError::Link(reason).into()),
+        _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => return Err(HandshakeError::Timeout.into()),
     };
-    let payload = payload.ok_or_else(|| AttemptError::Handshake("link closed".into()))?;
+    let payload = payload.ok_or(HandshakeError::ControlClosed)?;
     match message::decode::<RelayMessage>(&payload) {
         Ok(RelayMessage::Error(err)) => Err(AttemptError::Refused(err.message)),
         Ok(message) => Ok(message),
-        Err(err) => Err(AttemptError::Handshake(err.to_string())),
+        Err(err) => Err(HandshakeError::Message(err).into()),
     }
 }
 
 fn unexpected(message: RelayMessage) -> AttemptError {
-    AttemptError::Handshake(format!("unexpected message from relay: {message:?}"))
+    HandshakeError::Unexpected(Box::new(message)).into()
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

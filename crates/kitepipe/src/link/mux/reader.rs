@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tracing::trace;
 
 use super::{IncomingStream, LinkClosed, MuxStream, Shared, Side, lock};
+use crate::link::PeerGoodbye;
 use crate::link::io::ChunkSource;
 
 pub(super) async fn run_reader(
@@ -35,16 +36,16 @@ pub(super) async fn run_reader(
                     _ = shared.token.cancelled() => return,
                 };
                 match res {
-                    Ok(None) => break LinkClosed::PeerClosed("connection closed".into()),
+                    Ok(None) => break LinkClosed::PeerClosed(PeerGoodbye::Eof),
                     Ok(Some(chunk)) => {
                         shared.mark_rx();
                         frames.chunk = chunk;
                         continue;
                     }
-                    Err(err) => break LinkClosed::Io(err.to_string()),
+                    Err(err) => break LinkClosed::Io(Arc::new(err)),
                 }
             }
-            Err(err) => break LinkClosed::Protocol(err.to_string()),
+            Err(err) => break LinkClosed::BadFrame(err),
         };
         trace!(?frame, "frame in");
         match handle_frame(&shared, &out, &incoming, &control, frame).await {
@@ -247,7 +248,7 @@ async fn handle_frame(
             }
         }
         Frame::GoAway { code, reason } => {
-            return Err(LinkClosed::PeerClosed(format!("{code}: {reason}")));
+            return Err(LinkClosed::PeerClosed(PeerGoodbye::GoAway { code, reason }));
         }
     }
     Ok(())

@@ -257,7 +257,7 @@ async fn garbage_from_the_peer_closes_the_link_with_a_protocol_error() {
     let reason = tokio::time::timeout(Duration::from_secs(5), mux.closed())
         .await
         .unwrap();
-    assert!(matches!(reason, LinkClosed::Protocol(_)), "{reason:?}");
+    assert!(matches!(reason, LinkClosed::BadFrame(_)), "{reason:?}");
     tracker.close();
     tokio::time::timeout(Duration::from_secs(5), tracker.wait())
         .await

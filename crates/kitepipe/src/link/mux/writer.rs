@@ -65,7 +65,7 @@ pub(super) async fn run_writer(
                 _ = shared.token.cancelled() => break,
             };
             if let Err(err) = res {
-                shared.set_closed(LinkClosed::Io(err.to_string()), true);
+                shared.set_closed(LinkClosed::Io(Arc::new(err)), true);
                 break;
             }
         }

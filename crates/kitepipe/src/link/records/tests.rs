@@ -859,7 +859,8 @@ async fn a_mux_link_refusing_a_record_sends_the_alert() {
         .await
         .expect("the link closes");
     assert!(
-        matches!(&reason, LinkClosed::Io(why) if why.contains("unexpected message")),
+        matches!(&reason, LinkClosed::Io(err)
+            if matches!(err.get_ref().and_then(|e| e.downcast_ref()), Some(RecordError::Unexpected(_)))),
         "{reason:?}"
     );
     let mut sink = Vec::new();
