@@ -2,7 +2,7 @@
 //!
 //! Rooms: [`link`] (the secure multiplexed self-healing link), [`relay`]
 //! (public listeners, routing, kite registry), [`connector`] (dialing out,
-//! registering kites, serving streams), [`tunnel`] (the byte-copy loop shared
+//! registering kites, serving streams), `tunnel` (the byte-copy loop shared
 //! by both), [`pipe`] (the event pipe: local REST gateway, events,
 //! handlers), [`pki`] (certificates, fingerprints, secrets), [`config`]
 //! (raw config -> validated config), [`demo`] (the embedded default).
@@ -17,4 +17,4 @@ pub mod pipe;
 pub mod pki;
 pub mod relay;
 pub mod remote;
-pub mod tunnel;
+pub(crate) mod tunnel;

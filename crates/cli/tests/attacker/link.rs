@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe::link::LinkIo;
-use kitepipe::link::io::ReadAhead;
+use kitepipe::link::ReadAhead;
 use kitepipe::pki::{ALPN_LINK_V1, Fingerprint, RelayTrust, connector_client_config};
 use kitepipe_proto::frame::Frame;
 use kitepipe_proto::message::{self, ConnectorMessage, Hello, PROTOCOL_VERSION, Role};

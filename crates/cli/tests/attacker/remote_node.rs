@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use kitepipe::connector::MAX_LINK_STREAMS;
-use kitepipe::link::io::ReadAhead;
+use kitepipe::link::ReadAhead;
 use kitepipe::link::{LinkIo, Mux, MuxConfig, MuxStream, Side};
 use kitepipe::pki::{RelayCert, relay_server_config};
 use kitepipe::remote::agent::{MAX_CONCURRENT_OPS, MAX_RELAYED_PROCESSES};

@@ -40,7 +40,7 @@ use crate::tunnel;
 
 /// How long connecting to a local target may take. Local services answer
 /// in microseconds; a target that takes seconds is down.
-pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long shutdown waits for in-flight streams.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -54,13 +54,13 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// suite holds 2,000 TCP visitors), and bounded. A stream beyond it is
 /// reset (`busy`) at once. A full link needs more descriptors than the
 /// usual soft limit of 1024, so the connector raises its soft limit to
-/// [`WANTED_FD_LIMIT`] (within the hard limit) at start.
+/// `WANTED_FD_LIMIT` (within the hard limit) at start.
 pub const MAX_LINK_STREAMS: usize = 4096;
 
 /// The soft descriptor limit a connector asks for at start: room for
 /// [`MAX_LINK_STREAMS`] on a few relay links, running processes' pipes and
 /// the event gateway's clients.
-pub const WANTED_FD_LIMIT: u64 = 16 * 1024;
+pub(crate) const WANTED_FD_LIMIT: u64 = 16 * 1024;
 
 /// Raises the soft descriptor limit to [`WANTED_FD_LIMIT`], or the hard
 /// limit if that is lower; never lowers it.

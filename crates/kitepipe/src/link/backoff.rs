@@ -8,7 +8,7 @@ use rand::Rng;
 /// uniformly from [delay/2, delay] ("equal jitter") so that many connectors
 /// cut off together do not come back in lockstep.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     current: Duration,
@@ -17,7 +17,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// A backoff starting at `initial` and capped at `max`.
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Backoff {
         Backoff {
             initial,
             max,
@@ -27,7 +27,7 @@ impl Backoff {
     }
 
     /// The delay before the next attempt; grows the following one.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.current;
         self.current = (self.current * 2).min(self.max);
         self.attempt += 1;
@@ -37,19 +37,19 @@ impl Backoff {
     }
 
     /// Attempts made since the last reset.
-    pub fn attempt(&self) -> u32 {
+    pub(crate) fn attempt(&self) -> u32 {
         self.attempt
     }
 
     /// Starts over from `initial` (after a link stayed up).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.current = self.initial;
         self.attempt = 0;
     }
 }
 
 /// A random 128-bit token in hex (for demo secrets and ids).
-pub fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let bytes: [u8; 16] = rand::random();
     kitepipe_proto::message::hex(&bytes)
 }

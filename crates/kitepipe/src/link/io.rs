@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most bytes read from the socket at once: four full TLS records, one
 /// largest DATA frame, and what loopback delivers per wakeup under load.
-pub const READ_AHEAD: usize = 64 * 1024;
+pub(crate) const READ_AHEAD: usize = 64 * 1024;
 
 /// Reads of at least this size go straight to the caller's buffer: the
 /// extra copy would buy nothing.
@@ -73,12 +73,12 @@ impl<S> ReadAhead<S> {
     }
 
     /// Ends the record-by-record mode of [`ReadAhead::for_handshake`].
-    pub fn set_records_only(&mut self, on: bool) {
+    pub(crate) fn set_records_only(&mut self, on: bool) {
         self.records_only = on;
     }
 
     /// The bytes read and not handed out, and the wrapped stream.
-    pub fn into_parts(self) -> (BytesMut, S) {
+    pub(crate) fn into_parts(self) -> (BytesMut, S) {
         (self.buf, self.inner)
     }
 
@@ -253,7 +253,7 @@ const READ_CHUNK: usize = 128 * 1024;
 /// 128 of 128 KiB, 16 MiB per link (as the record layer's
 /// `MAX_PINNED_BUFFERS`): a stream nobody reads, fed a byte now and then,
 /// would otherwise pin a buffer per byte.
-pub const MAX_PINNED_CHUNK_BUFFERS: usize = 128;
+pub(crate) const MAX_PINNED_CHUNK_BUFFERS: usize = 128;
 
 /// Earlier read buffers that chunks handed out of them may still hold (a
 /// queued chunk keeps its whole buffer alive), counted against a bound
@@ -315,7 +315,7 @@ impl PinnedBuffers {
 /// A plain byte stream as a [`ChunkSource`]: each read is a chunk, taken
 /// out of one large buffer.
 #[derive(Debug)]
-pub struct ReadChunks<R> {
+pub(crate) struct ReadChunks<R> {
     inner: R,
     buf: BytesMut,
     /// Earlier buffers that chunks may still hold (see
@@ -327,7 +327,7 @@ pub struct ReadChunks<R> {
 
 impl<R> ReadChunks<R> {
     /// Reads `inner` in chunks.
-    pub fn new(inner: R) -> ReadChunks<R> {
+    pub(crate) fn new(inner: R) -> ReadChunks<R> {
         ReadChunks {
             inner,
             buf: BytesMut::new(),

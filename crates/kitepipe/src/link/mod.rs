@@ -1,23 +1,27 @@
 //! The link: one authenticated, encrypted, multiplexed, self-healing
 //! connection between a connector and a relay.
 //!
-//! Start at [`mux`] (streams over one TLS connection: framing, flow control,
-//! heartbeats), then [`records`] (the link's own TLS record layer once
-//! rustls has done the handshake, with [`secrets`]: TLS 1.3's key
-//! schedule for its key updates), [`io`] (the socket under the TLS
-//! handshake: large reads, record by record) and
-//! [`backoff`] (the one retry helper). The handshake that
+//! Start at `mux` (streams over one TLS connection: framing, flow control,
+//! heartbeats: [`Mux`], [`MuxStream`]), then `records` (the link's own TLS
+//! record layer once rustls has done the handshake, [`LinkIo`], with
+//! `secrets`: TLS 1.3's key schedule for its key updates), `io` (the
+//! socket under the TLS handshake: large reads, record by record) and
+//! `backoff` (the one retry helper). The handshake that
 //! runs over a fresh link lives with its two ends: `connector::session` and
 //! `relay::session`.
+//!
+//! Outside the crate, only what is re-exported here is reachable: the
+//! multiplexer and why a link closed. [`LinkIo`] and [`ReadAhead`] are
+//! there for the attacker tests, which speak the link's TLS by hand.
 //!
 //! This room never dials or accepts sockets and knows nothing of kites: it is
 //! handed an established byte stream.
 
-pub mod backoff;
-pub mod io;
-pub mod mux;
-pub mod records;
-pub mod secrets;
+pub(crate) mod backoff;
+pub(crate) mod io;
+pub(crate) mod mux;
+pub(crate) mod records;
+pub(crate) mod secrets;
 mod shared;
 
 use std::fmt;
@@ -26,7 +30,12 @@ use std::time::Duration;
 
 use kitepipe_proto::frame::{FrameError, ResetCode};
 
-pub use mux::{IncomingStream, Mux, MuxConfig, MuxReceivers, MuxStream, Side, StreamReset};
+#[doc(hidden)]
+pub use io::ReadAhead;
+pub use mux::{
+    IncomingStream, Mux, MuxConfig, MuxReceivers, MuxStats, MuxStream, Side, StreamReset,
+};
+#[doc(hidden)]
 pub use records::LinkIo;
 pub(crate) use shared::SharedStream;
 

@@ -30,12 +30,12 @@ use ring::hkdf;
 /// full, the oldest goes: a flood of handshakes that never finish delays a
 /// real one's handover only if 2,048 others complete their first flight
 /// within its round trip. About 100 bytes each: 400 KiB at most.
-pub const MAX_PENDING_SECRETS: usize = 4096;
+pub(crate) const MAX_PENDING_SECRETS: usize = 4096;
 
 /// How long a secret waits to be taken over: longer than any handshake may
 /// take (the handshake timeouts of both ends are shorter). Sessions that
 /// keep rustls (`kitepipe/1`) never take theirs; they go after this.
-pub const PENDING_FOR: Duration = Duration::from_secs(60);
+pub(crate) const PENDING_FOR: Duration = Duration::from_secs(60);
 
 /// Largest traffic secret: SHA-384's output.
 const MAX_SECRET: usize = 48;
@@ -134,7 +134,7 @@ pub(crate) fn expand_label(
 /// The key log of the link's TLS configs: keeps the application traffic
 /// secrets until the record layer takes them (see the module doc).
 #[derive(Debug, Default)]
-pub struct LinkKeyLog;
+pub(crate) struct LinkKeyLog;
 
 const CLIENT_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
 const SERVER_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";

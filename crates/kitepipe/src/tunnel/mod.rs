@@ -19,11 +19,11 @@ use crate::link::io::{MAX_SLICES, poll_write_segments};
 
 /// Copy buffer per direction. 64 KiB matches the largest DATA frame, so one
 /// read from a socket becomes one frame on the link.
-pub const COPY_BUF: usize = 64 * 1024;
+pub(crate) const COPY_BUF: usize = 64 * 1024;
 
 /// Smallest read buffer: enough for the requests and answers of an
 /// interactive or request/response connection.
-pub const SMALL_READ: usize = 4 * 1024;
+pub(crate) const SMALL_READ: usize = 4 * 1024;
 
 /// How much to read next from a socket: [`SMALL_READ`] while reads are
 /// small, growing to [`COPY_BUF`] while they fill the buffer. Idle and
@@ -31,7 +31,7 @@ pub const SMALL_READ: usize = 4 * 1024;
 /// direction (peak memory with many visitors), bulk ones still move 64 KiB
 /// per read.
 #[derive(Debug, Clone, Copy)]
-pub struct ReadSize(usize);
+pub(crate) struct ReadSize(usize);
 
 impl Default for ReadSize {
     fn default() -> Self {
@@ -41,12 +41,12 @@ impl Default for ReadSize {
 
 impl ReadSize {
     /// The size of the next read.
-    pub fn get(self) -> usize {
+    pub(crate) fn get(self) -> usize {
         self.0
     }
 
     /// Learns from a read of `n` bytes into a buffer of [`Self::get`] bytes.
-    pub fn update(&mut self, n: usize) {
+    pub(crate) fn update(&mut self, n: usize) {
         if n >= self.0 {
             self.0 = (self.0 * 4).min(COPY_BUF);
         } else if n < self.0 / 8 {
@@ -59,7 +59,7 @@ impl ReadSize {
 /// client's stream to a node's) until both directions reach EOF, without a
 /// copy: received chunks are sent on as they are. Returns the bytes moved
 /// a->b and b->a.
-pub async fn splice(a: &mut MuxStream, b: &mut MuxStream) -> io::Result<(u64, u64)> {
+pub(crate) async fn splice(a: &mut MuxStream, b: &mut MuxStream) -> io::Result<(u64, u64)> {
     let mut forth = ToStream::default();
     let mut back = ToStream::default();
     std::future::poll_fn(|cx| {
@@ -129,14 +129,14 @@ impl ToStream {
 /// connections may idle forever (SSH sessions do); a half-closed one whose
 /// other end stopped reading would otherwise hold its sockets until the
 /// kernel gives up, about 15 minutes.
-pub const HALF_CLOSED_LINGER: Duration = Duration::from_secs(120);
+pub(crate) const HALF_CLOSED_LINGER: Duration = Duration::from_secs(120);
 
 /// Copies both ways between a socket and a link stream until both
 /// directions reach EOF, without copying through an intermediate buffer:
 /// bytes read from the socket become DATA frames as they are, and received
 /// frames are written to the socket as they are. Returns the bytes moved
 /// socket->stream and stream->socket.
-pub async fn splice_stream<S>(sock: &mut S, stream: &mut MuxStream) -> io::Result<(u64, u64)>
+pub(crate) async fn splice_stream<S>(sock: &mut S, stream: &mut MuxStream) -> io::Result<(u64, u64)>
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {

@@ -80,13 +80,13 @@ const CONTROL_QUEUE: usize = 64;
 /// most four window updates before its peer runs out of credit), so 1 MiB
 /// (about 80,000 window updates) is far above any working link and bounds
 /// what a peer that only sends can make us hold.
-pub const URGENT_BACKLOG: usize = 1024 * 1024;
+pub(crate) const URGENT_BACKLOG: usize = 1024 * 1024;
 
 /// Heartbeats after which a link whose peer has answered none of our pings
 /// is closed. A PONG proves the peer read everything we sent before the
 /// PING; two heartbeats leave room for a PONG queued behind a full batch on
 /// a slow uplink.
-pub const UNANSWERED_HEARTBEATS: u32 = 2;
+pub(crate) const UNANSWERED_HEARTBEATS: u32 = 2;
 
 /// Pings remembered for matching PONGs (pings go out every third of a
 /// heartbeat, so this covers more than a heartbeat of them).
@@ -108,7 +108,7 @@ pub enum Side {
 #[derive(Debug, Clone)]
 pub struct MuxConfig {
     /// Declare the link dead after this long without receiving any frame,
-    /// or after [`UNANSWERED_HEARTBEATS`] of it without a PONG to one of
+    /// or after `UNANSWERED_HEARTBEATS` of it without a PONG to one of
     /// our pings. Pings go out every third of it.
     pub heartbeat: Duration,
     /// Per-stream receive window in bytes.
@@ -127,7 +127,7 @@ impl Default for MuxConfig {
 /// Default per-stream receive window. 1 MiB lets one stream run at full
 /// speed over loopback and LAN latencies (bandwidth x delay), while idle
 /// streams hold no memory at all: the window is credit, not a buffer.
-pub const DEFAULT_STREAM_WINDOW: u32 = 1024 * 1024;
+pub(crate) const DEFAULT_STREAM_WINDOW: u32 = 1024 * 1024;
 
 /// A stream opened by the peer, waiting to be accepted.
 #[derive(Debug)]

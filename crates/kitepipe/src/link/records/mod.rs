@@ -69,7 +69,7 @@ use opener::Opener;
 use sealer::Sealer;
 
 /// Largest plaintext of one record (RFC 8446 §5.1).
-pub const MAX_PLAINTEXT: usize = 16 * 1024;
+pub(crate) const MAX_PLAINTEXT: usize = 16 * 1024;
 
 /// Record header: content type, legacy version, length.
 const HEADER_LEN: usize = 5;
@@ -111,7 +111,7 @@ const ALERT_USER_CANCELED: u8 = 90;
 
 /// Records sealed under one key generation before the sender moves on to
 /// the next: far below AES-GCM's limit of 2^24.5 full-size records.
-pub const REKEY_AFTER: u64 = 1 << 23;
+pub(crate) const REKEY_AFTER: u64 = 1 << 23;
 
 /// Read buffer of a split reader, whose chunks share it: a new one is
 /// needed only every few reads.
@@ -123,7 +123,7 @@ const SPLIT_CHUNK: usize = 256 * 1024;
 /// A working link pins a few (its streams' consumers keep up); a peer
 /// that spaces small DATA frames for a stream nobody reads over many
 /// buffers would otherwise pin memory without bound.
-pub const MAX_PINNED_BUFFERS: usize = 64;
+pub(crate) const MAX_PINNED_BUFFERS: usize = 64;
 
 /// The read buffer is kept after it drains only if the last socket read was
 /// at least this large (a busy link); idle links hold no buffer.
@@ -251,7 +251,7 @@ impl<S> std::fmt::Debug for RecordStream<S> {
 impl<S> RecordStream<S> {
     /// Takes a finished rustls session over from its connection `conn` and
     /// the transport it ran on.
-    pub fn take_over(
+    pub(crate) fn take_over(
         mut conn: rustls::Connection,
         io: ReadAhead<S>,
     ) -> Result<RecordStream<S>, RecordError> {
@@ -306,7 +306,7 @@ impl<S> RecordStream<S> {
 impl RecordStream<tokio::net::TcpStream> {
     /// Splits the stream into a reader and a writer that work on their own,
     /// with no lock between them.
-    pub fn into_split(self) -> (RecordReader, RecordWriter) {
+    pub(crate) fn into_split(self) -> (RecordReader, RecordWriter) {
         let (read, write) = self.w.sock.into_split();
         (
             RecordReader {
@@ -323,14 +323,14 @@ impl RecordStream<tokio::net::TcpStream> {
 
 /// The reading half of a split [`RecordStream`]: a [`ChunkSource`] handing
 /// out each record's plaintext where it was decrypted.
-pub struct RecordReader {
+pub(crate) struct RecordReader {
     sock: tokio::net::tcp::OwnedReadHalf,
     rx: Opener,
 }
 
 /// The sending half of a record layer over `W`: the writing half of a
 /// split [`RecordStream`], or inside an unsplit one.
-pub struct RecordWriter<W = tokio::net::tcp::OwnedWriteHalf> {
+pub(crate) struct RecordWriter<W = tokio::net::tcp::OwnedWriteHalf> {
     sock: W,
     tx: Sealer,
 }
