@@ -26,8 +26,9 @@ use crate::config::{ConnectorConfig, RelayTarget};
 use crate::link::backoff::Backoff;
 use crate::link::io::ReadAhead;
 use crate::link::records::RecordError;
-use crate::link::{HANDSHAKE_TIMEOUT, LinkIo};
-use crate::link::{LinkClosed, Mux, MuxConfig, MuxReceivers, PeerGoodbye, Side};
+use crate::link::{
+    HANDSHAKE_TIMEOUT, LinkClosed, LinkIo, Mux, MuxConfig, MuxReceivers, PeerGoodbye, Side,
+};
 use crate::pipe::Handlers;
 use crate::pki::{
     PkiError, ProofInput, describe_tls_error, find_tls_error, kite_proof, link_exporter,
@@ -564,4 +565,36 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::AlertDescription;
+
+    use super::*;
+
+    /// A refusal of this connector's certificate that arrives after the
+    /// first read (the link already up) used to reach the log as text only,
+    /// without the operator's hint.
+    #[test]
+    fn a_refusal_during_the_handshake_keeps_its_tls_cause() {
+        let alert = RecordError::Alert(rustls::Error::AlertReceived(
+            AlertDescription::CertificateExpired,
+        ));
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, alert);
+        let err = AttemptError::from(HandshakeError::Link(LinkClosed::Io(Arc::new(io))));
+        assert_eq!(
+            err.to_string(),
+            "link handshake failed: connection error: received fatal alert: CertificateExpired"
+        );
+        assert_eq!(
+            find_tls_error(&err),
+            Some(&rustls::Error::AlertReceived(
+                AlertDescription::CertificateExpired
+            ))
+        );
+        assert!(describe_tls_error(&err).is_some_and(|hint| hint.contains("expired")));
+    }
 }
