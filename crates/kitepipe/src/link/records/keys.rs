@@ -34,17 +34,13 @@ impl Keys {
             }
             _ => return Err(RecordError::UnsupportedSuite),
         };
-        let secret = secrets::take(iv.as_ref()).ok_or_else(|| {
-            RecordError::Handover("the session's traffic secret was not logged".into())
-        })?;
+        let secret = secrets::take(iv.as_ref()).ok_or(RecordError::SecretNotLogged)?;
         let keys = Keys::from_secret(algorithm, secret, seq)?;
         let mut derived = [0u8; 32];
         let derived = &mut derived[..algorithm.key_len()];
         keys.secret.expand_label(b"key", derived);
         if derived != key.as_ref() || keys.iv[..] != *iv.as_ref() {
-            return Err(RecordError::Handover(
-                "the logged traffic secret does not derive the session's keys".into(),
-            ));
+            return Err(RecordError::SecretMismatch);
         }
         Ok(keys)
     }

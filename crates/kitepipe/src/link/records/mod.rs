@@ -185,7 +185,22 @@ pub enum RecordError {
     Alert(#[source] rustls::Error),
     /// rustls refused to hand the session over.
     #[error("cannot take the session over from rustls: {0}")]
-    Handover(String),
+    Handover(#[source] rustls::Error),
+    /// Taking over what rustls still held (records to send, plaintext not
+    /// read yet) failed.
+    #[error("cannot take the session over from rustls: {0}")]
+    HandoverIo(#[source] Arc<io::Error>),
+    /// rustls's key log holds no traffic secret for the session.
+    #[error(
+        "cannot take the session over from rustls: the session's traffic secret was not logged"
+    )]
+    SecretNotLogged,
+    /// The logged traffic secret does not derive the keys rustls handed over.
+    #[error(
+        "cannot take the session over from rustls: \
+         the logged traffic secret does not derive the session's keys"
+    )]
+    SecretMismatch,
 }
 
 impl RecordError {
@@ -208,7 +223,10 @@ impl RecordError {
             RecordError::Truncated
             | RecordError::UnsupportedSuite
             | RecordError::Alert(_)
-            | RecordError::Handover(_) => return None,
+            | RecordError::Handover(_)
+            | RecordError::HandoverIo(_)
+            | RecordError::SecretNotLogged
+            | RecordError::SecretMismatch => return None,
         })
     }
 }
@@ -256,11 +274,11 @@ impl<S> RecordStream<S> {
         io: ReadAhead<S>,
     ) -> Result<RecordStream<S>, RecordError> {
         let is_client = matches!(conn, rustls::Connection::Client(_));
-        let handover = |err: &dyn std::fmt::Display| RecordError::Handover(err.to_string());
         // Records rustls still wants to send go out first.
         let mut wbuf = Vec::new();
         while conn.wants_write() {
-            conn.write_tls(&mut wbuf).map_err(|e| handover(&e))?;
+            conn.write_tls(&mut wbuf)
+                .map_err(|err| RecordError::HandoverIo(Arc::new(err)))?;
         }
         // Plaintext rustls decrypted and nobody read yet.
         let mut carried = BytesMut::new();
@@ -270,10 +288,12 @@ impl<S> RecordStream<S> {
                 Ok(0) => break,
                 Ok(n) => carried.extend_from_slice(&chunk[..n]),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
-                Err(err) => return Err(handover(&err)),
+                Err(err) => return Err(RecordError::HandoverIo(Arc::new(err))),
             }
         }
-        let extracted = conn.dangerous_extract_secrets().map_err(|e| handover(&e))?;
+        let extracted = conn
+            .dangerous_extract_secrets()
+            .map_err(RecordError::Handover)?;
         let (rbuf, inner) = io.into_parts();
         let signals = Arc::new(Signals::default());
         Ok(RecordStream {
