@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 use kitepipe_proto::remote::{ErrorKind, ErrorReply};
 
-use super::agent::{fail, finish, invalid};
+use super::reply::{error_reply, fail, finish, invalid};
 use super::stream::{OpStream, RecordReader, agent_bytes};
 
 /// The header of an agent `Data` record of `len` bytes (the record type as
@@ -119,7 +119,7 @@ pub(crate) async fn write(op: WriteOp, stream: OpStream, protected: Option<&Prot
         match reader.next_client().await {
             Ok(Some(ClientRecord::Data(data))) => {
                 if let Err(err) = file.write_all(&data).await {
-                    break Err(AgentRecord::Error(super::agent::error_reply(
+                    break Err(AgentRecord::Error(error_reply(
                         &err,
                         "cannot write",
                         Some(&op.path),
@@ -142,14 +142,14 @@ pub(crate) async fn write(op: WriteOp, stream: OpStream, protected: Option<&Prot
             Ok(()) => {
                 drop(file);
                 tokio::fs::rename(&temp, &target).await.map_err(|err| {
-                    AgentRecord::Error(super::agent::error_reply(
+                    AgentRecord::Error(error_reply(
                         &err,
                         "cannot rename into place",
                         Some(&op.path),
                     ))
                 })
             }
-            Err(err) => Err(AgentRecord::Error(super::agent::error_reply(
+            Err(err) => Err(AgentRecord::Error(error_reply(
                 &err,
                 "cannot write",
                 Some(&op.path),

@@ -5,10 +5,12 @@
 //! byte stream, [`Session::ssh`] to push the agent through the system `ssh`
 //! client, then `exec`, `spawn`, `kill`, file operations, `copy_to`,
 //! `copy_from` and `forward`), then [`agent`] (the other side: serves each
-//! operation stream; `exec.rs`, `fs.rs` and `forward.rs` hold the
-//! operations), and [`bootstrap`] (the POSIX sh script and the `ssh`
-//! invocation that start the agent with nothing installed on the host).
-//! `stream.rs` reads and writes the records of one operation stream.
+//! operation stream; `exec.rs`, `exec_tty.rs`, `fs.rs` and `forward.rs`
+//! hold the operations, `process.rs` what the two kinds of `exec` share,
+//! `reply.rs` how an operation ends or fails, `policy.rs` what a connector
+//! allows relayed operations), and [`bootstrap`] (the POSIX sh script and
+//! the `ssh` invocation that start the agent with nothing installed on the
+//! host). `stream.rs` reads and writes the records of one operation stream.
 //!
 //! Wire format: [`kitepipe_proto::remote`]; one stream per operation, so
 //! operations run concurrently and independently over one session.
@@ -24,7 +26,10 @@ mod exec;
 mod exec_tty;
 mod forward;
 mod fs;
+mod policy;
+mod process;
 pub mod relayed;
+mod reply;
 pub mod session;
 mod stream;
 mod text;
