@@ -22,6 +22,7 @@
 
 pub mod agent;
 pub mod bootstrap;
+mod connect;
 mod exec;
 mod exec_tty;
 mod forward;
@@ -34,14 +35,16 @@ pub mod session;
 mod stream;
 mod text;
 
-pub use bootstrap::{ConnectError, SshOptions};
+pub use connect::{
+    ConnectError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_OP_TIMEOUT, SessionOptions, SshOptions,
+};
 pub use exec_tty::pty_child;
 pub use kitepipe_proto::remote::{
     AgentHello, DirEntry, ErrorKind, ErrorReply, ExitReport, FileKind, FileStat, TtySize,
 };
 pub use session::{
     Exec, ExecEvent, ExecInput, ExecOutput, ForwardHandle, Output, RemoteCommand, RemoteError,
-    Session, SessionOptions,
+    Session,
 };
 pub use text::{escape, escape_bytes, json as terminal_json};
 

@@ -20,19 +20,16 @@ use kitepipe_proto::remote::{
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
-use super::bootstrap::{ConnectError, SshOptions, SshProcess};
+use super::bootstrap::{self, SshProcess, StartedAgent};
+use super::connect::{ConnectError, SessionOptions, SshOptions};
 use super::stream::{OpStream, RecordReader, RecvError, client_bytes};
 use super::text::escape;
 use crate::link::{LinkClosed, Mux, MuxConfig, Side, StreamReset};
-
-/// Default deadline of one metadata operation (`stat`, `ls`, `mkdir`, ...):
-/// generous for a slow disk, short enough that a hung file system (a dead
-/// NFS mount) ends in an error instead of a hang.
-pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Entries of one listing the client keeps: a directory this large is
 /// rare (a big maildir), and at about 100 bytes each in memory the list
@@ -48,31 +45,6 @@ pub const MAX_LS_BYTES: usize = 64 * 1024 * 1024;
 /// is an error (stream bigger files with `read_into` or `exec`), so a host
 /// cannot grow the client's memory without end.
 pub const MAX_COLLECT_BYTES: usize = 256 * 1024 * 1024;
-
-/// Settings of a session.
-#[derive(Debug, Clone)]
-pub struct SessionOptions {
-    /// The link's heartbeat: an agent silent this long is gone.
-    pub heartbeat: Duration,
-    /// How long to wait for the agent's hello.
-    pub hello_timeout: Duration,
-    /// Deadline of metadata operations (the whole operation), and of the
-    /// host's first reply to `exec` and `connect`; a `read`, `write` or
-    /// copy fails when the host makes no progress for this long. A running
-    /// command's output and a forwarded connection have no deadline (the
-    /// heartbeat still ends them if the session dies).
-    pub op_timeout: Duration,
-}
-
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions {
-            heartbeat: crate::link::DEFAULT_HEARTBEAT,
-            hello_timeout: Duration::from_secs(30),
-            op_timeout: DEFAULT_OP_TIMEOUT,
-        }
-    }
-}
 
 /// A failed remote operation.
 #[derive(Debug, thiserror::Error)]
@@ -181,20 +153,40 @@ impl Session {
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
-        Session::start(io, BytesMut::new(), options, None).await
+        Session::start(io, BytesMut::new(), options).await
     }
 
     /// Starts the agent on a host through the system `ssh` client and
     /// opens a session with it (see [`super::bootstrap`]).
     pub async fn ssh(options: SshOptions) -> Result<Session, ConnectError> {
-        super::bootstrap::connect(options).await
+        let deadline = Instant::now() + options.connect_timeout;
+        let StartedAgent {
+            stdin,
+            stdout,
+            leftover,
+            mut ssh,
+        } = bootstrap::start(&options, deadline).await?;
+        let mut session_options = options.session.clone();
+        session_options.hello_timeout = deadline.saturating_duration_since(Instant::now());
+        let io = tokio::io::join(stdout, stdin);
+        match Session::start(io, leftover, session_options).await {
+            Ok(session) => {
+                session.attach_ssh(ssh).await;
+                Ok(session)
+            }
+            Err(err) => {
+                if matches!(err, ConnectError::Timeout { .. }) {
+                    ssh.kill().await;
+                }
+                Err(ssh.failure(err).await)
+            }
+        }
     }
 
     pub(crate) async fn start<T>(
         io: T,
         read_buf: BytesMut,
         options: SessionOptions,
-        ssh: Option<SshProcess>,
     ) -> Result<Session, ConnectError>
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
@@ -264,7 +256,7 @@ impl Session {
                 tracker,
                 _guard: token.clone().drop_guard(),
                 token,
-                ssh: tokio::sync::Mutex::new(ssh),
+                ssh: tokio::sync::Mutex::new(None),
             }),
         })
     }

@@ -7,8 +7,9 @@ use bytes::Bytes;
 use kitepipe_proto::remote::ErrorKind;
 use tokio_util::sync::CancellationToken;
 
+use super::SessionOptions;
 use super::agent::{AgentOptions, serve};
-use super::session::{RemoteCommand, RemoteError, Session, SessionOptions};
+use super::session::{RemoteCommand, RemoteError, Session};
 
 async fn pair() -> (
     Session,
