@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use kitepipe_proto::event::{self, EventHeader, EventPathError, ReplyHead, Route};
 use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::message::{self, MAX_MESSAGE_LEN, StreamHeader};
+use kitepipe_proto::remote::REMOTE_UPGRADE;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
@@ -546,9 +547,6 @@ impl UploadBody {
         }
     }
 }
-
-/// The `Upgrade` token of remote operation sessions on `/remote/NODE`.
-pub const REMOTE_UPGRADE: &str = "kitepipe-remote";
 
 /// `/remote/NODE` with `Upgrade: kitepipe-remote`: after `101 Switching
 /// Protocols` the connection carries a remote operation session (a link,

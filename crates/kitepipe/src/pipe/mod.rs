@@ -45,7 +45,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub(crate) use gateway::{Gateway, run_gateway};
-pub use gateway::{GatewayListener, REMOTE_UPGRADE, TOKEN_FILE_HEADER, TOKEN_HEADER};
+pub use gateway::{GatewayListener, TOKEN_FILE_HEADER, TOKEN_HEADER};
 pub use handlers::Handlers;
 pub(crate) use handlers::{reply_error, serve_event};
 pub use kitepipe_proto::event::Caller;

@@ -11,12 +11,12 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
+use kitepipe_proto::remote::REMOTE_UPGRADE;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::connect::{ConnectError, SessionOptions};
 use super::session::Session;
 use crate::config::GatewayAddr;
-use crate::pipe::REMOTE_UPGRADE;
 
 /// Largest answer head (and refusal body) read from the gateway.
 const MAX_ANSWER: usize = 64 * 1024;
