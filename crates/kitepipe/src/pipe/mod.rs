@@ -44,8 +44,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub(crate) use gateway::GatewayListener;
+pub use gateway::TOKEN_HEADER;
 pub(crate) use gateway::{Gateway, run_gateway};
-pub use gateway::{GatewayListener, TOKEN_FILE_HEADER, TOKEN_HEADER};
 pub use handlers::Handlers;
 pub(crate) use handlers::{reply_error, serve_event};
 pub use kitepipe_proto::event::Caller;
@@ -64,7 +65,7 @@ pub(crate) fn is_own_header(name: &str) -> bool {
 }
 
 /// Node name the relay uses as the caller of events it sends.
-pub const RELAY_NODE: &str = "relay";
+pub(crate) const RELAY_NODE: &str = "relay";
 
 /// Why the event pipe could not do something for a library user.
 #[derive(Debug, thiserror::Error)]

@@ -2,9 +2,9 @@
 //!
 //! [`serve`] runs a link over a byte stream (the SSH session's stdin and
 //! stdout, from [`stdio`]), says [`AgentHello`], and serves every stream the
-//! client opens with [`serve_stream`], one task per operation, until the
+//! client opens with `serve_stream`, one task per operation, until the
 //! link closes. A connector that accepts remote operations from its relay
-//! calls [`serve_stream`] for such streams of its own link.
+//! calls `serve_op` for such streams of its own link.
 
 use std::io;
 use std::sync::Arc;
@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-pub use super::fs::Protected;
-pub use super::policy::{MAX_RELAYED_PROCESSES, NodePolicy, Origin};
+pub(crate) use super::fs::Protected;
+pub use super::policy::MAX_RELAYED_PROCESSES;
+pub(crate) use super::policy::{NodePolicy, Origin};
 use super::reply::finish;
 use super::stream::OpStream;
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxConfig, MuxStream, Side};
@@ -174,7 +175,7 @@ where
 }
 
 /// This process as an agent: version, software, pid, uid, platform.
-pub fn hello() -> AgentHello {
+pub(crate) fn hello() -> AgentHello {
     AgentHello {
         version: PROTOCOL_VERSION,
         software: concat!("kitepipe/", env!("CARGO_PKG_VERSION")).to_string(),
@@ -186,7 +187,7 @@ pub fn hello() -> AgentHello {
 
 /// Serves one stream opened by a client: decodes its header and runs the
 /// operation. A header that is not a remote operation resets the stream.
-pub async fn serve_stream(incoming: IncomingStream) {
+pub(crate) async fn serve_stream(incoming: IncomingStream) {
     let IncomingStream { header, mut stream } = incoming;
     match message::decode::<RemoteHeader>(&header) {
         Ok(RemoteHeader::Remote(op)) => serve_op(op, stream, &Origin::Agent).await,
@@ -201,7 +202,7 @@ pub async fn serve_stream(incoming: IncomingStream) {
 }
 
 /// Runs one decoded operation on its stream, as `origin` allows.
-pub async fn serve_op(op: RemoteOp, stream: MuxStream, origin: &Origin) {
+pub(crate) async fn serve_op(op: RemoteOp, stream: MuxStream, origin: &Origin) {
     let policy = match origin {
         Origin::Agent => None,
         Origin::Relayed(policy) => Some(&**policy),

@@ -303,7 +303,7 @@ pub(crate) async fn mv(op: MvOp, stream: OpStream) {
 /// `..` resolved against real directories), and again on the file
 /// actually opened for reads and writes.
 #[derive(Debug, Default)]
-pub struct Protected {
+pub(crate) struct Protected {
     entries: Vec<ProtectedEntry>,
 }
 
@@ -334,7 +334,7 @@ pub(crate) enum Reach {
 
 impl Protected {
     /// Protects `paths` (each with what it is, for messages).
-    pub fn new<'a>(paths: impl IntoIterator<Item = (PathBuf, &'a str)>) -> Protected {
+    pub(crate) fn new<'a>(paths: impl IntoIterator<Item = (PathBuf, &'a str)>) -> Protected {
         use std::os::unix::fs::MetadataExt;
         let mut entries = Vec::new();
         for (path, what) in paths {

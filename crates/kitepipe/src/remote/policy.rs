@@ -30,7 +30,7 @@ const DEFAULT_RELAYED_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Who asked for an operation, which decides how it runs.
 #[derive(Clone, Default)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// A client of `kitepipe agent --stdio`: the user who logged in (over
     /// SSH) runs it, with that login's environment and reach.
     #[default]
@@ -43,14 +43,14 @@ pub enum Origin {
 /// What a connector allows the operations its relays pass on, besides
 /// the kinds (`--allow-remote`).
 #[derive(Debug)]
-pub struct NodePolicy {
+pub(crate) struct NodePolicy {
     /// File operations that change anything are allowed (`fs`); false:
     /// read, ls and stat only (`fs-read`).
-    pub fs_write: bool,
+    pub(crate) fs_write: bool,
     /// Paths no relayed file operation reaches.
-    pub protected: Protected,
+    pub(crate) protected: Protected,
     /// The environment relayed commands start from.
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
     /// Slots of running relayed processes ([`MAX_RELAYED_PROCESSES`]).
     processes: Arc<Semaphore>,
 }
@@ -58,7 +58,7 @@ pub struct NodePolicy {
 impl NodePolicy {
     /// A policy; `env` is the connector's environment, looked up by name
     /// (only [`RELAYED_ENV_INHERITED`] is read).
-    pub fn new(
+    pub(crate) fn new(
         fs_write: bool,
         protected: Protected,
         env: &dyn Fn(&str) -> Option<String>,

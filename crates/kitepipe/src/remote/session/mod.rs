@@ -126,6 +126,24 @@ impl RemoteError {
 /// A session with an agent. Cheap to clone; the link closes (and an `ssh`
 /// process is stopped) when the last clone is dropped or [`Session::close`]
 /// is called.
+///
+/// ```no_run
+/// use kitepipe::remote::{RemoteCommand, Session, SshOptions};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// // Pushes the agent through the system ssh (its config, keys and
+/// // known_hosts apply); nothing needs to be installed on the host.
+/// let mut options = SshOptions::new("user@host");
+/// options.ssh_args = vec!["-p".into(), "2222".into()];
+/// let session = Session::ssh(options).await?;
+/// let out = session
+///     .output(&RemoteCommand::new("uname").arg("-a"))
+///     .await?;
+/// println!("{:?}: {}", out.status, String::from_utf8_lossy(&out.stdout));
+/// session.close().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Session {
     inner: Arc<Inner>,
@@ -160,7 +178,8 @@ impl Session {
     }
 
     /// Starts the agent on a host through the system `ssh` client and
-    /// opens a session with it (see [`super::bootstrap`]).
+    /// opens a session with it (the bootstrap: a POSIX sh script as ssh's
+    /// command, the agent on its stdin; nothing stays on the host).
     pub async fn ssh(options: SshOptions) -> Result<Session, ConnectError> {
         let deadline = Instant::now() + options.connect_timeout;
         let StartedAgent {
