@@ -27,6 +27,13 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+/// The `Upgrade` token of the relay gateway's `/remote/NODE` endpoint: a
+/// client on the relay's machine sends `GET /remote/NODE HTTP/1.1` with
+/// `Connection: Upgrade` and `Upgrade: kitepipe-remote`; after `101
+/// Switching Protocols` the connection carries a link to the relay, in
+/// the agent's place, exactly as over SSH.
+pub const REMOTE_UPGRADE: &str = "kitepipe-remote";
+
 /// Largest record payload accepted, in bytes. Data records are at most
 /// [`DATA_CHUNK`]; JSON records (a directory listing batch, a result) stay
 /// far below this. Anything larger is hostile.

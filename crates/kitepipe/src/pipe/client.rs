@@ -149,6 +149,30 @@ fn read_token_file(path: &Path) -> Result<String, CallError> {
 
 /// Sends `request` to the gateway at `gateway` and streams the response
 /// body into `out`.
+///
+/// ```no_run
+/// use kitepipe::config::GatewayAddr;
+/// use kitepipe::pipe::TOKEN_HEADER;
+/// use kitepipe::pipe::client::{CallRequest, call, gateway_token};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// // The relay's gateway: the event goes to connector `laptop`'s `time`.
+/// let gateway = GatewayAddr::Tcp("127.0.0.1:8089".parse()?);
+/// let mut request = CallRequest {
+///     method: "GET".into(),
+///     path: "/client/laptop/time".into(),
+///     headers: Vec::new(),
+///     body: Default::default(),
+/// };
+/// if let Some(token) = gateway_token(&gateway, None).await? {
+///     request.headers.push((TOKEN_HEADER.to_string(), token));
+/// }
+/// let mut body = Vec::new();
+/// let response = call(&gateway, request, &mut body).await?;
+/// println!("{} {}", response.status, String::from_utf8_lossy(&body));
+/// # Ok(())
+/// # }
+/// ```
 pub async fn call<W: AsyncWrite + Unpin>(
     gateway: &GatewayAddr,
     request: CallRequest,

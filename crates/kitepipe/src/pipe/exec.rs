@@ -22,15 +22,19 @@ use bytes::{Buf, BytesMut};
 use kitepipe_proto::event::ReplyHead;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::SemaphorePermit;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::handlers::{
-    EventRequest, Handlers, JSON, MAX_RUNNING_EXECUTABLES, ReplyWriter, error_reply,
-};
-use super::{Progress, Reply, RequestBody, is_own_header, stalled};
+use super::reply::{JSON, Reply, ReplyWriter, error_reply};
+use super::request::{EventRequest, RequestBody};
+use super::{Progress, is_own_header, stalled};
 use crate::link::SharedStream;
+
+/// Handler executables running at once on one node; further events wait
+/// for a slot. Each costs a process and three pipes; the bound keeps a
+/// burst of events from exhausting processes or descriptors.
+pub(crate) const MAX_RUNNING_EXECUTABLES: usize = 256;
 
 /// Output held back until the handler exits (see the module docs). Small
 /// replies, the common case, get an exact status; larger ones stream.
@@ -65,15 +69,44 @@ const CALLER_CHECK: Duration = Duration::from_millis(100);
 /// The output prefix that sets the reply's content type.
 const CONTENT_TYPE_PREFIX: &[u8] = b"content-type:";
 
+/// What running handler executables takes from its node: the environment
+/// they start with, the event timeout and the slots that bound them.
+pub(crate) struct Executables {
+    /// This node's name (handlers see it as `KITEPIPE_NODE`).
+    node: String,
+    /// The environment executables start with.
+    env: Vec<(String, String)>,
+    /// How long a handler may go without progress.
+    timeout: Duration,
+    /// Bounds executables running at once.
+    slots: Semaphore,
+    /// Events waiting for a slot (bounded by [`MAX_QUEUED_EXECUTABLES`]).
+    queued: AtomicUsize,
+}
+
+impl Executables {
+    /// Executables of node `node`, started with `env`, each given
+    /// `timeout` without progress.
+    pub(crate) fn new(node: &str, env: Vec<(String, String)>, timeout: Duration) -> Executables {
+        Executables {
+            node: node.to_string(),
+            env,
+            timeout,
+            slots: Semaphore::new(MAX_RUNNING_EXECUTABLES),
+            queued: AtomicUsize::new(0),
+        }
+    }
+}
+
 /// Runs the executable at `path` for `request` and writes its reply.
 pub(crate) async fn run(
     path: PathBuf,
     request: EventRequest,
     out: ReplyWriter,
-    handlers: &Handlers,
+    executables: &Executables,
 ) {
     let watch = out.stream();
-    let _slot = match wait_for_slot(handlers, &watch).await {
+    let _slot = match wait_for_slot(executables, &watch).await {
         Ok(slot) => slot,
         Err(Some(reply)) => {
             out.reply(reply).await;
@@ -87,8 +120,13 @@ pub(crate) async fn run(
     command
         .args(&request.args)
         .env_clear()
-        .envs(handlers.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .envs(event_env(&request, handlers.node()))
+        .envs(
+            executables
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .envs(event_env(&request, &executables.node))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -121,7 +159,14 @@ pub(crate) async fn run(
     let outcome = {
         let pump = pump_stdin(request.body, stdin, &progress);
         let errs = collect_stderr(stderr, tail.clone());
-        let main = drive(&mut child, stdout, out, &progress, handlers.timeout, &name);
+        let main = drive(
+            &mut child,
+            stdout,
+            out,
+            &progress,
+            executables.timeout,
+            &name,
+        );
         tokio::pin!(pump, errs, main);
         let (mut pump_done, mut errs_done) = (false, false);
         let outcome = loop {
@@ -165,32 +210,32 @@ pub(crate) async fn run(
 /// event timeout passes (503 with `Retry-After`) or the caller goes away
 /// (`Err(None)`: the event is dropped, never run). Cancel-safe.
 async fn wait_for_slot<'a>(
-    handlers: &'a Handlers,
+    executables: &'a Executables,
     watch: &SharedStream,
 ) -> Result<SemaphorePermit<'a>, Option<Reply>> {
     if stream_reset(watch) {
         return Err(None);
     }
-    if let Ok(slot) = handlers.exec_slots.try_acquire() {
+    if let Ok(slot) = executables.slots.try_acquire() {
         return Ok(slot);
     }
     let busy = |why: &str| Reply::error(503, why).with_header("retry-after", RETRY_AFTER_SECS);
-    let Some(_queued) = QueueSeat::take(&handlers.exec_queued) else {
+    let Some(_queued) = QueueSeat::take(&executables.queued) else {
         debug!("handler queue full; refusing the event");
         return Err(Some(busy(&format!(
             "{MAX_RUNNING_EXECUTABLES} handlers are running and {MAX_QUEUED_EXECUTABLES} \
              events wait for them: try again later"
         ))));
     };
-    let deadline = Instant::now() + handlers.timeout;
+    let deadline = Instant::now() + executables.timeout;
     tokio::select! {
-        slot = handlers.exec_slots.acquire() => {
+        slot = executables.slots.acquire() => {
             // The semaphore is never closed.
             Ok(slot.expect("executable slots are never closed"))
         }
         _ = tokio::time::sleep_until(deadline) => Err(Some(busy(&format!(
             "no handler slot freed within {:?}: try again later",
-            handlers.timeout
+            executables.timeout
         )))),
         _ = caller_gone(watch) => {
             debug!("the caller went away while its event waited for a handler slot");

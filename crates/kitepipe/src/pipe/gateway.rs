@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use kitepipe_proto::event::{self, EventHeader, EventPathError, ReplyHead, Route};
 use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::message::{self, MAX_MESSAGE_LEN, StreamHeader};
+use kitepipe_proto::remote::REMOTE_UPGRADE;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
@@ -80,7 +81,7 @@ type GatewayBody = UnsyncBoxBody<Bytes, io::Error>;
 /// A bound gateway socket (bound at configuration time, served later),
 /// with who may use it.
 #[derive(Debug)]
-pub struct GatewayListener {
+pub(crate) struct GatewayListener {
     socket: GatewaySocket,
     access: Access,
 }
@@ -98,7 +99,7 @@ impl GatewayListener {
     /// Binds `addr` (synchronously: nodes bind everything before running).
     /// A stale unix socket file at the path is replaced. The gateway
     /// accepts no `Origin` and needs no token until [`Self::with_access`].
-    pub fn bind(addr: &GatewayAddr) -> Result<GatewayListener, PipeError> {
+    pub(crate) fn bind(addr: &GatewayAddr) -> Result<GatewayListener, PipeError> {
         let socket = match addr {
             GatewayAddr::Tcp(addr) => {
                 let bind = || -> io::Result<std::net::TcpListener> {
@@ -140,7 +141,10 @@ impl GatewayListener {
     /// Applies `events`' access settings: the allowed `Origin`s, and, if
     /// it names a token file, a fresh owner token written there (mode
     /// 0600, replacing any earlier one) that requests must then carry.
-    pub fn with_access(mut self, events: &EventConfig) -> Result<GatewayListener, PipeError> {
+    pub(crate) fn with_access(
+        mut self,
+        events: &EventConfig,
+    ) -> Result<GatewayListener, PipeError> {
         self.access.origins = events.gateway_origins.clone();
         if let Some(file) = &events.gateway_token_file {
             let token = write_token(file).map_err(|source| PipeError::Token {
@@ -156,7 +160,7 @@ impl GatewayListener {
     }
 
     /// Where it listens, as `127.0.0.1:PORT` or `unix:PATH`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.socket {
             GatewaySocket::Tcp(listener) => listener
                 .local_addr()
@@ -167,7 +171,7 @@ impl GatewayListener {
     }
 
     /// The TCP address, if it listens on TCP.
-    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+    pub(crate) fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
         match &self.socket {
             GatewaySocket::Tcp(listener) => listener.local_addr().ok(),
             GatewaySocket::Unix(..) => None,
@@ -182,7 +186,7 @@ pub const TOKEN_HEADER: &str = "x-kitepipe-token";
 
 /// Header of a 401 naming the token file, so the owner's own tools
 /// (`kitepipe call`, `kitepipe remote`) find it; only its owner can read it.
-pub const TOKEN_FILE_HEADER: &str = "x-kitepipe-token-file";
+pub(crate) const TOKEN_FILE_HEADER: &str = "x-kitepipe-token-file";
 
 /// Bytes of randomness in an owner token (shown as hex): 256 bits, beyond
 /// guessing.
@@ -546,9 +550,6 @@ impl UploadBody {
         }
     }
 }
-
-/// The `Upgrade` token of remote operation sessions on `/remote/NODE`.
-pub const REMOTE_UPGRADE: &str = "kitepipe-remote";
 
 /// `/remote/NODE` with `Upgrade: kitepipe-remote`: after `101 Switching
 /// Protocols` the connection carries a remote operation session (a link,

@@ -5,37 +5,26 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use bytes::{Bytes, BytesMut};
-use kitepipe_proto::event::{self, Caller, EventHeader, ReplyHead};
+use bytes::Bytes;
+use kitepipe_proto::event::{self, Caller, EventHeader};
 use kitepipe_proto::frame::ResetCode;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug};
 
+use super::exec::{self, Executables};
+use super::reply::{Reply, ReplyBody, ReplyWriter, TEXT};
+use super::request::{EventRequest, RequestBody};
 use super::stream::EventBody;
-use super::{PipeError, exec, upstream};
+use super::{PipeError, upstream};
 use crate::config::{EventConfig, UpstreamUrl};
 use crate::link::MuxStream;
 use crate::link::SharedStream;
-
-/// Content type of JSON replies (the default format of events).
-pub(crate) const JSON: &str = "application/json";
-
-/// Content type of `cat` replies without a request body.
-const TEXT: &str = "text/plain; charset=utf-8";
-
-/// Handler executables running at once on one node; further events wait
-/// for a slot. Each costs a process and three pipes; the bound keeps a
-/// burst of events from exhausting processes or descriptors.
-pub(crate) const MAX_RUNNING_EXECUTABLES: usize = 256;
 
 /// Who answers events on this node. Cheap to share; closures may be
 /// registered at any time, also while the node runs.
@@ -60,14 +49,11 @@ pub struct Handlers {
     /// Local HTTP server for events nothing else handles.
     upstream: Option<UpstreamUrl>,
     /// How long a handler may go without progress.
-    pub(crate) timeout: Duration,
-    /// The environment executables start with.
-    pub(crate) env: Vec<(String, String)>,
+    timeout: Duration,
     closures: RwLock<HashMap<String, Closure>>,
-    /// Bounds executables running at once.
-    pub(crate) exec_slots: Semaphore,
-    /// Events waiting for a slot (bounded by `exec::MAX_QUEUED_EXECUTABLES`).
-    pub(crate) exec_queued: std::sync::atomic::AtomicUsize,
+    /// Runs the executables of the handlers directory (their environment
+    /// and the slots that bound them).
+    executables: Executables,
     /// Cancelled when the node shuts down: running handlers are stopped
     /// (executables killed) and their events reset.
     shutdown: CancellationToken,
@@ -75,159 +61,6 @@ pub struct Handlers {
 
 type Closure =
     Arc<dyn Fn(EventRequest) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
-
-/// An event as a handler sees it.
-pub struct EventRequest {
-    /// Handler name, e.g. `get_time_utc`.
-    pub name: String,
-    /// HTTP method, e.g. `GET`.
-    pub method: String,
-    /// Path after the route, percent-encoded, e.g. `/cat//hello%20/world`.
-    pub path: String,
-    /// Arguments (after `//` in the path).
-    pub args: Vec<String>,
-    /// Query string without `?`.
-    pub query: String,
-    /// Request headers that travelled with the event (lowercase names).
-    pub headers: Vec<(String, String)>,
-    /// Who called.
-    pub caller: Caller,
-    /// The request body, streamed from the caller.
-    pub body: RequestBody,
-}
-
-impl EventRequest {
-    /// The first header named `name` (lowercase).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.as_str())
-    }
-}
-
-/// A request body arriving over the link. Reading it grants the caller
-/// window to send more, so a handler that reads slowly slows the caller.
-pub struct RequestBody(pub(crate) EventBody);
-
-impl RequestBody {
-    /// The next chunk, `None` at the end. Cancel-safe.
-    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
-        self.0.chunk().await
-    }
-
-    /// The whole body, refusing more than `limit` bytes.
-    pub async fn bytes(mut self, limit: usize) -> io::Result<Bytes> {
-        let mut all = BytesMut::new();
-        while let Some(chunk) = self.chunk().await? {
-            if all.len() + chunk.len() > limit {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("request body larger than {limit} bytes"),
-                ));
-            }
-            all.extend_from_slice(&chunk);
-        }
-        Ok(all.freeze())
-    }
-}
-
-/// A handler's answer: status, content type, headers, return code, body.
-pub struct Reply {
-    pub(crate) head: ReplyHead,
-    pub(crate) body: ReplyBody,
-}
-
-/// The body of a [`Reply`].
-pub enum ReplyBody {
-    /// No body.
-    Empty,
-    /// These bytes.
-    Bytes(Bytes),
-    /// The request body, streamed back (an echo).
-    Request(RequestBody),
-    /// Whatever this reader yields, streamed.
-    Reader(Pin<Box<dyn AsyncRead + Send>>),
-}
-
-impl Reply {
-    /// A reply with `status`, `content_type` and `body`.
-    pub fn new(status: u16, content_type: &str, body: ReplyBody) -> Reply {
-        let mut head = ReplyHead::status(status);
-        head.content_type = Some(content_type.to_string());
-        Reply { head, body }
-    }
-
-    /// 200 with `value` as JSON.
-    pub fn json<T: Serialize + ?Sized>(value: &T) -> Reply {
-        match serde_json::to_vec(value) {
-            Ok(json) => Reply::new(200, JSON, ReplyBody::Bytes(Bytes::from(json))),
-            Err(err) => Reply::error(500, &format!("reply is not JSON: {err}")),
-        }
-    }
-
-    /// 200 with `text` as `text/plain`.
-    pub fn text(text: impl Into<String>) -> Reply {
-        Reply::new(200, TEXT, ReplyBody::Bytes(Bytes::from(text.into())))
-    }
-
-    /// An error reply: `status` with `{"error": message}`.
-    pub fn error(status: u16, message: &str) -> Reply {
-        error_reply(status, message, None, None)
-    }
-
-    /// Sets the return code (`X-Kitepipe-Code` for the caller).
-    pub fn with_code(mut self, code: i32) -> Reply {
-        self.head.code = Some(code);
-        self
-    }
-
-    /// Adds a response header.
-    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
-        self.head
-            .headers
-            .push((name.to_ascii_lowercase(), value.to_string()));
-        self
-    }
-}
-
-/// What a handler executable or upstream failure looks like to the caller.
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stderr: Option<&'a str>,
-}
-
-/// `status` with a JSON body `{"error", "code", "stderr"}`; the head
-/// carries the same text.
-pub(crate) fn error_reply(
-    status: u16,
-    message: &str,
-    code: Option<i32>,
-    stderr: Option<&str>,
-) -> Reply {
-    let body = ErrorBody {
-        error: message,
-        code,
-        stderr,
-    };
-    // A struct of strings and numbers always serializes.
-    let json = serde_json::to_vec(&body).expect("error bodies serialize");
-    let mut head = ReplyHead::status(status);
-    head.content_type = Some(JSON.to_string());
-    head.code = code;
-    head.error = Some(match stderr {
-        Some(tail) if !tail.is_empty() => format!("{message}: {}", tail.trim_end()),
-        _ => message.to_string(),
-    });
-    Reply {
-        head,
-        body: ReplyBody::Bytes(Bytes::from(json)),
-    }
-}
 
 /// Which kind of handler answers an event.
 enum Handler {
@@ -260,10 +93,8 @@ impl Handlers {
                 .map(|dir| std::path::absolute(dir).unwrap_or_else(|_| dir.clone())),
             upstream: config.upstream.clone(),
             timeout: config.timeout,
-            env: config.handler_env.clone(),
             closures: RwLock::new(HashMap::new()),
-            exec_slots: Semaphore::new(MAX_RUNNING_EXECUTABLES),
-            exec_queued: std::sync::atomic::AtomicUsize::new(0),
+            executables: Executables::new(node, config.handler_env.clone(), config.timeout),
             shutdown: CancellationToken::new(),
         }
     }
@@ -339,98 +170,6 @@ impl std::fmt::Debug for Handlers {
     }
 }
 
-/// Writes one event's reply on its stream.
-pub(crate) struct ReplyWriter {
-    stream: SharedStream,
-    head_sent: bool,
-    /// Longest wait for the caller to take a chunk.
-    timeout: Duration,
-}
-
-impl ReplyWriter {
-    pub(crate) fn new(stream: SharedStream, timeout: Duration) -> ReplyWriter {
-        ReplyWriter {
-            stream,
-            head_sent: false,
-            timeout,
-        }
-    }
-
-    /// The event's stream (to watch for the caller going away).
-    pub(crate) fn stream(&self) -> SharedStream {
-        self.stream.clone()
-    }
-
-    /// Sends the reply head.
-    pub(crate) async fn head(&mut self, head: &ReplyHead) -> io::Result<()> {
-        self.head_sent = true;
-        self.data(event::encode_reply_head(head)).await
-    }
-
-    /// Sends body bytes, waiting (up to the timeout) for the caller to
-    /// take them: this is where backpressure reaches a handler.
-    pub(crate) async fn data(&mut self, data: Bytes) -> io::Result<()> {
-        match tokio::time::timeout(self.timeout, self.stream.send(data)).await {
-            Ok(res) => res,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the caller took no reply bytes for the event timeout",
-            )),
-        }
-    }
-
-    /// Ends the reply (FIN).
-    pub(crate) async fn finish(self) -> io::Result<()> {
-        self.stream.finish().await
-    }
-
-    /// Aborts the reply: the caller sees a cut response, never a complete
-    /// looking one.
-    pub(crate) fn abort(self, reason: &str) {
-        debug!(%reason, "event reply aborted");
-        self.stream.reset(ResetCode::Cancel, reason);
-    }
-
-    /// Sends a whole reply; aborts if its body fails midway.
-    pub(crate) async fn reply(mut self, reply: Reply) {
-        if self.head_sent {
-            self.abort("handler replied twice");
-            return;
-        }
-        let res = async {
-            self.head(&reply.head).await?;
-            match reply.body {
-                ReplyBody::Empty => {}
-                ReplyBody::Bytes(bytes) => {
-                    if !bytes.is_empty() {
-                        self.data(bytes).await?;
-                    }
-                }
-                ReplyBody::Request(mut body) => {
-                    while let Some(chunk) = body.chunk().await? {
-                        self.data(chunk).await?;
-                    }
-                }
-                ReplyBody::Reader(mut reader) => loop {
-                    let mut buf = BytesMut::with_capacity(64 * 1024);
-                    if reader.read_buf(&mut buf).await? == 0 {
-                        break;
-                    }
-                    self.data(buf.freeze()).await?;
-                },
-            }
-            io::Result::Ok(())
-        }
-        .await;
-        match res {
-            Ok(()) => {
-                let _ = self.finish().await;
-            }
-            Err(err) => self.abort(&format!("reply body failed: {err}")),
-        }
-    }
-}
-
 /// Answers one event that arrived on `stream`: validates it, runs its
 /// handler, writes the reply, then reads what is left of the request.
 pub(crate) async fn serve_event(
@@ -492,8 +231,8 @@ pub(crate) async fn serve_event(
             Some(Handler::Builtin(builtin)) => {
                 out.reply(run_builtin(builtin, request, &handlers)).await
             }
-            Some(Handler::Exec(path)) => exec::run(path, request, out, &handlers).await,
-            Some(Handler::Upstream(url)) => upstream::run(&url, request, out, &handlers).await,
+            Some(Handler::Exec(path)) => exec::run(path, request, out, &handlers.executables).await,
+            Some(Handler::Upstream(url)) => upstream::run(&url, request, out, timeout).await,
         }
         stream.drain(timeout).await;
         debug!("event done");

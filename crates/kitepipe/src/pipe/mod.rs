@@ -6,9 +6,11 @@
 //! requests, the reply head turned into the HTTP response), then
 //! `handlers` (the other side: [`Handlers`] picks a closure, an executable
 //! in `--handlers DIR`, a built-in or the HTTP upstream, and writes the
-//! reply), `exec` and `upstream` (the two handler kinds that run outside
-//! the process), and `stream` (one event stream shared by its reading and
-//! writing halves, bodies as hyper bodies). [`client`] is `kitepipe call`.
+//! reply), `request` and `reply` (what every handler kind is given and
+//! gives back, and the writer that puts a reply on the stream), `exec` and
+//! `upstream` (the two handler kinds that run outside the process), and
+//! `stream` (one event stream shared by its reading and writing halves,
+//! bodies as hyper bodies). [`client`] is `kitepipe call`.
 //!
 //! Wire format: the stream opens with `StreamHeader::Event`; the caller
 //! sends the request body and FIN; the handler's side sends a reply head
@@ -28,6 +30,8 @@ pub mod client;
 mod exec;
 mod gateway;
 mod handlers;
+mod reply;
+mod request;
 mod stream;
 mod upstream;
 
@@ -40,11 +44,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub(crate) use gateway::GatewayListener;
+pub use gateway::TOKEN_HEADER;
 pub(crate) use gateway::{Gateway, run_gateway};
-pub use gateway::{GatewayListener, REMOTE_UPGRADE, TOKEN_FILE_HEADER, TOKEN_HEADER};
-pub use handlers::{EventRequest, Handlers, Reply, ReplyBody, RequestBody};
+pub use handlers::Handlers;
 pub(crate) use handlers::{reply_error, serve_event};
 pub use kitepipe_proto::event::Caller;
+pub use reply::{Reply, ReplyBody};
+pub use request::{EventRequest, RequestBody};
 
 use crate::link::Mux;
 
@@ -58,7 +65,7 @@ pub(crate) fn is_own_header(name: &str) -> bool {
 }
 
 /// Node name the relay uses as the caller of events it sends.
-pub const RELAY_NODE: &str = "relay";
+pub(crate) const RELAY_NODE: &str = "relay";
 
 /// Why the event pipe could not do something for a library user.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,8 @@ use kitepipe_proto::event::ReplyHead;
 use tokio::net::TcpStream;
 use tracing::info;
 
-use super::handlers::{EventRequest, Handlers, ReplyWriter, error_reply};
+use super::reply::{ReplyWriter, error_reply};
+use super::request::EventRequest;
 use super::{Progress, is_own_header, stalled};
 use crate::config::UpstreamUrl;
 
@@ -41,9 +42,8 @@ pub(crate) async fn run(
     url: &UpstreamUrl,
     request: EventRequest,
     mut out: ReplyWriter,
-    handlers: &Handlers,
+    timeout: Duration,
 ) {
-    let timeout = handlers.timeout;
     let fail = |message: String| error_reply(500, &message, None, None);
     let sock = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&url.authority)).await
     {

@@ -2,9 +2,9 @@
 //!
 //! [`serve`] runs a link over a byte stream (the SSH session's stdin and
 //! stdout, from [`stdio`]), says [`AgentHello`], and serves every stream the
-//! client opens with [`serve_stream`], one task per operation, until the
+//! client opens with `serve_stream`, one task per operation, until the
 //! link closes. A connector that accepts remote operations from its relay
-//! calls [`serve_stream`] for such streams of its own link.
+//! calls `serve_op` for such streams of its own link.
 
 use std::io;
 use std::sync::Arc;
@@ -22,8 +22,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-pub use super::fs::Protected;
-use super::stream::{OpStream, agent_bytes};
+pub(crate) use super::fs::Protected;
+pub use super::policy::MAX_RELAYED_PROCESSES;
+pub(crate) use super::policy::{NodePolicy, Origin};
+use super::reply::finish;
+use super::stream::OpStream;
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxConfig, MuxStream, Side};
 
 /// Operations served at once per link (an agent's, or a connector's link
@@ -38,112 +41,6 @@ pub const MAX_CONCURRENT_OPS: usize = 256;
 /// short operations (a recursive copy) to pass, short enough that a
 /// client holding every slot is told so instead of queueing for ever.
 pub const OP_SLOT_WAIT: Duration = Duration::from_secs(30);
-
-/// Processes started by relayed `exec` and `spawn` that may run at once
-/// on a connector (all its relays together). A process holds up to four
-/// descriptors here (pipes, pidfd) and whatever it uses on the machine;
-/// 64 at once is far beyond what one operator's automation runs, and a
-/// relay that asks for more is refused at once (processes may run for
-/// hours: waiting for a slot would not help).
-pub const MAX_RELAYED_PROCESSES: usize = 64;
-
-/// Variables of the connector's environment a relayed command inherits
-/// (`TERM` too on a terminal). Nothing else: the connector's environment
-/// may hold `KITEPIPE_SECRET` or any secret of the service that runs it.
-pub const RELAYED_ENV_INHERITED: &[&str] = &[
-    "PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME", "SHELL",
-];
-
-/// `PATH` of relayed commands when the connector has none.
-const DEFAULT_RELAYED_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-
-/// Who asked for an operation, which decides how it runs.
-#[derive(Clone, Default)]
-pub enum Origin {
-    /// A client of `kitepipe agent --stdio`: the user who logged in (over
-    /// SSH) runs it, with that login's environment and reach.
-    #[default]
-    Agent,
-    /// A relay passed it on to this connector: the connector's
-    /// [`NodePolicy`] applies.
-    Relayed(Arc<NodePolicy>),
-}
-
-/// What a connector allows the operations its relays pass on, besides
-/// the kinds (`--allow-remote`).
-#[derive(Debug)]
-pub struct NodePolicy {
-    /// File operations that change anything are allowed (`fs`); false:
-    /// read, ls and stat only (`fs-read`).
-    pub fs_write: bool,
-    /// Paths no relayed file operation reaches.
-    pub protected: Protected,
-    /// The environment relayed commands start from.
-    pub env: Vec<(String, String)>,
-    /// Slots of running relayed processes ([`MAX_RELAYED_PROCESSES`]).
-    processes: Arc<Semaphore>,
-}
-
-impl NodePolicy {
-    /// A policy; `env` is the connector's environment, looked up by name
-    /// (only [`RELAYED_ENV_INHERITED`] is read).
-    pub fn new(
-        fs_write: bool,
-        protected: Protected,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> NodePolicy {
-        NodePolicy {
-            fs_write,
-            protected,
-            env: relayed_env(env),
-            processes: Arc::new(Semaphore::new(MAX_RELAYED_PROCESSES)),
-        }
-    }
-
-    /// A slot for one more relayed process, or the typed refusal.
-    pub(crate) fn process_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ErrorReply> {
-        self.processes
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ErrorReply {
-                kind: ErrorKind::Other,
-                errno: None,
-                message: format!(
-                    "busy: {MAX_RELAYED_PROCESSES} relayed processes already run on this connector"
-                ),
-                path: None,
-            })
-    }
-
-    /// Refuses what this policy does not allow before the operation runs.
-    fn admit(&self, op: &RemoteOp) -> Result<(), ErrorReply> {
-        if !self.fs_write && super::fs::changes(op) {
-            return Err(ErrorReply {
-                kind: ErrorKind::PermissionDenied,
-                errno: None,
-                message: format!(
-                    "this connector grants fs-read only (read, ls, stat), not {}",
-                    op.summary()
-                ),
-                path: None,
-            });
-        }
-        super::fs::check_paths(op, &self.protected)
-    }
-}
-
-/// The environment of relayed commands: the connector's
-/// [`RELAYED_ENV_INHERITED`] variables, and a default `PATH` if it has none.
-pub fn relayed_env(env: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
-    let mut vars: Vec<(String, String)> = RELAYED_ENV_INHERITED
-        .iter()
-        .filter_map(|key| env(key).map(|value| (key.to_string(), value)))
-        .collect();
-    if !vars.iter().any(|(key, _)| key == "PATH") {
-        vars.push(("PATH".into(), DEFAULT_RELAYED_PATH.into()));
-    }
-    vars
-}
 
 /// Takes one of `slots`, waiting at most [`OP_SLOT_WAIT`]; the typed
 /// refusal when none came free.
@@ -278,7 +175,7 @@ where
 }
 
 /// This process as an agent: version, software, pid, uid, platform.
-pub fn hello() -> AgentHello {
+pub(crate) fn hello() -> AgentHello {
     AgentHello {
         version: PROTOCOL_VERSION,
         software: concat!("kitepipe/", env!("CARGO_PKG_VERSION")).to_string(),
@@ -290,7 +187,7 @@ pub fn hello() -> AgentHello {
 
 /// Serves one stream opened by a client: decodes its header and runs the
 /// operation. A header that is not a remote operation resets the stream.
-pub async fn serve_stream(incoming: IncomingStream) {
+pub(crate) async fn serve_stream(incoming: IncomingStream) {
     let IncomingStream { header, mut stream } = incoming;
     match message::decode::<RemoteHeader>(&header) {
         Ok(RemoteHeader::Remote(op)) => serve_op(op, stream, &Origin::Agent).await,
@@ -305,7 +202,7 @@ pub async fn serve_stream(incoming: IncomingStream) {
 }
 
 /// Runs one decoded operation on its stream, as `origin` allows.
-pub async fn serve_op(op: RemoteOp, stream: MuxStream, origin: &Origin) {
+pub(crate) async fn serve_op(op: RemoteOp, stream: MuxStream, origin: &Origin) {
     let policy = match origin {
         Origin::Agent => None,
         Origin::Relayed(policy) => Some(&**policy),
@@ -331,73 +228,10 @@ pub async fn serve_op(op: RemoteOp, stream: MuxStream, origin: &Origin) {
     }
 }
 
-/// How long the agent keeps reading (and discarding) a client's input
-/// after it replied, so its reply is not destroyed by a reset.
-const DRAIN_AFTER_REPLY: Duration = Duration::from_secs(10);
-
-/// Sends the last record of an operation, FIN, and drains the client's
-/// remaining input until its FIN.
-pub(crate) async fn finish(stream: &OpStream, last: AgentRecord) {
-    if stream.send(agent_bytes(&last)).await.is_err() || stream.finish().await.is_err() {
-        return;
-    }
-    let _ = tokio::time::timeout(DRAIN_AFTER_REPLY, async {
-        while let Ok(Some(_)) = stream.recv().await {}
-    })
-    .await;
-}
-
 /// Answers an operation stream with a typed error instead of running it
 /// (a relay refusing an operation its rules do not allow).
 pub(crate) async fn refuse(stream: MuxStream, reply: ErrorReply) {
     finish(&OpStream::new(stream), AgentRecord::Error(reply)).await;
-}
-
-/// Replies with an error built from an I/O error.
-pub(crate) async fn fail(stream: &OpStream, err: &io::Error, what: &str, path: Option<&str>) {
-    finish(stream, AgentRecord::Error(error_reply(err, what, path))).await;
-}
-
-/// The typed reply for a failed system call.
-pub(crate) fn error_reply(err: &io::Error, what: &str, path: Option<&str>) -> ErrorReply {
-    let kind = match err.kind() {
-        io::ErrorKind::NotFound => ErrorKind::NotFound,
-        io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
-        io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
-        io::ErrorKind::NotADirectory => ErrorKind::NotADirectory,
-        io::ErrorKind::IsADirectory => ErrorKind::IsADirectory,
-        io::ErrorKind::DirectoryNotEmpty => ErrorKind::DirectoryNotEmpty,
-        io::ErrorKind::ConnectionRefused => ErrorKind::ConnectionRefused,
-        io::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
-        io::ErrorKind::Unsupported => ErrorKind::Unsupported,
-        _ => ErrorKind::Other,
-    };
-    ErrorReply {
-        kind,
-        errno: err.raw_os_error(),
-        message: format!("{what}: {}", describe(err)),
-        path: path.map(str::to_string),
-    }
-}
-
-/// The text of an error without std's " (os error N)" suffix (the errno
-/// travels in its own field).
-fn describe(err: &io::Error) -> String {
-    let text = err.to_string();
-    match text.rfind(" (os error ") {
-        Some(pos) if err.raw_os_error().is_some() => text[..pos].to_string(),
-        _ => text,
-    }
-}
-
-/// A reply for a request that makes no sense.
-pub(crate) fn invalid(message: &str) -> AgentRecord {
-    AgentRecord::Error(ErrorReply {
-        kind: ErrorKind::InvalidInput,
-        errno: None,
-        message: message.to_string(),
-        path: None,
-    })
 }
 
 /// Removes the file the bootstrap started us from, if it is this very

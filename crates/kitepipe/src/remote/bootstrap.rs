@@ -32,14 +32,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use super::session::{Session, SessionOptions};
-use super::text::{escape, escape_bytes};
-use crate::link::LinkClosed;
-
-/// Default deadline for the whole start: SSH connect, authentication, the
-/// transfer of the agent and its hello. A healthy loopback start takes
-/// about 0.3 s, a distant host a few seconds.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+use super::connect::{ConnectError, SshOptions};
+use super::text::escape_bytes;
 
 /// `ssh -o ServerAliveInterval`: the ssh client probes a silent server this
 /// often and gives up after [`SERVER_ALIVE_COUNT`] misses, so a dead
@@ -75,141 +69,6 @@ const EXIT_UNSUPPORTED: i32 = 98;
 /// ssh's own exit status for its failures (connect, authentication).
 const EXIT_SSH: i32 = 255;
 
-/// How to reach a host with `ssh` and start the agent there.
-#[derive(Debug, Clone)]
-pub struct SshOptions {
-    /// `[user@]host` or a `Host` alias of the ssh config.
-    pub destination: String,
-    /// The ssh client to run.
-    pub ssh_program: PathBuf,
-    /// Extra arguments for ssh before the destination (`-F FILE`, `-p PORT`,
-    /// `-i KEY`, `-o Option=value`, ...).
-    pub ssh_args: Vec<String>,
-    /// Jump host(s), as for `ssh -J`.
-    pub jump: Option<String>,
-    /// Run the agent as root with `sudo -n` (fails clearly if sudo wants a password).
-    pub sudo: bool,
-    /// Keep the agent on the host (keyed by its hash) to skip the transfer next time.
-    pub cache: bool,
-    /// Deadline for the whole start (connect, transfer, hello).
-    pub connect_timeout: Duration,
-    /// Settings of the session once started.
-    pub session: SessionOptions,
-    /// The agent executable to push (default: this program).
-    pub agent_binary: Option<PathBuf>,
-    /// The agent's log filter (its log goes to ssh's stderr).
-    pub agent_log: String,
-}
-
-impl SshOptions {
-    /// Options for `destination` with the defaults.
-    pub fn new(destination: impl Into<String>) -> SshOptions {
-        SshOptions {
-            destination: destination.into(),
-            ssh_program: PathBuf::from("ssh"),
-            ssh_args: Vec::new(),
-            jump: None,
-            sudo: false,
-            cache: false,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            session: SessionOptions::default(),
-            agent_binary: None,
-            agent_log: "warn".into(),
-        }
-    }
-}
-
-/// Why a session could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// The ssh client could not be started.
-    #[error("cannot run {}: {source}", program.display())]
-    Spawn {
-        /// The program.
-        program: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The agent executable could not be read.
-    #[error("cannot read the agent executable {}: {source}", path.display())]
-    AgentBinary {
-        /// Its path.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// ssh failed: host unreachable, authentication refused, host key
-    /// mismatch; ssh's message says which.
-    #[error("ssh failed: {}", summary(stderr))]
-    Ssh {
-        /// ssh's stderr.
-        stderr: String,
-    },
-    /// The host cannot run this agent (another system or machine).
-    #[error("{}", escape(message))]
-    Unsupported {
-        /// The bootstrap's message.
-        message: String,
-    },
-    /// The bootstrap could not run on the host (a tool or a writable
-    /// directory is missing).
-    #[error("{}", escape(message))]
-    Bootstrap {
-        /// The bootstrap's message.
-        message: String,
-    },
-    /// `--sudo` was asked and sudo needs a password.
-    #[error("{}", escape(message))]
-    SudoPassword {
-        /// The bootstrap's message.
-        message: String,
-    },
-    /// The agent (or the remote shell) exited before serving.
-    #[error(
-        "the agent exited with status {status} before serving: {}",
-        summary(stderr)
-    )]
-    AgentExited {
-        /// Exit status of ssh (that of the remote command).
-        status: i32,
-        /// ssh's stderr (the remote command's stderr included).
-        stderr: String,
-    },
-    /// The link to the agent closed before it said hello.
-    #[error("the agent's link closed before it was ready: {0}")]
-    AgentGone(LinkClosed),
-    /// A step did not finish within the deadline.
-    #[error("timed out after {}s {stage}{}", after.as_secs_f64(), if stderr.is_empty() { String::new() } else { format!(" (ssh said: {})", summary(stderr)) })]
-    Timeout {
-        /// The deadline.
-        after: Duration,
-        /// What was being waited for.
-        stage: &'static str,
-        /// ssh's stderr so far.
-        stderr: String,
-    },
-    /// The agent broke the protocol.
-    #[error("the agent broke the protocol: {}", escape(.0))]
-    Protocol(String),
-    /// The relay's gateway could not be reached (`node:NAME` sessions).
-    #[error("cannot reach the relay's gateway at {addr}: {source}")]
-    Gateway {
-        /// The gateway's address.
-        addr: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The relay refused the session: node unknown or offline, not
-    /// accepting remote operations, or not granted by the relay's rules.
-    #[error("the relay refused: {} (HTTP {status})", escape(message))]
-    Refused {
-        /// The gateway's HTTP status.
-        status: u16,
-        /// The relay's reason.
-        message: String,
-    },
-}
-
 /// The ssh process of a session and the collector of its stderr.
 pub(crate) struct SshProcess {
     child: Child,
@@ -242,8 +101,13 @@ impl SshProcess {
             .to_string()
     }
 
+    /// Kills ssh at once (a start that ran out of time).
+    pub(crate) async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// Why the start failed, from ssh's exit status and stderr.
-    async fn failure(&mut self, fallback: ConnectError) -> ConnectError {
+    pub(crate) async fn failure(&mut self, fallback: ConnectError) -> ConnectError {
         let status = match tokio::time::timeout(EXIT_WAIT, self.child.wait()).await {
             Ok(Ok(status)) => status.code(),
             _ => {
@@ -285,9 +149,25 @@ impl SshProcess {
     }
 }
 
-/// Starts ssh and the agent, and opens a session with it.
-pub(crate) async fn connect(options: SshOptions) -> Result<Session, ConnectError> {
-    let deadline = Instant::now() + options.connect_timeout;
+/// An agent started through ssh, not yet spoken to: the pipes of its link
+/// and the ssh process that carries it.
+pub(crate) struct StartedAgent {
+    /// ssh's stdin: the link's bytes to the agent.
+    pub(crate) stdin: ChildStdin,
+    /// ssh's stdout: the link's bytes from the agent.
+    pub(crate) stdout: ChildStdout,
+    /// Bytes read after the start marker (the link's first).
+    pub(crate) leftover: BytesMut,
+    /// The ssh process, to stop it and explain a failure.
+    pub(crate) ssh: SshProcess,
+}
+
+/// Starts ssh and the agent, by `deadline`; returns the agent's pipes for
+/// the session to open its link on.
+pub(crate) async fn start(
+    options: &SshOptions,
+    deadline: Instant,
+) -> Result<StartedAgent, ConnectError> {
     let binary = match &options.agent_binary {
         Some(path) => path.clone(),
         None => std::env::current_exe().map_err(|source| ConnectError::AgentBinary {
@@ -403,21 +283,12 @@ pub(crate) async fn connect(options: SshOptions) -> Result<Session, ConnectError
             return Err(ssh.failure(fallback).await);
         }
     };
-    let mut session_options = options.session.clone();
-    session_options.hello_timeout = deadline.saturating_duration_since(Instant::now());
-    let io = tokio::io::join(stdout, stdin);
-    match Session::start(io, leftover, session_options, None).await {
-        Ok(session) => {
-            session.attach_ssh(ssh).await;
-            Ok(session)
-        }
-        Err(err) => {
-            if matches!(err, ConnectError::Timeout { .. }) {
-                let _ = ssh.child.kill().await;
-            }
-            Err(ssh.failure(err).await)
-        }
-    }
+    Ok(StartedAgent {
+        stdin,
+        stdout,
+        leftover,
+        ssh,
+    })
 }
 
 /// Sends the agent and reads the host's output up to the start marker;
@@ -674,21 +545,4 @@ fn cache_script(hash: &str) -> String {
 /// Quotes `text` as one word for a POSIX shell.
 pub(crate) fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "'\\''"))
-}
-
-/// The last lines of ssh's stderr, for an error message (escaped: they
-/// come from the host and ssh, and are shown to a person).
-fn summary(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    let start = lines.len().saturating_sub(3);
-    let text = lines[start..]
-        .iter()
-        .map(|line| escape(line))
-        .collect::<Vec<_>>()
-        .join("; ");
-    if text.is_empty() {
-        "(no message)".into()
-    } else {
-        text
-    }
 }

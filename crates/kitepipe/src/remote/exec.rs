@@ -12,31 +12,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 use tracing::debug;
 
-use super::agent::{NodePolicy, error_reply, fail, finish, invalid};
+use super::policy::NodePolicy;
+use super::process::{exit_report, run_pumps, set_env, signal_process};
+use super::reply::{error_reply, fail, finish, invalid};
 use super::stream::{OpStream, RecordReader, agent_bytes};
 
 /// After the process exited, how long its output pipes may stay open (held
 /// by a background child it left behind) before the exit is reported
 /// anyway. Output already in the pipes arrives well within it.
 const EXIT_DRAIN: Duration = Duration::from_millis(500);
-
-/// The environment of a command: the agent's own plus the operation's;
-/// for a relayed one (`policy`), only the connector's few harmless
-/// variables plus the operation's.
-pub(crate) fn set_env(
-    command: &mut Command,
-    env: &[(String, String)],
-    env_clear: bool,
-    policy: Option<&NodePolicy>,
-) {
-    if env_clear || policy.is_some() {
-        command.env_clear();
-    }
-    if let (Some(policy), false) = (policy, env_clear) {
-        command.envs(policy.env.iter().map(|(k, v)| (k, v)));
-    }
-    command.envs(env.iter().map(|(k, v)| (k, v)));
-}
 
 /// Runs a command, streaming its stdin, stdout and stderr, and reports how
 /// it ended. The process is killed if the client goes away. A relayed one
@@ -98,30 +82,6 @@ pub(crate) async fn exec(op: ExecOp, stream: OpStream, policy: Option<&NodePolic
     let input = pump_input(stream.clone(), stdin, pid);
     let output = pump_output(&stream, &mut child);
     run_pumps(&stream, input, output).await;
-}
-
-/// Drives an exec's input and output pumps and reports the exit. The input
-/// pump ends when the client finished (or is gone); the output pump when
-/// the process exited, which ends the operation even if the client still
-/// holds stdin open. A client gone mid-way makes the output pump fail (no
-/// report), and the child is killed on drop.
-pub(crate) async fn run_pumps(
-    stream: &OpStream,
-    input: impl Future<Output = ()>,
-    output: impl Future<Output = Option<ExitReport>>,
-) {
-    tokio::pin!(input);
-    tokio::pin!(output);
-    let mut input_done = false;
-    let report = loop {
-        tokio::select! {
-            report = &mut output => break report,
-            _ = &mut input, if !input_done => input_done = true,
-        }
-    };
-    if let Some(report) = report {
-        finish(stream, AgentRecord::Done(to_json(&report))).await;
-    }
 }
 
 /// Feeds the client's records to the process: stdin data, end of stdin,
@@ -205,24 +165,6 @@ async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>) -> Option<Bytes> 
             Some(Bytes::from(buf))
         }
     }
-}
-
-pub(crate) fn exit_report(status: std::process::ExitStatus) -> ExitReport {
-    use std::os::unix::process::ExitStatusExt;
-    ExitReport {
-        code: status.code(),
-        signal: status.signal(),
-    }
-}
-
-pub(crate) fn signal_process(pid: u32, signal: i32) {
-    let (Some(pid), Some(signal)) = (
-        rustix::process::Pid::from_raw(pid as i32),
-        rustix::process::Signal::from_named_raw(signal),
-    ) else {
-        return;
-    };
-    let _ = rustix::process::kill_process(pid, signal);
 }
 
 /// Starts a command in the background, in its own process group, with

@@ -23,8 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tracing::debug;
 
-use super::agent::{NodePolicy, fail};
-use super::exec::{exit_report, run_pumps, signal_process};
+use super::policy::NodePolicy;
+use super::process::{exit_report, run_pumps, set_env, signal_process};
+use super::reply::fail;
 use super::stream::{OpStream, RecordReader, agent_bytes};
 
 /// After the command exited, how long the terminal's remaining output may
@@ -50,7 +51,7 @@ pub(crate) async fn exec(op: ExecOp, stream: OpStream, policy: Option<&NodePolic
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
-    super::exec::set_env(&mut command, &op.env, op.env_clear, policy);
+    set_env(&mut command, &op.env, op.env_clear, policy);
     if !op.env.iter().any(|(k, _)| k == "TERM") {
         command.env("TERM", "xterm-256color");
     }

@@ -5,7 +5,7 @@ use kitepipe_proto::remote::{AgentRecord, ConnectOp};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::agent::{error_reply, finish};
+use super::reply::{error_reply, finish};
 use super::stream::{OpStream, agent_bytes};
 
 /// How long the agent waits for a forwarded connection to be accepted.

@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 use kitepipe_proto::remote::{ErrorKind, ErrorReply};
 
-use super::agent::{fail, finish, invalid};
+use super::reply::{error_reply, fail, finish, invalid};
 use super::stream::{OpStream, RecordReader, agent_bytes};
 
 /// The header of an agent `Data` record of `len` bytes (the record type as
@@ -119,7 +119,7 @@ pub(crate) async fn write(op: WriteOp, stream: OpStream, protected: Option<&Prot
         match reader.next_client().await {
             Ok(Some(ClientRecord::Data(data))) => {
                 if let Err(err) = file.write_all(&data).await {
-                    break Err(AgentRecord::Error(super::agent::error_reply(
+                    break Err(AgentRecord::Error(error_reply(
                         &err,
                         "cannot write",
                         Some(&op.path),
@@ -142,14 +142,14 @@ pub(crate) async fn write(op: WriteOp, stream: OpStream, protected: Option<&Prot
             Ok(()) => {
                 drop(file);
                 tokio::fs::rename(&temp, &target).await.map_err(|err| {
-                    AgentRecord::Error(super::agent::error_reply(
+                    AgentRecord::Error(error_reply(
                         &err,
                         "cannot rename into place",
                         Some(&op.path),
                     ))
                 })
             }
-            Err(err) => Err(AgentRecord::Error(super::agent::error_reply(
+            Err(err) => Err(AgentRecord::Error(error_reply(
                 &err,
                 "cannot write",
                 Some(&op.path),
@@ -303,7 +303,7 @@ pub(crate) async fn mv(op: MvOp, stream: OpStream) {
 /// `..` resolved against real directories), and again on the file
 /// actually opened for reads and writes.
 #[derive(Debug, Default)]
-pub struct Protected {
+pub(crate) struct Protected {
     entries: Vec<ProtectedEntry>,
 }
 
@@ -334,7 +334,7 @@ pub(crate) enum Reach {
 
 impl Protected {
     /// Protects `paths` (each with what it is, for messages).
-    pub fn new<'a>(paths: impl IntoIterator<Item = (PathBuf, &'a str)>) -> Protected {
+    pub(crate) fn new<'a>(paths: impl IntoIterator<Item = (PathBuf, &'a str)>) -> Protected {
         use std::os::unix::fs::MetadataExt;
         let mut entries = Vec::new();
         for (path, what) in paths {

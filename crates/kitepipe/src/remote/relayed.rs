@@ -11,12 +11,12 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
+use kitepipe_proto::remote::REMOTE_UPGRADE;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::bootstrap::ConnectError;
-use super::session::{Session, SessionOptions};
+use super::connect::{ConnectError, SessionOptions};
+use super::session::Session;
 use crate::config::GatewayAddr;
-use crate::pipe::REMOTE_UPGRADE;
 
 /// Largest answer head (and refusal body) read from the gateway.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -128,7 +128,7 @@ where
         .ok_or_else(|| ConnectError::Protocol(format!("not an HTTP answer: {head:.80}")))?;
     let rest = buf.split_off(end + 4);
     if status == 101 {
-        return Session::start(sock, rest, options, None).await;
+        return Session::start(sock, rest, options).await;
     }
     // A refusal: its JSON body says why (read what arrives within a moment).
     let mut body = rest;

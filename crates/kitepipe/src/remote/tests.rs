@@ -7,8 +7,9 @@ use bytes::Bytes;
 use kitepipe_proto::remote::ErrorKind;
 use tokio_util::sync::CancellationToken;
 
+use super::SessionOptions;
 use super::agent::{AgentOptions, serve};
-use super::session::{RemoteCommand, RemoteError, Session, SessionOptions};
+use super::session::{RemoteCommand, RemoteError, Session};
 
 async fn pair() -> (
     Session,
@@ -226,7 +227,7 @@ async fn an_operation_waits_a_bounded_time_for_a_slot() {
 /// and get a `PATH` even when the connector has none.
 #[test]
 fn relayed_environment_keeps_only_harmless_variables() {
-    use super::agent::relayed_env;
+    use super::policy::relayed_env;
     let node = |key: &str| match key {
         "HOME" => Some("/home/node".to_string()),
         "KITEPIPE_SECRET" | "AWS_SECRET_ACCESS_KEY" => Some("leak".to_string()),

@@ -8,13 +8,16 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use kitepipe::remote::{
-    ExecEvent, ExitReport, FileKind, FileStat, RemoteCommand, RemoteError, Session, SshOptions,
-    escape,
+    FileKind, FileStat, RemoteCommand, RemoteError, Session, SshOptions, escape,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::exit;
+
+mod ssh_flags;
+mod terminal;
+
+use ssh_flags::SshFlags;
 
 /// Files at least this large get a progress bar (when stderr is a terminal).
 const PROGRESS_MIN: u64 = 4 * 1024 * 1024;
@@ -91,21 +94,8 @@ pub(crate) struct RemoteArgs {
     /// Jump host(s), as `ssh -J`.
     #[arg(short = 'J', long = "jump", value_name = "[USER@]HOST[:PORT]")]
     jump: Option<String>,
-    /// ssh config file (`ssh -F`).
-    #[arg(short = 'F', long = "ssh-config", value_name = "FILE")]
-    ssh_config: Option<PathBuf>,
-    /// Port of the host's sshd (`ssh -p`).
-    #[arg(short = 'p', long, value_name = "PORT")]
-    port: Option<u16>,
-    /// Login name (`ssh -l`).
-    #[arg(short = 'l', long = "login", value_name = "USER")]
-    login: Option<String>,
-    /// Identity file (`ssh -i`).
-    #[arg(short = 'i', long = "identity", value_name = "FILE")]
-    identity: Option<PathBuf>,
-    /// An ssh option (`ssh -o`), e.g. `-o StrictHostKeyChecking=accept-new`. Repeatable.
-    #[arg(short = 'o', long = "ssh-option", value_name = "OPTION")]
-    ssh_option: Vec<String>,
+    #[command(flatten)]
+    ssh_flags: SshFlags,
     /// The ssh client to run.
     #[arg(long, value_name = "PROGRAM", default_value = "ssh")]
     ssh: PathBuf,
@@ -354,26 +344,7 @@ async fn run_inner(args: RemoteArgs) -> anyhow::Result<i32> {
     options.connect_timeout = duration("--connect-timeout", &args.connect_timeout)?;
     options.session.op_timeout = duration("--timeout", &args.timeout)?;
     options.session.heartbeat = duration("--heartbeat", &args.heartbeat)?;
-    if let Some(config) = &args.ssh_config {
-        options.ssh_args.push("-F".into());
-        options.ssh_args.push(config.display().to_string());
-    }
-    if let Some(port) = args.port {
-        options.ssh_args.push("-p".into());
-        options.ssh_args.push(port.to_string());
-    }
-    if let Some(login) = &args.login {
-        options.ssh_args.push("-l".into());
-        options.ssh_args.push(login.clone());
-    }
-    if let Some(identity) = &args.identity {
-        options.ssh_args.push("-i".into());
-        options.ssh_args.push(identity.display().to_string());
-    }
-    for option in &args.ssh_option {
-        options.ssh_args.push("-o".into());
-        options.ssh_args.push(option.clone());
-    }
+    options.ssh_args.extend(args.ssh_flags.ssh_args());
     // Check the operation's arguments before dialing.
     let forward_spec = match &args.op {
         RemoteOpArgs::Forward { spec } => Some(parse_forward(spec)?),
@@ -516,9 +487,9 @@ async fn run_exec(session: &Session, args: ExecArgs) -> anyhow::Result<i32> {
     // On a terminal here too, keystrokes go through unprocessed (raw mode,
     // restored when the guard drops).
     let _raw = if args.tty {
-        let (cols, rows) = terminal_size();
+        let (cols, rows) = terminal::size();
         command = command.tty(rows, cols);
-        RawMode::enter()
+        terminal::RawMode::enter()
     } else {
         None
     };
@@ -534,138 +505,13 @@ async fn run_exec(session: &Session, args: ExecArgs) -> anyhow::Result<i32> {
             return Ok(code);
         }
     };
-    let kitepipe::remote::Exec {
-        mut input,
-        mut output,
-        ..
-    } = exec;
-    let forward_stdin = !args.no_stdin;
-    let stop_input = CancellationToken::new();
-    let input_stop = stop_input.clone();
-    let tty = args.tty;
-    let input_task = async move {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut stdin_open = forward_stdin;
-        // A terminal exec follows this terminal's size.
-        let mut winch = if tty {
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
-        } else {
-            None
-        };
-        loop {
-            tokio::select! {
-                _ = input_stop.cancelled() => return,
-                Some(()) = async {
-                    match winch.as_mut() {
-                        Some(signal) => signal.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    let (cols, rows) = terminal_size();
-                    if input.resize(rows, cols).await.is_err() {
-                        return;
-                    }
-                }
-                _ = tokio::signal::ctrl_c() => {
-                    // Interrupt the remote command, as a terminal would.
-                    if input.signal(2).await.is_err() {
-                        return;
-                    }
-                }
-                res = stdin.read(&mut buf), if stdin_open => match res {
-                    Ok(0) | Err(_) => {
-                        stdin_open = false;
-                        if input.close().await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(n) => {
-                        if input.write(bytes::Bytes::copy_from_slice(&buf[..n])).await.is_err() {
-                            return;
-                        }
-                    }
-                },
-            }
-        }
-    };
-    let output_task = async {
-        let mut stdout = tokio::io::stdout();
-        let mut stderr = tokio::io::stderr();
-        let res = loop {
-            match output.next().await {
-                Ok(ExecEvent::Stdout(data)) => {
-                    if stdout.write_all(&data).await.is_err() {
-                        // A closed stdout: stop quietly.
-                        break Ok(ExitReport {
-                            code: Some(exit::OK),
-                            signal: None,
-                        });
-                    }
-                    let _ = stdout.flush().await;
-                }
-                Ok(ExecEvent::Stderr(data)) => {
-                    let _ = stderr.write_all(&data).await;
-                    let _ = stderr.flush().await;
-                }
-                Ok(ExecEvent::Exit(report)) => break Ok(report),
-                Err(err) => break Err(err),
-            }
-        };
-        stop_input.cancel();
-        res
-    };
-    let (_, res) = tokio::join!(input_task, output_task);
-    let report = res?;
+    let kitepipe::remote::Exec { input, output, .. } = exec;
+    let report = terminal::pump(input, output, !args.no_stdin, args.tty).await?;
     Ok(match (report.code, report.signal) {
         (Some(code), _) => code,
         (None, Some(signal)) => 128 + signal,
         (None, None) => exit::RUNTIME,
     })
-}
-
-/// The local terminal in raw mode; restores its settings on drop.
-struct RawMode(rustix::termios::Termios);
-
-impl RawMode {
-    fn enter() -> Option<RawMode> {
-        let stdin = std::io::stdin();
-        if !stdin.is_terminal() {
-            return None;
-        }
-        let saved = rustix::termios::tcgetattr(&stdin).ok()?;
-        let mut raw = saved.clone();
-        raw.make_raw();
-        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw).ok()?;
-        Some(RawMode(saved))
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = rustix::termios::tcsetattr(
-            std::io::stdin(),
-            rustix::termios::OptionalActions::Now,
-            &self.0,
-        );
-    }
-}
-
-fn terminal_size() -> (u16, u16) {
-    if let Ok(size) = rustix::termios::tcgetwinsize(std::io::stdout())
-        && size.ws_col > 0
-    {
-        return (size.ws_col, size.ws_row);
-    }
-    let cols = std::env::var("COLUMNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(80);
-    let rows = std::env::var("LINES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24);
-    (cols, rows)
 }
 
 async fn run_cp(session: &Session, src: &str, dst: &str, quiet: bool) -> anyhow::Result<i32> {
