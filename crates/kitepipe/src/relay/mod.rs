@@ -6,13 +6,16 @@
 //! and visitors' HTTPS apart (by their first bytes when one port serves
 //! several), then to `session` (a connector's link: handshake, kite
 //! registration), `http` (visitor HTTP routed by Host) or `tcp` (HTTPS by
-//! SNI, and raw TCP kites on their own ports).
+//! SNI, and raw TCP kites on their own ports), the last two opening visitor
+//! streams through `visitor`.
 //!
 //! Connectors' certificates and the rules for their identities live in
 //! `identity`, which also reloads them (see [`Relay::reload_trigger`]).
+//! A link's certificate identity is `link_identity`, kept by `registry`.
 //! Events (the relay's gateway, events connectors send to the relay or to
-//! each other) are judged and routed in `events`; the pipe itself is
-//! `crate::pipe`.
+//! each other) are judged and routed in `events`, remote sessions in
+//! `remote`, both finding connectors by node name through `nodes`; the pipe
+//! itself is `crate::pipe`.
 //!
 //! The relay never dials anything but a configured event handler upstream
 //! on its own machine: every byte it moves arrives on a socket it accepted,
@@ -21,11 +24,14 @@
 mod events;
 mod http;
 mod identity;
+mod link_identity;
 mod listener;
+mod nodes;
 pub(crate) mod registry;
 mod remote;
 mod session;
 mod tcp;
+mod visitor;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};

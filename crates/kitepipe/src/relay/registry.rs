@@ -19,7 +19,7 @@ use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
 use kitepipe_proto::remote::AgentHello;
 
-use super::identity::LinkIdentity;
+use super::link_identity::LinkIdentity;
 use crate::link::{LinkClosed, Mux};
 
 /// Identifies a link within one relay process.
