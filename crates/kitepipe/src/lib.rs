@@ -18,3 +18,7 @@ pub mod pki;
 pub mod relay;
 pub mod remote;
 pub mod tunnel;
+
+mod accept;
+mod shutdown;
+mod sync;

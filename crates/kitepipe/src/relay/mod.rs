@@ -35,18 +35,18 @@ mod visitor;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 
 use crate::config::{ListenerConfig, RelayConfig, RelayTlsSource};
 use crate::link::MuxConfig;
 use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
+use crate::shutdown::{self, SHUTDOWN_GRACE};
 pub use identity::ReloadTrigger;
 use identity::{IdentityInputs, IdentityState};
 use registry::Registry;
@@ -79,9 +79,6 @@ pub(crate) fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
-
-/// How long shutdown waits for in-flight connections before cutting them.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -278,7 +275,8 @@ impl Relay {
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, closes
-    /// links and waits (up to [`SHUTDOWN_GRACE`]) for connections to end.
+    /// links and waits (up to 5 s, the crate's shutdown grace) for
+    /// connections to end.
     pub async fn run(self, shutdown: CancellationToken) {
         let ctx = self.ctx.clone();
         for (listener, roles) in self.listeners {
@@ -306,16 +304,7 @@ impl Relay {
         info!("relay shutting down");
         ctx.handlers.shut_down();
         ctx.token.cancel();
-        ctx.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                tasks = ctx.tracker.len(),
-                "shutdown grace expired; cutting remaining connections"
-            );
-        }
+        shutdown::drain(&ctx.tracker, SHUTDOWN_GRACE, "connections").await;
     }
 }
 

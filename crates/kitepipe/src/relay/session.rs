@@ -40,6 +40,7 @@ use crate::pki::{
     ProofInput, describe_relay_tls_error, link_exporter, pattern_covers, random_nonce,
     verify_kite_proof,
 };
+use crate::sync::lock;
 
 /// How long a connector has to finish TLS and say hello. Long enough for a
 /// slow mobile link, short enough that half-open connections do not pile up.
@@ -276,12 +277,6 @@ fn source_key(peer: IpAddr) -> IpAddr {
             }
         },
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Accepts a connector's TLS link (after `prefix`, bytes already read) and

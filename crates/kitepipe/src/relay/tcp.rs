@@ -20,8 +20,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::RelayCtx;
 use super::registry::{Backend, Grant, LinkId, Lookup};
 use super::visitor::{open_visitor_stream, reset};
+use crate::accept::accept;
 use crate::link::MuxStream;
 use crate::pki::pattern_covers;
+use crate::sync::lock;
 use crate::tunnel;
 
 /// A fatal TLS alert `unrecognized_name` (112), sent to HTTPS visitors whose
@@ -294,21 +296,7 @@ async fn release_when_idle(port: u16, stop: CancellationToken, ctx: Arc<RelayCtx
 }
 
 async fn accept_tcp(listener: TcpListener, port: u16, stop: CancellationToken, ctx: Arc<RelayCtx>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            res = listener.accept() => res,
-        };
-        let (sock, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                warn!(%err, "accept failed");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => continue,
-                }
-            }
-        };
+    while let Some((sock, peer)) = accept(&listener, &stop).await {
         let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
             warn!(%peer, "too many connections; closing new one");
             continue;
@@ -361,10 +349,4 @@ async fn pass_through(mut sock: TcpStream, stream: &mut MuxStream, backend: &Bac
     if failed {
         reset(sock);
     }
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
