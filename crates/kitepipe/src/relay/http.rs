@@ -490,6 +490,15 @@ async fn read_more(
     }
 }
 
+/// Visitor -> kite after the kite's 101: raw bytes until EOF, or until the
+/// visitor has sent nothing for [`IDLE_TIMEOUT`].
+///
+/// Not `tunnel::splice_stream`: by the time a connection is upgraded, its
+/// two directions are two HTTP state machines on split halves, each
+/// switching to raw bytes on its own; each direction keeps its own idle
+/// bound here, and the caller decides between a clean end and a reset from
+/// how the response side ended (`Ended`). The read sizes are the tunnel's
+/// ([`ReadSize`]).
 async fn copy_raw<R, W>(reader: &mut R, writer: &mut W) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
