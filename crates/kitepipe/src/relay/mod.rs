@@ -56,7 +56,7 @@ use registry::Registry;
 /// 25-30 KiB (bench/run's scale scenario), so the bound caps a flood at
 /// about 1 GiB. It must leave room for 10,000 linked connectors and as many
 /// visitors (issue 5's scale target), which 16 Ki did not.
-pub const MAX_CONNECTIONS: usize = 32 * 1024;
+pub(crate) const MAX_CONNECTIONS: usize = 32 * 1024;
 
 /// Pending connections the kernel queues for each public listener before
 /// the relay accepts them. A burst of visitors or reconnecting connectors
