@@ -40,7 +40,7 @@ pub use identity::{
 pub use rules::{AllowRule, IdentityPattern, IdentityRules, KitePattern, RemoteRule, RuleError};
 pub use secret::{
     MIN_SECRET_LEN, ProofInput, RECOMMENDED_SECRET_LEN, Secret, SecretTooShort, kite_proof,
-    link_exporter,
+    link_exporter, verify_kite_proof,
 };
 pub use tls::{
     ALPN_LINK, ALPN_LINK_V1, FingerprintMismatch, RelayTrust, connector_client_config,
@@ -49,7 +49,7 @@ pub use tls::{
 
 pub(crate) use identity::ClientCa;
 pub(crate) use rules::pattern_covers;
-pub(crate) use secret::{protect_secret_file, random_nonce, read_secret_file, verify_kite_proof};
+pub(crate) use secret::{protect_secret_file, random_nonce, read_secret_file};
 pub(crate) use tls::{
     ClientAuth, ConnectorTlsOptions, RelayTlsOptions, client_cert_verifier,
     connector_client_config_with, describe_relay_tls_error, describe_tls_error, find_tls_error,

@@ -172,7 +172,7 @@ pub fn kite_proof(secret: &Secret, input: &ProofInput<'_>) -> [u8; 32] {
 
 /// Whether `proof` is [`kite_proof`] of `input` under `secret`, compared in
 /// constant time.
-pub(crate) fn verify_kite_proof(secret: &Secret, input: &ProofInput<'_>, proof: &[u8]) -> bool {
+pub fn verify_kite_proof(secret: &Secret, input: &ProofInput<'_>, proof: &[u8]) -> bool {
     hmac::verify(&proof_key(secret), &proof_message(input), proof).is_ok()
 }
 
