@@ -47,6 +47,7 @@ use crate::link::MuxConfig;
 use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
 use crate::shutdown::{self, SHUTDOWN_GRACE};
+use crate::sync;
 pub use identity::ReloadTrigger;
 use identity::{IdentityInputs, IdentityState};
 use registry::Registry;
@@ -311,18 +312,12 @@ impl Relay {
 impl RelayCtx {
     /// The current identity state (acceptor and rules).
     pub(crate) fn identity(&self) -> Arc<IdentityState> {
-        self.identity
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        sync::read(&self.identity).clone()
     }
 
     /// Replaces the identity state (on reload).
     fn set_identity(&self, state: Arc<IdentityState>) {
-        *self
-            .identity
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = state;
+        *sync::write(&self.identity) = state;
     }
 }
 
