@@ -38,9 +38,11 @@ use crate::pki::{
 /// `kitepipe ca revoke` takes effect within seconds.
 pub(crate) const RELOAD_POLL: Duration = Duration::from_secs(2);
 
-/// How long a link told its certificate is no longer accepted gets to
-/// close itself (so it reads the reason before the relay hangs up).
-const REFUSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a refused link (refused at registration, or told on reload
+/// that its certificate is no longer accepted) gets to read why and hang up
+/// itself, before the relay closes it: a socket closed with unread bytes
+/// sends a TCP reset, which can destroy the reason on its way.
+pub(crate) const REFUSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What an identity state is built from besides its [`IdentityConfig`]; the
 /// same for the life of a relay.

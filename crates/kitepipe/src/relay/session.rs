@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::RelayCtx;
-use super::identity::{IdentityState, enforce, refuse_link, reserved_for_certificates};
+use super::identity::{
+    IdentityState, REFUSE_GRACE, enforce, refuse_link, reserved_for_certificates,
+};
 use super::link_identity::LinkIdentity;
 use super::registry::{Grant, LinkId, RemoteOffer};
 use crate::link::LinkIo;
@@ -1062,11 +1064,6 @@ async fn recv(
     };
     message::decode(&payload).map_err(|err| err.to_string())
 }
-
-/// How long a refused link gets to read why and hang up itself, before the
-/// relay closes it: a socket closed with unread bytes sends a TCP reset,
-/// which can destroy the reason on its way.
-const REFUSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Tells the connector why its link is refused (`unauthorized`), waits up to
 /// [`REFUSE_GRACE`] for it to hang up, then closes the link.
