@@ -27,7 +27,7 @@ mod identity;
 mod link_identity;
 mod listener;
 mod nodes;
-pub(crate) mod registry;
+mod registry;
 mod remote;
 mod session;
 mod tcp;
