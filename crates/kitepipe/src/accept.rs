@@ -38,3 +38,20 @@ pub(crate) async fn accept(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepts_until_cancelled() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (_sock, peer) = accept(&listener, &token).await.unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        token.cancel();
+        assert!(accept(&listener, &token).await.is_none());
+    }
+}

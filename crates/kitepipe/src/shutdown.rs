@@ -30,3 +30,26 @@ pub(crate) async fn drain(tracker: &TaskTracker, grace: Duration, what: &str) ->
     );
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_tasks_that_end_within_the_grace() {
+        let tracker = TaskTracker::new();
+        tracker.spawn(tokio::time::sleep(Duration::from_secs(1)));
+        assert!(drain(&tracker, Duration::from_secs(5), "tasks").await);
+        assert!(tracker.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_gives_up_on_a_stuck_task_after_the_grace() {
+        let tracker = TaskTracker::new();
+        tracker.spawn(std::future::pending::<()>());
+        let started = tokio::time::Instant::now();
+        assert!(!drain(&tracker, Duration::from_secs(5), "tasks").await);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(tracker.len(), 1);
+    }
+}
