@@ -36,14 +36,13 @@ use crate::pipe::{
 };
 use crate::pki::{ConnectorTlsOptions, PkiError, connector_client_config_with};
 use crate::remote::agent::{MAX_CONCURRENT_OPS, NodePolicy, Origin};
+use crate::shutdown::{self, SHUTDOWN_GRACE};
+use crate::sync::lock;
 use crate::tunnel;
 
 /// How long connecting to a local target may take. Local services answer
 /// in microseconds; a target that takes seconds is down.
 pub(crate) const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long shutdown waits for in-flight streams.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Streams a relay may have open on one link at once: visitors, events and
 /// remote operations together. Each may hold a descriptor here (a
@@ -239,16 +238,7 @@ impl Connector {
         info!("connector shutting down");
         self.handlers.shut_down();
         token.cancel();
-        tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                tasks = tracker.len(),
-                "shutdown grace expired; cutting streams"
-            );
-        }
+        shutdown::drain(&tracker, SHUTDOWN_GRACE, "streams").await;
     }
 }
 
@@ -410,12 +400,6 @@ impl Router for ConnectorRouter {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Runs a remote operation the relay passed on, if this connector accepts

@@ -34,6 +34,7 @@ use crate::pki::{
     PkiError, ProofInput, describe_tls_error, find_tls_error, kite_proof, link_exporter,
     random_nonce,
 };
+use crate::sync::lock;
 
 /// How long dialing the relay may take (TCP connect). A relay behind a cut
 /// network never answers; this bounds each attempt.
@@ -559,12 +560,6 @@ async fn recv(mux: &Mux, rx: &mut MuxReceivers) -> Result<RelayMessage, AttemptE
 
 fn unexpected(message: RelayMessage) -> AttemptError {
     HandshakeError::Unexpected(Box::new(message)).into()
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -188,10 +188,7 @@ impl Pending {
 
 fn store() -> std::sync::MutexGuard<'static, Pending> {
     static STORE: OnceLock<Mutex<Pending>> = OnceLock::new();
-    STORE
-        .get_or_init(|| Mutex::new(Pending::new()))
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    crate::sync::lock(STORE.get_or_init(|| Mutex::new(Pending::new())))
 }
 
 /// Takes the traffic secret whose write IV is `iv`, if rustls logged it.

@@ -28,9 +28,7 @@ impl SharedStream {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MuxStream> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.0)
     }
 
     /// The stream id, for logs.

@@ -229,7 +229,7 @@ impl fmt::Debug for NodeIdentity {
 /// The CA certificates a relay verifies connectors' certificates against,
 /// and the revocation list it applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientCa {
+pub(crate) struct ClientCa {
     /// Trust anchors (every certificate in the client CA file).
     pub roots: Vec<CertificateDer<'static>>,
     /// Revocation lists, each signed by one of `roots`.
@@ -241,7 +241,7 @@ pub struct ClientCa {
 impl ClientCa {
     /// Loads the CA certificates in `ca_pem` and, if given, the PEM CRL in
     /// `crl_pem`, which must be signed by one of them.
-    pub fn load(ca_pem: &Path, crl_pem: Option<&Path>) -> Result<ClientCa, PkiError> {
+    pub(crate) fn load(ca_pem: &Path, crl_pem: Option<&Path>) -> Result<ClientCa, PkiError> {
         let roots = load_certificates(ca_pem)?;
         let mut client_ca = ClientCa {
             roots,

@@ -7,8 +7,8 @@
 //! [`relay_server_config`] and [`connector_client_config`] (the two TLS
 //! configs the link is built on), then [`kite_proof`] (how a connector proves
 //! it knows a kite's secret without sending it). For identities: [`ca`]
-//! (`kitepipe ca ...`), [`NodeIdentity`] and [`ClientCa`] (what each side
-//! loads), [`client_cert_verifier`] (how the relay checks connectors), and
+//! (`kitepipe ca ...`), [`NodeIdentity`] and `ClientCa` (what each side
+//! loads), `client_cert_verifier` (how the relay checks connectors), and
 //! [`IdentityRules`] (what a verified identity may claim). pki/ never opens
 //! a socket: it hands ready-made `rustls` configs to link/, and it reads and
 //! writes files only under the paths it is given.
@@ -34,24 +34,26 @@ pub use ca::{CaError, CertAuthority};
 pub use cert::RelayCert;
 pub use fingerprint::Fingerprint;
 pub use identity::{
-    CertInfo, ClientCa, CrlSource, IDENTITY_CA_FILE, IDENTITY_CERT_FILE, IDENTITY_KEY_FILE,
-    NodeIdentity, Serial, Validity,
+    CertInfo, CrlSource, IDENTITY_CA_FILE, IDENTITY_CERT_FILE, IDENTITY_KEY_FILE, NodeIdentity,
+    Serial, Validity,
 };
-pub use rules::{
-    AllowRule, IdentityPattern, IdentityRules, KitePattern, NAME_PLACEHOLDER, RemoteRule,
-    RuleError, pattern_covers,
-};
+pub use rules::{AllowRule, IdentityPattern, IdentityRules, KitePattern, RemoteRule, RuleError};
 pub use secret::{
-    EXPORTER_LABEL, ProofInput, Secret, kite_proof, link_exporter, random_nonce, verify_kite_proof,
-};
-pub use secret::{
-    MIN_SECRET_LEN, RECOMMENDED_SECRET_LEN, SecretTooShort, protect_secret_file, read_secret_file,
+    MIN_SECRET_LEN, ProofInput, RECOMMENDED_SECRET_LEN, Secret, SecretTooShort, kite_proof,
+    link_exporter, verify_kite_proof,
 };
 pub use tls::{
-    ALPN_LINK, ALPN_LINK_V1, ClientAuth, ConnectorTlsOptions, FingerprintMismatch, RelayTlsOptions,
-    RelayTrust, client_cert_verifier, connector_client_config, connector_client_config_with,
-    describe_relay_tls_error, describe_tls_error, find_tls_error, has_link_alpn, is_link_alpn,
-    relay_server_config, relay_server_config_with,
+    ALPN_LINK, ALPN_LINK_V1, FingerprintMismatch, RelayTrust, connector_client_config,
+    relay_server_config,
+};
+
+pub(crate) use identity::ClientCa;
+pub(crate) use rules::pattern_covers;
+pub(crate) use secret::{protect_secret_file, random_nonce, read_secret_file};
+pub(crate) use tls::{
+    ClientAuth, ConnectorTlsOptions, RelayTlsOptions, client_cert_verifier,
+    connector_client_config_with, describe_relay_tls_error, describe_tls_error, find_tls_error,
+    has_link_alpn, is_link_alpn, relay_server_config_with,
 };
 
 /// Failures of pki/: loading or creating certificates and keys, parsing

@@ -22,7 +22,7 @@ use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
 
 /// The placeholder in kite patterns that stands for the identity's name.
-pub const NAME_PLACEHOLDER: &str = "{name}";
+pub(crate) const NAME_PLACEHOLDER: &str = "{name}";
 
 /// Why a rule could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -419,7 +419,7 @@ impl fmt::Display for KitePattern {
 /// True if a name pattern (a name or `*.` pattern) lets a connector claim
 /// `name` (itself a name or a `*.` pattern). A wildcard claim needs a
 /// wildcard pattern at or above it.
-pub fn pattern_covers(pattern: &str, name: &str) -> bool {
+pub(crate) fn pattern_covers(pattern: &str, name: &str) -> bool {
     if pattern == name {
         return true;
     }

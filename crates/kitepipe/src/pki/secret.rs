@@ -44,7 +44,7 @@ pub struct SecretTooShort {
 
 /// The label the link passes to rustls `export_keying_material` (with no
 /// context) to get [`ProofInput::tls_exporter`].
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-kitepipe-link";
+pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-kitepipe-link";
 
 /// Domain separation for proofs, so the MAC can never be confused with a
 /// MAC of the same secret made for another purpose or protocol version.
@@ -105,7 +105,7 @@ impl Secret {
 /// with `secret` or `domain` in it): tightened to 0600 when this user's and
 /// open to others, else warned about. Never refuses (see
 /// `cert::IfExposed::Warn`).
-pub fn protect_secret_file(path: &Path) -> Result<(), PkiError> {
+pub(crate) fn protect_secret_file(path: &Path) -> Result<(), PkiError> {
     check_private_file(path, "file with secrets", IfExposed::Warn)
 }
 
@@ -113,7 +113,7 @@ pub fn protect_secret_file(path: &Path) -> Result<(), PkiError> {
 /// whole, as a [`Secret`]. A file other users can read is tightened to
 /// 0600 if it is this user's, and otherwise used with a warning (see
 /// `cert::IfExposed::Warn` for why not refused).
-pub fn read_secret_file(path: &Path) -> Result<Secret, PkiError> {
+pub(crate) fn read_secret_file(path: &Path) -> Result<Secret, PkiError> {
     protect_secret_file(path)?;
     let text = std::fs::read_to_string(path).map_err(|source| PkiError::Read {
         path: path.to_path_buf(),
@@ -177,7 +177,7 @@ pub fn verify_kite_proof(secret: &Secret, input: &ProofInput<'_>, proof: &[u8]) 
 }
 
 /// 32 fresh random bytes for a proof nonce, from the thread-local CSPRNG.
-pub fn random_nonce() -> [u8; 32] {
+pub(crate) fn random_nonce() -> [u8; 32] {
     rand::random()
 }
 

@@ -43,7 +43,7 @@ fn link_alpns() -> Vec<Vec<u8>> {
 }
 
 /// Whether `alpn` names one of the link's protocols.
-pub fn is_link_alpn(alpn: &[u8]) -> bool {
+pub(crate) fn is_link_alpn(alpn: &[u8]) -> bool {
     alpn == ALPN_LINK || alpn == ALPN_LINK_V1
 }
 
@@ -71,14 +71,14 @@ impl fmt::Display for RelayTrust {
 
 /// Settings of the relay's link server beyond its certificate.
 #[derive(Debug, Clone, Default)]
-pub struct RelayTlsOptions {
+pub(crate) struct RelayTlsOptions {
     /// Whether connectors must present certificates.
     pub client_auth: ClientAuth,
 }
 
 /// Whether the relay asks connectors for client certificates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum ClientAuth {
+pub(crate) enum ClientAuth {
     /// Connectors present no certificate; they authenticate inside the link
     /// with kite secrets.
     #[default]
@@ -93,7 +93,7 @@ pub enum ClientAuth {
 
 /// Settings of the connector's link client beyond how it trusts the relay.
 #[derive(Debug, Clone, Default)]
-pub struct ConnectorTlsOptions {
+pub(crate) struct ConnectorTlsOptions {
     /// The certificate and key to present when the relay asks for one.
     pub identity: Option<NodeIdentity>,
 }
@@ -102,7 +102,7 @@ pub struct ConnectorTlsOptions {
 /// presents a different certificate.
 ///
 /// rustls errors do not expose their cause through `source()`; use
-/// [`FingerprintMismatch::find`] or [`describe_tls_error`] to reach it.
+/// [`FingerprintMismatch::find`] to reach it.
 #[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[error("relay certificate fingerprint {presented} does not match the pinned {pinned}")]
 pub struct FingerprintMismatch {
@@ -140,7 +140,7 @@ impl FingerprintMismatch {
     }
 }
 
-/// Builds the relay's link server config with default [`RelayTlsOptions`]:
+/// Builds the relay's link server config with default options:
 /// TLS 1.3 only, ALPN [`ALPN_LINK`], no client certificates.
 pub fn relay_server_config(cert: &RelayCert) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     relay_server_config_with(cert, &RelayTlsOptions::default())
@@ -151,7 +151,7 @@ pub fn relay_server_config(cert: &RelayCert) -> Result<Arc<rustls::ServerConfig>
 ///
 /// rustls completes a handshake with a client that offers no ALPN at all;
 /// the link checks [`has_link_alpn`] after the handshake to refuse those.
-pub fn relay_server_config_with(
+pub(crate) fn relay_server_config_with(
     cert: &RelayCert,
     options: &RelayTlsOptions,
 ) -> Result<Arc<rustls::ServerConfig>, PkiError> {
@@ -187,7 +187,7 @@ pub fn relay_server_config_with(
 /// revocation list, that the end-entity certificate is not in it. A
 /// certificate from a CA without a list has no revocation status to check.
 /// Refusals are logged with the certificate's name and serial.
-pub fn client_cert_verifier(
+pub(crate) fn client_cert_verifier(
     auth: &ClientAuth,
 ) -> Result<Option<Arc<dyn ClientCertVerifier>>, PkiError> {
     let (ca, mandatory) = match auth {
@@ -215,7 +215,7 @@ pub fn client_cert_verifier(
 }
 
 /// Builds the connector's link client config with default
-/// [`ConnectorTlsOptions`] (no client certificate).
+/// options (no client certificate).
 pub fn connector_client_config(trust: &RelayTrust) -> Result<Arc<rustls::ClientConfig>, PkiError> {
     connector_client_config_with(trust, &ConnectorTlsOptions::default())
 }
@@ -226,7 +226,7 @@ pub fn connector_client_config(trust: &RelayTrust) -> Result<Arc<rustls::ClientC
 ///
 /// With [`RelayTrust::Ca`] this reads the CA file and fails if it holds no
 /// certificate.
-pub fn connector_client_config_with(
+pub(crate) fn connector_client_config_with(
     trust: &RelayTrust,
     options: &ConnectorTlsOptions,
 ) -> Result<Arc<rustls::ClientConfig>, PkiError> {
@@ -273,13 +273,13 @@ pub fn connector_client_config_with(
 /// ([`ALPN_LINK`] or [`ALPN_LINK_V1`]).
 ///
 /// Pass `tls_stream.get_ref().1` (client or server side).
-pub fn has_link_alpn(conn: &CommonState) -> bool {
+pub(crate) fn has_link_alpn(conn: &CommonState) -> bool {
     conn.alpn_protocol().is_some_and(is_link_alpn)
 }
 
 /// Finds the rustls error in `err`'s chain, looking inside `io::Error`s too
 /// (tokio-rustls wraps handshake failures in them).
-pub fn find_tls_error<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> {
+pub(crate) fn find_tls_error<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> {
     let mut next = Some(err);
     while let Some(current) = next {
         if let Some(tls) = current.downcast_ref::<rustls::Error>() {
@@ -294,7 +294,7 @@ pub fn find_tls_error<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a rustls::
 /// handshake (or the relay's verdict on this connector's certificate right
 /// after it) failed, or `None` if `err` holds no TLS failure this knows
 /// about.
-pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
+pub(crate) fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
     if FingerprintMismatch::find(err).is_some() {
         return Some(
             "the relay's certificate changed or this is not your relay: \
@@ -367,7 +367,7 @@ pub fn describe_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
 /// A one-line hint for the relay's operator about why a connector's link
 /// handshake failed (mostly: why its certificate was refused), or `None`
 /// if `err` holds no TLS failure this knows about.
-pub fn describe_relay_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
+pub(crate) fn describe_relay_tls_error(err: &(dyn Error + 'static)) -> Option<String> {
     let hint = match find_tls_error(err)? {
         rustls::Error::InvalidCertificate(cert_err) => match cert_err {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {

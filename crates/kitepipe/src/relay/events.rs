@@ -1,7 +1,7 @@
-//! Events at the relay: finding a connector's link by node name (for the
-//! relay's gateway and for events one connector sends another), judging
-//! events that connectors send against the identity rules, and forwarding
-//! connector-to-connector events.
+//! Events at the relay: the relay's gateway routing to connectors (their
+//! links found by node name in `nodes`), judging events that connectors
+//! send against the identity rules, and forwarding connector-to-connector
+//! events.
 //!
 //! Who may do what: a link with a certificate identity may call the
 //! relay's handlers its `[[allow]] handlers` patterns allow and reach the
@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use kitepipe_proto::event::{Caller, EventHeader, Route};
 use kitepipe_proto::message::{self, StreamHeader};
-use tokio::time::Instant;
 use tracing::{Instrument, debug, info};
 
 use super::RelayCtx;
-use super::registry::{LinkId, NodeLookup};
+use super::nodes::find_node;
+use super::registry::LinkId;
 use crate::link::{Mux, MuxStream};
 use crate::pipe::{self, RemoteServe, RouteError, Router};
 
@@ -51,39 +51,6 @@ impl Router for RelayRouter {
 
     async fn remote(&self, node: &str, wait: Duration) -> Result<RemoteServe, (u16, String)> {
         super::remote::open_session(&self.ctx, node, wait).await
-    }
-}
-
-/// The link of connector `node`, waiting up to `wait` for it to come
-/// online. A node never seen is unknown at once, except while the relay is
-/// younger than `wait`: after a restart every node is unseen until it
-/// reconnects, so it is waited for like an offline one. Cancel-safe.
-pub(super) async fn find_node(
-    ctx: &Arc<RelayCtx>,
-    node: &str,
-    wait: Duration,
-) -> Result<Mux, RouteError> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let added = ctx.registry.link_added();
-        match ctx.registry.lookup_node(node) {
-            NodeLookup::Found(mux) => return Ok(mux),
-            NodeLookup::Unknown if ctx.started.elapsed() >= wait => {
-                return Err(RouteError::Unknown(node.to_string()));
-            }
-            NodeLookup::Unknown | NodeLookup::Offline => {}
-        }
-        tokio::select! {
-            _ = added => {}
-            _ = tokio::time::sleep_until(deadline) => {
-                return match ctx.registry.lookup_node(node) {
-                    NodeLookup::Found(mux) => Ok(mux),
-                    NodeLookup::Unknown if ctx.started.elapsed() >= wait => Err(RouteError::Unknown(node.to_string())),
-                    _ => Err(RouteError::Offline(format!("node {node}"))),
-                };
-            }
-            _ = ctx.token.cancelled() => return Err(RouteError::Offline(format!("node {node}"))),
-        }
     }
 }
 

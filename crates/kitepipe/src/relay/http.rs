@@ -31,6 +31,7 @@ use tracing::debug;
 
 use super::RelayCtx;
 use super::registry::{Backend, Lookup};
+use super::visitor::{open_visitor_stream, reset};
 use crate::link::{MuxStream, StreamReset};
 use crate::tunnel::{ReadSize, SMALL_READ};
 
@@ -135,9 +136,7 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let Some((stream, backend)) =
-        super::tcp::open_visitor_stream(&backends, Some(&host), peer).await
-    else {
+    let Some((stream, backend)) = open_visitor_stream(&backends, Some(&host), peer).await else {
         let detail =
             format!("No connector serving {host} is reachable right now. Try again later.");
         let _ = writer
@@ -190,16 +189,6 @@ pub(crate) async fn serve(
     {
         reset(sock);
     }
-}
-
-/// Closes a visitor's connection with a TCP reset (`SO_LINGER` 0, then
-/// close): how an upstream failure reaches the visitor, so that a cut
-/// response or byte stream never ends like a complete one.
-pub(crate) fn reset(sock: TcpStream) {
-    if let Err(err) = sock.set_zero_linger() {
-        debug!(%err, "cannot set SO_LINGER on a visitor's socket");
-    }
-    drop(sock);
 }
 
 /// Whether CONNECT on a listener reached at `local` may go to TCP kites
@@ -276,9 +265,7 @@ async fn connect_tcp_kite(
             .await;
         return;
     };
-    let Some((mut stream, backend)) =
-        super::tcp::open_visitor_stream(&backends, Some(host), peer).await
-    else {
+    let Some((mut stream, backend)) = open_visitor_stream(&backends, Some(host), peer).await else {
         let detail = format!("No connector serving {} is reachable.", head.target);
         let _ = writer
             .write_all(&http1::error_response(503, "Kite offline", &detail))
@@ -503,6 +490,15 @@ async fn read_more(
     }
 }
 
+/// Visitor -> kite after the kite's 101: raw bytes until EOF, or until the
+/// visitor has sent nothing for [`IDLE_TIMEOUT`].
+///
+/// Not `tunnel::splice_stream`: by the time a connection is upgraded, its
+/// two directions are two HTTP state machines on split halves, each
+/// switching to raw bytes on its own; each direction keeps its own idle
+/// bound here, and the caller decides between a clean end and a reset from
+/// how the response side ended (`Ended`). The read sizes are the tunnel's
+/// ([`ReadSize`]).
 async fn copy_raw<R, W>(reader: &mut R, writer: &mut W) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,

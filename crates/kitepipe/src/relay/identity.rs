@@ -1,7 +1,8 @@
 //! Certificate identities on the relay: the current identity state (the
 //! link TLS acceptor, the verifier of connectors' certificates, the rules),
 //! reloading it on request or when its files change, and enforcing a new
-//! state on links that are already up.
+//! state on links that are already up (certificate identities, and names
+//! held by a secret that the new rules reserve for certificates).
 //!
 //! A reload never drops a link that keeps its rights: a link whose
 //! certificate is no longer accepted (revoked, expired, another CA) is told
@@ -17,17 +18,18 @@ use std::time::{Duration, SystemTime};
 use kitepipe_proto::kite::KiteRef;
 use kitepipe_proto::message::{self, ErrorCode, ErrorMessage, RelayMessage, Withdrawn};
 use rustls::server::danger::ClientCertVerifier;
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::UnixTime;
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
 use super::RelayCtx;
+use super::link_identity::LinkIdentity;
 use super::registry::IdentityLink;
 use crate::config::IdentityConfig;
 use crate::link::LinkClosed;
 use crate::pki::{
-    CertInfo, ClientAuth, ClientCa, IdentityRules, PkiError, RelayCert, RelayTlsOptions, Serial,
+    ClientAuth, ClientCa, IdentityRules, PkiError, RelayCert, RelayTlsOptions,
     client_cert_verifier, describe_relay_tls_error, relay_server_config_with,
 };
 
@@ -36,51 +38,11 @@ use crate::pki::{
 /// `kitepipe ca revoke` takes effect within seconds.
 pub(crate) const RELOAD_POLL: Duration = Duration::from_secs(2);
 
-/// How long a link told its certificate is no longer accepted gets to
-/// close itself (so it reads the reason before the relay hangs up).
-const REFUSE_GRACE: Duration = Duration::from_secs(1);
-
-/// The certificate identity of a link's connector, taken from the
-/// certificate chain it presented and the relay verified.
-#[derive(Debug)]
-pub(crate) struct LinkIdentity {
-    /// Node name from the certificate (common name, else first DNS name),
-    /// lowercase.
-    pub(crate) name: String,
-    /// Serial of the end-entity certificate.
-    pub(crate) serial: Serial,
-    /// End of the end-entity certificate's validity: the link is closed
-    /// then (see `session`).
-    pub(crate) not_after: SystemTime,
-    /// The chain as presented, end-entity first; verified again on reload.
-    chain: Vec<CertificateDer<'static>>,
-}
-
-impl LinkIdentity {
-    /// Reads the identity from a verified chain (end-entity first).
-    pub(crate) fn from_chain(chain: &[CertificateDer<'_>]) -> Result<LinkIdentity, PkiError> {
-        let end_entity = chain.first().ok_or(PkiError::EmptyChain)?;
-        let info = CertInfo::parse(end_entity)?;
-        Ok(LinkIdentity {
-            // Rules and patterns are lowercase; so are names `ca issue` writes.
-            name: info.name.to_ascii_lowercase(),
-            serial: info.serial,
-            not_after: info.not_after,
-            chain: chain.iter().map(|cert| cert.clone().into_owned()).collect(),
-        })
-    }
-
-    /// An identity with no certificate behind it, for registry tests.
-    #[cfg(test)]
-    pub(crate) fn for_tests(name: &str) -> LinkIdentity {
-        LinkIdentity {
-            name: name.to_string(),
-            serial: Serial::from_bytes(&[1]),
-            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(4_102_444_800),
-            chain: Vec::new(),
-        }
-    }
-}
+/// How long a refused link (refused at registration, or told on reload
+/// that its certificate is no longer accepted) gets to read why and hang up
+/// itself, before the relay closes it: a socket closed with unread bytes
+/// sends a TCP reset, which can destroy the reason on its way.
+pub(crate) const REFUSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What an identity state is built from besides its [`IdentityConfig`]; the
 /// same for the life of a relay.
@@ -276,8 +238,77 @@ fn reload(ctx: &Arc<RelayCtx>, why: &str) {
             Enforced::Closed => closed += 1,
         }
     }
-    let reserved = super::session::rejudge_secret_grants(ctx, &state);
+    let reserved = rejudge_secret_grants(ctx, &state);
     info!(%why, generation = state.generation, links_closed = closed, kites_withdrawn = withdrawn, secret_grants_reserved = reserved, "identity settings reloaded");
+}
+
+/// Applies the names `state` reserves for certificate identities to what
+/// links hold by a secret (after a reload added a certificate domain):
+/// withdraws such kites (telling the connector) and stops routing to such
+/// node names. Returns how many kites and names were taken back.
+pub(crate) fn rejudge_secret_grants(ctx: &Arc<RelayCtx>, state: &IdentityState) -> usize {
+    let mut taken = 0;
+    for grants in ctx.registry.secret_grants() {
+        if let Some(node) = &grants.node
+            && let Some(why) = reserved_for_certificates(node, state, ctx)
+        {
+            warn!(link = grants.link, %node, %why, "node name no longer proven: the rules now reserve it");
+            ctx.registry.unprove_node(grants.link);
+            taken += 1;
+        }
+        let reserved: Vec<KiteRef> = grants
+            .kites
+            .into_iter()
+            .filter(|kite| reserved_for_certificates(&kite.name, state, ctx).is_some())
+            .collect();
+        if reserved.is_empty() {
+            continue;
+        }
+        ctx.registry.withdraw(grants.link, &reserved);
+        for kite in &reserved {
+            warn!(link = grants.link, kite = %kite, "kite withdrawn: the rules now reserve it for certificate identities");
+        }
+        taken += reserved.len();
+        let withdrawn = RelayMessage::Withdrawn(message::Withdrawn {
+            kites: reserved,
+            message: "the relay's rules now reserve these names for certificate identities".into(),
+        });
+        let mux = grants.mux;
+        ctx.tracker.spawn(async move {
+            let _ =
+                tokio::time::timeout(REFUSE_GRACE, mux.send_control(message::encode(&withdrawn)))
+                    .await;
+        });
+    }
+    taken
+}
+
+/// Why `name` (a kite name or pattern, or a node name; lowercase) is
+/// reserved for certificate identities, if it is: a name under a
+/// certificate domain (the default rule could grant it) or a linked
+/// identity's name. Secret claims never get these.
+pub(crate) fn reserved_for_certificates(
+    name: &str,
+    state: &IdentityState,
+    ctx: &Arc<RelayCtx>,
+) -> Option<String> {
+    let body = name.strip_prefix("*.");
+    for domain in state.rules.cert_domains() {
+        let domain = domain.to_ascii_lowercase();
+        let under = |name: &str| name == domain || name.ends_with(&format!(".{domain}"));
+        // A wildcard reaches a certificate domain's names if it is at or
+        // above the domain, too.
+        let above = body.is_some_and(|body| domain.ends_with(&format!(".{body}")));
+        if under(body.unwrap_or(name)) || above {
+            return Some(format!(
+                "reserved for certificate identities (certificate domain {domain})"
+            ));
+        }
+    }
+    if ctx.registry.is_identity_name(body.unwrap_or(name)) {
+        return Some("the name of a linked certificate identity".to_string());
+    }
+    None
 }
 
 /// Closes link `link` whose certificate is no longer accepted: stops

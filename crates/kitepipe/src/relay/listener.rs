@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, warn};
 
 use super::RelayCtx;
+use crate::accept::accept;
 use crate::config::ListenerConfig;
 use crate::pki::is_link_alpn;
 
@@ -23,28 +24,10 @@ use crate::pki::is_link_alpn;
 /// idle connections cannot pile up.
 pub(crate) const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Pause after a failed accept (e.g. out of file descriptors) so the loop
-/// does not spin while the condition lasts.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-
 /// Accepts connections until the relay shuts down.
 pub(crate) async fn run(listener: TcpListener, roles: ListenerConfig, ctx: Arc<RelayCtx>) {
     let roles = Arc::new(roles);
-    loop {
-        let accepted = tokio::select! {
-            _ = ctx.token.cancelled() => return,
-            res = listener.accept() => res,
-        };
-        let (sock, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                warn!(%err, "accept failed");
-                tokio::select! {
-                    _ = ctx.token.cancelled() => return,
-                    _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
-                }
-            }
-        };
+    while let Some((sock, peer)) = accept(&listener, &ctx.token).await {
         let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
             warn!(%peer, "too many connections; closing new one");
             continue;

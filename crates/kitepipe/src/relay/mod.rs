@@ -6,13 +6,16 @@
 //! and visitors' HTTPS apart (by their first bytes when one port serves
 //! several), then to `session` (a connector's link: handshake, kite
 //! registration), `http` (visitor HTTP routed by Host) or `tcp` (HTTPS by
-//! SNI, and raw TCP kites on their own ports).
+//! SNI, and raw TCP kites on their own ports), the last two opening visitor
+//! streams through `visitor`.
 //!
 //! Connectors' certificates and the rules for their identities live in
 //! `identity`, which also reloads them (see [`Relay::reload_trigger`]).
+//! A link's certificate identity is `link_identity`, kept by `registry`.
 //! Events (the relay's gateway, events connectors send to the relay or to
-//! each other) are judged and routed in `events`; the pipe itself is
-//! `crate::pipe`.
+//! each other) are judged and routed in `events`, remote sessions in
+//! `remote`, both finding connectors by node name through `nodes`; the pipe
+//! itself is `crate::pipe`.
 //!
 //! The relay never dials anything but a configured event handler upstream
 //! on its own machine: every byte it moves arrives on a socket it accepted,
@@ -21,26 +24,30 @@
 mod events;
 mod http;
 mod identity;
+mod link_identity;
 mod listener;
-pub(crate) mod registry;
+mod nodes;
+mod registry;
 mod remote;
 mod session;
 mod tcp;
+mod visitor;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 
 use crate::config::{ListenerConfig, RelayConfig, RelayTlsSource};
 use crate::link::MuxConfig;
 use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
+use crate::shutdown::{self, SHUTDOWN_GRACE};
+use crate::sync;
 pub use identity::ReloadTrigger;
 use identity::{IdentityInputs, IdentityState};
 use registry::Registry;
@@ -50,7 +57,7 @@ use registry::Registry;
 /// 25-30 KiB (bench/run's scale scenario), so the bound caps a flood at
 /// about 1 GiB. It must leave room for 10,000 linked connectors and as many
 /// visitors (issue 5's scale target), which 16 Ki did not.
-pub const MAX_CONNECTIONS: usize = 32 * 1024;
+pub(crate) const MAX_CONNECTIONS: usize = 32 * 1024;
 
 /// Pending connections the kernel queues for each public listener before
 /// the relay accepts them. A burst of visitors or reconnecting connectors
@@ -73,9 +80,6 @@ pub(crate) fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
-
-/// How long shutdown waits for in-flight connections before cutting them.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -272,7 +276,8 @@ impl Relay {
     }
 
     /// Serves until `shutdown` is cancelled, then stops accepting, closes
-    /// links and waits (up to [`SHUTDOWN_GRACE`]) for connections to end.
+    /// links and waits (up to 5 s, the crate's shutdown grace) for
+    /// connections to end.
     pub async fn run(self, shutdown: CancellationToken) {
         let ctx = self.ctx.clone();
         for (listener, roles) in self.listeners {
@@ -300,34 +305,19 @@ impl Relay {
         info!("relay shutting down");
         ctx.handlers.shut_down();
         ctx.token.cancel();
-        ctx.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, ctx.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                tasks = ctx.tracker.len(),
-                "shutdown grace expired; cutting remaining connections"
-            );
-        }
+        shutdown::drain(&ctx.tracker, SHUTDOWN_GRACE, "connections").await;
     }
 }
 
 impl RelayCtx {
     /// The current identity state (acceptor and rules).
     pub(crate) fn identity(&self) -> Arc<IdentityState> {
-        self.identity
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        sync::read(&self.identity).clone()
     }
 
     /// Replaces the identity state (on reload).
     fn set_identity(&self, state: Arc<IdentityState>) {
-        *self
-            .identity
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = state;
+        *sync::write(&self.identity) = state;
     }
 }
 

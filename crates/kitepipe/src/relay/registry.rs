@@ -19,8 +19,9 @@ use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
 use kitepipe_proto::remote::AgentHello;
 
-use super::identity::LinkIdentity;
+use super::link_identity::LinkIdentity;
 use crate::link::{LinkClosed, Mux};
+use crate::sync::lock;
 
 /// Identifies a link within one relay process.
 pub(crate) type LinkId = u64;
@@ -649,12 +650,6 @@ impl KiteEntry {
             .map(|i| self.backends[(start + i) % n].clone())
             .collect()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info};
 
 use super::RelayCtx;
-use super::events::find_node;
+use super::nodes::find_node;
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxConfig, MuxStream, Side};
 use crate::pipe::{RemoteServe, RouteError};
 

@@ -30,7 +30,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::RelayCtx;
-use super::identity::{IdentityState, LinkIdentity, enforce, refuse_link};
+use super::identity::{
+    IdentityState, REFUSE_GRACE, enforce, refuse_link, reserved_for_certificates,
+};
+use super::link_identity::LinkIdentity;
 use super::registry::{Grant, LinkId, RemoteOffer};
 use crate::link::LinkIo;
 use crate::link::io::ReadAhead;
@@ -39,10 +42,9 @@ use crate::pki::{
     ProofInput, describe_relay_tls_error, link_exporter, pattern_covers, random_nonce,
     verify_kite_proof,
 };
+use crate::sync::lock;
 
-/// How long a connector has to finish TLS and say hello. Long enough for a
-/// slow mobile link, short enough that half-open connections do not pile up.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+use crate::link::HANDSHAKE_TIMEOUT;
 
 /// How long a refused TLS connection is kept open after the relay's alert,
 /// reading and discarding what the peer still sends. In TLS 1.3 a connector
@@ -275,12 +277,6 @@ fn source_key(peer: IpAddr) -> IpAddr {
             }
         },
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Accepts a connector's TLS link (after `prefix`, bytes already read) and
@@ -801,75 +797,6 @@ fn prove_node(
     }
 }
 
-/// Applies the names `state` reserves for certificate identities to what
-/// links hold by a secret (after a reload added a certificate domain):
-/// withdraws such kites (telling the connector) and stops routing to such
-/// node names. Returns how many kites and names were taken back.
-pub(crate) fn rejudge_secret_grants(ctx: &Arc<RelayCtx>, state: &IdentityState) -> usize {
-    let mut taken = 0;
-    for grants in ctx.registry.secret_grants() {
-        if let Some(node) = &grants.node
-            && let Some(why) = reserved_for_certificates(node, state, ctx)
-        {
-            warn!(link = grants.link, %node, %why, "node name no longer proven: the rules now reserve it");
-            ctx.registry.unprove_node(grants.link);
-            taken += 1;
-        }
-        let reserved: Vec<KiteRef> = grants
-            .kites
-            .into_iter()
-            .filter(|kite| reserved_for_certificates(&kite.name, state, ctx).is_some())
-            .collect();
-        if reserved.is_empty() {
-            continue;
-        }
-        ctx.registry.withdraw(grants.link, &reserved);
-        for kite in &reserved {
-            warn!(link = grants.link, kite = %kite, "kite withdrawn: the rules now reserve it for certificate identities");
-        }
-        taken += reserved.len();
-        let withdrawn = RelayMessage::Withdrawn(message::Withdrawn {
-            kites: reserved,
-            message: "the relay's rules now reserve these names for certificate identities".into(),
-        });
-        let mux = grants.mux;
-        ctx.tracker.spawn(async move {
-            let _ =
-                tokio::time::timeout(REFUSE_GRACE, mux.send_control(message::encode(&withdrawn)))
-                    .await;
-        });
-    }
-    taken
-}
-
-/// Why `name` (a kite name or pattern, or a node name; lowercase) is
-/// reserved for certificate identities, if it is: a name under a
-/// certificate domain (the default rule could grant it) or a linked
-/// identity's name. Secret claims never get these.
-fn reserved_for_certificates(
-    name: &str,
-    state: &IdentityState,
-    ctx: &Arc<RelayCtx>,
-) -> Option<String> {
-    let body = name.strip_prefix("*.");
-    for domain in state.rules.cert_domains() {
-        let domain = domain.to_ascii_lowercase();
-        let under = |name: &str| name == domain || name.ends_with(&format!(".{domain}"));
-        // A wildcard reaches a certificate domain's names if it is at or
-        // above the domain, too.
-        let above = body.is_some_and(|body| domain.ends_with(&format!(".{body}")));
-        if under(body.unwrap_or(name)) || above {
-            return Some(format!(
-                "reserved for certificate identities (certificate domain {domain})"
-            ));
-        }
-    }
-    if ctx.registry.is_identity_name(body.unwrap_or(name)) {
-        return Some("the name of a linked certificate identity".to_string());
-    }
-    None
-}
-
 /// `Err(why)` while the link's source address is backing off after wrong
 /// proofs, or the link itself sent too many.
 fn throttle_check(link: &mut LinkState, ctx: &Arc<RelayCtx>) -> Result<(), String> {
@@ -1135,11 +1062,6 @@ async fn recv(
     };
     message::decode(&payload).map_err(|err| err.to_string())
 }
-
-/// How long a refused link gets to read why and hang up itself, before the
-/// relay closes it: a socket closed with unread bytes sends a TCP reset,
-/// which can destroy the reason on its way.
-const REFUSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Tells the connector why its link is refused (`unauthorized`), waits up to
 /// [`REFUSE_GRACE`] for it to hang up, then closes the link.

@@ -1,9 +1,8 @@
 //! Visitors that are passed through as raw bytes: HTTPS routed by SNI, and
 //! TCP kites on their own public ports (bound inside `--tcp-ports`, capped
 //! per link and per identity, closed when their kite has been offline for
-//! [`TCP_PORT_GRACE`]). Also opening a visitor stream on the first live
-//! backend (failover), shared with [`super::http`]. A kite failing in the
-//! middle reaches the visitor as a TCP reset.
+//! [`TCP_PORT_GRACE`]). A kite failing in the middle reaches the visitor
+//! as a TCP reset.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -12,7 +11,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe_proto::kite::{KiteProto, KiteRef};
-use kitepipe_proto::message::{self, RefuseReason, StreamHeader, VisitorHeader};
+use kitepipe_proto::message::RefuseReason;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -20,33 +19,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::RelayCtx;
 use super::registry::{Backend, Grant, LinkId, Lookup};
+use super::visitor::{open_visitor_stream, reset};
+use crate::accept::accept;
 use crate::link::MuxStream;
 use crate::pki::pattern_covers;
+use crate::sync::lock;
 use crate::tunnel;
 
 /// A fatal TLS alert `unrecognized_name` (112), sent to HTTPS visitors whose
 /// SNI names no online kite, so browsers show a meaningful error.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
-
-/// Opens a visitor stream on the first backend whose link is alive.
-pub(crate) async fn open_visitor_stream(
-    backends: &[Backend],
-    host: Option<&str>,
-    peer: SocketAddr,
-) -> Option<(MuxStream, Backend)> {
-    for backend in backends {
-        let header = StreamHeader::Visitor(VisitorHeader {
-            kite: backend.kite.clone(),
-            host: host.map(str::to_string),
-            peer: peer.to_string(),
-        });
-        match backend.mux.open(message::encode(&header)).await {
-            Ok(stream) => return Some((stream, backend.clone())),
-            Err(reason) => debug!(node = %backend.node, %reason, "backend link gone; trying next"),
-        }
-    }
-    None
-}
 
 /// Serves a visitor's TLS connection by passing it through to the kite
 /// named by its SNI. `prefix` holds the ClientHello already read.
@@ -314,21 +296,7 @@ async fn release_when_idle(port: u16, stop: CancellationToken, ctx: Arc<RelayCtx
 }
 
 async fn accept_tcp(listener: TcpListener, port: u16, stop: CancellationToken, ctx: Arc<RelayCtx>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            res = listener.accept() => res,
-        };
-        let (sock, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                warn!(%err, "accept failed");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => continue,
-                }
-            }
-        };
+    while let Some((sock, peer)) = accept(&listener, &stop).await {
         let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
             warn!(%peer, "too many connections; closing new one");
             continue;
@@ -379,12 +347,6 @@ async fn pass_through(mut sock: TcpStream, stream: &mut MuxStream, backend: &Bac
         _ = backend.mux.closed() => true,
     };
     if failed {
-        super::http::reset(sock);
+        reset(sock);
     }
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, debug, info};
 
 pub(crate) use super::fs::Protected;
 pub use super::policy::MAX_RELAYED_PROCESSES;
@@ -63,8 +63,10 @@ pub(crate) async fn op_slot(
 }
 
 /// How long the agent lets in-flight operations finish after the link
-/// closed before it exits anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// closed before it exits anyway. Shorter than the relay's and the
+/// connector's grace (`crate::shutdown::SHUTDOWN_GRACE`): the link is gone,
+/// so what still runs can no longer reach its client.
+const AGENT_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Settings of an agent.
 #[derive(Debug, Clone)]
@@ -161,16 +163,7 @@ where
     };
     debug!(%reason, "agent link closed");
     token.cancel();
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            tasks = tracker.len(),
-            "operations still running at exit were cut"
-        );
-    }
+    crate::shutdown::drain(&tracker, AGENT_SHUTDOWN_GRACE, "operations").await;
     reason
 }
 

@@ -56,6 +56,7 @@ use tracing::{Instrument, debug};
 
 use super::LinkClosed;
 use super::io::{ChunkSource, ReadChunks};
+use crate::sync::lock;
 use reader::run_reader;
 pub use stream::{MuxStream, StreamReset};
 use stream::{RecvState, SendState, StreamState};
@@ -531,14 +532,6 @@ async fn run_watchdog(shared: Arc<Shared>, heartbeat: Duration) {
         lock(&shared.urgent).ping = Some(payload);
         shared.urgent_notify.notify_one();
     }
-}
-
-/// Locks a mutex, ignoring poisoning: every critical section here leaves the
-/// data consistent, so a panic elsewhere does not make it unusable.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
