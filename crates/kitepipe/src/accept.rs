@@ -1,6 +1,8 @@
-//! Accepting TCP connections, shared by the relay's listeners and its TCP
-//! kite ports.
+//! Accepting connections, shared by the relay's listeners, its TCP kite
+//! ports and the event gateway (TCP and unix sockets).
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -21,10 +23,25 @@ pub(crate) async fn accept(
     listener: &TcpListener,
     token: &CancellationToken,
 ) -> Option<(TcpStream, SocketAddr)> {
+    accept_with(|| listener.accept(), token).await
+}
+
+/// [`accept`] for any listener: the next value `accept_one` yields, or
+/// `None` once `token` is cancelled; errors are logged and retried after
+/// [`ACCEPT_ERROR_PAUSE`]. Cancel-safe if `accept_one`'s future is (tokio's
+/// `TcpListener::accept` and `UnixListener::accept` are).
+pub(crate) async fn accept_with<T, F, Fut>(
+    mut accept_one: F,
+    token: &CancellationToken,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+{
     loop {
         let accepted = tokio::select! {
             _ = token.cancelled() => return None,
-            res = listener.accept() => res,
+            res = accept_one() => res,
         };
         match accepted {
             Ok(pair) => return Some(pair),

@@ -38,6 +38,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::stream::{EventBody, HeadError, read_reply_head};
 use super::upstream::HOP_BY_HOP;
 use super::{PipeError, Progress, RouteError, Router, is_own_header, stalled};
+use crate::accept::accept_with;
 use crate::config::{EventConfig, GatewayAddr};
 use crate::link::SharedStream;
 
@@ -444,18 +445,7 @@ async fn accept_loop<R, S, F, Fut>(
     F: FnMut() -> Fut,
     Fut: Future<Output = io::Result<(S, String, Peer)>>,
 {
-    loop {
-        let (sock, caller, peer) = tokio::select! {
-            _ = gateway.token.cancelled() => return,
-            res = accept() => match res {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    debug!(%err, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((sock, caller, peer)) = accept_with(&mut accept, &gateway.token).await {
         spawn_connection(sock, caller, peer, gateway, access, connections);
     }
 }
