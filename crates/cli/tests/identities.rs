@@ -558,7 +558,7 @@ fn openssl_s_client_needs_a_certificate_from_the_ca() {
             .args(extra)
             .stdin(Stdio::null())
             .output()
-            .expect("openssl is installed");
+            .unwrap_or_else(|err| panic!("cannot run openssl: {err} ({DEPS_HINT})"));
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

@@ -1,10 +1,11 @@
-//! End to end through a real NAT (`shared/netlab`): the backend and the
+//! End to end through a real NAT (`tools/netlab`): the backend and the
 //! connector sit in the `device` namespace behind a masquerading NAT that
 //! drops every connection from outside; the relay and the visitor sit on the
 //! lab's "internet". Each test builds its own lab, breaks the network the way
 //! users' networks break, and checks that the kite comes back by itself.
 //!
-//! Needs root (network namespaces, nftables); skips with a message otherwise.
+//! Needs root (network namespaces, nftables) and the tools in
+//! tools/test-deps.txt; says which is missing otherwise (and fails under `CI`).
 
 mod support;
 
@@ -17,8 +18,8 @@ use std::time::Duration;
 use support::*;
 use tokio::time::Instant;
 
-/// The lab tool; the repository and `shared` are siblings.
-const NETLAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/netlab/netlab");
+/// The lab tool, in the repository.
+const NETLAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/netlab/netlab");
 
 const SECRET: &str = "netlab-secret";
 const KITE: &str = "blog.example.net";
@@ -47,30 +48,29 @@ struct Lab {
 }
 
 impl Lab {
-    /// Builds a lab, or prints why this machine cannot and returns `None`.
-    fn up(test: &str) -> Option<Lab> {
+    /// Builds a lab, or says why this machine cannot and returns `None`
+    /// (under `CI`, fails instead).
+    fn up() -> Option<Lab> {
+        let ready = require_root("network namespaces (netlab)")
+            && require_tool("ip", "iproute2")
+            && require_tool("nft", "nftables")
+            && require_tool("conntrack", "conntrack")
+            && require_tool("python3", "python3")
+            && require_tool("curl", "curl");
+        if !ready {
+            return None;
+        }
         let out = Command::new(NETLAB)
             .arg("up")
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|err| panic!("cannot run {NETLAB}: {err}"));
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            let euid = euid();
-            if euid != Some(0) {
-                eprintln!(
-                    "SKIP {test}: netlab needs root (euid {euid:?}): {}",
-                    why.trim()
-                );
-                return None;
-            }
-            // CI installs the tools first; missing ones there are a CI bug.
-            if why.contains("missing tools") && std::env::var_os("CI").is_none() {
-                eprintln!("SKIP {test}: {}", why.trim());
-                return None;
-            }
-            panic!("netlab up failed as root ({}): {why}", out.status);
-        }
+        assert!(
+            out.status.success(),
+            "netlab up failed as root ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let vars: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -163,18 +163,6 @@ impl Drop for Lab {
     }
 }
 
-/// Effective uid of this process, from /proc (no libc call needed).
-fn euid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Starts the relay in the relay namespace with the lab's fixed ports.
 fn start_relay(lab: &Lab, state: &Path) -> RelayProc {
     let link = format!("{RELAY_IP}:{LINK_PORT}");
@@ -260,7 +248,7 @@ fn link_lines(relay: &RelayProc) -> Vec<String> {
 
 #[test]
 fn through_nat() {
-    let Some(lab) = Lab::up("through_nat") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     // Bound to every address of the device: only the NAT keeps outsiders away.
@@ -310,7 +298,7 @@ fn through_nat() {
 
 #[test]
 fn relay_restart() {
-    let Some(lab) = Lab::up("relay_restart") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let mut site = Site::start(&lab);
@@ -332,7 +320,7 @@ fn relay_restart() {
 
 #[test]
 fn cut_restore() {
-    let Some(lab) = Lab::up("cut_restore") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let site = Site::start(&lab);
@@ -362,7 +350,7 @@ fn cut_restore() {
 
 #[test]
 fn nat_reset() {
-    let Some(lab) = Lab::up("nat_reset") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let site = Site::start(&lab);
@@ -386,7 +374,7 @@ fn nat_reset() {
 
 #[test]
 fn move_to_another_address() {
-    let Some(lab) = Lab::up("move_to_another_address") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let site = Site::start(&lab);
@@ -415,7 +403,7 @@ fn move_to_another_address() {
 
 #[test]
 fn tcp_kite_through_nat_carries_bytes_both_ways() {
-    let Some(lab) = Lab::up("tcp_kite_through_nat") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let echo = Backend::start_wrapped("tcp-echo", &lab.prefix("device"), "127.0.0.1");
@@ -487,7 +475,7 @@ sys.stdout.buffer.flush()
 /// visitors into it until it times out.
 #[test]
 fn a_returning_connector_replaces_its_stale_link_at_once() {
-    let Some(lab) = Lab::up("stale_link") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let state = TempDir::new("netlab-relay-state");

@@ -62,7 +62,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn exec_passes_output_exit_status_stdin_env_and_cwd() {
-    if sshd::skip_without_sshd("exec") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -109,7 +109,7 @@ fn exec_passes_output_exit_status_stdin_env_and_cwd() {
 
 #[test]
 fn exec_on_a_terminal() {
-    if sshd::skip_without_sshd("tty") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -179,7 +179,7 @@ fn exec_on_a_terminal() {
 
 #[test]
 fn exec_output_streams_live() {
-    if sshd::skip_without_sshd("streaming") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -204,7 +204,7 @@ fn exec_output_streams_live() {
 
 #[test]
 fn file_operations_and_typed_errors() {
-    if sshd::skip_without_sshd("file ops") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -294,7 +294,7 @@ fn file_operations_and_typed_errors() {
 
 #[test]
 fn permission_denied_arrives_typed() {
-    if sshd::skip_without_sshd("permission denied") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -324,7 +324,7 @@ fn permission_denied_arrives_typed() {
 
 #[test]
 fn cp_of_100_mb_both_ways_keeps_every_byte() {
-    if sshd::skip_without_sshd("cp") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -363,7 +363,7 @@ fn cp_of_100_mb_both_ways_keeps_every_byte() {
 
 #[test]
 fn port_forwarding_reaches_an_address_seen_from_the_host() {
-    if sshd::skip_without_sshd("forward") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -430,7 +430,7 @@ fn port_forwarding_reaches_an_address_seen_from_the_host() {
 
 #[test]
 fn many_operations_run_concurrently_over_one_session() {
-    if sshd::skip_without_sshd("concurrent") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -513,7 +513,7 @@ fn kitepipe_entries(dir: &str) -> Vec<String> {
 
 #[test]
 fn nothing_is_left_on_the_host() {
-    if sshd::skip_without_sshd("leftovers") {
+    if !sshd::required() {
         return;
     }
     // No XDG_RUNTIME_DIR: the agent lands in /dev/shm, as on most hosts.
@@ -567,7 +567,7 @@ fn nothing_is_left_on_the_host() {
 
 #[test]
 fn runtime_dir_is_used_and_left_empty() {
-    if sshd::skip_without_sshd("runtime dir") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -583,7 +583,7 @@ fn runtime_dir_is_used_and_left_empty() {
 
 #[test]
 fn cache_keeps_the_agent_by_hash_and_reuses_it() {
-    if sshd::skip_without_sshd("cache") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -602,7 +602,7 @@ fn cache_keeps_the_agent_by_hash_and_reuses_it() {
 
 #[test]
 fn unreachable_host_and_refused_login_fail_clearly() {
-    if sshd::skip_without_sshd("unreachable") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -717,7 +717,7 @@ fn tool_dir(tmp: &TempDir, leave_out: &[&str]) -> String {
 
 #[test]
 fn bootstrap_refuses_hosts_it_cannot_run_on() {
-    if sshd::skip_without_sshd("bootstrap") {
+    if !sshd::required() {
         return;
     }
     // A host without `head`.
@@ -771,7 +771,7 @@ fn bootstrap_refuses_hosts_it_cannot_run_on() {
 
 #[test]
 fn a_session_killed_mid_operation_is_reported() {
-    if sshd::skip_without_sshd("killed session") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -810,14 +810,14 @@ fn a_session_killed_mid_operation_is_reported() {
 
 #[test]
 fn jump_host_and_sudo_chain_in_one_command() {
-    if sshd::skip_without_sshd("jump") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
     // ProxyJump through the same sshd (to itself on loopback).
     let out = ok(sshd.kitepipe_with(&["-J", sshd::HOST], &["exec", "--", "echo", "jumped"]));
     assert_eq!(out, "jumped\n");
-    if !sudo_ready("jump+sudo") {
+    if !sudo_ready() {
         return;
     }
     let out = ok(sshd.kitepipe_with(&["-J", sshd::HOST, "--sudo"], &["exec", "--", "id", "-u"]));
@@ -826,7 +826,7 @@ fn jump_host_and_sudo_chain_in_one_command() {
 
 #[test]
 fn sudo_without_a_password_rule_fails_clearly() {
-    if sshd::skip_without_sshd("sudo") || !sudo_ready("sudo") {
+    if !sshd::required() || !sudo_ready() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -850,32 +850,16 @@ fn sudo_without_a_password_rule_fails_clearly() {
     assert_eq!(out.trim(), user);
 }
 
-/// Whether sudo and root are here (SKIP outside CI, fail in CI).
-fn sudo_ready(test: &str) -> bool {
-    let has_sudo = Command::new("sh")
-        .args(["-c", "command -v sudo"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let why = match (sshd::is_root(), has_sudo) {
-        (true, true) => return true,
-        (false, _) => "not running as root",
-        (true, false) => "sudo is not installed",
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: {why} (CI runs as root and installs sudo)");
-    }
-    eprintln!("SKIP {test}: {why}");
-    false
+/// Whether sudo and root are here; if not, the test cannot run and says
+/// so (or fails under `CI`).
+fn sudo_ready() -> bool {
+    support::require_root("sudo on the host") && support::require_tool("sudo", "sudo")
 }
 
 /// A user without sudo rights for tests (created when running as root).
 fn unprivileged_user() -> Option<String> {
     const USER: &str = "kitepipe-test";
-    if !sshd::is_root() {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI runs as root");
-        }
-        eprintln!("SKIP: needs root to create {USER}");
+    if !support::require_root(&format!("creating the user {USER}")) {
         return None;
     }
     let exists = Command::new("id")

@@ -789,7 +789,7 @@ mod sshd;
 // pushed and replaces it.
 #[test]
 fn planted_cache_file_is_not_run_over_real_ssh() {
-    if sshd::skip_without_sshd("planted cache") {
+    if !sshd::required() {
         return;
     }
     let sshd = sshd::Sshd::new().start();

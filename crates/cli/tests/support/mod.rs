@@ -21,6 +21,9 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kitepipe");
 
+/// How to install every tool the tests run, for messages about a missing one.
+pub const DEPS_HINT: &str = "the tests' tools: sudo apt-get install $(cat tools/test-deps.txt)";
+
 /// How long to wait for things that should happen "soon" (a process being
 /// ready, a link coming back). `KITEPIPE_TEST_PATIENCE` (seconds) raises it
 /// on slow machines.
@@ -45,6 +48,69 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         }
         std::thread::park_timeout(Duration::from_millis(50));
     }
+}
+
+/// Whether this machine has `tool` (a command on `PATH`, or an absolute
+/// path), which Debian ships in `package`. When it does not, the test
+/// cannot run: this says so on the terminal (past the test harness's
+/// capture, so a plain `cargo test` shows it) naming the test, the tool and
+/// how to get it, and returns false for the test to return early. With `CI`
+/// set it fails the test instead: CI installs every tool
+/// (tools/test-deps.txt), so a missing one there is a bug.
+///
+/// ```ignore
+/// if !require_tool("/usr/sbin/sshd", "openssh-server") {
+///     return;
+/// }
+/// ```
+pub fn require_tool(tool: &str, package: &str) -> bool {
+    let found = if tool.starts_with('/') {
+        Path::new(tool).exists()
+    } else {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    found
+        || cannot_run(&format!(
+            "needs {tool}, which is not installed: sudo apt-get install {package} \
+             (every test package: sudo apt-get install $(cat tools/test-deps.txt))"
+        ))
+}
+
+/// Whether the test runs as root (network namespaces, other users'
+/// files, sudo); otherwise like a missing tool in [`require_tool`]: said
+/// on the terminal, or a failure with `CI` set.
+pub fn require_root(what: &str) -> bool {
+    is_root()
+        || cannot_run(&format!(
+            "needs root for {what}: run the tests as root (e.g. sudo -E cargo test)"
+        ))
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Reports that the current test cannot run, `why`; returns false, or
+/// panics with `CI` set.
+fn cannot_run(why: &str) -> bool {
+    let thread = std::thread::current();
+    let test = match thread.name() {
+        Some(name) if name != "main" => name,
+        _ => "a test",
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} {why} (CI installs every tool: .ci/run)");
+    }
+    // Straight to the stderr handle rather than `eprintln!`, which the
+    // test harness captures and shows only for failing tests.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "NOT RUN {test}: {why}");
+    false
 }
 
 /// A fresh temporary directory, removed on drop.
@@ -91,7 +157,7 @@ impl Proc {
             .env("KITEPIPE_LOG", "info,kitepipe=debug");
         let mut child = command
             .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
+            .unwrap_or_else(|err| panic!("cannot start {name}: {err} ({DEPS_HINT})"));
         let output = Arc::new(Mutex::new(String::new()));
         for pipe in [
             child
@@ -483,7 +549,7 @@ pub fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
         .args(["-sS", "--max-time", "60", "--noproxy", "*"])
         .args(args)
         .output()
-        .expect("curl is installed");
+        .unwrap_or_else(|err| panic!("cannot run curl: {err} ({DEPS_HINT})"));
     (
         out.status.code().unwrap_or(-1),
         out.stdout,
