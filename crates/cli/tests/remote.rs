@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kitepipe::remote::{ErrorKind, RemoteCommand, RemoteError, Session};
 use sshd::Sshd;
-use support::{Proc, TempDir, pseudo_random, sha256_hex};
+use support::{Gate, Proc, TempDir, patience, pseudo_random, scaled, sha256_hex};
 
 struct Run {
     code: i32,
@@ -183,14 +183,10 @@ fn exec_output_streams_live() {
         return;
     }
     let sshd = Sshd::new().start();
-    let mut command = sshd.kitepipe(&[
-        "exec",
-        "-n",
-        "--",
-        "sh",
-        "-c",
-        "echo first; sleep 3; echo second",
-    ]);
+    // The command prints its second line only once the test saw the first.
+    let gate = Gate::new("live-gate");
+    let script = format!("echo first; {}; echo second", gate.script("live"));
+    let mut command = sshd.kitepipe(&["exec", "-n", "--", "sh", "-c", &script]);
     command.env_remove("KITEPIPE_LOG");
     let proc = Proc::spawn("remote exec", command);
     proc.wait_for("first");
@@ -199,6 +195,7 @@ fn exec_output_streams_live() {
         "the first line arrived while the command still ran"
     );
     assert!(!proc.output().contains("second"));
+    gate.open();
     proc.wait_for("second");
 }
 
@@ -399,8 +396,7 @@ fn port_forwarding_reaches_an_address_seen_from_the_host() {
         .to_string();
     for round in 0..3 {
         let mut conn = std::net::TcpStream::connect(&local).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        conn.set_read_timeout(Some(patience())).unwrap();
         let msg = format!("hello {round}\n").repeat(1000);
         conn.write_all(msg.as_bytes()).unwrap();
         conn.shutdown(std::net::Shutdown::Write).unwrap();
@@ -422,8 +418,7 @@ fn port_forwarding_reaches_an_address_seen_from_the_host() {
         .unwrap()
         .to_string();
     let mut conn = std::net::TcpStream::connect(&local).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    conn.set_read_timeout(Some(patience())).unwrap();
     let mut buf = [0u8; 16];
     assert!(matches!(conn.read(&mut buf), Ok(0) | Err(_)));
 }
@@ -438,16 +433,18 @@ fn many_operations_run_concurrently_over_one_session() {
     let rt = runtime();
     rt.block_on(async {
         let session = Session::ssh(sshd.options()).await.unwrap();
-        // A slow command does not hold up the others.
+        // A slow command (held until the others are done) does not hold
+        // them up.
+        let gate = Gate::new("conc-gate");
+        let script = format!("{}; echo slow", gate.script("slow"));
         let slow = {
             let session = session.clone();
             tokio::spawn(async move {
                 session
-                    .output(&RemoteCommand::new("sh").args(["-c", "sleep 2; echo slow"]))
+                    .output(&RemoteCommand::new("sh").args(["-c", &script]))
                     .await
             })
         };
-        let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..60u32 {
             let session = session.clone();
@@ -474,9 +471,10 @@ fn many_operations_run_concurrently_over_one_session() {
             res.unwrap().unwrap();
         }
         assert!(
-            started.elapsed() < Duration::from_secs(2) || !slow.is_finished(),
+            !slow.is_finished(),
             "180 operations were not serialized behind the slow one"
         );
+        gate.open();
         let slow = slow.await.unwrap().unwrap();
         assert_eq!(slow.stdout, b"slow\n");
         assert_eq!(
@@ -524,9 +522,12 @@ fn nothing_is_left_on_the_host() {
     let work = TempDir::new("left");
     let file = work.path().join("x");
     std::fs::write(&file, b"payload").unwrap();
-    // A session with a long command: while it runs, the agent's file is
-    // already gone and the process runs from an unlinked executable.
-    let mut command = sshd.kitepipe(&["exec", "-n", "--", "sh", "-c", "echo agent=$PPID; sleep 2"]);
+    // A session with a command held until the checks are done: while it
+    // runs, the agent's file is already gone and the process runs from an
+    // unlinked executable.
+    let gate = Gate::new("left-gate");
+    let script = format!("echo agent=$PPID; {}", gate.script("left"));
+    let mut command = sshd.kitepipe(&["exec", "-n", "--", "sh", "-c", &script]);
     command.env_remove("KITEPIPE_LOG");
     let proc = Proc::spawn("session", command);
     let out = proc.wait_for("agent=");
@@ -548,6 +549,7 @@ fn nothing_is_left_on_the_host() {
         shm_before,
         "the agent file is removed before serving"
     );
+    gate.open();
     support::eventually("the session ends", || proc.exited());
     ok(sshd.kitepipe(&[
         "cp",
@@ -653,7 +655,8 @@ fn a_host_that_never_answers_times_out() {
         for conn in silent.incoming().take(2) {
             conns.push(conn);
         }
-        std::thread::park_timeout(Duration::from_secs(30));
+        // Held (silent) for as long as the test may wait.
+        std::thread::park_timeout(patience());
     });
     let started = Instant::now();
     let mut command = Command::new(support::BIN);
@@ -677,8 +680,9 @@ fn a_host_that_never_answers_times_out() {
         "true",
     ]);
     let out = run(command, b"");
+    // The connect timeout (2 s), and the rest scaled like patience.
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(2) + scaled(Duration::from_secs(8)),
         "took {:?}",
         started.elapsed()
     );
@@ -795,7 +799,7 @@ fn a_session_killed_mid_operation_is_reported() {
         .unwrap();
     let status = support::eventually("the client reports the lost session", || proc.exited());
     assert!(
-        started.elapsed() < Duration::from_secs(15),
+        started.elapsed() < scaled(Duration::from_secs(15)),
         "took {:?}",
         started.elapsed()
     );
@@ -909,7 +913,10 @@ fn agent_answers_garbage_with_a_clear_error() {
         let mut command = Command::new(support::BIN);
         command.args(["agent", "--stdio"]);
         let out = run(command, input);
-        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        assert!(
+            started.elapsed() < scaled(Duration::from_secs(10)),
+            "{what}"
+        );
         assert_eq!(out.code, 1, "{what}: {}", out.stderr);
         assert!(
             out.stderr.contains("protocol error"),

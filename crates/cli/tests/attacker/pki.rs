@@ -216,7 +216,7 @@ fn connector_leaf_with_the_relays_name_cannot_impersonate_the_relay() {
         outcome.contains("not for server authentication"),
         "the connector says why: {outcome}"
     );
-    assert_eq!(victim.count("linked to relay"), 0);
+    assert_eq!(victim.links_up(), 0);
 }
 
 #[test]
@@ -377,7 +377,7 @@ fn secret_files_keep_secrets_out_of_every_command_line() {
         .arg(format!("http:env.example.net={}", backend.addr()))
         .env("KITEPIPE_SECRET", STRONG_SECRET);
     let by_env = Proc::spawn("env-connector", by_env);
-    by_env.wait_for("linked to relay");
+    by_env.wait_links_up(1);
     for host in ["argv.example.net", "env.example.net"] {
         let body = curl_ok(&[
             "-H",
