@@ -4,6 +4,7 @@
 
 mod ca;
 mod exit;
+mod ready;
 mod remote;
 
 use std::path::PathBuf;
@@ -32,6 +33,12 @@ struct Cli {
     /// Log filter (error, warn, info, debug, trace, or per-module directives).
     #[arg(long, global = true, env = "KITEPIPE_LOG", default_value = "info")]
     log: String,
+    /// Print one JSON line on stdout per readiness change (relay: bound
+    /// addresses and fingerprint; connector: gateway, each link up/down),
+    /// for programs that start kitepipe: see crates/cli/src/ready.rs.
+    #[arg(long, global = true, env = "KITEPIPE_READY_JSON",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    ready_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -292,6 +299,7 @@ struct ConnectArgs {
 
 fn main() {
     let cli = Cli::parse();
+    ready::enable(cli.ready_json);
     // `Targets` (level, or `target=level` directives) rather than
     // `EnvFilter`: no regex engine in the binary or compiled at start, which
     // is a good part of the code a freshly started relay or connector maps.
@@ -473,6 +481,7 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
     let relay = Relay::bind(config).await?;
     reload_on_sighup(relay.reload_trigger());
+    ready::relay(&relay);
     println!("kitepipe relay ready");
     println!("  fingerprint {}", relay.fingerprint());
     for listener in relay.listeners() {
@@ -552,7 +561,9 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     if config.kites.is_empty() && config.events.gateway.is_none() {
         tracing::warn!("no --kite and no gateway: the connector links but serves nothing");
     }
+    let relays = config.relays.iter().map(|r| r.addr.clone()).collect();
     let connector = Connector::new(config).context("connector setup")?;
+    ready::connector(&connector, relays);
     println!("kitepipe connector starting");
     if let Some(gateway) = connector.gateway() {
         println!("  gateway on {gateway}");
@@ -566,6 +577,7 @@ async fn demo() -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let state_dir_for_print = state_dir.clone();
     let res = kitepipe::demo::run(state_dir.clone(), shutdown, |info| {
+        ready::demo(info);
         let http = info.http_addr;
         let port = http.port();
         println!("kitepipe demo is running: a relay, a connector and two sample services on this machine.");

@@ -54,6 +54,14 @@ fn demo_commands_work_as_printed_and_sigterm_exits_zero() {
     command.arg("demo");
     let mut demo = Proc::spawn("demo", command);
     let out = demo.wait_for("Press Ctrl-C");
+    // Its ready line (`--ready-json`, on by the fixture's environment)
+    // names the same relay the text does.
+    let ready = demo.wait_ready("demo", 1, |_| true);
+    let http = ready["http"].as_str().expect("the demo's HTTP address");
+    assert!(
+        out.contains(&format!("visitors' HTTP on {http}")),
+        "{ready}\n{out}"
+    );
 
     let curl_line = out
         .lines()

@@ -20,8 +20,11 @@ const ECHO_KITE: &str = "echo.example.net";
 /// The relay's `HEAD_TIMEOUT`: a visitor's first head must arrive within it.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a test socket waits to connect, or for one read or write.
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a test socket waits to connect, or for one read or write
+/// (20 s, scaled like the tests' patience).
+fn io_timeout() -> Duration {
+    scaled(Duration::from_secs(20))
+}
 
 /// Visitor connections opened at once by the flood tests.
 const FLOOD: usize = 2_000;
@@ -201,19 +204,19 @@ fn now() -> Instant {
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
-    let sock = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+    let sock = TcpStream::connect_timeout(&addr, io_timeout())
         .unwrap_or_else(|err| panic!("connect {addr}: {err}"));
-    sock.set_read_timeout(Some(IO_TIMEOUT))
+    sock.set_read_timeout(Some(io_timeout()))
         .expect("set read timeout");
-    sock.set_write_timeout(Some(IO_TIMEOUT))
+    sock.set_write_timeout(Some(io_timeout()))
         .expect("set write timeout");
     sock
 }
 
 /// Reads until the peer closes (EOF or reset); panics if it keeps the
-/// connection open past [`IO_TIMEOUT`]. Returns what arrived (at most 1 MiB).
+/// connection open past [`io_timeout`]. Returns what arrived (at most 1 MiB).
 fn read_until_closed(sock: &mut TcpStream) -> Vec<u8> {
-    let deadline = now() + IO_TIMEOUT;
+    let deadline = now() + io_timeout();
     let mut got = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     while got.len() < 1 << 20 {
@@ -230,13 +233,14 @@ fn read_until_closed(sock: &mut TcpStream) -> Vec<u8> {
             }
             Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 panic!(
-                    "peer kept the connection open for {IO_TIMEOUT:?}; got {} bytes",
+                    "peer kept the connection open for {:?}; got {} bytes",
+                    io_timeout(),
                     got.len()
                 )
             }
             Err(err) => panic!("read failed: {err}"),
         }
-        assert!(now() < deadline, "peer kept sending for {IO_TIMEOUT:?}");
+        assert!(now() < deadline, "peer kept sending for {:?}", io_timeout());
     }
     panic!("peer sent more than 1 MiB");
 }
@@ -394,11 +398,11 @@ fn slowloris_gets_408_while_others_are_served() {
         "relay kept the slow visitor for {answered_after:?}"
     );
     assert!(
-        answered_after <= HEAD_TIMEOUT + Duration::from_secs(5),
+        answered_after <= HEAD_TIMEOUT + scaled(Duration::from_secs(5)),
         "relay answered the slow visitor after {answered_after:?}"
     );
     if !closed {
-        sock.set_read_timeout(Some(IO_TIMEOUT))
+        sock.set_read_timeout(Some(io_timeout()))
             .expect("set read timeout");
         back.extend(read_until_closed(&mut sock));
     }
@@ -493,7 +497,7 @@ fn slow_reader_does_not_stall_others_or_grow_memory() {
     );
     assert_eq!(String::from_utf8_lossy(&out), "10000000");
     assert!(
-        took < Duration::from_secs(20),
+        took < scaled(Duration::from_secs(20)),
         "download took {took:?} next to a slow reader"
     );
 

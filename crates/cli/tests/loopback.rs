@@ -84,19 +84,6 @@ fn header(head: &str, name: &str) -> Option<String> {
     })
 }
 
-/// The public port the relay gave TCP kite `name`, from the connector's log.
-fn tcp_kite_port(connector: &Proc, name: &str) -> u16 {
-    let needle = format!("kite online kite=tcp:{name}:");
-    let out = connector.wait_for(&needle);
-    out.lines()
-        .find_map(|line| {
-            let rest = &line[line.find(&needle)? + needle.len()..];
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
-        })
-        .expect("connector logs the TCP kite's port")
-}
-
 /// A socket to 127.0.0.1:`port` whose reads and writes give up after [`patience`].
 fn connect(port: u16) -> TcpStream {
     let sock = TcpStream::connect(("127.0.0.1", port)).expect("connect to the relay");
@@ -374,7 +361,7 @@ fn tcp_kite_round_trips(relay_args: &[&str], connector_args: &[&str]) -> (usize,
         .kite(&format!("tcp:db.example.net:0={}", echo.addr()))
         .args(connector_args)
         .start();
-    let port = tcp_kite_port(&connector, "db.example.net");
+    let port = connector.tcp_kite_port("db.example.net");
     assert_ne!(port, 0);
     let workers: Vec<_> = (0..4u64)
         .map(|i| {
@@ -390,11 +377,7 @@ fn tcp_kite_round_trips(relay_args: &[&str], connector_args: &[&str]) -> (usize,
     for worker in workers {
         worker.join().expect("a TCP kite connection failed");
     }
-    assert_eq!(
-        connector.count("linked to relay"),
-        1,
-        "one link carried everything"
-    );
+    assert_eq!(connector.links_up(), 1, "one link carried everything");
     (
         thread_count(relay.proc.pid()),
         thread_count(connector.pid()),
@@ -556,7 +539,7 @@ fn one_connector_serves_its_kite_through_two_relays() {
         .secret(SECRET)
         .kite(&format!("http:blog.example.net={}", backend.addr()))
         .spawn();
-    connector.wait_for_count("linked to relay", 2);
+    connector.wait_links_up(2);
     for relay in [&first, &second] {
         let body = curl_ok(&["-H", "Host: blog.example.net", &relay.http_url()]);
         assert_eq!(body, "hello from backend\n", "through {}", relay.link);
@@ -702,7 +685,7 @@ fn http_connect_on_the_http_port_reaches_a_tcp_kite() {
         .secret(SECRET)
         .kite(&format!("tcp:ssh.example.net:0={}", echo.addr()))
         .start();
-    let port = tcp_kite_port(&connector, "ssh.example.net");
+    let port = connector.tcp_kite_port("ssh.example.net");
     let http_port = relay.http.expect("relay has an HTTP listener").port();
 
     let mut sock = connect(http_port);
@@ -763,7 +746,7 @@ fn http_and_tcp_kites_of_one_name_both_return_after_a_relay_restart() {
         .kite(&format!("tcp:web.example.net:0={}", backend.addr()))
         .args(&["--max-backoff", "1s"])
         .start();
-    let tcp_port = tcp_kite_port(&connector, "web.example.net");
+    let tcp_port = connector.tcp_kite_port("web.example.net");
     let url = format!("{}/", relay.http_url());
     assert_eq!(
         curl_ok(&["-H", "Host: web.example.net", &url]),
@@ -772,7 +755,7 @@ fn http_and_tcp_kites_of_one_name_both_return_after_a_relay_restart() {
 
     relay.proc.kill();
     relay = start();
-    connector.wait_for_count("linked to relay", 2);
+    connector.wait_links_up(2);
     assert_eq!(
         connector.count("relay refused kite"),
         0,

@@ -1,10 +1,11 @@
-//! End to end through a real NAT (`shared/netlab`): the backend and the
+//! End to end through a real NAT (`tools/netlab`): the backend and the
 //! connector sit in the `device` namespace behind a masquerading NAT that
 //! drops every connection from outside; the relay and the visitor sit on the
 //! lab's "internet". Each test builds its own lab, breaks the network the way
 //! users' networks break, and checks that the kite comes back by itself.
 //!
-//! Needs root (network namespaces, nftables); skips with a message otherwise.
+//! Needs root (network namespaces, nftables) and the tools in
+//! tools/test-deps.txt; says which is missing otherwise (and fails under `CI`).
 
 mod support;
 
@@ -17,8 +18,8 @@ use std::time::Duration;
 use support::*;
 use tokio::time::Instant;
 
-/// The lab tool; the repository and `shared` are siblings.
-const NETLAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/netlab/netlab");
+/// The lab tool, in the repository.
+const NETLAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tools/netlab/netlab");
 
 const SECRET: &str = "netlab-secret";
 const KITE: &str = "blog.example.net";
@@ -37,8 +38,11 @@ const HEARTBEAT: &str = "3s";
 const MAX_BACKOFF: &str = "2s";
 
 /// Detection must take about one heartbeat (pings every third of it, a check
-/// every third): 3-4 s. The bound leaves room for a loaded machine.
-const DETECT_WITHIN: Duration = Duration::from_secs(10);
+/// every third): 3-4 s. The bound (10 s, scaled like the tests' patience)
+/// leaves room for a loaded machine.
+fn detect_within() -> Duration {
+    scaled(Duration::from_secs(10))
+}
 
 /// One lab (namespaces, NAT, addresses), removed with `netlab down` on drop.
 struct Lab {
@@ -47,30 +51,29 @@ struct Lab {
 }
 
 impl Lab {
-    /// Builds a lab, or prints why this machine cannot and returns `None`.
-    fn up(test: &str) -> Option<Lab> {
+    /// Builds a lab, or says why this machine cannot and returns `None`
+    /// (under `CI`, fails instead).
+    fn up() -> Option<Lab> {
+        let ready = require_root("network namespaces (netlab)")
+            && require_tool("ip", "iproute2")
+            && require_tool("nft", "nftables")
+            && require_tool("conntrack", "conntrack")
+            && require_tool("python3", "python3")
+            && require_tool("curl", "curl");
+        if !ready {
+            return None;
+        }
         let out = Command::new(NETLAB)
             .arg("up")
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|err| panic!("cannot run {NETLAB}: {err}"));
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            let euid = euid();
-            if euid != Some(0) {
-                eprintln!(
-                    "SKIP {test}: netlab needs root (euid {euid:?}): {}",
-                    why.trim()
-                );
-                return None;
-            }
-            // CI installs the tools first; missing ones there are a CI bug.
-            if why.contains("missing tools") && std::env::var_os("CI").is_none() {
-                eprintln!("SKIP {test}: {}", why.trim());
-                return None;
-            }
-            panic!("netlab up failed as root ({}): {why}", out.status);
-        }
+        assert!(
+            out.status.success(),
+            "netlab up failed as root ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let vars: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -163,18 +166,6 @@ impl Drop for Lab {
     }
 }
 
-/// Effective uid of this process, from /proc (no libc call needed).
-fn euid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Starts the relay in the relay namespace with the lab's fixed ports.
 fn start_relay(lab: &Lab, state: &Path) -> RelayProc {
     let link = format!("{RELAY_IP}:{LINK_PORT}");
@@ -260,7 +251,7 @@ fn link_lines(relay: &RelayProc) -> Vec<String> {
 
 #[test]
 fn through_nat() {
-    let Some(lab) = Lab::up("through_nat") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     // Bound to every address of the device: only the NAT keeps outsiders away.
@@ -310,7 +301,7 @@ fn through_nat() {
 
 #[test]
 fn relay_restart() {
-    let Some(lab) = Lab::up("relay_restart") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let mut site = Site::start(&lab);
@@ -319,20 +310,21 @@ fn relay_restart() {
 
     let killed = Instant::now();
     site.relay.proc.kill();
-    logged(&site.connector, "link to relay lost", killed);
+    site.connector.wait_links_down(1);
+    eprintln!("netlab: link lost {:.2?} after the kill", killed.elapsed());
     // Same state dir: same certificate, so the connector's pin still holds.
     let restarted = Instant::now();
     site.relay = start_relay(&lab, site.state.path());
     assert_eq!(site.relay.fingerprint, fingerprint);
 
     kite_serves(&lab, restarted, "the relay restarted");
-    site.connector.wait_for_count("linked to relay", 2);
+    site.connector.wait_links_up(2);
     assert_eq!(link_lines(&site.relay).len(), 1);
 }
 
 #[test]
 fn cut_restore() {
-    let Some(lab) = Lab::up("cut_restore") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let site = Site::start(&lab);
@@ -343,11 +335,11 @@ fn cut_restore() {
     let connector_saw = logged(&site.connector, "heartbeat timeout", cut);
     let relay_saw = logged(&site.relay.proc, "heartbeat timeout", cut);
     assert!(
-        connector_saw < DETECT_WITHIN,
+        connector_saw < detect_within(),
         "connector took {connector_saw:?}"
     );
-    assert!(relay_saw < DETECT_WITHIN, "relay took {relay_saw:?}");
-    assert!(site.connector.count("link to relay lost") >= 1);
+    assert!(relay_saw < detect_within(), "relay took {relay_saw:?}");
+    assert!(site.connector.links_down() >= 1);
     // Meanwhile visitors get a prompt "offline" page, not a hang.
     let (status, body) = lab
         .visit("/")
@@ -357,12 +349,12 @@ fn cut_restore() {
     let restored = Instant::now();
     lab.netlab("restore", &[]);
     kite_serves(&lab, restored, "netlab restore");
-    assert!(site.connector.count("linked to relay") >= 2);
+    assert!(site.connector.links_up() >= 2);
 }
 
 #[test]
 fn nat_reset() {
-    let Some(lab) = Lab::up("nat_reset") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let site = Site::start(&lab);
@@ -371,9 +363,9 @@ fn nat_reset() {
     let reset = Instant::now();
     lab.netlab("nat-reset", &[]);
     let detected = logged(&site.connector, "heartbeat timeout", reset);
-    assert!(detected < DETECT_WITHIN, "connector took {detected:?}");
+    assert!(detected < detect_within(), "connector took {detected:?}");
     kite_serves(&lab, reset, "netlab nat-reset");
-    assert!(site.connector.count("linked to relay") >= 2);
+    assert!(site.connector.links_up() >= 2);
     // The new link comes through the same NAT address.
     let public = lab.var("NETLAB_NAT_PUBLIC_IP");
     let links = link_lines(&site.relay);
@@ -386,7 +378,7 @@ fn nat_reset() {
 
 #[test]
 fn move_to_another_address() {
-    let Some(lab) = Lab::up("move_to_another_address") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let site = Site::start(&lab);
@@ -404,7 +396,7 @@ fn move_to_another_address() {
         .to_string();
     assert_ne!(new, old);
     let detected = logged(&site.connector, "heartbeat timeout", moved);
-    assert!(detected < DETECT_WITHIN, "connector took {detected:?}");
+    assert!(detected < detect_within(), "connector took {detected:?}");
     kite_serves(&lab, moved, "netlab move");
 
     // The relay now sees the link from the new address.
@@ -415,7 +407,7 @@ fn move_to_another_address() {
 
 #[test]
 fn tcp_kite_through_nat_carries_bytes_both_ways() {
-    let Some(lab) = Lab::up("tcp_kite_through_nat") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let echo = Backend::start_wrapped("tcp-echo", &lab.prefix("device"), "127.0.0.1");
@@ -487,7 +479,7 @@ sys.stdout.buffer.flush()
 /// visitors into it until it times out.
 #[test]
 fn a_returning_connector_replaces_its_stale_link_at_once() {
-    let Some(lab) = Lab::up("stale_link") else {
+    let Some(lab) = Lab::up() else {
         return;
     };
     let state = TempDir::new("netlab-relay-state");
@@ -518,7 +510,7 @@ fn a_returning_connector_replaces_its_stale_link_at_once() {
     logged(&connector, "heartbeat timeout", reset);
     let took = kite_serves(&lab, reset, "nat-reset with a stale link on the relay");
     assert!(
-        took < Duration::from_secs(60),
+        took < scaled(Duration::from_secs(60)),
         "kite came back only after {took:?}"
     );
     relay.proc.wait_for("replacing its previous link");

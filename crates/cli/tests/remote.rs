@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kitepipe::remote::{ErrorKind, RemoteCommand, RemoteError, Session};
 use sshd::Sshd;
-use support::{Proc, TempDir, pseudo_random, sha256_hex};
+use support::{Gate, Proc, TempDir, patience, pseudo_random, scaled, sha256_hex};
 
 struct Run {
     code: i32,
@@ -62,7 +62,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn exec_passes_output_exit_status_stdin_env_and_cwd() {
-    if sshd::skip_without_sshd("exec") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -109,7 +109,7 @@ fn exec_passes_output_exit_status_stdin_env_and_cwd() {
 
 #[test]
 fn exec_on_a_terminal() {
-    if sshd::skip_without_sshd("tty") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -179,18 +179,14 @@ fn exec_on_a_terminal() {
 
 #[test]
 fn exec_output_streams_live() {
-    if sshd::skip_without_sshd("streaming") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
-    let mut command = sshd.kitepipe(&[
-        "exec",
-        "-n",
-        "--",
-        "sh",
-        "-c",
-        "echo first; sleep 3; echo second",
-    ]);
+    // The command prints its second line only once the test saw the first.
+    let gate = Gate::new("live-gate");
+    let script = format!("echo first; {}; echo second", gate.script("live"));
+    let mut command = sshd.kitepipe(&["exec", "-n", "--", "sh", "-c", &script]);
     command.env_remove("KITEPIPE_LOG");
     let proc = Proc::spawn("remote exec", command);
     proc.wait_for("first");
@@ -199,12 +195,13 @@ fn exec_output_streams_live() {
         "the first line arrived while the command still ran"
     );
     assert!(!proc.output().contains("second"));
+    gate.open();
     proc.wait_for("second");
 }
 
 #[test]
 fn file_operations_and_typed_errors() {
-    if sshd::skip_without_sshd("file ops") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -294,7 +291,7 @@ fn file_operations_and_typed_errors() {
 
 #[test]
 fn permission_denied_arrives_typed() {
-    if sshd::skip_without_sshd("permission denied") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -324,7 +321,7 @@ fn permission_denied_arrives_typed() {
 
 #[test]
 fn cp_of_100_mb_both_ways_keeps_every_byte() {
-    if sshd::skip_without_sshd("cp") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -363,7 +360,7 @@ fn cp_of_100_mb_both_ways_keeps_every_byte() {
 
 #[test]
 fn port_forwarding_reaches_an_address_seen_from_the_host() {
-    if sshd::skip_without_sshd("forward") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -399,8 +396,7 @@ fn port_forwarding_reaches_an_address_seen_from_the_host() {
         .to_string();
     for round in 0..3 {
         let mut conn = std::net::TcpStream::connect(&local).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        conn.set_read_timeout(Some(patience())).unwrap();
         let msg = format!("hello {round}\n").repeat(1000);
         conn.write_all(msg.as_bytes()).unwrap();
         conn.shutdown(std::net::Shutdown::Write).unwrap();
@@ -422,15 +418,14 @@ fn port_forwarding_reaches_an_address_seen_from_the_host() {
         .unwrap()
         .to_string();
     let mut conn = std::net::TcpStream::connect(&local).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    conn.set_read_timeout(Some(patience())).unwrap();
     let mut buf = [0u8; 16];
     assert!(matches!(conn.read(&mut buf), Ok(0) | Err(_)));
 }
 
 #[test]
 fn many_operations_run_concurrently_over_one_session() {
-    if sshd::skip_without_sshd("concurrent") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -438,16 +433,18 @@ fn many_operations_run_concurrently_over_one_session() {
     let rt = runtime();
     rt.block_on(async {
         let session = Session::ssh(sshd.options()).await.unwrap();
-        // A slow command does not hold up the others.
+        // A slow command (held until the others are done) does not hold
+        // them up.
+        let gate = Gate::new("conc-gate");
+        let script = format!("{}; echo slow", gate.script("slow"));
         let slow = {
             let session = session.clone();
             tokio::spawn(async move {
                 session
-                    .output(&RemoteCommand::new("sh").args(["-c", "sleep 2; echo slow"]))
+                    .output(&RemoteCommand::new("sh").args(["-c", &script]))
                     .await
             })
         };
-        let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..60u32 {
             let session = session.clone();
@@ -474,9 +471,10 @@ fn many_operations_run_concurrently_over_one_session() {
             res.unwrap().unwrap();
         }
         assert!(
-            started.elapsed() < Duration::from_secs(2) || !slow.is_finished(),
+            !slow.is_finished(),
             "180 operations were not serialized behind the slow one"
         );
+        gate.open();
         let slow = slow.await.unwrap().unwrap();
         assert_eq!(slow.stdout, b"slow\n");
         assert_eq!(
@@ -513,7 +511,7 @@ fn kitepipe_entries(dir: &str) -> Vec<String> {
 
 #[test]
 fn nothing_is_left_on_the_host() {
-    if sshd::skip_without_sshd("leftovers") {
+    if !sshd::required() {
         return;
     }
     // No XDG_RUNTIME_DIR: the agent lands in /dev/shm, as on most hosts.
@@ -524,9 +522,12 @@ fn nothing_is_left_on_the_host() {
     let work = TempDir::new("left");
     let file = work.path().join("x");
     std::fs::write(&file, b"payload").unwrap();
-    // A session with a long command: while it runs, the agent's file is
-    // already gone and the process runs from an unlinked executable.
-    let mut command = sshd.kitepipe(&["exec", "-n", "--", "sh", "-c", "echo agent=$PPID; sleep 2"]);
+    // A session with a command held until the checks are done: while it
+    // runs, the agent's file is already gone and the process runs from an
+    // unlinked executable.
+    let gate = Gate::new("left-gate");
+    let script = format!("echo agent=$PPID; {}", gate.script("left"));
+    let mut command = sshd.kitepipe(&["exec", "-n", "--", "sh", "-c", &script]);
     command.env_remove("KITEPIPE_LOG");
     let proc = Proc::spawn("session", command);
     let out = proc.wait_for("agent=");
@@ -548,6 +549,7 @@ fn nothing_is_left_on_the_host() {
         shm_before,
         "the agent file is removed before serving"
     );
+    gate.open();
     support::eventually("the session ends", || proc.exited());
     ok(sshd.kitepipe(&[
         "cp",
@@ -567,7 +569,7 @@ fn nothing_is_left_on_the_host() {
 
 #[test]
 fn runtime_dir_is_used_and_left_empty() {
-    if sshd::skip_without_sshd("runtime dir") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -583,7 +585,7 @@ fn runtime_dir_is_used_and_left_empty() {
 
 #[test]
 fn cache_keeps_the_agent_by_hash_and_reuses_it() {
-    if sshd::skip_without_sshd("cache") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -602,7 +604,7 @@ fn cache_keeps_the_agent_by_hash_and_reuses_it() {
 
 #[test]
 fn unreachable_host_and_refused_login_fail_clearly() {
-    if sshd::skip_without_sshd("unreachable") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -653,7 +655,8 @@ fn a_host_that_never_answers_times_out() {
         for conn in silent.incoming().take(2) {
             conns.push(conn);
         }
-        std::thread::park_timeout(Duration::from_secs(30));
+        // Held (silent) for as long as the test may wait.
+        std::thread::park_timeout(patience());
     });
     let started = Instant::now();
     let mut command = Command::new(support::BIN);
@@ -677,8 +680,9 @@ fn a_host_that_never_answers_times_out() {
         "true",
     ]);
     let out = run(command, b"");
+    // The connect timeout (2 s), and the rest scaled like patience.
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(2) + scaled(Duration::from_secs(8)),
         "took {:?}",
         started.elapsed()
     );
@@ -717,7 +721,7 @@ fn tool_dir(tmp: &TempDir, leave_out: &[&str]) -> String {
 
 #[test]
 fn bootstrap_refuses_hosts_it_cannot_run_on() {
-    if sshd::skip_without_sshd("bootstrap") {
+    if !sshd::required() {
         return;
     }
     // A host without `head`.
@@ -771,7 +775,7 @@ fn bootstrap_refuses_hosts_it_cannot_run_on() {
 
 #[test]
 fn a_session_killed_mid_operation_is_reported() {
-    if sshd::skip_without_sshd("killed session") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -795,7 +799,7 @@ fn a_session_killed_mid_operation_is_reported() {
         .unwrap();
     let status = support::eventually("the client reports the lost session", || proc.exited());
     assert!(
-        started.elapsed() < Duration::from_secs(15),
+        started.elapsed() < scaled(Duration::from_secs(15)),
         "took {:?}",
         started.elapsed()
     );
@@ -810,14 +814,14 @@ fn a_session_killed_mid_operation_is_reported() {
 
 #[test]
 fn jump_host_and_sudo_chain_in_one_command() {
-    if sshd::skip_without_sshd("jump") {
+    if !sshd::required() {
         return;
     }
     let sshd = Sshd::new().start();
     // ProxyJump through the same sshd (to itself on loopback).
     let out = ok(sshd.kitepipe_with(&["-J", sshd::HOST], &["exec", "--", "echo", "jumped"]));
     assert_eq!(out, "jumped\n");
-    if !sudo_ready("jump+sudo") {
+    if !sudo_ready() {
         return;
     }
     let out = ok(sshd.kitepipe_with(&["-J", sshd::HOST, "--sudo"], &["exec", "--", "id", "-u"]));
@@ -826,7 +830,7 @@ fn jump_host_and_sudo_chain_in_one_command() {
 
 #[test]
 fn sudo_without_a_password_rule_fails_clearly() {
-    if sshd::skip_without_sshd("sudo") || !sudo_ready("sudo") {
+    if !sshd::required() || !sudo_ready() {
         return;
     }
     let sshd = Sshd::new().start();
@@ -850,32 +854,16 @@ fn sudo_without_a_password_rule_fails_clearly() {
     assert_eq!(out.trim(), user);
 }
 
-/// Whether sudo and root are here (SKIP outside CI, fail in CI).
-fn sudo_ready(test: &str) -> bool {
-    let has_sudo = Command::new("sh")
-        .args(["-c", "command -v sudo"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let why = match (sshd::is_root(), has_sudo) {
-        (true, true) => return true,
-        (false, _) => "not running as root",
-        (true, false) => "sudo is not installed",
-    };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: {why} (CI runs as root and installs sudo)");
-    }
-    eprintln!("SKIP {test}: {why}");
-    false
+/// Whether sudo and root are here; if not, the test cannot run and says
+/// so (or fails under `CI`).
+fn sudo_ready() -> bool {
+    support::require_root("sudo on the host") && support::require_tool("sudo", "sudo")
 }
 
 /// A user without sudo rights for tests (created when running as root).
 fn unprivileged_user() -> Option<String> {
     const USER: &str = "kitepipe-test";
-    if !sshd::is_root() {
-        if std::env::var_os("CI").is_some() {
-            panic!("CI runs as root");
-        }
-        eprintln!("SKIP: needs root to create {USER}");
+    if !support::require_root(&format!("creating the user {USER}")) {
         return None;
     }
     let exists = Command::new("id")
@@ -925,7 +913,10 @@ fn agent_answers_garbage_with_a_clear_error() {
         let mut command = Command::new(support::BIN);
         command.args(["agent", "--stdio"]);
         let out = run(command, input);
-        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+        assert!(
+            started.elapsed() < scaled(Duration::from_secs(10)),
+            "{what}"
+        );
         assert_eq!(out.code, 1, "{what}: {}", out.stderr);
         assert!(
             out.stderr.contains("protocol error"),

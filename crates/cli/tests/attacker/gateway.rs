@@ -135,6 +135,14 @@ impl Upstream {
     }
 
     /// Every request the upstream received so far, as JSON.
+    /// Waits until the upstream logged `count` requests (its log line
+    /// comes before its answer, but is read by another thread, so an answer
+    /// can arrive here first); returns them all.
+    fn wait_seen(&self, count: usize) -> Vec<serde_json::Value> {
+        self.proc.wait_for_count("SEEN ", count);
+        self.seen()
+    }
+
     fn seen(&self) -> Vec<serde_json::Value> {
         self.proc
             .output()
@@ -186,7 +194,7 @@ fn forged_caller_identity_never_reaches_a_handler() {
     // once, and nothing the caller wrote in X-Kitepipe-*.
     let (status, _, body) = raw(cgw, &request_text("GET", "/server/whoami", &host, &forged));
     assert_eq!(status, 200, "{body}");
-    let seen = upstream.seen();
+    let seen = upstream.wait_seen(1);
     assert_eq!(seen.len(), 1, "{seen:?}");
     let seen = &seen[0];
     assert_eq!(
@@ -504,7 +512,7 @@ fn dot_segments_never_reach_the_upstream() {
         &request_text("GET", "/server/status//full/a%20b", &host, &[]),
     );
     assert_eq!(status, 200, "{body}");
-    let seen = upstream.seen();
+    let seen = upstream.wait_seen(1);
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0]["path"], "/api/status//full/a%20b");
     for seen in upstream.seen() {
@@ -609,7 +617,7 @@ fn queued_handler_runs_never_outlive_their_callers() {
     // may even hang up before its request was accepted): a handler may
     // start within this of the hang-up, and is stopped at once. Under an
     // unbounded queue they start rounds of 6 s later.
-    let slack = Duration::from_secs(1);
+    let slack = scaled(Duration::from_secs(1));
     let late: Vec<_> = outcomes
         .iter()
         .filter(|(_, o)| o.status != 200)

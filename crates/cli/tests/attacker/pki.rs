@@ -79,7 +79,7 @@ fn openssl_text(cert: &Path) -> String {
         .args(["x509", "-noout", "-text", "-in"])
         .arg(cert)
         .output()
-        .expect("openssl is installed");
+        .unwrap_or_else(|err| panic!("cannot run openssl: {err} ({DEPS_HINT})"));
     assert!(out.status.success(), "openssl failed on {}", cert.display());
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -216,7 +216,7 @@ fn connector_leaf_with_the_relays_name_cannot_impersonate_the_relay() {
         outcome.contains("not for server authentication"),
         "the connector says why: {outcome}"
     );
-    assert_eq!(victim.count("linked to relay"), 0);
+    assert_eq!(victim.links_up(), 0);
 }
 
 #[test]
@@ -305,10 +305,8 @@ fn ca_init_into_a_world_writable_directory_is_tightened_with_a_message() {
 
 #[test]
 fn key_directory_of_another_user_is_refused() {
-    if !rustix::process::geteuid().is_root() {
-        // Only root can give a directory to another user; as anyone else
-        // the ownership check is reached by the same code as for root.
-        eprintln!("skipped: needs root to chown a directory");
+    // Only root can give a directory to another user.
+    if !crate::support::require_root("giving a directory to another user") {
         return;
     }
     let base = TempDir::new("pki-foreign");
@@ -379,7 +377,7 @@ fn secret_files_keep_secrets_out_of_every_command_line() {
         .arg(format!("http:env.example.net={}", backend.addr()))
         .env("KITEPIPE_SECRET", STRONG_SECRET);
     let by_env = Proc::spawn("env-connector", by_env);
-    by_env.wait_for("linked to relay");
+    by_env.wait_links_up(1);
     for host in ["argv.example.net", "env.example.net"] {
         let body = curl_ok(&[
             "-H",

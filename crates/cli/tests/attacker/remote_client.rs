@@ -34,7 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::support::{BIN, TempDir, eventually, patience, sha256_hex};
+use crate::support::{BIN, TempDir, eventually, patience, scaled, sha256_hex};
 
 /// What a hostile host puts in every string it controls: sets the window
 /// title, clears the screen, homes the cursor, prints a reassuring lie,
@@ -423,7 +423,7 @@ fn endless_listing_is_cut_at_its_bound() {
     let out = run_within(
         host.kitepipe(&["--timeout", "120s"], &["ls", "/"]),
         b"",
-        Duration::from_secs(120),
+        scaled(Duration::from_secs(120)),
     );
     assert_eq!(out.code, Some(4), "{}", out.text());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -789,7 +789,7 @@ mod sshd;
 // pushed and replaces it.
 #[test]
 fn planted_cache_file_is_not_run_over_real_ssh() {
-    if sshd::skip_without_sshd("planted cache") {
+    if !sshd::required() {
         return;
     }
     let sshd = sshd::Sshd::new().start();
@@ -806,7 +806,7 @@ fn planted_cache_file_is_not_run_over_real_ssh() {
     let out = run_within(
         sshd.kitepipe_with(&["--cache"], &["exec", "-n", "--", "echo", "real"]),
         b"",
-        Duration::from_secs(120),
+        scaled(Duration::from_secs(120)),
     );
     assert!(!marker.exists(), "the planted file ran: {}", out.text());
     assert_eq!(out.code, Some(0), "{}", out.text());

@@ -21,6 +21,9 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kitepipe");
 
+/// How to install every tool the tests run, for messages about a missing one.
+pub const DEPS_HINT: &str = "the tests' tools: sudo apt-get install $(cat tools/test-deps.txt)";
+
 /// How long to wait for things that should happen "soon" (a process being
 /// ready, a link coming back). `KITEPIPE_TEST_PATIENCE` (seconds) raises it
 /// on slow machines.
@@ -28,8 +31,19 @@ pub fn patience() -> Duration {
     let secs = std::env::var("KITEPIPE_TEST_PATIENCE")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(DEFAULT_PATIENCE_SECS);
     Duration::from_secs(secs)
+}
+
+/// The default of [`patience`], in seconds: the bounds tests write are
+/// for a machine this patient.
+const DEFAULT_PATIENCE_SECS: u64 = 30;
+
+/// `bound` (an upper bound on how long something may take, as a test
+/// writes it) scaled like [`patience`]: unchanged by default, twice as
+/// long with `KITEPIPE_TEST_PATIENCE=60`.
+pub fn scaled(bound: Duration) -> Duration {
+    bound.mul_f64(patience().as_secs_f64() / DEFAULT_PATIENCE_SECS as f64)
 }
 
 /// Polls `check` until it returns `Some`, or panics after [`patience`].
@@ -45,6 +59,69 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
         }
         std::thread::park_timeout(Duration::from_millis(50));
     }
+}
+
+/// Whether this machine has `tool` (a command on `PATH`, or an absolute
+/// path), which Debian ships in `package`. When it does not, the test
+/// cannot run: this says so on the terminal (past the test harness's
+/// capture, so a plain `cargo test` shows it) naming the test, the tool and
+/// how to get it, and returns false for the test to return early. With `CI`
+/// set it fails the test instead: CI installs every tool
+/// (tools/test-deps.txt), so a missing one there is a bug.
+///
+/// ```ignore
+/// if !require_tool("/usr/sbin/sshd", "openssh-server") {
+///     return;
+/// }
+/// ```
+pub fn require_tool(tool: &str, package: &str) -> bool {
+    let found = if tool.starts_with('/') {
+        Path::new(tool).exists()
+    } else {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    found
+        || cannot_run(&format!(
+            "needs {tool}, which is not installed: sudo apt-get install {package} \
+             (every test package: sudo apt-get install $(cat tools/test-deps.txt))"
+        ))
+}
+
+/// Whether the test runs as root (network namespaces, other users'
+/// files, sudo); otherwise like a missing tool in [`require_tool`]: said
+/// on the terminal, or a failure with `CI` set.
+pub fn require_root(what: &str) -> bool {
+    is_root()
+        || cannot_run(&format!(
+            "needs root for {what}: run the tests as root (e.g. sudo -E cargo test)"
+        ))
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Reports that the current test cannot run, `why`; returns false, or
+/// panics with `CI` set.
+fn cannot_run(why: &str) -> bool {
+    let thread = std::thread::current();
+    let test = match thread.name() {
+        Some(name) if name != "main" => name,
+        _ => "a test",
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} {why} (CI installs every tool: .ci/run)");
+    }
+    // Straight to the stderr handle rather than `eprintln!`, which the
+    // test harness captures and shows only for failing tests.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "NOT RUN {test}: {why}");
+    false
 }
 
 /// A fresh temporary directory, removed on drop.
@@ -88,10 +165,13 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .env("KITEPIPE_LOG", "info,kitepipe=debug");
+            .env("KITEPIPE_LOG", "info,kitepipe=debug")
+            // Relays and connectors say when they are ready in JSON lines
+            // (`--ready-json`), which the fixtures wait on.
+            .env("KITEPIPE_READY_JSON", "1");
         let mut child = command
             .spawn()
-            .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
+            .unwrap_or_else(|err| panic!("cannot start {name}: {err} ({DEPS_HINT})"));
         let output = Arc::new(Mutex::new(String::new()));
         for pipe in [
             child
@@ -156,6 +236,107 @@ impl Proc {
                 None
             },
         )
+    }
+
+    /// The `--ready-json` lines (crates/cli/src/ready.rs) printed so far,
+    /// parsed, in order: the machine-readable readiness of a relay or a
+    /// connector, which tests wait on instead of log text.
+    pub fn ready_lines(&self) -> Vec<serde_json::Value> {
+        self.output()
+            .lines()
+            .filter(|l| l.starts_with("{\"ready\":"))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|err| panic!("bad ready line {l:?}: {err}"))
+            })
+            .collect()
+    }
+
+    /// Waits until `count` ready lines of kind `ready` (and matching
+    /// `also`) were printed; returns the `count`-th.
+    pub fn wait_ready(
+        &self,
+        ready: &str,
+        count: usize,
+        also: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.wait_ready_where(&format!("ready {ready:?}"), count, |l| {
+            l["ready"] == ready && also(l)
+        })
+    }
+
+    /// Waits until `count` ready lines matching `pick` (described as
+    /// `what`) were printed; returns the `count`-th.
+    pub fn wait_ready_where(
+        &self,
+        what: &str,
+        count: usize,
+        pick: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        eventually(&format!("{} to say {what} x{count}", self.name), || {
+            let lines: Vec<_> = self.ready_lines().into_iter().filter(&pick).collect();
+            if lines.len() >= count {
+                return lines.into_iter().nth(count - 1);
+            }
+            if let Some(status) = self.exited() {
+                panic!(
+                    "{} exited ({status}) before saying {what} x{count}:\n{}",
+                    self.name,
+                    self.output()
+                );
+            }
+            None
+        })
+    }
+
+    /// How many times a connector's links came up (to any relay) so far:
+    /// each registration a relay confirmed.
+    pub fn links_up(&self) -> usize {
+        self.count_links("up")
+    }
+
+    /// How many times a connector's links were lost so far.
+    pub fn links_down(&self) -> usize {
+        self.count_links("down")
+    }
+
+    fn count_links(&self, state: &str) -> usize {
+        self.ready_lines()
+            .iter()
+            .filter(|l| l["ready"] == "link" && l["state"] == state)
+            .count()
+    }
+
+    /// Waits until a connector's links came up `count` times in all.
+    pub fn wait_links_up(&self, count: usize) -> serde_json::Value {
+        self.wait_ready("link", count, |l| l["state"] == "up")
+    }
+
+    /// Waits until a link came up with a kite whose name (`tcp:NAME:PORT`,
+    /// `http:NAME`) matches `pick`; returns that name.
+    pub fn wait_kite_online(&self, what: &str, pick: impl Fn(&str) -> bool) -> String {
+        let kite_of = |line: &serde_json::Value| -> Option<String> {
+            line["kites"].as_array()?.iter().find_map(|k| {
+                let kite = k["kite"].as_str()?;
+                pick(kite).then(|| kite.to_string())
+            })
+        };
+        let line = self.wait_ready("link", 1, |l| l["state"] == "up" && kite_of(l).is_some());
+        kite_of(&line).unwrap_or_else(|| panic!("{what} in {line}"))
+    }
+
+    /// The public port a relay gave the TCP kite `name`, as the connector
+    /// said when the kite came online (the first time).
+    pub fn tcp_kite_port(&self, name: &str) -> u16 {
+        let prefix = format!("tcp:{name}:");
+        let kite = self.wait_kite_online(&prefix, |k| k.starts_with(&prefix));
+        kite[prefix.len()..]
+            .parse()
+            .unwrap_or_else(|_| panic!("no port in {kite:?}"))
+    }
+
+    /// Waits until a connector's links were lost `count` times in all.
+    pub fn wait_links_down(&self, count: usize) -> serde_json::Value {
+        self.wait_ready("link", count, |l| l["state"] == "down")
     }
 
     /// How many times `needle` occurs in the output so far.
@@ -327,35 +508,27 @@ impl Relay {
             c
         };
         command
-            .arg("relay")
+            .args(["relay", "--ready-json"])
             .args(&args)
             .arg("--state-dir")
             .arg(&state_path)
             .current_dir(state.path());
         let proc = Proc::spawn("relay", command);
-        let out = proc.wait_for("connectors: kitepipe connect");
-        let fingerprint = out
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("fingerprint "))
-            .expect("relay prints its fingerprint")
-            .to_string();
-        let addr_of = |role: &str| {
-            out.lines().find_map(|l| {
-                let l = l.trim();
-                let (roles, addr) = l.split_once(" on ")?;
-                if roles.split('+').any(|r| r == role) && !l.starts_with("connectors") {
-                    addr.trim().parse::<SocketAddr>().ok()
-                } else {
-                    None
-                }
-            })
+        let ready = proc.wait_ready("relay", 1, |_| true);
+        let first = |role: &str| {
+            ready[role]
+                .get(0)
+                .and_then(|addr| addr.as_str()?.parse::<SocketAddr>().ok())
         };
         RelayProc {
-            link: addr_of("links").expect("relay prints its link address"),
-            http: addr_of("http"),
-            https: addr_of("https"),
-            gateway: addr_of("gateway"),
-            fingerprint,
+            link: first("listen").expect("relay says its link address"),
+            http: first("http"),
+            https: first("https"),
+            gateway: ready["gateway"].as_str().and_then(|g| g.parse().ok()),
+            fingerprint: ready["fingerprint"]
+                .as_str()
+                .expect("relay says its fingerprint")
+                .to_string(),
             proc,
             state,
             state_path,
@@ -449,7 +622,7 @@ impl Connector {
             c.args(&self.prefix[1..]).arg(BIN);
             c
         };
-        command.arg("connect").args(&self.relays);
+        command.args(["connect", "--ready-json"]).args(&self.relays);
         if let Some(fp) = &self.fingerprint {
             command.args(["--fingerprint", fp]);
         }
@@ -463,18 +636,21 @@ impl Connector {
     /// Starts and waits until the first relay confirmed the registration.
     pub fn start(self) -> Proc {
         let proc = self.spawn();
-        proc.wait_for("linked to relay");
+        proc.wait_links_up(1);
         proc
     }
 }
 
-/// The event gateway a node printed at start (`  gateway on ADDR`).
+/// The event gateway's TCP address a relay or connector said at start
+/// (its ready line; the process runs with `--ready-json`).
 pub fn gateway_of(proc: &Proc) -> SocketAddr {
-    let out = proc.wait_for("gateway on ");
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix("gateway on "))
-        .and_then(|addr| addr.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{} printed no TCP gateway address:\n{out}", proc.name))
+    let ready = proc.wait_ready_where("its start", 1, |l| {
+        l["ready"] == "relay" || l["ready"] == "connector"
+    });
+    ready["gateway"]
+        .as_str()
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("{} has no TCP gateway: {ready}", proc.name))
 }
 
 /// Runs curl with `args`; returns (exit status code, stdout bytes, stderr).
@@ -483,7 +659,7 @@ pub fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
         .args(["-sS", "--max-time", "60", "--noproxy", "*"])
         .args(args)
         .output()
-        .expect("curl is installed");
+        .unwrap_or_else(|err| panic!("cannot run curl: {err} ({DEPS_HINT})"));
     (
         out.status.code().unwrap_or(-1),
         out.stdout,
@@ -573,6 +749,75 @@ pub fn handlers(tag: &str, scripts: &[(&str, &str)]) -> TempDir {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     dir
+}
+
+/// A gate for handler scripts, so a test orders events by what it sees
+/// rather than by sleeping: a script made by [`Gate::script`] marks that
+/// it started, then waits until the test calls [`Gate::open`] (or gives
+/// up after twice the patience, so a failed test leaves nothing behind).
+pub struct Gate {
+    dir: TempDir,
+}
+
+impl Gate {
+    pub fn new(tag: &str) -> Gate {
+        Gate {
+            dir: TempDir::new(tag),
+        }
+    }
+
+    /// Shell lines for a handler named `name`: mark the start, wait for
+    /// the gate.
+    pub fn script(&self, name: &str) -> String {
+        let dir = self.dir.path().display();
+        let polls = patience().as_secs() * 2 * 20;
+        format!(
+            ": > '{dir}/started-{name}-'$$\n\
+             i=0; while [ ! -e '{dir}/open' ] && [ $i -lt {polls} ]; do sleep 0.05; i=$((i+1)); done"
+        )
+    }
+
+    /// Waits until handlers named `name` started `count` times in all.
+    pub fn wait_started(&self, name: &str, count: usize) {
+        let prefix = format!("started-{name}-");
+        eventually(&format!("handler {name} to start x{count}"), || {
+            let started = std::fs::read_dir(self.dir.path())
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                        .count()
+                })
+                .unwrap_or(0);
+            (started >= count).then_some(())
+        });
+    }
+
+    /// Lets every waiting (and later) script go on.
+    pub fn open(&self) {
+        std::fs::write(self.dir.path().join("open"), b"").unwrap();
+    }
+}
+
+/// How many TCP connections to `port` on this machine the server side
+/// holds (established, IPv4 and IPv6), from /proc/net: a sign that a
+/// client's request reached a listener, when there is no log line for it.
+pub fn connections_to(port: u16) -> usize {
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    // local_address is field 1, st (01 = established) field 3.
+                    fields.len() > 3 && fields[1].ends_with(&port) && fields[3] == "01"
+                })
+                .count()
+        })
+        .sum()
 }
 
 /// A temp path as a command-line argument.

@@ -10,46 +10,20 @@
 //! ```
 #![allow(dead_code, unreachable_pub)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use crate::support::{BIN, Proc, TempDir, free_port};
+use crate::support::{BIN, Proc, TempDir, free_port, require_tool};
 
 /// The host alias of the server in [`SshdProc::ssh_config`].
 pub const HOST: &str = "target";
 
-/// Whether the tools are here; `Err` says what is missing.
-pub fn available() -> Result<(), String> {
-    let mut missing = Vec::new();
-    if !Path::new("/usr/sbin/sshd").exists() {
-        missing.push("/usr/sbin/sshd (openssh-server)");
-    }
-    for tool in ["ssh", "ssh-keygen"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|out| out.status.success());
-        if !found {
-            missing.push(tool);
-        }
-    }
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("missing tools: {}", missing.join(", ")))
-    }
-}
-
-/// Skips (returns true) when sshd is missing outside CI; panics in CI.
-pub fn skip_without_sshd(test: &str) -> bool {
-    match available() {
-        Ok(()) => false,
-        Err(why) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIP {test}: {why}");
-            true
-        }
-        Err(why) => panic!("{test}: {why} (CI installs them: .ci/run)"),
-    }
+/// Whether the OpenSSH server and client are here; if not, the test
+/// cannot run and [`require_tool`] says so (or fails it under `CI`).
+pub fn required() -> bool {
+    require_tool("/usr/sbin/sshd", "openssh-server")
+        && require_tool("ssh", "openssh-client")
+        && require_tool("ssh-keygen", "openssh-client")
 }
 
 /// Builder for an sshd.
@@ -231,6 +205,5 @@ pub fn current_user() -> String {
 }
 
 pub fn is_root() -> bool {
-    let out = Command::new("id").arg("-u").output().expect("run id");
-    String::from_utf8_lossy(&out.stdout).trim() == "0"
+    crate::support::is_root()
 }
