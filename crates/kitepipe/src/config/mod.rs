@@ -13,7 +13,7 @@ use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
 use serde::Deserialize;
 
-use crate::link::DEFAULT_HEARTBEAT;
+use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
 use crate::pki::{
     AllowRule, CrlSource, Fingerprint, IDENTITY_CA_FILE, IdentityPattern, IdentityRules,
     KitePattern, NodeIdentity, PkiError, RelayTrust, RemoteRule, Secret, ca, protect_secret_file,

@@ -26,11 +26,7 @@ pub use mux::{IncomingStream, Mux, MuxConfig, MuxReceivers, MuxStream, Side, Str
 pub use records::LinkIo;
 pub(crate) use shared::SharedStream;
 
-/// Default heartbeat: a link silent this long is dead, and so is one whose
-/// peer answers none of our pings for two of it. Pings go out every
-/// third of it, which also keeps NAT mappings alive (home routers and CGNAT
-/// forget idle TCP flows after minutes, never seconds).
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+pub use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
 
 /// Why a link closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
