@@ -35,59 +35,161 @@ fn provable_node_name(kites: &[KiteTarget], host: Option<&str>) -> Option<String
     }
 }
 
-/// Connector settings as written (TOML file and flags).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Connector settings as written: one declaration per setting serves the
+/// flag (`--max-backoff`), its environment variable
+/// (`KITEPIPE_MAX_BACKOFF`) and the TOML key (`max_backoff`); the doc
+/// comment of each field is its `--help` text. [`RawConnectorConfig::load`]
+/// lays flags and environment over the file.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize, Serialize)]
+#[serde(default)]
 pub struct RawConnectorConfig {
-    /// Relays to link to, `host:port` each.
-    #[serde(default)]
+    /// Relays to link to, HOST:PORT. Several relays: one link to each.
+    #[arg(env = "KITEPIPE_RELAY", value_name = "RELAY")]
     pub relay: Vec<String>,
-    /// Kites: `PROTO:NAME[:PORT]=TARGET`.
-    #[serde(default)]
-    pub kite: Vec<String>,
-    /// Shared secret for the kites' domain.
+    /// A kite to serve: `PROTO:NAME[:PORT]=TARGET`, e.g. `http:blog.example.net=127.0.0.1:8000`,
+    /// `https:blog.example.net=8443`, `tcp:db.example.net:15432=127.0.0.1:5432`
+    /// (port 0: the relay picks). Repeatable. In the --config file: `[[kite]]`
+    /// tables with name, protocol, port and target.
+    #[arg(long, env = "KITEPIPE_KITE", value_name = "SPEC")]
+    pub kite: Vec<RawKiteSpec>,
+    /// Shared secret of the kites' domain on the relay (never sent: it signs
+    /// a challenge). Every local user can read the command line: prefer
+    /// --secret-file or the environment variable KITEPIPE_SECRET.
+    #[arg(
+        long,
+        env = "KITEPIPE_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
     pub secret: Option<String>,
-    /// File holding the shared secret (surrounding whitespace ignored),
-    /// instead of `secret`.
+    /// File holding the shared secret (mode 0600; surrounding whitespace
+    /// ignored). Without --secret and --secret-file, KITEPIPE_SECRET is used.
+    #[arg(long, env = "KITEPIPE_SECRET_FILE", value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
-    /// Pinned relay certificate fingerprints: one for all relays, or one
-    /// per relay in the same order.
-    #[serde(default)]
+    /// The relay certificate's fingerprint, as the relay printed it at start.
+    /// With several relays: once for all, or once per relay in the same order.
+    #[arg(long, env = "KITEPIPE_FINGERPRINT", value_name = "SHA256:HEX")]
     pub fingerprint: Vec<String>,
-    /// CA certificate (PEM) the relay's certificate must chain to.
+    /// CA certificate (PEM) the relay's certificate must chain to (instead of --fingerprint).
+    #[arg(long, env = "KITEPIPE_CA", value_name = "FILE")]
     pub ca: Option<PathBuf>,
-    /// This connector's node name (default: the certificate's name; with a
-    /// secret, the first secret kite's name, which the secret can prove;
-    /// else the host name).
+    /// This connector's node name; it routes events and remote operations
+    /// only if proven: a certificate's name, or a name under a domain whose
+    /// secret the connector holds [default: the certificate's name, else the
+    /// first secret kite's name, else the host name].
+    #[arg(long, env = "KITEPIPE_NAME", value_name = "NAME")]
     pub name: Option<String>,
-    /// Heartbeat interval, e.g. `15s`.
+    /// A link silent this long is dead, e.g. 15s.
+    #[arg(long, env = "KITEPIPE_HEARTBEAT", value_name = "DURATION")]
     pub heartbeat: Option<String>,
-    /// Ceiling of the reconnect backoff, e.g. `15s`.
+    /// Longest wait between reconnect attempts, e.g. 15s.
+    #[arg(long, env = "KITEPIPE_MAX_BACKOFF", value_name = "DURATION")]
     pub max_backoff: Option<String>,
-    /// Identity directory written by `kitepipe ca issue` (`cert.pem`,
-    /// `key.pem`, `ca.pem`).
-    pub identity: Option<PathBuf>,
-    /// This connector's certificate chain (PEM), instead of `identity`.
-    pub cert: Option<PathBuf>,
-    /// Private key (PEM) for `cert`.
-    pub key: Option<PathBuf>,
-    /// Event gateway address: `IP:PORT` on loopback, `unix:PATH`, or `off`.
-    pub gateway: Option<String>,
-    /// Directory of event handler executables.
-    pub handlers: Option<PathBuf>,
-    /// Local HTTP server that handles events, `http://127.0.0.1:PORT[/BASE]`.
-    pub handler_upstream: Option<String>,
-    /// How long an event waits for an offline node, e.g. `30s`.
-    pub event_wait: Option<String>,
-    /// How long a handler may go without progress, e.g. `30s`.
-    pub event_timeout: Option<String>,
-    /// Kinds of remote operations accepted from the relay (`exec,fs,forward`
-    /// or `all`); none unless given.
+    /// Accept remote operations from the relay (off by default): exec, fs,
+    /// fs-read, forward or all, comma-separated, e.g. --allow-remote
+    /// exec,fs. fs (every file operation) is as good as exec; fs-read
+    /// allows read, ls and stat only. The relay's rules decide who may use
+    /// them; each is logged.
+    #[arg(long, env = "KITEPIPE_ALLOW_REMOTE", value_name = "OPS")]
     pub allow_remote: Option<String>,
-    /// `Origin`s (`scheme://host[:port]`) whose browser requests the
-    /// gateway accepts; none by default.
-    #[serde(default)]
-    pub gateway_origin: Vec<String>,
+    /// Certificate identity directory from `kitepipe ca issue` (cert.pem,
+    /// key.pem, ca.pem): presented to relays that ask, and its ca.pem
+    /// verifies the relay when neither --fingerprint nor --ca is given.
+    #[arg(long, env = "KITEPIPE_IDENTITY", value_name = "DIR")]
+    pub identity: Option<PathBuf>,
+    /// This connector's certificate chain (PEM), instead of --identity.
+    #[arg(long, env = "KITEPIPE_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) for --cert.
+    #[arg(long, env = "KITEPIPE_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Threads serving the links and their streams [default: 1: a link's
+    /// frames pass through one reader and one writer anyway, and one thread
+    /// spares them cross-thread wake-ups].
+    #[arg(long, env = "KITEPIPE_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    /// The event pipe.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub events: RawEventConfig,
+}
+
+/// One kite as written: the short form `PROTO:NAME[:PORT]=TARGET` (the
+/// `--kite` flag; in a TOML file deprecated) or a `[[kite]]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RawKiteSpec {
+    /// `PROTO:NAME[:PORT]=TARGET`.
+    Short(String),
+    /// A `[[kite]]` table.
+    Table(RawKite),
+}
+
+impl From<String> for RawKiteSpec {
+    fn from(text: String) -> Self {
+        RawKiteSpec::Short(text)
+    }
+}
+
+impl From<&str> for RawKiteSpec {
+    fn from(text: &str) -> Self {
+        RawKiteSpec::Short(text.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for RawKiteSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // By hand rather than `untagged`, so that an unknown key in a
+        // `[[kite]]` table is reported by name.
+        match toml::Value::deserialize(deserializer)? {
+            toml::Value::String(text) => Ok(RawKiteSpec::Short(text)),
+            toml::Value::Table(table) => RawKite::deserialize(table)
+                .map(RawKiteSpec::Table)
+                .map_err(|err| serde::de::Error::custom(err.message())),
+            other => Err(serde::de::Error::custom(format!(
+                "a kite is a [[kite]] table (name, protocol, port, target), not {}",
+                other.type_str()
+            ))),
+        }
+    }
+}
+
+/// One `[[kite]]` table as written:
+///
+/// ```toml
+/// [[kite]]
+/// name = "db.example.net"
+/// protocol = "tcp"
+/// port = 15432
+/// target = "127.0.0.1:5432"
+/// ```
+///
+/// Per-kite options go here (and, validated, into [`KiteTarget`]); see
+/// ARCHITECTURE.md, "Where to add a per-kite option".
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKite {
+    /// The kite's name, e.g. `blog.example.net` (`*.` for a wildcard).
+    pub name: String,
+    /// `http`, `https` or `tcp`.
+    pub protocol: String,
+    /// Public port of a TCP kite (0 or none: the relay picks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Local `host:port` (or a bare port on 127.0.0.1) visitors reach.
+    pub target: String,
+}
+
+impl RawKite {
+    /// Validates the table: the same rules as the short form.
+    pub(super) fn parse(&self) -> Result<(KiteRef, String), ConfigError> {
+        let kite = match self.port {
+            Some(port) => format!("{}:{}:{port}", self.protocol, self.name),
+            None => format!("{}:{}", self.protocol, self.name),
+        };
+        parse_kite_target(&format!("{kite}={}", self.target))
+    }
 }
 
 /// A validated connector configuration.
@@ -192,51 +294,90 @@ pub struct KiteTarget {
     pub secret: Option<Secret>,
 }
 
+impl Layered for RawConnectorConfig {
+    const TOML_ONLY: &'static [&'static str] = &[];
+    const SECRET_KEYS: &'static [&'static str] = &["secret"];
+    const SECRET_SPECS: &'static [&'static str] = &[];
+    // The secret and its file are one setting: either from the flags (or
+    // KITEPIPE_SECRET) replaces both from the file.
+    const ONE_SETTING: &'static [&'static [&'static str]] = &[&["secret", "secret_file"]];
+
+    fn check_file(table: &toml::Table, path: &Path) {
+        let Some(toml::Value::Array(kites)) = table.get("kite") else {
+            return;
+        };
+        let Some(first) = kites.iter().find_map(toml::Value::as_str) else {
+            return;
+        };
+        let example = match parse_kite_target(first) {
+            Ok((kite, target)) => {
+                let port = match kite.port {
+                    0 if kite.proto != KiteProto::Tcp => String::new(),
+                    port => format!("port = {port}\n"),
+                };
+                format!(
+                    "[[kite]]\nname = {:?}\nprotocol = \"{}\"\n{port}target = {target:?}",
+                    kite.name, kite.proto
+                )
+            }
+            Err(_) => {
+                "[[kite]]\nname = \"NAME\"\nprotocol = \"http\"\ntarget = \"127.0.0.1:8000\"".into()
+            }
+        };
+        tracing::warn!(
+            "{}: kite = [\"PROTO:NAME=TARGET\", ...] strings are deprecated; write a [[kite]] \
+             table for each instead, e.g. for {first:?}:\n{example}",
+            path.display()
+        );
+    }
+}
+
 impl RawConnectorConfig {
-    /// Reads a TOML file; one holding the secret is checked like a secret
-    /// file (tightened to 0600 if this user's, else warned about).
-    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let raw: RawConnectorConfig =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        if raw.secret.is_some() {
-            protect_config_file(path)?;
-        }
-        Ok(raw)
+    /// Lays `flags` (the command line and the environment, as clap read
+    /// them) over the TOML `file`, if any, setting by setting. A file
+    /// holding the secret is checked like a secret file (tightened to 0600
+    /// if this user's, else warned about).
+    pub fn load(file: Option<&Path>, flags: &RawConnectorConfig) -> Result<Self, ConfigError> {
+        load(file, flags)
     }
 
-    /// Overlays `flags` on `self`: every setting given on the command line wins.
-    pub fn merge(mut self, flags: RawConnectorConfig) -> RawConnectorConfig {
-        merge_vec(&mut self.relay, flags.relay);
-        merge_vec(&mut self.kite, flags.kite);
-        // The secret and its file are one setting: either from the flags
-        // (or KITEPIPE_SECRET) replaces both from the file.
-        if flags.secret.is_some() || flags.secret_file.is_some() {
-            self.secret = flags.secret;
-            self.secret_file = flags.secret_file;
-        }
-        merge_vec(&mut self.fingerprint, flags.fingerprint);
-        merge_opt(&mut self.ca, flags.ca);
-        merge_opt(&mut self.name, flags.name);
-        merge_opt(&mut self.heartbeat, flags.heartbeat);
-        merge_opt(&mut self.max_backoff, flags.max_backoff);
-        merge_opt(&mut self.identity, flags.identity);
-        merge_opt(&mut self.cert, flags.cert);
-        merge_opt(&mut self.key, flags.key);
-        merge_opt(&mut self.gateway, flags.gateway);
-        merge_opt(&mut self.handlers, flags.handlers);
-        merge_opt(&mut self.handler_upstream, flags.handler_upstream);
-        merge_opt(&mut self.event_wait, flags.event_wait);
-        merge_opt(&mut self.event_timeout, flags.event_timeout);
-        merge_opt(&mut self.allow_remote, flags.allow_remote);
-        merge_vec(&mut self.gateway_origin, flags.gateway_origin);
+    /// Fills in the defaults of the `kitepipe connect` command, so that
+    /// every setting has its value (what `kitepipe config check` shows).
+    pub fn with_defaults(mut self) -> Self {
+        let format = |d| humantime::format_duration(d).to_string();
+        self.heartbeat
+            .get_or_insert_with(|| format(DEFAULT_HEARTBEAT));
+        self.max_backoff
+            .get_or_insert_with(|| format(DEFAULT_MAX_BACKOFF));
+        self.threads.get_or_insert(1);
+        self.events = self.events.with_defaults();
         self
+    }
+
+    /// The configuration as TOML, secrets redacted: what `kitepipe config
+    /// check connect` prints.
+    pub fn effective_toml(&self) -> String {
+        // Kites are shown as `[[kite]]` tables, the form a file should use.
+        let kite = self
+            .kite
+            .iter()
+            .map(|spec| match spec {
+                RawKiteSpec::Short(text) => match parse_kite_target(text) {
+                    Ok((kite, target)) => RawKiteSpec::Table(RawKite {
+                        name: kite.name,
+                        protocol: kite.proto.to_string(),
+                        port: (kite.proto == KiteProto::Tcp).then_some(kite.port),
+                        target,
+                    }),
+                    Err(_) => spec.clone(),
+                },
+                RawKiteSpec::Table(_) => spec.clone(),
+            })
+            .collect();
+        effective_toml(&RawConnectorConfig {
+            kite,
+            ..self.clone()
+        })
     }
 }
 
@@ -250,14 +391,13 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             ));
         }
         let (identity, identity_ca) = load_identity(&raw)?;
-        let raw_events = RawEventConfig {
-            gateway: raw.gateway.clone(),
-            handlers: raw.handlers.clone(),
-            handler_upstream: raw.handler_upstream.clone(),
-            event_wait: raw.event_wait.clone(),
-            event_timeout: raw.event_timeout.clone(),
-            gateway_origin: raw.gateway_origin.clone(),
-        };
+        if raw.threads == Some(0) {
+            return Err(ConfigError::Invalid {
+                what: "threads",
+                value: "0".into(),
+                why: "at least 1".into(),
+            });
+        }
         let secret = match (raw.secret, &raw.secret_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Missing(
@@ -273,7 +413,10 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
         }
         let mut kites = Vec::new();
         for spec in &raw.kite {
-            let (kite, target) = parse_kite_target(spec)?;
+            let (kite, target) = match spec {
+                RawKiteSpec::Short(text) => parse_kite_target(text)?,
+                RawKiteSpec::Table(table) => table.parse()?,
+            };
             if secret.is_none() && identity.is_none() {
                 return Err(ConfigError::Missing(
                     "kites need the domain's shared secret (--secret-file, KITEPIPE_SECRET or --secret) \
@@ -331,7 +474,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
         let remote_fs = RemoteFsConfig {
             write: fs_write,
             protected: [
-                (&raw.handlers, "the handlers directory"),
+                (&raw.events.handlers, "the handlers directory"),
                 (&raw.identity, "the identity directory"),
                 (&raw.cert, "the certificate"),
                 (&raw.key, "the private key"),
@@ -364,7 +507,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 DEFAULT_MAX_BACKOFF,
             )?,
             identity,
-            events: EventConfig::from_raw(&raw_events)?,
+            events: EventConfig::from_raw(&raw.events)?,
             allow_remote,
             remote_fs,
             node_secret: secret,

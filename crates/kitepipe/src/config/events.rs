@@ -1,22 +1,37 @@
 //! The event pipe's settings, the same for relays and connectors.
 
+use serde::Serialize;
+
 use super::*;
 
-/// Event pipe settings as written; the same fields in [`RawRelayConfig`]
-/// and [`RawConnectorConfig`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Event pipe settings as written, the same for relays and connectors:
+/// flattened into [`RawRelayConfig`] and [`RawConnectorConfig`] (flags,
+/// `KITEPIPE_*` variables and top-level TOML keys alike). The doc comment
+/// of each field is its `--help` text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, Deserialize, Serialize)]
+#[serde(default)]
 pub struct RawEventConfig {
-    /// Gateway address: `IP:PORT` on loopback, `unix:PATH`, or `off`.
+    /// Where the local event gateway listens: 127.0.0.1:PORT, a bare port,
+    /// unix:PATH, or off [default: 127.0.0.1:0, printed at start].
+    #[arg(long, env = "KITEPIPE_GATEWAY", value_name = "ADDR")]
     pub gateway: Option<String>,
-    /// Directory of handler executables.
+    /// Directory of event handler executables: GET /server/time/utc runs
+    /// DIR/get_time_utc with the arguments as argv and the body on stdin.
+    #[arg(long, env = "KITEPIPE_HANDLERS", value_name = "DIR")]
     pub handlers: Option<PathBuf>,
-    /// Local HTTP server that handles events, `http://127.0.0.1:PORT[/BASE]`.
+    /// Forward events no other handler takes to this local HTTP server,
+    /// e.g. http://127.0.0.1:9000.
+    #[arg(long, env = "KITEPIPE_HANDLER_UPSTREAM", value_name = "URL")]
     pub handler_upstream: Option<String>,
-    /// How long a request waits for an offline node, e.g. `30s`.
+    /// How long an event waits for an offline node or link before 503, e.g. 30s.
+    #[arg(long, env = "KITEPIPE_EVENT_WAIT", value_name = "DURATION")]
     pub event_wait: Option<String>,
-    /// How long a handler may go without progress, e.g. `30s`.
+    /// How long a handler may go without progress before 504, e.g. 30s.
+    #[arg(long, env = "KITEPIPE_EVENT_TIMEOUT", value_name = "DURATION")]
     pub event_timeout: Option<String>,
-    /// `Origin`s whose browser requests the gateway accepts.
+    /// Let web pages of this origin (`scheme://host[:port]`) use the gateway;
+    /// requests with any other Origin get 403. Repeatable [default: none].
+    #[arg(long, env = "KITEPIPE_GATEWAY_ORIGIN", value_name = "ORIGIN")]
     pub gateway_origin: Vec<String>,
 }
 
@@ -104,6 +119,20 @@ pub struct UpstreamUrl {
 impl std::fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "http://{}{}", self.authority, self.base_path)
+    }
+}
+
+impl RawEventConfig {
+    /// Fills in the defaults: a gateway on 127.0.0.1:0 and the default
+    /// event wait and timeout.
+    pub fn with_defaults(mut self) -> Self {
+        let format = |d| humantime::format_duration(d).to_string();
+        self.gateway.get_or_insert_with(|| "127.0.0.1:0".into());
+        self.event_wait
+            .get_or_insert_with(|| format(DEFAULT_EVENT_WAIT));
+        self.event_timeout
+            .get_or_insert_with(|| format(DEFAULT_EVENT_TIMEOUT));
+        self
     }
 }
 

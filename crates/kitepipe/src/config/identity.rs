@@ -1,10 +1,11 @@
 //! Certificate identities on the relay: the client CA, its revocation
 //! list, `--cert-domain` and `[[allow]]` rules, and reloading them.
 
+use super::remote::parse_remote_rule;
 use super::*;
 
 /// One `[[allow]]` table as written.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAllowRule {
     /// Identity name or pattern (`laptop`, `ci-*`, `*`).
@@ -46,7 +47,7 @@ pub struct IdentitySource {
 impl IdentitySource {
     /// Reads the file again and validates its identity settings.
     pub fn load(&self) -> Result<IdentityConfig, ConfigError> {
-        let raw = RawRelayConfig::from_file(&self.file)?.merge(self.flags.clone());
+        let raw = RawRelayConfig::load(Some(&self.file), &self.flags)?;
         IdentityConfig::from_raw(&raw)
     }
 }

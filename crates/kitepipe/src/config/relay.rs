@@ -1,77 +1,111 @@
 //! The relay's settings: [`RawRelayConfig`] as written, [`RelayConfig`] validated.
 
+use serde::Serialize;
+
 use super::*;
 
-/// Relay settings as written (TOML file and flags).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Relay settings as written: one declaration per setting serves the
+/// flag (`--tcp-ports`), its environment variable (`KITEPIPE_TCP_PORTS`)
+/// and the TOML key (`tcp_ports`); the doc comment of each field is its
+/// `--help` text. [`RawRelayConfig::load`] lays flags and environment over
+/// the file.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize, Serialize)]
+#[serde(default)]
 pub struct RawRelayConfig {
-    /// Addresses for connectors' links (TLS).
-    #[serde(default)]
+    /// Address for connectors' links, IP:PORT [default: 0.0.0.0:8443]. Repeatable.
+    #[arg(long, env = "KITEPIPE_LISTEN", value_name = "ADDR")]
     pub listen: Vec<String>,
-    /// Addresses for visitors' HTTP, routed by Host.
-    #[serde(default)]
+    /// Address for visitors' HTTP, routed by Host [default: 0.0.0.0:8080]. Repeatable.
+    /// Giving the same address as --listen or --https serves them all on one port.
+    #[arg(long, env = "KITEPIPE_HTTP", value_name = "ADDR")]
     pub http: Vec<String>,
-    /// Addresses for visitors' HTTPS, routed by SNI and passed through.
-    #[serde(default)]
+    /// Address for visitors' HTTPS, routed by SNI and passed through undecrypted. Repeatable.
+    #[arg(long, env = "KITEPIPE_HTTPS", value_name = "ADDR")]
     pub https: Vec<String>,
-    /// Domains connectors may claim: `PROTOS:PATTERN:SECRET`.
-    #[serde(default)]
+    /// A domain connectors may claim kites in: PROTOS:NAME:SECRET, e.g.
+    /// 'http,tcp:*.example.net:SECRET'. Repeatable. Every local user can read
+    /// the command line: prefer --domain-file.
+    #[arg(
+        long,
+        env = "KITEPIPE_DOMAIN",
+        hide_env_values = true,
+        value_name = "SPEC"
+    )]
     pub domain: Vec<String>,
-    /// File of more domains, one `PROTOS:PATTERN:SECRET` per line (`#`
-    /// comments), so their secrets stay out of argv and the TOML file.
+    /// File of domains, one PROTOS:NAME:SECRET per line (# comments), mode
+    /// 0600: the secrets stay out of the process list. Secrets need at
+    /// least 12 bytes; 32 random hex digits (openssl rand -hex 16) are best.
+    #[arg(long, env = "KITEPIPE_DOMAIN_FILE", value_name = "FILE")]
     pub domain_file: Option<PathBuf>,
-    /// Address TCP kites' public ports bind to.
+    /// Address TCP kites' public ports bind to [default: 0.0.0.0].
+    #[arg(long, env = "KITEPIPE_TCP_BIND", value_name = "IP")]
     pub tcp_bind: Option<String>,
-    /// Allowed public ports for TCP kites, `LOW-HIGH`.
+    /// Public ports TCP kites may use, LOW-HIGH [default: 1024-65535].
+    #[arg(long, env = "KITEPIPE_TCP_PORTS", value_name = "RANGE")]
     pub tcp_ports: Option<String>,
-    /// Whether `CONNECT name:port` on the HTTP port reaches TCP kites.
+    /// Let `CONNECT name:port` on the HTTP port reach TCP kites (only from
+    /// listener addresses the kites' ports are bound to, see --tcp-bind).
+    #[arg(long, env = "KITEPIPE_HTTP_CONNECT", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
     pub http_connect: Option<bool>,
-    /// Where the relay keeps its self-signed certificate.
+    /// Directory for the self-signed certificate created on first start
+    /// [default: ~/.local/state/kitepipe].
+    #[arg(long, env = "KITEPIPE_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Certificate chain (PEM) instead of the self-signed one.
+    /// Certificate chain (PEM) to use instead of the self-signed one.
+    #[arg(long, env = "KITEPIPE_CERT", value_name = "FILE")]
     pub cert: Option<PathBuf>,
-    /// Private key (PEM) for `cert`.
+    /// Private key (PEM) for --cert.
+    #[arg(long, env = "KITEPIPE_KEY", value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// Public host name of the relay (for URLs shown to connectors, certificate names).
+    /// The relay's public host name (shown to connectors, put in the self-signed certificate).
+    #[arg(long, env = "KITEPIPE_NAME", value_name = "HOST")]
     pub name: Option<String>,
-    /// Heartbeat interval, e.g. `15s`.
+    /// A link silent this long is dead, e.g. 15s.
+    #[arg(long, env = "KITEPIPE_HEARTBEAT", value_name = "DURATION")]
     pub heartbeat: Option<String>,
-    /// CA certificate file (PEM) connectors' certificates must chain to;
-    /// makes the relay ask connectors for certificates.
+    /// CA certificate (PEM) connectors' certificates must chain to, e.g. the
+    /// ca-cert.pem of `kitepipe ca init`. Without --domain secrets every
+    /// connector must present a certificate; with them, it may.
+    #[arg(long, env = "KITEPIPE_CLIENT_CA", value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
-    /// Revocation list (PEM X.509 CRL) for connectors' certificates;
-    /// default: `crl.pem` beside `client_ca`, if it exists.
+    /// Revocation list (PEM X.509 CRL) for connectors' certificates
+    /// [default: crl.pem beside --client-ca, if present]. Reread when it changes.
+    #[arg(long, env = "KITEPIPE_CRL", value_name = "FILE")]
     pub crl: Option<PathBuf>,
-    /// Domains `D` under which a certificate named `NAME` may claim
-    /// `NAME.D` and `*.NAME.D`.
-    #[serde(default)]
+    /// A domain under which a certificate named NAME may claim NAME.DOMAIN
+    /// and *.NAME.DOMAIN, e.g. example.net. Repeatable. More rights: `[[allow]]`
+    /// rules in the --config file.
+    #[arg(long, env = "KITEPIPE_CERT_DOMAIN", value_name = "DOMAIN")]
     pub cert_domain: Vec<String>,
     /// Further rights of certificate identities (TOML only: `[[allow]]`).
-    #[serde(default)]
+    #[arg(skip)]
     pub allow: Vec<RawAllowRule>,
-    /// What the relay's gateway may run on which connectors (`[[remote]]`;
-    /// flag: `--remote NODES:OPS`).
-    #[serde(default)]
+    /// Let the relay's gateway run remote operations on connectors:
+    /// NODES:OPS, e.g. 'ci-*,laptop:exec,fs' (OPS: exec, fs, forward, all).
+    /// Repeatable; the same as `[[remote]]` rules in the --config file. The
+    /// connector must also opt in with --allow-remote.
+    #[arg(long, env = "KITEPIPE_REMOTE", value_name = "NODES:OPS",
+          value_parser = RawRemoteRule::from_flag)]
     pub remote: Vec<RawRemoteRule>,
-    /// Event gateway address: `IP:PORT` on loopback, `unix:PATH`, or `off`.
-    pub gateway: Option<String>,
-    /// Directory of event handler executables.
-    pub handlers: Option<PathBuf>,
-    /// Local HTTP server that handles events, `http://127.0.0.1:PORT[/BASE]`.
-    pub handler_upstream: Option<String>,
-    /// How long an event waits for an offline node, e.g. `30s`.
-    pub event_wait: Option<String>,
-    /// How long a handler may go without progress, e.g. `30s`.
-    pub event_timeout: Option<String>,
-    /// `Origin`s (`scheme://host[:port]`) whose browser requests the
-    /// gateway accepts; none by default.
-    #[serde(default)]
-    pub gateway_origin: Vec<String>,
-    /// The gateway's owner token file [default: `STATE_DIR/gateway-token`].
+    /// Threads serving links and visitors [default: half the CPU cores, at
+    /// least 1]. The kernel's TCP work for the same sockets needs the rest.
+    #[arg(long, env = "KITEPIPE_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    /// The event pipe.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub events: RawEventConfig,
+    /// Where the gateway's owner token is written at start (mode 0600); a
+    /// request needs it in X-Kitepipe-Token (kitepipe call and kitepipe
+    /// remote find it) [default: STATE_DIR/gateway-token].
+    #[arg(long, env = "KITEPIPE_GATEWAY_TOKEN_FILE", value_name = "FILE")]
     pub gateway_token_file: Option<PathBuf>,
-    /// Serve `/client/` and `/remote/` to every local user without the
-    /// owner token (the behaviour before tokens).
+    /// Serve /client/ and /remote/ to every local user without the owner
+    /// token (the behaviour before tokens; not recommended).
+    #[arg(long, env = "KITEPIPE_INSECURE_GATEWAY_WITHOUT_TOKEN", value_name = "BOOL",
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub insecure_gateway_without_token: Option<bool>,
 }
 
@@ -144,56 +178,68 @@ pub struct Domain {
     pub secret: Secret,
 }
 
+impl Layered for RawRelayConfig {
+    const TOML_ONLY: &'static [&'static str] = &["allow"];
+    const SECRET_KEYS: &'static [&'static str] = &["domain"];
+    const SECRET_SPECS: &'static [&'static str] = &["domain"];
+    const ONE_SETTING: &'static [&'static [&'static str]] = &[];
+}
+
+/// Default address TCP kites' public ports bind to.
+const DEFAULT_TCP_BIND: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+/// Default range of TCP kites' public ports: every unprivileged port.
+const DEFAULT_TCP_PORTS: (u16, u16) = (1024, 65535);
+
 impl RawRelayConfig {
-    /// Reads a TOML file; one holding domain secrets is checked like a
-    /// secret file (tightened to 0600 if this user's, else warned about).
-    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let raw: RawRelayConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if !raw.domain.is_empty() {
-            protect_config_file(path)?;
-        }
-        Ok(raw)
+    /// Lays `flags` (the command line and the environment, as clap read
+    /// them) over the TOML `file`, if any, setting by setting. A file
+    /// holding domain secrets is checked like a secret file (tightened to
+    /// 0600 if this user's, else warned about).
+    pub fn load(file: Option<&Path>, flags: &RawRelayConfig) -> Result<Self, ConfigError> {
+        load(file, flags)
     }
 
-    /// Overlays `flags` on `self`: every setting given on the command line wins.
-    pub fn merge(mut self, flags: RawRelayConfig) -> RawRelayConfig {
-        merge_vec(&mut self.listen, flags.listen);
-        merge_vec(&mut self.http, flags.http);
-        merge_vec(&mut self.https, flags.https);
-        merge_vec(&mut self.domain, flags.domain);
-        merge_opt(&mut self.domain_file, flags.domain_file);
-        merge_opt(&mut self.tcp_bind, flags.tcp_bind);
-        merge_opt(&mut self.tcp_ports, flags.tcp_ports);
-        merge_opt(&mut self.http_connect, flags.http_connect);
-        merge_opt(&mut self.state_dir, flags.state_dir);
-        merge_opt(&mut self.cert, flags.cert);
-        merge_opt(&mut self.key, flags.key);
-        merge_opt(&mut self.name, flags.name);
-        merge_opt(&mut self.heartbeat, flags.heartbeat);
-        merge_opt(&mut self.client_ca, flags.client_ca);
-        merge_opt(&mut self.crl, flags.crl);
-        merge_vec(&mut self.cert_domain, flags.cert_domain);
-        merge_vec(&mut self.allow, flags.allow);
-        merge_vec(&mut self.remote, flags.remote);
-        merge_opt(&mut self.gateway, flags.gateway);
-        merge_opt(&mut self.handlers, flags.handlers);
-        merge_opt(&mut self.handler_upstream, flags.handler_upstream);
-        merge_opt(&mut self.event_wait, flags.event_wait);
-        merge_opt(&mut self.event_timeout, flags.event_timeout);
-        merge_vec(&mut self.gateway_origin, flags.gateway_origin);
-        merge_opt(&mut self.gateway_token_file, flags.gateway_token_file);
-        merge_opt(
-            &mut self.insecure_gateway_without_token,
-            flags.insecure_gateway_without_token,
-        );
+    /// Fills in the defaults of the `kitepipe relay` command, so that
+    /// every setting has its value (what `kitepipe config check` shows):
+    /// links on 0.0.0.0:8443, HTTP on 0.0.0.0:8080 unless HTTPS is given,
+    /// the state dir from `env` ([`default_state_dir`]), and a thread per
+    /// two of `cores`.
+    pub fn with_defaults(mut self, env: &dyn Fn(&str) -> Option<String>, cores: usize) -> Self {
+        let format = |d| humantime::format_duration(d).to_string();
+        if self.listen.is_empty() {
+            self.listen.push("0.0.0.0:8443".into());
+        }
+        if self.http.is_empty() && self.https.is_empty() {
+            self.http.push("0.0.0.0:8080".into());
+        }
+        let state_dir = self
+            .state_dir
+            .get_or_insert_with(|| default_state_dir(env))
+            .clone();
+        self.tcp_bind
+            .get_or_insert_with(|| DEFAULT_TCP_BIND.to_string());
+        let (low, high) = DEFAULT_TCP_PORTS;
+        self.tcp_ports
+            .get_or_insert_with(|| format!("{low}-{high}"));
+        self.http_connect.get_or_insert(false);
+        self.name.get_or_insert_with(|| "localhost".into());
+        self.heartbeat
+            .get_or_insert_with(|| format(DEFAULT_HEARTBEAT));
+        let threads = u16::try_from((cores / 2).max(1)).unwrap_or(u16::MAX);
+        self.threads.get_or_insert(threads);
+        if !*self.insecure_gateway_without_token.get_or_insert(false) {
+            self.gateway_token_file
+                .get_or_insert_with(|| state_dir.join(GATEWAY_TOKEN_FILE));
+        }
+        self.events = self.events.with_defaults();
         self
+    }
+
+    /// The configuration as TOML, secrets redacted: what `kitepipe config
+    /// check relay` prints.
+    pub fn effective_toml(&self) -> String {
+        effective_toml(self)
     }
 }
 
@@ -214,14 +260,13 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
 
     fn try_from(raw: RawRelayConfig) -> Result<Self, Self::Error> {
         let identity = IdentityConfig::from_raw(&raw)?;
-        let raw_events = RawEventConfig {
-            gateway: raw.gateway.clone(),
-            handlers: raw.handlers.clone(),
-            handler_upstream: raw.handler_upstream.clone(),
-            event_wait: raw.event_wait.clone(),
-            event_timeout: raw.event_timeout.clone(),
-            gateway_origin: raw.gateway_origin.clone(),
-        };
+        if raw.threads == Some(0) {
+            return Err(ConfigError::Invalid {
+                what: "threads",
+                value: "0".into(),
+                why: "at least 1".into(),
+            });
+        }
         let mut listeners: Vec<ListenerConfig> = Vec::new();
         let roles: [(&Vec<String>, &'static str); 3] = [
             (&raw.listen, "listen"),
@@ -274,13 +319,13 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
                 value: text.clone(),
                 why: "expected an IP address such as 0.0.0.0".into(),
             })?,
-            None => IpAddr::from([0, 0, 0, 0]),
+            None => DEFAULT_TCP_BIND,
         };
         let tcp_ports = match &raw.tcp_ports {
             Some(text) => parse_port_range(text)?,
-            None => (1024, 65535),
+            None => DEFAULT_TCP_PORTS,
         };
-        let mut events = EventConfig::from_raw(&raw_events)?;
+        let mut events = EventConfig::from_raw(&raw.events)?;
         if !raw.insecure_gateway_without_token.unwrap_or(false) {
             events.gateway_token_file = Some(raw.gateway_token_file.clone().unwrap_or_else(|| {
                 raw.state_dir

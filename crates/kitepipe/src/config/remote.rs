@@ -3,7 +3,7 @@
 use super::*;
 
 /// One `[[remote]]` table as written: `nodes = ["ci-*"]`, `ops = ["exec", "fs"]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRemoteRule {
     /// Node names or patterns.

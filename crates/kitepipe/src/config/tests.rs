@@ -1,4 +1,37 @@
+use super::connector::parse_allow_remote;
+use super::events::{parse_origin, parse_upstream};
+use super::identity::parse_allow_rule;
+use super::remote::parse_remote_rule;
 use super::*;
+
+/// A fresh file holding `text`, in a directory removed on drop.
+struct TomlFile(PathBuf);
+
+impl TomlFile {
+    fn new(text: &str) -> TomlFile {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("kitepipe-config-layer-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        TomlFile(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TomlFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
 
 fn relay(raw: RawRelayConfig) -> Result<RelayConfig, ConfigError> {
     RelayConfig::try_from(RawRelayConfig {
@@ -111,19 +144,186 @@ fn fingerprints_pin_all_relays_or_each_in_order() {
 
 #[test]
 fn file_values_are_overridden_by_flags() {
-    let file: RawConnectorConfig = toml::from_str(
+    let file = TomlFile::new(
         "relay = [\"a:1\"]\nkite = [\"http:x.net=80\"]\nsecret = \"s\"\nheartbeat = \"5s\"",
+    );
+    let merged = RawConnectorConfig::load(
+        Some(file.path()),
+        &RawConnectorConfig {
+            relay: vec!["b:2".into()],
+            ..Default::default()
+        },
     )
     .unwrap();
-    let merged = file.merge(RawConnectorConfig {
-        relay: vec!["b:2".into()],
-        ..Default::default()
-    });
     assert_eq!(merged.relay, vec!["b:2"]);
-    assert_eq!(merged.kite, vec!["http:x.net=80"]);
+    assert_eq!(merged.kite, vec![RawKiteSpec::from("http:x.net=80")]);
     assert_eq!(merged.heartbeat.as_deref(), Some("5s"));
-    let unknown = toml::from_str::<RawConnectorConfig>("relays = []");
-    assert!(unknown.is_err());
+    let unknown = TomlFile::new("relays = []");
+    let err = RawConnectorConfig::load(Some(unknown.path()), &Default::default()).unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::UnknownKey { key, .. } if key == "relays"),
+        "{err:?}"
+    );
+}
+
+/// The merge is by key: each setting given in the flags wins, a list
+/// given replaces the file's, a flattened event setting and a boolean
+/// behave like the rest, and `secret` replaces the file's `secret_file`.
+#[test]
+fn layering_is_by_key() {
+    let file = TomlFile::new(
+        "listen = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nhttp = [\"127.0.0.1:3\"]\n\
+         heartbeat = \"5s\"\nhttp_connect = true\nevent_wait = \"7s\"\n\
+         gateway_origin = [\"https://a.example\"]\n\
+         [[allow]]\nidentity = \"ci-*\"\n",
+    );
+    let flags = RawRelayConfig {
+        listen: vec!["127.0.0.1:9".into()],
+        heartbeat: Some("9s".into()),
+        http_connect: Some(false),
+        events: RawEventConfig {
+            gateway: Some("off".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let raw = RawRelayConfig::load(Some(file.path()), &flags).unwrap();
+    assert_eq!(
+        raw.listen,
+        ["127.0.0.1:9"],
+        "a list from the flags replaces the file's"
+    );
+    assert_eq!(
+        raw.http,
+        ["127.0.0.1:3"],
+        "the file's list stays when no flag gives one"
+    );
+    assert_eq!(raw.heartbeat.as_deref(), Some("9s"));
+    assert_eq!(
+        raw.http_connect,
+        Some(false),
+        "an explicit false wins over the file's true"
+    );
+    assert_eq!(raw.events.event_wait.as_deref(), Some("7s"));
+    assert_eq!(raw.events.gateway.as_deref(), Some("off"));
+    assert_eq!(raw.events.gateway_origin, ["https://a.example"]);
+    assert_eq!(raw.allow.len(), 1, "TOML-only tables pass through");
+    let no_file = RawRelayConfig::load(None, &flags).unwrap();
+    assert_eq!(no_file.listen, ["127.0.0.1:9"]);
+    assert!(no_file.http.is_empty() && no_file.allow.is_empty());
+
+    let secret_file = TomlFile::new("secret_file = \"/etc/kitepipe/secret\"\n");
+    let raw = RawConnectorConfig::load(
+        Some(secret_file.path()),
+        &RawConnectorConfig {
+            secret: Some("from-the-environment".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        raw.secret_file, None,
+        "secret and secret_file are one setting"
+    );
+    assert_eq!(raw.secret.as_deref(), Some("from-the-environment"));
+}
+
+/// Every key the file may hold is a flag's id or a TOML-only table, and
+/// an unknown one (nested ones too) is refused by name.
+#[test]
+fn unknown_keys_are_refused_by_name() {
+    for (text, key) in [
+        ("listen = []\nlisten_on = []", "listen_on"),
+        ("gateway_origins = []", "gateway_origins"),
+    ] {
+        let file = TomlFile::new(text);
+        let err = RawRelayConfig::load(Some(file.path()), &Default::default()).unwrap_err();
+        assert!(err.to_string().contains(key), "{err}");
+        assert!(err.to_string().contains("config.toml"), "{err}");
+    }
+    let file = TomlFile::new(
+        "[[kite]]\nname = \"x.net\"\nprotocol = \"http\"\ntarget = \"80\"\ncolour = 1\n",
+    );
+    let err = RawConnectorConfig::load(Some(file.path()), &Default::default()).unwrap_err();
+    let text = format!("{:#}", anyhow_like(&err));
+    assert!(
+        text.contains("colour") && text.contains("config.toml"),
+        "{text}"
+    );
+    assert!(known_keys::<RawRelayConfig>().contains(&"event_timeout".to_string()));
+    assert!(known_keys::<RawConnectorConfig>().contains(&"relay".to_string()));
+}
+
+/// The error and its causes, as the CLI prints them.
+fn anyhow_like(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[test]
+fn kite_tables_and_strings_give_the_same_kites() {
+    let file = TomlFile::new(
+        "relay = [\"r:1\"]\nfingerprint = [\"SHA256:AAAA\"]\n\
+         kite = [\"http:a.example.net=8000\"]\n",
+    );
+    let strings = RawConnectorConfig::load(Some(file.path()), &Default::default()).unwrap();
+    let file = TomlFile::new(
+        "[[kite]]\nname = \"a.example.net\"\nprotocol = \"http\"\ntarget = \"8000\"\n\
+         [[kite]]\nname = \"db.example.net\"\nprotocol = \"tcp\"\nport = 15432\ntarget = \"db.lan:5432\"\n",
+    );
+    let tables = RawConnectorConfig::load(Some(file.path()), &Default::default()).unwrap();
+    let config = |raw: RawConnectorConfig| {
+        ConnectorConfig::try_from(RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            secret: Some("9f86d081884c7d659a2f".into()),
+            ..raw
+        })
+        .unwrap()
+    };
+    let from_strings = config(strings).kites;
+    let from_tables = config(tables).kites;
+    assert_eq!(from_strings[0].kite, from_tables[0].kite);
+    assert_eq!(from_strings[0].target, from_tables[0].target);
+    assert_eq!(from_tables[1].kite.port, 15432);
+    assert_eq!(from_tables[1].target, "db.lan:5432");
+    let bad = RawKite {
+        name: "x.net".into(),
+        protocol: "ftp".into(),
+        port: None,
+        target: "80".into(),
+    };
+    assert!(bad.parse().is_err());
+}
+
+#[test]
+fn effective_toml_redacts_secrets_and_names_unset_settings() {
+    let raw = RawRelayConfig {
+        domain: vec!["http,tcp:*.example.net:hunter2-hunter2".into()],
+        ..Default::default()
+    }
+    .with_defaults(&|_| None, 4);
+    let text = raw.effective_toml();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("http,tcp:*.example.net:<redacted>"), "{text}");
+    assert!(text.contains("heartbeat = \"15s\""), "{text}");
+    assert!(text.contains("threads = 2"), "{text}");
+    assert!(text.contains("# crl: not set"), "{text}");
+    let raw = RawConnectorConfig {
+        secret: Some("a:b:hunter2".into()),
+        ..Default::default()
+    }
+    .with_defaults();
+    let text = raw.effective_toml();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("secret = \"<redacted>\""), "{text}");
+    assert!(text.contains("max_backoff = \"15s\""), "{text}");
 }
 
 #[test]
@@ -140,10 +340,6 @@ fn remote_rules_from_toml_and_flags_and_connector_opt_in() {
     )
     .unwrap();
     let flag = RawRemoteRule::from_flag("build-*:forward").unwrap();
-    let raw = raw.merge(RawRelayConfig {
-        remote: vec![],
-        ..Default::default()
-    });
     let mut with_flag = raw.clone();
     with_flag.remote.push(flag);
     let rules = relay(with_flag).unwrap().identity.rules;
@@ -462,12 +658,6 @@ fn secrets_come_from_files_and_short_ones_are_refused() {
     })
     .unwrap_err();
     assert!(both.to_string().contains("not both"), "{both}");
-    // A secret from the flags (or the environment) replaces the file's.
-    let merged = raw.clone().merge(RawConnectorConfig {
-        secret: Some("from-the-environment".into()),
-        ..Default::default()
-    });
-    assert_eq!(merged.secret_file, None);
     let short = ConnectorConfig::try_from(RawConnectorConfig {
         secret: Some("hunter2".into()),
         secret_file: None,
@@ -565,7 +755,10 @@ fn gateway_origins_and_the_relay_token_file() {
     let connector = ConnectorConfig::try_from(RawConnectorConfig {
         relay: vec!["relay.example.net:8443".into()],
         fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
-        gateway_origin: vec!["http://localhost:3000".into()],
+        events: RawEventConfig {
+            gateway_origin: vec!["http://localhost:3000".into()],
+            ..Default::default()
+        },
         ..Default::default()
     })
     .unwrap();
