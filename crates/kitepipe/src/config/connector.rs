@@ -1,11 +1,25 @@
 //! The connector's settings: [`RawConnectorConfig`] as written, [`ConnectorConfig`] validated.
 
-use super::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
+use kitepipe_proto::kite::{KiteProto, KiteRef};
+use kitepipe_proto::message::RemoteClass;
+use serde::{Deserialize, Serialize};
+
+use super::events::{EventConfig, RawEventConfig};
+use super::parse::{
+    check_secret_strength, parse_duration, parse_kite_target, parse_relay_target,
+    read_connector_secret,
+};
+use super::{ConfigError, Layered, effective_toml, load};
+use crate::pki::{Fingerprint, IDENTITY_CA_FILE, NodeIdentity, RelayTrust, Secret};
 
 /// Default ceiling of the reconnect backoff. Short enough that a connector
 /// comes back soon after a long outage, long enough that thousands of
 /// connectors do not hammer a relay that is down.
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(15);
+pub(crate) const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 /// The default node name of a connector that holds a domain secret and no
 /// certificate: one its secret can prove (the relay accepts only node

@@ -1,11 +1,17 @@
 //! The event pipe's settings, the same for relays and connectors.
 
-use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-use super::*;
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use super::parse::parse_duration;
 
 /// Event pipe settings as written, the same for relays and connectors:
-/// flattened into [`RawRelayConfig`] and [`RawConnectorConfig`] (flags,
+/// flattened into [`RawRelayConfig`](super::RawRelayConfig) and
+/// [`RawConnectorConfig`](super::RawConnectorConfig) (flags,
 /// `KITEPIPE_*` variables and top-level TOML keys alike). The doc comment
 /// of each field is its `--help` text.
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, Deserialize, Serialize)]
@@ -38,11 +44,11 @@ pub struct RawEventConfig {
 /// Default time a gateway request waits for an offline node (or a lost
 /// link) before answering 503: long enough to ride out a relay restart or
 /// a connector's reconnect backoff, short enough for interactive callers.
-pub const DEFAULT_EVENT_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_EVENT_WAIT: Duration = Duration::from_secs(30);
 
 /// Default time a handler may go without progress (no byte read or
 /// written) before it is stopped with 504.
-pub const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Validated event pipe settings of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +145,7 @@ impl RawEventConfig {
 impl EventConfig {
     /// Validates event settings. Handler executables get only
     /// [`DEFAULT_HANDLER_PATH`]; see [`handler_env`] to pass on more.
-    pub fn from_raw(raw: &RawEventConfig) -> Result<EventConfig, ConfigError> {
+    pub(crate) fn from_raw(raw: &RawEventConfig) -> Result<EventConfig, ConfigError> {
         let gateway = match raw.gateway.as_deref().map(str::trim) {
             None => EventConfig::default().gateway,
             Some("off") => None,

@@ -1,8 +1,15 @@
 //! Certificate identities on the relay: the client CA, its revocation
 //! list, `--cert-domain` and `[[allow]]` rules, and reloading them.
 
+use std::path::PathBuf;
+
+use kitepipe_proto::kite;
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use super::relay::RawRelayConfig;
 use super::remote::parse_remote_rule;
-use super::*;
+use crate::pki::{AllowRule, CrlSource, IdentityPattern, IdentityRules, KitePattern, ca};
 
 /// One `[[allow]]` table as written.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -54,7 +61,7 @@ impl IdentitySource {
 
 impl IdentityConfig {
     /// Validates the identity settings of `raw`.
-    pub fn from_raw(raw: &RawRelayConfig) -> Result<IdentityConfig, ConfigError> {
+    pub(crate) fn from_raw(raw: &RawRelayConfig) -> Result<IdentityConfig, ConfigError> {
         let crl = match (&raw.crl, &raw.client_ca) {
             (Some(crl), Some(_)) => Some(CrlSource::File(crl.clone())),
             (None, Some(client_ca)) => {

@@ -13,21 +13,12 @@
 //! event settings both share), `identity.rs` (client CA, `[[allow]]`,
 //! reload), `remote.rs` (`[[remote]]`), `parse.rs` (the small parsers).
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
-use kitepipe_proto::kite::{self, KiteProto, KiteRef};
-use kitepipe_proto::message::RemoteClass;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
-use crate::pki::{
-    AllowRule, CrlSource, Fingerprint, IDENTITY_CA_FILE, IdentityPattern, IdentityRules,
-    KitePattern, NodeIdentity, PkiError, RelayTrust, RemoteRule, Secret, ca, protect_secret_file,
-    read_secret_file,
-};
+use crate::pki::{PkiError, protect_secret_file};
 
 mod connector;
 mod events;
@@ -39,23 +30,21 @@ mod remote;
 mod tests;
 
 pub use connector::{
-    ConnectorConfig, DEFAULT_MAX_BACKOFF, KiteTarget, RawConnectorConfig, RawKite, RawKiteSpec,
-    RelayTarget, RemoteFsConfig,
+    ConnectorConfig, KiteTarget, RawConnectorConfig, RawKite, RawKiteSpec, RelayTarget,
+    RemoteFsConfig,
 };
 pub use events::{
-    DEFAULT_EVENT_TIMEOUT, DEFAULT_EVENT_WAIT, DEFAULT_HANDLER_PATH, EventConfig,
-    GATEWAY_TOKEN_FILE, GatewayAddr, HANDLER_ENV_INHERITED, RawEventConfig, UpstreamUrl,
-    handler_env, parse_gateway,
+    DEFAULT_HANDLER_PATH, EventConfig, GATEWAY_TOKEN_FILE, GatewayAddr, HANDLER_ENV_INHERITED,
+    RawEventConfig, UpstreamUrl, handler_env, parse_gateway,
 };
 pub use identity::{IdentityConfig, IdentitySource, RawAllowRule};
-use parse::*;
 pub use relay::{
     Domain, ListenerConfig, RawRelayConfig, RelayConfig, RelayTlsSource, default_state_dir,
 };
 pub use remote::RawRemoteRule;
 
 /// What a secret looks like in `kitepipe config check` output.
-pub const REDACTED: &str = "<redacted>";
+pub(crate) const REDACTED: &str = "<redacted>";
 
 /// Why a configuration is not acceptable.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +114,7 @@ pub enum ConfigError {
 }
 
 /// A TOML error as shown to people: line, column and message, with the
-/// values of secret settings replaced by [`REDACTED`].
+/// values of secret settings replaced by `<redacted>`.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct TomlError(String);

@@ -1,6 +1,14 @@
 //! The small parsers and readers the settings share.
 
-use super::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kitepipe_proto::kite::{self, KiteProto, KiteRef};
+
+use super::ConfigError;
+use super::connector::RelayTarget;
+use super::relay::Domain;
+use crate::pki::{RelayTrust, Secret, read_secret_file};
 
 /// Refuses a secret below the minimum strength and warns about a weak
 /// one; `masked` names it in messages without quoting it.

@@ -1,8 +1,22 @@
 //! The relay's settings: [`RawRelayConfig`] as written, [`RelayConfig`] validated.
 
-use serde::Serialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use super::*;
+use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
+use kitepipe_proto::kite::KiteProto;
+use serde::{Deserialize, Serialize};
+
+use super::events::{EventConfig, GATEWAY_TOKEN_FILE, RawEventConfig};
+use super::identity::{IdentityConfig, IdentitySource, RawAllowRule};
+use super::parse::{
+    check_secret_strength, parse_domain, parse_duration, parse_port_range, parse_socket_addr,
+    read_domain_file,
+};
+use super::remote::RawRemoteRule;
+use super::{ConfigError, Layered, effective_toml, load};
+use crate::pki::Secret;
 
 /// Relay settings as written: one declaration per setting serves the
 /// flag (`--tcp-ports`), its environment variable (`KITEPIPE_TCP_PORTS`)

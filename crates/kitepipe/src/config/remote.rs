@@ -1,6 +1,10 @@
 //! `[[remote]]` rules: what the relay's gateway may run on which connectors.
 
-use super::*;
+use kitepipe_proto::message::RemoteClass;
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+use crate::pki::{IdentityPattern, RemoteRule};
 
 /// One `[[remote]]` table as written: `nodes = ["ci-*"]`, `ops = ["exec", "fs"]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -14,7 +18,7 @@ pub struct RawRemoteRule {
 
 impl RawRemoteRule {
     /// Parses the flag form `NODES:OPS`, e.g. `ci-*,laptop:exec,fs`.
-    pub fn from_flag(text: &str) -> Result<RawRemoteRule, ConfigError> {
+    pub(crate) fn from_flag(text: &str) -> Result<RawRemoteRule, ConfigError> {
         let Some((nodes, ops)) = text.split_once(':') else {
             return Err(ConfigError::Invalid {
                 what: "remote rule",

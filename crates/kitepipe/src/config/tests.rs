@@ -1,8 +1,16 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kitepipe_proto::kite::{KiteProto, KiteRef};
+use kitepipe_proto::message::RemoteClass;
+
 use super::connector::parse_allow_remote;
 use super::events::{parse_origin, parse_upstream};
 use super::identity::parse_allow_rule;
+use super::parse::{parse_domain, parse_kite_target};
 use super::remote::parse_remote_rule;
 use super::*;
+use crate::pki::{CrlSource, RelayTrust, Secret};
 
 /// A fresh file holding `text`, in a directory removed on drop.
 struct TomlFile(PathBuf);
