@@ -296,7 +296,10 @@ pub struct RelayTarget {
     pub trust: RelayTrust,
 }
 
-/// A kite and the local address that serves it.
+/// A kite and the local address that serves it, validated from a
+/// `--kite` spec or a `[[kite]]` table ([`RawKite`]). Per-kite options go
+/// here, typed, next to the target (see ARCHITECTURE.md, "Where to add a
+/// per-kite option").
 #[derive(Debug, Clone)]
 pub struct KiteTarget {
     /// The kite.
