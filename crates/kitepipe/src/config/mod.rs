@@ -177,7 +177,11 @@ pub(crate) fn load<T: Layered>(file: Option<&Path>, flags: &T) -> Result<T, Conf
         Some(path) => read_file::<T>(path)?,
         None => toml::Table::new(),
     };
-    let over = settings_table(flags);
+    let over = settings_table(flags).map_err(|err| ConfigError::Invalid {
+        what: "setting",
+        value: String::new(),
+        why: err.to_string(),
+    })?;
     for group in T::ONE_SETTING {
         if group.iter().any(|key| over.contains_key(*key)) {
             for key in *group {
@@ -196,16 +200,17 @@ pub(crate) fn load<T: Layered>(file: Option<&Path>, flags: &T) -> Result<T, Conf
 }
 
 /// The settings given in `raw` as a TOML table: unset options and empty
-/// lists are left out (they give nothing to lay over another layer).
-pub(crate) fn settings_table<T: Serialize>(raw: &T) -> toml::Table {
+/// lists are left out (they give nothing to lay over another layer). Fails
+/// only on a path that is not UTF-8, which TOML cannot hold either.
+pub(crate) fn settings_table<T: Serialize>(raw: &T) -> Result<toml::Table, serde_json::Error> {
     // Through JSON: `None` becomes a null there, which TOML has no word for.
-    match serde_json::to_value(raw).map(json_to_toml) {
-        Ok(Some(toml::Value::Table(table))) => table
+    Ok(match json_to_toml(serde_json::to_value(raw)?) {
+        Some(toml::Value::Table(table)) => table
             .into_iter()
             .filter(|(_, value)| value.as_array().is_none_or(|items| !items.is_empty()))
             .collect(),
         _ => toml::Table::new(),
-    }
+    })
 }
 
 fn json_to_toml(value: serde_json::Value) -> Option<toml::Value> {
@@ -288,7 +293,8 @@ fn secret_values(table: &toml::Table, keys: &[&str]) -> Vec<String> {
 /// setting of `raw` (defaults already filled in), the secret ones
 /// redacted, and a comment for each setting that is not set.
 pub(crate) fn effective_toml<T: Layered>(raw: &T) -> String {
-    let mut table = settings_table(raw);
+    // `raw` came through `load`, which serialized the same values already.
+    let mut table = settings_table(raw).unwrap_or_default();
     for key in T::SECRET_KEYS {
         let spec = T::SECRET_SPECS.contains(key);
         let redact = |value: &mut toml::Value| {
