@@ -312,11 +312,23 @@ pub(crate) fn effective_toml<T: Layered>(raw: &T) -> String {
             None => {}
         }
     }
-    let mut out = toml::to_string(&table).unwrap_or_default();
+    // The plain keys, then the unset ones as comments, then the tables
+    // (`[[kite]]`, `[[allow]]`, ...), so that no comment lands in a table.
+    let (tables, plain): (toml::Table, toml::Table) =
+        table.clone().into_iter().partition(|(_, value)| {
+            value
+                .as_array()
+                .is_some_and(|items| items.iter().all(toml::Value::is_table))
+        });
+    let mut out = toml::to_string(&plain).unwrap_or_default();
     for key in known_keys::<T>() {
         if !table.contains_key(&key) {
             out.push_str(&format!("# {key}: not set\n"));
         }
+    }
+    if !tables.is_empty() {
+        out.push('\n');
+        out.push_str(&toml::to_string(&tables).unwrap_or_default());
     }
     out
 }
