@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use kitepipe::config::{ConnectorConfig, RawConnectorConfig};
+use kitepipe::config::{ConnectorConfig, RawConnectorConfig, RawEventConfig};
 use kitepipe::connector::{Connector, LinkState};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -175,14 +175,14 @@ async fn link_and_visit(
     for index in 0..n {
         let raw = RawConnectorConfig {
             relay: vec![options.link.clone()],
-            kite: vec![format!(
-                "http:c{index}.{}=127.0.0.1:{target_port}",
-                options.domain
-            )],
+            kite: vec![format!("http:c{index}.{}=127.0.0.1:{target_port}", options.domain).into()],
             secret: Some(options.secret.clone()),
             fingerprint: vec![options.fingerprint.clone()],
             name: Some(format!("scale{index}")),
-            gateway: Some("off".into()),
+            events: RawEventConfig {
+                gateway: Some("off".into()),
+                ..RawEventConfig::default()
+            },
             ..RawConnectorConfig::default()
         };
         let config = ConnectorConfig::try_from(raw).context("connector config")?;

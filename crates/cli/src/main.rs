@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kitepipe::config::{
-    ConnectorConfig, IdentitySource, RawConnectorConfig, RawRelayConfig, RawRemoteRule,
-    RelayConfig, default_state_dir, handler_env, parse_gateway,
+    ConnectorConfig, IdentitySource, RawConnectorConfig, RawRelayConfig, RelayConfig, handler_env,
+    parse_gateway,
 };
 use kitepipe::connector::Connector;
 use kitepipe::relay::Relay;
@@ -82,38 +82,20 @@ enum Command {
     /// curl works just as well: curl http://127.0.0.1:8089/server/time.
     /// Exits 0 for a 2xx reply, 3 for any other status.
     Call(CallArgs),
+    /// Check a relay's or connector's configuration: load and validate it
+    /// as starting would (without binding or dialing) and print every
+    /// setting with its value, secrets redacted.
+    ///
+    /// Example:
+    ///
+    ///   kitepipe config check connect --config /etc/kitepipe/connector.toml
+    #[command(subcommand)]
+    Config(ConfigCommand),
     // About and examples: the doc comment of `RemoteArgs`.
     Remote(remote::RemoteArgs),
     /// The agent `kitepipe remote` starts on a host (not for direct use).
     #[command(hide = true)]
     Agent(remote::AgentArgs),
-}
-
-/// Event pipe settings, the same for relays and connectors.
-#[derive(Debug, Args)]
-struct EventArgs {
-    /// Where the local event gateway listens: 127.0.0.1:PORT, a bare port,
-    /// unix:PATH, or off [default: 127.0.0.1:0, printed at start].
-    #[arg(long, value_name = "ADDR")]
-    gateway: Option<String>,
-    /// Directory of event handler executables: GET /server/time/utc runs
-    /// DIR/get_time_utc with the arguments as argv and the body on stdin.
-    #[arg(long, value_name = "DIR")]
-    handlers: Option<PathBuf>,
-    /// Forward events no other handler takes to this local HTTP server,
-    /// e.g. http://127.0.0.1:9000.
-    #[arg(long, value_name = "URL")]
-    handler_upstream: Option<String>,
-    /// How long an event waits for an offline node or link before 503, e.g. 30s.
-    #[arg(long, value_name = "DURATION")]
-    event_wait: Option<String>,
-    /// How long a handler may go without progress before 504, e.g. 30s.
-    #[arg(long, value_name = "DURATION")]
-    event_timeout: Option<String>,
-    /// Let web pages of this origin (`scheme://host[:port]`) use the gateway;
-    /// requests with any other Origin get 403. Repeatable [default: none].
-    #[arg(long, value_name = "ORIGIN")]
-    gateway_origin: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -141,160 +123,60 @@ struct CallArgs {
     token_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
-struct RelayArgs {
-    /// TOML file with the same settings as the flags (flags win).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Address for connectors' links, IP:PORT [default: 0.0.0.0:8443]. Repeatable.
-    #[arg(long, value_name = "ADDR")]
-    listen: Vec<String>,
-    /// Address for visitors' HTTP, routed by Host [default: 0.0.0.0:8080]. Repeatable.
-    /// Giving the same address as --listen or --https serves them all on one port.
-    #[arg(long, value_name = "ADDR")]
-    http: Vec<String>,
-    /// Address for visitors' HTTPS, routed by SNI and passed through undecrypted. Repeatable.
-    #[arg(long, value_name = "ADDR")]
-    https: Vec<String>,
-    /// A domain connectors may claim kites in: PROTOS:NAME:SECRET, e.g.
-    /// 'http,tcp:*.example.net:SECRET'. Repeatable. Every local user can read
-    /// the command line: prefer --domain-file.
-    #[arg(long, value_name = "SPEC")]
-    domain: Vec<String>,
-    /// File of domains, one PROTOS:NAME:SECRET per line (# comments), mode
-    /// 0600: the secrets stay out of the process list. Secrets need at
-    /// least 12 bytes; 32 random hex digits (openssl rand -hex 16) are best.
-    #[arg(long, value_name = "FILE")]
-    domain_file: Option<PathBuf>,
-    /// Address TCP kites' public ports bind to [default: 0.0.0.0].
-    #[arg(long, value_name = "IP")]
-    tcp_bind: Option<String>,
-    /// Public ports TCP kites may use, LOW-HIGH [default: 1024-65535].
-    #[arg(long, value_name = "RANGE")]
-    tcp_ports: Option<String>,
-    /// Let `CONNECT name:port` on the HTTP port reach TCP kites (only from
-    /// listener addresses the kites' ports are bound to, see --tcp-bind).
-    #[arg(long)]
-    http_connect: bool,
-    /// Directory for the self-signed certificate created on first start
-    /// [default: ~/.local/state/kitepipe].
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-    /// Certificate chain (PEM) to use instead of the self-signed one.
-    #[arg(long, value_name = "FILE", requires = "key")]
-    cert: Option<PathBuf>,
-    /// Private key (PEM) for --cert.
-    #[arg(long, value_name = "FILE", requires = "cert")]
-    key: Option<PathBuf>,
-    /// The relay's public host name (shown to connectors, put in the self-signed certificate).
-    #[arg(long, value_name = "HOST")]
-    name: Option<String>,
-    /// A link silent this long is dead, e.g. 15s.
-    #[arg(long, value_name = "DURATION")]
-    heartbeat: Option<String>,
-    /// CA certificate (PEM) connectors' certificates must chain to, e.g. the
-    /// ca-cert.pem of `kitepipe ca init`. Without --domain secrets every
-    /// connector must present a certificate; with them, it may.
-    #[arg(long, value_name = "FILE")]
-    client_ca: Option<PathBuf>,
-    /// Revocation list (PEM X.509 CRL) for connectors' certificates
-    /// [default: crl.pem beside --client-ca, if present]. Reread when it changes.
-    #[arg(long, value_name = "FILE")]
-    crl: Option<PathBuf>,
-    /// A domain under which a certificate named NAME may claim NAME.DOMAIN
-    /// and *.NAME.DOMAIN, e.g. example.net. Repeatable. More rights: `[[allow]]`
-    /// rules in the --config file.
-    #[arg(long, value_name = "DOMAIN")]
-    cert_domain: Vec<String>,
-    /// Let the relay's gateway run remote operations on connectors:
-    /// NODES:OPS, e.g. 'ci-*,laptop:exec,fs' (OPS: exec, fs, forward, all).
-    /// Repeatable; the same as `[[remote]]` rules in the --config file. The
-    /// connector must also opt in with --allow-remote.
-    #[arg(long, value_name = "NODES:OPS")]
-    remote: Vec<String>,
-    /// Threads serving links and visitors [default: half the CPU cores, at
-    /// least 1]. The kernel's TCP work for the same sockets needs the rest.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-    threads: Option<u16>,
-    #[command(flatten)]
-    events: EventArgs,
-    /// Where the gateway's owner token is written at start (mode 0600); a
-    /// request needs it in X-Kitepipe-Token (kitepipe call and kitepipe
-    /// remote find it) [default: STATE_DIR/gateway-token].
-    #[arg(long, value_name = "FILE")]
-    gateway_token_file: Option<PathBuf>,
-    /// Serve /client/ and /remote/ to every local user without the owner
-    /// token (the behaviour before tokens; not recommended).
-    #[arg(long)]
-    insecure_gateway_without_token: bool,
+/// `kitepipe config ...`.
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Load and validate a configuration as starting would, and print the
+    /// effective settings as TOML (secrets redacted). Exits 2 on an
+    /// invalid configuration, printing only the error.
+    #[command(subcommand)]
+    Check(CheckCommand),
 }
 
+/// What `kitepipe config check` checks: the same flags, variables and
+/// --config file as the command itself.
+#[derive(Debug, Subcommand)]
+enum CheckCommand {
+    /// The settings of `kitepipe relay`.
+    Relay(RelayArgs),
+    /// The settings of `kitepipe connect`.
+    Connect(ConnectArgs),
+}
+
+/// `kitepipe relay`: the settings are declared once, in the library's
+/// `RawRelayConfig` (flag, `KITEPIPE_*` variable and TOML key alike).
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// TOML file with the same settings as the flags (`--tcp-ports` is
+    /// `tcp_ports`); flags and KITEPIPE_* variables win.
+    #[arg(long, short = 'c', env = "KITEPIPE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: RawRelayConfig,
+}
+
+/// `kitepipe connect`: the settings are declared once, in the library's
+/// `RawConnectorConfig`.
 #[derive(Debug, Args)]
 struct ConnectArgs {
-    /// Relays to link to, HOST:PORT. Several relays: one link to each.
-    #[arg(value_name = "RELAY")]
-    relay: Vec<String>,
-    /// TOML file with the same settings as the flags (flags win).
-    #[arg(long, short = 'c', value_name = "FILE")]
+    /// TOML file with the same settings as the flags (`--max-backoff` is
+    /// `max_backoff`, kites are `[[kite]]` tables); flags and KITEPIPE_*
+    /// variables win.
+    #[arg(long, short = 'c', env = "KITEPIPE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// A kite to serve: `PROTO:NAME[:PORT]=TARGET`, e.g. `http:blog.example.net=127.0.0.1:8000`,
-    /// `https:blog.example.net=8443`, `tcp:db.example.net:15432=127.0.0.1:5432`
-    /// (port 0: the relay picks). Repeatable.
-    #[arg(long, value_name = "SPEC")]
-    kite: Vec<String>,
-    /// Shared secret of the kites' domain on the relay (never sent: it signs
-    /// a challenge). Every local user can read the command line: prefer
-    /// --secret-file or the environment variable KITEPIPE_SECRET.
-    #[arg(long, value_name = "SECRET", conflicts_with = "secret_file")]
-    secret: Option<String>,
-    /// File holding the shared secret (mode 0600; surrounding whitespace
-    /// ignored). Without --secret and --secret-file, KITEPIPE_SECRET is used.
-    #[arg(long, value_name = "FILE")]
-    secret_file: Option<PathBuf>,
-    /// The relay certificate's fingerprint, as the relay printed it at start.
-    /// With several relays: once for all, or once per relay in the same order.
-    #[arg(long, value_name = "SHA256:HEX")]
-    fingerprint: Vec<String>,
-    /// CA certificate (PEM) the relay's certificate must chain to (instead of --fingerprint).
-    #[arg(long, value_name = "FILE")]
-    ca: Option<PathBuf>,
-    /// This connector's node name; it routes events and remote operations
-    /// only if proven: a certificate's name, or a name under a domain whose
-    /// secret the connector holds [default: the certificate's name, else the
-    /// first secret kite's name, else the host name].
-    #[arg(long, value_name = "NAME")]
-    name: Option<String>,
-    /// A link silent this long is dead, e.g. 15s.
-    #[arg(long, value_name = "DURATION")]
-    heartbeat: Option<String>,
-    /// Longest wait between reconnect attempts, e.g. 15s.
-    #[arg(long, value_name = "DURATION")]
-    max_backoff: Option<String>,
-    /// Accept remote operations from the relay (off by default): exec, fs,
-    /// fs-read, forward or all, comma-separated, e.g. --allow-remote
-    /// exec,fs. fs (every file operation) is as good as exec; fs-read
-    /// allows read, ls and stat only. The relay's rules decide who may use
-    /// them; each is logged.
-    #[arg(long, value_name = "OPS")]
-    allow_remote: Option<String>,
-    /// Certificate identity directory from `kitepipe ca issue` (cert.pem,
-    /// key.pem, ca.pem): presented to relays that ask, and its ca.pem
-    /// verifies the relay when neither --fingerprint nor --ca is given.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["cert", "key"])]
-    identity: Option<PathBuf>,
-    /// This connector's certificate chain (PEM), instead of --identity.
-    #[arg(long, value_name = "FILE", requires = "key")]
-    cert: Option<PathBuf>,
-    /// Private key (PEM) for --cert.
-    #[arg(long, value_name = "FILE", requires = "cert")]
-    key: Option<PathBuf>,
-    /// Threads serving the links and their streams [default: 1: a link's
-    /// frames pass through one reader and one writer anyway, and one thread
-    /// spares them cross-thread wake-ups].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-    threads: Option<u16>,
     #[command(flatten)]
-    events: EventArgs,
+    settings: RawConnectorConfig,
+}
+
+/// A relay's or connector's configuration, loaded and validated before the
+/// runtime starts (its thread count sizes the runtime).
+enum Loaded {
+    /// Neither.
+    Nothing,
+    /// `kitepipe relay`.
+    Relay(Box<RelayConfig>, u16),
+    /// `kitepipe connect`.
+    Connect(Box<ConnectorConfig>, u16),
 }
 
 fn main() {
@@ -321,7 +203,14 @@ fn main() {
         )
         .with(filter)
         .init();
-    let mut builder = match runtime_threads(&cli.command) {
+    let loaded = match load(&cli.command) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("kitepipe: {err:#}");
+            std::process::exit(exit::classify(&err));
+        }
+    };
+    let mut builder = match runtime_threads(&cli.command, &loaded) {
         1 => tokio::runtime::Builder::new_current_thread(),
         threads => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -336,7 +225,7 @@ fn main() {
             std::process::exit(exit::RUNTIME);
         }
     };
-    let code = runtime.block_on(run(cli.command));
+    let code = runtime.block_on(run(cli.command, loaded));
     std::process::exit(code);
 }
 
@@ -349,26 +238,124 @@ fn main() {
 /// small HTTP requests, bench/RESULTS.md), and threads beyond the cores
 /// left for it only add wake-ups (on 2 cores: 1 thread 16k req/s, 2
 /// threads 14k).
-fn runtime_threads(command: &Command) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    match command {
-        Command::Remote(_) | Command::Agent(_) => 1,
-        Command::Connect(args) => args.threads.map_or(1, usize::from),
-        Command::Relay(args) => args.threads.map_or((cores / 2).max(1), usize::from),
-        Command::Call(_) | Command::Ca(_) => 1,
-        Command::Demo => cores,
+fn runtime_threads(command: &Command, loaded: &Loaded) -> usize {
+    match (command, loaded) {
+        (Command::Remote(_) | Command::Agent(_), _) => 1,
+        // The settings' defaults hold the thread counts said above.
+        (_, Loaded::Relay(_, threads) | Loaded::Connect(_, threads)) => usize::from(*threads),
+        (Command::Demo, _) => cores(),
+        _ => 1,
     }
 }
 
-async fn run(command: Command) -> i32 {
-    let res = match command {
-        Command::Demo => demo().await,
-        Command::Relay(args) => relay(args).await,
-        Command::Connect(args) => connect(args).await,
-        Command::Ca(command) => ca::run(command, &|key| std::env::var(key).ok()),
-        Command::Call(args) => return call(args).await,
-        Command::Remote(args) => return remote::run(args).await,
-        Command::Agent(args) => return remote::agent(args).await,
+/// The CPU cores this process may use.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Whether `flag` was typed on the command line (rather than coming from
+/// its environment variable or the config file), which every local user
+/// can read.
+fn on_command_line(flag: &str) -> bool {
+    let with_value = format!("{flag}=");
+    std::env::args().any(|arg| arg == flag || arg.starts_with(&with_value))
+}
+
+/// Loads and validates the configuration of `kitepipe relay` and
+/// `kitepipe connect`; `kitepipe config check` prints it and is done.
+fn load(command: &Command) -> anyhow::Result<Loaded> {
+    match command {
+        Command::Relay(args) => {
+            let (raw, config) = relay_config(args)?;
+            Ok(Loaded::Relay(Box::new(config), raw.threads.unwrap_or(1)))
+        }
+        Command::Connect(args) => {
+            let (raw, config) = connector_config(args)?;
+            Ok(Loaded::Connect(Box::new(config), raw.threads.unwrap_or(1)))
+        }
+        Command::Config(ConfigCommand::Check(CheckCommand::Relay(args))) => {
+            let (raw, _) = relay_config(args)?;
+            print!("{}", raw.effective_toml());
+            Ok(Loaded::Nothing)
+        }
+        Command::Config(ConfigCommand::Check(CheckCommand::Connect(args))) => {
+            let (mut raw, config) = connector_config(args)?;
+            raw.name = Some(config.name);
+            print!("{}", raw.effective_toml());
+            Ok(Loaded::Nothing)
+        }
+        _ => Ok(Loaded::Nothing),
+    }
+}
+
+/// The relay's settings: flags and `KITEPIPE_*` variables over the
+/// --config file over the defaults, validated.
+fn relay_config(args: &RelayArgs) -> anyhow::Result<(RawRelayConfig, RelayConfig)> {
+    if on_command_line("--domain") {
+        tracing::warn!(
+            "--domain puts its secret on the command line, where every local user can read it \
+             (ps, /proc/PID/cmdline): use --domain-file FILE"
+        );
+    }
+    let env = |key: &str| std::env::var(key).ok();
+    let raw = RawRelayConfig::load(args.config.as_deref(), &args.settings)
+        .map_err(exit::usage)?
+        .with_defaults(&env, cores());
+    let mut config = RelayConfig::try_from(raw.clone()).map_err(exit::usage)?;
+    if config.domains.is_empty() && config.identity.client_ca.is_none() {
+        tracing::warn!("no --domain and no --client-ca given: connectors cannot claim any kite");
+    }
+    config.reload_from = args.config.clone().map(|file| IdentitySource {
+        file,
+        flags: args.settings.clone(),
+    });
+    config.events.handler_env = handler_env(&env);
+    Ok((raw, config))
+}
+
+/// The connector's settings: flags and `KITEPIPE_*` variables over the
+/// --config file over the defaults, validated.
+fn connector_config(args: &ConnectArgs) -> anyhow::Result<(RawConnectorConfig, ConnectorConfig)> {
+    let mut flags = args.settings.clone();
+    if on_command_line("--secret") {
+        tracing::warn!(
+            "--secret puts the secret on the command line, where every local user can read it \
+             (ps, /proc/PID/cmdline): use --secret-file FILE or KITEPIPE_SECRET"
+        );
+    } else if flags.secret_file.is_some() {
+        // KITEPIPE_SECRET is the fallback of both flags: a secret file
+        // given as a flag (or variable) wins over it.
+        flags.secret = None;
+    }
+    let raw = RawConnectorConfig::load(args.config.as_deref(), &flags)
+        .map_err(exit::usage)?
+        .with_defaults();
+    let mut config = ConnectorConfig::try_from(raw.clone()).map_err(exit::usage)?;
+    config.events.handler_env = handler_env(&|key| std::env::var(key).ok());
+    if let Some(path) = &args.config {
+        // Relayed file operations never reach the config file.
+        let file = (path.clone(), "the config file".to_string());
+        config.remote_fs.protected.push(file);
+    }
+    if config.kites.is_empty() && config.events.gateway.is_none() {
+        tracing::warn!("no --kite and no gateway: the connector links but serves nothing");
+    }
+    Ok((raw, config))
+}
+
+async fn run(command: Command, loaded: Loaded) -> i32 {
+    let res = match (command, loaded) {
+        (Command::Demo, _) => demo().await,
+        (Command::Relay(_), Loaded::Relay(config, _)) => relay(*config).await,
+        (Command::Connect(_), Loaded::Connect(config, _)) => connect(*config).await,
+        (Command::Relay(_) | Command::Connect(_), _) => {
+            unreachable!("load() gives relays and connectors their config")
+        }
+        (Command::Config(_), _) => Ok(()),
+        (Command::Ca(command), _) => ca::run(command, &|key| std::env::var(key).ok()),
+        (Command::Call(args), _) => return call(args).await,
+        (Command::Remote(args), _) => return remote::run(args).await,
+        (Command::Agent(args), _) => return remote::agent(args).await,
     };
     match res {
         Ok(()) => exit::OK,
@@ -419,65 +406,7 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
     });
 }
 
-async fn relay(args: RelayArgs) -> anyhow::Result<()> {
-    if !args.domain.is_empty() {
-        tracing::warn!(
-            "--domain puts its secret on the command line, where every local user can read it \
-             (ps, /proc/PID/cmdline): use --domain-file FILE"
-        );
-    }
-    let flags = RawRelayConfig {
-        listen: args.listen,
-        http: args.http,
-        https: args.https,
-        domain: args.domain,
-        domain_file: args.domain_file,
-        tcp_bind: args.tcp_bind,
-        tcp_ports: args.tcp_ports,
-        http_connect: args.http_connect.then_some(true),
-        state_dir: args.state_dir,
-        cert: args.cert,
-        key: args.key,
-        name: args.name,
-        heartbeat: args.heartbeat,
-        client_ca: args.client_ca,
-        crl: args.crl,
-        cert_domain: args.cert_domain,
-        allow: Vec::new(),
-        remote: args
-            .remote
-            .iter()
-            .map(|text| RawRemoteRule::from_flag(text))
-            .collect::<Result<_, _>>()
-            .map_err(exit::usage)?,
-        gateway: args.events.gateway,
-        handlers: args.events.handlers,
-        handler_upstream: args.events.handler_upstream,
-        event_wait: args.events.event_wait,
-        event_timeout: args.events.event_timeout,
-        gateway_origin: args.events.gateway_origin,
-        gateway_token_file: args.gateway_token_file,
-        insecure_gateway_without_token: args.insecure_gateway_without_token.then_some(true),
-    };
-    let mut raw = match &args.config {
-        Some(path) => RawRelayConfig::from_file(path)?.merge(flags.clone()),
-        None => flags.clone(),
-    };
-    if raw.listen.is_empty() {
-        raw.listen.push("0.0.0.0:8443".into());
-    }
-    if raw.http.is_empty() && raw.https.is_empty() {
-        raw.http.push("0.0.0.0:8080".into());
-    }
-    if raw.state_dir.is_none() {
-        raw.state_dir = Some(default_state_dir(&|key| std::env::var(key).ok()));
-    }
-    let mut config = RelayConfig::try_from(raw).map_err(exit::usage)?;
-    if config.domains.is_empty() && config.identity.client_ca.is_none() {
-        tracing::warn!("no --domain and no --client-ca given: connectors cannot claim any kite");
-    }
-    config.reload_from = args.config.map(|file| IdentitySource { file, flags });
-    config.events.handler_env = handler_env(&|key| std::env::var(key).ok());
+async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
     let relay = Relay::bind(config).await?;
     reload_on_sighup(relay.reload_trigger());
@@ -513,54 +442,7 @@ async fn relay(args: RelayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
-    if args.secret.is_some() {
-        tracing::warn!(
-            "--secret puts the secret on the command line, where every local user can read it \
-             (ps, /proc/PID/cmdline): use --secret-file FILE or KITEPIPE_SECRET"
-        );
-    }
-    // The environment is the fallback of both flags, read here so that
-    // only a secret typed on the command line is warned about.
-    let secret = match (&args.secret, &args.secret_file) {
-        (None, None) => std::env::var("KITEPIPE_SECRET").ok(),
-        _ => args.secret,
-    };
-    let flags = RawConnectorConfig {
-        relay: args.relay,
-        kite: args.kite,
-        secret,
-        secret_file: args.secret_file,
-        fingerprint: args.fingerprint,
-        ca: args.ca,
-        name: args.name,
-        heartbeat: args.heartbeat,
-        max_backoff: args.max_backoff,
-        identity: args.identity,
-        cert: args.cert,
-        key: args.key,
-        gateway: args.events.gateway,
-        handlers: args.events.handlers,
-        handler_upstream: args.events.handler_upstream,
-        event_wait: args.events.event_wait,
-        event_timeout: args.events.event_timeout,
-        allow_remote: args.allow_remote,
-        gateway_origin: args.events.gateway_origin,
-    };
-    let raw = match &args.config {
-        Some(path) => RawConnectorConfig::from_file(path)?.merge(flags),
-        None => flags,
-    };
-    let mut config = ConnectorConfig::try_from(raw).map_err(exit::usage)?;
-    config.events.handler_env = handler_env(&|key| std::env::var(key).ok());
-    if let Some(path) = &args.config {
-        // Relayed file operations never reach the config file.
-        let file = (path.clone(), "the config file".to_string());
-        config.remote_fs.protected.push(file);
-    }
-    if config.kites.is_empty() && config.events.gateway.is_none() {
-        tracing::warn!("no --kite and no gateway: the connector links but serves nothing");
-    }
+async fn connect(config: ConnectorConfig) -> anyhow::Result<()> {
     let relays = config.relays.iter().map(|r| r.addr.clone()).collect();
     let connector = Connector::new(config).context("connector setup")?;
     ready::connector(&connector, relays);

@@ -33,6 +33,12 @@ pub const MAX_REASON_LEN: usize = 1024;
 /// The link-level stream id (control messages, pings, goaway).
 pub const LINK_STREAM: u32 = 0;
 
+/// Default heartbeat: a link silent this long is dead, and so is one whose
+/// peer answers none of our pings ([`Frame::Ping`]) for two of it. Pings go
+/// out every third of it, which also keeps NAT mappings alive (home routers
+/// and CGNAT forget idle TCP flows after minutes, never seconds).
+pub const DEFAULT_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// One frame of the link protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {

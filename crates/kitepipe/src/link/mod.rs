@@ -39,11 +39,7 @@ pub use mux::{
 pub use records::LinkIo;
 pub(crate) use shared::SharedStream;
 
-/// Default heartbeat: a link silent this long is dead, and so is one whose
-/// peer answers none of our pings for two of it. Pings go out every
-/// third of it, which also keeps NAT mappings alive (home routers and CGNAT
-/// forget idle TCP flows after minutes, never seconds).
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+pub use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
 
 /// How long a link's handshake may take, on either end: the TLS handshake
 /// and each handshake message (the connector's hello until the relay's
