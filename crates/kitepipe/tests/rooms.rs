@@ -66,78 +66,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
 /// them, and they import none but each other.
 const SHARED: &[&str] = &["accept", "shutdown", "sync"];
 
-/// Circles known when this test was written (issue 13), each as the set of
-/// files it runs through; other helpers are breaking them in parallel.
-/// Removed at merge: a circle found here must lie inside one of these sets.
-const KNOWN_CIRCLES: &[&[&str]] = &[
-    // pipe/{exec,upstream} <-> pipe/handlers (`ReplyWriter`, `error_reply`).
-    &["pipe/exec.rs", "pipe/handlers.rs", "pipe/upstream.rs"],
-    // remote/{exec,exec_tty,fs,forward} <-> remote/agent (`finish`, `fail`,
-    // `error_reply`, `invalid`).
-    &[
-        "remote/agent.rs",
-        "remote/exec.rs",
-        "remote/exec_tty.rs",
-        "remote/forward.rs",
-        "remote/fs.rs",
-    ],
-    // remote/bootstrap <-> remote/session (`Session::ssh` -> `connect` ->
-    // `Session::start`).
-    &["remote/bootstrap.rs", "remote/session.rs"],
-    // One knot in relay/: events <-> remote (`find_node`) and identity <->
-    // registry (`LinkIdentity`), named in the issue; and two this test found
-    // beyond it: identity <-> session (`rejudge_secret_grants`,
-    // `IdentityState`) and http <-> tcp (`open_visitor_stream`, `reset`).
-    &[
-        "relay/events.rs",
-        "relay/http.rs",
-        "relay/identity.rs",
-        "relay/registry.rs",
-        "relay/remote.rs",
-        "relay/session.rs",
-        "relay/tcp.rs",
-    ],
-];
-
-/// Imports against [`ALLOWED`] known when this test was written (issue 13),
-/// as (importing file, imported file). Removed at merge.
-const KNOWN_WRONG_WAY: &[(&str, &str)] = &[
-    // `DEFAULT_HEARTBEAT`, named in the issue.
-    ("config/mod.rs", "link/mod.rs"),
-    // `REMOTE_UPGRADE` (named in the issue) and `gateway_token`.
-    ("remote/relayed.rs", "pipe/mod.rs"),
-    ("remote/relayed.rs", "pipe/client.rs"),
-    // Found by this test beyond the issue: pki/tls.rs sets the link's key
-    // log (`link::secrets::LinkKeyLog`) while link/records.rs takes
-    // `pki::ALPN_LINK`, a circle between the two rooms.
-    ("pki/tls.rs", "link/secrets.rs"),
-];
-
 #[test]
 fn no_circles_between_files() {
     let graph = Graph::read(&src_dir());
-    let mut unknown = Vec::new();
-    let mut seen_known = BTreeSet::new();
-    for circle in graph.circles() {
-        let known = KNOWN_CIRCLES
-            .iter()
-            .position(|known| circle.iter().all(|file| known.contains(&file.as_str())));
-        match known {
-            Some(index) => {
-                seen_known.insert(index);
-            }
-            None => unknown.push(graph.describe_circle(&circle)),
-        }
-    }
-    for (index, known) in KNOWN_CIRCLES.iter().enumerate() {
-        if !seen_known.contains(&index) {
-            eprintln!("known circle {known:?} is gone: remove it from KNOWN_CIRCLES");
-        }
-    }
+    let circles: Vec<String> = graph
+        .circles()
+        .iter()
+        .map(|circle| graph.describe_circle(circle))
+        .collect();
     assert!(
-        unknown.is_empty(),
+        circles.is_empty(),
         "circles between files (break each by moving the shared piece to its own file):\n{}",
-        unknown.join("\n")
+        circles.join("\n")
     );
 }
 
@@ -146,7 +86,6 @@ fn rooms_import_only_downward() {
     let graph = Graph::read(&src_dir());
     let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
     let mut wrong = Vec::new();
-    let mut seen_known = BTreeSet::new();
     for (from, to, via) in graph.edges() {
         let (from_room, to_room) = (room(from), room(to));
         if from_room == to_room || to_room == "lib" || SHARED.contains(&to_room) {
@@ -164,24 +103,10 @@ fn rooms_import_only_downward() {
             ));
             continue;
         };
-        if may.contains(&to_room) {
-            continue;
-        }
-        match KNOWN_WRONG_WAY
-            .iter()
-            .position(|&(f, t)| f == from && t == to)
-        {
-            Some(index) => {
-                seen_known.insert(index);
-            }
-            None => wrong.push(format!(
+        if !may.contains(&to_room) {
+            wrong.push(format!(
                 "{from} -> {to} ({via}): {from_room} may not import {to_room}"
-            )),
-        }
-    }
-    for (index, known) in KNOWN_WRONG_WAY.iter().enumerate() {
-        if !seen_known.contains(&index) {
-            eprintln!("known wrong-way import {known:?} is gone: remove it from KNOWN_WRONG_WAY");
+            ));
         }
     }
     assert!(

@@ -16,6 +16,12 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+/// Header carrying the relay gateway's owner token (`X-Kitepipe-Token`),
+/// sent by the owner's tools with events and `/remote/` upgrades. Not
+/// `Authorization`: that one travels with events to handlers. Stripped like
+/// every `X-Kitepipe-*` header before an event leaves.
+pub const TOKEN_HEADER: &str = "x-kitepipe-token";
+
 /// Longest handler name, in bytes. Names are file names in a handlers
 /// directory; 128 is far below any file system's limit.
 pub const MAX_NAME_LEN: usize = 128;

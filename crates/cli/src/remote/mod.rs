@@ -364,11 +364,28 @@ async fn run_inner(args: RemoteArgs) -> anyhow::Result<i32> {
                 )
             })?;
             let gateway = kitepipe::config::parse_gateway(text)?;
-            Session::via_gateway(&gateway, node, options.session, options.connect_timeout)
-                .await
-                .with_context(|| {
-                    format!("cannot start a session on node {node} through the relay")
-                })?
+            // The relay's gateway serves its owner only: its token, found
+            // as `kitepipe call` finds it.
+            let token = tokio::time::timeout(
+                options.connect_timeout,
+                kitepipe::pipe::client::gateway_token(&gateway, None),
+            )
+            .await
+            .map_err(|_| kitepipe::remote::ConnectError::Timeout {
+                after: options.connect_timeout,
+                stage: "asking the relay's gateway for its token",
+                stderr: String::new(),
+            })?
+            .context("cannot find the relay gateway's owner token")?;
+            Session::via_gateway(
+                &gateway,
+                node,
+                token.as_deref(),
+                options.session,
+                options.connect_timeout,
+            )
+            .await
+            .with_context(|| format!("cannot start a session on node {node} through the relay"))?
         }
         None => Session::ssh(options)
             .await

@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::events::{EventConfig, RawEventConfig};
 use super::parse::{
-    check_secret_strength, parse_duration, parse_kite_target, parse_relay_target,
-    read_connector_secret,
+    check_secret_strength, parse_duration, parse_kite_target, read_connector_secret,
 };
 use super::{ConfigError, Layered, effective_toml, load};
 use crate::pki::{Fingerprint, IDENTITY_CA_FILE, NodeIdentity, RelayTrust, Secret};
@@ -564,4 +563,26 @@ fn load_identity(
             "--cert and --key go together: give both (or --identity DIR)",
         )),
     }
+}
+
+pub(super) fn parse_relay_target(
+    text: &str,
+    trust: RelayTrust,
+) -> Result<RelayTarget, ConfigError> {
+    let invalid = || ConfigError::Invalid {
+        what: "relay address",
+        value: text.to_string(),
+        why: "expected host:port, e.g. relay.example.net:8443".into(),
+    };
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    port.parse::<u16>().map_err(|_| invalid())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid());
+    }
+    Ok(RelayTarget {
+        addr: text.to_string(),
+        host: host.to_string(),
+        trust,
+    })
 }

@@ -7,8 +7,7 @@ use kitepipe_proto::kite;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
-use super::relay::RawRelayConfig;
-use super::remote::parse_remote_rule;
+use super::remote::{RawRemoteRule, parse_remote_rule};
 use crate::pki::{AllowRule, CrlSource, IdentityPattern, IdentityRules, KitePattern, ca};
 
 /// One `[[allow]]` table as written.
@@ -41,28 +40,24 @@ pub struct IdentityConfig {
     pub rules: IdentityRules,
 }
 
-/// A relay's config file and the flags laid over it, to re-read the
-/// identity settings from on reload.
-#[derive(Debug, Clone)]
-pub struct IdentitySource {
-    /// The TOML file.
-    pub file: PathBuf,
-    /// The command-line settings, which win over the file.
-    pub flags: RawRelayConfig,
-}
-
-impl IdentitySource {
-    /// Reads the file again and validates its identity settings.
-    pub fn load(&self) -> Result<IdentityConfig, ConfigError> {
-        let raw = RawRelayConfig::load(Some(&self.file), &self.flags)?;
-        IdentityConfig::from_raw(&raw)
-    }
+/// The relay settings that make up its [`IdentityConfig`], as written.
+pub(crate) struct RawIdentity<'a> {
+    /// `client_ca`.
+    pub(crate) client_ca: &'a Option<PathBuf>,
+    /// `crl`.
+    pub(crate) crl: &'a Option<PathBuf>,
+    /// `cert_domain`.
+    pub(crate) cert_domain: &'a [String],
+    /// `[[allow]]`.
+    pub(crate) allow: &'a [RawAllowRule],
+    /// `[[remote]]`.
+    pub(crate) remote: &'a [RawRemoteRule],
 }
 
 impl IdentityConfig {
     /// Validates the identity settings of `raw`.
-    pub(crate) fn from_raw(raw: &RawRelayConfig) -> Result<IdentityConfig, ConfigError> {
-        let crl = match (&raw.crl, &raw.client_ca) {
+    pub(crate) fn from_raw(raw: RawIdentity<'_>) -> Result<IdentityConfig, ConfigError> {
+        let crl = match (raw.crl, raw.client_ca) {
             (Some(crl), Some(_)) => Some(CrlSource::File(crl.clone())),
             (None, Some(client_ca)) => {
                 let dir = client_ca.parent().unwrap_or(std::path::Path::new(""));

@@ -37,7 +37,8 @@ pub use events::{
     DEFAULT_HANDLER_PATH, EventConfig, GATEWAY_TOKEN_FILE, GatewayAddr, HANDLER_ENV_INHERITED,
     RawEventConfig, UpstreamUrl, handler_env, parse_gateway,
 };
-pub use identity::{IdentityConfig, IdentitySource, RawAllowRule};
+pub use identity::{IdentityConfig, RawAllowRule};
+pub use relay::IdentitySource;
 pub use relay::{
     Domain, ListenerConfig, RawRelayConfig, RelayConfig, RelayTlsSource, default_state_dir,
 };

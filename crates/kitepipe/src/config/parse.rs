@@ -3,12 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kitepipe_proto::kite::{self, KiteProto, KiteRef};
+use kitepipe_proto::kite::KiteRef;
 
 use super::ConfigError;
-use super::connector::RelayTarget;
-use super::relay::Domain;
-use crate::pki::{RelayTrust, Secret, read_secret_file};
+use crate::pki::{Secret, read_secret_file};
 
 /// Refuses a secret below the minimum strength and warns about a weak
 /// one; `masked` names it in messages without quoting it.
@@ -30,30 +28,6 @@ pub(super) fn check_secret_strength(
     }
 }
 
-/// Reads `--domain-file`: one `PROTOS:PATTERN:SECRET` per line; blank
-/// lines and lines starting with `#` are skipped.
-pub(super) fn read_domain_file(path: &std::path::Path) -> Result<Vec<Domain>, ConfigError> {
-    let text = read_secret_file(path).map_err(|source| ConfigError::SecretFile {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut domains = Vec::new();
-    for (index, line) in text.expose().lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let domain = parse_domain(line).map_err(|err| ConfigError::Invalid {
-            what: "domain-file line",
-            value: format!("{}:{}", path.display(), index + 1),
-            // parse_domain's message never quotes the secret.
-            why: err.to_string(),
-        })?;
-        domains.push(domain);
-    }
-    Ok(domains)
-}
-
 /// Reads `--secret-file`: the whole file, surrounding whitespace ignored.
 pub(super) fn read_connector_secret(path: &std::path::Path) -> Result<Secret, ConfigError> {
     let text = read_secret_file(path).map_err(|source| ConfigError::SecretFile {
@@ -69,37 +43,6 @@ pub(super) fn read_connector_secret(path: &std::path::Path) -> Result<Secret, Co
         });
     }
     Ok(Secret::new(secret))
-}
-
-/// Parses `PROTOS:PATTERN:SECRET`, e.g. `http,tcp:*.example.net:s3cret`.
-pub(super) fn parse_domain(text: &str) -> Result<Domain, ConfigError> {
-    let invalid = |why: &str| ConfigError::Invalid {
-        what: "domain",
-        // Never echo the secret.
-        value: text.split(':').take(2).collect::<Vec<_>>().join(":") + ":***",
-        why: why.to_string(),
-    };
-    let mut parts = text.splitn(3, ':');
-    let (Some(protos), Some(pattern), Some(secret)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(invalid(
-            "expected PROTOS:NAME:SECRET, e.g. http,tcp:*.example.net:SECRET",
-        ));
-    };
-    let protos = protos
-        .split(',')
-        .map(|p| p.trim().parse::<KiteProto>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| invalid(&err.to_string()))?;
-    let pattern = kite::normalize_name(pattern).map_err(|err| invalid(&err.to_string()))?;
-    if secret.is_empty() {
-        return Err(invalid("the secret is empty"));
-    }
-    Ok(Domain {
-        protos,
-        pattern,
-        secret: Secret::new(secret),
-    })
 }
 
 /// Parses `PROTO:NAME[:PORT]=TARGET`; TARGET is `host:port` or a bare port on 127.0.0.1.
@@ -125,28 +68,6 @@ pub(super) fn parse_kite_target(text: &str) -> Result<(KiteRef, String), ConfigE
         _ => return Err(invalid(format!("target {target:?} is not host:port"))),
     }
     Ok((kite, target))
-}
-
-pub(super) fn parse_relay_target(
-    text: &str,
-    trust: RelayTrust,
-) -> Result<RelayTarget, ConfigError> {
-    let invalid = || ConfigError::Invalid {
-        what: "relay address",
-        value: text.to_string(),
-        why: "expected host:port, e.g. relay.example.net:8443".into(),
-    };
-    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
-    port.parse::<u16>().map_err(|_| invalid())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(invalid());
-    }
-    Ok(RelayTarget {
-        addr: text.to_string(),
-        host: host.to_string(),
-        trust,
-    })
 }
 
 pub(super) fn parse_socket_addr(what: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {

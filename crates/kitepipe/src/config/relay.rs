@@ -5,18 +5,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
-use kitepipe_proto::kite::KiteProto;
+use kitepipe_proto::kite::{self, KiteProto};
 use serde::{Deserialize, Serialize};
 
 use super::events::{EventConfig, GATEWAY_TOKEN_FILE, RawEventConfig};
-use super::identity::{IdentityConfig, IdentitySource, RawAllowRule};
-use super::parse::{
-    check_secret_strength, parse_domain, parse_duration, parse_port_range, parse_socket_addr,
-    read_domain_file,
-};
+use super::identity::{IdentityConfig, RawAllowRule, RawIdentity};
+use super::parse::{check_secret_strength, parse_duration, parse_port_range, parse_socket_addr};
 use super::remote::RawRemoteRule;
 use super::{ConfigError, Layered, effective_toml, load};
-use crate::pki::Secret;
+use crate::pki::{Secret, read_secret_file};
 
 /// Relay settings as written: one declaration per setting serves the
 /// flag (`--tcp-ports`), its environment variable (`KITEPIPE_TCP_PORTS`)
@@ -273,7 +270,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
     type Error = ConfigError;
 
     fn try_from(raw: RawRelayConfig) -> Result<Self, Self::Error> {
-        let identity = IdentityConfig::from_raw(&raw)?;
+        let identity = IdentityConfig::from_raw(raw.identity())?;
         if raw.threads == Some(0) {
             return Err(ConfigError::Invalid {
                 what: "threads",
@@ -375,4 +372,90 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             events,
         })
     }
+}
+
+/// A relay's config file and the flags laid over it, to re-read the
+/// identity settings from on reload.
+#[derive(Debug, Clone)]
+pub struct IdentitySource {
+    /// The TOML file.
+    pub file: PathBuf,
+    /// The command-line settings, which win over the file.
+    pub flags: RawRelayConfig,
+}
+
+impl IdentitySource {
+    /// Reads the file again and validates its identity settings.
+    pub fn load(&self) -> Result<IdentityConfig, ConfigError> {
+        let raw = RawRelayConfig::load(Some(&self.file), &self.flags)?;
+        IdentityConfig::from_raw(raw.identity())
+    }
+}
+
+impl RawRelayConfig {
+    /// The settings that make up the relay's [`IdentityConfig`].
+    pub(crate) fn identity(&self) -> RawIdentity<'_> {
+        RawIdentity {
+            client_ca: &self.client_ca,
+            crl: &self.crl,
+            cert_domain: &self.cert_domain,
+            allow: &self.allow,
+            remote: &self.remote,
+        }
+    }
+}
+
+/// Reads `--domain-file`: one `PROTOS:PATTERN:SECRET` per line; blank
+/// lines and lines starting with `#` are skipped.
+pub(super) fn read_domain_file(path: &std::path::Path) -> Result<Vec<Domain>, ConfigError> {
+    let text = read_secret_file(path).map_err(|source| ConfigError::SecretFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut domains = Vec::new();
+    for (index, line) in text.expose().lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let domain = parse_domain(line).map_err(|err| ConfigError::Invalid {
+            what: "domain-file line",
+            value: format!("{}:{}", path.display(), index + 1),
+            // parse_domain's message never quotes the secret.
+            why: err.to_string(),
+        })?;
+        domains.push(domain);
+    }
+    Ok(domains)
+}
+
+/// Parses `PROTOS:PATTERN:SECRET`, e.g. `http,tcp:*.example.net:s3cret`.
+pub(super) fn parse_domain(text: &str) -> Result<Domain, ConfigError> {
+    let invalid = |why: &str| ConfigError::Invalid {
+        what: "domain",
+        // Never echo the secret.
+        value: text.split(':').take(2).collect::<Vec<_>>().join(":") + ":***",
+        why: why.to_string(),
+    };
+    let mut parts = text.splitn(3, ':');
+    let (Some(protos), Some(pattern), Some(secret)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(invalid(
+            "expected PROTOS:NAME:SECRET, e.g. http,tcp:*.example.net:SECRET",
+        ));
+    };
+    let protos = protos
+        .split(',')
+        .map(|p| p.trim().parse::<KiteProto>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| invalid(&err.to_string()))?;
+    let pattern = kite::normalize_name(pattern).map_err(|err| invalid(&err.to_string()))?;
+    if secret.is_empty() {
+        return Err(invalid("the secret is empty"));
+    }
+    Ok(Domain {
+        protos,
+        pattern,
+        secret: Secret::new(secret),
+    })
 }

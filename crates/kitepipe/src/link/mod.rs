@@ -21,7 +21,6 @@ pub(crate) mod backoff;
 pub(crate) mod io;
 pub(crate) mod mux;
 pub(crate) mod records;
-pub(crate) mod secrets;
 mod shared;
 
 use std::fmt;

@@ -180,10 +180,7 @@ impl GatewayListener {
     }
 }
 
-/// Header carrying the relay gateway's owner token. Not `Authorization`:
-/// that one travels with events to handlers. Stripped like every
-/// `X-Kitepipe-*` header before an event leaves.
-pub const TOKEN_HEADER: &str = "x-kitepipe-token";
+pub use kitepipe_proto::event::TOKEN_HEADER;
 
 /// Header of a 401 naming the token file, so the owner's own tools
 /// (`kitepipe call`, `kitepipe remote`) find it; only its owner can read it.

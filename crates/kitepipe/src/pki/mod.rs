@@ -20,6 +20,7 @@ pub mod ca;
 mod cert;
 mod fingerprint;
 mod identity;
+pub(crate) mod keylog;
 mod rules;
 mod secret;
 mod tls;

@@ -170,7 +170,7 @@ pub(crate) fn relay_server_config_with(
     // The link's record layer takes the session's keys over, and the
     // traffic secrets its key updates start from.
     config.enable_secret_extraction = true;
-    config.key_log = Arc::new(crate::link::secrets::LinkKeyLog);
+    config.key_log = Arc::new(crate::pki::keylog::LinkKeyLog);
     // Links are long-lived, so resumption saves little, and a full handshake
     // makes the relay prove its key on every reconnect. Without tickets the
     // server's handshake also ends when it reads the client's Finished,
@@ -263,7 +263,7 @@ pub(crate) fn connector_client_config_with(
     };
     config.alpn_protocols = link_alpns();
     config.enable_secret_extraction = true;
-    config.key_log = Arc::new(crate::link::secrets::LinkKeyLog);
+    config.key_log = Arc::new(crate::pki::keylog::LinkKeyLog);
     // Every link handshake is a full one: see relay_server_config_with.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))

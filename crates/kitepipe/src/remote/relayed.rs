@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
+use kitepipe_proto::event::TOKEN_HEADER;
 use kitepipe_proto::remote::REMOTE_UPGRADE;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -25,10 +26,14 @@ impl Session {
     /// A session with the agent of connector `node`, through the relay
     /// whose gateway listens at `gateway`. `connect_timeout` bounds
     /// reaching the gateway and its answer (which includes the relay's wait
-    /// for an offline node).
+    /// for an offline node). `token` is the gateway's owner token (the
+    /// relay's gateway serves its owner only), sent as
+    /// [`TOKEN_HEADER`]; `kitepipe remote` finds it as `kitepipe call` does
+    /// (`pipe::client::gateway_token`).
     pub async fn via_gateway(
         gateway: &GatewayAddr,
         node: &str,
+        token: Option<&str>,
         options: SessionOptions,
         connect_timeout: Duration,
     ) -> Result<Session, ConnectError> {
@@ -45,16 +50,6 @@ impl Session {
             stage,
             stderr: String::new(),
         };
-        // The relay's gateway serves its owner only: its token, found as
-        // `kitepipe call` finds it.
-        let token = tokio::time::timeout(
-            connect_timeout,
-            crate::pipe::client::gateway_token(gateway, None),
-        )
-        .await
-        .map_err(|_| timeout("asking the relay's gateway for its token"))?
-        .map_err(|err| ConnectError::Protocol(format!("{err}")))?;
-        let token = token.as_deref();
         match gateway {
             GatewayAddr::Tcp(sock_addr) => {
                 let sock = tokio::time::timeout(
@@ -91,7 +86,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let token = token
-        .map(|token| format!("{}: {token}\r\n", crate::pipe::TOKEN_HEADER))
+        .map(|token| format!("{}: {token}\r\n", TOKEN_HEADER))
         .unwrap_or_default();
     let request = format!(
         "GET /remote/{node} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\

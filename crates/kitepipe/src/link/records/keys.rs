@@ -6,7 +6,7 @@ use ring::aead;
 use rustls::ConnectionTrafficSecrets;
 
 use super::RecordError;
-use crate::link::secrets::{self, TrafficSecret};
+use crate::pki::keylog::{self, TrafficSecret};
 
 /// One direction's keys: the AEAD key, the IV, the next sequence number,
 /// and the traffic secret they come from (and the next generation).
@@ -34,7 +34,7 @@ impl Keys {
             }
             _ => return Err(RecordError::UnsupportedSuite),
         };
-        let secret = secrets::take(iv.as_ref()).ok_or(RecordError::SecretNotLogged)?;
+        let secret = keylog::take(iv.as_ref()).ok_or(RecordError::SecretNotLogged)?;
         let keys = Keys::from_secret(algorithm, secret, seq)?;
         let mut derived = [0u8; 32];
         let derived = &mut derived[..algorithm.key_len()];

@@ -7,7 +7,7 @@ use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
-use crate::link::secrets::TrafficSecret;
+use crate::pki::keylog::TrafficSecret;
 use crate::pki::{
     ALPN_LINK_V1, RelayCert, RelayTrust, connector_client_config, relay_server_config,
 };

@@ -1,6 +1,6 @@
 //! TLS 1.3 traffic secrets for the link's record layer: caught from
 //! rustls's key log during the handshake, handed to
-//! [`RecordStream::take_over`](super::records::RecordStream::take_over),
+//! [`RecordStream::take_over`](crate::link::records::RecordStream::take_over),
 //! and the key schedule's HKDF-Expand-Label (RFC 8446 §7.1) that derives
 //! keys, IVs and the next generation of secrets (§7.2) from them.
 //!
