@@ -444,6 +444,9 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
         tokio::time::timeout(patience(), real.mux.closed())
             .await
             .expect("the stale link is closed");
+        // The relay logs before it closes, but its stderr reaches the test
+        // through a reader thread: wait for the line, then count it.
+        relay.proc.wait_for("replacing its previous link");
         assert_eq!(
             lines_with(&relay.proc.output(), &["replacing its previous link"]),
             1
