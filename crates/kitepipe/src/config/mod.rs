@@ -13,21 +13,19 @@
 //! event settings both share), `identity.rs` (client CA, `[[allow]]`,
 //! reload), `remote.rs` (`[[remote]]`), `parse.rs` (the small parsers).
 
-use std::path::{Path, PathBuf};
-
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
-use crate::pki::{PkiError, protect_secret_file};
-
 mod connector;
 mod events;
 mod identity;
 mod parse;
 mod relay;
 mod remote;
-#[cfg(test)]
-mod tests;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::pki::{PkiError, protect_secret_file};
 
 pub use connector::{
     ConnectorConfig, KiteTarget, RawConnectorConfig, RawKite, RawKiteSpec, RelayTarget,
@@ -38,9 +36,9 @@ pub use events::{
     RawEventConfig, UpstreamUrl, handler_env, parse_gateway,
 };
 pub use identity::{IdentityConfig, RawAllowRule};
-pub use relay::IdentitySource;
 pub use relay::{
-    Domain, ListenerConfig, RawRelayConfig, RelayConfig, RelayTlsSource, default_state_dir,
+    Domain, IdentitySource, ListenerConfig, RawRelayConfig, RelayConfig, RelayTlsSource,
+    default_state_dir,
 };
 pub use remote::RawRemoteRule;
 
@@ -121,13 +119,15 @@ pub enum ConfigError {
 pub struct TomlError(String);
 
 impl TomlError {
-    fn new(text: &str, err: &toml::de::Error, secrets: &[String]) -> TomlError {
+    /// `text` is the file the error's position is in; `None` when the
+    /// text was put together here (positions would mean nothing to anyone).
+    fn new(text: Option<&str>, err: &toml::de::Error, secrets: &[String]) -> TomlError {
         let mut message = err.message().trim().to_string();
         for secret in secrets.iter().filter(|s| !s.is_empty()) {
             message = message.replace(secret.as_str(), REDACTED);
         }
-        match err.span() {
-            Some(span) => {
+        match err.span().zip(text) {
+            Some((span, text)) => {
                 let before = &text[..span.start.min(text.len())];
                 let line = before.matches('\n').count() + 1;
                 let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
@@ -192,12 +192,18 @@ pub(crate) fn load<T: Layered>(file: Option<&Path>, flags: &T) -> Result<T, Conf
     }
     table.extend(over);
     let secrets = secret_values(&table, T::SECRET_KEYS);
-    toml::Value::Table(table)
-        .try_into()
-        .map_err(|err: toml::de::Error| ConfigError::Parse {
-            path: file.map_or_else(|| PathBuf::from("(flags)"), Path::to_path_buf),
-            source: TomlError::new("", &err, &secrets),
-        })
+    // Typed from text, like the file was: one deserializer for every raw
+    // config (a second one, from `toml::Value`, cost ~70 KiB of machine
+    // code, which an idle process keeps resident).
+    let text = toml::to_string(&table).map_err(|err| ConfigError::Invalid {
+        what: "setting",
+        value: String::new(),
+        why: err.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|err: toml::de::Error| ConfigError::Parse {
+        path: file.map_or_else(|| PathBuf::from("(flags)"), Path::to_path_buf),
+        source: TomlError::new(None, &err, &secrets),
+    })
 }
 
 /// The settings given in `raw` as a TOML table: unset options and empty
@@ -244,7 +250,7 @@ fn read_file<T: Layered>(path: &Path) -> Result<toml::Table, ConfigError> {
     })?;
     let parse_error = |err: toml::de::Error, secrets: &[String]| ConfigError::Parse {
         path: path.to_path_buf(),
-        source: TomlError::new(&text, &err, secrets),
+        source: TomlError::new(Some(&text), &err, secrets),
     };
     let table: toml::Table = toml::from_str(&text).map_err(|err| parse_error(err, &[]))?;
     let known = known_keys::<T>();
@@ -340,3 +346,6 @@ fn protect_config_file(path: &Path) -> Result<(), ConfigError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests;
