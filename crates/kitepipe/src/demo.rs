@@ -141,12 +141,14 @@ pub async fn run(
                     .expect("valid literal kite"),
                 target: web_addr.to_string(),
                 secret: Some(secret.clone()),
+                proxy_protocol: None,
             },
             KiteTarget {
                 kite: kitepipe_proto::kite::KiteRef::parse(&format!("tcp:{DEMO_TCP_KITE}:0"))
                     .expect("valid literal kite"),
                 target: echo_addr.to_string(),
                 secret: Some(secret.clone()),
+                proxy_protocol: None,
             },
         ],
         name: DEMO_NODE.into(),

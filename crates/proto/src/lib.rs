@@ -6,7 +6,8 @@
 //! (gateway paths as events, and the reply head of an event stream). [`http1`] scans
 //! visitors' HTTP/1 requests for the relay, [`sniff`] reads the SNI and ALPN of
 //! a TLS ClientHello so one port can serve several protocols, and [`kite`] holds
-//! kite names and their matching rules.
+//! kite names and their matching rules, and [`proxy`] the PROXY protocol header
+//! a connector may send its local targets.
 //!
 //! This crate must not depend on tokio, sockets, clocks or TLS: callers hand it
 //! bytes (and `now` where time matters) and get frames, events and deadlines.
@@ -18,5 +19,6 @@ pub mod frame;
 pub mod http1;
 pub mod kite;
 pub mod message;
+pub mod proxy;
 pub mod remote;
 pub mod sniff;

@@ -379,6 +379,10 @@ pub struct VisitorHeader {
     pub host: Option<String>,
     /// The visitor's address as the relay saw it.
     pub peer: String,
+    /// The relay's address the visitor connected to, if known (absent
+    /// from older relays): the destination of a PROXY protocol header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_addr: Option<String>,
 }
 
 /// Why a message could not be decoded.
@@ -516,9 +520,16 @@ mod tests {
             },
             host: Some("a.example.net".into()),
             peer: "198.51.100.3:5000".into(),
+            relay_addr: Some("203.0.113.1:80".into()),
         });
         let back: StreamHeader = decode(&encode(&header)).unwrap();
         assert_eq!(back, header);
+        // An older relay's visitor header names no relay address.
+        let old = br#"{"kind":"visitor","kite":{"proto":"tcp","name":"db","port":7000},"peer":"192.0.2.1:1"}"#;
+        match decode::<StreamHeader>(old) {
+            Ok(StreamHeader::Visitor(visitor)) => assert_eq!(visitor.relay_addr, None),
+            other => panic!("{other:?}"),
+        }
 
         let event = StreamHeader::Event(EventHeader {
             name: "get_cat".into(),

@@ -882,6 +882,7 @@ fn visitor_streams_are_capped_per_link() {
             },
             host: None,
             peer: format!("192.0.2.1:{}", 1024 + n),
+            relay_addr: None,
         });
         let stream = relay
             .rt

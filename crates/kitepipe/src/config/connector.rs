@@ -6,6 +6,7 @@ use std::time::Duration;
 use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
 use kitepipe_proto::kite::{KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
+use kitepipe_proto::proxy::ProxyProtocol;
 use serde::{Deserialize, Serialize};
 
 use super::events::{EventConfig, RawEventConfig};
@@ -176,6 +177,7 @@ impl<'de> Deserialize<'de> for RawKiteSpec {
 /// protocol = "tcp"
 /// port = 15432
 /// target = "127.0.0.1:5432"
+/// proxy_protocol = "v2"
 /// ```
 ///
 /// Per-kite options go here (and, validated, into [`KiteTarget`]); see
@@ -192,6 +194,11 @@ pub struct RawKite {
     pub port: Option<u16>,
     /// Local `host:port` (or a bare port on 127.0.0.1) visitors reach.
     pub target: String,
+    /// Send the local target a PROXY protocol header with the visitor's
+    /// address before the visitor's bytes: `v1` (text) or `v2` (binary).
+    /// TCP and HTTPS kites only; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<String>,
 }
 
 impl RawKite {
@@ -202,6 +209,33 @@ impl RawKite {
             None => format!("{}:{}", self.protocol, self.name),
         };
         parse_kite_target(&format!("{kite}={}", self.target))
+    }
+
+    /// Validates `proxy_protocol` for the parsed `kite`: `v1` or `v2`, and
+    /// only where the local target gets raw bytes (TCP, HTTPS).
+    pub(super) fn proxy_protocol(
+        &self,
+        kite: &KiteRef,
+    ) -> Result<Option<ProxyProtocol>, ConfigError> {
+        let Some(text) = &self.proxy_protocol else {
+            return Ok(None);
+        };
+        let invalid = |why: String| ConfigError::Invalid {
+            what: "proxy_protocol",
+            value: text.clone(),
+            why,
+        };
+        let version = text
+            .parse::<ProxyProtocol>()
+            .map_err(|err| invalid(format!("{err} (or leave it out: no header)")))?;
+        if kite.proto == KiteProto::Http {
+            return Err(invalid(format!(
+                "the http kite {} cannot have it: the relay already gives its local target \
+                 the visitor's address in X-Forwarded-For; proxy_protocol is for tcp and https kites",
+                kite.name
+            )));
+        }
+        Ok(Some(version))
     }
 }
 
@@ -308,6 +342,9 @@ pub struct KiteTarget {
     /// Secret proving the right to the kite's name; `None` when the
     /// connector's certificate identity is what authorizes it.
     pub secret: Option<Secret>,
+    /// The PROXY protocol header the local target gets before the
+    /// visitor's bytes (`None`: none). Never set on an HTTP kite.
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl Layered for RawConnectorConfig {
@@ -384,6 +421,7 @@ impl RawConnectorConfig {
                         protocol: kite.proto.to_string(),
                         port: (kite.proto == KiteProto::Tcp).then_some(kite.port),
                         target,
+                        proxy_protocol: None,
                     }),
                     Err(_) => spec.clone(),
                 },
@@ -429,9 +467,16 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
         }
         let mut kites = Vec::new();
         for spec in &raw.kite {
-            let (kite, target) = match spec {
-                RawKiteSpec::Short(text) => parse_kite_target(text)?,
-                RawKiteSpec::Table(table) => table.parse()?,
+            let (kite, target, proxy_protocol) = match spec {
+                RawKiteSpec::Short(text) => {
+                    let (kite, target) = parse_kite_target(text)?;
+                    (kite, target, None)
+                }
+                RawKiteSpec::Table(table) => {
+                    let (kite, target) = table.parse()?;
+                    let proxy_protocol = table.proxy_protocol(&kite)?;
+                    (kite, target, proxy_protocol)
+                }
             };
             if secret.is_none() && identity.is_none() {
                 return Err(ConfigError::Missing(
@@ -444,6 +489,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 kite,
                 target,
                 secret,
+                proxy_protocol,
             });
         }
         let pins = raw

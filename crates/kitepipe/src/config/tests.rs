@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use kitepipe_proto::kite::{KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
+use kitepipe_proto::proxy::ProxyProtocol;
 
 use super::connector::parse_allow_remote;
 use super::events::{parse_origin, parse_upstream};
@@ -307,8 +308,67 @@ fn kite_tables_and_strings_give_the_same_kites() {
         protocol: "ftp".into(),
         port: None,
         target: "80".into(),
+        proxy_protocol: None,
     };
     assert!(bad.parse().is_err());
+}
+
+/// `proxy_protocol` is a `[[kite]]` option: `v1` or `v2` on TCP and
+/// HTTPS kites, refused by name for another value or an HTTP kite.
+#[test]
+fn kite_proxy_protocol_is_validated() {
+    let config = |protocol: &str, value: &str| {
+        let port = if protocol == "tcp" { "port = 0\n" } else { "" };
+        let file = TomlFile::new(&format!(
+            "[[kite]]\nname = \"a.example.net\"\nprotocol = \"{protocol}\"\n{port}\
+             target = \"8000\"\nproxy_protocol = \"{value}\"\n"
+        ));
+        let raw = RawConnectorConfig::load(Some(file.path()), &Default::default()).unwrap();
+        ConnectorConfig::try_from(RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            secret: Some("9f86d081884c7d659a2f".into()),
+            ..raw
+        })
+    };
+    for (protocol, value, want) in [
+        ("tcp", "v1", ProxyProtocol::V1),
+        ("tcp", "v2", ProxyProtocol::V2),
+        ("https", "v2", ProxyProtocol::V2),
+    ] {
+        let kites = config(protocol, value).unwrap().kites;
+        assert_eq!(kites[0].proxy_protocol, Some(want), "{protocol} {value}");
+    }
+    for (protocol, value, why) in [
+        ("tcp", "v3", "expected v1 or v2"),
+        ("https", "", "expected v1 or v2"),
+        ("http", "v1", "X-Forwarded-For"),
+    ] {
+        let err = config(protocol, value).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    what: "proxy_protocol",
+                    ..
+                }
+            ),
+            "{text}"
+        );
+        assert!(text.contains(why), "{protocol} {value}: {text}");
+    }
+    // Without the key (and from the short form): no header.
+    let file = TomlFile::new("kite = [\"tcp:db.example.net:1=2\"]\n");
+    let raw = RawConnectorConfig::load(Some(file.path()), &Default::default()).unwrap();
+    let config = ConnectorConfig::try_from(RawConnectorConfig {
+        relay: vec!["r:1".into()],
+        fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+        secret: Some("9f86d081884c7d659a2f".into()),
+        ..raw
+    })
+    .unwrap();
+    assert_eq!(config.kites[0].proxy_protocol, None);
 }
 
 #[test]

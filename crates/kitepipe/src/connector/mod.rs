@@ -15,13 +15,16 @@
 mod session;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kitepipe_proto::event::{Caller, Route};
 use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::kite::KiteRef;
-use kitepipe_proto::message::{self, RelayedOp, RemoteClass, StreamHeader};
+use kitepipe_proto::message::{self, RelayedOp, RemoteClass, StreamHeader, VisitorHeader};
+use kitepipe_proto::proxy::ProxyProtocol;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -265,16 +268,13 @@ impl Kites {
         }
     }
 
-    /// The local target of a kite as the relay names it.
-    fn target(&self, kite: &KiteRef) -> Option<&str> {
-        self.targets
-            .iter()
-            .find(|t| {
-                t.kite.proto == kite.proto
-                    && t.kite.name == kite.name
-                    && (t.kite.port == kite.port || t.kite.port == 0)
-            })
-            .map(|t| t.target.as_str())
+    /// The kite as the relay names it, with its local target and options.
+    fn target(&self, kite: &KiteRef) -> Option<&crate::config::KiteTarget> {
+        self.targets.iter().find(|t| {
+            t.kite.proto == kite.proto
+                && t.kite.name == kite.name
+                && (t.kite.port == kite.port || t.kite.port == 0)
+        })
     }
 }
 
@@ -482,7 +482,7 @@ pub(crate) async fn serve_stream(
             return;
         }
     };
-    let Some(target) = kites.target(&header.kite) else {
+    let Some(kite) = kites.target(&header.kite) else {
         debug!(kite = %header.kite, "stream for a kite we do not serve");
         stream.reset(
             ResetCode::NoSuchKite,
@@ -490,6 +490,7 @@ pub(crate) async fn serve_stream(
         );
         return;
     };
+    let target = kite.target.as_str();
     let span = tracing::debug_span!("visitor", kite = %header.kite, peer = %header.peer);
     let visitor = async {
         let sock =
@@ -514,6 +515,21 @@ pub(crate) async fn serve_stream(
             };
         let _ = sock.set_nodelay(true);
         let mut sock = sock;
+        if let Some(version) = kite.proxy_protocol {
+            // Before any visitor byte: the header is the first thing the
+            // target reads, so nothing the visitor sends can stand in for it.
+            // At most 104 bytes into a fresh socket's empty send buffer:
+            // this write does not wait on the target.
+            let proxy_header = proxy_header(version, &header, &sock);
+            if let Err(err) = sock.write_all(&proxy_header).await {
+                info!(%target, %err, "local target closed before the PROXY header");
+                stream.reset(
+                    ResetCode::TargetUnreachable,
+                    &format!("write to {target}: {err}"),
+                );
+                return;
+            }
+        }
         match tunnel::splice_stream(&mut sock, &mut stream).await {
             Ok((up, down)) => debug!(up, down, "visitor done"),
             Err(err) => {
@@ -525,6 +541,24 @@ pub(crate) async fn serve_stream(
         }
     };
     Box::pin(visitor.instrument(span)).await;
+}
+
+/// The PROXY protocol header for a visitor: the source is the visitor's
+/// address as the relay saw it (unknown if it does not parse), the
+/// destination the relay's address the visitor connected to, or, from a
+/// relay that does not say, the local target's.
+fn proxy_header(version: ProxyProtocol, visitor: &VisitorHeader, sock: &TcpStream) -> Vec<u8> {
+    let source = visitor.peer.parse::<SocketAddr>().ok();
+    if source.is_none() {
+        debug!(peer = %visitor.peer, "visitor address unknown; PROXY header without it");
+    }
+    let destination = visitor
+        .relay_addr
+        .as_deref()
+        .and_then(|addr| addr.parse::<SocketAddr>().ok())
+        .or_else(|| sock.peer_addr().ok())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    version.header(source, destination)
 }
 
 #[cfg(test)]

@@ -136,7 +136,8 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let Some((stream, backend)) = open_visitor_stream(&backends, Some(&host), peer).await else {
+    let Some((stream, backend)) = open_visitor_stream(&backends, Some(&host), peer, local).await
+    else {
         let detail =
             format!("No connector serving {host} is reachable right now. Try again later.");
         let _ = writer
@@ -265,7 +266,8 @@ async fn connect_tcp_kite(
             .await;
         return;
     };
-    let Some((mut stream, backend)) = open_visitor_stream(&backends, Some(host), peer).await else {
+    let Some((mut stream, backend)) = open_visitor_stream(&backends, Some(host), peer, local).await
+    else {
         let detail = format!("No connector serving {} is reachable.", head.target);
         let _ = writer
             .write_all(&http1::error_response(503, "Kite offline", &detail))

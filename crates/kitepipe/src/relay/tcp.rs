@@ -52,7 +52,9 @@ pub(crate) async fn serve_https(
             return;
         }
     };
-    let Some((mut stream, backend)) = open_visitor_stream(&backends, Some(&sni), peer).await else {
+    let local = sock.local_addr().ok();
+    let Some((mut stream, backend)) = open_visitor_stream(&backends, Some(&sni), peer, local).await
+    else {
         let _ = sock.write_all(&ALERT_UNRECOGNIZED_NAME).await;
         return;
     };
@@ -321,7 +323,9 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<Relay
             return;
         }
     };
-    let Some((mut stream, backend)) = open_visitor_stream(&backends, None, peer).await else {
+    let local = sock.local_addr().ok();
+    let Some((mut stream, backend)) = open_visitor_stream(&backends, None, peer, local).await
+    else {
         return;
     };
     pass_through(sock, &mut stream, &backend).await;

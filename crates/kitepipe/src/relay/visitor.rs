@@ -12,16 +12,19 @@ use super::registry::Backend;
 use crate::link::MuxStream;
 
 /// Opens a visitor stream on the first backend whose link is alive.
+/// `local` is the relay's address the visitor connected to, if known.
 pub(crate) async fn open_visitor_stream(
     backends: &[Backend],
     host: Option<&str>,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
 ) -> Option<(MuxStream, Backend)> {
     for backend in backends {
         let header = StreamHeader::Visitor(VisitorHeader {
             kite: backend.kite.clone(),
             host: host.map(str::to_string),
             peer: peer.to_string(),
+            relay_addr: local.map(|addr| addr.to_string()),
         });
         match backend.mux.open(message::encode(&header)).await {
             Ok(stream) => return Some((stream, backend.clone())),
