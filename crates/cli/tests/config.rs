@@ -541,3 +541,72 @@ fn config_check_fails_clearly_on_a_bad_file() {
     let err = check_fails("connect", &["r.example.net:8443"], &[]);
     assert!(err.contains("--fingerprint"), "{err}");
 }
+
+/// `proxy_protocol` in a `[[kite]]` table: shown by `config check
+/// connect` as written, refused by name for an http kite (which gets
+/// X-Forwarded-For instead) and for a version that does not exist.
+#[test]
+fn kite_proxy_protocol_is_checked_and_shown() {
+    let dir = TempDir::new("config-proxy-protocol");
+    let fp = fingerprint();
+    let kite = |protocol: &str, value: &str| {
+        let port = if protocol == "tcp" {
+            "port = 15432\n"
+        } else {
+            ""
+        };
+        write(
+            &dir,
+            &format!("{protocol}-{value}.toml"),
+            &format!(
+                "secret = {SECRET:?}\n\n\
+                 [[kite]]\n\
+                 name = \"db.example.net\"\n\
+                 protocol = \"{protocol}\"\n\
+                 {port}\
+                 target = \"127.0.0.1:5432\"\n\
+                 proxy_protocol = \"{value}\"\n"
+            ),
+        )
+    };
+    for (protocol, value) in [("tcp", "v1"), ("tcp", "v2"), ("https", "v2")] {
+        let file = kite(protocol, value);
+        let out = check_ok(
+            "connect",
+            &[
+                "r.example.net:8443",
+                "--fingerprint",
+                &fp,
+                "--config",
+                &file,
+            ],
+            &[],
+        );
+        assert_eq!(
+            setting(&out, "proxy_protocol"),
+            format!("{value:?}"),
+            "{out}"
+        );
+    }
+    for (protocol, value, why) in [
+        ("http", "v1", "X-Forwarded-For"),
+        ("tcp", "v3", "expected v1 or v2"),
+    ] {
+        let file = kite(protocol, value);
+        let err = check_fails(
+            "connect",
+            &[
+                "r.example.net:8443",
+                "--fingerprint",
+                &fp,
+                "--config",
+                &file,
+            ],
+            &[],
+        );
+        assert!(
+            err.contains("proxy_protocol") && err.contains(value) && err.contains(why),
+            "{protocol} {value}: {err}"
+        );
+    }
+}
