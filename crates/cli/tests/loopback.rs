@@ -772,3 +772,44 @@ fn http_and_tcp_kites_of_one_name_both_return_after_a_relay_restart() {
     );
     drop(relay);
 }
+
+/// nginx behind a TCP kite with `proxy_protocol = "v1"` and `"v2"`
+/// (`listen ... proxy_protocol`) sees the visitor's own address and port as
+/// the source and the relay's public address as the destination: from
+/// 127.0.0.1, and from 127.0.0.2 (curl bound to it), an address that is
+/// neither the relay's nor the connector's.
+#[test]
+fn nginx_behind_a_proxy_protocol_kite_sees_the_visitor() {
+    let Some(nginx) = Nginx::proxy_protocol() else {
+        return;
+    };
+    let relay = Relay::new().domain(&domain()).start();
+    for version in ["v1", "v2"] {
+        let name = format!("nginx-{version}.example.net");
+        let (_connector, _dir, port) =
+            proxy_protocol_kite(&relay, SECRET, &name, &nginx.addr(), version);
+
+        let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let visitor = sock.local_addr().unwrap();
+        sock.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        sock.read_to_string(&mut answer).unwrap();
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert_eq!(
+            body,
+            format!("{visitor} -> 127.0.0.1:{port}\n"),
+            "{version}: {answer}\n{}",
+            nginx.logs()
+        );
+
+        let url = format!("http://127.0.0.1:{port}/");
+        let body = curl_ok(&["--interface", "127.0.0.2", &url]);
+        assert!(
+            body.starts_with("127.0.0.2:") && body.ends_with(&format!(" -> 127.0.0.1:{port}\n")),
+            "{version}: {body}\n{}",
+            nginx.logs()
+        );
+        assert!(nginx.logs().contains("127.0.0.2:"), "{}", nginx.logs());
+    }
+}

@@ -5,7 +5,8 @@
 //! Cases of the trust-model issue: 5 (upgrade smuggling, keep-alive Host
 //! bypass), 6 (truncated responses look complete), 8 (TCP kite ports outside
 //! `--tcp-ports`, leaked listeners, no per-link cap), 10 (CONNECT past
-//! `--tcp-bind`).
+//! `--tcp-bind`); and a visitor of a `proxy_protocol` kite sending its own
+//! PROXY header.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -611,4 +612,48 @@ fn a_link_lost_mid_upload_reaches_the_local_service_as_a_reset() {
     relay.proc.kill();
     let out = backend.proc.wait_for("END ");
     assert!(out.contains("END reset"), "{out}");
+}
+
+/// A visitor of a TCP kite with `proxy_protocol` that sends its own PROXY
+/// header first (v1 text, then v2 binary, claiming 6.6.6.6) does not
+/// change the address the backend (a real nginx, `listen ...
+/// proxy_protocol`) sees: the connector's header comes first, and the
+/// visitor's is only data after it (nginx answers 400 to it as a request).
+#[test]
+fn a_visitor_cannot_forge_the_proxy_protocol_header() {
+    let Some(nginx) = Nginx::proxy_protocol() else {
+        return;
+    };
+    let relay = Relay::new().domain(&domain()).start();
+    let mut forged_v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    forged_v2.extend_from_slice(&[6, 6, 6, 6, 6, 6, 6, 6, 0x1f, 0x90, 0, 80]);
+    for version in ["v1", "v2"] {
+        let name = format!("forged-{version}.example.net");
+        let (_connector, _dir, port) =
+            proxy_protocol_kite(&relay, SECRET, &name, &nginx.addr(), version);
+        for forged in [
+            b"PROXY TCP4 6.6.6.6 6.6.6.6 8080 80\r\n".to_vec(),
+            forged_v2.clone(),
+        ] {
+            let mut sock = connect(port);
+            let visitor = sock.local_addr().unwrap();
+            sock.write_all(&forged).unwrap();
+            sock.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = sock.read_to_end(&mut answer);
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with("HTTP/1.1 400") && !answer.contains("6.6.6.6"),
+                "{version}: {answer}"
+            );
+            // nginx logs every connection with the source its PROXY header
+            // named: this one's is the visitor's own.
+            let logged = eventually("nginx to log the request", || {
+                let logs = nginx.logs();
+                logs.contains(&format!("{visitor} ")).then_some(logs)
+            });
+            assert!(!logged.contains("6.6.6.6:8080 "), "{version}: {logged}");
+        }
+    }
 }

@@ -875,3 +875,142 @@ impl Ca {
         dir.join("issued").join(name)
     }
 }
+
+/// Where Debian's nginx (`nginx-light`) is installed.
+pub const NGINX: &str = "/usr/sbin/nginx";
+
+/// A real nginx on `127.0.0.1:PORT` whose listener requires a PROXY
+/// protocol header (v1 or v2, `listen ... proxy_protocol`) and answers
+/// every HTTP request with what the header said:
+/// `$proxy_protocol_addr:$proxy_protocol_port -> $proxy_protocol_server_addr:$proxy_protocol_server_port`.
+/// Its config, temp paths and logs live in a fresh temp dir; it runs in
+/// the foreground as one process, stopped by PID when dropped.
+pub struct Nginx {
+    pub proc: Proc,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx and waits until it listens; `None` (said through
+    /// [`require_tool`]) where nginx is not installed.
+    pub fn proxy_protocol() -> Option<Nginx> {
+        if !require_tool(NGINX, "nginx-light") {
+            return None;
+        }
+        let dir = TempDir::new("nginx");
+        let root = path(dir.path());
+        let port = free_port();
+        let conf = format!(
+            "daemon off;\n\
+             master_process off;\n\
+             pid {root}/nginx.pid;\n\
+             error_log {root}/error.log info;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n\
+                 log_format visitor '$proxy_protocol_addr:$proxy_protocol_port $status';\n\
+                 access_log {root}/access.log visitor;\n\
+                 client_body_temp_path {root}/body;\n\
+                 proxy_temp_path {root}/proxy;\n\
+                 fastcgi_temp_path {root}/fastcgi;\n\
+                 uwsgi_temp_path {root}/uwsgi;\n\
+                 scgi_temp_path {root}/scgi;\n\
+                 server {{\n\
+                     listen 127.0.0.1:{port} proxy_protocol;\n\
+                     default_type text/plain;\n\
+                     location / {{\n\
+                         return 200 \"$proxy_protocol_addr:$proxy_protocol_port -> \
+                         $proxy_protocol_server_addr:$proxy_protocol_server_port\\n\";\n\
+                     }}\n\
+                 }}\n\
+             }}\n"
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("write nginx.conf");
+        let mut command = Command::new(NGINX);
+        command
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.path().join("error.log"));
+        let proc = Proc::spawn("nginx", command);
+        eventually("nginx to listen", || {
+            if let Some(status) = proc.exited() {
+                panic!(
+                    "nginx exited ({status}):\n{}\n{}",
+                    proc.output(),
+                    std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+                );
+            }
+            listening_on(port).then_some(())
+        });
+        Some(Nginx { proc, port, dir })
+    }
+
+    /// `127.0.0.1:PORT`, the target of the kite in front of it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What nginx logged so far: its access log (one line per request,
+    /// the PROXY header's source first) and its error log.
+    pub fn logs(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name));
+        format!(
+            "{}{}",
+            read("access.log").unwrap_or_default(),
+            read("error.log").unwrap_or_default()
+        )
+    }
+}
+
+/// Whether a socket on this machine listens on TCP `port` (IPv4 or IPv6),
+/// from /proc/net: readiness of a server that prints nothing when ready.
+pub fn listening_on(port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .any(|table| {
+            table.lines().skip(1).any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // local_address is field 1, st (0A = listen) field 3.
+                fields.len() > 3 && fields[1].ends_with(&port) && fields[3] == "0A"
+            })
+        })
+}
+
+/// A connector linked to `relay` serving the TCP kite `NAME` (public port
+/// picked by the relay) from a `[[kite]]` table with `proxy_protocol =
+/// VERSION`, in front of `target`, proving the name with `secret`.
+/// Returns it, the directory of its config file, and the kite's port.
+pub fn proxy_protocol_kite(
+    relay: &RelayProc,
+    secret: &str,
+    name: &str,
+    target: &str,
+    version: &str,
+) -> (Proc, TempDir, u16) {
+    let dir = TempDir::new("proxy-protocol-kite");
+    let file = dir.path().join("connector.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "secret = {secret:?}\n\n\
+             [[kite]]\n\
+             name = {name:?}\n\
+             protocol = \"tcp\"\n\
+             port = 0\n\
+             target = {target:?}\n\
+             proxy_protocol = {version:?}\n"
+        ),
+    )
+    .expect("write the connector's config");
+    let connector = Connector::new(relay)
+        .args(&["--config", &path(&file)])
+        .start();
+    let port = connector.tcp_kite_port(name);
+    (connector, dir, port)
+}
