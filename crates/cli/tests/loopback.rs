@@ -548,6 +548,36 @@ fn one_connector_serves_its_kite_through_two_relays() {
 
 // --- HTTPS passthrough ---
 
+/// A self-signed certificate for `name` and its key, written into `dir` by
+/// openssl; returns (cert.pem, key.pem).
+fn self_signed(dir: &TempDir, name: &str) -> (PathBuf, PathBuf) {
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={name}"))
+        .arg("-addext")
+        .arg(format!("subjectAltName=DNS:{name}"))
+        .args(["-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
+}
+
 /// An `openssl s_server -www` with a self-signed certificate for `name`.
 struct TlsBackend {
     proc: Proc,
@@ -559,30 +589,7 @@ struct TlsBackend {
 impl TlsBackend {
     fn start(name: &str) -> TlsBackend {
         let dir = TempDir::new("tls-backend");
-        let cert = dir.path().join("cert.pem");
-        let key = dir.path().join("key.pem");
-        let status = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-            ])
-            .arg("-subj")
-            .arg(format!("/CN={name}"))
-            .arg("-addext")
-            .arg(format!("subjectAltName=DNS:{name}"))
-            .args(["-days", "1", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl is installed");
-        assert!(status.success(), "openssl req failed");
+        let (cert, key) = self_signed(&dir, name);
         // openssl cannot report a port it picked: a free port is fine for a backend.
         let port = free_port();
         let mut command = Command::new("openssl");
@@ -787,7 +794,7 @@ fn nginx_behind_a_proxy_protocol_kite_sees_the_visitor() {
     for version in ["v1", "v2"] {
         let name = format!("nginx-{version}.example.net");
         let (_connector, _dir, port) =
-            proxy_protocol_kite(&relay, SECRET, &name, &nginx.addr(), version);
+            proxy_protocol_kite(&relay, SECRET, ("tcp", &name), &nginx.addr(), version);
 
         let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let visitor = sock.local_addr().unwrap();
@@ -812,4 +819,41 @@ fn nginx_behind_a_proxy_protocol_kite_sees_the_visitor() {
         );
         assert!(nginx.logs().contains("127.0.0.2:"), "{}", nginx.logs());
     }
+}
+
+/// An HTTPS kite with `proxy_protocol = "v1"` (passed through by SNI):
+/// nginx, `listen ... ssl proxy_protocol`, reads the header before the
+/// visitor's ClientHello and sees the visitor's address and the relay's
+/// HTTPS address; the visitor's TLS session is end to end as before.
+#[test]
+fn nginx_behind_a_proxy_protocol_https_kite_sees_the_visitor() {
+    let dir = TempDir::new("proxy-protocol-https");
+    let name = "tls-pp.example.net";
+    let (cert, key) = self_signed(&dir, name);
+    let Some(nginx) = Nginx::proxy_protocol_tls(&cert, &key) else {
+        return;
+    };
+    let relay = Relay::new()
+        .domain(&domain())
+        .args(&["--https", "127.0.0.1:0"])
+        .start();
+    let https = relay.https.expect("relay has an HTTPS listener");
+    let (_connector, _dir, _) =
+        proxy_protocol_kite(&relay, SECRET, ("https", name), &nginx.addr(), "v1");
+    let resolve = format!("{name}:{}:127.0.0.1", https.port());
+    let url = format!("https://{name}:{}/", https.port());
+    let body = curl_ok(&[
+        "--cacert",
+        &path(&cert),
+        "--resolve",
+        &resolve,
+        "--interface",
+        "127.0.0.2",
+        &url,
+    ]);
+    assert!(
+        body.starts_with("127.0.0.2:") && body.ends_with(&format!(" -> {https}\n")),
+        "{body}\n{}",
+        nginx.logs()
+    );
 }

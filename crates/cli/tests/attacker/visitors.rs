@@ -630,7 +630,7 @@ fn a_visitor_cannot_forge_the_proxy_protocol_header() {
     for version in ["v1", "v2"] {
         let name = format!("forged-{version}.example.net");
         let (_connector, _dir, port) =
-            proxy_protocol_kite(&relay, SECRET, &name, &nginx.addr(), version);
+            proxy_protocol_kite(&relay, SECRET, ("tcp", &name), &nginx.addr(), version);
         for forged in [
             b"PROXY TCP4 6.6.6.6 6.6.6.6 8080 80\r\n".to_vec(),
             forged_v2.clone(),

@@ -883,8 +883,10 @@ pub const NGINX: &str = "/usr/sbin/nginx";
 /// protocol header (v1 or v2, `listen ... proxy_protocol`) and answers
 /// every HTTP request with what the header said:
 /// `$proxy_protocol_addr:$proxy_protocol_port -> $proxy_protocol_server_addr:$proxy_protocol_server_port`.
-/// Its config, temp paths and logs live in a fresh temp dir; it runs in
-/// the foreground as one process, stopped by PID when dropped.
+/// With [`Nginx::proxy_protocol_tls`] the listener speaks TLS after the
+/// header (the backend of an HTTPS kite). Its config, temp paths and logs
+/// live in a fresh temp dir; it runs in the foreground as one process,
+/// stopped by PID when dropped.
 pub struct Nginx {
     pub proc: Proc,
     pub port: u16,
@@ -895,6 +897,21 @@ impl Nginx {
     /// Starts nginx and waits until it listens; `None` (said through
     /// [`require_tool`]) where nginx is not installed.
     pub fn proxy_protocol() -> Option<Nginx> {
+        Nginx::start("")
+    }
+
+    /// Like [`Nginx::proxy_protocol`], serving TLS with the certificate
+    /// chain `cert` and its key `key` (PEM files) after the header.
+    pub fn proxy_protocol_tls(cert: &Path, key: &Path) -> Option<Nginx> {
+        Nginx::start(&format!(
+            " ssl;\n ssl_certificate {};\n ssl_certificate_key {}",
+            path(cert),
+            path(key)
+        ))
+    }
+
+    /// `tls`: what follows `proxy_protocol` in the `listen` line.
+    fn start(tls: &str) -> Option<Nginx> {
         if !require_tool(NGINX, "nginx-light") {
             return None;
         }
@@ -916,7 +933,7 @@ impl Nginx {
                  uwsgi_temp_path {root}/uwsgi;\n\
                  scgi_temp_path {root}/scgi;\n\
                  server {{\n\
-                     listen 127.0.0.1:{port} proxy_protocol;\n\
+                     listen 127.0.0.1:{port} proxy_protocol{tls};\n\
                      default_type text/plain;\n\
                      location / {{\n\
                          return 200 \"$proxy_protocol_addr:$proxy_protocol_port -> \
@@ -982,17 +999,19 @@ pub fn listening_on(port: u16) -> bool {
         })
 }
 
-/// A connector linked to `relay` serving the TCP kite `NAME` (public port
-/// picked by the relay) from a `[[kite]]` table with `proxy_protocol =
-/// VERSION`, in front of `target`, proving the name with `secret`.
-/// Returns it, the directory of its config file, and the kite's port.
+/// A connector linked to `relay` serving the kite `PROTOCOL:NAME` (`tcp`:
+/// public port picked by the relay; `https`: the relay's HTTPS port) from
+/// a `[[kite]]` table with `proxy_protocol = VERSION`, in front of
+/// `target`, proving the name with `secret`. Returns it, the directory of
+/// its config file, and the TCP kite's public port (0 for HTTPS).
 pub fn proxy_protocol_kite(
     relay: &RelayProc,
     secret: &str,
-    name: &str,
+    (protocol, name): (&str, &str),
     target: &str,
     version: &str,
 ) -> (Proc, TempDir, u16) {
+    let port = if protocol == "tcp" { "port = 0\n" } else { "" };
     let dir = TempDir::new("proxy-protocol-kite");
     let file = dir.path().join("connector.toml");
     std::fs::write(
@@ -1001,8 +1020,8 @@ pub fn proxy_protocol_kite(
             "secret = {secret:?}\n\n\
              [[kite]]\n\
              name = {name:?}\n\
-             protocol = \"tcp\"\n\
-             port = 0\n\
+             protocol = {protocol:?}\n\
+             {port}\
              target = {target:?}\n\
              proxy_protocol = {version:?}\n"
         ),
@@ -1011,6 +1030,9 @@ pub fn proxy_protocol_kite(
     let connector = Connector::new(relay)
         .args(&["--config", &path(&file)])
         .start();
-    let port = connector.tcp_kite_port(name);
+    let port = match protocol {
+        "tcp" => connector.tcp_kite_port(name),
+        _ => 0,
+    };
     (connector, dir, port)
 }
