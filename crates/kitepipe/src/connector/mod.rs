@@ -520,7 +520,7 @@ pub(crate) async fn serve_stream(
             // target reads, so nothing the visitor sends can stand in for it.
             // At most 104 bytes into a fresh socket's empty send buffer:
             // this write does not wait on the target.
-            let proxy_header = proxy_header(version, &header, &sock);
+            let proxy_header = proxy_header(version, &header, sock.peer_addr().ok());
             if let Err(err) = sock.write_all(&proxy_header).await {
                 info!(%target, %err, "local target closed before the PROXY header");
                 stream.reset(
@@ -546,8 +546,12 @@ pub(crate) async fn serve_stream(
 /// The PROXY protocol header for a visitor: the source is the visitor's
 /// address as the relay saw it (unknown if it does not parse), the
 /// destination the relay's address the visitor connected to, or, from a
-/// relay that does not say, the local target's.
-fn proxy_header(version: ProxyProtocol, visitor: &VisitorHeader, sock: &TcpStream) -> Vec<u8> {
+/// relay that does not say, the local `target`'s.
+fn proxy_header(
+    version: ProxyProtocol,
+    visitor: &VisitorHeader,
+    target: Option<SocketAddr>,
+) -> Vec<u8> {
     let source = visitor.peer.parse::<SocketAddr>().ok();
     if source.is_none() {
         debug!(peer = %visitor.peer, "visitor address unknown; PROXY header without it");
@@ -556,7 +560,7 @@ fn proxy_header(version: ProxyProtocol, visitor: &VisitorHeader, sock: &TcpStrea
         .relay_addr
         .as_deref()
         .and_then(|addr| addr.parse::<SocketAddr>().ok())
-        .or_else(|| sock.peer_addr().ok())
+        .or(target)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     version.header(source, destination)
 }
@@ -569,6 +573,47 @@ mod tests {
 
     use super::*;
     use crate::link::Side;
+
+    /// The header's addresses come from the visitor header: the visitor's
+    /// as the source (else UNKNOWN / LOCAL), the relay's as the
+    /// destination (else the target's).
+    #[test]
+    fn proxy_headers_take_their_addresses_from_the_visitor_header() {
+        let visitor = |peer: &str, relay_addr: Option<&str>| VisitorHeader {
+            kite: KiteRef::parse("tcp:db.example.net:7000").unwrap(),
+            host: None,
+            peer: peer.into(),
+            relay_addr: relay_addr.map(str::to_string),
+        };
+        let target = Some(SocketAddr::from(([127, 0, 0, 1], 5432)));
+        for (peer, relay_addr, line) in [
+            (
+                "198.51.100.7:4000",
+                Some("203.0.113.1:7000"),
+                "PROXY TCP4 198.51.100.7 203.0.113.1 4000 7000\r\n",
+            ),
+            (
+                "198.51.100.7:4000",
+                None,
+                "PROXY TCP4 198.51.100.7 127.0.0.1 4000 5432\r\n",
+            ),
+            (
+                "198.51.100.7:4000",
+                Some("not an address"),
+                "PROXY TCP4 198.51.100.7 127.0.0.1 4000 5432\r\n",
+            ),
+            ("somewhere", Some("203.0.113.1:7000"), "PROXY UNKNOWN\r\n"),
+        ] {
+            let header = proxy_header(ProxyProtocol::V1, &visitor(peer, relay_addr), target);
+            assert_eq!(String::from_utf8(header).unwrap(), line);
+        }
+        let header = proxy_header(ProxyProtocol::V2, &visitor("", None), target);
+        assert_eq!(
+            &header[12..],
+            &[0x20, 0x00, 0, 0],
+            "LOCAL without a visitor"
+        );
+    }
 
     /// A relayed operation of a kind the connector did not opt in to is
     /// refused by the connector itself, whatever the relay decided.
