@@ -797,6 +797,7 @@ fn nginx_behind_a_proxy_protocol_kite_sees_the_visitor() {
             proxy_protocol_kite(&relay, SECRET, ("tcp", &name), &nginx.addr(), version);
 
         let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        sock.set_read_timeout(Some(patience())).unwrap();
         let visitor = sock.local_addr().unwrap();
         sock.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
             .unwrap();
