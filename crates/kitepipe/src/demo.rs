@@ -142,6 +142,7 @@ pub async fn run(
                 target: web_addr.to_string(),
                 secret: Some(secret.clone()),
                 proxy_protocol: None,
+                policy: Default::default(),
             },
             KiteTarget {
                 kite: kitepipe_proto::kite::KiteRef::parse(&format!("tcp:{DEMO_TCP_KITE}:0"))
@@ -149,6 +150,7 @@ pub async fn run(
                 target: echo_addr.to_string(),
                 secret: Some(secret.clone()),
                 proxy_protocol: None,
+                policy: Default::default(),
             },
         ],
         name: DEMO_NODE.into(),

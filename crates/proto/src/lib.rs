@@ -7,7 +7,8 @@
 //! visitors' HTTP/1 requests for the relay, [`sniff`] reads the SNI and ALPN of
 //! a TLS ClientHello so one port can serve several protocols, and [`kite`] holds
 //! kite names and their matching rules, and [`proxy`] the PROXY protocol header
-//! a connector may send its local targets.
+//! a connector may send its local targets; [`policy`] is a kite's visitor
+//! policy (IP allow and deny lists) the relay applies.
 //!
 //! This crate must not depend on tokio, sockets, clocks or TLS: callers hand it
 //! bytes (and `now` where time matters) and get frames, events and deadlines.
@@ -19,6 +20,7 @@ pub mod frame;
 pub mod http1;
 pub mod kite;
 pub mod message;
+pub mod policy;
 pub mod proxy;
 pub mod remote;
 pub mod sniff;

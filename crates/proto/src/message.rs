@@ -202,6 +202,15 @@ pub struct KiteClaim {
     pub kite: KiteRef,
     /// HMAC proof (hex) over the link's TLS exporter, both nonces, protocol and name.
     pub proof: String,
+    /// Visitor addresses allowed (CIDR blocks or bare addresses, see
+    /// [`crate::policy`]); empty: every address not denied. The relay
+    /// parses and bounds it again (a bad or too long list refuses the claim).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Visitor addresses refused (CIDR blocks or bare addresses); a deny
+    /// wins over an allow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 /// Outcome of a registration.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
 use kitepipe_proto::kite::{KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
+use kitepipe_proto::policy::VisitorPolicy;
 use kitepipe_proto::proxy::ProxyProtocol;
 use serde::{Deserialize, Serialize};
 
@@ -199,6 +200,15 @@ pub struct RawKite {
     /// TCP and HTTPS kites only; absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<String>,
+    /// Visitor addresses allowed (CIDR blocks such as `192.0.2.0/24`,
+    /// `2001:db8::/32`, or bare addresses); with a list, only those reach
+    /// the kite. Enforced by the relay; at most 256 entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Visitor addresses refused (CIDR blocks or bare addresses); a deny
+    /// wins over an allow. Enforced by the relay; at most 256 entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 impl RawKite {
@@ -236,6 +246,25 @@ impl RawKite {
             )));
         }
         Ok(Some(version))
+    }
+
+    /// Validates `allow` and `deny` into the kite's visitor policy,
+    /// naming the first bad entry.
+    pub(super) fn policy(&self) -> Result<VisitorPolicy, ConfigError> {
+        for (what, list) in [("allow", &self.allow), ("deny", &self.deny)] {
+            if let Err(err) = VisitorPolicy::parse(list, &[]) {
+                return Err(ConfigError::Invalid {
+                    what,
+                    value: format!("kite {}", self.name),
+                    why: err.to_string(),
+                });
+            }
+        }
+        VisitorPolicy::parse(&self.allow, &self.deny).map_err(|err| ConfigError::Invalid {
+            what: "allow",
+            value: format!("kite {}", self.name),
+            why: err.to_string(),
+        })
     }
 }
 
@@ -345,6 +374,9 @@ pub struct KiteTarget {
     /// The PROXY protocol header the local target gets before the
     /// visitor's bytes (`None`: none). Never set on an HTTP kite.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Who may visit (allow and deny lists), sent to the relay with the
+    /// claim and enforced there; empty for short-form kites.
+    pub policy: VisitorPolicy,
 }
 
 impl Layered for RawConnectorConfig {
@@ -422,6 +454,8 @@ impl RawConnectorConfig {
                         port: (kite.proto == KiteProto::Tcp).then_some(kite.port),
                         target,
                         proxy_protocol: None,
+                        allow: Vec::new(),
+                        deny: Vec::new(),
                     }),
                     Err(_) => spec.clone(),
                 },
@@ -467,15 +501,15 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
         }
         let mut kites = Vec::new();
         for spec in &raw.kite {
-            let (kite, target, proxy_protocol) = match spec {
+            let (kite, target, proxy_protocol, policy) = match spec {
                 RawKiteSpec::Short(text) => {
                     let (kite, target) = parse_kite_target(text)?;
-                    (kite, target, None)
+                    (kite, target, None, VisitorPolicy::default())
                 }
                 RawKiteSpec::Table(table) => {
                     let (kite, target) = table.parse()?;
                     let proxy_protocol = table.proxy_protocol(&kite)?;
-                    (kite, target, proxy_protocol)
+                    (kite, target, proxy_protocol, table.policy()?)
                 }
             };
             if secret.is_none() && identity.is_none() {
@@ -490,6 +524,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 target,
                 secret,
                 proxy_protocol,
+                policy,
             });
         }
         let pins = raw

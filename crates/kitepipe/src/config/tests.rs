@@ -309,8 +309,60 @@ fn kite_tables_and_strings_give_the_same_kites() {
         port: None,
         target: "80".into(),
         proxy_protocol: None,
+        allow: Vec::new(),
+        deny: Vec::new(),
     };
     assert!(bad.parse().is_err());
+}
+
+/// `allow` and `deny` are `[[kite]]` options: CIDR blocks or bare
+/// addresses, IPv4 and IPv6, at most `MAX_POLICY_ENTRIES` each; a bad
+/// entry is refused with the list and the entry named.
+#[test]
+fn kite_policy_is_validated() {
+    let config = |lists: &str| {
+        let file = TomlFile::new(&format!(
+            "[[kite]]\nname = \"a.example.net\"\nprotocol = \"http\"\ntarget = \"8000\"\n{lists}\n"
+        ));
+        let raw = RawConnectorConfig::load(Some(file.path()), &Default::default()).unwrap();
+        ConnectorConfig::try_from(RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            secret: Some("9f86d081884c7d659a2f".into()),
+            ..raw
+        })
+    };
+    let kites = config("allow = [\"10.0.0.0/8\", \"::1\"]\ndeny = [\"10.1.2.3\"]")
+        .unwrap()
+        .kites;
+    let policy = &kites[0].policy;
+    let shown: Vec<String> = policy.allow().iter().map(ToString::to_string).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "::1/128"]);
+    assert!(policy.admits("10.9.9.9".parse().unwrap()));
+    assert!(!policy.admits("10.1.2.3".parse().unwrap()));
+    assert!(config("").unwrap().kites[0].policy.is_open());
+    let many = vec!["\"10.0.0.1\""; kitepipe_proto::policy::MAX_POLICY_ENTRIES + 1].join(",");
+    for (lists, what, why) in [
+        (
+            "allow = [\"10.0.0.300\"]",
+            "allow",
+            "\"10.0.0.300\" is not an IP address",
+        ),
+        ("deny = [\"::1/129\"]", "deny", "at most 128"),
+        ("deny = [\"example.net\"]", "deny", "\"example.net\""),
+        (&format!("allow = [{many}]"), "allow", "at most 256"),
+    ] {
+        let err = config(lists).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(&err, ConfigError::Invalid { what: w, .. } if *w == what),
+            "{lists}: {text}"
+        );
+        assert!(
+            text.contains(why) && text.contains("a.example.net"),
+            "{text}"
+        );
+    }
 }
 
 /// `proxy_protocol` is a `[[kite]]` option: `v1` or `v2` on TCP and

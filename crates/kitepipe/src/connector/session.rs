@@ -533,7 +533,14 @@ fn claim(
         Some(secret) => message::hex(&kite_proof(secret, &input)),
         None => String::new(),
     };
-    KiteClaim { proof, kite }
+    let blocks =
+        |list: &[kitepipe_proto::policy::Cidr]| list.iter().map(ToString::to_string).collect();
+    KiteClaim {
+        proof,
+        kite,
+        allow: blocks(target.policy.allow()),
+        deny: blocks(target.policy.deny()),
+    }
 }
 
 async fn send(mux: &Mux, message: &ConnectorMessage) -> Result<(), AttemptError> {

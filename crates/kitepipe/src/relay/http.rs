@@ -31,7 +31,7 @@ use tracing::debug;
 
 use super::RelayCtx;
 use super::registry::{Backend, Lookup};
-use super::visitor::{open_visitor_stream, reset};
+use super::visitor::{NotOpened, open_visitor_stream, reset};
 use crate::link::{MuxStream, StreamReset};
 use crate::tunnel::{ReadSize, SMALL_READ};
 
@@ -136,14 +136,21 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let Some((stream, backend)) = open_visitor_stream(&backends, Some(&host), peer, local).await
-    else {
-        let detail =
-            format!("No connector serving {host} is reachable right now. Try again later.");
-        let _ = writer
-            .write_all(&http1::error_response(503, "Kite offline", &detail))
-            .await;
-        return;
+    let (stream, backend) = match open_visitor_stream(&backends, Some(&host), peer, local).await {
+        Ok(opened) => opened,
+        Err(NotOpened::Refused) => {
+            let _ = writer.write_all(&forbidden(&host, peer)).await;
+            let _ = writer.shutdown().await;
+            return;
+        }
+        Err(NotOpened::Unreachable) => {
+            let detail =
+                format!("No connector serving {host} is reachable right now. Try again later.");
+            let _ = writer
+                .write_all(&http1::error_response(503, "Kite offline", &detail))
+                .await;
+            return;
+        }
     };
     debug!(node = %backend.node, %host, "visitor routed");
     let route = Route { host, backend };
@@ -266,13 +273,21 @@ async fn connect_tcp_kite(
             .await;
         return;
     };
-    let Some((mut stream, backend)) = open_visitor_stream(&backends, Some(host), peer, local).await
-    else {
-        let detail = format!("No connector serving {} is reachable.", head.target);
-        let _ = writer
-            .write_all(&http1::error_response(503, "Kite offline", &detail))
-            .await;
-        return;
+    let (mut stream, backend) = match open_visitor_stream(&backends, Some(host), peer, local).await
+    {
+        Ok(opened) => opened,
+        Err(NotOpened::Refused) => {
+            let _ = writer.write_all(&forbidden(&head.target, peer)).await;
+            let _ = writer.shutdown().await;
+            return;
+        }
+        Err(NotOpened::Unreachable) => {
+            let detail = format!("No connector serving {} is reachable.", head.target);
+            let _ = writer
+                .write_all(&http1::error_response(503, "Kite offline", &detail))
+                .await;
+            return;
+        }
     };
     let _ = buf.split_to(head.head_len);
     if writer
@@ -748,6 +763,16 @@ fn bad_gateway(host: &str, err: &std::io::Error) -> Vec<u8> {
         None => format!("The link to the connector serving {host} failed: {err}."),
     };
     http1::error_response(502, "Bad Gateway", &detail)
+}
+
+/// The 403 page for a visitor the kite's policy refuses (`Connection:
+/// close`, like every error page of the relay).
+fn forbidden(site: &str, peer: SocketAddr) -> Vec<u8> {
+    let detail = format!(
+        "The owner of {site} does not allow visitors from {} to reach it.",
+        peer.ip().to_canonical()
+    );
+    http1::error_response(403, "Forbidden", &detail)
 }
 
 fn invalid(err: HttpError) -> std::io::Error {

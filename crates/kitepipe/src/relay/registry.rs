@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
+use kitepipe_proto::policy::VisitorPolicy;
 use kitepipe_proto::remote::AgentHello;
 
 use super::link_identity::LinkIdentity;
@@ -34,6 +35,9 @@ pub(crate) struct Backend {
     pub(crate) node: String,
     /// The kite as registered (a pattern for wildcard kites).
     pub(crate) kite: KiteRef,
+    /// Who may visit through this link, from its claim (each claim's
+    /// policy applies to the visitors routed to its link).
+    pub(crate) policy: Arc<VisitorPolicy>,
 }
 
 /// What authorized a link to serve a kite.
@@ -403,9 +407,16 @@ impl Registry {
         true
     }
 
-    /// Adds `kite` to the backends of link `id`, authorized by `grant`.
-    /// Returns false if the link is gone.
-    pub(crate) fn add_kite(&self, id: LinkId, kite: &KiteRef, grant: Grant) -> bool {
+    /// Adds `kite` to the backends of link `id`, authorized by `grant`,
+    /// admitting visitors by `policy` (a claim made again replaces its
+    /// policy). Returns false if the link is gone.
+    pub(crate) fn add_kite(
+        &self,
+        id: LinkId,
+        kite: &KiteRef,
+        grant: Grant,
+        policy: VisitorPolicy,
+    ) -> bool {
         let mut inner = lock(&self.inner);
         let Some(link) = inner.links.get_mut(&id) else {
             return false;
@@ -415,7 +426,13 @@ impl Registry {
             Grant::Identity => link.identity_kites.insert(key.clone()),
             Grant::Secret => link.identity_kites.remove(&key),
         };
+        let policy = Arc::new(policy);
         if link.kites.contains(&key) {
+            if let Some(entry) = inner.kites.get_mut(&key) {
+                for backend in entry.backends.iter_mut().filter(|b| b.link == id) {
+                    backend.policy = policy.clone();
+                }
+            }
             return true;
         }
         link.kites.push(key.clone());
@@ -424,6 +441,7 @@ impl Registry {
             mux: link.mux.clone(),
             node: link.node.clone(),
             kite: kite.clone(),
+            policy,
         };
         if kite.proto == KiteProto::Tcp {
             inner.tcp_ports.insert(kite.port, kite.name.clone());
@@ -688,9 +706,24 @@ mod tests {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
         let a = registry.add_link("a", "a", mux(&tracker), peer(), None, None);
-        registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
-        registry.add_kite(a, &kite("http:*.example.net"), Grant::Secret);
-        registry.add_kite(a, &kite("http:*.shop.example.net"), Grant::Secret);
+        registry.add_kite(
+            a,
+            &kite("http:blog.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
+        registry.add_kite(
+            a,
+            &kite("http:*.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
+        registry.add_kite(
+            a,
+            &kite("http:*.shop.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
         let routed = |host: &str| match registry.lookup_name(KiteProto::Http, host) {
             Lookup::Found(b) => b[0].kite.name.clone(),
             other => format!("{other:?}"),
@@ -711,8 +744,18 @@ mod tests {
         let registry = Registry::default();
         let a = registry.add_link("a", "node-a", mux(&tracker), peer(), None, None);
         let b = registry.add_link("b", "node-b", mux(&tracker), peer(), None, None);
-        registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
-        registry.add_kite(b, &kite("http:blog.example.net"), Grant::Secret);
+        registry.add_kite(
+            a,
+            &kite("http:blog.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
+        registry.add_kite(
+            b,
+            &kite("http:blog.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
         let first =
             |registry: &Registry| match registry.lookup_name(KiteProto::Http, "blog.example.net") {
                 Lookup::Found(b) => b.iter().map(|b| b.node.clone()).collect::<Vec<_>>(),
@@ -738,13 +781,23 @@ mod tests {
         let old_mux = mux(&tracker);
         let old = registry.add_link("same", "laptop", old_mux.clone(), peer(), None, None);
         assert!(registry.prove_node(old, "laptop.example.net"));
-        registry.add_kite(old, &kite("tcp:db.example.net:15432"), Grant::Secret);
+        registry.add_kite(
+            old,
+            &kite("tcp:db.example.net:15432"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
         let new = registry.add_link("same", "laptop", mux(&tracker), peer(), None, None);
         // Not replaced until it proves the same identity.
         assert!(matches!(registry.lookup_port(15432), Lookup::Found(_)));
         assert!(registry.prove_node(new, "LAPTOP.example.net"));
         assert!(matches!(registry.lookup_port(15432), Lookup::Offline));
-        registry.add_kite(new, &kite("tcp:db.example.net:15432"), Grant::Secret);
+        registry.add_kite(
+            new,
+            &kite("tcp:db.example.net:15432"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
         assert!(
             matches!(registry.lookup_port(15432), Lookup::Found(b) if b.len() == 1 && b[0].link == new)
         );
@@ -752,7 +805,12 @@ mod tests {
         // The stale link's own cleanup must not remove the new one.
         registry.remove_link(old);
         assert_eq!(registry.link_count(), 1);
-        assert!(!registry.add_kite(old, &kite("http:x.example.net"), Grant::Secret));
+        assert!(!registry.add_kite(
+            old,
+            &kite("http:x.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default()
+        ));
     }
 
     #[tokio::test]
@@ -800,10 +858,20 @@ mod tests {
         let registry = Registry::default();
         let identity = Arc::new(LinkIdentity::for_tests("laptop"));
         let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity), None);
-        registry.add_kite(a, &kite("http:laptop.example.net"), Grant::Identity);
+        registry.add_kite(
+            a,
+            &kite("http:laptop.example.net"),
+            Grant::Identity,
+            VisitorPolicy::default(),
+        );
         let b = registry.add_link("b", "box", mux(&tracker), peer(), None, None);
         assert!(registry.prove_node(b, "box.example.net"));
-        registry.add_kite(b, &kite("http:box.example.net"), Grant::Secret);
+        registry.add_kite(
+            b,
+            &kite("http:box.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
         let grants = registry.secret_grants();
         assert_eq!(grants.len(), 1);
         assert_eq!(grants[0].link, b);
@@ -876,10 +944,30 @@ mod tests {
         let identity = Arc::new(LinkIdentity::for_tests("laptop"));
         let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity), None);
         let b = registry.add_link("b", "other", mux(&tracker), peer(), None, None);
-        registry.add_kite(a, &kite("http:laptop.example.net"), Grant::Identity);
-        registry.add_kite(a, &kite("http:extra.example.net"), Grant::Identity);
-        registry.add_kite(a, &kite("http:blog.example.net"), Grant::Secret);
-        registry.add_kite(b, &kite("http:blog.example.net"), Grant::Secret);
+        registry.add_kite(
+            a,
+            &kite("http:laptop.example.net"),
+            Grant::Identity,
+            VisitorPolicy::default(),
+        );
+        registry.add_kite(
+            a,
+            &kite("http:extra.example.net"),
+            Grant::Identity,
+            VisitorPolicy::default(),
+        );
+        registry.add_kite(
+            a,
+            &kite("http:blog.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
+        registry.add_kite(
+            b,
+            &kite("http:blog.example.net"),
+            Grant::Secret,
+            VisitorPolicy::default(),
+        );
         let links = registry.identity_links();
         assert_eq!(links.len(), 1);
         let names: Vec<_> = links[0].kites.iter().map(|k| k.name.as_str()).collect();

@@ -23,6 +23,7 @@ use kitepipe_proto::message::{
     MAX_NODE_PROOFS, NODE_PROOF_PROTOCOL, NodeOutcome, PROTOCOL_VERSION, RefuseReason, Register,
     Registered, RelayMessage, Role, StreamHeader,
 };
+use kitepipe_proto::policy::VisitorPolicy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -906,6 +907,14 @@ async fn register_one(
     if kite.proto != KiteProto::Tcp && kite.port != 0 {
         return Err((RefuseReason::Invalid, "only TCP kites have a port".into()));
     }
+    // The connector is not trusted to send well-formed or short lists:
+    // they are parsed and bounded again here.
+    let policy = VisitorPolicy::parse(&claim.allow, &claim.deny).map_err(|err| {
+        (
+            RefuseReason::Invalid,
+            format!("{kite}: bad visitor policy (allow/deny): {err}"),
+        )
+    })?;
     let grant = authorize(claim, &kite, nonces, link, state, ctx)?;
     let link_id = link.link_id;
     let public = match kite.proto {
@@ -937,7 +946,7 @@ async fn register_one(
             format!("{}:{port}", ctx.config.name)
         }
     };
-    if !ctx.registry.add_kite(link_id, &kite, grant) {
+    if !ctx.registry.add_kite(link_id, &kite, grant, policy) {
         return Err((
             RefuseReason::Invalid,
             "link closed during registration".into(),

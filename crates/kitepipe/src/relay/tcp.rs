@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::RelayCtx;
 use super::registry::{Backend, Grant, LinkId, Lookup};
-use super::visitor::{open_visitor_stream, reset};
+use super::visitor::{NotOpened, open_visitor_stream, reset};
 use crate::accept::accept;
 use crate::link::MuxStream;
 use crate::pki::pattern_covers;
@@ -53,10 +53,16 @@ pub(crate) async fn serve_https(
         }
     };
     let local = sock.local_addr().ok();
-    let Some((mut stream, backend)) = open_visitor_stream(&backends, Some(&sni), peer, local).await
-    else {
-        let _ = sock.write_all(&ALERT_UNRECOGNIZED_NAME).await;
-        return;
+    let (mut stream, backend) = match open_visitor_stream(&backends, Some(&sni), peer, local).await
+    {
+        Ok(opened) => opened,
+        // Refused by the kite's policy: closed with a reset, nothing said
+        // (the relay cannot speak TLS for a passed-through kite).
+        Err(NotOpened::Refused) => return reset(sock),
+        Err(NotOpened::Unreachable) => {
+            let _ = sock.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+            return;
+        }
     };
     if stream.write_all(&prefix).await.is_err() {
         return;
@@ -324,9 +330,11 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<Relay
         }
     };
     let local = sock.local_addr().ok();
-    let Some((mut stream, backend)) = open_visitor_stream(&backends, None, peer, local).await
-    else {
-        return;
+    let (mut stream, backend) = match open_visitor_stream(&backends, None, peer, local).await {
+        Ok(opened) => opened,
+        // Refused by the kite's policy: a reset, before any stream opened.
+        Err(NotOpened::Refused) => return reset(sock),
+        Err(NotOpened::Unreachable) => return,
     };
     pass_through(sock, &mut stream, &backend).await;
 }
