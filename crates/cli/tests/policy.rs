@@ -231,3 +231,71 @@ fn a_denied_tcp_visitor_is_closed_before_a_stream_opens() {
         "the denied visitor reached the backend"
     );
 }
+
+/// The address of the first `role` listener (`http`, `listen`) of the
+/// relay's ready line whose address satisfies `pick`.
+fn listener(relay: &RelayProc, role: &str, pick: impl Fn(&SocketAddr) -> bool) -> SocketAddr {
+    let ready = relay.proc.wait_ready("relay", 1, |_| true);
+    ready[role]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|addr| addr.as_str()?.parse().ok())
+        .find(|addr| pick(addr))
+        .unwrap_or_else(|| panic!("no {role} listener as asked in {ready}"))
+}
+
+/// IPv6 end to end: a relay whose link and HTTP listeners are on `[::1]`
+/// (plus a second HTTP listener on 127.0.0.1) and whose TCP kites bind to
+/// `::1`; a connector linked over `[::1]`. An HTTP kite with `allow =
+/// ["::1/128"]` serves curl over `[::1]` and refuses (403) the same
+/// request on the IPv4 listener; a TCP kite is reached on `[::1]`.
+#[test]
+fn ipv6_listeners_serve_kites_and_policies_match_ipv6_visitors() {
+    let relay = Relay::new()
+        .domain(&domain())
+        .args(&[
+            "--listen",
+            "[::1]:0",
+            "--http",
+            "[::1]:0",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(&["--tcp-bind", "::1"])
+        .start();
+    assert!(relay.link.is_ipv6(), "{}", relay.link);
+    let http6 = listener(&relay, "http", SocketAddr::is_ipv6);
+    let http4 = listener(&relay, "http", SocketAddr::is_ipv4);
+    let backend = Counting::start("http", "127.0.0.1");
+    let (_connector, _dir) = policy_kite(
+        &relay,
+        ("http", "v6.example.net"),
+        &backend.addr.to_string(),
+        "allow = [\"::1/128\"]",
+    );
+
+    let (status, answer) = visit("::1", &format!("http://{http6}/"), "v6.example.net");
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.ends_with("backend\n"), "{answer}");
+    let (status, answer) = visit("127.0.0.1", &format!("http://{http4}/"), "v6.example.net");
+    assert_eq!(status, 403, "{answer}");
+    assert_forbidden(&answer);
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "the refused visitor reached the backend"
+    );
+
+    let echo = Counting::start("tcp", "::1");
+    let (connector, _dir) = policy_kite(
+        &relay,
+        ("tcp", "v6-tcp.example.net"),
+        &echo.addr.to_string(),
+        "",
+    );
+    let port = connector.tcp_kite_port("v6-tcp.example.net");
+    let (got, _) = tcp_visit("::1", format!("[::1]:{port}").parse().unwrap());
+    assert_eq!(got, b"banner\n");
+    assert_eq!(echo.accepted(), 1);
+}
