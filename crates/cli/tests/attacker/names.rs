@@ -3,7 +3,8 @@
 //! covering it); certificate identities' names are reserved against secret
 //! claims; a link is replaced only by the same proven identity; guessing
 //! secrets is slowed and cut; unauthenticated links are capped and timed
-//! out; a link ends when its certificate does.
+//! out; a link ends when its certificate does; a claim's visitor policy
+//! (allow/deny lists) is parsed and bounded again by the relay.
 //!
 //! Cases of the trust-model issue: 1 (node-name takeover), 9 (online
 //! secret guessing), 11 (instance replacement by any identity), 12 (a link
@@ -759,4 +760,142 @@ fn an_unnamed_link_is_replaced_only_by_one_proving_all_its_kites() {
         assert!(!other.mux.is_closed(), "a link holding other kites stays");
         drop(subset);
     });
+}
+
+// ---- per-kite visitor policy in claims --------------------------------
+
+/// A hostile connector (with the domain's secret) claims kites whose
+/// allow/deny lists are too long (257 entries), malformed, or one huge
+/// entry: the relay parses and bounds them again, refuses those claims
+/// (`invalid`, the message naming the bound or the entry, cut short),
+/// keeps the well-formed claim of the same registration with its policy
+/// enforced, and goes on serving an honest connector.
+#[test]
+fn a_hostile_claims_policy_lists_are_bounded_and_refused() {
+    let secret = "policy-attacker-secret";
+    let relay = Relay::new()
+        .domain(&format!("http:*.example.net:{secret}"))
+        .start();
+    let backend = Backend::start("http");
+    let honest = Connector::new(&relay)
+        .secret(secret)
+        .kite(&format!("http:honest.example.net={}", backend.addr()))
+        .start();
+    let runtime = runtime();
+    let registered = runtime.block_on(async {
+        let mut link = FakeLink::open(&relay, "hostile", "hostile.example.net").await;
+        let too_many = vec!["10.0.0.1"; 257];
+        let huge = "9".repeat(20_000);
+        let claims = [
+            ("long.example.net", json!({"allow": too_many})),
+            (
+                "junk.example.net",
+                json!({"deny": ["10.0.0.0/8", "not an address"]}),
+            ),
+            ("huge.example.net", json!({"allow": [huge]})),
+            ("prefix.example.net", json!({"deny": ["::1/200"]})),
+            ("typed.example.net", json!({"allow": [17]})),
+            ("good.example.net", json!({"allow": ["127.0.0.2"]})),
+        ];
+        let kites: Vec<Value> = claims
+            .iter()
+            .map(|(name, lists)| {
+                let mut claim = json!({
+                    "kite": {"proto": "http", "name": name},
+                    "proof": link.proof(secret, "http", name),
+                });
+                for (key, value) in lists.as_object().unwrap() {
+                    claim[key] = value.clone();
+                }
+                claim
+            })
+            .collect();
+        let register = json!({"type": "register", "kites": kites});
+        link.mux
+            .send_control(Bytes::from(register.to_string()))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(patience(), link.rx.control.recv()).await;
+        (answer, link)
+    });
+    let (answer, _link) = registered;
+    // A list entry that is not a string fails the message's parse: the
+    // relay answers with a protocol error (or just closes the link, when
+    // the close overtakes the error) and registers nothing.
+    let text = answer
+        .expect("the relay answers in time")
+        .map(|payload| String::from_utf8_lossy(&payload).into_owned())
+        .unwrap_or_default();
+    assert!(
+        text.is_empty() || text.contains("malformed control message"),
+        "{text}"
+    );
+
+    let registered = runtime.block_on(async {
+        let mut link = FakeLink::open(&relay, "hostile-2", "hostile2.example.net").await;
+        let too_many = vec!["10.0.0.1"; 257];
+        let huge = "9".repeat(20_000);
+        let claims = [
+            ("long.example.net", json!({"allow": too_many})),
+            (
+                "junk.example.net",
+                json!({"deny": ["10.0.0.0/8", "not an address"]}),
+            ),
+            ("huge.example.net", json!({"allow": [huge]})),
+            ("prefix.example.net", json!({"deny": ["::1/200"]})),
+            ("good.example.net", json!({"allow": ["127.0.0.2"]})),
+        ];
+        let kites: Vec<Value> = claims
+            .iter()
+            .map(|(name, lists)| {
+                let mut claim = json!({
+                    "kite": {"proto": "http", "name": name},
+                    "proof": link.proof(secret, "http", name),
+                });
+                for (key, value) in lists.as_object().unwrap() {
+                    claim[key] = value.clone();
+                }
+                claim
+            })
+            .collect();
+        let register = json!({"type": "register", "kites": kites});
+        link.mux
+            .send_control(Bytes::from(register.to_string()))
+            .await
+            .unwrap();
+        let registered = recv_json(&mut link.rx).await;
+        (registered, link)
+    });
+    let (registered, _link2) = registered;
+    assert_eq!(registered["type"], "registered", "{registered}");
+    let outcomes = registered["kites"].as_array().unwrap();
+    let expect = [
+        "at most 256 per list",
+        "\"not an address\" is not an IP address",
+        "is not an IP address",
+        "at most 128",
+    ];
+    for (outcome, why) in outcomes.iter().zip(expect) {
+        assert_eq!(outcome["result"]["status"], "refused", "{outcome}");
+        assert_eq!(outcome["result"]["reason"], "invalid", "{outcome}");
+        let message = outcome["result"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{message}");
+        assert!(
+            message.len() < 300,
+            "the refusal quotes a huge entry: {message}"
+        );
+    }
+    assert_eq!(outcomes[4]["result"]["status"], "accepted", "{registered}");
+
+    // The accepted claim's policy holds: 127.0.0.1 is not on its list.
+    let url = format!("{}/", relay.http_url());
+    let (code, out, err) = curl(&["-i", "-H", "Host: good.example.net", &url]);
+    assert_eq!(code, 0, "{err}");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    // The relay stays healthy for others.
+    assert_eq!(honest.links_up(), 1);
+    let body = curl_ok(&["-H", "Host: honest.example.net", &url]);
+    assert_eq!(body, "hello from backend\n");
+    assert!(relay.proc.exited().is_none());
 }
