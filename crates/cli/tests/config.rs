@@ -610,3 +610,74 @@ fn kite_proxy_protocol_is_checked_and_shown() {
         );
     }
 }
+
+/// `allow` and `deny` in a `[[kite]]` table: accepted lists (IPv4, IPv6,
+/// bare addresses) are shown by `config check connect` as written; a bad
+/// entry or a list over 256 entries is refused, naming the list, the kite
+/// and the entry.
+#[test]
+fn kite_policy_is_checked_and_shown() {
+    let dir = TempDir::new("config-policy");
+    let fp = fingerprint();
+    let kite = |tag: &str, lists: &str| {
+        write(
+            &dir,
+            &format!("{tag}.toml"),
+            &format!(
+                "secret = {SECRET:?}\n\n\
+                 [[kite]]\n\
+                 name = \"app.example.net\"\n\
+                 protocol = \"http\"\n\
+                 target = \"127.0.0.1:8000\"\n\
+                 {lists}\n"
+            ),
+        )
+    };
+    let args = |file: &str| {
+        [
+            "r.example.net:8443".to_string(),
+            "--fingerprint".into(),
+            fp.clone(),
+            "--config".into(),
+            file.to_string(),
+        ]
+    };
+    let file = kite(
+        "good",
+        "allow = [\"192.0.2.0/24\", \"2001:db8::/32\", \"::1\"]\ndeny = [\"192.0.2.7\"]",
+    );
+    let argv = args(&file);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = check_ok("connect", &argv, &[]);
+    assert_eq!(
+        setting(&out, "allow"),
+        r#"["192.0.2.0/24", "2001:db8::/32", "::1"]"#,
+        "{out}"
+    );
+    assert_eq!(setting(&out, "deny"), r#"["192.0.2.7"]"#, "{out}");
+
+    let many = vec!["\"10.0.0.1\""; 257].join(", ");
+    for (tag, lists, why) in [
+        ("bad-v4", "allow = [\"10.0.0.300\"]".to_string(), "allow"),
+        ("bad-prefix", "deny = [\"10.0.0.0/33\"]".to_string(), "deny"),
+        (
+            "bad-name",
+            "deny = [\"office.example.net\"]".to_string(),
+            "deny",
+        ),
+        ("too-many", format!("allow = [{many}]"), "at most 256"),
+    ] {
+        let file = kite(tag, &lists);
+        let argv = args(&file);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let err = check_fails("connect", &argv, &[]);
+        assert!(
+            err.contains(why) && err.contains("app.example.net"),
+            "{tag}: {err}"
+        );
+        if tag != "too-many" {
+            let entry = lists.split('"').nth(1).unwrap();
+            assert!(err.contains(entry), "{tag}: {err}");
+        }
+    }
+}
