@@ -985,4 +985,35 @@ mod tests {
         assert_eq!(registry.identity_link(a).unwrap().kites.len(), 1);
         assert!(registry.identity_link(b).is_none());
     }
+
+    /// Each link's claim keeps its own policy, and a claim made again on
+    /// the same link replaces it.
+    #[tokio::test]
+    async fn each_backend_keeps_its_claims_policy() {
+        let tracker = TaskTracker::new();
+        let registry = Registry::default();
+        let a = registry.add_link("a", "a", mux(&tracker), peer(), None, None);
+        let b = registry.add_link("b", "b", mux(&tracker), peer(), None, None);
+        let none: [&str; 0] = [];
+        let deny = |addr: &str| VisitorPolicy::parse(&none, &[addr]).unwrap();
+        let app = kite("http:app.example.net");
+        registry.add_kite(a, &app, Grant::Secret, deny("127.0.0.2"));
+        registry.add_kite(b, &app, Grant::Secret, VisitorPolicy::default());
+        let visitor = "127.0.0.2".parse().unwrap();
+        let admits = |link: LinkId| match registry.lookup_name(KiteProto::Http, "app.example.net") {
+            Lookup::Found(backends) => backends
+                .iter()
+                .find(|backend| backend.link == link)
+                .unwrap()
+                .policy
+                .admits(visitor),
+            other => panic!("{other:?}"),
+        };
+        assert!(!admits(a));
+        assert!(admits(b));
+        registry.add_kite(a, &app, Grant::Secret, VisitorPolicy::default());
+        registry.add_kite(b, &app, Grant::Secret, deny("127.0.0.0/8"));
+        assert!(admits(a));
+        assert!(!admits(b));
+    }
 }
