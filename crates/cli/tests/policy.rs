@@ -299,3 +299,31 @@ fn ipv6_listeners_serve_kites_and_policies_match_ipv6_visitors() {
     assert_eq!(got, b"banner\n");
     assert_eq!(echo.accepted(), 1);
 }
+
+/// An HTTPS kite (SNI passthrough) with `deny = ["127.0.0.2"]`: the
+/// denied visitor's ClientHello goes nowhere (its connection is closed and
+/// the backend sees no connection); an allowed one reaches the backend
+/// (which answers with no TLS, so curl fails there too, after it).
+#[test]
+fn a_denied_https_visitor_is_closed_before_a_stream_opens() {
+    let relay = Relay::new()
+        .domain(&format!("https:*.example.net:{SECRET}"))
+        .args(&["--https", "127.0.0.1:0"])
+        .start();
+    let https = relay.https.expect("relay has an HTTPS listener");
+    let backend = Counting::start("tcp", "127.0.0.1");
+    let (_connector, _dir) = policy_kite(
+        &relay,
+        ("https", "tls.example.net"),
+        &backend.addr.to_string(),
+        "deny = [\"127.0.0.2\"]",
+    );
+    let resolve = format!("tls.example.net:{}:127.0.0.1", https.port());
+    let url = format!("https://tls.example.net:{}/", https.port());
+    for from in ["127.0.0.2", "127.0.0.1"] {
+        let (code, _, err) = curl(&["-k", "--interface", from, "--resolve", &resolve, &url]);
+        assert_ne!(code, 0, "{from}: the backend speaks no TLS: {err}");
+        let want = usize::from(from == "127.0.0.1");
+        assert_eq!(backend.accepted(), want, "{from}: {err}");
+    }
+}
