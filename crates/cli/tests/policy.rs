@@ -245,7 +245,7 @@ fn listener(relay: &RelayProc, role: &str, pick: impl Fn(&SocketAddr) -> bool) -
         .unwrap_or_else(|| panic!("no {role} listener as asked in {ready}"))
 }
 
-/// IPv6 end to end: a relay whose link and HTTP listeners are on `[::1]`
+/// IPv6 end to end: a relay whose link, HTTP and HTTPS listeners are on `[::1]`
 /// (plus a second HTTP listener on 127.0.0.1) and whose TCP kites bind to
 /// `::1`; a connector linked over `[::1]`. An HTTP kite with `allow =
 /// ["::1/128"]` serves curl over `[::1]` and refuses (403) the same
@@ -261,12 +261,16 @@ fn ipv6_listeners_serve_kites_and_policies_match_ipv6_visitors() {
             "[::1]:0",
             "--http",
             "127.0.0.1:0",
+            "--https",
+            "[::1]:0",
         ])
         .args(&["--tcp-bind", "::1"])
         .start();
     assert!(relay.link.is_ipv6(), "{}", relay.link);
     let http6 = listener(&relay, "http", SocketAddr::is_ipv6);
     let http4 = listener(&relay, "http", SocketAddr::is_ipv4);
+    let https6 = listener(&relay, "https", SocketAddr::is_ipv6);
+    assert_eq!(https6.ip().to_string(), "::1");
     let backend = Counting::start("http", "127.0.0.1");
     let (_connector, _dir) = policy_kite(
         &relay,
