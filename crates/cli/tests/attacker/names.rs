@@ -211,6 +211,29 @@ impl FakeLink {
         assert_eq!(registered["type"], "registered", "{registered}");
         registered
     }
+
+    /// Sends a `register` of HTTP kites, each proven with `secret` and
+    /// carrying the extra claim fields of its JSON object (e.g. `allow`).
+    async fn send_claims(&self, secret: &str, claims: &[(&str, Value)]) {
+        let kites: Vec<Value> = claims
+            .iter()
+            .map(|(name, fields)| {
+                let mut claim = json!({
+                    "kite": {"proto": "http", "name": name},
+                    "proof": self.proof(secret, "http", name),
+                });
+                for (key, value) in fields.as_object().expect("claim fields are an object") {
+                    claim[key] = value.clone();
+                }
+                claim
+            })
+            .collect();
+        let register = json!({"type": "register", "kites": kites});
+        self.mux
+            .send_control(Bytes::from(register.to_string()))
+            .await
+            .unwrap();
+    }
 }
 
 async fn recv_json(rx: &mut MuxReceivers) -> Value {
@@ -781,47 +804,31 @@ fn a_hostile_claims_policy_lists_are_bounded_and_refused() {
         .secret(secret)
         .kite(&format!("http:honest.example.net={}", backend.addr()))
         .start();
+    let too_many = vec!["10.0.0.1"; 257];
+    let huge = "9".repeat(20_000);
+    let hostile = [
+        ("long.example.net", json!({"allow": too_many})),
+        (
+            "junk.example.net",
+            json!({"deny": ["10.0.0.0/8", "not an address"]}),
+        ),
+        ("huge.example.net", json!({"allow": [huge]})),
+        ("prefix.example.net", json!({"deny": ["::1/200"]})),
+    ];
+    let good = ("good.example.net", json!({"allow": ["127.0.0.2"]}));
+    let typed = ("typed.example.net", json!({"allow": [17]}));
     let runtime = runtime();
-    let registered = runtime.block_on(async {
-        let mut link = FakeLink::open(&relay, "hostile", "hostile.example.net").await;
-        let too_many = vec!["10.0.0.1"; 257];
-        let huge = "9".repeat(20_000);
-        let claims = [
-            ("long.example.net", json!({"allow": too_many})),
-            (
-                "junk.example.net",
-                json!({"deny": ["10.0.0.0/8", "not an address"]}),
-            ),
-            ("huge.example.net", json!({"allow": [huge]})),
-            ("prefix.example.net", json!({"deny": ["::1/200"]})),
-            ("typed.example.net", json!({"allow": [17]})),
-            ("good.example.net", json!({"allow": ["127.0.0.2"]})),
-        ];
-        let kites: Vec<Value> = claims
-            .iter()
-            .map(|(name, lists)| {
-                let mut claim = json!({
-                    "kite": {"proto": "http", "name": name},
-                    "proof": link.proof(secret, "http", name),
-                });
-                for (key, value) in lists.as_object().unwrap() {
-                    claim[key] = value.clone();
-                }
-                claim
-            })
-            .collect();
-        let register = json!({"type": "register", "kites": kites});
-        link.mux
-            .send_control(Bytes::from(register.to_string()))
-            .await
-            .unwrap();
-        let answer = tokio::time::timeout(patience(), link.rx.control.recv()).await;
-        (answer, link)
-    });
-    let (answer, _link) = registered;
+
     // A list entry that is not a string fails the message's parse: the
     // relay answers with a protocol error (or just closes the link, when
     // the close overtakes the error) and registers nothing.
+    let answer = runtime.block_on(async {
+        let mut link = FakeLink::open(&relay, "hostile", "hostile.example.net").await;
+        let mut claims = hostile.to_vec();
+        claims.extend([typed, good.clone()]);
+        link.send_claims(secret, &claims).await;
+        tokio::time::timeout(patience(), link.rx.control.recv()).await
+    });
     let text = answer
         .expect("the relay answers in time")
         .map(|payload| String::from_utf8_lossy(&payload).into_owned())
@@ -831,42 +838,13 @@ fn a_hostile_claims_policy_lists_are_bounded_and_refused() {
         "{text}"
     );
 
-    let registered = runtime.block_on(async {
+    let (registered, _link) = runtime.block_on(async {
         let mut link = FakeLink::open(&relay, "hostile-2", "hostile2.example.net").await;
-        let too_many = vec!["10.0.0.1"; 257];
-        let huge = "9".repeat(20_000);
-        let claims = [
-            ("long.example.net", json!({"allow": too_many})),
-            (
-                "junk.example.net",
-                json!({"deny": ["10.0.0.0/8", "not an address"]}),
-            ),
-            ("huge.example.net", json!({"allow": [huge]})),
-            ("prefix.example.net", json!({"deny": ["::1/200"]})),
-            ("good.example.net", json!({"allow": ["127.0.0.2"]})),
-        ];
-        let kites: Vec<Value> = claims
-            .iter()
-            .map(|(name, lists)| {
-                let mut claim = json!({
-                    "kite": {"proto": "http", "name": name},
-                    "proof": link.proof(secret, "http", name),
-                });
-                for (key, value) in lists.as_object().unwrap() {
-                    claim[key] = value.clone();
-                }
-                claim
-            })
-            .collect();
-        let register = json!({"type": "register", "kites": kites});
-        link.mux
-            .send_control(Bytes::from(register.to_string()))
-            .await
-            .unwrap();
-        let registered = recv_json(&mut link.rx).await;
-        (registered, link)
+        let mut claims = hostile.to_vec();
+        claims.push(good);
+        link.send_claims(secret, &claims).await;
+        (recv_json(&mut link.rx).await, link)
     });
-    let (registered, _link2) = registered;
     assert_eq!(registered["type"], "registered", "{registered}");
     let outcomes = registered["kites"].as_array().unwrap();
     let expect = [
