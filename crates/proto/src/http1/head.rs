@@ -72,18 +72,9 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> 
     let (window, _) = buf.split_at(buf.len().min(MAX_HEAD_LEN));
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut fields);
-    let head_len = match request.parse(window) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if window.len() >= MAX_HEAD_LEN => {
-            return Err(HttpError::HeadTooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(err) => return Err(map_httparse_error(err)),
+    let Some(head_len) = complete_head(window, request.parse(window))? else {
+        return Ok(None);
     };
-    let raw_head = window
-        .get(..head_len)
-        .ok_or(HttpError::Malformed("head length"))?;
-    check_line_endings(raw_head)?;
 
     let (Some(method), Some(target), Some(version_minor)) =
         (request.method, request.path, request.version)
@@ -169,18 +160,9 @@ pub fn parse_response_head(
     let (window, _) = buf.split_at(buf.len().min(MAX_HEAD_LEN));
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut fields);
-    let head_len = match response.parse(window) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if window.len() >= MAX_HEAD_LEN => {
-            return Err(HttpError::HeadTooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(err) => return Err(map_httparse_error(err)),
+    let Some(head_len) = complete_head(window, response.parse(window))? else {
+        return Ok(None);
     };
-    let raw_head = window
-        .get(..head_len)
-        .ok_or(HttpError::Malformed("head length"))?;
-    check_line_endings(raw_head)?;
     let (Some(status), Some(version_minor)) = (response.code, response.version) else {
         return Err(HttpError::Malformed("status line"));
     };
@@ -442,4 +424,26 @@ fn body_kind(version_minor: u8, fields: &Fields<'_, '_>) -> Result<BodyKind, Htt
     length
         .map(BodyKind::Length)
         .ok_or(HttpError::InvalidContentLength)
+}
+
+/// The step both head parsers share after httparse ran over `window`:
+/// the head's length once it is complete (its line endings checked), `None` while more bytes may complete it, an error for a head
+/// past `MAX_HEAD_LEN` or one httparse refused.
+fn complete_head(
+    window: &[u8],
+    parsed: Result<httparse::Status<usize>, httparse::Error>,
+) -> Result<Option<usize>, HttpError> {
+    let head_len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if window.len() >= MAX_HEAD_LEN => {
+            return Err(HttpError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(map_httparse_error(err)),
+    };
+    let raw_head = window
+        .get(..head_len)
+        .ok_or(HttpError::Malformed("head length"))?;
+    check_line_endings(raw_head)?;
+    Ok(Some(head_len))
 }
