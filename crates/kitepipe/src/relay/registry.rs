@@ -701,29 +701,19 @@ mod tests {
         "127.0.0.1:1".parse().unwrap()
     }
 
+    /// Adds kite `spec` to link `id` with no visitor policy.
+    fn add_kite(registry: &Registry, id: LinkId, spec: &str, grant: Grant) -> bool {
+        registry.add_kite(id, &kite(spec), grant, VisitorPolicy::default())
+    }
+
     #[tokio::test]
     async fn routes_exact_then_most_specific_wildcard() {
         let tracker = TaskTracker::new();
         let registry = Registry::default();
         let a = registry.add_link("a", "a", mux(&tracker), peer(), None, None);
-        registry.add_kite(
-            a,
-            &kite("http:blog.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
-        registry.add_kite(
-            a,
-            &kite("http:*.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
-        registry.add_kite(
-            a,
-            &kite("http:*.shop.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
+        add_kite(&registry, a, "http:blog.example.net", Grant::Secret);
+        add_kite(&registry, a, "http:*.example.net", Grant::Secret);
+        add_kite(&registry, a, "http:*.shop.example.net", Grant::Secret);
         let routed = |host: &str| match registry.lookup_name(KiteProto::Http, host) {
             Lookup::Found(b) => b[0].kite.name.clone(),
             other => format!("{other:?}"),
@@ -744,18 +734,8 @@ mod tests {
         let registry = Registry::default();
         let a = registry.add_link("a", "node-a", mux(&tracker), peer(), None, None);
         let b = registry.add_link("b", "node-b", mux(&tracker), peer(), None, None);
-        registry.add_kite(
-            a,
-            &kite("http:blog.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
-        registry.add_kite(
-            b,
-            &kite("http:blog.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
+        add_kite(&registry, a, "http:blog.example.net", Grant::Secret);
+        add_kite(&registry, b, "http:blog.example.net", Grant::Secret);
         let first =
             |registry: &Registry| match registry.lookup_name(KiteProto::Http, "blog.example.net") {
                 Lookup::Found(b) => b.iter().map(|b| b.node.clone()).collect::<Vec<_>>(),
@@ -781,23 +761,13 @@ mod tests {
         let old_mux = mux(&tracker);
         let old = registry.add_link("same", "laptop", old_mux.clone(), peer(), None, None);
         assert!(registry.prove_node(old, "laptop.example.net"));
-        registry.add_kite(
-            old,
-            &kite("tcp:db.example.net:15432"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
+        add_kite(&registry, old, "tcp:db.example.net:15432", Grant::Secret);
         let new = registry.add_link("same", "laptop", mux(&tracker), peer(), None, None);
         // Not replaced until it proves the same identity.
         assert!(matches!(registry.lookup_port(15432), Lookup::Found(_)));
         assert!(registry.prove_node(new, "LAPTOP.example.net"));
         assert!(matches!(registry.lookup_port(15432), Lookup::Offline));
-        registry.add_kite(
-            new,
-            &kite("tcp:db.example.net:15432"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
+        add_kite(&registry, new, "tcp:db.example.net:15432", Grant::Secret);
         assert!(
             matches!(registry.lookup_port(15432), Lookup::Found(b) if b.len() == 1 && b[0].link == new)
         );
@@ -805,11 +775,11 @@ mod tests {
         // The stale link's own cleanup must not remove the new one.
         registry.remove_link(old);
         assert_eq!(registry.link_count(), 1);
-        assert!(!registry.add_kite(
+        assert!(!add_kite(
+            &registry,
             old,
-            &kite("http:x.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default()
+            "http:x.example.net",
+            Grant::Secret
         ));
     }
 
@@ -858,20 +828,10 @@ mod tests {
         let registry = Registry::default();
         let identity = Arc::new(LinkIdentity::for_tests("laptop"));
         let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity), None);
-        registry.add_kite(
-            a,
-            &kite("http:laptop.example.net"),
-            Grant::Identity,
-            VisitorPolicy::default(),
-        );
+        add_kite(&registry, a, "http:laptop.example.net", Grant::Identity);
         let b = registry.add_link("b", "box", mux(&tracker), peer(), None, None);
         assert!(registry.prove_node(b, "box.example.net"));
-        registry.add_kite(
-            b,
-            &kite("http:box.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
+        add_kite(&registry, b, "http:box.example.net", Grant::Secret);
         let grants = registry.secret_grants();
         assert_eq!(grants.len(), 1);
         assert_eq!(grants[0].link, b);
@@ -944,30 +904,10 @@ mod tests {
         let identity = Arc::new(LinkIdentity::for_tests("laptop"));
         let a = registry.add_link("a", "laptop", mux(&tracker), peer(), Some(identity), None);
         let b = registry.add_link("b", "other", mux(&tracker), peer(), None, None);
-        registry.add_kite(
-            a,
-            &kite("http:laptop.example.net"),
-            Grant::Identity,
-            VisitorPolicy::default(),
-        );
-        registry.add_kite(
-            a,
-            &kite("http:extra.example.net"),
-            Grant::Identity,
-            VisitorPolicy::default(),
-        );
-        registry.add_kite(
-            a,
-            &kite("http:blog.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
-        registry.add_kite(
-            b,
-            &kite("http:blog.example.net"),
-            Grant::Secret,
-            VisitorPolicy::default(),
-        );
+        add_kite(&registry, a, "http:laptop.example.net", Grant::Identity);
+        add_kite(&registry, a, "http:extra.example.net", Grant::Identity);
+        add_kite(&registry, a, "http:blog.example.net", Grant::Secret);
+        add_kite(&registry, b, "http:blog.example.net", Grant::Secret);
         let links = registry.identity_links();
         assert_eq!(links.len(), 1);
         let names: Vec<_> = links[0].kites.iter().map(|k| k.name.as_str()).collect();
