@@ -71,6 +71,11 @@ fn setting<'a>(out: &'a str, key: &str) -> &'a str {
 }
 
 /// Writes `text` to `NAME` in `dir`; returns its path as an argument.
+/// A connector's arguments for `config check connect` with a `--config` file.
+fn connect_args<'a>(fp: &'a str, file: &'a str) -> [&'a str; 5] {
+    ["r.example.net:8443", "--fingerprint", fp, "--config", file]
+}
+
 fn write(dir: &TempDir, name: &str, text: &str) -> String {
     let file = dir.path().join(name);
     std::fs::write(&file, text).unwrap();
@@ -571,17 +576,7 @@ fn kite_proxy_protocol_is_checked_and_shown() {
     };
     for (protocol, value) in [("tcp", "v1"), ("tcp", "v2"), ("https", "v2")] {
         let file = kite(protocol, value);
-        let out = check_ok(
-            "connect",
-            &[
-                "r.example.net:8443",
-                "--fingerprint",
-                &fp,
-                "--config",
-                &file,
-            ],
-            &[],
-        );
+        let out = check_ok("connect", &connect_args(&fp, &file), &[]);
         assert_eq!(
             setting(&out, "proxy_protocol"),
             format!("{value:?}"),
@@ -593,17 +588,7 @@ fn kite_proxy_protocol_is_checked_and_shown() {
         ("tcp", "v3", "expected v1 or v2"),
     ] {
         let file = kite(protocol, value);
-        let err = check_fails(
-            "connect",
-            &[
-                "r.example.net:8443",
-                "--fingerprint",
-                &fp,
-                "--config",
-                &file,
-            ],
-            &[],
-        );
+        let err = check_fails("connect", &connect_args(&fp, &file), &[]);
         assert!(
             err.contains("proxy_protocol") && err.contains(value) && err.contains(why),
             "{protocol} {value}: {err}"
@@ -633,22 +618,11 @@ fn kite_policy_is_checked_and_shown() {
             ),
         )
     };
-    let args = |file: &str| {
-        [
-            "r.example.net:8443".to_string(),
-            "--fingerprint".into(),
-            fp.clone(),
-            "--config".into(),
-            file.to_string(),
-        ]
-    };
     let file = kite(
         "good",
         "allow = [\"192.0.2.0/24\", \"2001:db8::/32\", \"::1\"]\ndeny = [\"192.0.2.7\"]",
     );
-    let argv = args(&file);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let out = check_ok("connect", &argv, &[]);
+    let out = check_ok("connect", &connect_args(&fp, &file), &[]);
     assert_eq!(
         setting(&out, "allow"),
         r#"["192.0.2.0/24", "2001:db8::/32", "::1"]"#,
@@ -668,9 +642,7 @@ fn kite_policy_is_checked_and_shown() {
         ("too-many", format!("allow = [{many}]"), "at most 256"),
     ] {
         let file = kite(tag, &lists);
-        let argv = args(&file);
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let err = check_fails("connect", &argv, &[]);
+        let err = check_fails("connect", &connect_args(&fp, &file), &[]);
         assert!(
             err.contains(why) && err.contains("app.example.net"),
             "{tag}: {err}"
