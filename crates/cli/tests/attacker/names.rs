@@ -92,6 +92,19 @@ fn remote(relay: &RelayProc, node: &str, args: &[&str]) -> (i32, String, String)
 }
 
 /// Lines of `text` containing every one of `needles`.
+/// Nothing replaced `real` so far: the relay logged no replacement and the
+/// link is open. The registry replaces before it answers, but its log
+/// reaches the test later than the answer: each test also counts the
+/// replacements once the expected one is seen, which catches a late one.
+fn assert_nothing_replaced(relay: &RelayProc, real: &FakeLink) {
+    assert!(
+        !relay.proc.output().contains("replacing its previous link"),
+        "{}",
+        relay.proc.output()
+    );
+    assert!(!real.mux.is_closed());
+}
+
 fn lines_with(text: &str, needles: &[&str]) -> usize {
     text.lines()
         .filter(|line| needles.iter().all(|n| line.contains(n)))
@@ -448,13 +461,7 @@ fn the_same_instance_from_another_identity_does_not_kick_the_real_link() {
             )
             .await;
         assert_eq!(registered["node"]["proven"], true, "{registered}");
-        // The registry replaces before it answers: nothing was replaced.
-        assert!(
-            !relay.proc.output().contains("replacing its previous link"),
-            "{}",
-            relay.proc.output()
-        );
-        assert!(!real.mux.is_closed());
+        assert_nothing_replaced(&relay, &real);
 
         // The same proven name does replace (a connector coming back).
         let mut again = FakeLink::open(&relay, instance, "real.example.net").await;
@@ -764,13 +771,7 @@ fn an_unnamed_link_is_replaced_only_by_one_proving_all_its_kites() {
                 "laptop",
             )
             .await;
-        // The registry replaces before it answers: nothing was replaced.
-        assert!(
-            !relay.proc.output().contains("replacing its previous link"),
-            "{}",
-            relay.proc.output()
-        );
-        assert!(!real.mux.is_closed());
+        assert_nothing_replaced(&relay, &real);
 
         // The connector coming back with every kite does replace it.
         let mut again = FakeLink::open(&relay, instance, "laptop").await;
@@ -781,6 +782,18 @@ fn an_unnamed_link_is_replaced_only_by_one_proving_all_its_kites() {
             .await
             .expect("the stale link is closed");
         assert!(!other.mux.is_closed(), "a link holding other kites stays");
+        // Every replacement was made by this last link (it holds the
+        // subset's kites too, so it replaces that one as well): neither the
+        // subset nor the other identity replaced anything earlier (a
+        // replacement logged late would show here with another link id).
+        relay.proc.wait_for("replacing its previous link");
+        let output = relay.proc.output();
+        let replacers: std::collections::BTreeSet<&str> = output
+            .lines()
+            .filter(|line| line.contains("replacing its previous link"))
+            .filter_map(|line| line.split(" id=").nth(1)?.split(' ').next())
+            .collect();
+        assert_eq!(replacers.len(), 1, "{output}");
         drop(subset);
     });
 }
