@@ -143,6 +143,8 @@ pub async fn run(
                 secret: Some(secret.clone()),
                 proxy_protocol: None,
                 policy: Default::default(),
+                http: Default::default(),
+                basic_auth_file: None,
             },
             KiteTarget {
                 kite: kitepipe_proto::kite::KiteRef::parse(&format!("tcp:{DEMO_TCP_KITE}:0"))
@@ -151,6 +153,8 @@ pub async fn run(
                 secret: Some(secret.clone()),
                 proxy_protocol: None,
                 policy: Default::default(),
+                http: Default::default(),
+                basic_auth_file: None,
             },
         ],
         name: DEMO_NODE.into(),

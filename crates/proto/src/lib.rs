@@ -8,7 +8,8 @@
 //! a TLS ClientHello so one port can serve several protocols, and [`kite`] holds
 //! kite names and their matching rules, and [`proxy`] the PROXY protocol header
 //! a connector may send its local targets; [`policy`] is a kite's visitor
-//! policy (IP allow and deny lists) the relay applies.
+//! policy (IP allow and deny lists) the relay applies, [`http_policy`] an http
+//! kite's HTTP-level rules (basic auth, limits, header edits, backend protocol).
 //!
 //! This crate must not depend on tokio, sockets, clocks or TLS: callers hand it
 //! bytes (and `now` where time matters) and get frames, events and deadlines.
@@ -18,6 +19,7 @@
 pub mod event;
 pub mod frame;
 pub mod http1;
+pub mod http_policy;
 pub mod kite;
 pub mod message;
 pub mod policy;

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::event::EventHeader;
+use crate::http_policy::HttpPolicy;
 use crate::kite::KiteRef;
 use crate::remote::{AgentHello, RemoteOp};
 
@@ -211,6 +212,10 @@ pub struct KiteClaim {
     /// wins over an allow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// HTTP-level rules of an http kite (see [`crate::http_policy`]); the
+    /// relay checks and bounds them again.
+    #[serde(default, skip_serializing_if = "HttpPolicy::is_default")]
+    pub http: HttpPolicy,
 }
 
 /// Outcome of a registration.

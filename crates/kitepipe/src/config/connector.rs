@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
+use kitepipe_proto::http_policy::{BackendProtocol, HeaderRules, HttpPolicy};
 use kitepipe_proto::kite::{KiteProto, KiteRef};
 use kitepipe_proto::message::RemoteClass;
 use kitepipe_proto::policy::VisitorPolicy;
@@ -183,7 +184,7 @@ impl<'de> Deserialize<'de> for RawKiteSpec {
 ///
 /// Per-kite options go here (and, validated, into [`KiteTarget`]); see
 /// ARCHITECTURE.md, "Where to add a per-kite option".
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKite {
     /// The kite's name, e.g. `blog.example.net` (`*.` for a wildcard).
@@ -209,6 +210,40 @@ pub struct RawKite {
     /// wins over an allow. Enforced by the relay; at most 256 entries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// HTTP basic auth: an htpasswd file (bcrypt or argon2 hashes), read
+    /// and sent to the relay, which asks visitors for a password; sent
+    /// again when the file changes. HTTP kites only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<PathBuf>,
+    /// The realm browsers show when asking for the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_realm: Option<String>,
+    /// Requests per second allowed per visitor address (429 beyond).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Requests a visitor address may send at once above `rate_limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+    /// Visitor connections to the kite at once (429 beyond).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Request headers to set and remove on the way to the local service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRules>,
+    /// Response headers to set and remove on the way to the visitor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRules>,
+    /// Add `X-Forwarded-Host` with the Host the visitor asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_host: Option<bool>,
+    /// Redirect plain-HTTP visitors to HTTPS (the relay must terminate TLS
+    /// for the kite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_redirect: Option<bool>,
+    /// How the relay speaks to the local service: `http1` (default) or
+    /// `h2c` (HTTP/2 prior knowledge, for gRPC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 impl RawKite {
@@ -250,6 +285,47 @@ impl RawKite {
 
     /// Validates `allow` and `deny` into the kite's visitor policy,
     /// naming the first bad entry.
+    /// The HTTP-level rules, for an http kite only (any of them on another
+    /// kind is an error). The htpasswd file is read here.
+    pub(super) fn http_policy(&self, kite: &KiteRef) -> Result<HttpPolicy, ConfigError> {
+        let invalid = |what: &'static str, why: String| ConfigError::Invalid {
+            what,
+            value: format!("kite {}", self.name),
+            why,
+        };
+        let backend = match &self.backend {
+            Some(text) => text
+                .parse::<BackendProtocol>()
+                .map_err(|why| invalid("backend", why))?,
+            None => BackendProtocol::default(),
+        };
+        let http = HttpPolicy {
+            basic_auth: Vec::new(),
+            auth_realm: self.auth_realm.clone(),
+            rate_limit: self.rate_limit,
+            rate_burst: self.rate_burst,
+            max_connections: self.max_connections,
+            request_headers: self.request_headers.clone().unwrap_or_default(),
+            response_headers: self.response_headers.clone().unwrap_or_default(),
+            forwarded_host: self.forwarded_host.unwrap_or(false),
+            https_redirect: self.https_redirect.unwrap_or(false),
+            backend,
+        };
+        if kite.proto != KiteProto::Http && (!http.is_default() || self.basic_auth.is_some()) {
+            return Err(invalid(
+                "kite",
+                format!(
+                    "the {} kite {} cannot have HTTP rules (basic_auth, auth_realm, rate_limit, \
+                     rate_burst, max_connections, request_headers, response_headers, \
+                     forwarded_host, https_redirect, backend): they are for http kites",
+                    kite.proto.as_str(),
+                    kite.name
+                ),
+            ));
+        }
+        Ok(http)
+    }
+
     pub(super) fn policy(&self) -> Result<VisitorPolicy, ConfigError> {
         for (what, list) in [("allow", &self.allow), ("deny", &self.deny)] {
             if let Err(err) = VisitorPolicy::parse(list, &[]) {
@@ -377,6 +453,13 @@ pub struct KiteTarget {
     /// Who may visit (allow and deny lists), sent to the relay with the
     /// claim and enforced there; empty for short-form kites.
     pub policy: VisitorPolicy,
+    /// HTTP-level rules, sent with the claim and enforced by the relay
+    /// (`basic_auth` holds the htpasswd lines read from
+    /// [`KiteTarget::basic_auth_file`]).
+    pub http: HttpPolicy,
+    /// The htpasswd file `http.basic_auth` was read from, watched for
+    /// changes.
+    pub basic_auth_file: Option<PathBuf>,
 }
 
 impl Layered for RawConnectorConfig {
@@ -453,9 +536,7 @@ impl RawConnectorConfig {
                         protocol: kite.proto.to_string(),
                         port: (kite.proto == KiteProto::Tcp).then_some(kite.port),
                         target,
-                        proxy_protocol: None,
-                        allow: Vec::new(),
-                        deny: Vec::new(),
+                        ..RawKite::default()
                     }),
                     Err(_) => spec.clone(),
                 },
@@ -501,15 +582,30 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
         }
         let mut kites = Vec::new();
         for spec in &raw.kite {
-            let (kite, target, proxy_protocol, policy) = match spec {
+            let (kite, target, proxy_protocol, policy, http, basic_auth_file) = match spec {
                 RawKiteSpec::Short(text) => {
                     let (kite, target) = parse_kite_target(text)?;
-                    (kite, target, None, VisitorPolicy::default())
+                    (
+                        kite,
+                        target,
+                        None,
+                        VisitorPolicy::default(),
+                        HttpPolicy::default(),
+                        None,
+                    )
                 }
                 RawKiteSpec::Table(table) => {
                     let (kite, target) = table.parse()?;
                     let proxy_protocol = table.proxy_protocol(&kite)?;
-                    (kite, target, proxy_protocol, table.policy()?)
+                    let http = table.http_policy(&kite)?;
+                    (
+                        kite,
+                        target,
+                        proxy_protocol,
+                        table.policy()?,
+                        http,
+                        table.basic_auth.clone(),
+                    )
                 }
             };
             if secret.is_none() && identity.is_none() {
@@ -525,6 +621,8 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 secret,
                 proxy_protocol,
                 policy,
+                http,
+                basic_auth_file,
             });
         }
         let pins = raw

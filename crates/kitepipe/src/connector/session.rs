@@ -540,6 +540,7 @@ fn claim(
         kite,
         allow: blocks(target.policy.allow()),
         deny: blocks(target.policy.deny()),
+        http: target.http.clone(),
     }
 }
 

@@ -21,8 +21,10 @@
 //! on its own machine: every byte it moves arrives on a socket it accepted,
 //! and goes out on a link a connector opened.
 
+mod certs;
 mod events;
 mod http;
+mod http_policy;
 mod identity;
 mod link_identity;
 mod listener;
@@ -152,6 +154,9 @@ pub(crate) struct RelayCtx {
     pub(crate) unproven: session::UnprovenLinks,
     /// Wrong proofs per source address, for the guessing backoff.
     pub(crate) proof_throttle: session::ProofThrottle,
+    /// Certificates served to visitors of kites whose TLS the relay
+    /// terminates (files and ACME).
+    pub(crate) certs: certs::CertStore,
 }
 
 impl Relay {
@@ -221,6 +226,7 @@ impl Relay {
             started: tokio::time::Instant::now(),
             unproven: session::UnprovenLinks::default(),
             proof_throttle: session::ProofThrottle::default(),
+            certs: certs::CertStore::default(),
         });
         Ok(Relay {
             ctx,

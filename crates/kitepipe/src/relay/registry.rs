@@ -20,6 +20,7 @@ use kitepipe_proto::message::RemoteClass;
 use kitepipe_proto::policy::VisitorPolicy;
 use kitepipe_proto::remote::AgentHello;
 
+use super::http_policy::HttpRules;
 use super::link_identity::LinkIdentity;
 use crate::link::{LinkClosed, Mux};
 use crate::sync::lock;
@@ -38,6 +39,8 @@ pub(crate) struct Backend {
     /// Who may visit through this link, from its claim (each claim's
     /// policy applies to the visitors routed to its link).
     pub(crate) policy: Arc<VisitorPolicy>,
+    /// The HTTP-level rules from its claim (http kites), with their state.
+    pub(crate) http: Arc<HttpRules>,
 }
 
 /// What authorized a link to serve a kite.
@@ -416,6 +419,7 @@ impl Registry {
         kite: &KiteRef,
         grant: Grant,
         policy: VisitorPolicy,
+        http: HttpRules,
     ) -> bool {
         let mut inner = lock(&self.inner);
         let Some(link) = inner.links.get_mut(&id) else {
@@ -427,10 +431,12 @@ impl Registry {
             Grant::Secret => link.identity_kites.remove(&key),
         };
         let policy = Arc::new(policy);
+        let http = Arc::new(http);
         if link.kites.contains(&key) {
             if let Some(entry) = inner.kites.get_mut(&key) {
                 for backend in entry.backends.iter_mut().filter(|b| b.link == id) {
                     backend.policy = policy.clone();
+                    backend.http = http.clone();
                 }
             }
             return true;
@@ -442,6 +448,7 @@ impl Registry {
             node: link.node.clone(),
             kite: kite.clone(),
             policy,
+            http,
         };
         if kite.proto == KiteProto::Tcp {
             inner.tcp_ports.insert(kite.port, kite.name.clone());
@@ -703,7 +710,13 @@ mod tests {
 
     /// Adds kite `spec` to link `id` with no visitor policy.
     fn add_kite(registry: &Registry, id: LinkId, spec: &str, grant: Grant) -> bool {
-        registry.add_kite(id, &kite(spec), grant, VisitorPolicy::default())
+        registry.add_kite(
+            id,
+            &kite(spec),
+            grant,
+            VisitorPolicy::default(),
+            HttpRules::default(),
+        )
     }
 
     #[tokio::test]

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::RelayCtx;
+use super::http_policy::HttpRules;
 use super::identity::{
     IdentityState, REFUSE_GRACE, enforce, refuse_link, reserved_for_certificates,
 };
@@ -915,6 +916,12 @@ async fn register_one(
             format!("{kite}: bad visitor policy (allow/deny): {err}"),
         )
     })?;
+    let http = HttpRules::new(claim.http.clone()).map_err(|err| {
+        (
+            RefuseReason::Invalid,
+            format!("{kite}: bad HTTP rules: {err}"),
+        )
+    })?;
     let grant = authorize(claim, &kite, nonces, link, state, ctx)?;
     let link_id = link.link_id;
     let public = match kite.proto {
@@ -946,7 +953,7 @@ async fn register_one(
             format!("{}:{port}", ctx.config.name)
         }
     };
-    if !ctx.registry.add_kite(link_id, &kite, grant, policy) {
+    if !ctx.registry.add_kite(link_id, &kite, grant, policy, http) {
         return Err((
             RefuseReason::Invalid,
             "link closed during registration".into(),
