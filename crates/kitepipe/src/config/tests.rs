@@ -308,9 +308,7 @@ fn kite_tables_and_strings_give_the_same_kites() {
         protocol: "ftp".into(),
         port: None,
         target: "80".into(),
-        proxy_protocol: None,
-        allow: Vec::new(),
-        deny: Vec::new(),
+        ..RawKite::default()
     };
     assert!(bad.parse().is_err());
 }

@@ -950,8 +950,20 @@ mod tests {
         let none: [&str; 0] = [];
         let deny = |addr: &str| VisitorPolicy::parse(&none, &[addr]).unwrap();
         let app = kite("http:app.example.net");
-        registry.add_kite(a, &app, Grant::Secret, deny("127.0.0.2"));
-        registry.add_kite(b, &app, Grant::Secret, VisitorPolicy::default());
+        registry.add_kite(
+            a,
+            &app,
+            Grant::Secret,
+            deny("127.0.0.2"),
+            HttpRules::default(),
+        );
+        registry.add_kite(
+            b,
+            &app,
+            Grant::Secret,
+            VisitorPolicy::default(),
+            HttpRules::default(),
+        );
         let visitor = "127.0.0.2".parse().unwrap();
         let admits = |link: LinkId| match registry.lookup_name(KiteProto::Http, "app.example.net") {
             Lookup::Found(backends) => backends
@@ -964,8 +976,20 @@ mod tests {
         };
         assert!(!admits(a));
         assert!(admits(b));
-        registry.add_kite(a, &app, Grant::Secret, VisitorPolicy::default());
-        registry.add_kite(b, &app, Grant::Secret, deny("127.0.0.0/8"));
+        registry.add_kite(
+            a,
+            &app,
+            Grant::Secret,
+            VisitorPolicy::default(),
+            HttpRules::default(),
+        );
+        registry.add_kite(
+            b,
+            &app,
+            Grant::Secret,
+            deny("127.0.0.0/8"),
+            HttpRules::default(),
+        );
         assert!(admits(a));
         assert!(!admits(b));
     }
