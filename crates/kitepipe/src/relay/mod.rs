@@ -23,6 +23,7 @@
 
 mod certs;
 mod events;
+mod h2;
 mod http;
 mod http_policy;
 mod identity;
