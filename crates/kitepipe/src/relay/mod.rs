@@ -34,6 +34,7 @@ mod registry;
 mod remote;
 mod session;
 mod tcp;
+mod terminate;
 mod visitor;
 
 use std::net::SocketAddr;
@@ -51,6 +52,7 @@ use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
 use crate::shutdown::{self, SHUTDOWN_GRACE};
 use crate::sync;
+pub use certs::CertError;
 pub use identity::ReloadTrigger;
 use identity::{IdentityInputs, IdentityState};
 use registry::Registry;
@@ -93,6 +95,9 @@ pub enum RelayError {
     /// The event gateway could not be bound.
     #[error("event gateway")]
     Gateway(#[from] PipeError),
+    /// A `--tls-cert` pair cannot be served.
+    #[error("certificate for terminated HTTPS")]
+    TlsCert(#[from] CertError),
     /// A listening socket could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -182,6 +187,8 @@ impl Relay {
             config_file: config.reload_from.as_ref().map(|source| &source.file),
         };
         let identity = IdentityState::load(config.identity.clone(), &inputs, 0)?;
+        let served_certs = certs::CertStore::default();
+        served_certs.load_files(&config.tls_certs)?;
         let mut listeners = Vec::new();
         let mut http_port = None;
         let mut https_port = None;
@@ -227,7 +234,7 @@ impl Relay {
             started: tokio::time::Instant::now(),
             unproven: session::UnprovenLinks::default(),
             proof_throttle: session::ProofThrottle::default(),
-            certs: certs::CertStore::default(),
+            certs: served_certs,
         });
         Ok(Relay {
             ctx,
