@@ -143,7 +143,9 @@ pub enum CertError {
 /// if it is this user's, refused if not) and the names it serves, its DNS
 /// subjectAltNames (lowercase). An expired or not yet valid certificate
 /// loads with a warning: the operator may be about to replace it.
-pub(crate) fn load_cert_files(files: &TlsCertFiles) -> Result<Vec<(String, ServedCert)>, CertError> {
+pub(crate) fn load_cert_files(
+    files: &TlsCertFiles,
+) -> Result<Vec<(String, ServedCert)>, CertError> {
     let load = |source| CertError::Load {
         cert: files.cert.clone(),
         source,
@@ -190,8 +192,11 @@ fn parse_leaf(
         cert: path.to_path_buf(),
         reason,
     };
-    let leaf = chain.first().ok_or_else(|| parse("no certificate".into()))?;
-    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|err| parse(err.to_string()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| parse("no certificate".into()))?;
+    let (_, cert) =
+        X509Certificate::from_der(leaf.as_ref()).map_err(|err| parse(err.to_string()))?;
     let mut names = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {

@@ -102,7 +102,9 @@ pub(crate) fn reload_certs(ctx: &RelayCtx, why: &str) {
     }
     match ctx.certs.load_files(&ctx.config.tls_certs) {
         Ok(names) => info!(%why, names, "certificates for terminated HTTPS reloaded"),
-        Err(err) => error!(%why, err = %super::identity::error_chain(&err), "certificate reload failed; keeping the previous certificates"),
+        Err(err) => {
+            error!(%why, err = %super::identity::error_chain(&err), "certificate reload failed; keeping the previous certificates")
+        }
     }
 }
 
@@ -177,9 +179,7 @@ impl VisitorConn for Terminated {
     }
 
     fn reunite(reader: Self::Reader, writer: Self::Writer) -> Option<Self::Io> {
-        reader
-            .is_pair_of(&writer)
-            .then(|| reader.unsplit(writer))
+        reader.is_pair_of(&writer).then(|| reader.unsplit(writer))
     }
 
     fn reset(io: Self::Io) {
