@@ -66,7 +66,14 @@ fn curl_gets_the_page_over_terminated_tls_with_forwarded_proto_https_and_keep_al
     let cert = TestCert::new(&["app.example.test"]);
     let relay = relay(&[&cert]);
     let backend = Backend::start("http");
-    let (_connector, _dir) = connector(&relay, &http_kite("app.example.test", &backend.addr(), ""));
+    let (connector, _dir) = connector(&relay, &http_kite("app.example.test", &backend.addr(), ""));
+    // The kite's public URL is the terminated HTTPS one.
+    let link = connector.wait_links_up(1);
+    assert_eq!(
+        link["kites"][0]["public"],
+        https_url(&relay, "app.example.test", "/"),
+        "{link}"
+    );
 
     let page = https_url(&relay, "app.example.test", "/");
     let (code, out, err) = curl_https(&relay, &cert, "app.example.test", &[&page]);
