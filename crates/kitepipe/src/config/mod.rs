@@ -38,7 +38,7 @@ pub use events::{
 pub use identity::{IdentityConfig, RawAllowRule};
 pub use relay::{
     Domain, IdentitySource, ListenerConfig, RawRelayConfig, RelayConfig, RelayTlsSource,
-    default_state_dir,
+    TlsCertFiles, default_state_dir,
 };
 pub use remote::RawRemoteRule;
 

@@ -118,6 +118,13 @@ pub struct RawRelayConfig {
     #[arg(long, env = "KITEPIPE_INSECURE_GATEWAY_WITHOUT_TOKEN", value_name = "BOOL",
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub insecure_gateway_without_token: Option<bool>,
+    /// A certificate for visitors of http kites, CERT.pem:KEY.pem: the
+    /// relay terminates HTTPS for every name among the certificate's DNS
+    /// names (wildcards included) that an http kite serves. The chain
+    /// follows the certificate in CERT.pem; KEY.pem must be this user's
+    /// and mode 0600. Repeatable; reread on SIGHUP.
+    #[arg(long, env = "KITEPIPE_TLS_CERT", value_name = "CERT:KEY")]
+    pub tls_cert: Vec<String>,
 }
 
 /// A validated relay configuration.
@@ -148,6 +155,37 @@ pub struct RelayConfig {
     pub reload_from: Option<IdentitySource>,
     /// The event pipe.
     pub events: EventConfig,
+    /// Certificates served to visitors of http kites whose TLS the relay
+    /// terminates (`--tls-cert`).
+    pub tls_certs: Vec<TlsCertFiles>,
+}
+
+/// One `--tls-cert`: a PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCertFiles {
+    /// Certificate, then its chain.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+}
+
+impl std::str::FromStr for TlsCertFiles {
+    type Err = ConfigError;
+
+    /// Parses `CERT.pem:KEY.pem` (split at the first `:`).
+    fn from_str(text: &str) -> Result<TlsCertFiles, ConfigError> {
+        match text.split_once(':') {
+            Some((cert, key)) if !cert.is_empty() && !key.is_empty() => Ok(TlsCertFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            _ => Err(ConfigError::Invalid {
+                what: "tls-cert",
+                value: text.to_string(),
+                why: "expected CERT.pem:KEY.pem".into(),
+            }),
+        }
+    }
 }
 
 /// One listening socket and the roles it serves; several roles on one
@@ -370,6 +408,11 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             identity,
             reload_from: None,
             events,
+            tls_certs: raw
+                .tls_cert
+                .iter()
+                .map(|text| text.parse())
+                .collect::<Result<_, _>>()?,
         })
     }
 }

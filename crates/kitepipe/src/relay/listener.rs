@@ -1,8 +1,9 @@
 //! Accept loops, and telling protocols apart on ports that serve several.
 //!
 //! A TLS ClientHello offering ALPN `kitepipe/1` is a connector's link; any
-//! other ClientHello is a visitor's HTTPS (routed by SNI); anything else is
-//! HTTP. A port that serves only links skips the sniffing.
+//! other ClientHello is a visitor's HTTPS (routed by SNI: terminated by
+//! `terminate` for an http kite with a certificate, else passed through);
+//! anything else is HTTP. A port that serves only links skips the sniffing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, warn};
 
 use super::RelayCtx;
+use super::h2::Scheme;
 use crate::accept::accept;
 use crate::config::ListenerConfig;
 use crate::pki::is_link_alpn;
@@ -51,7 +53,7 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
         return;
     }
     if roles.http && !roles.link && !roles.https {
-        super::http::serve(sock, BytesMut::new(), peer, ctx).await;
+        super::http::serve(sock, BytesMut::new(), peer, Scheme::Http, None, ctx).await;
         return;
     }
     let mut sock = sock;
@@ -95,10 +97,23 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
             super::session::accept(sock, buf, peer, ctx).await;
         }
         Some(hello) if roles.https => {
-            super::tcp::serve_https(sock, buf, peer, hello.sni, ctx).await;
+            // ACME TLS-ALPN-01 (ALPN `acme-tls/1`): the ACME part answers
+            // the CA's validation here, before any routing. Until then such
+            // a ClientHello is routed like any other.
+            if hello.alpn.iter().any(|p| p.as_slice() == b"acme-tls/1") {
+                debug!("ACME TLS-ALPN-01 ClientHello");
+            }
+            match hello.sni {
+                Some(sni) if super::terminate::terminates(&sni, &ctx) => {
+                    super::terminate::serve(sock, buf, peer, sni, ctx).await;
+                }
+                sni => super::tcp::serve_https(sock, buf, peer, sni, ctx).await,
+            }
         }
         Some(_) => debug!("TLS client without the kitepipe ALPN on a link-only port"),
-        None if roles.http => super::http::serve(sock, buf, peer, ctx).await,
+        None if roles.http => {
+            super::http::serve(sock, buf, peer, Scheme::Http, None, ctx).await;
+        }
         None => debug!("plain bytes on a TLS-only port; dropping connection"),
     }
 }

@@ -7,7 +7,9 @@
 //! several), then to `session` (a connector's link: handshake, kite
 //! registration), `http` (visitor HTTP routed by Host) or `tcp` (HTTPS by
 //! SNI, and raw TCP kites on their own ports), the last two opening visitor
-//! streams through `visitor`.
+//! streams through `visitor`. `terminate` takes the HTTPS of http kites
+//! with a certificate in `certs` (`--tls-cert`) and hands the decrypted
+//! stream to `http` (or `h2`).
 //!
 //! Connectors' certificates and the rules for their identities live in
 //! `identity`, which also reloads them (see [`Relay::reload_trigger`]).
@@ -34,6 +36,7 @@ mod registry;
 mod remote;
 mod session;
 mod tcp;
+mod terminate;
 mod visitor;
 
 use std::net::SocketAddr;
@@ -51,6 +54,7 @@ use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
 use crate::shutdown::{self, SHUTDOWN_GRACE};
 use crate::sync;
+pub use certs::CertError;
 pub use identity::ReloadTrigger;
 use identity::{IdentityInputs, IdentityState};
 use registry::Registry;
@@ -93,6 +97,9 @@ pub enum RelayError {
     /// The event gateway could not be bound.
     #[error("event gateway")]
     Gateway(#[from] PipeError),
+    /// A `--tls-cert` pair cannot be served.
+    #[error("certificate for terminated HTTPS")]
+    TlsCert(#[from] CertError),
     /// A listening socket could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -182,6 +189,8 @@ impl Relay {
             config_file: config.reload_from.as_ref().map(|source| &source.file),
         };
         let identity = IdentityState::load(config.identity.clone(), &inputs, 0)?;
+        let served_certs = certs::CertStore::default();
+        served_certs.load_files(&config.tls_certs)?;
         let mut listeners = Vec::new();
         let mut http_port = None;
         let mut https_port = None;
@@ -227,7 +236,7 @@ impl Relay {
             started: tokio::time::Instant::now(),
             unproven: session::UnprovenLinks::default(),
             proof_throttle: session::ProofThrottle::default(),
-            certs: certs::CertStore::default(),
+            certs: served_certs,
         });
         Ok(Relay {
             ctx,
