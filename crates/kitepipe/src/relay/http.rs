@@ -113,6 +113,13 @@ pub(crate) async fn serve(
         let _ = writer.write_all(&page).await;
         return;
     };
+    // ACME HTTP-01: the CA fetching one of the relay's own pending
+    // challenges is answered before routing.
+    if let Some(answer) = ctx.acme.http01_response(&host, &head.target) {
+        let _ = writer.write_all(&answer).await;
+        let _ = writer.shutdown().await;
+        return;
+    }
     if head.method.eq_ignore_ascii_case("CONNECT") {
         connect_tcp_kite(reader, writer, buf, &head, &host, peer, local, &ctx).await;
         return;

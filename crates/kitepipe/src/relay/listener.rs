@@ -94,6 +94,12 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
         Some(hello) if roles.link && hello.alpn.iter().any(|p| is_link_alpn(p)) => {
             super::session::accept(sock, buf, peer, ctx).await;
         }
+        // ACME TLS-ALPN-01: answered only for the relay's own pending challenges.
+        Some(hello) if roles.https && super::acme::offers_acme_tls(&hello.alpn) => {
+            ctx.acme
+                .serve_tls_alpn(sock, buf, hello.sni.as_deref())
+                .await;
+        }
         Some(hello) if roles.https => {
             super::tcp::serve_https(sock, buf, peer, hello.sni, ctx).await;
         }
