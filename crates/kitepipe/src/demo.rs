@@ -118,6 +118,7 @@ pub async fn run(
         reload_from: None,
         events: relay_events,
         acme: None,
+        tls_certs: Vec::new(),
     })
     .await?;
     let listeners = relay.listeners();

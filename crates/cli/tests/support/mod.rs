@@ -369,6 +369,21 @@ impl Proc {
             .unwrap_or(0)
     }
 
+    /// Waits up to `bound` for the process to exit by itself; its status,
+    /// or `None` if it still runs.
+    pub fn wait_exit(&self, bound: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + bound;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    }
+
     /// Sends SIGKILL and reaps the process.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
@@ -1035,4 +1050,86 @@ pub fn proxy_protocol_kite(
         _ => 0,
     };
     (connector, dir, port)
+}
+
+/// A test CA and a certificate for some DNS names issued by it (ECDSA
+/// P-256), as PEM files in a fresh temp dir: `ca.pem`, `cert.pem` (the
+/// certificate, then the CA) and `key.pem` (mode 0600), for a relay's
+/// `--tls-cert` and its visitors' `--cacert`.
+pub struct TestCert {
+    pub dir: TempDir,
+    /// The CA certificate visitors trust.
+    pub ca: PathBuf,
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// Base64 of the SHA-256 of the certificate's SubjectPublicKeyInfo
+    /// (Chromium's `--ignore-certificate-errors-spki-list`).
+    pub spki_sha256: String,
+}
+
+impl TestCert {
+    pub fn new(names: &[&str]) -> TestCert {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PublicKeyData,
+        };
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("tls-cert");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "kitepipe test CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert_path = dir.path().join("cert.pem");
+        let key_path = dir.path().join("key.pem");
+        std::fs::write(&ca, ca_cert.pem()).unwrap();
+        std::fs::write(&cert_path, format!("{}{}", cert.pem(), ca_cert.pem())).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let spki = ring::digest::digest(&ring::digest::SHA256, &key.subject_public_key_info());
+        TestCert {
+            dir,
+            ca,
+            cert: cert_path,
+            key: key_path,
+            spki_sha256: base64(spki.as_ref()),
+        }
+    }
+
+    /// The relay's `--tls-cert` value, `CERT:KEY`.
+    pub fn arg(&self) -> String {
+        format!("{}:{}", path(&self.cert), path(&self.key))
+    }
+}
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }

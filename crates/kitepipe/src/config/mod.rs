@@ -39,7 +39,7 @@ pub use identity::{IdentityConfig, RawAllowRule};
 pub use relay::{AcmeChallenge, AcmeConfig};
 pub use relay::{
     Domain, IdentitySource, ListenerConfig, RawRelayConfig, RelayConfig, RelayTlsSource,
-    default_state_dir,
+    TlsCertFiles, default_state_dir,
 };
 pub use remote::RawRemoteRule;
 

@@ -149,6 +149,13 @@ pub struct RawRelayConfig {
     /// Renew an ACME certificate this long before it expires [default: 30days].
     #[arg(long, env = "KITEPIPE_ACME_RENEW_BEFORE", value_name = "DURATION")]
     pub acme_renew_before: Option<String>,
+    /// A certificate for visitors of http kites, CERT.pem:KEY.pem: the
+    /// relay terminates HTTPS for every name among the certificate's DNS
+    /// names (wildcards included) that an http kite serves. The chain
+    /// follows the certificate in CERT.pem; KEY.pem must be this user's
+    /// and mode 0600. Repeatable; reread on SIGHUP.
+    #[arg(long, env = "KITEPIPE_TLS_CERT", value_name = "CERT:KEY")]
+    pub tls_cert: Vec<String>,
 }
 
 /// A validated relay configuration.
@@ -181,6 +188,37 @@ pub struct RelayConfig {
     pub events: EventConfig,
     /// Certificates from an ACME CA (`--acme`), if on.
     pub acme: Option<AcmeConfig>,
+    /// Certificates served to visitors of http kites whose TLS the relay
+    /// terminates (`--tls-cert`).
+    pub tls_certs: Vec<TlsCertFiles>,
+}
+
+/// One `--tls-cert`: a PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCertFiles {
+    /// Certificate, then its chain.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+}
+
+impl std::str::FromStr for TlsCertFiles {
+    type Err = ConfigError;
+
+    /// Parses `CERT.pem:KEY.pem` (split at the first `:`).
+    fn from_str(text: &str) -> Result<TlsCertFiles, ConfigError> {
+        match text.split_once(':') {
+            Some((cert, key)) if !cert.is_empty() && !key.is_empty() => Ok(TlsCertFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            _ => Err(ConfigError::Invalid {
+                what: "tls-cert",
+                value: text.to_string(),
+                why: "expected CERT.pem:KEY.pem".into(),
+            }),
+        }
+    }
 }
 
 /// Where and how the relay gets certificates by ACME.
@@ -444,6 +482,11 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             reload_from: None,
             events,
             acme,
+            tls_certs: raw
+                .tls_cert
+                .iter()
+                .map(|text| text.parse())
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 
 use super::RelayCtx;
+use super::h2::Scheme;
 use super::registry::{Backend, Lookup};
 use super::visitor::{NotOpened, open_visitor_stream, reset};
 use crate::link::{MuxStream, StreamReset};
@@ -83,15 +84,63 @@ struct Route {
     backend: Backend,
 }
 
+/// A visitor's connection as the HTTP/1 path serves it: plain TCP, or
+/// TLS the relay terminated (`terminate::Terminated`). Each kind splits
+/// its own way (TCP into lock-free owned halves).
+pub(crate) trait VisitorConn: Send + 'static {
+    /// The receiving half.
+    type Reader: AsyncRead + Unpin + Send;
+    /// The sending half.
+    type Writer: AsyncWrite + Unpin + Send;
+    /// The connection whole again (CONNECT's raw bytes, a reset).
+    type Io: AsyncRead + AsyncWrite + Unpin + Send;
+
+    /// The relay's address the visitor connected to.
+    fn local_addr(&self) -> Option<SocketAddr>;
+    /// Splits into halves for the two directions.
+    fn split(self) -> (Self::Reader, Self::Writer);
+    /// Puts the halves of one connection back together.
+    fn reunite(reader: Self::Reader, writer: Self::Writer) -> Option<Self::Io>;
+    /// Closes with a TCP reset (see `visitor::reset`).
+    fn reset(io: Self::Io);
+}
+
+impl VisitorConn for TcpStream {
+    type Reader = OwnedReadHalf;
+    type Writer = OwnedWriteHalf;
+    type Io = TcpStream;
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        TcpStream::local_addr(self).ok()
+    }
+
+    fn split(self) -> (OwnedReadHalf, OwnedWriteHalf) {
+        self.into_split()
+    }
+
+    fn reunite(reader: OwnedReadHalf, writer: OwnedWriteHalf) -> Option<TcpStream> {
+        reader.reunite(writer).ok()
+    }
+
+    fn reset(io: TcpStream) {
+        reset(io);
+    }
+}
+
 /// Serves one visitor connection; `buf` holds bytes already read.
-pub(crate) async fn serve(
-    sock: TcpStream,
+/// `scheme`: how the visitor reached the relay (`X-Forwarded-Proto`, the
+/// redirect to HTTPS); `sni`: the name a terminated connection's TLS was
+/// for, which the first request's Host must be (else 421).
+pub(crate) async fn serve<S: VisitorConn>(
+    sock: S,
     mut buf: BytesMut,
     peer: SocketAddr,
+    scheme: Scheme,
+    sni: Option<&str>,
     ctx: Arc<RelayCtx>,
 ) {
-    let local = sock.local_addr().ok();
-    let (mut reader, mut writer) = sock.into_split();
+    let local = sock.local_addr();
+    let (mut reader, mut writer) = sock.split();
     let head = match read_first_head(&mut reader, &mut buf).await {
         Ok(Some(head)) => head,
         Ok(None) => return,
@@ -120,8 +169,18 @@ pub(crate) async fn serve(
         let _ = writer.shutdown().await;
         return;
     }
+    if let Some(sni) = sni
+        && !sni.eq_ignore_ascii_case(&host)
+    {
+        let detail = format!("This connection was opened for {sni}; open a new one for {host}.");
+        let _ = writer
+            .write_all(&http1::error_response(421, "Misdirected Request", &detail))
+            .await;
+        let _ = writer.shutdown().await;
+        return;
+    }
     if head.method.eq_ignore_ascii_case("CONNECT") {
-        connect_tcp_kite(reader, writer, buf, &head, &host, peer, local, &ctx).await;
+        connect_tcp_kite::<S>(reader, writer, buf, &head, &host, peer, local, &ctx).await;
         return;
     }
     let backends = match ctx.registry.lookup_name(KiteProto::Http, &host) {
@@ -143,6 +202,11 @@ pub(crate) async fn serve(
             return;
         }
     };
+    if let Some(page) = https_redirect(&head, &host, &backends, scheme, &ctx) {
+        let _ = writer.write_all(&page).await;
+        let _ = writer.shutdown().await;
+        return;
+    }
     let (stream, backend) = match open_visitor_stream(&backends, Some(&host), peer, local).await {
         Ok(opened) => opened,
         Err(NotOpened::Refused) => {
@@ -163,7 +227,7 @@ pub(crate) async fn serve(
     let route = Route { host, backend };
     let forwarded = Forwarded {
         client_ip: peer.ip(),
-        proto: "http",
+        proto: scheme.as_str(),
     };
     let (stream_reader, mut stream_writer) = tokio::io::split(stream);
     let (done_tx, mut done_rx) = watch::channel(None::<Ended>);
@@ -200,9 +264,9 @@ pub(crate) async fn serve(
     let (req, ended) = tokio::join!(requests, responses);
     debug!(?req, ?ended, "visitor done");
     if ended == Ended::Cut
-        && let Ok(sock) = reader.reunite(writer)
+        && let Some(sock) = S::reunite(reader, writer)
     {
-        reset(sock);
+        S::reset(sock);
     }
 }
 
@@ -228,9 +292,9 @@ fn connect_reaches(tcp_bind: IpAddr, local: Option<SocketAddr>) -> bool {
 /// helper), then bytes flow raw both ways. Only where the operator enabled it
 /// (`--http-connect`) and never past `--tcp-bind` ([`connect_reaches`]).
 #[allow(clippy::too_many_arguments)]
-async fn connect_tcp_kite(
-    reader: OwnedReadHalf,
-    mut writer: OwnedWriteHalf,
+async fn connect_tcp_kite<S: VisitorConn>(
+    reader: S::Reader,
+    mut writer: S::Writer,
     mut buf: BytesMut,
     head: &RequestHead,
     host: &str,
@@ -305,14 +369,14 @@ async fn connect_tcp_kite(
     {
         return;
     }
-    let Ok(mut sock) = reader.reunite(writer) else {
+    let Some(mut sock) = S::reunite(reader, writer) else {
         return;
     };
     match crate::tunnel::splice_stream(&mut sock, &mut stream).await {
         Ok((up, down)) => debug!(node = %backend.node, up, down, "CONNECT visitor done"),
         Err(err) => {
             debug!(node = %backend.node, %err, "CONNECT visitor ended with error");
-            reset(sock);
+            S::reset(sock);
         }
     }
 }
@@ -333,8 +397,8 @@ fn refusal(err: &HttpError) -> Refusal {
 }
 
 /// Reads the first head; `Ok(None)` when the visitor left without sending one.
-async fn read_first_head(
-    reader: &mut OwnedReadHalf,
+async fn read_first_head<R: AsyncRead + Unpin>(
+    reader: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Option<RequestHead>, Refusal> {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
@@ -407,8 +471,8 @@ fn misdirected(head: &RequestHead, route: &Route, ctx: &RelayCtx) -> Option<Vec<
 /// until EOF, a refusal, an upgrade the backend accepted (then raw), or the
 /// response side ending between requests.
 #[allow(clippy::too_many_arguments)]
-async fn forward_requests<W: AsyncWrite + Unpin>(
-    reader: &mut OwnedReadHalf,
+async fn forward_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut R,
     mut buf: BytesMut,
     first: RequestHead,
     writer: &mut W,
@@ -498,8 +562,8 @@ async fn forward_requests<W: AsyncWrite + Unpin>(
 }
 
 /// Reads more bytes into `buf`; false at EOF. Times out after `patience`.
-async fn read_more(
-    reader: &mut OwnedReadHalf,
+async fn read_more<R: AsyncRead + Unpin>(
+    reader: &mut R,
     buf: &mut BytesMut,
     patience: Duration,
 ) -> std::io::Result<bool> {
@@ -570,9 +634,9 @@ where
 /// an upgrade request can switch the connection to raw bytes, and a refusal
 /// goes out after the responses before it. If the kite fails before a
 /// response began, the visitor gets a 502 page saying why; after, a reset.
-async fn forward_responses(
+async fn forward_responses<W: AsyncWrite + Unpin>(
     mut reader: tokio::io::ReadHalf<MuxStream>,
-    writer: &mut OwnedWriteHalf,
+    writer: &mut W,
     mut expect: mpsc::Receiver<Expect>,
     host: &str,
 ) -> Ended {
@@ -698,9 +762,9 @@ async fn forward_responses(
 /// connection may carry another response), `Ok(false)` when it ended with
 /// the connection. An EOF inside a framed body is an error: the response
 /// was cut short.
-async fn forward_body(
+async fn forward_body<W: AsyncWrite + Unpin>(
     reader: &mut tokio::io::ReadHalf<MuxStream>,
-    writer: &mut OwnedWriteHalf,
+    writer: &mut W,
     buf: &mut BytesMut,
     size: &mut ReadSize,
     head_len: usize,
@@ -780,6 +844,52 @@ fn forbidden(site: &str, peer: SocketAddr) -> Vec<u8> {
         peer.ip().to_canonical()
     );
     http1::error_response(403, "Forbidden", &detail)
+}
+
+/// Where ACME's HTTP-01 challenges are asked: never redirected, the CA
+/// fetches them over plain HTTP.
+const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
+/// The 308 to `https://HOST[:PORT]/PATH` for a plain-HTTP request to a kite
+/// that asks for it (`https_redirect`), if the relay has an HTTPS listener
+/// (`PORT`: its port, left out when 443); `None` to serve the request.
+fn https_redirect(
+    head: &RequestHead,
+    host: &str,
+    backends: &[Backend],
+    scheme: Scheme,
+    ctx: &RelayCtx,
+) -> Option<Vec<u8>> {
+    if scheme != Scheme::Http || !backends.first()?.http.https_redirect() {
+        return None;
+    }
+    let port = ctx.https_port?;
+    // The path and query of the target (origin form, or absolute form's
+    // part after the authority); the scanner has refused control bytes.
+    let path = match head.target.find("://") {
+        Some(at) if !head.target.starts_with('/') => {
+            let rest = &head.target[at + 3..];
+            rest.find('/').map_or("/", |slash| &rest[slash..])
+        }
+        _ if head.target.starts_with('/') => head.target.as_str(),
+        _ => "/",
+    };
+    if path.starts_with(ACME_CHALLENGE_PATH) {
+        return None;
+    }
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let page = format!(
+        "HTTP/1.1 308 Permanent Redirect\r\n\
+         Location: {location}\r\n\
+         Content-Length: 0\r\n\
+         Connection: close\r\n\
+         \r\n"
+    );
+    Some(page.into_bytes())
 }
 
 fn invalid(err: HttpError) -> std::io::Error {

@@ -196,6 +196,7 @@ pub(crate) async fn watch(ctx: Arc<RelayCtx>, notify: Arc<Notify>) {
             }
         };
         reload(&ctx, why);
+        super::terminate::reload_certs(&ctx, why);
         // Whatever the outcome, do not retry until something changes again.
         seen = modification_times(&ctx.identity().watched).await;
     }
@@ -410,7 +411,7 @@ async fn modification_times(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
 }
 
 /// `err` and its sources, joined with `: `.
-fn error_chain(err: &(dyn Error + 'static)) -> String {
+pub(super) fn error_chain(err: &(dyn Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, warn};
 
 use super::RelayCtx;
+use super::h2::Scheme;
 use crate::accept::accept;
 use crate::config::ListenerConfig;
 use crate::pki::is_link_alpn;
@@ -51,7 +52,7 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
         return;
     }
     if roles.http && !roles.link && !roles.https {
-        super::http::serve(sock, BytesMut::new(), peer, ctx).await;
+        super::http::serve(sock, BytesMut::new(), peer, Scheme::Http, None, ctx).await;
         return;
     }
     let mut sock = sock;
@@ -100,11 +101,16 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
                 .serve_tls_alpn(sock, buf, hello.sni.as_deref())
                 .await;
         }
-        Some(hello) if roles.https => {
-            super::tcp::serve_https(sock, buf, peer, hello.sni, ctx).await;
-        }
+        Some(hello) if roles.https => match hello.sni {
+            Some(sni) if super::terminate::terminates(&sni, &ctx) => {
+                super::terminate::serve(sock, buf, peer, sni, ctx).await;
+            }
+            sni => super::tcp::serve_https(sock, buf, peer, sni, ctx).await,
+        },
         Some(_) => debug!("TLS client without the kitepipe ALPN on a link-only port"),
-        None if roles.http => super::http::serve(sock, buf, peer, ctx).await,
+        None if roles.http => {
+            super::http::serve(sock, buf, peer, Scheme::Http, None, ctx).await;
+        }
         None => debug!("plain bytes on a TLS-only port; dropping connection"),
     }
 }

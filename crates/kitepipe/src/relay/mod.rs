@@ -35,6 +35,7 @@ mod registry;
 mod remote;
 mod session;
 mod tcp;
+mod terminate;
 mod visitor;
 
 use std::net::SocketAddr;
@@ -52,6 +53,7 @@ use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
 use crate::shutdown::{self, SHUTDOWN_GRACE};
 use crate::sync;
+pub use certs::CertError;
 pub use identity::ReloadTrigger;
 use identity::{IdentityInputs, IdentityState};
 use registry::Registry;
@@ -98,6 +100,9 @@ pub enum RelayError {
     /// what is wrong, causes included.
     #[error("ACME: {0}")]
     Acme(String),
+    /// A `--tls-cert` pair cannot be served.
+    #[error("certificate for terminated HTTPS")]
+    TlsCert(#[from] CertError),
     /// A listening socket could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -189,6 +194,8 @@ impl Relay {
             config_file: config.reload_from.as_ref().map(|source| &source.file),
         };
         let identity = IdentityState::load(config.identity.clone(), &inputs, 0)?;
+        let served_certs = certs::CertStore::default();
+        served_certs.load_files(&config.tls_certs)?;
         let mut listeners = Vec::new();
         let mut http_port = None;
         let mut https_port = None;
@@ -243,7 +250,7 @@ impl Relay {
             started: tokio::time::Instant::now(),
             unproven: session::UnprovenLinks::default(),
             proof_throttle: session::ProofThrottle::default(),
-            certs: certs::CertStore::default(),
+            certs: served_certs,
             acme,
         });
         ctx.acme.load_stored(&ctx.certs);

@@ -127,6 +127,16 @@ impl Acme {
             return;
         };
         for (name, issued) in enabled.store.load_certs(unix_now()) {
+            if certs
+                .get(&name)
+                .is_some_and(|c| c.source == CertSource::File && c.not_after > unix_now())
+            {
+                debug!(
+                    name,
+                    "a --tls-cert certificate serves this name; stored ACME one unused"
+                );
+                continue;
+            }
             info!(name, serial = %issued.serial, not_after = issued.not_after, "serving stored ACME certificate");
             certs.insert(
                 &name,
