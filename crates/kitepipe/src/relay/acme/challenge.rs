@@ -183,3 +183,77 @@ fn challenge_config(name: &str, digest: &[u8]) -> Result<ServerConfig, String> {
     config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http01_answers_only_a_pending_token_on_its_own_name() {
+        let challenges = Challenges::default();
+        let pending = challenges
+            .add_http01("app.example.net", "tok123", "tok123.thumb")
+            .unwrap();
+        let answer = |host: &str, target: &str| challenges.http01(host, target);
+        let path = "/.well-known/acme-challenge/tok123";
+        assert_eq!(
+            answer("app.example.net", path).as_deref(),
+            Some("tok123.thumb")
+        );
+        let strangers = [
+            ("other.example.net", path),
+            ("app.example.net", "/.well-known/acme-challenge/tok12"),
+            ("app.example.net", "/.well-known/acme-challenge/tok123/x"),
+            ("app.example.net", "/.well-known/acme-challenge/"),
+            ("app.example.net", "/tok123"),
+            (
+                "app.example.net",
+                "http://app.example.net/.well-known/acme-challenge/tok123",
+            ),
+        ];
+        for (host, target) in strangers {
+            assert_eq!(answer(host, target), None, "{host} {target}");
+        }
+        drop(pending);
+        assert_eq!(answer("app.example.net", path), None, "withdrawn on drop");
+    }
+
+    #[test]
+    fn the_maps_are_bounded() {
+        let challenges = Challenges::default();
+        let guards: Vec<_> = (0..MAX_PENDING)
+            .map(|i| {
+                challenges
+                    .add_http01("a.example.net", &format!("t{i}"), "k")
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            challenges
+                .add_http01("a.example.net", "one-more", "k")
+                .is_none()
+        );
+        drop(guards);
+        assert!(
+            challenges
+                .add_http01("a.example.net", "one-more", "k")
+                .is_some()
+        );
+        let alpn: Vec<_> = (0..MAX_PENDING)
+            .map(|i| {
+                challenges
+                    .add_tls_alpn01(&format!("n{i}.example.net"), &[0; 32])
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            challenges
+                .add_tls_alpn01("more.example.net", &[0; 32])
+                .unwrap()
+                .is_none()
+        );
+        drop(alpn);
+        assert!(challenges.tls_alpn01("n0.example.net").is_none());
+    }
+}
