@@ -127,7 +127,7 @@ pub struct RawRelayConfig {
           require_equals = true, default_missing_value = "true")]
     pub acme: Option<bool>,
     /// The ACME CA's directory URL [default: Let's Encrypt production,
-    /// https://acme-v02.api.letsencrypt.org/directory].
+    /// `https://acme-v02.api.letsencrypt.org/directory`].
     #[arg(long, env = "KITEPIPE_ACME_DIRECTORY", value_name = "URL")]
     pub acme_directory: Option<String>,
     /// Use Let's Encrypt's staging CA (untrusted certificates, generous

@@ -18,8 +18,9 @@
 //! itself is `crate::pipe`.
 //!
 //! The relay never dials anything but a configured event handler upstream
-//! on its own machine: every byte it moves arrives on a socket it accepted,
-//! and goes out on a link a connector opened.
+//! on its own machine (and, with `--acme`, the ACME CA, from `acme`): every
+//! byte it moves for visitors arrives on a socket it accepted, and goes out
+//! on a link a connector opened.
 
 mod acme;
 mod certs;
