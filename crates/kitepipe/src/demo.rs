@@ -117,6 +117,7 @@ pub async fn run(
         identity: Default::default(),
         reload_from: None,
         events: relay_events,
+        acme: None,
         tls_certs: Vec::new(),
     })
     .await?;

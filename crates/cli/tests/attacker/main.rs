@@ -10,6 +10,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod acme;
 mod gateway;
 mod link;
 mod names;

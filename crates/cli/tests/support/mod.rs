@@ -11,6 +11,8 @@
 // wall clock on purpose (the library itself only uses tokio's clock).
 #![allow(clippy::disallowed_methods)]
 
+pub mod pebble;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -36,6 +36,7 @@ pub use events::{
     RawEventConfig, UpstreamUrl, handler_env, parse_gateway,
 };
 pub use identity::{IdentityConfig, RawAllowRule};
+pub use relay::{AcmeChallenge, AcmeConfig};
 pub use relay::{
     Domain, IdentitySource, ListenerConfig, RawRelayConfig, RelayConfig, RelayTlsSource,
     TlsCertFiles, default_state_dir,

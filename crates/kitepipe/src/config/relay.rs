@@ -118,6 +118,37 @@ pub struct RawRelayConfig {
     #[arg(long, env = "KITEPIPE_INSECURE_GATEWAY_WITHOUT_TOKEN", value_name = "BOOL",
           num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub insecure_gateway_without_token: Option<bool>,
+    /// Get certificates for http kites from an ACME CA (RFC 8555), e.g.
+    /// Let's Encrypt: for each exact name a connector claims and the relay
+    /// accepts, kept in STATE_DIR/acme and renewed ahead of expiry. Needs
+    /// --https (and --http for the http-01 challenge); the CA must reach
+    /// them on ports 443 (tls-alpn-01) or 80 (http-01).
+    #[arg(long, env = "KITEPIPE_ACME", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub acme: Option<bool>,
+    /// The ACME CA's directory URL [default: Let's Encrypt production,
+    /// `https://acme-v02.api.letsencrypt.org/directory`].
+    #[arg(long, env = "KITEPIPE_ACME_DIRECTORY", value_name = "URL")]
+    pub acme_directory: Option<String>,
+    /// Use Let's Encrypt's staging CA (untrusted certificates, generous
+    /// rate limits) instead of production.
+    #[arg(long, env = "KITEPIPE_ACME_STAGING", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub acme_staging: Option<bool>,
+    /// Contact e-mail of the ACME account (the CA's expiry notices).
+    #[arg(long, env = "KITEPIPE_ACME_EMAIL", value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+    /// An extra root certificate (PEM) to trust for the ACME server's own
+    /// HTTPS, beside the system's, e.g. a test CA's (pebble's).
+    #[arg(long, env = "KITEPIPE_ACME_CA_ROOT", value_name = "FILE")]
+    pub acme_ca_root: Option<PathBuf>,
+    /// The ACME challenge to answer: tls-alpn-01, http-01 or auto
+    /// (tls-alpn-01, then http-01 if that fails) [default: auto].
+    #[arg(long, env = "KITEPIPE_ACME_CHALLENGE", value_name = "TYPE")]
+    pub acme_challenge: Option<String>,
+    /// Renew an ACME certificate this long before it expires [default: 30days].
+    #[arg(long, env = "KITEPIPE_ACME_RENEW_BEFORE", value_name = "DURATION")]
+    pub acme_renew_before: Option<String>,
     /// A certificate for visitors of http kites, CERT.pem:KEY.pem: the
     /// relay terminates HTTPS for every name among the certificate's DNS
     /// names (wildcards included) that an http kite serves. The chain
@@ -155,6 +186,8 @@ pub struct RelayConfig {
     pub reload_from: Option<IdentitySource>,
     /// The event pipe.
     pub events: EventConfig,
+    /// Certificates from an ACME CA (`--acme`), if on.
+    pub acme: Option<AcmeConfig>,
     /// Certificates served to visitors of http kites whose TLS the relay
     /// terminates (`--tls-cert`).
     pub tls_certs: Vec<TlsCertFiles>,
@@ -187,6 +220,45 @@ impl std::str::FromStr for TlsCertFiles {
         }
     }
 }
+
+/// Where and how the relay gets certificates by ACME.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// The CA's directory URL.
+    pub directory: String,
+    /// Contact e-mail of the account.
+    pub email: Option<String>,
+    /// An extra root to trust for the CA's HTTPS.
+    pub ca_root: Option<PathBuf>,
+    /// Which challenge to answer.
+    pub challenge: AcmeChallenge,
+    /// Renew this long before expiry.
+    pub renew_before: Duration,
+    /// Where the account and the certificates are kept (`STATE_DIR/acme`).
+    pub dir: PathBuf,
+}
+
+/// The ACME challenge types the relay answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// TLS-ALPN-01 first, HTTP-01 when it fails (or without an HTTPS listener's reach).
+    Auto,
+    /// Only TLS-ALPN-01 (RFC 8737), on the HTTPS listener.
+    TlsAlpn01,
+    /// Only HTTP-01, on the HTTP listener.
+    Http01,
+}
+
+/// Let's Encrypt's production directory, `--acme-directory`'s default.
+const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Let's Encrypt's staging directory (`--acme-staging`).
+const LETS_ENCRYPT_STAGING_DIRECTORY: &str =
+    "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// `--acme-renew-before`'s default: Let's Encrypt's own advice for its
+/// 90-day certificates (renew with a third of the lifetime left).
+const DEFAULT_ACME_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// One listening socket and the roles it serves; several roles on one
 /// address make a one-port relay (told apart by the first bytes).
@@ -383,6 +455,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
                     .join(GATEWAY_TOKEN_FILE)
             }));
         }
+        let acme = acme_config(&raw, &listeners)?;
         let tls = match (raw.cert, raw.key) {
             (Some(cert), Some(key)) => RelayTlsSource::Files { cert, key },
             (None, None) => RelayTlsSource::StateDir(
@@ -408,6 +481,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             identity,
             reload_from: None,
             events,
+            acme,
             tls_certs: raw
                 .tls_cert
                 .iter()
@@ -415,6 +489,83 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
                 .collect::<Result<_, _>>()?,
         })
     }
+}
+
+/// Validates the `--acme-*` settings: `None` unless `--acme`.
+fn acme_config(
+    raw: &RawRelayConfig,
+    listeners: &[ListenerConfig],
+) -> Result<Option<AcmeConfig>, ConfigError> {
+    if !raw.acme.unwrap_or(false) {
+        return Ok(None);
+    }
+    let challenge = match raw.acme_challenge.as_deref() {
+        None | Some("auto") => AcmeChallenge::Auto,
+        Some("tls-alpn-01") => AcmeChallenge::TlsAlpn01,
+        Some("http-01") => AcmeChallenge::Http01,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                what: "acme-challenge",
+                value: other.to_string(),
+                why: "expected tls-alpn-01, http-01 or auto".into(),
+            });
+        }
+    };
+    if !listeners.iter().any(|l| l.https) {
+        return Err(ConfigError::Missing(
+            "--acme needs an --https listener: the certificates are served there \
+             (and tls-alpn-01 is answered there)",
+        ));
+    }
+    if challenge == AcmeChallenge::Http01 && !listeners.iter().any(|l| l.http) {
+        return Err(ConfigError::Missing(
+            "--acme-challenge http-01 needs an --http listener: the CA fetches the challenge there",
+        ));
+    }
+    let directory = match (&raw.acme_directory, raw.acme_staging.unwrap_or(false)) {
+        (Some(_), true) => {
+            return Err(ConfigError::Missing(
+                "--acme-directory and --acme-staging exclude each other: give one",
+            ));
+        }
+        (Some(url), false) => url.clone(),
+        (None, true) => LETS_ENCRYPT_STAGING_DIRECTORY.to_string(),
+        (None, false) => LETS_ENCRYPT_DIRECTORY.to_string(),
+    };
+    if !directory.starts_with("https://") {
+        return Err(ConfigError::Invalid {
+            what: "acme-directory",
+            value: directory,
+            why: "the ACME directory must be an https:// URL (RFC 8555 section 6.1)".into(),
+        });
+    }
+    if let Some(email) = &raw.acme_email
+        && (!email.contains('@') || email.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(ConfigError::Invalid {
+            what: "acme-email",
+            value: email.clone(),
+            why: "expected an e-mail address such as admin@example.net".into(),
+        });
+    }
+    let renew_before = parse_duration(
+        "acme-renew-before",
+        raw.acme_renew_before.as_deref(),
+        DEFAULT_ACME_RENEW_BEFORE,
+    )?;
+    let dir = raw
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".kitepipe"))
+        .join("acme");
+    Ok(Some(AcmeConfig {
+        directory,
+        email: raw.acme_email.clone(),
+        ca_root: raw.acme_ca_root.clone(),
+        challenge,
+        renew_before,
+        dir,
+    }))
 }
 
 /// A relay's config file and the flags laid over it, to re-read the

@@ -930,3 +930,112 @@ fn gateway_origins_and_the_relay_token_file() {
     assert_eq!(connector.events.gateway_token_file, None);
     assert_eq!(connector.events.gateway_origins, ["http://localhost:3000"]);
 }
+
+#[test]
+fn acme_settings_are_validated() {
+    let acme = |more: RawRelayConfig| {
+        relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            http: vec!["127.0.0.1:0".into()],
+            https: vec!["127.0.0.1:0".into()],
+            acme: Some(true),
+            ..more
+        })
+    };
+    let config = acme(RawRelayConfig::default()).unwrap();
+    let on = config.acme.expect("--acme on");
+    assert_eq!(
+        on.directory,
+        "https://acme-v02.api.letsencrypt.org/directory"
+    );
+    assert_eq!(on.challenge, crate::config::AcmeChallenge::Auto);
+    assert_eq!(on.renew_before, Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(on.dir, std::path::Path::new("/nonexistent/acme"));
+    let staging = acme(RawRelayConfig {
+        acme_staging: Some(true),
+        acme_challenge: Some("http-01".into()),
+        acme_renew_before: Some("2h".into()),
+        ..Default::default()
+    })
+    .unwrap()
+    .acme
+    .unwrap();
+    assert!(staging.directory.contains("acme-staging-v02"));
+    assert_eq!(staging.challenge, crate::config::AcmeChallenge::Http01);
+    assert_eq!(staging.renew_before, Duration::from_secs(7200));
+    // Off unless asked.
+    assert!(
+        relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:0".into()],
+            ..Default::default()
+        })
+        .unwrap()
+        .acme
+        .is_none()
+    );
+    let http_only = || RawRelayConfig {
+        listen: vec!["127.0.0.1:0".into()],
+        http: vec!["127.0.0.1:0".into()],
+        acme: Some(true),
+        ..Default::default()
+    };
+    let https_only = || RawRelayConfig {
+        listen: vec!["127.0.0.1:0".into()],
+        https: vec!["127.0.0.1:0".into()],
+        acme: Some(true),
+        ..Default::default()
+    };
+    let refused: [(RawRelayConfig, &str); 6] = [
+        (http_only(), "--https"),
+        (
+            RawRelayConfig {
+                acme_challenge: Some("http-01".into()),
+                ..https_only()
+            },
+            "--http",
+        ),
+        (
+            RawRelayConfig {
+                acme_challenge: Some("dns-01".into()),
+                ..https_only()
+            },
+            "tls-alpn-01, http-01 or auto",
+        ),
+        (
+            RawRelayConfig {
+                acme_directory: Some("http://ca.example/dir".into()),
+                ..https_only()
+            },
+            "https://",
+        ),
+        (
+            RawRelayConfig {
+                acme_directory: Some("https://ca.example/dir".into()),
+                acme_staging: Some(true),
+                ..https_only()
+            },
+            "exclude each other",
+        ),
+        (
+            RawRelayConfig {
+                acme_email: Some("not an address".into()),
+                ..https_only()
+            },
+            "e-mail",
+        ),
+    ];
+    for (raw, why) in refused {
+        let err = relay(raw).expect_err(why).to_string();
+        assert!(err.contains(why), "{err} lacks {why}");
+    }
+    // tls-alpn-01 alone needs no HTTP listener.
+    let alpn = relay(RawRelayConfig {
+        acme_challenge: Some("tls-alpn-01".into()),
+        ..https_only()
+    })
+    .unwrap();
+    assert_eq!(
+        alpn.acme.unwrap().challenge,
+        crate::config::AcmeChallenge::TlsAlpn01
+    );
+}

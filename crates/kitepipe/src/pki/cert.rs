@@ -250,7 +250,7 @@ fn generate(names: &[String]) -> Result<(String, String, RelayCert), PkiError> {
 
 /// Writes `contents` to a temporary file created with `mode`, syncs it and
 /// renames it over `path`.
-pub(super) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     let mut temp_name = path.file_name().unwrap_or_default().to_os_string();
     temp_name.push(format!(".tmp-{}", std::process::id()));
     let temp_path = path.with_file_name(temp_name);

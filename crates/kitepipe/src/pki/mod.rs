@@ -48,6 +48,7 @@ pub use tls::{
     relay_server_config,
 };
 
+pub(crate) use cert::{IfExposed, check_private_file, ensure_private_dir, write_atomically};
 pub(crate) use identity::ClientCa;
 pub(crate) use rules::pattern_covers;
 pub(crate) use secret::{protect_secret_file, random_nonce, read_secret_file};

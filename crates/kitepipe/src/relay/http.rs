@@ -162,6 +162,13 @@ pub(crate) async fn serve<S: VisitorConn>(
         let _ = writer.write_all(&page).await;
         return;
     };
+    // ACME HTTP-01: the CA fetching one of the relay's own pending
+    // challenges is answered before routing.
+    if let Some(answer) = ctx.acme.http01_response(&host, &head.target) {
+        let _ = writer.write_all(&answer).await;
+        let _ = writer.shutdown().await;
+        return;
+    }
     if let Some(sni) = sni
         && !sni.eq_ignore_ascii_case(&host)
     {

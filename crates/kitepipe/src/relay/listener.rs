@@ -96,20 +96,18 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
         Some(hello) if roles.link && hello.alpn.iter().any(|p| is_link_alpn(p)) => {
             super::session::accept(sock, buf, peer, ctx).await;
         }
-        Some(hello) if roles.https => {
-            // ACME TLS-ALPN-01 (ALPN `acme-tls/1`): the ACME part answers
-            // the CA's validation here, before any routing. Until then such
-            // a ClientHello is routed like any other.
-            if hello.alpn.iter().any(|p| p.as_slice() == b"acme-tls/1") {
-                debug!("ACME TLS-ALPN-01 ClientHello");
-            }
-            match hello.sni {
-                Some(sni) if super::terminate::terminates(&sni, &ctx) => {
-                    super::terminate::serve(sock, buf, peer, sni, ctx).await;
-                }
-                sni => super::tcp::serve_https(sock, buf, peer, sni, ctx).await,
-            }
+        // ACME TLS-ALPN-01: answered only for the relay's own pending challenges.
+        Some(hello) if roles.https && super::acme::offers_acme_tls(&hello.alpn) => {
+            ctx.acme
+                .serve_tls_alpn(sock, buf, hello.sni.as_deref())
+                .await;
         }
+        Some(hello) if roles.https => match hello.sni {
+            Some(sni) if super::terminate::terminates(&sni, &ctx) => {
+                super::terminate::serve(sock, buf, peer, sni, ctx).await;
+            }
+            sni => super::tcp::serve_https(sock, buf, peer, sni, ctx).await,
+        },
         Some(_) => debug!("TLS client without the kitepipe ALPN on a link-only port"),
         None if roles.http => {
             super::http::serve(sock, buf, peer, Scheme::Http, None, ctx).await;

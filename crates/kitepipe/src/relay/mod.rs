@@ -20,9 +20,11 @@
 //! itself is `crate::pipe`.
 //!
 //! The relay never dials anything but a configured event handler upstream
-//! on its own machine: every byte it moves arrives on a socket it accepted,
-//! and goes out on a link a connector opened.
+//! on its own machine (and, with `--acme`, the ACME CA, from `acme`): every
+//! byte it moves for visitors arrives on a socket it accepted, and goes out
+//! on a link a connector opened.
 
+mod acme;
 mod certs;
 mod events;
 mod h2;
@@ -97,6 +99,10 @@ pub enum RelayError {
     /// The event gateway could not be bound.
     #[error("event gateway")]
     Gateway(#[from] PipeError),
+    /// ACME could not start (its state directory or `--acme-ca-root`):
+    /// what is wrong, causes included.
+    #[error("ACME: {0}")]
+    Acme(String),
     /// A `--tls-cert` pair cannot be served.
     #[error("certificate for terminated HTTPS")]
     TlsCert(#[from] CertError),
@@ -165,6 +171,8 @@ pub(crate) struct RelayCtx {
     /// Certificates served to visitors of kites whose TLS the relay
     /// terminates (files and ACME).
     pub(crate) certs: certs::CertStore,
+    /// Certificates from an ACME CA: wanted names, pending challenges.
+    pub(crate) acme: acme::Acme,
 }
 
 impl Relay {
@@ -215,6 +223,15 @@ impl Relay {
             Some(addr) => Some(GatewayListener::bind(addr)?.with_access(&config.events)?),
             None => None,
         };
+        let acme = acme::Acme::new(config.acme.as_ref()).map_err(|err| {
+            let mut why = err.to_string();
+            let mut cause = std::error::Error::source(&err);
+            while let Some(err) = cause {
+                why.push_str(&format!(": {err}"));
+                cause = err.source();
+            }
+            RelayError::Acme(why)
+        })?;
         let handlers = Arc::new(Handlers::new(&config.name, &config.events));
         let mux = MuxConfig {
             heartbeat: config.heartbeat,
@@ -237,7 +254,9 @@ impl Relay {
             unproven: session::UnprovenLinks::default(),
             proof_throttle: session::ProofThrottle::default(),
             certs: served_certs,
+            acme,
         });
+        ctx.acme.load_stored(&ctx.certs);
         Ok(Relay {
             ctx,
             listeners,
@@ -305,6 +324,8 @@ impl Relay {
         ctx.tracker.spawn(
             identity::watch(ctx.clone(), self.reload.clone()).instrument(info_span!("identity")),
         );
+        ctx.tracker
+            .spawn(acme::run(ctx.clone()).instrument(info_span!("acme")));
         if let Some(listener) = self.gateway {
             let gateway = Arc::new(Gateway {
                 router: events::RelayRouter { ctx: ctx.clone() },

@@ -960,6 +960,7 @@ async fn register_one(
             "link closed during registration".into(),
         ));
     }
+    ctx.acme.want(&kite);
     let port = kite.port;
     Ok((kite, KiteResult::Accepted { public, port }))
 }
