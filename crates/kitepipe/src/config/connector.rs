@@ -283,10 +283,10 @@ impl RawKite {
         Ok(Some(version))
     }
 
-    /// Validates `allow` and `deny` into the kite's visitor policy,
-    /// naming the first bad entry.
     /// The HTTP-level rules, for an http kite only (any of them on another
-    /// kind is an error). The htpasswd file is read here.
+    /// kind is an error). The htpasswd file is read here, and the rules get
+    /// the relay's own checks (`HttpRules::new`), so a mistake shows at
+    /// start rather than as a refused kite.
     pub(super) fn http_policy(&self, kite: &KiteRef) -> Result<HttpPolicy, ConfigError> {
         let invalid = |what: &'static str, why: String| ConfigError::Invalid {
             what,
@@ -299,8 +299,13 @@ impl RawKite {
                 .map_err(|why| invalid("backend", why))?,
             None => BackendProtocol::default(),
         };
+        let basic_auth = match &self.basic_auth {
+            Some(path) if kite.proto == KiteProto::Http => crate::pki::htpasswd::read_file(path)
+                .map_err(|err| invalid("basic_auth", err.to_string()))?,
+            _ => Vec::new(),
+        };
         let http = HttpPolicy {
-            basic_auth: Vec::new(),
+            basic_auth,
             auth_realm: self.auth_realm.clone(),
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst,
@@ -323,9 +328,13 @@ impl RawKite {
                 ),
             ));
         }
+        crate::relay::http_policy::HttpRules::new(http.clone())
+            .map_err(|why| invalid("kite", why))?;
         Ok(http)
     }
 
+    /// Validates `allow` and `deny` into the kite's visitor policy,
+    /// naming the first bad entry.
     pub(super) fn policy(&self) -> Result<VisitorPolicy, ConfigError> {
         for (what, list) in [("allow", &self.allow), ("deny", &self.deny)] {
             if let Err(err) = VisitorPolicy::parse(list, &[]) {

@@ -25,7 +25,7 @@ mod certs;
 mod events;
 mod h2;
 mod http;
-mod http_policy;
+pub(crate) mod http_policy;
 mod identity;
 mod link_identity;
 mod listener;
