@@ -217,6 +217,15 @@ impl HttpRules {
             }
             None
         } else {
+            // The wire form has no comments or blank lines (the connector
+            // leaves them out): more lines than users is refused unread.
+            if policy.basic_auth.len() > htpasswd::MAX_USERS {
+                return Err(format!(
+                    "basic_auth: {} lines, more than {} users",
+                    policy.basic_auth.len(),
+                    htpasswd::MAX_USERS
+                ));
+            }
             let users = htpasswd::parse_lines(policy.basic_auth.iter().map(String::as_str))
                 .map_err(|err| format!("basic_auth: {err}"))?;
             let realm = policy.auth_realm.as_deref().unwrap_or(DEFAULT_REALM);
