@@ -647,3 +647,63 @@ fn allowed_visitors_keep_alive_and_pipeline_through_rules() {
         assert_eq!(ports[0], ports[1], "{host}: {got}");
     }
 }
+
+/// The htpasswd file changes while the connector runs: within a few
+/// seconds the new user gets in and the removed one does not, on the same
+/// link (never dropped). A file that then turns bad (an MD5 line) keeps
+/// the last good users, and the connector says why.
+#[test]
+fn a_changed_htpasswd_file_replaces_the_users_without_dropping_the_link() {
+    let dir = TempDir::new("htpasswd-reload");
+    let Some(file) = htpasswd_file(&dir, ("bob", "bob-pass"), ("alice", "alice-pass")) else {
+        return;
+    };
+    let relay = Relay::new().domain(&domain()).start();
+    let backend = Backend::start("http");
+    let extra = format!("basic_auth = {:?}", path(&file));
+    let (connector, _dir) = policy_kite(
+        &relay,
+        ("http", "team.example.net"),
+        &backend.addr(),
+        &extra,
+    );
+    let host = "team.example.net";
+    assert_eq!(get(&relay, host, "/", &["-u", "bob:bob-pass"]).0, 200);
+    assert_eq!(get(&relay, host, "/", &["-u", "carol:carol-pass"]).0, 401);
+
+    // Bob leaves, carol joins (a new file, as `htpasswd -c` writes it).
+    let out = std::process::Command::new("htpasswd")
+        .args(["-B", "-b", "-c", &path(&file), "carol", "carol-pass"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    eventually("carol gets in", || {
+        (get(&relay, host, "/", &["-u", "carol:carol-pass"]).0 == 200).then_some(())
+    });
+    assert_eq!(get(&relay, host, "/", &["-u", "bob:bob-pass"]).0, 401);
+    assert_eq!(get(&relay, host, "/", &["-u", "alice:alice-pass"]).0, 401);
+    connector.wait_for("htpasswd file changed: sending the new users");
+
+    // A bad file: the last good users stay.
+    std::fs::write(&file, "carol:$apr1$x8fV2$0RLJXDUj4dS9JVz4jVoSq1\n").unwrap();
+    connector.wait_for("cannot be used: keeping the last good users");
+    assert!(
+        connector.output().contains("line 1: MD5"),
+        "{}",
+        connector.output()
+    );
+    assert_eq!(get(&relay, host, "/", &["-u", "carol:carol-pass"]).0, 200);
+
+    assert_eq!(connector.links_down(), 0, "the link was dropped");
+    assert_eq!(
+        connector.count("linked to relay"),
+        1,
+        "{}",
+        connector.output()
+    );
+    assert!(
+        !relay.proc.output().contains("link closed"),
+        "{}",
+        relay.proc.output()
+    );
+}
