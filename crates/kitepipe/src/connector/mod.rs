@@ -657,6 +657,7 @@ mod tests {
                     &|_| None,
                 ))),
                 assigned_ports: Mutex::new(HashMap::new()),
+                htpasswd: htpasswd::HtpasswdFiles::new(&[]),
             })
         };
         let exec = RemoteOp::Exec(ExecOp {

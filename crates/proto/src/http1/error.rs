@@ -78,7 +78,8 @@ pub fn error_response(status: u16, title: &str, detail: &str) -> Vec<u8> {
 ///     "slow down",
 ///     &[("Retry-After", "3".to_string())],
 /// );
-/// assert!(response.windows(17).any(|w| w == b"Retry-After: 3\r\n"));
+/// let text = String::from_utf8(response).unwrap();
+/// assert!(text.contains("\r\nRetry-After: 3\r\n\r\n"));
 /// ```
 pub fn error_response_with(
     status: u16,
