@@ -285,8 +285,8 @@ impl RawKite {
 
     /// The HTTP-level rules, for an http kite only (any of them on another
     /// kind is an error). The htpasswd file is read here, and the rules get
-    /// the relay's own checks (`HttpRules::new`), so a mistake shows at
-    /// start rather than as a refused kite.
+    /// the relay's own checks (`HttpPolicy::check`, `pki::htpasswd`), so a
+    /// mistake shows at start rather than as a refused kite.
     pub(super) fn http_policy(&self, kite: &KiteRef) -> Result<HttpPolicy, ConfigError> {
         let invalid = |what: &'static str, why: String| ConfigError::Invalid {
             what,
@@ -328,8 +328,8 @@ impl RawKite {
                 ),
             ));
         }
-        crate::relay::http_policy::HttpRules::new(http.clone())
-            .map_err(|why| invalid("kite", why))?;
+        http.check()
+            .map_err(|err| invalid("kite", err.to_string()))?;
         Ok(http)
     }
 

@@ -1,6 +1,6 @@
 //! Kites' htpasswd files (`basic_auth`), watched while the connector runs:
-//! a changed file is read and checked like at start (the relay's checks,
-//! `HttpRules::new`), and every link sends those kites' claims again, so
+//! a changed file is read and checked like at start (`pki::htpasswd`, the
+//! relay's own checks of the lines), and every link sends those kites' claims again, so
 //! the relay replaces their users without dropping the link. A file that
 //! turns bad (or vanishes) keeps the last good users, and the log says why.
 
@@ -14,7 +14,6 @@ use tracing::{info, warn};
 
 use crate::config::KiteTarget;
 use crate::pki::htpasswd::read_file;
-use crate::relay::http_policy::HttpRules;
 use crate::sync::lock;
 
 /// How often the files are looked at (modification time and size): a
@@ -33,8 +32,8 @@ pub(crate) struct HtpasswdFiles {
 /// One kite's file and its last good users.
 struct Watched {
     path: PathBuf,
-    /// The kite's other HTTP rules, to check new users with.
-    target: KiteTarget,
+    /// The kite, for the log.
+    kite: kitepipe_proto::kite::KiteRef,
     lines: Mutex<Arc<Vec<String>>>,
     /// Modification time and size last seen (None: not readable).
     seen: Mutex<Option<(SystemTime, u64)>>,
@@ -50,7 +49,7 @@ impl HtpasswdFiles {
                 let seen = stat(&path);
                 Some(Watched {
                     path,
-                    target: target.clone(),
+                    kite: target.kite.clone(),
                     lines: Mutex::new(Arc::new(target.http.basic_auth.clone())),
                     seen: Mutex::new(seen),
                 })
@@ -108,7 +107,7 @@ impl Watched {
             }
             *seen = now;
         }
-        let kite = &self.target.kite;
+        let kite = &self.kite;
         let file = self.path.display();
         let lines = match read_file(&self.path) {
             Ok(lines) => lines,
@@ -117,12 +116,6 @@ impl Watched {
                 return false;
             }
         };
-        let mut http = self.target.http.clone();
-        http.basic_auth = lines.clone();
-        if let Err(err) = HttpRules::new(http) {
-            warn!(%kite, %file, %err, "htpasswd file changed but cannot be used: keeping the last good users");
-            return false;
-        }
         let mut current = lock(&self.lines);
         if **current == lines {
             return false;

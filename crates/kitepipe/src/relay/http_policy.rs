@@ -18,36 +18,12 @@ use std::time::Duration;
 
 use base64::Engine;
 use kitepipe_proto::http_policy::{BackendProtocol, HeaderRules, HttpPolicy};
-use kitepipe_proto::http1::{is_forwarding_field, is_kitepipe_field};
 use ring::digest;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::session::source_key;
 use crate::pki::htpasswd::{self, HtpasswdEntry};
 use crate::sync::lock;
-
-/// The realm when the owner names none.
-pub(crate) const DEFAULT_REALM: &str = "kitepipe";
-
-/// The longest realm: browsers show it in a small dialog.
-pub(crate) const MAX_REALM_LEN: usize = 128;
-
-/// The most header edits (set and remove together) per direction: real
-/// configs have a handful.
-pub(crate) const MAX_HEADER_EDITS: usize = 32;
-
-/// The longest header name in an edit.
-pub(crate) const MAX_HEADER_NAME_LEN: usize = 64;
-
-/// The longest header value in an edit (a CSP policy fits).
-pub(crate) const MAX_HEADER_VALUE_LEN: usize = 2048;
-
-/// The highest `rate_limit` (requests per second per address).
-pub(crate) const MAX_RATE: u32 = 10_000;
-
-/// The highest `rate_burst`.
-pub(crate) const MAX_BURST: u32 = 100_000;
 
 /// Visitor addresses (IPv6: /64 networks) whose rate buckets a kite keeps.
 /// When full, buckets back at their full burst (idle visitors) are
@@ -211,10 +187,8 @@ impl HttpRules {
     /// Checks and bounds the claim's rules (a connector is not trusted to
     /// send well-formed or short ones); the error names what is wrong.
     pub(crate) fn new(policy: HttpPolicy) -> Result<HttpRules, String> {
+        policy.check().map_err(|err| err.to_string())?;
         let auth = if policy.basic_auth.is_empty() {
-            if policy.auth_realm.is_some() {
-                return Err("auth_realm without basic_auth users".into());
-            }
             None
         } else {
             // The wire form has no comments or blank lines (the connector
@@ -228,36 +202,16 @@ impl HttpRules {
             }
             let users = htpasswd::parse_lines(policy.basic_auth.iter().map(String::as_str))
                 .map_err(|err| format!("basic_auth: {err}"))?;
-            let realm = policy.auth_realm.as_deref().unwrap_or(DEFAULT_REALM);
-            check_realm(realm)?;
             Some(Auth {
-                realm: realm.to_string(),
+                realm: policy.realm().to_string(),
                 users,
                 logins: Mutex::default(),
             })
         };
-        let rate = match (policy.rate_limit, policy.rate_burst) {
-            (None, None) => None,
-            (None, Some(_)) => return Err("rate_burst without rate_limit".into()),
-            (Some(rate), burst) => {
-                if !(1..=MAX_RATE).contains(&rate) {
-                    return Err(format!("rate_limit {rate} is outside 1..={MAX_RATE}"));
-                }
-                let burst = burst.unwrap_or(rate);
-                if !(1..=MAX_BURST).contains(&burst) {
-                    return Err(format!("rate_burst {burst} is outside 1..={MAX_BURST}"));
-                }
-                Some(Limit {
-                    per_second: f64::from(rate),
-                    burst: f64::from(burst),
-                })
-            }
-        };
-        if policy.max_connections == Some(0) {
-            return Err("max_connections must be at least 1".into());
-        }
-        check_header_rules("request_headers", &policy.request_headers)?;
-        check_header_rules("response_headers", &policy.response_headers)?;
+        let rate = policy.rate_limit.map(|rate| Limit {
+            per_second: f64::from(rate),
+            burst: f64::from(policy.rate_burst.unwrap_or(rate)),
+        });
         Ok(HttpRules {
             max_connections: policy.max_connections,
             policy,
@@ -310,7 +264,7 @@ impl HttpRules {
         if self.admits_all() {
             return Ok(());
         }
-        let key = source_key(peer);
+        let key = visitor_key(peer);
         self.take_tokens(key)?;
         let Some(auth) = &self.auth else {
             return Ok(());
@@ -434,6 +388,15 @@ fn bucket(
     })
 }
 
+/// The key a visitor's tokens are kept by: the address for IPv4 (and
+/// IPv4-mapped IPv6), its /64 network for IPv6 (one host gets a whole /64).
+fn visitor_key(peer: IpAddr) -> IpAddr {
+    match peer.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
 /// `tokens` refilled at `limit`'s rate from `last` to `now`.
 fn refill(tokens: f64, limit: Limit, last: Instant, now: Instant) -> f64 {
     let elapsed = now.saturating_duration_since(last).as_secs_f64();
@@ -520,94 +483,6 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest::digest(&digest::SHA256, data).as_ref());
     out
-}
-
-/// A realm goes into `WWW-Authenticate: Basic realm="..."`: printable
-/// ASCII without quotes or backslashes, bounded.
-fn check_realm(realm: &str) -> Result<(), String> {
-    if realm.is_empty() || realm.len() > MAX_REALM_LEN {
-        return Err(format!(
-            "auth_realm must have 1 to {MAX_REALM_LEN} characters"
-        ));
-    }
-    if !realm
-        .bytes()
-        .all(|byte| (b' '..=b'~').contains(&byte) && byte != b'"' && byte != b'\\')
-    {
-        return Err("auth_realm must be printable ASCII without quotes or backslashes".into());
-    }
-    Ok(())
-}
-
-/// Header names a kite may not edit: framing and hop-by-hop fields (the
-/// relay delimits messages by them), `Host` (routing), and the relay's own
-/// (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, `X-Kitepipe-*`).
-fn is_reserved_header(name: &str) -> bool {
-    const RESERVED: [&str; 9] = [
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "upgrade",
-        "host",
-        "te",
-        "trailer",
-        "keep-alive",
-        "http2-settings",
-    ];
-    let bytes = name.as_bytes();
-    RESERVED
-        .iter()
-        .any(|reserved| name.eq_ignore_ascii_case(reserved))
-        || bytes
-            .get(..6)
-            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"proxy-"))
-        || is_forwarding_field(bytes)
-        || is_kitepipe_field(bytes)
-}
-
-/// Checks one direction's header edits: bounded, valid names (RFC 9110
-/// tokens) none of them reserved, values without control characters.
-fn check_header_rules(what: &str, rules: &HeaderRules) -> Result<(), String> {
-    let count = rules.set.len() + rules.remove.len();
-    if count > MAX_HEADER_EDITS {
-        return Err(format!("{what}: {count} edits, at most {MAX_HEADER_EDITS}"));
-    }
-    for name in rules.set.keys().chain(&rules.remove) {
-        if name.is_empty() || name.len() > MAX_HEADER_NAME_LEN {
-            return Err(format!(
-                "{what}: a header name has 1 to {MAX_HEADER_NAME_LEN} characters"
-            ));
-        }
-        let token = |byte: u8| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte);
-        if !name.bytes().all(token) {
-            return Err(format!("{what}: {name:?} is not a valid header name"));
-        }
-        if is_reserved_header(name) {
-            return Err(format!(
-                "{what}: {name} cannot be edited (framing, hop-by-hop or the relay's own)"
-            ));
-        }
-    }
-    for (name, value) in &rules.set {
-        if value.len() > MAX_HEADER_VALUE_LEN {
-            return Err(format!(
-                "{what}: the value of {name} is longer than {MAX_HEADER_VALUE_LEN} bytes"
-            ));
-        }
-        if value.bytes().any(|byte| matches!(byte, b'\r' | b'\n' | 0)) {
-            return Err(format!("{what}: the value of {name} has CR, LF or NUL"));
-        }
-        if value
-            .bytes()
-            .any(|byte| byte.is_ascii_control() && byte != b'\t')
-            || value.trim() != value
-        {
-            return Err(format!(
-                "{what}: the value of {name} has a control character or surrounding spaces"
-            ));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

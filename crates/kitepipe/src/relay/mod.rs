@@ -25,7 +25,7 @@ mod certs;
 mod events;
 mod h2;
 mod http;
-pub(crate) mod http_policy;
+mod http_policy;
 mod identity;
 mod link_identity;
 mod listener;

@@ -268,7 +268,7 @@ impl ProofThrottle {
 
 /// The key a source address is throttled by: the address itself for IPv4,
 /// its /64 network for IPv6 (one host gets a whole /64).
-pub(crate) fn source_key(peer: IpAddr) -> IpAddr {
+fn source_key(peer: IpAddr) -> IpAddr {
     match peer {
         IpAddr::V4(_) => peer,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 
 use base64::Engine;
+use kitepipe_proto::http_policy::{MAX_HEADER_EDITS, MAX_HEADER_VALUE_LEN, MAX_RATE};
 
 use super::*;
 
