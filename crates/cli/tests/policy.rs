@@ -405,7 +405,7 @@ fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
 /// Basic auth from an htpasswd file with a bcrypt and an argon2 user: no
 /// credentials get 401 with the realm's challenge (and nothing reaches
 /// the backend), a wrong password 401, each user with their password the
-/// backend's answer.
+/// backend's answer; a denied address 403 whatever its password.
 #[test]
 fn basic_auth_asks_for_and_admits_bcrypt_and_argon2_users() {
     let dir = TempDir::new("basic-auth");
@@ -414,7 +414,10 @@ fn basic_auth_asks_for_and_admits_bcrypt_and_argon2_users() {
     };
     let relay = Relay::new().domain(&domain()).start();
     let backend = Counting::start("http", "127.0.0.1");
-    let extra = format!("basic_auth = {:?}\nauth_realm = \"Team only\"", path(&file));
+    let extra = format!(
+        "basic_auth = {:?}\nauth_realm = \"Team only\"\ndeny = [\"127.0.0.2\"]",
+        path(&file)
+    );
     let (_connector, _dir) = policy_kite(
         &relay,
         ("http", "auth.example.net"),
@@ -447,6 +450,16 @@ fn basic_auth_asks_for_and_admits_bcrypt_and_argon2_users() {
         assert!(answer.ends_with("backend\n"), "{answer}");
     }
     assert_eq!(backend.accepted(), 3);
+    // The allow/deny lists answer first: a denied address gets 403 even
+    // with the right password (and costs no hash).
+    let (status, answer) = get(
+        &relay,
+        host,
+        "/",
+        &["--interface", "127.0.0.2", "-u", "bob:bob-pass"],
+    );
+    assert_eq!(status, 403, "{answer}");
+    assert_forbidden(&answer);
 }
 
 /// `rate_limit = 5`, `rate_burst = 5`: 20 quick requests from 127.0.0.1

@@ -150,7 +150,16 @@ pub(crate) async fn serve(
     };
     // The kite's HTTP rules answer before anything reaches the link: those
     // of the backend the visitor is routed to (the first; another only on
-    // failover, below).
+    // failover, below). Its allow/deny lists come first, so a denied
+    // address never costs a password hash.
+    if backends
+        .first()
+        .is_some_and(|first| !first.policy.admits(peer.ip()))
+    {
+        let _ = writer.write_all(&forbidden(&host, peer)).await;
+        let _ = writer.shutdown().await;
+        return;
+    }
     let routed = backends
         .first()
         .map(|first| (first.link, first.http.clone()));
