@@ -1,12 +1,15 @@
 //! Fuzzes the relay's HTTP/1 scanning: `parse_request_head`, `rewrite_head`
-//! and `BodyScanner`, checking invariants rather than only "no panic".
+//! (and `rewrite_head_with` a kite's edits), `field_value` and
+//! `BodyScanner`, checking invariants rather than only "no panic".
 #![no_main]
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use kitepipe_proto::http_policy::HeaderRules;
 use kitepipe_proto::http1::{
-    BodyKind, BodyProgress, BodyScanner, Forwarded, HttpError, MAX_HEAD_LEN, parse_request_head,
-    rewrite_head,
+    BodyKind, BodyProgress, BodyScanner, Forwarded, HttpError, MAX_HEAD_LEN, RequestEdits,
+    field_value, parse_request_head, rewrite_head, rewrite_head_with,
 };
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
@@ -57,6 +60,31 @@ fuzz_target!(|input: Input<'_>| {
                 (again.body, again.upgrade, again.close),
                 (head.body, head.upgrade, head.close)
             );
+
+            // A kite's edits (never framing fields) and X-Forwarded-Host
+            // from the visitor's Host keep the same invariants, and the
+            // edited fields come out exactly once.
+            let rules = HeaderRules {
+                set: BTreeMap::from([("X-Team".to_string(), "blue".to_string())]),
+                remove: vec!["cookie".to_string()],
+            };
+            let edits = RequestEdits {
+                headers: Some(&rules),
+                forwarded_host: field_value(raw_head, b"host"),
+            };
+            let edited =
+                rewrite_head_with(raw_head, &forwarded, &edits).expect("a parsed head rewrites");
+            if let Ok(Some(again)) = parse_request_head(&edited) {
+                assert_eq!(again.head_len, edited.len());
+                assert_eq!(
+                    (&again.method, &again.target, &again.host, again.body, again.upgrade),
+                    (&head.method, &head.target, &head.host, head.body, head.upgrade)
+                );
+                assert_eq!(field_value(&edited, b"x-team"), Some(&b"blue"[..]));
+                assert_eq!(field_value(&edited, b"cookie"), None);
+            } else {
+                assert!(edited.len() > MAX_HEAD_LEN, "an edited head does not parse");
+            }
 
             scan_both_ways(head.body, &data[head.head_len..], input.piece_len);
         }

@@ -1,10 +1,14 @@
 //! Fuzzes the relay's delimiting of kites' HTTP/1 responses:
-//! `parse_response_head` then `BodyScanner` over the body, checking
-//! invariants rather than only "no panic".
+//! `parse_response_head` then `BodyScanner` over the body, and a kite's
+//! header edits (`edit_response_head`), checking invariants rather than
+//! only "no panic".
 #![no_main]
 
+use std::collections::BTreeMap;
+
+use kitepipe_proto::http_policy::HeaderRules;
 use kitepipe_proto::http1::{
-    BodyKind, BodyScanner, MAX_HEAD_LEN, ResponseBody, parse_response_head,
+    BodyKind, BodyScanner, MAX_HEAD_LEN, ResponseBody, edit_response_head, parse_response_head,
 };
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
@@ -34,6 +38,19 @@ fuzz_target!(|input: Input<'_>| {
         parse_response_head(&data[..head.head_len], method),
         Ok(Some(head.clone()))
     );
+    // A kite's edits (which never touch framing fields) keep the status
+    // and the framing, and the edited head is one complete head.
+    let rules = HeaderRules {
+        set: BTreeMap::from([("X-Frame-Options".to_string(), "DENY".to_string())]),
+        remove: vec!["server".to_string(), "set-cookie".to_string()],
+    };
+    let edited = edit_response_head(&data[..head.head_len], &rules);
+    if let Ok(Some(again)) = parse_response_head(&edited, method) {
+        assert_eq!((again.status, again.body), (head.status, head.body));
+        assert_eq!(again.head_len, edited.len());
+    } else if edited.len() <= MAX_HEAD_LEN {
+        panic!("an edited head does not parse: {edited:?}");
+    }
     let no_body = input.head_request
         || (100..200).contains(&head.status)
         || head.status == 204

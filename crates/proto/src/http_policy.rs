@@ -10,6 +10,36 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::http1::{is_forwarding_field, is_kitepipe_field};
+
+/// The realm when the owner names none.
+pub const DEFAULT_REALM: &str = "kitepipe";
+
+/// The longest realm: browsers show it in a small dialog.
+pub const MAX_REALM_LEN: usize = 128;
+
+/// The most header edits (set and remove together) per direction: real
+/// configs have a handful.
+pub const MAX_HEADER_EDITS: usize = 32;
+
+/// The longest header name in an edit.
+pub const MAX_HEADER_NAME_LEN: usize = 64;
+
+/// The longest header value in an edit (a CSP policy fits).
+pub const MAX_HEADER_VALUE_LEN: usize = 2048;
+
+/// The highest `rate_limit` (requests per second per address).
+pub const MAX_RATE: u32 = 10_000;
+
+/// The highest `rate_burst`.
+pub const MAX_BURST: u32 = 100_000;
+
+/// What is wrong with an [`HttpPolicy`] (the message names the rule).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct HttpPolicyError(pub String);
 
 /// How the relay speaks to an http kite's local service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,4 +141,138 @@ impl HttpPolicy {
     pub fn is_default(&self) -> bool {
         *self == HttpPolicy::default()
     }
+
+    /// The realm of the password dialog ([`DEFAULT_REALM`] when unset).
+    pub fn realm(&self) -> &str {
+        self.auth_realm.as_deref().unwrap_or(DEFAULT_REALM)
+    }
+
+    /// Checks the rules' bounds and syntax (everything but the htpasswd
+    /// lines, whose hashes the library checks): the realm, the rate and
+    /// connection limits, the header edits. The connector runs it on its
+    /// config and the relay again on every claim.
+    ///
+    /// ```
+    /// use kitepipe_proto::http_policy::HttpPolicy;
+    /// let mut policy = HttpPolicy { rate_limit: Some(5), ..HttpPolicy::default() };
+    /// assert!(policy.check().is_ok());
+    /// policy.rate_limit = Some(0);
+    /// assert!(policy.check().is_err());
+    /// ```
+    pub fn check(&self) -> Result<(), HttpPolicyError> {
+        self.check_inner().map_err(HttpPolicyError)
+    }
+
+    fn check_inner(&self) -> Result<(), String> {
+        if self.basic_auth.is_empty() && self.auth_realm.is_some() {
+            return Err("auth_realm without basic_auth users".into());
+        }
+        check_realm(self.realm())?;
+        match (self.rate_limit, self.rate_burst) {
+            (None, None) => {}
+            (None, Some(_)) => return Err("rate_burst without rate_limit".into()),
+            (Some(rate), burst) => {
+                if !(1..=MAX_RATE).contains(&rate) {
+                    return Err(format!("rate_limit {rate} is outside 1..={MAX_RATE}"));
+                }
+                let burst = burst.unwrap_or(rate);
+                if !(1..=MAX_BURST).contains(&burst) {
+                    return Err(format!("rate_burst {burst} is outside 1..={MAX_BURST}"));
+                }
+            }
+        }
+        if self.max_connections == Some(0) {
+            return Err("max_connections must be at least 1".into());
+        }
+        check_header_rules("request_headers", &self.request_headers)?;
+        check_header_rules("response_headers", &self.response_headers)
+    }
+}
+
+/// A realm goes into `WWW-Authenticate: Basic realm="..."`: printable
+/// ASCII without quotes or backslashes, bounded.
+fn check_realm(realm: &str) -> Result<(), String> {
+    if realm.is_empty() || realm.len() > MAX_REALM_LEN {
+        return Err(format!(
+            "auth_realm must have 1 to {MAX_REALM_LEN} characters"
+        ));
+    }
+    if !realm
+        .bytes()
+        .all(|byte| (b' '..=b'~').contains(&byte) && byte != b'"' && byte != b'\\')
+    {
+        return Err("auth_realm must be printable ASCII without quotes or backslashes".into());
+    }
+    Ok(())
+}
+
+/// Header names a kite may not edit: framing and hop-by-hop fields (the
+/// relay delimits messages by them), `Host` (routing), and the relay's own
+/// (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`, `X-Kitepipe-*`).
+fn is_reserved_header(name: &str) -> bool {
+    const RESERVED: [&str; 9] = [
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "host",
+        "te",
+        "trailer",
+        "keep-alive",
+        "http2-settings",
+    ];
+    let bytes = name.as_bytes();
+    RESERVED
+        .iter()
+        .any(|reserved| name.eq_ignore_ascii_case(reserved))
+        || bytes
+            .get(..6)
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"proxy-"))
+        || is_forwarding_field(bytes)
+        || is_kitepipe_field(bytes)
+}
+
+/// Checks one direction's header edits: bounded, valid names (RFC 9110
+/// tokens) none of them reserved, values without control characters.
+fn check_header_rules(what: &str, rules: &HeaderRules) -> Result<(), String> {
+    let count = rules.set.len() + rules.remove.len();
+    if count > MAX_HEADER_EDITS {
+        return Err(format!("{what}: {count} edits, at most {MAX_HEADER_EDITS}"));
+    }
+    for name in rules.set.keys().chain(&rules.remove) {
+        if name.is_empty() || name.len() > MAX_HEADER_NAME_LEN {
+            return Err(format!(
+                "{what}: a header name has 1 to {MAX_HEADER_NAME_LEN} characters"
+            ));
+        }
+        let token = |byte: u8| byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte);
+        if !name.bytes().all(token) {
+            return Err(format!("{what}: {name:?} is not a valid header name"));
+        }
+        if is_reserved_header(name) {
+            return Err(format!(
+                "{what}: {name} cannot be edited (framing, hop-by-hop or the relay's own)"
+            ));
+        }
+    }
+    for (name, value) in &rules.set {
+        if value.len() > MAX_HEADER_VALUE_LEN {
+            return Err(format!(
+                "{what}: the value of {name} is longer than {MAX_HEADER_VALUE_LEN} bytes"
+            ));
+        }
+        if value.bytes().any(|byte| matches!(byte, b'\r' | b'\n' | 0)) {
+            return Err(format!("{what}: the value of {name} has CR, LF or NUL"));
+        }
+        if value
+            .bytes()
+            .any(|byte| byte.is_ascii_control() && byte != b'\t')
+            || value.trim() != value
+        {
+            return Err(format!(
+                "{what}: the value of {name} has a control character or surrounding spaces"
+            ));
+        }
+    }
+    Ok(())
 }

@@ -890,3 +890,145 @@ fn a_hostile_claims_policy_lists_are_bounded_and_refused() {
     assert_eq!(body, "hello from backend\n");
     assert!(relay.proc.exited().is_none());
 }
+
+// ---- per-kite HTTP rules in claims ------------------------------------
+
+/// `u:pw`, bcrypt cost 5 (`htpasswd -nbB u pw`).
+const BCRYPT_LINE: &str = "u:$2y$05$i8GgOYQdRdwWE4vd1BtQou38w9yCUMjZ/3KVUmr.o0.Og3EAq2W3y";
+
+/// A hostile connector (with the domain's secret) claims http kites
+/// whose HTTP rules are hostile: 10,000 htpasswd lines, a header value
+/// with CRLF, an edit of Content-Length, a 30 KB realm, MD5 and unknown
+/// hash kinds. The relay checks them again and refuses each of those
+/// claims (`invalid`, the message naming the problem, short), keeps the
+/// well-formed claim of the same registration (its basic auth enforced:
+/// 401), keeps the link up, and goes on serving an honest connector. A
+/// 1 MB realm is past the registration message's own bound: the relay
+/// refuses the message (or closes that link) and registers nothing.
+#[test]
+fn a_hostile_claims_http_rules_are_bounded_and_refused() {
+    let secret = "http-rules-attacker-secret";
+    let relay = Relay::new()
+        .domain(&format!("http:*.example.net:{secret}"))
+        .start();
+    let backend = Backend::start("http");
+    let honest = Connector::new(&relay)
+        .secret(secret)
+        .kite(&format!("http:honest.example.net={}", backend.addr()))
+        .start();
+    let hostile = [
+        (
+            "many.example.net",
+            json!({"http": {"basic_auth": vec!["u:x"; 10_000]}}),
+            "more than 1024 users",
+        ),
+        (
+            "crlf.example.net",
+            json!({"http": {"request_headers": {"set": {"X-A": "b\r\nX-Evil: 1"}}}}),
+            "CR, LF or NUL",
+        ),
+        (
+            "framing.example.net",
+            json!({"http": {"response_headers": {"set": {"Content-Length": "0"}}}}),
+            "Content-Length cannot be edited",
+        ),
+        (
+            "realm.example.net",
+            json!({"http": {"basic_auth": [BCRYPT_LINE], "auth_realm": "r".repeat(30_000)}}),
+            "auth_realm must have 1 to 128",
+        ),
+        (
+            "md5.example.net",
+            json!({"http": {"basic_auth": ["u:$apr1$x8fV2$0RLJXDUj4dS9JVz4jVoSq1"]}}),
+            "line 1: MD5 ($apr1$) hashes are not accepted",
+        ),
+        (
+            "unknown.example.net",
+            json!({"http": {"basic_auth": ["u:$9$abcdef"]}}),
+            "unknown hash kind",
+        ),
+    ];
+    let good = (
+        "guarded.example.net",
+        json!({"http": {"basic_auth": [BCRYPT_LINE]}}),
+    );
+    let runtime = runtime();
+
+    let answer = runtime.block_on(async {
+        let link = FakeLink::open(&relay, "hostile", "hostile.example.net").await;
+        let huge = (
+            "huge.example.net",
+            json!({"http": {"auth_realm": "r".repeat(1 << 20)}}),
+        );
+        link.send_claims(secret, &[huge]).await;
+        let mut link = link;
+        tokio::time::timeout(patience(), link.rx.control.recv()).await
+    });
+    let text = answer
+        .expect("the relay answers in time")
+        .map(|payload| String::from_utf8_lossy(&payload).into_owned())
+        .unwrap_or_default();
+    assert!(
+        text.is_empty() || text.contains("exceeds the maximum"),
+        "{text}"
+    );
+
+    let (registered, link) = runtime.block_on(async {
+        let mut link = FakeLink::open(&relay, "hostile-2", "hostile2.example.net").await;
+        let mut claims: Vec<(&str, Value)> = hostile
+            .iter()
+            .map(|(name, fields, _)| (*name, fields.clone()))
+            .collect();
+        claims.push(good);
+        link.send_claims(secret, &claims).await;
+        (recv_json(&mut link.rx).await, link)
+    });
+    assert_eq!(registered["type"], "registered", "{registered}");
+    let outcomes = registered["kites"].as_array().unwrap();
+    assert_eq!(outcomes.len(), hostile.len() + 1, "{registered}");
+    for (outcome, (name, _, why)) in outcomes.iter().zip(&hostile) {
+        assert_eq!(outcome["result"]["status"], "refused", "{name}: {outcome}");
+        assert_eq!(outcome["result"]["reason"], "invalid", "{name}: {outcome}");
+        let message = outcome["result"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{name}: {message}");
+        assert!(message.len() < 300, "{name}: a huge refusal: {message}");
+    }
+    assert_eq!(
+        outcomes[hostile.len()]["result"]["status"],
+        "accepted",
+        "{registered}"
+    );
+
+    // The accepted claim's rules hold, on the hostile link, which is up.
+    let url = format!("{}/", relay.http_url());
+    let (code, out, err) = curl(&["-i", "-H", "Host: guarded.example.net", &url]);
+    assert_eq!(code, 0, "{err}");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    assert!(
+        out.contains("WWW-Authenticate: Basic realm=\"kitepipe\""),
+        "{out}"
+    );
+    // With the password the visitor is past the relay's door: its (fake)
+    // connector answers no streams, so no answer comes at all (a refusal
+    // by the rules would have come at once).
+    let (_, out, _) = curl(&[
+        "-i",
+        "--max-time",
+        "2",
+        "-u",
+        "u:pw",
+        "-H",
+        "Host: guarded.example.net",
+        &url,
+    ]);
+    let out = String::from_utf8_lossy(&out);
+    assert!(!out.starts_with("HTTP/1.1 401"), "{out}");
+    assert!(!out.starts_with("HTTP/1.1 429"), "{out}");
+    // The relay stays healthy for others.
+    assert_eq!(honest.links_up(), 1);
+    let body = curl_ok(&["-H", "Host: honest.example.net", &url]);
+    assert_eq!(body, "hello from backend\n");
+    assert!(relay.proc.exited().is_none());
+    drop(link);
+}

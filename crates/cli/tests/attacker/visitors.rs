@@ -14,6 +14,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -900,4 +901,93 @@ fn oversized_or_invalid_sni_is_closed_and_the_relay_keeps_serving() {
         );
     }
     site.still_serves("/after-bad-sni");
+}
+
+/// A stranger at 127.0.0.2 sends 1000 wrong passwords to a kite with basic
+/// auth: after a few 401s (the failure burst) it gets only 429s, and no
+/// more password hashes run for it; meanwhile the team member at 127.0.0.1
+/// logs in and is answered promptly every time.
+#[test]
+fn a_stranger_guessing_passwords_gets_429_and_others_are_served_promptly() {
+    let relay = Relay::new().domain(&domain()).start();
+    let backend = Backend::start("http");
+    let dir = TempDir::new("guessing");
+    let htpasswd = dir.path().join("htpasswd");
+    // `htpasswd -nbB u pw`: bcrypt, cost 5.
+    std::fs::write(
+        &htpasswd,
+        "u:$2y$05$i8GgOYQdRdwWE4vd1BtQou38w9yCUMjZ/3KVUmr.o0.Og3EAq2W3y\n",
+    )
+    .unwrap();
+    let config = dir.path().join("connector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "secret = {SECRET:?}\n\n[[kite]]\nname = \"team.example.net\"\nprotocol = \"http\"\n\
+             target = {:?}\nbasic_auth = {:?}\n",
+            backend.addr(),
+            path(&htpasswd)
+        ),
+    )
+    .unwrap();
+    let _connector = Connector::new(&relay)
+        .args(&["--config", &path(&config)])
+        .start();
+    let base = relay.http_url();
+
+    let stranger = {
+        let url = format!("{base}/guess[1-1000]");
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let out = curl_ok(&[
+                "--interface",
+                "127.0.0.2",
+                "-u",
+                "u:wrong",
+                "-H",
+                "Host: team.example.net",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}\n",
+                &url,
+            ]);
+            (out, started.elapsed())
+        })
+    };
+    let mut slowest = Duration::ZERO;
+    let mut visits = 0;
+    while !stranger.is_finished() || visits < 5 {
+        let started = Instant::now();
+        let body = curl_ok(&[
+            "--interface",
+            "127.0.0.1",
+            "-u",
+            "u:pw",
+            "-H",
+            "Host: team.example.net",
+            &format!("{base}/"),
+        ]);
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(body, "hello from backend\n");
+        visits += 1;
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+    let (out, took) = stranger.join().unwrap();
+    let codes: Vec<&str> = out.lines().collect();
+    assert_eq!(codes.len(), 1000, "{out}");
+    let unauthorized = codes.iter().filter(|code| **code == "401").count();
+    let limited = codes.iter().filter(|code| **code == "429").count();
+    assert_eq!(unauthorized + limited, 1000, "{out}");
+    // 10 failures at once, then one a second.
+    let allowed = 10 + took.as_secs() as usize + 1;
+    assert!(
+        (10..=allowed).contains(&unauthorized),
+        "{unauthorized} wrong passwords checked in {took:?}"
+    );
+    assert!(
+        slowest < scaled(Duration::from_secs(1)),
+        "the team member waited {slowest:?} during the guessing"
+    );
+    assert!(relay.proc.exited().is_none());
 }

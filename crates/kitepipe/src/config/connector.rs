@@ -210,27 +210,33 @@ pub struct RawKite {
     /// wins over an allow. Enforced by the relay; at most 256 entries.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
-    /// HTTP basic auth: an htpasswd file (bcrypt or argon2 hashes), read
-    /// and sent to the relay, which asks visitors for a password; sent
-    /// again when the file changes. HTTP kites only.
+    /// HTTP basic auth: an htpasswd file (`htpasswd -B`: bcrypt, or argon2
+    /// hashes; at most 1024 users), read and sent to the relay, which asks
+    /// visitors for a password; sent again when the file changes (a bad
+    /// change keeps the last good users). HTTP kites only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub basic_auth: Option<PathBuf>,
-    /// The realm browsers show when asking for the password.
+    /// The realm browsers show when asking for the password (printable
+    /// ASCII without quotes, at most 128; default `kitepipe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_realm: Option<String>,
-    /// Requests per second allowed per visitor address (429 beyond).
+    /// Requests per second allowed per visitor address (IPv6: per /64), 1
+    /// to 10000 (429 with `Retry-After` beyond).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<u32>,
-    /// Requests a visitor address may send at once above `rate_limit`.
+    /// Requests a visitor address may send at once (default: `rate_limit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_burst: Option<u32>,
-    /// Visitor connections to the kite at once (429 beyond).
+    /// Visitor connections to the kite at once, at least 1 (429 beyond).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
-    /// Request headers to set and remove on the way to the local service.
+    /// Request headers to set and remove on the way to the local service
+    /// (at most 32 edits; framing and hop-by-hop fields, `Host` and the
+    /// relay's `X-Forwarded-*` cannot be edited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_headers: Option<HeaderRules>,
-    /// Response headers to set and remove on the way to the visitor.
+    /// Response headers to set and remove on the way to the visitor (the
+    /// same limits as `request_headers`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_headers: Option<HeaderRules>,
     /// Add `X-Forwarded-Host` with the Host the visitor asked for.
@@ -283,10 +289,10 @@ impl RawKite {
         Ok(Some(version))
     }
 
-    /// Validates `allow` and `deny` into the kite's visitor policy,
-    /// naming the first bad entry.
     /// The HTTP-level rules, for an http kite only (any of them on another
-    /// kind is an error). The htpasswd file is read here.
+    /// kind is an error). The htpasswd file is read here, and the rules get
+    /// the relay's own checks (`HttpPolicy::check`, `pki::htpasswd`), so a
+    /// mistake shows at start rather than as a refused kite.
     pub(super) fn http_policy(&self, kite: &KiteRef) -> Result<HttpPolicy, ConfigError> {
         let invalid = |what: &'static str, why: String| ConfigError::Invalid {
             what,
@@ -299,8 +305,13 @@ impl RawKite {
                 .map_err(|why| invalid("backend", why))?,
             None => BackendProtocol::default(),
         };
+        let basic_auth = match &self.basic_auth {
+            Some(path) if kite.proto == KiteProto::Http => crate::pki::htpasswd::read_file(path)
+                .map_err(|err| invalid("basic_auth", err.to_string()))?,
+            _ => Vec::new(),
+        };
         let http = HttpPolicy {
-            basic_auth: Vec::new(),
+            basic_auth,
             auth_realm: self.auth_realm.clone(),
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst,
@@ -323,9 +334,13 @@ impl RawKite {
                 ),
             ));
         }
+        http.check()
+            .map_err(|err| invalid("kite", err.to_string()))?;
         Ok(http)
     }
 
+    /// Validates `allow` and `deny` into the kite's visitor policy,
+    /// naming the first bad entry.
     pub(super) fn policy(&self) -> Result<VisitorPolicy, ConfigError> {
         for (what, list) in [("allow", &self.allow), ("deny", &self.deny)] {
             if let Err(err) = VisitorPolicy::parse(list, &[]) {

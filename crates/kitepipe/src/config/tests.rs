@@ -1039,3 +1039,59 @@ fn acme_settings_are_validated() {
         crate::config::AcmeChallenge::TlsAlpn01
     );
 }
+
+#[test]
+fn kite_http_rules_read_the_htpasswd_file_and_are_checked() {
+    let config = |extra: &str| {
+        let file = TomlFile::new(&format!(
+            "[[kite]]\nname = \"a.example.net\"\nprotocol = \"http\"\ntarget = \"8000\"\n{extra}\n"
+        ));
+        let raw = RawConnectorConfig::load(Some(file.path()), &Default::default()).unwrap();
+        ConnectorConfig::try_from(RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            secret: Some("9f86d081884c7d659a2f".into()),
+            ..raw
+        })
+    };
+    // `htpasswd -nbB u pw`
+    let good = TomlFile::new(
+        "# the team\n\nu:$2y$05$i8GgOYQdRdwWE4vd1BtQou38w9yCUMjZ/3KVUmr.o0.Og3EAq2W3y\n",
+    );
+    let kites = config(&format!(
+        "basic_auth = {:?}\nrate_limit = 5\nforwarded_host = true",
+        good.path()
+    ))
+    .unwrap()
+    .kites;
+    assert_eq!(
+        kites[0].http.basic_auth,
+        ["u:$2y$05$i8GgOYQdRdwWE4vd1BtQou38w9yCUMjZ/3KVUmr.o0.Og3EAq2W3y"]
+    );
+    assert_eq!(kites[0].basic_auth_file.as_deref(), Some(good.path()));
+    assert_eq!(kites[0].http.rate_limit, Some(5));
+
+    let md5 = TomlFile::new("u:pw-is-fine\nv:$apr1$x8fV2$0RLJXDUj4dS9JVz4jVoSq1\n");
+    for (extra, why) in [
+        (
+            format!("basic_auth = {:?}", md5.path()),
+            "line 1: a plain-text or crypt(3) password is not accepted",
+        ),
+        (
+            "basic_auth = \"/nonexistent/htpasswd\"".to_string(),
+            "cannot read /nonexistent/htpasswd",
+        ),
+        ("rate_limit = 0".to_string(), "rate_limit 0 is outside"),
+        (
+            "request_headers = { set = { \"Content-Length\" = \"1\" } }".to_string(),
+            "Content-Length cannot be edited",
+        ),
+        (
+            "auth_realm = \"Team\"".to_string(),
+            "auth_realm without basic_auth",
+        ),
+    ] {
+        let text = config(&extra).unwrap_err().to_string();
+        assert!(text.contains(why), "{extra}: {text}");
+    }
+}

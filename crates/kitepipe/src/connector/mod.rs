@@ -12,6 +12,7 @@
 //! reaches it through links it dialed. Its only listener is the event
 //! gateway, on loopback or a unix socket.
 
+mod htpasswd;
 mod session;
 
 use std::collections::HashMap;
@@ -193,6 +194,10 @@ impl Connector {
         let tracker = TaskTracker::new();
         let token = shutdown.child_token();
         let kites = Arc::new(Kites::new(&self.config));
+        if kites.htpasswd.any() {
+            let (kites, token) = (kites.clone(), token.clone());
+            tracker.spawn(async move { kites.htpasswd.run(token).await });
+        }
         let event_links = Arc::new(EventLinks::new(self.config.relays.len()));
         if let Some(listener) = self.gateway {
             let gateway = Arc::new(Gateway {
@@ -256,6 +261,8 @@ pub(crate) struct Kites {
     /// Public ports relays gave TCP kites registered with port 0, so a
     /// reconnect asks for the same port again. Key: (relay, kite name).
     assigned_ports: Mutex<HashMap<(String, String), u16>>,
+    /// The kites' htpasswd files and their current users.
+    htpasswd: htpasswd::HtpasswdFiles,
 }
 
 impl Kites {
@@ -265,6 +272,7 @@ impl Kites {
             allow_remote: config.allow_remote.clone(),
             remote: Origin::Relayed(Arc::new(node_policy(config))),
             assigned_ports: Mutex::new(HashMap::new()),
+            htpasswd: htpasswd::HtpasswdFiles::new(&config.kites),
         }
     }
 
@@ -649,6 +657,7 @@ mod tests {
                     &|_| None,
                 ))),
                 assigned_ports: Mutex::new(HashMap::new()),
+                htpasswd: htpasswd::HtpasswdFiles::new(&[]),
             })
         };
         let exec = RemoteOp::Exec(ExecOp {

@@ -314,11 +314,16 @@ impl RelayLink {
             }
             other => return Err(unexpected(other)),
         };
+        // Subscribed before the claims are built: a file changing meanwhile
+        // is sent again once serving.
+        let mut htpasswd = self.kites.htpasswd.subscribe();
+        htpasswd.mark_unchanged();
         let claims = self
             .config
             .kites
             .iter()
-            .map(|target| {
+            .enumerate()
+            .map(|(index, target)| {
                 let mut kite = target.kite.clone();
                 // Only TCP kites have ports; an HTTP kite may share the name.
                 if kite.proto == KiteProto::Tcp && kite.port == 0 {
@@ -327,7 +332,7 @@ impl RelayLink {
                         kite.port = *port;
                     }
                 }
-                claim(target, kite, exporter, &server_nonce, client_nonce)
+                self.claim(index, target, kite, exporter, &server_nonce, client_nonce)
             })
             .collect();
         let node_proofs = self.node_proofs(exporter, &server_nonce, client_nonce);
@@ -349,8 +354,9 @@ impl RelayLink {
             .config
             .kites
             .iter()
-            .filter(|target| target.kite.proto == KiteProto::Tcp && target.kite.port == 0)
-            .filter(|target| {
+            .enumerate()
+            .filter(|(_, target)| target.kite.proto == KiteProto::Tcp && target.kite.port == 0)
+            .filter(|(_, target)| {
                 registered.kites.iter().any(|outcome| {
                     outcome.kite.proto == KiteProto::Tcp
                         && outcome.kite.name == target.kite.name
@@ -364,8 +370,9 @@ impl RelayLink {
                         )
                 })
             })
-            .map(|target| {
-                claim(
+            .map(|(index, target)| {
+                self.claim(
+                    index,
                     target,
                     target.kite.clone(),
                     exporter,
@@ -374,7 +381,8 @@ impl RelayLink {
                 )
             })
             .collect();
-        if !retry.is_empty() {
+        let retried = !retry.is_empty();
+        if retried {
             info!(
                 kites = retry.len(),
                 "asking for any port for TCP kites whose previous port is gone"
@@ -387,7 +395,86 @@ impl RelayLink {
             send(mux, &ConnectorMessage::Register(register)).await?;
         }
         self.event_links.set(self.index, Some(mux.clone()));
-        self.serve(mux, rx).await
+        let refresh = Refresh {
+            htpasswd,
+            exporter,
+            server_nonce: &server_nonce,
+            client_nonce,
+            retried,
+        };
+        self.serve(mux, rx, refresh).await
+    }
+
+    /// The claim of the kite at `index` in the config (`target`) as `kite`,
+    /// with its htpasswd file's current users.
+    fn claim(
+        &self,
+        index: usize,
+        target: &crate::config::KiteTarget,
+        kite: kitepipe_proto::kite::KiteRef,
+        exporter: &[u8; 32],
+        server_nonce: &[u8],
+        client_nonce: &[u8; 32],
+    ) -> KiteClaim {
+        let mut claim = claim(target, kite, exporter, server_nonce, client_nonce);
+        if let Some(lines) = self.kites.htpasswd.lines(index) {
+            claim.http.basic_auth = lines.to_vec();
+        }
+        claim
+    }
+
+    /// Sends the claims of the kites with an htpasswd file again, with
+    /// their current users: the relay replaces those kites' rules on this
+    /// link.
+    async fn send_new_users(&self, mux: &Mux, refresh: &Refresh<'_>) -> Result<(), AttemptError> {
+        let kites: Vec<KiteClaim> = self
+            .config
+            .kites
+            .iter()
+            .enumerate()
+            .filter(|(_, target)| target.basic_auth_file.is_some())
+            .map(|(index, target)| {
+                self.claim(
+                    index,
+                    target,
+                    target.kite.clone(),
+                    refresh.exporter,
+                    refresh.server_nonce,
+                    refresh.client_nonce,
+                )
+            })
+            .collect();
+        info!(
+            kites = kites.len(),
+            "sending new htpasswd users to the relay"
+        );
+        let register = Register {
+            kites,
+            node_proofs: Vec::new(),
+        };
+        send(mux, &ConnectorMessage::Register(register)).await
+    }
+
+    /// The answer to [`RelayLink::send_new_users`]: said like a
+    /// registration, but the link's other kites stay online.
+    fn report_new_users(&self, registered: &Registered) {
+        let mut online = match &*self.state.borrow() {
+            LinkState::Up(online) => online.clone(),
+            LinkState::Down => Vec::new(),
+        };
+        for outcome in &registered.kites {
+            online.retain(|(kite, _)| *kite != outcome.kite);
+            match &outcome.result {
+                KiteResult::Accepted { public, .. } => {
+                    info!(kite = %outcome.kite, "kite's new users accepted");
+                    online.push((outcome.kite.clone(), public.clone()));
+                }
+                KiteResult::Refused { reason, message } => {
+                    error!(kite = %outcome.kite, ?reason, %message, "relay refused kite");
+                }
+            }
+        }
+        self.state.send_replace(LinkState::Up(online));
     }
 
     /// Proofs of this connector's node name, one per distinct secret it
@@ -473,10 +560,28 @@ impl RelayLink {
         });
     }
 
-    async fn serve(&self, mux: &Mux, rx: &mut MuxReceivers) -> Result<LinkClosed, AttemptError> {
+    async fn serve(
+        &self,
+        mux: &Mux,
+        rx: &mut MuxReceivers,
+        mut refresh: Refresh<'_>,
+    ) -> Result<LinkClosed, AttemptError> {
         let bounds = LinkBounds::new();
+        let mut watching = self.kites.htpasswd.any();
+        // Answers to registrations sent while serving, in order: true for
+        // new users, false for the TCP port retry.
+        let mut pending: std::collections::VecDeque<bool> =
+            refresh.retried.then_some(false).into_iter().collect();
         loop {
             tokio::select! {
+                changed = refresh.htpasswd.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                        continue;
+                    }
+                    self.send_new_users(mux, &refresh).await?;
+                    pending.push_back(true);
+                }
                 _ = self.token.cancelled() => {
                     mux.close(LinkClosed::Shutdown);
                     return Ok(LinkClosed::Shutdown);
@@ -497,7 +602,13 @@ impl RelayLink {
                 control = rx.control.recv() => {
                     let Some(payload) = control else { return Ok(mux.closed().await) };
                     match message::decode::<RelayMessage>(&payload) {
-                        Ok(RelayMessage::Registered(registered)) => self.report(&registered),
+                        Ok(RelayMessage::Registered(registered)) => {
+                            if pending.pop_front() == Some(true) {
+                                self.report_new_users(&registered);
+                            } else {
+                                self.report(&registered);
+                            }
+                        }
                         Ok(RelayMessage::Withdrawn(withdrawn)) => self.withdrawn(&withdrawn),
                         Ok(RelayMessage::Error(err)) if err.code == ErrorCode::Unauthorized => {
                             mux.close(LinkClosed::PeerClosed(PeerGoodbye::Refused(err.message.clone())));
@@ -511,6 +622,18 @@ impl RelayLink {
             }
         }
     }
+}
+
+/// What a link needs to send claims again while serving.
+struct Refresh<'a> {
+    /// Tells of changed htpasswd users.
+    htpasswd: watch::Receiver<u64>,
+    exporter: &'a [u8; 32],
+    server_nonce: &'a [u8],
+    client_nonce: &'a [u8; 32],
+    /// Whether a TCP port retry was sent before serving (its answer comes
+    /// first).
+    retried: bool,
 }
 
 /// The claim of `target` as `kite`: its proof of the target's secret, or

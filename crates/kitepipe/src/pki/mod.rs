@@ -19,6 +19,7 @@
 pub mod ca;
 mod cert;
 mod fingerprint;
+pub(crate) mod htpasswd;
 mod identity;
 pub(crate) mod keylog;
 mod rules;

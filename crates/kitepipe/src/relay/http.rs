@@ -10,10 +10,16 @@
 //! first gets 421. A kite failing mid-response resets the visitor's
 //! connection.
 //!
-//! Every refusal is an HTTP error page: 400 malformed, 403 CONNECT from
-//! where the TCP kites are not reachable, 404 unknown kite, 405 CONNECT not
-//! enabled, 408 head too slow, 421 another kite, 431 head too large, 502
-//! target unreachable, 503 offline.
+//! Every refusal is an HTTP error page: 400 malformed, 401 the kite's basic
+//! auth, 403 CONNECT from where the TCP kites are not reachable (or the
+//! kite's allow/deny lists), 404 unknown kite, 405 CONNECT not enabled, 408
+//! head too slow, 421 another kite, 429 the kite's rate or connection
+//! limit, 431 head too large, 502 target unreachable, 503 offline.
+//!
+//! A kite's HTTP rules (`http_policy`) are asked before its stream is
+//! opened for the first request and before each later one is forwarded;
+//! their header edits go into the heads both ways. A kite without rules
+//! takes none of those steps (no allocation per request).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,7 +27,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe_proto::frame::ResetCode;
-use kitepipe_proto::http1::{self, BodyScanner, Forwarded, HttpError, RequestHead, ResponseBody};
+use kitepipe_proto::http_policy::HeaderRules;
+use kitepipe_proto::http1::{
+    self, BodyScanner, Forwarded, HttpError, RequestEdits, RequestHead, ResponseBody,
+};
 use kitepipe_proto::kite::KiteProto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -31,6 +40,7 @@ use tracing::debug;
 
 use super::RelayCtx;
 use super::h2::Scheme;
+use super::http_policy::{ConnPermit, HttpRules};
 use super::registry::{Backend, Lookup};
 use super::visitor::{NotOpened, open_visitor_stream, reset};
 use crate::link::{MuxStream, StreamReset};
@@ -82,6 +92,8 @@ enum Ended {
 struct Route {
     host: String,
     backend: Backend,
+    /// Counts the connection against the kite's `max_connections`.
+    _permit: ConnPermit,
 }
 
 /// A visitor's connection as the HTTP/1 path serves it: plain TCP, or
@@ -207,6 +219,32 @@ pub(crate) async fn serve<S: VisitorConn>(
         let _ = writer.shutdown().await;
         return;
     }
+    // The kite's HTTP rules answer before anything reaches the link: those
+    // of the backend the visitor is routed to (the first; another only on
+    // failover, below). Its allow/deny lists come first, so a denied
+    // address never costs a password hash.
+    if backends
+        .first()
+        .is_some_and(|first| !first.policy.admits(peer.ip()))
+    {
+        let _ = writer.write_all(&forbidden(&host, peer)).await;
+        let _ = writer.shutdown().await;
+        return;
+    }
+    let routed = backends
+        .first()
+        .map(|first| (first.link, first.http.clone()));
+    let mut permit = None;
+    if let Some((_, rules)) = &routed {
+        match admit(rules, &head, &buf, peer, &host).await {
+            Ok(admitted) => permit = Some(admitted),
+            Err(page) => {
+                let _ = writer.write_all(&page).await;
+                let _ = writer.shutdown().await;
+                return;
+            }
+        }
+    }
     let (stream, backend) = match open_visitor_stream(&backends, Some(&host), peer, local).await {
         Ok(opened) => opened,
         Err(NotOpened::Refused) => {
@@ -223,8 +261,35 @@ pub(crate) async fn serve<S: VisitorConn>(
             return;
         }
     };
+    let permit = match permit {
+        Some(permit)
+            if routed
+                .as_ref()
+                .is_some_and(|(link, _)| *link == backend.link) =>
+        {
+            permit
+        }
+        // Failed over to another link: its claim's rules apply (the stream
+        // is reset if they refuse).
+        _ => {
+            drop(permit);
+            match admit(&backend.http, &head, &buf, peer, &host).await {
+                Ok(permit) => permit,
+                Err(page) => {
+                    drop(stream);
+                    let _ = writer.write_all(&page).await;
+                    let _ = writer.shutdown().await;
+                    return;
+                }
+            }
+        }
+    };
     debug!(node = %backend.node, %host, "visitor routed");
-    let route = Route { host, backend };
+    let route = Route {
+        host,
+        backend,
+        _permit: permit,
+    };
     let forwarded = Forwarded {
         client_ip: peer.ip(),
         proto: scheme.as_str(),
@@ -253,8 +318,17 @@ pub(crate) async fn serve<S: VisitorConn>(
         let _ = stream_writer.shutdown().await;
         res
     };
+    let response_edits =
+        Some(route.backend.http.response_headers()).filter(|rules| !rules.is_empty());
     let responses = async {
-        let ended = forward_responses(stream_reader, &mut writer, expect_rx, &route.host).await;
+        let ended = forward_responses(
+            stream_reader,
+            &mut writer,
+            expect_rx,
+            &route.host,
+            response_edits,
+        )
+        .await;
         if ended == Ended::Clean {
             let _ = writer.shutdown().await;
         }
@@ -383,6 +457,54 @@ async fn connect_tcp_kite<S: VisitorConn>(
 
 type Refusal = (u16, &'static str, String);
 
+/// Asks a kite's rules about a visitor's connection and its first request
+/// (`head`, at the start of `buf`): the connection's permit, or the page
+/// refusing it.
+async fn admit(
+    rules: &HttpRules,
+    head: &RequestHead,
+    buf: &[u8],
+    peer: SocketAddr,
+    host: &str,
+) -> Result<ConnPermit, Vec<u8>> {
+    let permit = rules
+        .connection()
+        .map_err(|refusal| refusal_page(&refusal, host))?;
+    admit_request(rules, head, buf, peer.ip(), host).await?;
+    Ok(permit)
+}
+
+/// Asks a kite's rules about one request (`head`, at the start of `buf`):
+/// `Err` holds the page refusing it. Returns at once for a kite without
+/// basic auth or rate limit.
+async fn admit_request(
+    rules: &HttpRules,
+    head: &RequestHead,
+    buf: &[u8],
+    peer: IpAddr,
+    host: &str,
+) -> Result<(), Vec<u8>> {
+    if rules.admits_all() {
+        return Ok(());
+    }
+    let authorization = match buf.get(..head.head_len) {
+        Some(raw) if rules.asks_credentials() => http1::field_value(raw, b"authorization"),
+        _ => None,
+    };
+    rules
+        .request(peer, authorization)
+        .await
+        .map_err(|refusal| refusal_page(&refusal, host))
+}
+
+/// The page for a refusal by a kite's rules (401, 429), styled like the
+/// relay's other pages, with its `WWW-Authenticate` or `Retry-After`.
+fn refusal_page(refusal: &super::http_policy::Refusal, host: &str) -> Vec<u8> {
+    debug!(?refusal, %host, "refused by the kite's HTTP rules");
+    let (status, title, detail, extra) = refusal.page(host);
+    http1::error_response_with(status, title, &detail, &extra)
+}
+
 fn refusal(err: &HttpError) -> Refusal {
     let title = match err.status() {
         431 => "Request Header Fields Too Large",
@@ -483,13 +605,26 @@ async fn forward_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     response_done: &mut watch::Receiver<Option<Ended>>,
 ) -> std::io::Result<()> {
     let mut head = first;
+    // The first request was admitted by the kite's rules before its stream
+    // was opened (`serve`).
+    let mut admitted = true;
+    let rules = &route.backend.http;
     loop {
         if let Some(page) = misdirected(&head, route, ctx) {
             let _ = expect.send(Expect::Refusal(page)).await;
             return Ok(());
         }
+        if !std::mem::take(&mut admitted)
+            && let Err(page) =
+                admit_request(rules, &head, &buf, forwarded.client_ip, &route.host).await
+        {
+            let _ = expect.send(Expect::Refusal(page)).await;
+            return Ok(());
+        }
         let raw = buf.split_to(head.head_len);
-        let rewritten = http1::rewrite_head(&raw, &forwarded).map_err(invalid)?;
+        let rewritten =
+            http1::rewrite_head_with(&raw, &forwarded, &request_edits(rules, &raw, &head))
+                .map_err(invalid)?;
         // The response side learns of the request before the backend can
         // answer it.
         let (upgrade_tx, upgraded) = if head.upgrade {
@@ -558,6 +693,25 @@ async fn forward_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 return Ok(());
             }
         };
+    }
+}
+
+/// The kite's edits of a request head (`raw`): none for a kite without
+/// header rules or `forwarded_host`.
+fn request_edits<'a>(
+    rules: &'a HttpRules,
+    raw: &'a [u8],
+    head: &'a RequestHead,
+) -> RequestEdits<'a> {
+    let headers = Some(rules.request_headers()).filter(|rules| !rules.is_empty());
+    let forwarded_host = rules.forwarded_host().then(|| {
+        http1::field_value(raw, b"host")
+            .filter(|value| !value.is_empty())
+            .or(head.host.as_deref().map(str::as_bytes))
+    });
+    RequestEdits {
+        headers,
+        forwarded_host: forwarded_host.flatten(),
     }
 }
 
@@ -639,6 +793,7 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
     writer: &mut W,
     mut expect: mpsc::Receiver<Expect>,
     host: &str,
+    edits: Option<&HeaderRules>,
 ) -> Ended {
     let mut buf = BytesMut::new();
     let mut size = ReadSize::default();
@@ -684,7 +839,7 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
         let method = if is_head { "HEAD" } else { "GET" };
         // Interim (1xx) responses come before the final one.
         loop {
-            let response = loop {
+            let mut response = loop {
                 match http1::parse_response_head(&buf, method) {
                     Ok(Some(response)) => break response,
                     Ok(None) => {}
@@ -708,6 +863,12 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
                 }
             };
             begun = true;
+            if let Some(rules) = edits
+                && response.status >= 200
+                && response.status != 101
+            {
+                response.head_len = edit_response(&mut buf, response.head_len, rules);
+            }
             if response.status >= 200 && response.status != 101 {
                 // The head goes out in one write with the body bytes that
                 // came with it (a small response: one write, one packet).
@@ -802,6 +963,17 @@ async fn forward_body<W: AsyncWrite + Unpin>(
         writer.write_all(&out).await?;
     }
     Ok(true)
+}
+
+/// Replaces the response head at the front of `buf` (`head_len` bytes) with
+/// the kite's edits of it; the new head's length.
+fn edit_response(buf: &mut BytesMut, head_len: usize, rules: &HeaderRules) -> usize {
+    let edited = http1::edit_response_head(&buf[..head_len], rules);
+    let rest = buf.split_off(head_len);
+    buf.clear();
+    buf.extend_from_slice(&edited);
+    buf.unsplit(rest);
+    edited.len()
 }
 
 /// Reads the kite's next bytes into `buf`, sized by `size`; 0 at EOF.

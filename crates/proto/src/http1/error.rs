@@ -62,6 +62,31 @@ impl HttpError {
 /// assert!(response.starts_with(b"HTTP/1.1 502 Bad Gateway\r\n"));
 /// ```
 pub fn error_response(status: u16, title: &str, detail: &str) -> Vec<u8> {
+    error_response_with(status, title, detail, &[])
+}
+
+/// [`error_response`] with `extra_headers` (e.g. `WWW-Authenticate`,
+/// `Retry-After`) after the standard ones. Names and values come from the
+/// relay, never from a visitor; a pair holding CR, LF or NUL is left out,
+/// so a page never carries a field it did not mean to.
+///
+/// ```
+/// use kitepipe_proto::http1::error_response_with;
+/// let response = error_response_with(
+///     429,
+///     "Too Many Requests",
+///     "slow down",
+///     &[("Retry-After", "3".to_string())],
+/// );
+/// let text = String::from_utf8(response).unwrap();
+/// assert!(text.contains("\r\nRetry-After: 3\r\n\r\n"));
+/// ```
+pub fn error_response_with(
+    status: u16,
+    title: &str,
+    detail: &str,
+    extra_headers: &[(&str, String)],
+) -> Vec<u8> {
     let status = if (100..=999).contains(&status) {
         status
     } else {
@@ -80,11 +105,20 @@ pub fn error_response(status: u16, title: &str, detail: &str) -> Vec<u8> {
          Content-Length: {len}\r\n\
          Connection: close\r\n\
          Cache-Control: no-store\r\n\
-         X-Kitepipe-Error: {status}\r\n\
-         \r\n",
+         X-Kitepipe-Error: {status}\r\n",
         reason = reason_phrase(status),
         len = page.len(),
     );
+    let clean = |text: &str| !text.bytes().any(|byte| matches!(byte, b'\r' | b'\n' | 0));
+    for (name, value) in extra_headers {
+        if clean(name) && clean(value) {
+            response.push_str(name);
+            response.push_str(": ");
+            response.push_str(value);
+            response.push_str("\r\n");
+        }
+    }
+    response.push_str("\r\n");
     response.push_str(&page);
     response.into_bytes()
 }

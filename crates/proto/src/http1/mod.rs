@@ -27,11 +27,14 @@ mod rewrite;
 mod tests;
 
 pub use body::{BodyProgress, BodyScanner};
-pub use error::{HttpError, error_response, reason_phrase};
+pub use error::{HttpError, error_response, error_response_with, reason_phrase};
 pub use head::{
     BodyKind, RequestHead, ResponseBody, ResponseHead, parse_request_head, parse_response_head,
 };
-pub use rewrite::{Forwarded, is_forwarding_field, is_kitepipe_field, rewrite_head};
+pub use rewrite::{
+    Forwarded, RequestEdits, edit_response_head, field_value, is_forwarding_field,
+    is_kitepipe_field, rewrite_head, rewrite_head_with,
+};
 
 /// The longest request head the relay buffers; a visitor whose head is not
 /// complete within it gets 431.
