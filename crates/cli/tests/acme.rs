@@ -202,8 +202,40 @@ fn tls_alpn01_certificate_is_issued_stored_and_served() {
     issues_by("tls-alpn-01", "answered a TLS-ALPN-01 challenge");
 }
 
-/// Pebble's certificates live an hour here and the relay renews 3590 s
-/// before expiry: due 10 s after each issuance. Requests keep flowing
+/// `auto` tries TLS-ALPN-01 first and falls back to HTTP-01 in the same
+/// issuance: pebble validates TLS-ALPN-01 on a closed port here.
+#[test]
+fn auto_falls_back_to_http01_when_tls_alpn01_fails() {
+    if !tools() {
+        return;
+    }
+    let plan = PebblePlan::new();
+    let relay = acme_relay(&plan, "auto", &[]);
+    let closed = free_port();
+    let pebble = plan.start(relay.http.unwrap().port(), closed, 0);
+    let backend = Backend::start("http");
+    let _conn = connector(&relay, &backend, &[APP]);
+    let out = relay.proc.wait_for("ACME certificate issued");
+    let tls_alpn = out
+        .find("challenge=\"tls-alpn-01\"")
+        .expect("tls-alpn-01 first");
+    let failed = out
+        .find("ACME challenge failed; trying the next type")
+        .expect("tls-alpn-01 failed");
+    let http01 = out.find("challenge=\"http-01\"").expect("then http-01");
+    assert!(tls_alpn < failed && failed < http01, "{out}");
+    assert!(
+        out.contains("urn:ietf:params:acme:error:"),
+        "the CA's problem type is logged:\n{out}"
+    );
+    assert_eq!(relay.proc.count("ACME issuance failed"), 0, "one issuance");
+    assert_eq!(pebble.orders(), 2, "two orders, one per challenge type");
+    assert_chain_verifies(&pebble, &relay, APP);
+}
+
+/// Pebble's certificates live an hour here (pebble 2.4's
+/// `certificateValidityPeriod`; its default is 5 years) and the relay
+/// renews 3590 s before expiry: due 10 s after each issuance. Requests keep flowing
 /// over new and kept-alive connections while the certificate is swapped
 /// twice; none fails and the served serial changes.
 #[test]

@@ -376,6 +376,13 @@ impl Worker {
         match res {
             Ok(issued) => {
                 self.retries.remove(name);
+                if renewal_due(issued.not_after, enabled.config.renew_before) <= unix_now() {
+                    warn!(
+                        not_after = issued.not_after,
+                        "the CA's certificate lives shorter than --acme-renew-before: it is due \
+                         for renewal at once (bounded by the rate limit); lower --acme-renew-before"
+                    );
+                }
                 info!(
                     serial = %issued.serial,
                     not_after = issued.not_after,
