@@ -441,6 +441,60 @@ fn restart_reuses_the_stored_certificate_and_account() {
     assert_eq!((code, body.as_str()), (0, "hello from backend\n"), "{err}");
 }
 
+/// The relay intercepts `acme-tls/1` only for its own pending orders: an
+/// https (passthrough) kite's own ACME client, validated through the
+/// relay, still gets the CA's TLS-ALPN-01 connection.
+#[test]
+fn acme_tls_alpn_for_a_passthrough_kite_still_reaches_it() {
+    if !tools() {
+        return;
+    }
+    let plan = PebblePlan::new();
+    let acme = plan.relay_args("tls-alpn-01");
+    let mut args: Vec<&str> = acme.iter().map(String::as_str).collect();
+    args.extend(["--http", "127.0.0.1:0", "--https", "127.0.0.1:0"]);
+    let relay = Relay::new()
+        .domain(&format!("http,https:*.example.test:{SECRET}"))
+        .args(&args)
+        .start();
+    // The kite's own TLS server, speaking acme-tls/1 as its ACME client would.
+    let cert = TestCert::new(&["own.example.test"]);
+    let port = free_port();
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-accept", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(&cert.cert)
+        .arg("-key")
+        .arg(&cert.key)
+        .args(["-alpn", "acme-tls/1", "-quiet"]);
+    let _server = Proc::spawn("openssl-s_server", server);
+    eventually("s_server to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let _conn = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("https:own.example.test=127.0.0.1:{port}"))
+        .start();
+    let https = relay.https.unwrap().port();
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{https}")])
+        .args(["-servername", "own.example.test", "-alpn", "acme-tls/1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("ALPN protocol: acme-tls/1") && said.contains("own.example.test"),
+        "the kite's own server answered:\n{said}"
+    );
+    assert_eq!(
+        relay.proc.count("ACME order placed"),
+        0,
+        "https kites get no order"
+    );
+}
+
 /// A tiny HTTPS server answering every request with junk, stopped by PID.
 struct JunkServer {
     _proc: Proc,

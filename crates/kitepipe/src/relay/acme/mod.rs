@@ -203,6 +203,16 @@ impl Acme {
         )
     }
 
+    /// Whether a ClientHello offering `alpn` for `sni` is the CA
+    /// validating one of the relay's pending TLS-ALPN-01 challenges: it
+    /// offers `acme-tls/1` and names a name with such a challenge. Cheap
+    /// for every other ClientHello.
+    pub(crate) fn answers_tls_alpn(&self, alpn: &[Vec<u8>], sni: Option<&str>) -> bool {
+        self.enabled.is_some()
+            && alpn.iter().any(|p| p == ACME_TLS_ALPN)
+            && sni.is_some_and(|name| self.challenges.has_tls_alpn01(name))
+    }
+
     /// Answers a ClientHello offering ALPN `acme-tls/1` (`buf` holds it):
     /// the challenge certificate if `sni` has a pending TLS-ALPN-01
     /// challenge of the relay's own, else the connection is closed.
@@ -213,11 +223,6 @@ impl Acme {
     fn pop_wanted(&self) -> Option<String> {
         lock(&self.wanted).pop_front()
     }
-}
-
-/// Whether a ClientHello's ALPN list offers `acme-tls/1`.
-pub(crate) fn offers_acme_tls(alpn: &[Vec<u8>]) -> bool {
-    alpn.iter().any(|p| p == ACME_TLS_ALPN)
 }
 
 /// The worker: issues wanted certificates and renews due ones until the
