@@ -66,7 +66,14 @@ fn curl_gets_the_page_over_terminated_tls_with_forwarded_proto_https_and_keep_al
     let cert = TestCert::new(&["app.example.test"]);
     let relay = relay(&[&cert]);
     let backend = Backend::start("http");
-    let (_connector, _dir) = connector(&relay, &http_kite("app.example.test", &backend.addr(), ""));
+    let (connector, _dir) = connector(&relay, &http_kite("app.example.test", &backend.addr(), ""));
+    // The kite's public URL is the terminated HTTPS one.
+    let link = connector.wait_links_up(1);
+    assert_eq!(
+        link["kites"][0]["public"],
+        https_url(&relay, "app.example.test", "/"),
+        "{link}"
+    );
 
     let page = https_url(&relay, "app.example.test", "/");
     let (code, out, err) = curl_https(&relay, &cert, "app.example.test", &[&page]);
@@ -350,4 +357,105 @@ fn headless_chromium_loads_the_page_through_the_relay() {
         out.contains("hello from backend"),
         "no page in the DOM:\n{out}"
     );
+}
+
+#[test]
+fn sighup_rereads_the_certificate_files() {
+    let first = TestCert::new(&["app.example.test"]);
+    let second = TestCert::new(&["app.example.test"]);
+    // The relay reads the pair from one place, which the test overwrites.
+    let dir = TempDir::new("reloaded-cert");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let install = |from: &TestCert| {
+        std::fs::copy(&from.cert, &cert).unwrap();
+        std::fs::copy(&from.key, &key).unwrap();
+    };
+    install(&first);
+    let relay = Relay::new()
+        .domain(&format!("http:*.example.test:{SECRET}"))
+        .args(&["--https", "127.0.0.1:0"])
+        .args(&["--tls-cert", &format!("{}:{}", path(&cert), path(&key))])
+        .start();
+    let backend = Backend::start("http");
+    let (_connector, _dir) = connector(&relay, &http_kite("app.example.test", &backend.addr(), ""));
+    let page = https_url(&relay, "app.example.test", "/");
+    let (code, _, err) = curl_https(&relay, &first, "app.example.test", &[&page]);
+    assert_eq!(code, 0, "curl failed: {err}");
+
+    install(&second);
+    let _ = Command::new("kill")
+        .args(["-HUP", &relay.proc.pid().to_string()])
+        .status();
+    relay
+        .proc
+        .wait_for("certificates for terminated HTTPS reloaded");
+    let (code, out, err) = curl_https(&relay, &second, "app.example.test", &[&page]);
+    assert_eq!(code, 0, "curl with the new CA failed: {err}");
+    assert_eq!(out, "hello from backend\n");
+    let (code, _, _) = curl_https(&relay, &first, "app.example.test", &[&page]);
+    assert_ne!(code, 0, "the old certificate is still served");
+
+    // A broken pair on reload: logged, and the served one stays.
+    std::fs::copy(&first.key, &key).unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &relay.proc.pid().to_string()])
+        .status();
+    relay.proc.wait_for("certificate reload failed");
+    let (code, _, err) = curl_https(&relay, &second, "app.example.test", &[&page]);
+    assert_eq!(code, 0, "the served certificate was dropped: {err}");
+}
+
+/// `kitepipe relay --tls-cert SPEC` with otherwise loopback settings:
+/// its exit status and stderr (it must not start).
+fn relay_refuses(spec: &str) -> String {
+    let state = TempDir::new("refused-relay");
+    let out = Command::new(BIN)
+        .args(["relay", "--listen", "127.0.0.1:0", "--https", "127.0.0.1:0"])
+        .args(["--tls-cert", spec, "--state-dir", &path(state.path())])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run kitepipe relay");
+    assert!(
+        !out.status.success(),
+        "the relay started with --tls-cert {spec}"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_certificate_pair_stops_the_relay_with_a_clear_error() {
+    let one = TestCert::new(&["app.example.test"]);
+    let other = TestCert::new(&["app.example.test"]);
+    let err = relay_refuses(&format!("{}:{}", path(&one.cert), path(&other.key)));
+    assert!(err.contains("does not match the certificate"), "{err}");
+    assert!(err.contains(&path(&other.key)), "{err}");
+
+    let err = relay_refuses(&format!("{}:{}", path(&one.cert), "/nonexistent/key.pem"));
+    assert!(err.contains("/nonexistent/key.pem"), "{err}");
+
+    let err = relay_refuses(&path(&one.cert));
+    assert!(err.contains("CERT.pem:KEY.pem"), "{err}");
+
+    if require_tool("openssl", "openssl") {
+        // A certificate with a common name but no subjectAltName.
+        let dir = TempDir::new("no-san");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-subj", "/CN=app.example.test", "-days", "2"])
+            .args(["-keyout", &path(&key), "-out", &path(&cert)])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let err = relay_refuses(&format!("{}:{}", path(&cert), path(&key)));
+        assert!(err.contains("no DNS name"), "{err}");
+    }
 }

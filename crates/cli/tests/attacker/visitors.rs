@@ -5,8 +5,10 @@
 //! Cases of the trust-model issue: 5 (upgrade smuggling, keep-alive Host
 //! bypass), 6 (truncated responses look complete), 8 (TCP kite ports outside
 //! `--tcp-ports`, leaked listeners, no per-link cap), 10 (CONNECT past
-//! `--tcp-bind`); and a visitor of a `proxy_protocol` kite sending its own
-//! PROXY header.
+//! `--tcp-bind`); a visitor of a `proxy_protocol` kite sending its own
+//! PROXY header; and hostile ClientHellos on the HTTPS port of a relay
+//! that terminates TLS for an http kite (fragmented, truncated, without
+//! SNI, oversized or invalid SNI).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -656,4 +658,246 @@ fn a_visitor_cannot_forge_the_proxy_protocol_header() {
             assert!(!logged.contains("6.6.6.6:8080 "), "{version}: {logged}");
         }
     }
+}
+
+/// A relay terminating HTTPS for the http kite `app.example.net` (a test
+/// CA's certificate) in front of a [`Recorder`].
+struct Terminating {
+    cert: TestCert,
+    relay: RelayProc,
+    backend: Recorder,
+    _connector: Proc,
+    _dir: TempDir,
+}
+
+impl Terminating {
+    fn start() -> Terminating {
+        let dir = TempDir::new("terminating");
+        let cert = TestCert::new(&["app.example.net"]);
+        let relay = Relay::new()
+            .domain(&domain())
+            .args(&["--https", "127.0.0.1:0", "--tls-cert", &cert.arg()])
+            .start();
+        let backend = Recorder::start(&dir, "http");
+        let connector = Connector::new(&relay)
+            .secret(SECRET)
+            .kite(&format!("http:app.example.net={}", backend.addr()))
+            .start();
+        Terminating {
+            cert,
+            relay,
+            backend,
+            _connector: connector,
+            _dir: dir,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.relay.https.unwrap().port()
+    }
+
+    /// A TLS client trusting the test CA, for `name` (an IP address: no SNI).
+    fn client(&self, name: &str) -> rustls::ClientConnection {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rustls::pki_types::CertificateDer::from_pem_file(&self.cert.ca).unwrap();
+        roots.add(ca).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap()
+    }
+
+    /// A real ClientHello for `name`, as its bytes.
+    fn client_hello(&self, name: &str) -> Vec<u8> {
+        let mut conn = self.client(name);
+        let mut hello = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut hello).unwrap();
+        }
+        hello
+    }
+
+    /// One request over a fresh terminated connection (curl, trusting the
+    /// CA): the relay still serves visitors.
+    fn still_serves(&self, path: &str) {
+        let resolve = format!("app.example.net:{}:127.0.0.1", self.port());
+        let url = format!("https://app.example.net:{}{path}", self.port());
+        let out = curl_ok(&[
+            "--cacert",
+            &crate::support::path(&self.cert.ca),
+            "--resolve",
+            &resolve,
+            &url,
+        ]);
+        assert_eq!(out, format!("ok {path}\n"));
+    }
+}
+
+/// A socket that sends its first `dribble` bytes one per TCP segment
+/// (`TCP_NODELAY`, a short pause after each), then writes normally.
+struct Dribble {
+    sock: TcpStream,
+    dribble: usize,
+}
+
+impl Read for Dribble {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Dribble {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.dribble == 0 || buf.is_empty() {
+            return self.sock.write(buf);
+        }
+        self.sock.write_all(&buf[..1])?;
+        self.dribble -= 1;
+        std::thread::park_timeout(std::time::Duration::from_millis(2));
+        Ok(1)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// How the relay ended a connection it should refuse: the bytes it sent
+/// (nothing, or a TLS alert) before closing; panics if it kept it open.
+fn closed_by_relay(sock: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match sock.read(&mut chunk) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => return got,
+            Err(err) => panic!("the relay kept the connection open ({err}); got {got:?}"),
+        }
+        assert!(got.len() < 64, "the relay answered: {got:?}");
+    }
+}
+
+/// A hand-made ClientHello (TLS 1.2 record, one cipher suite) whose SNI
+/// extension carries `name` as it is.
+fn client_hello_with_sni(name: &[u8]) -> Vec<u8> {
+    let u16be = |n: usize| (n as u16).to_be_bytes();
+    let mut sni = Vec::new();
+    sni.extend(u16be(name.len() + 3));
+    sni.push(0); // host_name
+    sni.extend(u16be(name.len()));
+    sni.extend_from_slice(name);
+    let mut extensions = vec![0, 0];
+    extensions.extend(u16be(sni.len()));
+    extensions.extend(sni);
+    let mut body = vec![3, 3];
+    body.extend([7u8; 32]); // random
+    body.push(0); // session id
+    body.extend([0, 2, 0x13, 0x01]); // TLS_AES_128_GCM_SHA256
+    body.extend([1, 0]); // no compression
+    body.extend(u16be(extensions.len()));
+    body.extend(extensions);
+    let mut handshake = vec![1];
+    handshake.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend(body);
+    let mut record = vec![0x16, 3, 1];
+    record.extend(u16be(handshake.len()));
+    record.extend(handshake);
+    record
+}
+
+/// A ClientHello sent one byte per TCP segment is reassembled: the
+/// handshake completes and the request is served.
+#[test]
+fn a_client_hello_fragmented_into_one_byte_segments_still_works() {
+    let site = Terminating::start();
+    let sock = connect(site.port());
+    sock.set_nodelay(true).unwrap();
+    let hello_len = site.client_hello("app.example.net").len();
+    let mut tls = rustls::StreamOwned::new(
+        site.client("app.example.net"),
+        Dribble {
+            sock,
+            dribble: hello_len,
+        },
+    );
+    tls.write_all(b"GET /dribbled HTTP/1.1\r\nHost: app.example.net\r\nConnection: close\r\n\r\n")
+        .expect("handshake and request over a dribbled ClientHello");
+    let mut response = String::new();
+    let _ = tls.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("ok /dribbled\n"), "{response}");
+    assert!(hello_len > 200, "a real ClientHello: {hello_len} bytes");
+}
+
+/// A ClientHello cut short, then EOF: closed without an answer; one cut
+/// short and left hanging does not hold up other visitors.
+#[test]
+fn a_truncated_client_hello_is_closed_and_the_relay_keeps_serving() {
+    let site = Terminating::start();
+    let hello = site.client_hello("app.example.net");
+    let mut cut = connect(site.port());
+    cut.write_all(&hello[..hello.len() / 2]).unwrap();
+    cut.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(closed_by_relay(&mut cut), Vec::<u8>::new());
+
+    let mut hanging = connect(site.port());
+    hanging.write_all(&hello[..hello.len() / 2]).unwrap();
+    site.still_serves("/while-one-hangs");
+    drop(hanging);
+    site.still_serves("/after");
+    assert!(
+        site.backend.requests().len() == 2,
+        "{:?}",
+        site.backend.requests()
+    );
+}
+
+/// No SNI (a client dialing an address): nothing to terminate for, the
+/// `unrecognized_name` alert as before, and the relay keeps serving.
+#[test]
+fn a_client_hello_without_sni_gets_the_unrecognized_name_alert() {
+    let site = Terminating::start();
+    let mut sock = connect(site.port());
+    let mut conn = site.client("127.0.0.1");
+    let err = conn
+        .complete_io(&mut sock)
+        .expect_err("no handshake without SNI");
+    assert!(
+        err.to_string().contains("UnrecognisedName") || err.to_string().contains("Unrecognised"),
+        "{err}"
+    );
+    site.still_serves("/after-no-sni");
+}
+
+/// An SNI longer than a DNS name may be (253 bytes), or with bytes no
+/// host name has: closed cleanly, no certificate served, and the relay
+/// keeps serving others.
+#[test]
+fn oversized_or_invalid_sni_is_closed_and_the_relay_keeps_serving() {
+    let site = Terminating::start();
+    let long = format!("{}.example.net", "a.".repeat(130));
+    let names: [&[u8]; 4] = [
+        long.as_bytes(),
+        b"app\x00.example.net",
+        b"app example.net",
+        b"app.example.net\xff",
+    ];
+    for name in names {
+        let mut sock = connect(site.port());
+        sock.write_all(&client_hello_with_sni(name)).unwrap();
+        let answer = closed_by_relay(&mut sock);
+        // Nothing but at most an alert record: never a ServerHello.
+        assert!(
+            answer.is_empty() || answer[0] == 0x15,
+            "{:?}: {answer:?}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    site.still_serves("/after-bad-sni");
 }

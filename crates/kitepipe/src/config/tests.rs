@@ -363,6 +363,52 @@ fn kite_policy_is_validated() {
     }
 }
 
+/// The HTTP rules of a `[[kite]]` table reach the claim as written; on a
+/// kite that is not http they are refused by name, and an unknown backend
+/// protocol is refused with the choices.
+#[test]
+fn kite_http_rules_are_parsed() {
+    let config = |protocol: &str, rules: &str| {
+        let file = TomlFile::new(&format!(
+            "[[kite]]\nname = \"a.example.net\"\nprotocol = \"{protocol}\"\ntarget = \"8000\"\n{rules}\n"
+        ));
+        let raw = RawConnectorConfig::load(Some(file.path()), &Default::default())?;
+        ConnectorConfig::try_from(RawConnectorConfig {
+            relay: vec!["r:1".into()],
+            fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+            secret: Some("9f86d081884c7d659a2f".into()),
+            ..raw
+        })
+    };
+    let rules = "rate_limit = 5\nrate_burst = 10\nmax_connections = 3\nforwarded_host = true\n\
+                 https_redirect = true\nbackend = \"h2c\"\nauth_realm = \"team\"\n\
+                 request_headers = { set = { \"X-Team\" = \"dev\" }, remove = [\"Cookie\"] }\n\
+                 response_headers = { remove = [\"Server\"] }";
+    let http = config("http", rules).unwrap().kites[0].http.clone();
+    assert_eq!(http.rate_limit, Some(5));
+    assert_eq!(http.rate_burst, Some(10));
+    assert_eq!(http.max_connections, Some(3));
+    assert!(http.forwarded_host && http.https_redirect);
+    assert_eq!(
+        http.backend,
+        kitepipe_proto::http_policy::BackendProtocol::H2c
+    );
+    assert_eq!(http.auth_realm.as_deref(), Some("team"));
+    assert_eq!(http.request_headers.set["X-Team"], "dev");
+    assert_eq!(http.request_headers.remove, ["Cookie"]);
+    assert_eq!(http.response_headers.remove, ["Server"]);
+    assert!(config("http", "").unwrap().kites[0].http.is_default());
+    let err = config("https", "rate_limit = 5").unwrap_err().to_string();
+    assert!(err.contains("cannot have HTTP rules"), "{err}");
+    let err = config("http", "backend = \"h3\"").unwrap_err().to_string();
+    assert!(err.contains("http1 or h2c"), "{err}");
+    let err = config("http", "request_headers = { add = {} }").unwrap_err();
+    assert!(
+        format!("{err:?}").contains("unknown field `add`"),
+        "{err:?}"
+    );
+}
+
 /// `proxy_protocol` is a `[[kite]]` option: `v1` or `v2` on TCP and
 /// HTTPS kites, refused by name for another value or an HTTP kite.
 #[test]

@@ -864,23 +864,16 @@ fn https_redirect(
         return None;
     }
     let port = ctx.https_port?;
-    // The path and query of the target (origin form, or absolute form's
-    // part after the authority); the scanner has refused control bytes.
-    let path = match head.target.find("://") {
-        Some(at) if !head.target.starts_with('/') => {
-            let rest = &head.target[at + 3..];
-            rest.find('/').map_or("/", |slash| &rest[slash..])
-        }
-        _ if head.target.starts_with('/') => head.target.as_str(),
-        _ => "/",
-    };
+    let path = redirect_path(&head.target);
     if path.starts_with(ACME_CHALLENGE_PATH) {
         return None;
     }
+    // An absolute-form target with a query but no path gets its `/`.
+    let slash = if path.starts_with('?') { "/" } else { "" };
     let location = if port == 443 {
-        format!("https://{host}{path}")
+        format!("https://{host}{slash}{path}")
     } else {
-        format!("https://{host}:{port}{path}")
+        format!("https://{host}:{port}{slash}{path}")
     };
     let page = format!(
         "HTTP/1.1 308 Permanent Redirect\r\n\
@@ -892,6 +885,20 @@ fn https_redirect(
     Some(page.into_bytes())
 }
 
+/// The path and query of a request target for the redirect: origin form
+/// as it is, absolute form's part after the authority (which may start
+/// with `?`), else `/` (the scanner has already refused control bytes in
+/// targets).
+fn redirect_path(target: &str) -> &str {
+    if target.starts_with('/') {
+        return target;
+    }
+    match target.split_once("://") {
+        Some((_, rest)) => rest.find(['/', '?']).map_or("/", |at| &rest[at..]),
+        None => "/",
+    }
+}
+
 fn invalid(err: HttpError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, err)
 }
@@ -899,6 +906,22 @@ fn invalid(err: HttpError) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirect_path_keeps_path_and_query_of_every_target_form() {
+        let cases = [
+            ("/x?y", "/x?y"),
+            ("/", "/"),
+            ("http://app.example.net/a/b?c=d", "/a/b?c=d"),
+            ("http://app.example.net:8080", "/"),
+            ("http://app.example.net?q", "?q"),
+            ("app.example.net:443", "/"),
+            ("*", "/"),
+        ];
+        for (target, want) in cases {
+            assert_eq!(redirect_path(target), want, "{target}");
+        }
+    }
 
     #[test]
     fn connect_reaches_only_what_the_kites_ports_would_accept() {

@@ -1,8 +1,9 @@
 //! Accept loops, and telling protocols apart on ports that serve several.
 //!
 //! A TLS ClientHello offering ALPN `kitepipe/1` is a connector's link; any
-//! other ClientHello is a visitor's HTTPS (routed by SNI); anything else is
-//! HTTP. A port that serves only links skips the sniffing.
+//! other ClientHello is a visitor's HTTPS (routed by SNI: terminated by
+//! `terminate` for an http kite with a certificate, else passed through);
+//! anything else is HTTP. A port that serves only links skips the sniffing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

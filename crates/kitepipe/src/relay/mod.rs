@@ -7,7 +7,9 @@
 //! several), then to `session` (a connector's link: handshake, kite
 //! registration), `http` (visitor HTTP routed by Host) or `tcp` (HTTPS by
 //! SNI, and raw TCP kites on their own ports), the last two opening visitor
-//! streams through `visitor`.
+//! streams through `visitor`. `terminate` takes the HTTPS of http kites
+//! with a certificate in `certs` (`--tls-cert`) and hands the decrypted
+//! stream to `http` (or `h2`).
 //!
 //! Connectors' certificates and the rules for their identities live in
 //! `identity`, which also reloads them (see [`Relay::reload_trigger`]).

@@ -925,6 +925,7 @@ async fn register_one(
     let grant = authorize(claim, &kite, nonces, link, state, ctx)?;
     let link_id = link.link_id;
     let public = match kite.proto {
+        KiteProto::Http if let Some(url) = super::terminate::public_url(&kite.name, ctx) => url,
         KiteProto::Http => {
             let port = ctx.http_port.ok_or((
                 RefuseReason::ProtoDisabled,

@@ -52,6 +52,19 @@ pub(crate) fn terminates(sni: &str, ctx: &RelayCtx) -> bool {
     }
 }
 
+/// The public URL of the http kite `name` (a name or `*.` pattern) when
+/// the relay terminates HTTPS for it: it has an HTTPS listener and a
+/// certificate for the name. Such a kite needs no HTTP listener.
+pub(crate) fn public_url(name: &str, ctx: &RelayCtx) -> Option<String> {
+    let port = ctx.https_port?;
+    ctx.certs.get(name)?;
+    Some(if port == 443 {
+        format!("https://{name}/")
+    } else {
+        format!("https://{name}:{port}/")
+    })
+}
+
 /// Terminates a visitor's TLS (`prefix`: the ClientHello already read)
 /// and serves the HTTP inside: HTTP/2 if the visitor chose `h2` by ALPN,
 /// else HTTP/1. `sni` is the name the ClientHello asked for.
