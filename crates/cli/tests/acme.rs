@@ -536,3 +536,52 @@ server.serve_forever()
         JunkServer { _proc: proc, port }
     }
 }
+
+/// ACME settings that cannot work stop the relay at start, saying why.
+#[test]
+fn bad_acme_settings_stop_the_relay_with_a_clear_error() {
+    let dir = TempDir::new("acme-bad");
+    let not_pem = dir.path().join("not-a-cert.pem");
+    std::fs::write(&not_pem, "garbage\n").unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--acme-ca-root", "/nonexistent/root.pem"],
+            "--acme-ca-root /nonexistent/root.pem",
+        ),
+        (
+            &["--acme-ca-root", not_pem.to_str().unwrap()],
+            "no certificate in the file",
+        ),
+        (
+            &["--acme-challenge", "dns-01"],
+            "tls-alpn-01, http-01 or auto",
+        ),
+    ];
+    for (args, why) in cases {
+        let out = Command::new(BIN)
+            .args(["relay", "--listen", "127.0.0.1:0", "--https", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--acme")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["relay", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--acme")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--acme needs an --https listener"),
+        "{err}"
+    );
+}

@@ -75,10 +75,10 @@ const RENEW_CHECK_MAX: Duration = Duration::from_secs(3600);
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AcmeError {
     /// The state directory.
-    #[error("ACME state")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The HTTPS client.
-    #[error("ACME client")]
+    #[error(transparent)]
     Client(#[from] ClientError),
 }
 
