@@ -202,8 +202,40 @@ fn tls_alpn01_certificate_is_issued_stored_and_served() {
     issues_by("tls-alpn-01", "answered a TLS-ALPN-01 challenge");
 }
 
-/// Pebble's certificates live an hour here and the relay renews 3590 s
-/// before expiry: due 10 s after each issuance. Requests keep flowing
+/// `auto` tries TLS-ALPN-01 first and falls back to HTTP-01 in the same
+/// issuance: pebble validates TLS-ALPN-01 on a closed port here.
+#[test]
+fn auto_falls_back_to_http01_when_tls_alpn01_fails() {
+    if !tools() {
+        return;
+    }
+    let plan = PebblePlan::new();
+    let relay = acme_relay(&plan, "auto", &[]);
+    let closed = free_port();
+    let pebble = plan.start(relay.http.unwrap().port(), closed, 0);
+    let backend = Backend::start("http");
+    let _conn = connector(&relay, &backend, &[APP]);
+    let out = relay.proc.wait_for("ACME certificate issued");
+    let tls_alpn = out
+        .find("challenge=\"tls-alpn-01\"")
+        .expect("tls-alpn-01 first");
+    let failed = out
+        .find("ACME challenge failed; trying the next type")
+        .expect("tls-alpn-01 failed");
+    let http01 = out.find("challenge=\"http-01\"").expect("then http-01");
+    assert!(tls_alpn < failed && failed < http01, "{out}");
+    assert!(
+        out.contains("urn:ietf:params:acme:error:"),
+        "the CA's problem type is logged:\n{out}"
+    );
+    assert_eq!(relay.proc.count("ACME issuance failed"), 0, "one issuance");
+    assert_eq!(pebble.orders(), 2, "two orders, one per challenge type");
+    assert_chain_verifies(&pebble, &relay, APP);
+}
+
+/// Pebble's certificates live an hour here (pebble 2.4's
+/// `certificateValidityPeriod`; its default is 5 years) and the relay
+/// renews 3590 s before expiry: due 10 s after each issuance. Requests keep flowing
 /// over new and kept-alive connections while the certificate is swapped
 /// twice; none fails and the served serial changes.
 #[test]
@@ -409,6 +441,60 @@ fn restart_reuses_the_stored_certificate_and_account() {
     assert_eq!((code, body.as_str()), (0, "hello from backend\n"), "{err}");
 }
 
+/// The relay intercepts `acme-tls/1` only for its own pending orders: an
+/// https (passthrough) kite's own ACME client, validated through the
+/// relay, still gets the CA's TLS-ALPN-01 connection.
+#[test]
+fn acme_tls_alpn_for_a_passthrough_kite_still_reaches_it() {
+    if !tools() {
+        return;
+    }
+    let plan = PebblePlan::new();
+    let acme = plan.relay_args("tls-alpn-01");
+    let mut args: Vec<&str> = acme.iter().map(String::as_str).collect();
+    args.extend(["--http", "127.0.0.1:0", "--https", "127.0.0.1:0"]);
+    let relay = Relay::new()
+        .domain(&format!("http,https:*.example.test:{SECRET}"))
+        .args(&args)
+        .start();
+    // The kite's own TLS server, speaking acme-tls/1 as its ACME client would.
+    let cert = TestCert::new(&["own.example.test"]);
+    let port = free_port();
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-accept", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(&cert.cert)
+        .arg("-key")
+        .arg(&cert.key)
+        .args(["-alpn", "acme-tls/1", "-quiet"]);
+    let _server = Proc::spawn("openssl-s_server", server);
+    eventually("s_server to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let _conn = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("https:own.example.test=127.0.0.1:{port}"))
+        .start();
+    let https = relay.https.unwrap().port();
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{https}")])
+        .args(["-servername", "own.example.test", "-alpn", "acme-tls/1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("ALPN protocol: acme-tls/1") && said.contains("own.example.test"),
+        "the kite's own server answered:\n{said}"
+    );
+    assert_eq!(
+        relay.proc.count("ACME order placed"),
+        0,
+        "https kites get no order"
+    );
+}
+
 /// A tiny HTTPS server answering every request with junk, stopped by PID.
 struct JunkServer {
     _proc: Proc,
@@ -449,4 +535,53 @@ server.serve_forever()
             .expect("junk server prints its port");
         JunkServer { _proc: proc, port }
     }
+}
+
+/// ACME settings that cannot work stop the relay at start, saying why.
+#[test]
+fn bad_acme_settings_stop_the_relay_with_a_clear_error() {
+    let dir = TempDir::new("acme-bad");
+    let not_pem = dir.path().join("not-a-cert.pem");
+    std::fs::write(&not_pem, "garbage\n").unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--acme-ca-root", "/nonexistent/root.pem"],
+            "--acme-ca-root /nonexistent/root.pem",
+        ),
+        (
+            &["--acme-ca-root", not_pem.to_str().unwrap()],
+            "no certificate in the file",
+        ),
+        (
+            &["--acme-challenge", "dns-01"],
+            "tls-alpn-01, http-01 or auto",
+        ),
+    ];
+    for (args, why) in cases {
+        let out = Command::new(BIN)
+            .args(["relay", "--listen", "127.0.0.1:0", "--https", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--acme")
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["relay", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--acme")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--acme needs an --https listener"),
+        "{err}"
+    );
 }

@@ -354,6 +354,15 @@ impl RawRelayConfig {
                 .get_or_insert_with(|| state_dir.join(GATEWAY_TOKEN_FILE));
         }
         self.events = self.events.with_defaults();
+        if *self.acme.get_or_insert(false) {
+            if !*self.acme_staging.get_or_insert(false) {
+                self.acme_directory
+                    .get_or_insert_with(|| LETS_ENCRYPT_DIRECTORY.into());
+            }
+            self.acme_challenge.get_or_insert_with(|| "auto".into());
+            self.acme_renew_before
+                .get_or_insert_with(|| format(DEFAULT_ACME_RENEW_BEFORE));
+        }
         self
     }
 

@@ -96,8 +96,12 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
         Some(hello) if roles.link && hello.alpn.iter().any(|p| is_link_alpn(p)) => {
             super::session::accept(sock, buf, peer, ctx).await;
         }
-        // ACME TLS-ALPN-01: answered only for the relay's own pending challenges.
-        Some(hello) if roles.https && super::acme::offers_acme_tls(&hello.alpn) => {
+        // ACME TLS-ALPN-01 for one of the relay's own pending orders; any
+        // other `acme-tls/1` ClientHello routes as usual (e.g. to an https
+        // kite whose own ACME client is being validated).
+        Some(hello)
+            if roles.https && ctx.acme.answers_tls_alpn(&hello.alpn, hello.sni.as_deref()) =>
+        {
             ctx.acme
                 .serve_tls_alpn(sock, buf, hello.sni.as_deref())
                 .await;

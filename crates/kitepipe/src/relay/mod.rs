@@ -197,6 +197,15 @@ impl Relay {
             config_file: config.reload_from.as_ref().map(|source| &source.file),
         };
         let identity = IdentityState::load(config.identity.clone(), &inputs, 0)?;
+        let acme = acme::Acme::new(config.acme.as_ref()).map_err(|err| {
+            let mut why = err.to_string();
+            let mut cause = std::error::Error::source(&err);
+            while let Some(err) = cause {
+                why.push_str(&format!(": {err}"));
+                cause = err.source();
+            }
+            RelayError::Acme(why)
+        })?;
         let served_certs = certs::CertStore::default();
         served_certs.load_files(&config.tls_certs)?;
         let mut listeners = Vec::new();
@@ -223,15 +232,6 @@ impl Relay {
             Some(addr) => Some(GatewayListener::bind(addr)?.with_access(&config.events)?),
             None => None,
         };
-        let acme = acme::Acme::new(config.acme.as_ref()).map_err(|err| {
-            let mut why = err.to_string();
-            let mut cause = std::error::Error::source(&err);
-            while let Some(err) = cause {
-                why.push_str(&format!(": {err}"));
-                cause = err.source();
-            }
-            RelayError::Acme(why)
-        })?;
         let handlers = Arc::new(Handlers::new(&config.name, &config.events));
         let mux = MuxConfig {
             heartbeat: config.heartbeat,

@@ -111,6 +111,11 @@ impl Challenges {
         (name == host).then(|| key_authorization.clone())
     }
 
+    /// Whether `name` has a pending TLS-ALPN-01 challenge.
+    pub(super) fn has_tls_alpn01(&self, name: &str) -> bool {
+        lock(&self.tls_alpn01).contains_key(&name.to_ascii_lowercase())
+    }
+
     fn tls_alpn01(&self, name: &str) -> Option<Arc<ServerConfig>> {
         lock(&self.tls_alpn01).get(name).cloned()
     }

@@ -77,10 +77,7 @@ impl AcmeHttp {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|err| ClientError::CaRoot {
-                path: Default::default(),
-                why: err.to_string(),
-            })?
+            .expect("ring's default provider supports TLS 1.2 and 1.3")
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(AcmeHttp {

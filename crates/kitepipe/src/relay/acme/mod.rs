@@ -75,10 +75,10 @@ const RENEW_CHECK_MAX: Duration = Duration::from_secs(3600);
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AcmeError {
     /// The state directory.
-    #[error("ACME state")]
+    #[error(transparent)]
     Store(#[from] StoreError),
     /// The HTTPS client.
-    #[error("ACME client")]
+    #[error(transparent)]
     Client(#[from] ClientError),
 }
 
@@ -203,6 +203,16 @@ impl Acme {
         )
     }
 
+    /// Whether a ClientHello offering `alpn` for `sni` is the CA
+    /// validating one of the relay's pending TLS-ALPN-01 challenges: it
+    /// offers `acme-tls/1` and names a name with such a challenge. Cheap
+    /// for every other ClientHello.
+    pub(crate) fn answers_tls_alpn(&self, alpn: &[Vec<u8>], sni: Option<&str>) -> bool {
+        self.enabled.is_some()
+            && alpn.iter().any(|p| p == ACME_TLS_ALPN)
+            && sni.is_some_and(|name| self.challenges.has_tls_alpn01(name))
+    }
+
     /// Answers a ClientHello offering ALPN `acme-tls/1` (`buf` holds it):
     /// the challenge certificate if `sni` has a pending TLS-ALPN-01
     /// challenge of the relay's own, else the connection is closed.
@@ -213,11 +223,6 @@ impl Acme {
     fn pop_wanted(&self) -> Option<String> {
         lock(&self.wanted).pop_front()
     }
-}
-
-/// Whether a ClientHello's ALPN list offers `acme-tls/1`.
-pub(crate) fn offers_acme_tls(alpn: &[Vec<u8>]) -> bool {
-    alpn.iter().any(|p| p == ACME_TLS_ALPN)
 }
 
 /// The worker: issues wanted certificates and renews due ones until the
@@ -376,6 +381,13 @@ impl Worker {
         match res {
             Ok(issued) => {
                 self.retries.remove(name);
+                if renewal_due(issued.not_after, enabled.config.renew_before) <= unix_now() {
+                    warn!(
+                        not_after = issued.not_after,
+                        "the CA's certificate lives shorter than --acme-renew-before: it is due \
+                         for renewal at once (bounded by the rate limit); lower --acme-renew-before"
+                    );
+                }
                 info!(
                     serial = %issued.serial,
                     not_after = issued.not_after,
