@@ -518,11 +518,12 @@ fn a_burst_gets_429_with_retry_after_and_other_addresses_are_served() {
     assert_eq!(status, 200, "another address has its own bucket: {answer}");
 }
 
-/// Sends one request for `host` on `sock` and reads its answer up to the
-/// end of the head plus `Content-Length` bytes: the status.
-fn request_on(sock: &mut TcpStream, host: &str) -> u16 {
+/// Sends one request for `host` on `sock` (with `fields`, each ending in
+/// CRLF) and reads its answer up to the end of the head plus
+/// `Content-Length` bytes: the status.
+fn request_on(sock: &mut TcpStream, host: &str, fields: &str) -> u16 {
     sock.set_read_timeout(Some(patience())).unwrap();
-    write!(sock, "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    write!(sock, "GET / HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n").unwrap();
     let mut got = Vec::new();
     let mut byte = [0u8; 1];
     while !got.ends_with(b"\r\n\r\n") {
@@ -552,21 +553,21 @@ fn max_connections_refuses_the_connection_past_the_limit() {
     let addr = relay.http_url().trim_start_matches("http://").to_string();
     let host = "conns.example.net";
     let mut first = TcpStream::connect(&addr).unwrap();
-    assert_eq!(request_on(&mut first, host), 200);
+    assert_eq!(request_on(&mut first, host, ""), 200);
     let mut second = TcpStream::connect(&addr).unwrap();
-    assert_eq!(request_on(&mut second, host), 200);
+    assert_eq!(request_on(&mut second, host, ""), 200);
     let mut third = TcpStream::connect(&addr).unwrap();
-    assert_eq!(request_on(&mut third, host), 429);
+    assert_eq!(request_on(&mut third, host, ""), 429);
     let (status, answer) = get(&relay, host, "/", &[]);
     assert_eq!(status, 429, "{answer}");
     assert_eq!(header(&answer, "retry-after"), Some("1"), "{answer}");
     // The held ones keep working (keep-alive).
-    assert_eq!(request_on(&mut first, host), 200);
+    assert_eq!(request_on(&mut first, host, ""), 200);
     drop(first);
     eventually("a freed connection slot", || {
         (get(&relay, host, "/", &[]).0 == 200).then_some(())
     });
-    assert_eq!(request_on(&mut second, host), 200);
+    assert_eq!(request_on(&mut second, host, ""), 200);
 }
 
 /// Header edits both ways and `X-Forwarded-Host`: the backend (which
@@ -662,8 +663,9 @@ fn allowed_visitors_keep_alive_and_pipeline_through_rules() {
 }
 
 /// The htpasswd file changes while the connector runs: within a few
-/// seconds the new user gets in and the removed one does not, on the same
-/// link (never dropped). A file that then turns bad (an MD5 line) keeps
+/// seconds the new user gets in and the removed one does not (not even on
+/// a keep-alive connection opened before), on the same link (never
+/// dropped). A file that then turns bad (an MD5 line) keeps
 /// the last good users, and the connector says why.
 #[test]
 fn a_changed_htpasswd_file_replaces_the_users_without_dropping_the_link() {
@@ -683,6 +685,12 @@ fn a_changed_htpasswd_file_replaces_the_users_without_dropping_the_link() {
     let host = "team.example.net";
     assert_eq!(get(&relay, host, "/", &["-u", "bob:bob-pass"]).0, 200);
     assert_eq!(get(&relay, host, "/", &["-u", "carol:carol-pass"]).0, 401);
+    // Bob keeps a connection open across the change.
+    let addr = relay.http_url().trim_start_matches("http://").to_string();
+    let mut kept = TcpStream::connect(&addr).unwrap();
+    // bob:bob-pass
+    let bob = "Authorization: Basic Ym9iOmJvYi1wYXNz\r\n";
+    assert_eq!(request_on(&mut kept, host, bob), 200);
 
     // Bob leaves, carol joins (a new file, as `htpasswd -c` writes it).
     let out = std::process::Command::new("htpasswd")
@@ -695,6 +703,11 @@ fn a_changed_htpasswd_file_replaces_the_users_without_dropping_the_link() {
     });
     assert_eq!(get(&relay, host, "/", &["-u", "bob:bob-pass"]).0, 401);
     assert_eq!(get(&relay, host, "/", &["-u", "alice:alice-pass"]).0, 401);
+    assert_eq!(
+        request_on(&mut kept, host, bob),
+        401,
+        "a connection opened before the change keeps the old users"
+    );
     connector.wait_for("htpasswd file changed: sending the new users");
 
     // A bad file: the last good users stay.

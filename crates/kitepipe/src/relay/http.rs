@@ -614,9 +614,18 @@ async fn forward_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             let _ = expect.send(Expect::Refusal(page)).await;
             return Ok(());
         }
+        // A kite with rules may have had them replaced (a changed htpasswd
+        // file) since the connection opened: the newest judge.
         if !std::mem::take(&mut admitted)
-            && let Err(page) =
-                admit_request(rules, &head, &buf, forwarded.client_ip, &route.host).await
+            && !rules.admits_all()
+            && let Err(page) = admit_request(
+                &rules.current(),
+                &head,
+                &buf,
+                forwarded.client_ip,
+                &route.host,
+            )
+            .await
         {
             let _ = expect.send(Expect::Refusal(page)).await;
             return Ok(());

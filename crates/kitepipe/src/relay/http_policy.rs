@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -142,6 +142,10 @@ pub(crate) struct HttpRules {
     max_connections: Option<u32>,
     /// Visitor connections open now (each holds a [`ConnPermit`]).
     open: Arc<AtomicU32>,
+    /// The rules a new claim of the kite on the same link put in place of
+    /// these (a changed htpasswd file): requests on connections opened
+    /// before are judged by those.
+    replaced: OnceLock<Arc<HttpRules>>,
 }
 
 /// Basic auth: the users and the logins remembered.
@@ -219,7 +223,23 @@ impl HttpRules {
             rate,
             buckets: Mutex::default(),
             open: Arc::default(),
+            replaced: OnceLock::new(),
         })
+    }
+
+    /// Marks these rules replaced by `newer` (the registry, when a link
+    /// claims the kite again).
+    pub(crate) fn replace_with(&self, newer: Arc<HttpRules>) {
+        let _ = self.replaced.set(newer);
+    }
+
+    /// The rules in force now: these, or the newest that replaced them.
+    pub(crate) fn current(self: &Arc<HttpRules>) -> Arc<HttpRules> {
+        let mut rules = self.clone();
+        while let Some(newer) = rules.replaced.get().cloned() {
+            rules = newer;
+        }
+        rules
     }
 
     /// A new visitor connection to the kite: a permit to hold while it is

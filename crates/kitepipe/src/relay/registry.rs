@@ -436,6 +436,7 @@ impl Registry {
             if let Some(entry) = inner.kites.get_mut(&key) {
                 for backend in entry.backends.iter_mut().filter(|b| b.link == id) {
                     backend.policy = policy.clone();
+                    backend.http.replace_with(http.clone());
                     backend.http = http.clone();
                 }
             }

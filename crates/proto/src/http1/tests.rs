@@ -1088,3 +1088,79 @@ fn garbage_never_panics() {
         let _ = BodyScanner::new(BodyKind::Chunked).scan(&bytes);
     }
 }
+
+#[test]
+fn a_kites_edits_replace_fields_in_any_case_and_add_forwarded_host() {
+    use std::collections::BTreeMap;
+
+    use crate::http_policy::HeaderRules;
+
+    let rules = HeaderRules {
+        set: BTreeMap::from([("X-Team".to_string(), "blue".to_string())]),
+        remove: vec!["cookie".to_string(), "X-Gone".to_string()],
+    };
+    let forwarded = Forwarded {
+        client_ip: IpAddr::from([192, 0, 2, 1]),
+        proto: "http",
+    };
+    let cases: [(&[u8], Option<&[u8]>, &[u8]); 3] = [
+        (
+            b"GET / HTTP/1.1\r\nHost: a.example:8080\r\nCOOKIE: a=1\r\nx-team: red\r\n\
+              X-TEAM: red2\r\nx-gone: 1\r\nAccept: */*\r\n\r\n",
+            Some(b"a.example:8080"),
+            b"GET / HTTP/1.1\r\nHost: a.example:8080\r\nAccept: */*\r\nX-Team: blue\r\n\
+              X-Forwarded-Host: a.example:8080\r\nX-Forwarded-For: 192.0.2.1\r\n\
+              X-Forwarded-Proto: http\r\n\r\n",
+        ),
+        // The visitor's own X-Forwarded-Host never passes; without the
+        // option none is added.
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: evil\r\n\r\n",
+            None,
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Team: blue\r\nX-Forwarded-For: 192.0.2.1\r\n\
+              X-Forwarded-Proto: http\r\n\r\n",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: evil\r\n\r\n",
+            Some(b"a"),
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Team: blue\r\nX-Forwarded-Host: a\r\n\
+              X-Forwarded-For: 192.0.2.1\r\nX-Forwarded-Proto: http\r\n\r\n",
+        ),
+    ];
+    for (head, forwarded_host, want) in cases {
+        let edits = RequestEdits {
+            headers: Some(&rules),
+            forwarded_host,
+        };
+        let got = rewrite_head_with(head, &forwarded, &edits).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(want),
+            "{}",
+            String::from_utf8_lossy(head)
+        );
+        // And the result is one head with the same routing and framing.
+        let again = parse_complete(&got);
+        assert_eq!(again.host, parse_complete(head).host);
+    }
+    // Without edits: exactly `rewrite_head`.
+    let head = b"GET / HTTP/1.1\r\nHost: a\r\nCookie: c\r\n\r\n";
+    assert_eq!(
+        rewrite_head_with(head, &forwarded, &RequestEdits::NONE).unwrap(),
+        rewrite_head(head, &forwarded).unwrap()
+    );
+
+    let response = b"HTTP/1.1 200 OK\r\nserver: x\r\nX-Team: old\r\nContent-Length: 2\r\n\r\n";
+    let edited = edit_response_head(response, &rules);
+    assert_eq!(
+        edited,
+        b"HTTP/1.1 200 OK\r\nserver: x\r\nContent-Length: 2\r\nX-Team: blue\r\n\r\n"
+    );
+    let again = parse_response_head(&edited, "GET").unwrap().unwrap();
+    assert_eq!(again.body, ResponseBody::Framed(BodyKind::Length(2)));
+    assert_eq!(
+        field_value(response, b"SERVER"),
+        Some(&b"x"[..]),
+        "names match in any case"
+    );
+}
