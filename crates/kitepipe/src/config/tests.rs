@@ -884,3 +884,35 @@ fn gateway_origins_and_the_relay_token_file() {
     assert_eq!(connector.events.gateway_token_file, None);
     assert_eq!(connector.events.gateway_origins, ["http://localhost:3000"]);
 }
+
+#[test]
+fn tls_cert_pairs_are_cert_colon_key() {
+    let config = relay(RawRelayConfig {
+        listen: vec!["127.0.0.1:8443".into()],
+        tls_cert: vec!["/etc/a.pem:/etc/a-key.pem".into(), "b.pem:b-key.pem".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        config.tls_certs,
+        [
+            super::TlsCertFiles {
+                cert: "/etc/a.pem".into(),
+                key: "/etc/a-key.pem".into(),
+            },
+            super::TlsCertFiles {
+                cert: "b.pem".into(),
+                key: "b-key.pem".into(),
+            },
+        ]
+    );
+    for bad in ["a.pem", "a.pem:", ":a-key.pem"] {
+        let err = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:8443".into()],
+            tls_cert: vec![bad.into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("tls-cert"), "{bad}: {err}");
+    }
+}
