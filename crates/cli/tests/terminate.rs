@@ -433,6 +433,11 @@ fn a_bad_certificate_pair_stops_the_relay_with_a_clear_error() {
     let err = relay_refuses(&format!("{}:{}", path(&one.cert), "/nonexistent/key.pem"));
     assert!(err.contains("/nonexistent/key.pem"), "{err}");
 
+    // Expired: served, with a warning (the operator may be replacing it).
+    let expired = TestCert::expired(&["app.example.test"]);
+    let relay = relay(&[&expired]);
+    relay.proc.wait_for("this certificate has expired");
+
     let err = relay_refuses(&path(&one.cert));
     assert!(err.contains("CERT.pem:KEY.pem"), "{err}");
 

@@ -1073,6 +1073,15 @@ pub struct TestCert {
 
 impl TestCert {
     pub fn new(names: &[&str]) -> TestCert {
+        TestCert::issue(names, false)
+    }
+
+    /// Like [`TestCert::new`], valid only in 2020.
+    pub fn expired(names: &[&str]) -> TestCert {
+        TestCert::issue(names, true)
+    }
+
+    fn issue(names: &[&str], expired: bool) -> TestCert {
         use rcgen::{
             BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PublicKeyData,
         };
@@ -1087,6 +1096,10 @@ impl TestCert {
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names.clone()).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, names[0].as_str());

@@ -30,7 +30,8 @@ pub struct RawRelayConfig {
     /// Giving the same address as --listen or --https serves them all on one port.
     #[arg(long, env = "KITEPIPE_HTTP", value_name = "ADDR")]
     pub http: Vec<String>,
-    /// Address for visitors' HTTPS, routed by SNI and passed through undecrypted. Repeatable.
+    /// Address for visitors' HTTPS, routed by SNI: passed through undecrypted to https
+    /// kites, terminated for http kites with a --tls-cert certificate. Repeatable.
     #[arg(long, env = "KITEPIPE_HTTPS", value_name = "ADDR")]
     pub https: Vec<String>,
     /// A domain connectors may claim kites in: PROTOS:NAME:SECRET, e.g.

@@ -381,7 +381,7 @@ fn kite_http_rules_are_parsed() {
         })
     };
     let rules = "rate_limit = 5\nrate_burst = 10\nmax_connections = 3\nforwarded_host = true\n\
-                 https_redirect = true\nbackend = \"h2c\"\nauth_realm = \"team\"\n\
+                 https_redirect = true\nbackend = \"h2c\"\n\
                  request_headers = { set = { \"X-Team\" = \"dev\" }, remove = [\"Cookie\"] }\n\
                  response_headers = { remove = [\"Server\"] }";
     let http = config("http", rules).unwrap().kites[0].http.clone();
@@ -393,7 +393,6 @@ fn kite_http_rules_are_parsed() {
         http.backend,
         kitepipe_proto::http_policy::BackendProtocol::H2c
     );
-    assert_eq!(http.auth_realm.as_deref(), Some("team"));
     assert_eq!(http.request_headers.set["X-Team"], "dev");
     assert_eq!(http.request_headers.remove, ["Cookie"]);
     assert_eq!(http.response_headers.remove, ["Server"]);
@@ -1093,5 +1092,37 @@ fn kite_http_rules_read_the_htpasswd_file_and_are_checked() {
     ] {
         let text = config(&extra).unwrap_err().to_string();
         assert!(text.contains(why), "{extra}: {text}");
+    }
+}
+
+#[test]
+fn tls_cert_pairs_are_cert_colon_key() {
+    let config = relay(RawRelayConfig {
+        listen: vec!["127.0.0.1:8443".into()],
+        tls_cert: vec!["/etc/a.pem:/etc/a-key.pem".into(), "b.pem:b-key.pem".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        config.tls_certs,
+        [
+            super::TlsCertFiles {
+                cert: "/etc/a.pem".into(),
+                key: "/etc/a-key.pem".into(),
+            },
+            super::TlsCertFiles {
+                cert: "b.pem".into(),
+                key: "b-key.pem".into(),
+            },
+        ]
+    );
+    for bad in ["a.pem", "a.pem:", ":a-key.pem"] {
+        let err = relay(RawRelayConfig {
+            listen: vec!["127.0.0.1:8443".into()],
+            tls_cert: vec![bad.into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("tls-cert"), "{bad}: {err}");
     }
 }

@@ -10,7 +10,6 @@
 //! running, is told which kites were withdrawn and why, and stops being
 //! routed to for them.
 
-use std::error::Error;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -210,7 +209,7 @@ fn reload(ctx: &Arc<RelayCtx>, why: &str) {
         Some(source) => match source.load() {
             Ok(config) => config,
             Err(err) => {
-                error!(%why, err = %error_chain(&err), "reload failed; keeping the previous identity settings");
+                error!(%why, err = %super::error_chain(&err), "reload failed; keeping the previous identity settings");
                 return;
             }
         },
@@ -224,7 +223,7 @@ fn reload(ctx: &Arc<RelayCtx>, why: &str) {
     let state = match IdentityState::load(config, &inputs, previous.generation + 1) {
         Ok(state) => Arc::new(state),
         Err(err) => {
-            error!(%why, err = %error_chain(&err), "reload failed; keeping the previous identity settings");
+            error!(%why, err = %super::error_chain(&err), "reload failed; keeping the previous identity settings");
             return;
         }
     };
@@ -410,14 +409,3 @@ async fn modification_times(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
     times
 }
 
-/// `err` and its sources, joined with `: `.
-pub(super) fn error_chain(err: &(dyn Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

@@ -116,7 +116,7 @@ pub(crate) fn reload_certs(ctx: &RelayCtx, why: &str) {
     match ctx.certs.load_files(&ctx.config.tls_certs) {
         Ok(names) => info!(%why, names, "certificates for terminated HTTPS reloaded"),
         Err(err) => {
-            error!(%why, err = %super::identity::error_chain(&err), "certificate reload failed; keeping the previous certificates")
+            error!(%why, err = %super::error_chain(&err), "certificate reload failed; keeping the previous certificates")
         }
     }
 }
