@@ -1103,7 +1103,9 @@ fn a_kites_edits_replace_fields_in_any_case_and_add_forwarded_host() {
         client_ip: IpAddr::from([192, 0, 2, 1]),
         proto: "http",
     };
-    let cases: [(&[u8], Option<&[u8]>, &[u8]); 3] = [
+    /// (visitor's head, X-Forwarded-Host, forwarded head)
+    type Case = (&'static [u8], Option<&'static [u8]>, &'static [u8]);
+    let cases: [Case; 3] = [
         (
             b"GET / HTTP/1.1\r\nHost: a.example:8080\r\nCOOKIE: a=1\r\nx-team: red\r\n\
               X-TEAM: red2\r\nx-gone: 1\r\nAccept: */*\r\n\r\n",
