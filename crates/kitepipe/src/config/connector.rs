@@ -138,8 +138,9 @@ pub struct RawConnectorConfig {
 pub enum RawKiteSpec {
     /// `PROTO:NAME[:PORT]=TARGET`.
     Short(String),
-    /// A `[[kite]]` table.
-    Table(RawKite),
+    /// A `[[kite]]` table (boxed: it has many optional settings, the
+    /// short form is one string).
+    Table(Box<RawKite>),
 }
 
 impl From<String> for RawKiteSpec {
@@ -161,7 +162,7 @@ impl<'de> Deserialize<'de> for RawKiteSpec {
         match toml::Value::deserialize(deserializer)? {
             toml::Value::String(text) => Ok(RawKiteSpec::Short(text)),
             toml::Value::Table(table) => RawKite::deserialize(table)
-                .map(RawKiteSpec::Table)
+                .map(|table| RawKiteSpec::Table(Box::new(table)))
                 .map_err(|err| serde::de::Error::custom(err.message())),
             other => Err(serde::de::Error::custom(format!(
                 "a kite is a [[kite]] table (name, protocol, port, target), not {}",
@@ -546,13 +547,13 @@ impl RawConnectorConfig {
             .iter()
             .map(|spec| match spec {
                 RawKiteSpec::Short(text) => match parse_kite_target(text) {
-                    Ok((kite, target)) => RawKiteSpec::Table(RawKite {
+                    Ok((kite, target)) => RawKiteSpec::Table(Box::new(RawKite {
                         name: kite.name,
                         protocol: kite.proto.to_string(),
                         port: (kite.proto == KiteProto::Tcp).then_some(kite.port),
                         target,
                         ..RawKite::default()
-                    }),
+                    })),
                     Err(_) => spec.clone(),
                 },
                 RawKiteSpec::Table(_) => spec.clone(),

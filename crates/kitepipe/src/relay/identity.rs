@@ -408,4 +408,3 @@ async fn modification_times(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
     }
     times
 }
-
