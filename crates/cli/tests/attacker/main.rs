@@ -11,6 +11,7 @@
 mod support;
 
 mod gateway;
+mod h2;
 mod link;
 mod names;
 mod pki;

@@ -90,6 +90,18 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     ctx: Arc<RelayCtx>,
 ) {
+    // h2c with prior knowledge: the HTTP/2 preface instead of a head.
+    let mut sock = sock;
+    match super::h2::sniff_preface(&mut sock, &mut buf).await {
+        Some(true) => {
+            let local = sock.local_addr().ok();
+            let io = super::h2::Rewind::new(buf.freeze(), sock);
+            super::h2::serve(io, peer, local, super::h2::Scheme::Http, ctx).await;
+            return;
+        }
+        Some(false) => {}
+        None => return,
+    }
     let local = sock.local_addr().ok();
     let (mut reader, mut writer) = sock.into_split();
     let head = match read_first_head(&mut reader, &mut buf).await {
