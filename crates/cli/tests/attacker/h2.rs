@@ -272,3 +272,43 @@ fn an_h2_continuation_flood_is_cut_and_others_are_served() {
     );
     assert_eq!(h2_visit(&relay), "hello from backend\n");
 }
+
+/// Slow drip: a HEADERS frame announced at 16 KiB whose bytes come one
+/// every 50 ms. The relay closes the connection once it has had no
+/// complete request for its head timeout (10 s, then a GOAWAY grace),
+/// like a slowloris on the HTTP/1 path; the drip does not keep it open for
+/// the test's patience (30 s, about 600 bytes of the 16 KiB).
+#[test]
+fn an_h2_header_frame_dripped_forever_is_cut() {
+    let (relay, _backend, _connector) = scene();
+    let mut visitor = Visitor::open(&relay);
+    let mut block = get_block();
+    // Padding the block with one literal `x-a: vvv...` to 16 KiB.
+    let value_len = 16_384 - block.len() - 8;
+    block.extend_from_slice(&[0x00, 0x03, b'x', b'-', b'a', 0x7f]);
+    // The value's length past the 7-bit prefix (RFC 7541 5.1), < 128^2.
+    let rest = value_len - 127;
+    block.extend_from_slice(&[0x80 | (rest % 128) as u8, (rest / 128) as u8]);
+    block.resize(block.len() + value_len, b'v');
+    let whole = frame(HEADERS, END_STREAM | END_HEADERS, 1, &block);
+    let mut bytes = whole.iter();
+    let mut n_dripped = 0u32;
+    eventually("the relay cuts the dripping connection", || {
+        if let Some(byte) = bytes.next()
+            && visitor.sock.write_all(&[*byte]).is_ok()
+        {
+            n_dripped += 1;
+        }
+        visitor.ended.load(Ordering::SeqCst).then_some(())
+    });
+    eprintln!("drip: cut after {n_dripped} bytes");
+    assert!(
+        (n_dripped as usize) < whole.len(),
+        "the whole frame went out before the relay cut the connection"
+    );
+    assert!(
+        n_dripped > 100,
+        "cut after {n_dripped} bytes: by something else than the head timeout"
+    );
+    assert_eq!(h2_visit(&relay), "hello from backend\n");
+}
