@@ -12,6 +12,7 @@ mod support;
 
 mod acme;
 mod gateway;
+mod h2;
 mod link;
 mod names;
 mod pki;

@@ -93,6 +93,21 @@ pub fn require_tool(tool: &str, package: &str) -> bool {
         ))
 }
 
+/// Whether this machine's `python3` can import `module`, which PyPI ships
+/// as `package`; otherwise like a missing tool in [`require_tool`].
+pub fn require_python_module(module: &str, package: &str) -> bool {
+    let found = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|out| out.status.success());
+    found
+        || cannot_run(&format!(
+            "needs the Python module {module}, which is not installed: \
+             python3 -m pip install {package} (.ci/run installs it)"
+        ))
+}
+
 /// Whether the test runs as root (network namespaces, other users'
 /// files, sudo); otherwise like a missing tool in [`require_tool`]: said
 /// on the terminal, or a failure with `CI` set.

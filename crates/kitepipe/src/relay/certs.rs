@@ -82,17 +82,9 @@ fn lookup(certs: &RwLock<HashMap<String, ServedCert>>, sni: &str) -> Option<Serv
     certs.get(&format!("*.{parent}")).cloned()
 }
 
-/// Whether terminated connections offer `h2`: true once `h2::serve`
-/// serves HTTP/2 (the h2 part fills that stub; until then a visitor
-/// choosing h2 would get a closed connection).
-const OFFER_H2: bool = false;
-
-/// ALPN protocols of terminated connections, in the relay's preference.
-const TERMINATED_ALPN: &[&[u8]] = if OFFER_H2 {
-    &[b"h2", b"http/1.1"]
-} else {
-    &[b"http/1.1"]
-};
+/// ALPN protocols of terminated connections, in the relay's preference:
+/// HTTP/2 (`h2::serve`), then HTTP/1.1 (the strict path).
+const TERMINATED_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// Why a `--tls-cert` pair cannot be served.
 #[derive(Debug, thiserror::Error)]

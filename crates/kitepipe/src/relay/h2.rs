@@ -1,14 +1,56 @@
 //! Visitors speaking HTTP/2: on a terminated kite whose visitor chose h2
 //! by ALPN, and h2c with prior knowledge on the plain HTTP port.
 //!
-//! STUB (foundation commit): the signature is fixed; the h2 work fills it.
+//! A hyper HTTP/2 server serves the visitor's connection. Each request is
+//! routed by its `:authority` (or `Host`) to an http kite; the first routed
+//! request fixes the connection's kite, later ones for another kite get
+//! 421 (like keep-alive on the HTTP/1 path). The kite's visitor policy (IP
+//! lists) and HTTP rules (connections, basic auth, rate, header edits) are
+//! answered here, before anything reaches the link. Requests go to the
+//! local service over link streams: with `backend = "h2c"` one HTTP/2
+//! client connection per visitor connection carries them all (trailers
+//! pass, so gRPC works); otherwise each goes as HTTP/1.1 on a small pool of
+//! link streams ([`HTTP1_POOL`]). Bodies stream both ways; a backend
+//! failure is a 502 for that request only.
+//!
+//! Every refusal is a styled page: 400 no host, 403 policy, 404 unknown
+//! kite, 405 CONNECT, 421 another kite, 401/429 from the HTTP rules, 502
+//! backend failure, 503 offline.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1 as client1, http2 as client2};
+use hyper::header::{HOST, HeaderMap, HeaderName, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use kitepipe_proto::frame::ResetCode;
+use kitepipe_proto::http_policy::{BackendProtocol, HeaderRules};
+use kitepipe_proto::http1;
+use kitepipe_proto::kite::KiteProto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug};
 
 use super::RelayCtx;
+use super::http::{HEAD_TIMEOUT, IDLE_TIMEOUT};
+use super::http_policy::{ConnPermit, HttpRules, Refusal};
+use super::registry::{Backend, Lookup};
+use super::visitor::{NotOpened, open_visitor_stream};
+use crate::link::{MuxStream, StreamReset};
+use crate::sync;
 
 /// The scheme the visitor used, for `X-Forwarded-Proto` and redirects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +71,62 @@ impl Scheme {
     }
 }
 
+/// The HTTP/2 connection preface a client sends first (RFC 9113 3.4).
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Streams one visitor connection may have open at once (the server's
+/// SETTINGS_MAX_CONCURRENT_STREAMS). Browsers open well under 100 to one
+/// origin (nginx and hyper's clients assume 100); each open stream can hold
+/// a link stream and up to [`STREAM_WINDOW`] of buffered body.
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// The largest header list a visitor may send (decoded names and values,
+/// RFC 9113 SETTINGS_MAX_HEADER_LIST_SIZE), and a backend may answer: the
+/// HTTP/1 path's head bound, so both paths accept the same requests. A
+/// larger block (e.g. endless CONTINUATION frames) is refused while it is
+/// decoded, never buffered whole.
+const MAX_HEADER_LIST: u32 = http1::MAX_HEAD_LEN as u32;
+
+/// Streams a visitor may reset before the relay got to serve them, at any
+/// one time (hyper's default; the rapid-reset defence, CVE-2023-44487):
+/// past it the connection ends with GOAWAY ENHANCE_YOUR_CALM.
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// Streams the relay may reset because the visitor broke the protocol on
+/// them, over a connection's life (h2's default): a visitor that makes
+/// the relay send RST_STREAM over and over is cut.
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// Flow-control windows offered to the visitor: how much request body one
+/// stream, and the whole connection, may send before the relay has
+/// forwarded it. They bound what a visitor can make the relay buffer
+/// (hyper's defaults are 1 MiB and 1 MiB; a connection window of a few
+/// streams' worth lets uploads share the connection).
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Response bytes buffered per stream towards a visitor that reads slowly
+/// (hyper's default is 400 KiB): the backend is read no further ahead.
+const MAX_SEND_BUF: usize = 256 * 1024;
+
+/// How often an HTTP/2 connection (visitor or backend) is pinged, and how
+/// long a ping may go unanswered before the connection is closed: a
+/// vanished peer is noticed even while a long response streams.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// HTTP/1.1 connections (link streams) to the local service one visitor
+/// connection may use at once when the kite's backend is HTTP/1: requests
+/// past it wait for one to be free. A browser's HTTP/1 limit is 6 per
+/// host; this leaves room for long-polling and streaming responses while
+/// one visitor connection cannot open [`MAX_CONCURRENT_STREAMS`]
+/// connections to the owner's service.
+const HTTP1_POOL: usize = 32;
+
+/// How long a closing connection (relay shutdown, idle visitor) may take
+/// to finish its open streams after GOAWAY before it is dropped.
+const GOAWAY_GRACE: Duration = Duration::from_secs(10);
+
 /// Serves one HTTP/2 visitor connection until it ends. `io` has not been
 /// read from (for h2c, bytes already read are replayed by the caller).
 /// `local` is the relay's address the visitor connected to.
@@ -41,5 +139,855 @@ pub(crate) async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _ = (io, peer, local, scheme, ctx);
+    // Ends the backend connections of this visitor connection with it.
+    let token = ctx.token.child_token();
+    let _cancel = token.clone().drop_guard();
+    let (activity, mut idle) = watch::channel(Activity::default());
+    let exec = TrackerExec(ctx.tracker.clone());
+    let conn = Arc::new(Conn {
+        peer,
+        local,
+        scheme,
+        ctx,
+        exec: exec.clone(),
+        route: tokio::sync::Mutex::new(None),
+        activity: Arc::new(activity),
+        token: token.clone(),
+    });
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(exec);
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buf_size(MAX_SEND_BUF)
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        res = connection.as_mut() => {
+            if let Err(err) = res {
+                debug!(%err, "h2 visitor connection ended with an error");
+            }
+            return;
+        }
+        _ = token.cancelled() => debug!("relay shutting down; closing h2 visitor"),
+        _ = idle_for_too_long(&mut idle) => debug!("h2 visitor idle; closing"),
+    }
+    connection.as_mut().graceful_shutdown();
+    match tokio::time::timeout(GOAWAY_GRACE, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => debug!(%err, "h2 visitor connection ended with an error"),
+        Err(_) => debug!("h2 visitor did not finish after GOAWAY; dropping it"),
+    }
+}
+
+/// Reads from `io` into `buf` until `buf` either starts with the HTTP/2
+/// preface (`Some(true)`) or cannot (`Some(false)`: an HTTP/1 head, to be
+/// parsed from `buf`); `None` when the visitor left or stalled first.
+/// Reads nothing when `buf` already tells (an HTTP/1 method other than
+/// `PRI` differs from the preface in its first two bytes).
+pub(crate) async fn sniff_preface<IO>(io: &mut IO, buf: &mut BytesMut) -> Option<bool>
+where
+    IO: AsyncRead + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    while buf.len() < PREFACE.len() && PREFACE.starts_with(buf) {
+        buf.reserve(PREFACE.len());
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return None,
+        }
+    }
+    Some(buf.starts_with(PREFACE))
+}
+
+/// A stream whose first reads return `prefix` (bytes the caller already
+/// read from `inner`), then `inner`'s; writes go to `inner`.
+pub(crate) struct Rewind<IO> {
+    prefix: Bytes,
+    inner: IO,
+}
+
+impl<IO> Rewind<IO> {
+    /// Replays `prefix` before reading `inner`.
+    pub(crate) fn new(prefix: Bytes, inner: IO) -> Rewind<IO> {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Applies header edits: `set` replaces every field of the name, `remove`
+/// drops them. Names or values that are not valid HTTP are skipped (the
+/// rules are checked when the claim is accepted).
+pub(crate) fn apply_header_rules(headers: &mut HeaderMap, rules: &HeaderRules) {
+    for name in &rules.remove {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(name);
+        }
+    }
+    for (name, value) in &rules.set {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// A response body towards the visitor.
+type VisitorBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Spawns hyper's tasks (one per stream, backend connections) on the
+/// relay's tracker, in the visitor connection's span.
+#[derive(Clone)]
+struct TrackerExec(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackerExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut.in_current_span());
+    }
+}
+
+/// What a visitor connection is doing, for its idle bound.
+#[derive(Debug, Clone, Copy, Default)]
+struct Activity {
+    /// Requests whose response has not ended.
+    open: usize,
+    /// Requests so far.
+    requests: u64,
+}
+
+/// Counts one request as open until dropped (with its response body).
+struct Active(Arc<watch::Sender<Activity>>);
+
+impl Active {
+    fn new(activity: &Arc<watch::Sender<Activity>>) -> Active {
+        activity.send_modify(|now| {
+            now.open += 1;
+            now.requests += 1;
+        });
+        Active(activity.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|now| now.open -= 1);
+    }
+}
+
+/// Resolves once the connection has had no open request for too long:
+/// [`HEAD_TIMEOUT`] before its first request (a visitor that connects and
+/// sends no complete request, e.g. a header block dripped in CONTINUATION
+/// frames), [`IDLE_TIMEOUT`] after. Cancel-safe.
+async fn idle_for_too_long(activity: &mut watch::Receiver<Activity>) {
+    loop {
+        let now = *activity.borrow_and_update();
+        if now.open == 0 {
+            let patience = if now.requests == 0 {
+                HEAD_TIMEOUT
+            } else {
+                IDLE_TIMEOUT
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(patience) => return,
+                res = activity.changed() => if res.is_err() { std::future::pending::<()>().await },
+            }
+        } else if activity.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// One visitor connection, shared by its requests.
+struct Conn {
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    scheme: Scheme,
+    ctx: Arc<RelayCtx>,
+    exec: TrackerExec,
+    /// The kite the first routed request chose, then every request's.
+    route: tokio::sync::Mutex<Option<Arc<Route>>>,
+    /// Open requests, for the idle bound.
+    activity: Arc<watch::Sender<Activity>>,
+    /// Cancelled when the visitor connection ends: ends its backend
+    /// connections.
+    token: CancellationToken,
+}
+
+/// The kite a connection's requests go to.
+struct Route {
+    /// The name the first request asked for.
+    host: String,
+    /// The backends serving it, the one routed to first (its policy and
+    /// rules apply); link streams fail over to the others.
+    backends: Vec<Backend>,
+    /// The kite's connection slot (max_connections), held while the
+    /// visitor connection is open.
+    _permit: ConnPermit,
+    upstream: Upstream,
+}
+
+impl Route {
+    fn rules(&self) -> &HttpRules {
+        &self.backends[0].http
+    }
+}
+
+/// How requests reach the local service.
+enum Upstream {
+    /// One HTTP/2 connection over one link stream, opened by the first
+    /// request (again if it closed).
+    H2c(tokio::sync::Mutex<Option<client2::SendRequest<Incoming>>>),
+    /// HTTP/1.1 connections over link streams, reused.
+    Http1(Pool),
+}
+
+/// A visitor connection's HTTP/1.1 connections to the local service:
+/// at most [`HTTP1_POOL`] in use, idle ones reused.
+struct Pool {
+    idle: Arc<Mutex<Vec<client1::SendRequest<Incoming>>>>,
+    slots: Arc<Semaphore>,
+}
+
+/// An HTTP/1.1 connection in use by one request; back to the pool when
+/// dropped after its response ended cleanly.
+struct Checkout {
+    sender: Option<client1::SendRequest<Incoming>>,
+    idle: Arc<Mutex<Vec<client1::SendRequest<Incoming>>>>,
+    _slot: OwnedSemaphorePermit,
+    reusable: bool,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take()
+            && self.reusable
+            && !sender.is_closed()
+        {
+            sync::lock(&self.idle).push(sender);
+        }
+    }
+}
+
+/// A response body towards the visitor, holding the request's resources
+/// until it ends: its [`Active`] count, and its HTTP/1 connection (reused
+/// only if the body ended).
+struct Tracked {
+    inner: VisitorBody,
+    checkout: Option<Checkout>,
+    _active: Active,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = res
+            && let Some(checkout) = &mut self.checkout
+        {
+            checkout.reusable = true;
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(checkout) = &mut self.checkout
+        {
+            checkout.reusable = true;
+        }
+    }
+}
+
+/// Answers one request: a page from the relay, or the backend's response.
+async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Tracked> {
+    let active = Active::new(&conn.activity);
+    let (response, checkout) = match forward(&conn, req).await {
+        Ok(answer) => answer,
+        Err(page) => (page, None),
+    };
+    response.map(|inner| Tracked {
+        inner,
+        checkout,
+        _active: active,
+    })
+}
+
+/// A page from the relay instead of the backend's answer.
+type Page = Response<VisitorBody>;
+
+/// Routes, checks and forwards one request; the backend's response (with
+/// the HTTP/1 connection it holds), or the page that answers instead.
+async fn forward(
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> Result<(Response<VisitorBody>, Option<Checkout>), Page> {
+    if req.method() == Method::CONNECT {
+        return Err(page(
+            405,
+            "Method Not Allowed",
+            "CONNECT is not supported over HTTP/2 on this relay.",
+            &[],
+        ));
+    }
+    let authority = authority_of(&req).ok_or_else(|| {
+        page(
+            400,
+            "Bad Request",
+            "The request has no Host header, so kitepipe cannot tell which site you want.",
+            &[],
+        )
+    })?;
+    let host = http1::route_authority(authority.as_bytes()).map_err(|err| {
+        page(
+            400,
+            "Bad Request",
+            &format!("kitepipe could not read this request: {err}."),
+            &[],
+        )
+    })?;
+    let route = route(conn, &host).await?;
+    let rules = route.rules();
+    if conn.scheme == Scheme::Http && rules.https_redirect() {
+        let path = req.uri().path_and_query().map_or("/", |path| path.as_str());
+        let location = format!("https://{authority}{path}");
+        let detail = format!("{host} is served over HTTPS: {location}");
+        return Err(page(
+            308,
+            "Permanent Redirect",
+            &detail,
+            &[("Location", location.clone())],
+        ));
+    }
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|value| value.as_bytes().to_vec());
+    if let Err(refusal) = rules
+        .request(conn.peer.ip(), authorization.as_deref())
+        .await
+    {
+        return Err(refusal_page(&refusal, &host));
+    }
+    let protocol = match route.upstream {
+        Upstream::H2c(_) => BackendProtocol::H2c,
+        Upstream::Http1(_) => BackendProtocol::Http1,
+    };
+    let req = backend_request(req, conn, &authority, rules, protocol);
+    debug!(%host, method = %req.method(), path = %req.uri().path(), "h2 request");
+    let (response, checkout) = match &route.upstream {
+        Upstream::H2c(slot) => (send_h2c(conn, &route, slot, req).await?, None),
+        Upstream::Http1(pool) => {
+            let (response, checkout) = send_http1(conn, &route, pool, req).await?;
+            (response, Some(checkout))
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    apply_header_rules(&mut parts.headers, rules.response_headers());
+    Ok((Response::from_parts(parts, body.boxed_unsync()), checkout))
+}
+
+/// The authority a request is for: its `:authority`, else its `Host`.
+fn authority_of(req: &Request<Incoming>) -> Option<String> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str().to_string());
+    }
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next()?;
+    if hosts.next().is_some() {
+        return None;
+    }
+    host.to_str().ok().map(str::to_string)
+}
+
+/// The connection's route for a request to `host`: the one the first
+/// routed request chose (if `host` routes to the same kite on the same
+/// link), or a new one if none was chosen yet.
+async fn route(conn: &Conn, host: &str) -> Result<Arc<Route>, Page> {
+    let mut slot = conn.route.lock().await;
+    if let Some(route) = slot.as_ref() {
+        if route.host == host || same_kite(conn, route, host) {
+            return Ok(route.clone());
+        }
+        debug!(first = %route.host, %host, "h2 request for another kite");
+        let detail = format!(
+            "This connection was opened for {}; open a new connection for {host}.",
+            route.host
+        );
+        return Err(page(421, "Misdirected Request", &detail, &[]));
+    }
+    let backends = match conn.ctx.registry.lookup_name(KiteProto::Http, host) {
+        Lookup::Found(backends) if !backends.is_empty() => backends,
+        Lookup::Found(_) | Lookup::Offline => {
+            let detail = format!(
+                "The site {host} is known to this relay, but no connector is serving it right now. Try again later."
+            );
+            return Err(page(503, "Kite offline", &detail, &[]));
+        }
+        Lookup::Unknown => {
+            let detail = format!("This relay does not serve {host}. Check the address.");
+            return Err(page(404, "Unknown kite", &detail, &[]));
+        }
+    };
+    let first = &backends[0];
+    // The same check `open_visitor_stream` makes, here before any rule
+    // answers: a refused address learns nothing more about the kite.
+    if !first.policy.admits(conn.peer.ip()) {
+        debug!(node = %first.node, kite = %first.kite, peer = %conn.peer, "visitor refused by the kite's policy");
+        return Err(forbidden(host, conn.peer));
+    }
+    let permit = first
+        .http
+        .connection()
+        .map_err(|refusal| refusal_page(&refusal, host))?;
+    let upstream = match first.http.backend() {
+        BackendProtocol::H2c => Upstream::H2c(tokio::sync::Mutex::new(None)),
+        BackendProtocol::Http1 => Upstream::Http1(Pool {
+            idle: Arc::new(Mutex::new(Vec::new())),
+            slots: Arc::new(Semaphore::new(HTTP1_POOL)),
+        }),
+    };
+    debug!(node = %first.node, %host, "h2 visitor routed");
+    let route = Arc::new(Route {
+        host: host.to_string(),
+        backends,
+        _permit: permit,
+        upstream,
+    });
+    *slot = Some(route.clone());
+    Ok(route)
+}
+
+/// Whether `host` routes to the route's kite on the same link (another
+/// name under one wildcard, say).
+fn same_kite(conn: &Conn, route: &Route, host: &str) -> bool {
+    let routed = &route.backends[0];
+    match conn.ctx.registry.lookup_name(KiteProto::Http, host) {
+        Lookup::Found(backends) => backends
+            .iter()
+            .any(|b| b.link == routed.link && b.kite == routed.kite),
+        Lookup::Offline | Lookup::Unknown => false,
+    }
+}
+
+/// The request as the local service gets it: the relay's own
+/// `X-Forwarded-For` and `X-Forwarded-Proto` (and `X-Forwarded-Host` when
+/// asked) instead of the visitor's, the kite's header edits, and the form
+/// the backend protocol wants (HTTP/1.1: origin-form target and `Host`;
+/// h2c: absolute URI, no `Host`).
+fn backend_request(
+    req: Request<Incoming>,
+    conn: &Conn,
+    authority: &str,
+    rules: &HttpRules,
+    protocol: BackendProtocol,
+) -> Request<Incoming> {
+    let (mut parts, body) = req.into_parts();
+    let headers = &mut parts.headers;
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            http1::is_forwarding_field(name.as_str().as_bytes())
+                || http1::is_kitepipe_field(name.as_str().as_bytes())
+        })
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+    let client_ip = conn.peer.ip().to_canonical().to_string();
+    // An IP address and a scheme literal are valid header values.
+    headers.insert(
+        "x-forwarded-for",
+        HeaderValue::from_str(&client_ip).expect("an IP address is a header value"),
+    );
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(conn.scheme.as_str()),
+    );
+    let authority_value = HeaderValue::from_str(authority).ok();
+    if rules.forwarded_host()
+        && let Some(value) = &authority_value
+    {
+        headers.insert("x-forwarded-host", value.clone());
+    }
+    apply_header_rules(headers, rules.request_headers());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |path| path.as_str())
+        .to_string();
+    match protocol {
+        BackendProtocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            if let Ok(uri) = path.parse::<Uri>() {
+                parts.uri = uri;
+            }
+            if let Some(value) = authority_value {
+                parts.headers.insert(HOST, value);
+            }
+        }
+        BackendProtocol::H2c => {
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(HOST);
+            if let Ok(uri) = Uri::builder()
+                .scheme(conn.scheme.as_str())
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+            {
+                parts.uri = uri;
+            }
+        }
+    }
+    Request::from_parts(parts, body)
+}
+
+/// Opens a link stream to the route's kite.
+async fn open_stream(conn: &Conn, route: &Route) -> Result<MuxStream, Page> {
+    match open_visitor_stream(&route.backends, Some(&route.host), conn.peer, conn.local).await {
+        Ok((stream, _)) => Ok(stream),
+        Err(NotOpened::Refused) => Err(forbidden(&route.host, conn.peer)),
+        Err(NotOpened::Unreachable) => {
+            let detail = format!(
+                "No connector serving {} is reachable right now. Try again later.",
+                route.host
+            );
+            Err(page(503, "Kite offline", &detail, &[]))
+        }
+    }
+}
+
+/// Runs a backend connection until it ends or the visitor connection does.
+fn spawn_backend_connection<F>(conn: &Conn, connection: F)
+where
+    F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    let token = conn.token.clone();
+    conn.exec.0.spawn(
+        async move {
+            tokio::select! {
+                res = connection => if let Err(err) = res {
+                    debug!(%err, "backend connection ended with an error");
+                },
+                _ = token.cancelled() => {}
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+/// Sends a request on the route's h2c connection, opening it first if
+/// there is none (or it closed).
+async fn send_h2c(
+    conn: &Conn,
+    route: &Route,
+    slot: &tokio::sync::Mutex<Option<client2::SendRequest<Incoming>>>,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, Page> {
+    let sender = {
+        let mut slot = slot.lock().await;
+        match slot.as_ref() {
+            Some(sender) if !sender.is_closed() => sender.clone(),
+            _ => {
+                let stream = open_stream(conn, route).await?;
+                let mut builder = client2::Builder::new(conn.exec.clone());
+                builder
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(MAX_HEADER_LIST)
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(CONNECTION_WINDOW)
+                    .max_send_buf_size(MAX_SEND_BUF)
+                    .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
+                let (sender, connection) = builder
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|err| bad_gateway(&route.host, &err))?;
+                spawn_backend_connection(conn, connection);
+                *slot = Some(sender.clone());
+                sender
+            }
+        }
+    };
+    let mut sender = sender;
+    sender
+        .ready()
+        .await
+        .map_err(|err| bad_gateway(&route.host, &err))?;
+    sender
+        .send_request(req)
+        .await
+        .map_err(|err| bad_gateway(&route.host, &err))
+}
+
+/// Sends a request on an HTTP/1.1 connection from the pool: an idle one,
+/// or a new link stream when none is; a request an idle connection closed
+/// under before it was sent goes once more on a new one.
+async fn send_http1(
+    conn: &Conn,
+    route: &Route,
+    pool: &Pool,
+    req: Request<Incoming>,
+) -> Result<(Response<Incoming>, Checkout), Page> {
+    // The semaphore is never closed.
+    let slot = pool
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the pool's semaphore is never closed");
+    let mut req = req;
+    loop {
+        let idle = sync::lock(&pool.idle).pop();
+        let Some(mut sender) = idle else { break };
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(response) => {
+                let checkout = Checkout {
+                    sender: Some(sender),
+                    idle: pool.idle.clone(),
+                    _slot: slot,
+                    reusable: false,
+                };
+                return Ok((response, checkout));
+            }
+            Err(mut err) => match err.take_message() {
+                Some(unsent) => req = unsent,
+                None => return Err(bad_gateway(&route.host, err.error())),
+            },
+        }
+    }
+    let stream = open_stream(conn, route).await?;
+    let (mut sender, connection) = client1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|err| bad_gateway(&route.host, &err))?;
+    spawn_backend_connection(conn, connection);
+    let response = sender
+        .send_request(req)
+        .await
+        .map_err(|err| bad_gateway(&route.host, &err))?;
+    let checkout = Checkout {
+        sender: Some(sender),
+        idle: pool.idle.clone(),
+        _slot: slot,
+        reusable: false,
+    };
+    Ok((response, checkout))
+}
+
+/// A styled page (the HTTP/1 path's, without its `Connection: close`).
+fn page(status: u16, title: &str, detail: &str, extra: &[(&'static str, String)]) -> Page {
+    let whole = http1::error_response(status, title, detail);
+    let body_at = whole
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .map_or(whole.len(), |at| at + 4);
+    let body = Bytes::from(whole).slice(body_at..);
+    let mut response = Response::new(
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    headers.insert("x-kitepipe-error", HeaderValue::from(status));
+    for (name, value) in extra {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(*name, value);
+        }
+    }
+    response
+}
+
+/// The page for a refusal by the kite's HTTP rules.
+fn refusal_page(refusal: &Refusal, host: &str) -> Page {
+    let (status, title, detail, extra) = refusal.page(host);
+    page(status, title, &detail, &extra)
+}
+
+/// The 403 page for a visitor the kite's policy refuses.
+fn forbidden(site: &str, peer: SocketAddr) -> Page {
+    let detail = format!(
+        "The owner of {site} does not allow visitors from {} to reach it.",
+        peer.ip().to_canonical()
+    );
+    page(403, "Forbidden", &detail, &[])
+}
+
+/// The 502 page for a request the backend failed, saying why.
+fn bad_gateway(host: &str, err: &hyper::Error) -> Page {
+    let detail = match stream_reset(err) {
+        Some(reset) if reset.code == ResetCode::TargetUnreachable => format!(
+            "The connector serving {host} could not reach its local service: {}.",
+            reset.reason
+        ),
+        Some(reset) => format!(
+            "The connector serving {host} refused the request: {}.",
+            reset.reason
+        ),
+        None => format!("The local service of {host} failed to answer: {err}."),
+    };
+    debug!(%host, %err, "h2 request failed at the backend");
+    page(502, "Bad Gateway", &detail, &[])
+}
+
+/// The link's stream reset under `err`, if that is what failed.
+fn stream_reset(err: &hyper::Error) -> Option<&StreamReset> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(reset) = cause.downcast_ref::<StreamReset>() {
+            return Some(reset);
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && let Some(reset) = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<StreamReset>())
+        {
+            return Some(reset);
+        }
+        source = cause.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sniff_preface_tells_h2c_from_http1_and_rewind_replays() {
+        let cases: [(&[u8], Option<bool>); 5] = [
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nrest", Some(true)),
+            (b"GET / HTTP/1.1\r\n\r\n", Some(false)),
+            (b"POST / HTTP/1.1\r\n\r\n", Some(false)),
+            (b"PRI * HTTP/1.1\r\n\r\n", Some(false)),
+            (b"PRI * HT", None),
+        ];
+        for (input, want) in cases {
+            let (mut client, mut server) = tokio::io::duplex(8);
+            let input = input.to_vec();
+            let writer = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = client.write_all(&input).await;
+                // Dropping `client` ends the stream.
+            });
+            let mut buf = BytesMut::new();
+            assert_eq!(sniff_preface(&mut server, &mut buf).await, want, "{buf:?}");
+            if want == Some(true) {
+                let mut rewound = Rewind::new(buf.freeze(), server);
+                let mut all = Vec::new();
+                rewound.read_to_end(&mut all).await.unwrap();
+                assert_eq!(all, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nrest");
+            } else {
+                // The writer may still be blocked on the rest of its input.
+                drop(server);
+            }
+            writer.await.unwrap();
+        }
+    }
+
+    #[test]
+    fn header_rules_set_replaces_and_remove_drops() {
+        let mut headers = HeaderMap::new();
+        headers.append("cookie", HeaderValue::from_static("a=1"));
+        headers.append("x-a", HeaderValue::from_static("old"));
+        headers.append("x-a", HeaderValue::from_static("older"));
+        headers.append("keep", HeaderValue::from_static("yes"));
+        let rules = HeaderRules {
+            set: [("X-A".to_string(), "new".to_string())].into(),
+            remove: vec!["Cookie".to_string(), "bad name".to_string()],
+        };
+        apply_header_rules(&mut headers, &rules);
+        assert_eq!(headers.get_all("x-a").iter().collect::<Vec<_>>(), ["new"]);
+        assert!(headers.get("cookie").is_none());
+        assert_eq!(headers["keep"], "yes");
+    }
 }

@@ -139,6 +139,26 @@ impl VisitorConn for TcpStream {
     }
 }
 
+/// Serves a visitor on plain TCP (`buf`: bytes already read): a
+/// connection that opens with the HTTP/2 preface (h2c with prior
+/// knowledge) goes to `h2`, anything else is HTTP/1.
+pub(crate) async fn serve_plain(
+    mut sock: TcpStream,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    ctx: Arc<RelayCtx>,
+) {
+    match super::h2::sniff_preface(&mut sock, &mut buf).await {
+        Some(true) => {
+            let local = sock.local_addr().ok();
+            let io = super::h2::Rewind::new(buf.freeze(), sock);
+            super::h2::serve(io, peer, local, Scheme::Http, ctx).await;
+        }
+        Some(false) => serve(sock, buf, peer, Scheme::Http, None, ctx).await,
+        None => {}
+    }
+}
+
 /// Serves one visitor connection; `buf` holds bytes already read.
 /// `scheme`: how the visitor reached the relay (`X-Forwarded-Proto`, the
 /// redirect to HTTPS); `sni`: the name a terminated connection's TLS was

@@ -16,7 +16,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, warn};
 
 use super::RelayCtx;
-use super::h2::Scheme;
 use crate::accept::accept;
 use crate::config::ListenerConfig;
 use crate::pki::is_link_alpn;
@@ -53,7 +52,7 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
         return;
     }
     if roles.http && !roles.link && !roles.https {
-        super::http::serve(sock, BytesMut::new(), peer, Scheme::Http, None, ctx).await;
+        super::http::serve_plain(sock, BytesMut::new(), peer, ctx).await;
         return;
     }
     let mut sock = sock;
@@ -114,7 +113,7 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
         },
         Some(_) => debug!("TLS client without the kitepipe ALPN on a link-only port"),
         None if roles.http => {
-            super::http::serve(sock, buf, peer, Scheme::Http, None, ctx).await;
+            super::http::serve_plain(sock, buf, peer, ctx).await;
         }
         None => debug!("plain bytes on a TLS-only port; dropping connection"),
     }

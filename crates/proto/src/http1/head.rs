@@ -326,6 +326,24 @@ fn absolute_form_host(target: &str) -> Result<String, HttpError> {
     parse_authority(authority.as_bytes())
 }
 
+/// The host to route by in an authority (`host [ ":" port ]`, e.g. an
+/// HTTP/2 `:authority` or a `Host` value), as [`RequestHead::host`] has it
+/// for HTTP/1: lowercased, without port or trailing dot, IPv6 literals in
+/// brackets; userinfo is refused.
+///
+/// ```
+/// use kitepipe_proto::http1::route_authority;
+/// assert_eq!(route_authority(b"Blog.Example.NET.:8080")?, "blog.example.net");
+/// assert!(route_authority(b"user@blog.example.net").is_err());
+/// # Ok::<(), kitepipe_proto::http1::HttpError>(())
+/// ```
+pub fn route_authority(authority: &[u8]) -> Result<String, HttpError> {
+    if authority.contains(&b'@') {
+        return Err(HttpError::Malformed("userinfo in target"));
+    }
+    parse_authority(authority)
+}
+
 /// Parses `host [ ":" port ]` into the host to route by: lowercased, without
 /// port or trailing dot, IPv6 literals in brackets.
 fn parse_authority(authority: &[u8]) -> Result<String, HttpError> {

@@ -28,6 +28,7 @@ mod tests;
 
 pub use body::{BodyProgress, BodyScanner};
 pub use error::{HttpError, error_response, error_response_with, reason_phrase};
+pub use head::route_authority;
 pub use head::{
     BodyKind, RequestHead, ResponseBody, ResponseHead, parse_request_head, parse_response_head,
 };
