@@ -337,9 +337,17 @@ fn grpc_calls_pass_through_an_h2c_kite() {
         "backend = \"h2c\"",
     );
     let http = relay.http.expect("relay has an HTTP port").to_string();
+    check_grpc_calls(&script, &[&http, "grpc.example.net"]);
+    drop(server);
+}
+
+/// Runs grpc_echo.py's client with `args` (address, authority, and the CA
+/// file for TLS) and checks every call's answer, trailers and status.
+fn check_grpc_calls(script: &std::path::Path, args: &[&str]) {
     let out = Command::new("python3")
-        .arg(&script)
-        .args(["client", &http, "grpc.example.net"])
+        .arg(script)
+        .arg("client")
+        .args(args)
         .output()
         .expect("run the gRPC client");
     assert!(
@@ -362,13 +370,11 @@ fn grpc_calls_pass_through_an_h2c_kite() {
     assert_eq!(got["collect"], "a+b+c", "{got}");
     assert_eq!(got["fail_code"], "PERMISSION_DENIED", "{got}");
     assert_eq!(got["fail_details"], "no entry", "{got}");
-    drop(server);
 }
 
-/// HTTPS visitors get h2 by ALPN on a terminated kite.
-#[test]
-fn https_visitors_negotiate_h2_on_a_terminated_kite() {
-    let dir = TempDir::new("h2-tls");
+/// A self-signed certificate for `name` (openssl), as (cert, key) paths
+/// in `dir`.
+fn self_signed(dir: &TempDir, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
     let status = Command::new("openssl")
@@ -380,8 +386,13 @@ fn https_visitors_negotiate_h2_on_a_terminated_kite() {
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
         ])
-        .args(["-nodes", "-subj", "/CN=h2.example.net", "-addext"])
-        .args(["subjectAltName=DNS:h2.example.net", "-days", "1", "-keyout"])
+        .args(["-nodes", "-subj", &format!("/CN={name}"), "-addext"])
+        .args([
+            &format!("subjectAltName=DNS:{name}"),
+            "-days",
+            "1",
+            "-keyout",
+        ])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -389,6 +400,52 @@ fn https_visitors_negotiate_h2_on_a_terminated_kite() {
         .status()
         .expect("openssl is installed");
     assert!(status.success(), "openssl req failed");
+    (cert, key)
+}
+
+/// gRPC through a kite whose TLS the relay terminates: the client
+/// verifies the relay's certificate, gets h2 by ALPN, and the relay
+/// speaks h2c to the gRPC server; unary, server-streaming,
+/// client-streaming calls and an error status all pass.
+#[test]
+fn grpc_calls_pass_through_a_terminated_kite() {
+    if !require_python_module("grpc", "grpcio") {
+        return;
+    }
+    let dir = TempDir::new("grpc-tls");
+    let (cert, key) = self_signed(&dir, "grpc.example.net");
+    let tls = format!("{}:{}", path(&cert), path(&key));
+    let relay = Relay::new()
+        .domain(&format!("http:*.example.net:{SECRET}"))
+        .args(&["--https", "127.0.0.1:0", "--tls-cert", &tls])
+        .start();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/grpc_echo.py");
+    let mut command = Command::new("python3");
+    command.arg("-u").arg(&script).arg("server");
+    let server = Proc::spawn("grpc-server", command);
+    let port: u16 = server
+        .wait_for("READY ")
+        .lines()
+        .find_map(|l| l.strip_prefix("READY "))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the gRPC server prints its port");
+    let (_connector, _dir) = kite(
+        &relay,
+        "grpc.example.net",
+        &format!("127.0.0.1:{port}"),
+        "backend = \"h2c\"",
+    );
+    let https = relay.https.expect("relay has an HTTPS port").to_string();
+    check_grpc_calls(&script, &[&https, "grpc.example.net", &path(&cert)]);
+    drop(server);
+}
+
+/// HTTPS visitors get h2 by ALPN on a terminated kite.
+#[test]
+fn https_visitors_negotiate_h2_on_a_terminated_kite() {
+    let dir = TempDir::new("h2-tls");
+    let (cert, key) = self_signed(&dir, "h2.example.net");
     let tls = format!("{}:{}", path(&cert), path(&key));
     let relay = Relay::new()
         .domain(&format!("http:*.example.net:{SECRET}"))

@@ -61,10 +61,19 @@ def server():
     srv.wait_for_termination()
 
 
-def client(addr, authority):
+def client(addr, authority, root=None):
+    """Calls every method through `addr` as `authority`: over h2c, or over
+    TLS verified against the CA file `root` when given."""
     options = [("grpc.default_authority", authority)]
     out = {}
-    with grpc.insecure_channel(addr, options=options) as channel:
+    if root is None:
+        channel = grpc.insecure_channel(addr, options=options)
+    else:
+        with open(root, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        options.append(("grpc.ssl_target_name_override", authority))
+        channel = grpc.secure_channel(addr, credentials, options=options)
+    with channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         method = "/%s/" % SERVICE
         reply, call = channel.unary_unary(method + "Unary").with_call(b"hi", timeout=30)
@@ -90,4 +99,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "server":
         server()
     else:
-        client(sys.argv[2], sys.argv[3])
+        client(*sys.argv[2:5])
