@@ -991,3 +991,46 @@ fn a_stranger_guessing_passwords_gets_429_and_others_are_served_promptly() {
     );
     assert!(relay.proc.exited().is_none());
 }
+
+/// A visitor that sends a whole ClientHello for a terminated name, then
+/// never finishes the handshake: the relay answers, waits out its
+/// handshake deadline (10 s) and closes; others are served meanwhile.
+#[test]
+// The relay's deadline is real time, and so is what this test measures.
+#[allow(clippy::disallowed_methods)]
+fn a_stalled_tls_handshake_is_closed_after_the_handshake_deadline() {
+    let site = Terminating::start();
+    let mut sock = connect(site.port());
+    sock.write_all(&site.client_hello("app.example.net"))
+        .unwrap();
+    let mut first = [0u8; 1];
+    sock.read_exact(&mut first)
+        .expect("the relay answers the ClientHello");
+    assert_eq!(first[0], 0x16, "a handshake record (ServerHello)");
+    site.still_serves("/while-one-stalls");
+    let started = std::time::Instant::now();
+    sock.set_read_timeout(Some(scaled(std::time::Duration::from_secs(25))))
+        .unwrap();
+    let rest = closed_by_relay_after_flight(&mut sock);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(5),
+        "closed too early ({:?}): {rest} bytes",
+        started.elapsed()
+    );
+}
+
+/// Reads (and drops) until the relay closes; the number of bytes read.
+/// Panics if it keeps the connection open past the socket's timeout.
+fn closed_by_relay_after_flight(sock: &mut TcpStream) -> usize {
+    let mut total = 0;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match sock.read(&mut chunk) {
+            Ok(0) => return total,
+            Ok(n) => total += n,
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => return total,
+            Err(err) => panic!("the relay kept a stalled handshake open ({err})"),
+        }
+        assert!(total < 64 * 1024, "the relay keeps sending");
+    }
+}
