@@ -148,6 +148,14 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // A kite whose local service speaks only HTTP/2: hyper translates.
+    if super::h2::wants_translation(&backends) {
+        if let Ok(sock) = reader.reunite(writer) {
+            let io = super::h2::Rewind::new(buf.freeze(), sock);
+            super::h2::serve_http1(io, peer, local, super::h2::Scheme::Http, ctx).await;
+        }
+        return;
+    }
     let (stream, backend) = match open_visitor_stream(&backends, Some(&host), peer, local).await {
         Ok(opened) => opened,
         Err(NotOpened::Refused) => {
