@@ -258,9 +258,10 @@ fn h2c_refusals_are_styled_pages() {
 }
 
 /// An h2c local service (`backend = "h2c"`): curl's requests reach it as
-/// HTTP/2 with the relay's forwarding headers, bodies both ways; several
-/// requests on one visitor connection share one h2c connection, and the
-/// service's trailers reach the visitor.
+/// HTTP/2 with the relay's forwarding headers, bodies both ways, from h2c
+/// and from HTTP/1.1 visitors (translated); several requests on one
+/// visitor connection share one h2c connection, and the service's
+/// trailers reach an HTTP/2 visitor.
 #[test]
 fn h2c_visitors_reach_an_h2c_backend() {
     let relay = relay();
@@ -286,6 +287,16 @@ fn h2c_visitors_reach_an_h2c_backend() {
         &["--data-binary", "twelve bytes"],
     );
     assert_eq!(body, want("POST", "/post", 12));
+    // HTTP/1.1 visitors too: translated to HTTP/2, two requests on one
+    // keep-alive connection sharing one h2c connection.
+    let out = curl_ok(&[
+        "--http1.1",
+        "-H",
+        "Host: h2c.example.net",
+        &format!("{url}/h1a"),
+        &format!("{url}/h1b"),
+    ]);
+    assert_eq!(out, want("GET", "/h1a", 0) + &want("GET", "/h1b", 0));
 
     let mut client = H2Client::connect(&relay);
     let requests = (0..4)
@@ -304,7 +315,7 @@ fn h2c_visitors_reach_an_h2c_backend() {
     }
     assert_eq!(
         backend.connections(),
-        3,
+        4,
         "one connection per curl, then one for all of the client's requests"
     );
 }

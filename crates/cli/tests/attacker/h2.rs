@@ -312,3 +312,65 @@ fn an_h2_header_frame_dripped_forever_is_cut() {
     );
     assert_eq!(h2_visit(&relay), "hello from backend\n");
 }
+
+/// A cut response never looks complete over HTTP/2 either: the local
+/// service sends part of a Content-Length body, then its connector dies;
+/// the relay resets the visitor's stream, and curl fails instead of
+/// ending the response cleanly.
+#[test]
+fn a_connector_killed_mid_response_resets_the_h2_stream() {
+    if !require_tool("curl", "curl") {
+        return;
+    }
+    let relay = Relay::new()
+        .domain(&format!("http:*.example.net:{SECRET}"))
+        .start();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let wrote = Arc::new(AtomicBool::new(false));
+    let wrote2 = wrote.clone();
+    // Serves one connection: half a response, then nothing, for as long as
+    // the test process lives.
+    std::thread::spawn(move || {
+        let (mut sock, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && sock.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        let _ = sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n");
+        let _ = sock.write_all(&[b'x'; 5000]);
+        wrote2.store(true, Ordering::SeqCst);
+        let _ = sock.read(&mut byte);
+    });
+    let mut connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("http:cut.example.net={backend}"))
+        .start();
+    let url = format!("{}/", relay.http_url());
+    let dir = TempDir::new("h2-cut");
+    let file = dir.path().join("body");
+    let out = path(&file);
+    let visit = std::thread::spawn(move || {
+        curl(&[
+            "--http2-prior-knowledge",
+            "-H",
+            "Host: cut.example.net",
+            "--no-buffer",
+            "-o",
+            &out,
+            &url,
+        ])
+    });
+    // The visitor has the head and part of the body: the response began.
+    eventually("curl received half a response", || {
+        let len = std::fs::metadata(&file).map_or(0, |m| m.len());
+        (wrote.load(Ordering::SeqCst) && len == 5000).then_some(())
+    });
+    connector.kill();
+    let (code, _, err) = visit.join().unwrap();
+    assert_ne!(code, 0, "curl took a cut response for a whole one");
+    let len = std::fs::metadata(&file).map_or(0, |m| m.len());
+    assert_eq!(len, 5000);
+    eprintln!("curl: exit {code}: {err}");
+}

@@ -10,8 +10,10 @@
 //! local service over link streams: with `backend = "h2c"` one HTTP/2
 //! client connection per visitor connection carries them all (trailers
 //! pass, so gRPC works); otherwise each goes as HTTP/1.1 on a small pool of
-//! link streams ([`HTTP1_POOL`]). Bodies stream both ways; a backend
-//! failure is a 502 for that request only.
+//! link streams ([`HTTP1_POOL`]). HTTP/1.1 visitors of an h2c kite are
+//! served here too (hyper's HTTP/1 server, [`serve_http1`]), translated.
+//! Bodies stream both ways; a backend failure is a 502 for that request
+//! only.
 //!
 //! Every refusal is a styled page: 400 no host, 403 policy, 404 unknown
 //! kite, 405 CONNECT, 421 another kite, 401/429 from the HTTP rules, 502
@@ -139,26 +141,8 @@ pub(crate) async fn serve<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Ends the backend connections of this visitor connection with it.
-    let token = ctx.token.child_token();
-    let _cancel = token.clone().drop_guard();
-    let (activity, mut idle) = watch::channel(Activity::default());
-    let exec = TrackerExec(ctx.tracker.clone());
-    let conn = Arc::new(Conn {
-        peer,
-        local,
-        scheme,
-        ctx,
-        exec: exec.clone(),
-        route: tokio::sync::Mutex::new(None),
-        activity: Arc::new(activity),
-        token: token.clone(),
-    });
-    let service = service_fn(move |req| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(conn, req).await) }
-    });
-    let mut builder = hyper::server::conn::http2::Builder::new(exec);
+    let (conn, idle) = Conn::new(peer, local, scheme, ctx);
+    let mut builder = hyper::server::conn::http2::Builder::new(conn.exec.clone());
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -170,23 +154,78 @@ pub(crate) async fn serve<IO>(
         .max_send_buf_size(MAX_SEND_BUF)
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
-    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let token = conn.token.clone();
+    // Ends the connection's backend connections with it.
+    let _cancel = token.clone().drop_guard();
+    let connection = builder.serve_connection(TokioIo::new(io), service(conn));
     tokio::pin!(connection);
+    drive(connection, |c| c.graceful_shutdown(), &token, idle).await;
+}
+
+/// Whether an HTTP/1 visitor routed to `backends` is served here (by
+/// [`serve_http1`]) rather than by the strict HTTP/1 path: when the kite's
+/// local service speaks only HTTP/2 (`backend = "h2c"`), so its requests
+/// must be translated.
+pub(crate) fn wants_translation(backends: &[Backend]) -> bool {
+    backends
+        .first()
+        .is_some_and(|backend| backend.http.backend() == BackendProtocol::H2c)
+}
+
+/// Serves one HTTP/1.1 visitor connection of an h2c kite (hyper's HTTP/1
+/// server; requests translated to HTTP/2) until it ends; like [`serve`]
+/// otherwise. `io` replays the bytes the caller already read.
+pub(crate) async fn serve_http1<IO>(
+    io: IO,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    scheme: Scheme,
+    ctx: Arc<RelayCtx>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn, idle) = Conn::new(peer, local, scheme, ctx);
+    let token = conn.token.clone();
+    // Ends the connection's backend connections with it.
+    let _cancel = token.clone().drop_guard();
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        // The strict path's bounds: a head within HEAD_TIMEOUT and
+        // MAX_HEAD_LEN (hyper's smallest buffer is 8 KiB).
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(http1::MAX_HEAD_LEN)
+        .max_headers(http1::MAX_HEADERS)
+        .serve_connection(TokioIo::new(io), service(conn));
+    tokio::pin!(connection);
+    drive(connection, |c| c.graceful_shutdown(), &token, idle).await;
+}
+
+/// Runs a visitor connection until it ends, the relay shuts down or it
+/// stays idle too long; then asks it to finish (`graceful`: GOAWAY, or
+/// closing after the current response) and waits [`GOAWAY_GRACE`] at most.
+async fn drive<F>(
+    mut connection: Pin<&mut F>,
+    graceful: impl FnOnce(Pin<&mut F>),
+    token: &CancellationToken,
+    mut idle: watch::Receiver<Activity>,
+) where
+    F: Future<Output = Result<(), hyper::Error>>,
+{
     tokio::select! {
         res = connection.as_mut() => {
             if let Err(err) = res {
-                debug!(%err, "h2 visitor connection ended with an error");
+                debug!(%err, "visitor connection ended with an error");
             }
             return;
         }
-        _ = token.cancelled() => debug!("relay shutting down; closing h2 visitor"),
-        _ = idle_for_too_long(&mut idle) => debug!("h2 visitor idle; closing"),
+        _ = token.cancelled() => debug!("relay shutting down; closing visitor"),
+        _ = idle_for_too_long(&mut idle) => debug!("visitor idle; closing"),
     }
-    connection.as_mut().graceful_shutdown();
+    graceful(connection.as_mut());
     match tokio::time::timeout(GOAWAY_GRACE, connection).await {
         Ok(Ok(())) => {}
-        Ok(Err(err)) => debug!(%err, "h2 visitor connection ended with an error"),
-        Err(_) => debug!("h2 visitor did not finish after GOAWAY; dropping it"),
+        Ok(Err(err)) => debug!(%err, "visitor connection ended with an error"),
+        Err(_) => debug!("visitor did not finish in time after GOAWAY; dropping it"),
     }
 }
 
@@ -372,6 +411,45 @@ struct Conn {
     /// Cancelled when the visitor connection ends: ends its backend
     /// connections.
     token: CancellationToken,
+}
+
+impl Conn {
+    /// A visitor connection's state, and the receiver of its activity
+    /// for [`idle_for_too_long`].
+    fn new(
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        scheme: Scheme,
+        ctx: Arc<RelayCtx>,
+    ) -> (Arc<Conn>, watch::Receiver<Activity>) {
+        let (activity, idle) = watch::channel(Activity::default());
+        let conn = Conn {
+            peer,
+            local,
+            scheme,
+            exec: TrackerExec(ctx.tracker.clone()),
+            token: ctx.token.child_token(),
+            ctx,
+            route: tokio::sync::Mutex::new(None),
+            activity: Arc::new(activity),
+        };
+        (Arc::new(conn), idle)
+    }
+}
+
+/// The hyper service answering a connection's requests.
+fn service(
+    conn: Arc<Conn>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Tracked>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Tracked>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+    })
 }
 
 /// The kite a connection's requests go to.

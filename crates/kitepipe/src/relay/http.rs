@@ -239,6 +239,15 @@ pub(crate) async fn serve<S: VisitorConn>(
         let _ = writer.shutdown().await;
         return;
     }
+    // A kite whose local service speaks only HTTP/2: hyper translates
+    // (and applies the kite's rules per request, as for h2 visitors).
+    if super::h2::wants_translation(&backends) {
+        if let Some(io) = S::reunite(reader, writer) {
+            let io = super::h2::Rewind::new(buf.freeze(), io);
+            super::h2::serve_http1(io, peer, local, scheme, ctx).await;
+        }
+        return;
+    }
     // The kite's HTTP rules answer before anything reaches the link: those
     // of the backend the visitor is routed to (the first; another only on
     // failover, below). Its allow/deny lists come first, so a denied
