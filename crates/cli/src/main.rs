@@ -43,6 +43,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the settings' variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a relay, a connector and sample services on loopback, and print what to try.
@@ -135,6 +137,8 @@ enum ConfigCommand {
 
 /// What `kitepipe config check` checks: the same flags, variables and
 /// --config file as the command itself.
+// Parsed once at start: the size of the settings' variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum CheckCommand {
     /// The settings of `kitepipe relay`.

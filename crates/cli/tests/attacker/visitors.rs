@@ -908,6 +908,8 @@ fn oversized_or_invalid_sni_is_closed_and_the_relay_keeps_serving() {
 /// more password hashes run for it; meanwhile the team member at 127.0.0.1
 /// logs in and is answered promptly every time.
 #[test]
+// How long the team member waits is real time.
+#[allow(clippy::disallowed_methods)]
 fn a_stranger_guessing_passwords_gets_429_and_others_are_served_promptly() {
     let relay = Relay::new().domain(&domain()).start();
     let backend = Backend::start("http");
