@@ -47,10 +47,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug};
 
 use super::RelayCtx;
-use super::http::{HEAD_TIMEOUT, IDLE_TIMEOUT};
 use super::http_policy::{ConnPermit, HttpRules, Refusal};
 use super::registry::{Backend, Lookup};
 use super::visitor::{NotOpened, open_visitor_stream};
+use super::{HEAD_TIMEOUT, IDLE_TIMEOUT};
 use crate::link::{MuxStream, StreamReset};
 use crate::sync;
 

@@ -38,22 +38,13 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::debug;
 
-use super::RelayCtx;
 use super::h2::Scheme;
 use super::http_policy::{ConnPermit, HttpRules};
 use super::registry::{Backend, Lookup};
 use super::visitor::{NotOpened, open_visitor_stream, reset};
+use super::{HEAD_TIMEOUT, IDLE_TIMEOUT, RelayCtx};
 use crate::link::{MuxStream, StreamReset};
 use crate::tunnel::{ReadSize, SMALL_READ};
-
-/// Time a visitor has to send a complete request head once it has started
-/// one (and, for the first request, from connecting). Defeats slowloris
-/// clients that drip a header every few seconds.
-pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a keep-alive connection may sit idle between requests, or a
-/// body or upgraded stream may go without a byte from the visitor.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How many requests of one connection may be forwarded ahead of their
 /// responses (pipelining). Browsers do not pipeline and tools send a few;

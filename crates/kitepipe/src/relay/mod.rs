@@ -43,6 +43,7 @@ mod visitor;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
@@ -60,6 +61,18 @@ pub use certs::CertError;
 pub use identity::ReloadTrigger;
 use identity::{IdentityInputs, IdentityState};
 use registry::Registry;
+
+// Visitors' HTTP bounds, shared by the HTTP/1 (`http`) and HTTP/2 (`h2`)
+// paths.
+
+/// Time a visitor has to send a complete request head once it has started
+/// one (and, for the first request, from connecting). Defeats slowloris
+/// clients that drip a header every few seconds.
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a keep-alive connection may sit idle between requests, or a
+/// body or upgraded stream may go without a byte from the visitor.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Visitor and link connections served at once; beyond this, new
 /// connections are closed at accept. Each costs one file descriptor and
