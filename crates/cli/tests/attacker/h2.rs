@@ -78,6 +78,8 @@ struct Visitor {
     goaway: Arc<AtomicBool>,
     ended: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
+    /// HEADERS frames received (responses begun).
+    responses: Arc<AtomicU64>,
 }
 
 impl Visitor {
@@ -90,9 +92,11 @@ impl Visitor {
         let goaway = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
+        let responses = Arc::new(AtomicU64::new(0));
         let mut reader = sock.try_clone().unwrap();
         reader.set_read_timeout(Some(patience() * 2)).unwrap();
         let (goaway2, ended2, received2) = (goaway.clone(), ended.clone(), received.clone());
+        let responses2 = responses.clone();
         std::thread::spawn(move || {
             let mut header = [0u8; 9];
             let mut payload = vec![0u8; 1 << 24];
@@ -105,8 +109,12 @@ impl Visitor {
                     break;
                 }
                 received2.fetch_add(1, Ordering::SeqCst);
-                if header[3] == GOAWAY {
-                    goaway2.store(true, Ordering::SeqCst);
+                match header[3] {
+                    GOAWAY => goaway2.store(true, Ordering::SeqCst),
+                    HEADERS => {
+                        responses2.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
                 }
             }
             ended2.store(true, Ordering::SeqCst);
@@ -116,6 +124,7 @@ impl Visitor {
             goaway,
             ended,
             received,
+            responses,
         }
     }
 }
@@ -373,4 +382,79 @@ fn a_connector_killed_mid_response_resets_the_h2_stream() {
     let len = std::fs::metadata(&file).map_or(0, |m| m.len());
     assert_eq!(len, 5000);
     eprintln!("curl: exit {code}: {err}");
+}
+
+/// One visitor connection cannot open more than `HTTP1_POOL` (32)
+/// connections to an HTTP/1.1 local service: 100 requests at once on one
+/// h2 connection (the most it may have open), answered only once the
+/// service is told to, reach it over 32 connections; the rest wait, then
+/// reuse them, and every request is answered.
+#[test]
+fn one_h2_connection_opens_at_most_32_connections_to_an_http1_service() {
+    let relay = Relay::new()
+        .domain(&format!("http:*.example.net:{SECRET}"))
+        .start();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let (accepted2, gate2) = (accepted.clone(), gate.clone());
+    // Answers every request `ok` on keep-alive connections, once the gate
+    // is open; lives as long as the test process.
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            accepted2.fetch_add(1, Ordering::SeqCst);
+            let gate = gate2.clone();
+            std::thread::spawn(move || {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match sock.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let (open, opened) = &*gate;
+                    let mut open = open.lock().unwrap();
+                    while !*open {
+                        open = opened.wait(open).unwrap();
+                    }
+                    drop(open);
+                    if sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let _connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("http:h2.example.net={backend}"))
+        .start();
+    let mut visitor = Visitor::open(&relay);
+    let block = get_block();
+    let mut requests = Vec::new();
+    for n in 0..100u32 {
+        requests.extend(frame(HEADERS, END_STREAM | END_HEADERS, 2 * n + 1, &block));
+    }
+    visitor.sock.write_all(&requests).unwrap();
+    eventually("the relay opens its pool's 32 connections", || {
+        (accepted.load(Ordering::SeqCst) >= 32).then_some(())
+    });
+    // Give the relay time to open more, if it would.
+    std::thread::park_timeout(std::time::Duration::from_millis(500));
+    assert_eq!(accepted.load(Ordering::SeqCst), 32);
+    assert_eq!(visitor.responses.load(Ordering::SeqCst), 0);
+    let (open, opened) = &*gate;
+    *open.lock().unwrap() = true;
+    opened.notify_all();
+    eventually("every request is answered", || {
+        (visitor.responses.load(Ordering::SeqCst) == 100).then_some(())
+    });
+    assert_eq!(accepted.load(Ordering::SeqCst), 32);
 }
