@@ -384,13 +384,13 @@ fn a_connector_killed_mid_response_resets_the_h2_stream() {
     eprintln!("curl: exit {code}: {err}");
 }
 
-/// One visitor connection cannot open more than `HTTP1_POOL` (32)
+/// One visitor connection cannot open more than `HTTP1_POOL` (8)
 /// connections to an HTTP/1.1 local service: 100 requests at once on one
 /// h2 connection (the most it may have open), answered only once the
-/// service is told to, reach it over 32 connections; the rest wait, then
+/// service is told to, reach it over 8 connections; the rest wait, then
 /// reuse them, and every request is answered.
 #[test]
-fn one_h2_connection_opens_at_most_32_connections_to_an_http1_service() {
+fn one_h2_connection_opens_at_most_8_connections_to_an_http1_service() {
     let relay = Relay::new()
         .domain(&format!("http:*.example.net:{SECRET}"))
         .start();
@@ -443,12 +443,12 @@ fn one_h2_connection_opens_at_most_32_connections_to_an_http1_service() {
         requests.extend(frame(HEADERS, END_STREAM | END_HEADERS, 2 * n + 1, &block));
     }
     visitor.sock.write_all(&requests).unwrap();
-    eventually("the relay opens its pool's 32 connections", || {
-        (accepted.load(Ordering::SeqCst) >= 32).then_some(())
+    eventually("the relay opens its pool's 8 connections", || {
+        (accepted.load(Ordering::SeqCst) >= 8).then_some(())
     });
     // Give the relay time to open more, if it would.
     std::thread::park_timeout(std::time::Duration::from_millis(500));
-    assert_eq!(accepted.load(Ordering::SeqCst), 32);
+    assert_eq!(accepted.load(Ordering::SeqCst), 8);
     assert_eq!(visitor.responses.load(Ordering::SeqCst), 0);
     let (open, opened) = &*gate;
     *open.lock().unwrap() = true;
@@ -456,5 +456,52 @@ fn one_h2_connection_opens_at_most_32_connections_to_an_http1_service() {
     eventually("every request is answered", || {
         (visitor.responses.load(Ordering::SeqCst) == 100).then_some(())
     });
-    assert_eq!(accepted.load(Ordering::SeqCst), 32);
+    assert_eq!(accepted.load(Ordering::SeqCst), 8);
+}
+
+/// A visitor that never reads: it opens 100 streams for 10 MB downloads,
+/// announces the largest flow-control windows, and never reads a byte.
+/// The relay queues a bounded amount per stream and stops reading the
+/// local service (no body is buffered whole), and keeps serving others.
+#[test]
+fn an_h2_visitor_that_never_reads_holds_bounded_memory() {
+    let (relay, _backend, _connector) = scene();
+    assert_eq!(h2_visit(&relay), "hello from backend\n");
+    let baseline = relay.proc.rss_kib();
+    let mut sock = TcpStream::connect(relay.http.expect("relay has an HTTP port")).unwrap();
+    sock.set_write_timeout(Some(patience())).unwrap();
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 2^31 - 1, and the connection's
+    // window raised as far (WINDOW_UPDATE, type 0x8).
+    let mut settings = vec![0x00, 0x04];
+    settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(SETTINGS, 0, 0, &settings));
+    bytes.extend(frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes()));
+    let authority = b"h2.example.net";
+    let path = b"/bytes/10000000";
+    for n in 0..100u32 {
+        // :method GET, :scheme http, :path and :authority as literals.
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path);
+        block.push(0x01);
+        block.push(authority.len() as u8);
+        block.extend_from_slice(authority);
+        bytes.extend(frame(HEADERS, END_STREAM | END_HEADERS, 2 * n + 1, &block));
+    }
+    sock.write_all(&bytes).unwrap();
+    let mut peak = baseline;
+    for _ in 0..30 {
+        std::thread::park_timeout(std::time::Duration::from_millis(100));
+        peak = peak.max(relay.proc.rss_kib());
+    }
+    eprintln!("never reads: peak RSS {peak} KiB (baseline {baseline})");
+    // The pool's 8 link streams hold at most their 1 MiB windows, the
+    // streams' send queues 64 KiB each: about 15 MiB with the buffers
+    // around them (a pool of 32 made it 40 MiB).
+    assert!(
+        peak < baseline + 24 * 1024,
+        "relay RSS grew from {baseline} KiB to {peak} KiB"
+    );
+    assert_eq!(h2_visit(&relay), "hello from backend\n");
+    drop(sock);
 }
