@@ -383,8 +383,8 @@ impl Drop for Active {
 
 /// Resolves once the connection has had no open request for too long:
 /// [`HEAD_TIMEOUT`] before its first request (a visitor that connects and
-/// sends no complete request, e.g. a header block dripped in CONTINUATION
-/// frames), [`IDLE_TIMEOUT`] after. Cancel-safe.
+/// sends no complete request, e.g. a header frame dripped byte by byte),
+/// [`IDLE_TIMEOUT`] after (pings do not count). Cancel-safe.
 async fn idle_for_too_long(activity: &mut watch::Receiver<Activity>) {
     loop {
         let now = *activity.borrow_and_update();
