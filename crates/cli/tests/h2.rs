@@ -257,6 +257,41 @@ fn h2c_refusals_are_styled_pages() {
     );
 }
 
+/// The kite's header edits and `forwarded_host` apply to HTTP/2 requests
+/// and responses too: set replaces, remove drops.
+#[test]
+fn h2c_requests_get_the_kites_header_edits() {
+    let relay = relay();
+    let backend = Backend::start("http");
+    let (_connector, _dir) = kite(
+        &relay,
+        "h2.example.net",
+        &backend.addr(),
+        "request_headers = { set = { \"X-Team\" = \"blue\" }, remove = [\"Cookie\"] }\n\
+         response_headers = { set = { \"X-Frame-Options\" = \"DENY\" }, remove = [\"Server\"] }\n\
+         forwarded_host = true",
+    );
+    let mut client = H2Client::connect(&relay);
+    let req = Request::get("http://h2.example.net/headers")
+        .header("cookie", "session=secret")
+        .header("x-team", "red")
+        .header("x-forwarded-host", "evil.example.org")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = client.send(vec![req]).pop().unwrap();
+    assert_eq!(answer.status, 200);
+    let headers: serde_json::Value = serde_json::from_slice(&answer.body).expect("headers JSON");
+    assert_eq!(headers["x-team"], "blue", "{headers}");
+    assert!(headers.get("cookie").is_none(), "{headers}");
+    assert_eq!(headers["x-forwarded-host"], "h2.example.net", "{headers}");
+    assert_eq!(answer.headers["x-frame-options"], "DENY");
+    assert!(
+        answer.headers.get("server").is_none(),
+        "{:?}",
+        answer.headers
+    );
+}
+
 /// An h2c local service (`backend = "h2c"`): curl's requests reach it as
 /// HTTP/2 with the relay's forwarding headers, bodies both ways, from h2c
 /// and from HTTP/1.1 visitors (translated); several requests on one

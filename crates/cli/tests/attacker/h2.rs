@@ -78,6 +78,8 @@ struct Visitor {
     goaway: Arc<AtomicBool>,
     ended: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
+    /// HEADERS frames received (responses begun).
+    responses: Arc<AtomicU64>,
 }
 
 impl Visitor {
@@ -90,9 +92,11 @@ impl Visitor {
         let goaway = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(AtomicBool::new(false));
         let received = Arc::new(AtomicU64::new(0));
+        let responses = Arc::new(AtomicU64::new(0));
         let mut reader = sock.try_clone().unwrap();
         reader.set_read_timeout(Some(patience() * 2)).unwrap();
         let (goaway2, ended2, received2) = (goaway.clone(), ended.clone(), received.clone());
+        let responses2 = responses.clone();
         std::thread::spawn(move || {
             let mut header = [0u8; 9];
             let mut payload = vec![0u8; 1 << 24];
@@ -105,8 +109,12 @@ impl Visitor {
                     break;
                 }
                 received2.fetch_add(1, Ordering::SeqCst);
-                if header[3] == GOAWAY {
-                    goaway2.store(true, Ordering::SeqCst);
+                match header[3] {
+                    GOAWAY => goaway2.store(true, Ordering::SeqCst),
+                    HEADERS => {
+                        responses2.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
                 }
             }
             ended2.store(true, Ordering::SeqCst);
@@ -116,6 +124,7 @@ impl Visitor {
             goaway,
             ended,
             received,
+            responses,
         }
     }
 }
@@ -373,4 +382,126 @@ fn a_connector_killed_mid_response_resets_the_h2_stream() {
     let len = std::fs::metadata(&file).map_or(0, |m| m.len());
     assert_eq!(len, 5000);
     eprintln!("curl: exit {code}: {err}");
+}
+
+/// One visitor connection cannot open more than `HTTP1_POOL` (8)
+/// connections to an HTTP/1.1 local service: 100 requests at once on one
+/// h2 connection (the most it may have open), answered only once the
+/// service is told to, reach it over 8 connections; the rest wait, then
+/// reuse them, and every request is answered.
+#[test]
+fn one_h2_connection_opens_at_most_8_connections_to_an_http1_service() {
+    let relay = Relay::new()
+        .domain(&format!("http:*.example.net:{SECRET}"))
+        .start();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let (accepted2, gate2) = (accepted.clone(), gate.clone());
+    // Answers every request `ok` on keep-alive connections, once the gate
+    // is open; lives as long as the test process.
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            accepted2.fetch_add(1, Ordering::SeqCst);
+            let gate = gate2.clone();
+            std::thread::spawn(move || {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match sock.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let (open, opened) = &*gate;
+                    let mut open = open.lock().unwrap();
+                    while !*open {
+                        open = opened.wait(open).unwrap();
+                    }
+                    drop(open);
+                    if sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let _connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("http:h2.example.net={backend}"))
+        .start();
+    let mut visitor = Visitor::open(&relay);
+    let block = get_block();
+    let mut requests = Vec::new();
+    for n in 0..100u32 {
+        requests.extend(frame(HEADERS, END_STREAM | END_HEADERS, 2 * n + 1, &block));
+    }
+    visitor.sock.write_all(&requests).unwrap();
+    eventually("the relay opens its pool's 8 connections", || {
+        (accepted.load(Ordering::SeqCst) >= 8).then_some(())
+    });
+    // Give the relay time to open more, if it would.
+    std::thread::park_timeout(std::time::Duration::from_millis(500));
+    assert_eq!(accepted.load(Ordering::SeqCst), 8);
+    assert_eq!(visitor.responses.load(Ordering::SeqCst), 0);
+    let (open, opened) = &*gate;
+    *open.lock().unwrap() = true;
+    opened.notify_all();
+    eventually("every request is answered", || {
+        (visitor.responses.load(Ordering::SeqCst) == 100).then_some(())
+    });
+    assert_eq!(accepted.load(Ordering::SeqCst), 8);
+}
+
+/// A visitor that never reads: it opens 100 streams for 10 MB downloads,
+/// announces the largest flow-control windows, and never reads a byte.
+/// The relay queues a bounded amount per stream and stops reading the
+/// local service (no body is buffered whole), and keeps serving others.
+#[test]
+fn an_h2_visitor_that_never_reads_holds_bounded_memory() {
+    let (relay, _backend, _connector) = scene();
+    assert_eq!(h2_visit(&relay), "hello from backend\n");
+    let baseline = relay.proc.rss_kib();
+    let mut sock = TcpStream::connect(relay.http.expect("relay has an HTTP port")).unwrap();
+    sock.set_write_timeout(Some(patience())).unwrap();
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 2^31 - 1, and the connection's
+    // window raised as far (WINDOW_UPDATE, type 0x8).
+    let mut settings = vec![0x00, 0x04];
+    settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(SETTINGS, 0, 0, &settings));
+    bytes.extend(frame(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes()));
+    let authority = b"h2.example.net";
+    let path = b"/bytes/10000000";
+    for n in 0..100u32 {
+        // :method GET, :scheme http, :path and :authority as literals.
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path);
+        block.push(0x01);
+        block.push(authority.len() as u8);
+        block.extend_from_slice(authority);
+        bytes.extend(frame(HEADERS, END_STREAM | END_HEADERS, 2 * n + 1, &block));
+    }
+    sock.write_all(&bytes).unwrap();
+    let mut peak = baseline;
+    for _ in 0..30 {
+        std::thread::park_timeout(std::time::Duration::from_millis(100));
+        peak = peak.max(relay.proc.rss_kib());
+    }
+    eprintln!("never reads: peak RSS {peak} KiB (baseline {baseline})");
+    // The pool's 8 link streams hold at most their 1 MiB windows, the
+    // streams' send queues 64 KiB each: about 15 MiB with the buffers
+    // around them (a pool of 32 made it 40 MiB).
+    assert!(
+        peak < baseline + 24 * 1024,
+        "relay RSS grew from {baseline} KiB to {peak} KiB"
+    );
+    assert_eq!(h2_visit(&relay), "hello from backend\n");
+    drop(sock);
 }

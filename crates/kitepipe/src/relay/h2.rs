@@ -10,7 +10,7 @@
 //! local service over link streams: with `backend = "h2c"` one HTTP/2
 //! client connection per visitor connection carries them all (trailers
 //! pass, so gRPC works); otherwise each goes as HTTP/1.1 on a small pool of
-//! link streams ([`HTTP1_POOL`]). HTTP/1.1 visitors of an h2c kite are
+//! link streams ([`HTTP1_POOL`], 8). HTTP/1.1 visitors of an h2c kite are
 //! served here too (hyper's HTTP/1 server, [`serve_http1`]), translated.
 //! Bodies stream both ways; a backend failure is a 502 for that request
 //! only.
@@ -101,15 +101,20 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// Flow-control windows offered to the visitor: how much request body one
 /// stream, and the whole connection, may send before the relay has
-/// forwarded it. They bound what a visitor can make the relay buffer
-/// (hyper's defaults are 1 MiB and 1 MiB; a connection window of a few
-/// streams' worth lets uploads share the connection).
+/// forwarded it, so the most request body a visitor can make the relay
+/// hold per connection is [`CONNECTION_WINDOW`]. 1 MiB per stream keeps
+/// one upload at about 10 MB/s over a 100 ms path (hyper's defaults are
+/// 1 MiB and 1 MiB); the connection's 2 MiB lets two share it at that rate.
 const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
 
-/// Response bytes buffered per stream towards a visitor that reads slowly
-/// (hyper's default is 400 KiB): the backend is read no further ahead.
-const MAX_SEND_BUF: usize = 256 * 1024;
+/// Response bytes queued per stream towards a visitor that does not read
+/// (hyper's default is 400 KiB): the backend is read no further ahead. With
+/// [`MAX_CONCURRENT_STREAMS`] streams a visitor that never reads holds at
+/// most 6.25 MiB of responses, so one hostile connection costs the relay
+/// under 9 MiB with the request window; the kernel's socket buffer keeps a
+/// single fast download flowing past this small queue.
+const MAX_SEND_BUF: usize = 64 * 1024;
 
 /// How often an HTTP/2 connection (visitor or backend) is pinged, and how
 /// long a ping may go unanswered before the connection is closed: a
@@ -120,10 +125,12 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// HTTP/1.1 connections (link streams) to the local service one visitor
 /// connection may use at once when the kite's backend is HTTP/1: requests
 /// past it wait for one to be free. A browser's HTTP/1 limit is 6 per
-/// host; this leaves room for long-polling and streaming responses while
-/// one visitor connection cannot open [`MAX_CONCURRENT_STREAMS`]
-/// connections to the owner's service.
-const HTTP1_POOL: usize = 32;
+/// host, so an h2 visitor gets a little more than it would over HTTP/1.
+/// Each link stream may hold the link's stream window (1 MiB) of response
+/// at the relay for a visitor that does not read, so this bounds what one
+/// visitor connection costs the relay at 8 MiB, not one link stream per
+/// [`MAX_CONCURRENT_STREAMS`].
+const HTTP1_POOL: usize = 8;
 
 /// How long a closing connection (relay shutdown, idle visitor) may take
 /// to finish its open streams after GOAWAY before it is dropped.
@@ -376,8 +383,8 @@ impl Drop for Active {
 
 /// Resolves once the connection has had no open request for too long:
 /// [`HEAD_TIMEOUT`] before its first request (a visitor that connects and
-/// sends no complete request, e.g. a header block dripped in CONTINUATION
-/// frames), [`IDLE_TIMEOUT`] after. Cancel-safe.
+/// sends no complete request, e.g. a header frame dripped byte by byte),
+/// [`IDLE_TIMEOUT`] after (pings do not count). Cancel-safe.
 async fn idle_for_too_long(activity: &mut watch::Receiver<Activity>) {
     loop {
         let now = *activity.borrow_and_update();
