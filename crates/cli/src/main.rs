@@ -180,6 +180,8 @@ enum ConfigCommand {
 /// What `kitepipe config check` checks: the same flags, variables and
 /// --config file as the command itself.
 #[derive(Debug, Subcommand)]
+// Parsed once at start and never moved around: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum CheckCommand {
     /// The settings of `kitepipe relay`.
     Relay(RelayArgs),
@@ -449,16 +451,18 @@ async fn run(command: Command, loaded: Loaded) -> i32 {
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
+    // Registered now rather than in the task: a supervisor may send
+    // SIGTERM as soon as it was told READY=1, before the task first runs.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    trigger.cancel();
-                    return;
-                }
-            };
+        let mut term = match term {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                trigger.cancel();
+                return;
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -489,6 +493,7 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
 
 async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
+    let shutdown = shutdown_on_signal();
     let relay = Relay::bind(config).await?;
     reload_on_sighup(relay.reload_trigger());
     ready::relay(&relay);
@@ -520,12 +525,13 @@ async fn relay(config: RelayConfig) -> anyhow::Result<()> {
             "--secret ..."
         }
     );
-    relay.run(shutdown_on_signal()).await;
+    relay.run(shutdown).await;
     Ok(())
 }
 
 async fn connect(config: ConnectorConfig) -> anyhow::Result<()> {
     let relays: Vec<String> = config.relays.iter().map(|r| r.addr.clone()).collect();
+    let shutdown = shutdown_on_signal();
     let connector = Connector::new(config).context("connector setup")?;
     ready::connector(&connector, relays.clone());
     notify::connector(&connector, relays);
@@ -533,7 +539,7 @@ async fn connect(config: ConnectorConfig) -> anyhow::Result<()> {
     if let Some(gateway) = connector.gateway() {
         println!("  gateway on {gateway}");
     }
-    connector.run(shutdown_on_signal()).await;
+    connector.run(shutdown).await;
     Ok(())
 }
 
