@@ -13,6 +13,7 @@ mod support;
 mod acme;
 mod gateway;
 mod link;
+mod logs;
 mod names;
 mod pki;
 mod remote_client;
