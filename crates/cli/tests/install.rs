@@ -274,6 +274,19 @@ fn connector_notifies_systemd_when_its_link_is_up() {
     );
     assert!(ready.ends_with(" up, 1 kites"), "{ready:?}");
     connector.wait_links_up(1);
+
+    // SIGTERM: STOPPING=1 (after any status changes the shutdown causes).
+    let mut connector = connector;
+    connector.terminate();
+    let mut messages = Vec::new();
+    while let Some(message) = notify.recv(scaled(Duration::from_secs(5))) {
+        let stopping = message.starts_with("STOPPING=1\n");
+        messages.push(message);
+        if stopping {
+            return;
+        }
+    }
+    panic!("no STOPPING=1 after SIGTERM: {messages:?}");
 }
 
 /// Without --state-dir, a relay under systemd keeps its state in
