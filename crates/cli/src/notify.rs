@@ -33,7 +33,9 @@ pub(crate) fn send(message: &str) {
     }
 }
 
-/// Tells systemd the relay serves: its listeners are bound.
+/// Tells systemd the relay serves: its listeners are bound. The status
+/// names them and the certificate's fingerprint (what connectors pin), so
+/// `systemctl status` shows both.
 pub(crate) fn relay_ready(relay: &kitepipe::relay::Relay) {
     let addrs: Vec<String> = relay
         .listeners()
@@ -41,8 +43,9 @@ pub(crate) fn relay_ready(relay: &kitepipe::relay::Relay) {
         .map(|l| l.addr.to_string())
         .collect();
     send(&format!(
-        "READY=1\nSTATUS=serving on {}",
-        status_text(&addrs.join(", "))
+        "READY=1\nSTATUS=serving on {}; fingerprint {}",
+        status_text(&addrs.join(", ")),
+        relay.fingerprint()
     ));
 }
 

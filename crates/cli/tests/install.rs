@@ -213,7 +213,11 @@ fn relay_notifies_systemd_when_bound_and_when_stopping() {
         .next()
         .and_then(|l| l.strip_prefix("STATUS=serving on "))
         .unwrap_or_else(|| panic!("no STATUS after READY=1: {ready:?}"));
-    let addrs: Vec<&str> = status.split(", ").collect();
+    let (addrs, fingerprint) = status
+        .split_once("; fingerprint ")
+        .unwrap_or_else(|| panic!("no fingerprint in the status: {status}"));
+    assert!(fingerprint.starts_with("SHA256:"), "{status}");
+    let addrs: Vec<&str> = addrs.split(", ").collect();
     assert_eq!(addrs.len(), 2, "links and HTTP: {status}");
     for addr in addrs {
         std::net::TcpStream::connect(addr)
