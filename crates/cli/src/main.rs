@@ -4,6 +4,7 @@
 
 mod ca;
 mod exit;
+mod notify;
 mod ready;
 mod remote;
 
@@ -30,9 +31,18 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "kitepipe", version, propagate_version = true)]
 struct Cli {
-    /// Log filter (error, warn, info, debug, trace, or per-module directives).
-    #[arg(long, global = true, env = "KITEPIPE_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (error, warn, info, debug, trace, or per-module
+    /// directives such as 'info,kitepipe::relay=debug'). This flag (or
+    /// KITEPIPE_LOG) wins over RUST_LOG, which wins over the default
+    /// [default: info].
+    #[arg(long, global = true, env = "KITEPIPE_LOG", value_name = "FILTER")]
+    log: Option<String>,
+    /// Log line format on stderr: text for people, json for log collectors
+    /// (one object per line with timestamp, level, target, message and the
+    /// event's fields).
+    #[arg(long, global = true, env = "KITEPIPE_LOG_FORMAT", value_enum,
+          default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Print one JSON line on stdout per readiness change (relay: bound
     /// addresses and fingerprint; connector: gateway, each link up/down),
     /// for programs that start kitepipe: see crates/cli/src/ready.rs.
@@ -41,6 +51,15 @@ struct Cli {
     ready_json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (colored on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 // Parsed once at start: the size of the settings' variants costs nothing.
@@ -98,6 +117,31 @@ enum Command {
     /// The agent `kitepipe remote` starts on a host (not for direct use).
     #[command(hide = true)]
     Agent(remote::AgentArgs),
+    /// Print a shell completion script for bash, zsh or fish.
+    ///
+    /// Example (bash, for this user):
+    ///
+    ///   kitepipe completions bash > ~/.local/share/bash-completion/completions/kitepipe
+    ///
+    /// The Debian package installs all three.
+    Completions(CompletionsArgs),
+    /// Write the man pages (kitepipe.1 and one per subcommand, such as
+    /// kitepipe-relay.1) into a directory.
+    ///
+    /// Example: kitepipe man /tmp/man && man -l /tmp/man/kitepipe.1
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompletionsArgs {
+    /// The shell whose completion script to print.
+    shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+struct ManArgs {
+    /// The directory to write the pages into (created if missing).
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -186,27 +230,11 @@ enum Loaded {
 fn main() {
     let cli = Cli::parse();
     ready::enable(cli.ready_json);
-    // `Targets` (level, or `target=level` directives) rather than
-    // `EnvFilter`: no regex engine in the binary or compiled at start, which
-    // is a good part of the code a freshly started relay or connector maps.
-    let filter = cli
-        .log
-        .parse::<tracing_subscriber::filter::Targets>()
-        .unwrap_or_else(|err| {
-            eprintln!("kitepipe: ignoring --log {:?} ({err}); using info", cli.log);
-            tracing_subscriber::filter::Targets::new()
-                .with_default(tracing_subscriber::filter::LevelFilter::INFO)
-        });
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(filter)
-        .init();
+    init_logging(
+        cli.log.as_deref(),
+        std::env::var("RUST_LOG").ok().as_deref(),
+        cli.log_format,
+    );
     let loaded = match load(&cli.command) {
         Ok(loaded) => loaded,
         Err(err) => {
@@ -231,6 +259,56 @@ fn main() {
     };
     let code = runtime.block_on(run(cli.command, loaded));
     std::process::exit(code);
+}
+
+/// Installs the tracing subscriber: stderr, in `format`, filtered by
+/// `flag` (--log or KITEPIPE_LOG), else `rust_log` (RUST_LOG), else info.
+fn init_logging(flag: Option<&str>, rust_log: Option<&str>, format: LogFormat) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (source, directives) = match (flag, rust_log.filter(|s| !s.is_empty())) {
+        (Some(flag), _) => ("--log", flag),
+        (None, Some(rust_log)) => ("RUST_LOG", rust_log),
+        (None, None) => ("the default", "info"),
+    };
+    // `Targets` (level, or `target=level` directives) rather than
+    // `EnvFilter`: no regex engine in the binary or compiled at start, which
+    // is a good part of the code a freshly started relay or connector maps.
+    // RUST_LOG's common forms (`debug`, `info,kitepipe=trace`) parse; its
+    // span and field filters do not, and are reported below.
+    let (filter, bad) = match directives.parse::<Targets>() {
+        Ok(filter) => (filter, None),
+        Err(err) => (
+            Targets::new().with_default(LevelFilter::INFO),
+            Some(err.to_string()),
+        ),
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init(),
+        // Flattened: `message` and the event's fields at the top level
+        // beside `timestamp`, `level` and `target`, where log collectors
+        // look for them.
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+    }
+    if let Some(err) = bad {
+        // After init, so that it comes out in the chosen format.
+        tracing::warn!(%err, "ignoring {source} {directives:?}; using info");
+    }
 }
 
 /// How many threads the async runtime gets. One thread serves a few
@@ -360,6 +438,8 @@ async fn run(command: Command, loaded: Loaded) -> i32 {
         (Command::Call(args), _) => return call(args).await,
         (Command::Remote(args), _) => return remote::run(args).await,
         (Command::Agent(args), _) => return remote::agent(args).await,
+        (Command::Completions(args), _) => completions(args.shell),
+        (Command::Man(args), _) => man_pages(&args.dir),
     };
     match res {
         Ok(()) => exit::OK,
@@ -373,20 +453,23 @@ async fn run(command: Command, loaded: Loaded) -> i32 {
 fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
+    // Registered now rather than in the task: a supervisor may send
+    // SIGTERM as soon as it was told READY=1, before the task first runs.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    trigger.cancel();
-                    return;
-                }
-            };
+        let mut term = match term {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                trigger.cancel();
+                return;
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        notify::stopping();
         trigger.cancel();
     });
     token
@@ -412,9 +495,11 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
 
 async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
+    let shutdown = shutdown_on_signal();
     let relay = Relay::bind(config).await?;
     reload_on_sighup(relay.reload_trigger());
     ready::relay(&relay);
+    notify::relay_ready(&relay);
     println!("kitepipe relay ready");
     println!("  fingerprint {}", relay.fingerprint());
     for listener in relay.listeners() {
@@ -442,19 +527,21 @@ async fn relay(config: RelayConfig) -> anyhow::Result<()> {
             "--secret ..."
         }
     );
-    relay.run(shutdown_on_signal()).await;
+    relay.run(shutdown).await;
     Ok(())
 }
 
 async fn connect(config: ConnectorConfig) -> anyhow::Result<()> {
-    let relays = config.relays.iter().map(|r| r.addr.clone()).collect();
+    let relays: Vec<String> = config.relays.iter().map(|r| r.addr.clone()).collect();
+    let shutdown = shutdown_on_signal();
     let connector = Connector::new(config).context("connector setup")?;
-    ready::connector(&connector, relays);
+    ready::connector(&connector, relays.clone());
+    notify::connector(&connector, relays);
     println!("kitepipe connector starting");
     if let Some(gateway) = connector.gateway() {
         println!("  gateway on {gateway}");
     }
-    connector.run(shutdown_on_signal()).await;
+    connector.run(shutdown).await;
     Ok(())
 }
 
@@ -563,4 +650,32 @@ async fn call_inner(args: CallArgs) -> anyhow::Result<i32> {
     } else {
         exit::EVENT_FAILED
     })
+}
+
+/// `kitepipe completions SHELL`: the script on stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    use std::io::Write as _;
+    let mut command = Cli::command();
+    // Into a buffer first: clap_complete panics on a failed write, and a
+    // closed stdout (`| head`) must exit quietly.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "kitepipe", &mut script);
+    match std::io::stdout().lock().write_all(&script) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(err).context("writing the completion script")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `kitepipe man DIR`: kitepipe.1 and a page per visible subcommand
+/// (kitepipe-relay.1, kitepipe-ca-issue.1, ...), written into `dir`.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
 }

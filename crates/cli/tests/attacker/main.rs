@@ -14,6 +14,7 @@ mod acme;
 mod gateway;
 mod h2;
 mod link;
+mod logs;
 mod names;
 mod pki;
 mod remote_client;

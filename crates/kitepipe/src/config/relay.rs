@@ -61,7 +61,7 @@ pub struct RawRelayConfig {
           require_equals = true, default_missing_value = "true")]
     pub http_connect: Option<bool>,
     /// Directory for the self-signed certificate created on first start
-    /// [default: ~/.local/state/kitepipe].
+    /// [default: $STATE_DIRECTORY under systemd, else ~/.local/state/kitepipe].
     #[arg(long, env = "KITEPIPE_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Certificate chain (PEM) to use instead of the self-signed one.
@@ -374,9 +374,17 @@ impl RawRelayConfig {
     }
 }
 
-/// Default state directory of a relay: `$XDG_STATE_HOME/kitepipe` or
+/// Default state directory of a relay: `$STATE_DIRECTORY` (the one
+/// systemd made for the unit's `StateDirectory=`; the first if it lists
+/// several), else `$XDG_STATE_HOME/kitepipe` or
 /// `$HOME/.local/state/kitepipe`, looked up through `env`.
 pub fn default_state_dir(env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    let systemd = env("STATE_DIRECTORY");
+    if let Some(dir) = systemd.as_deref().and_then(|d| d.split(':').next())
+        && !dir.is_empty()
+    {
+        return PathBuf::from(dir);
+    }
     if let Some(dir) = env("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("kitepipe");
     }

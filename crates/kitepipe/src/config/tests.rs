@@ -1126,3 +1126,40 @@ fn tls_cert_pairs_are_cert_colon_key() {
         assert!(err.to_string().contains("tls-cert"), "{bad}: {err}");
     }
 }
+
+/// The relay's default state dir: systemd's `STATE_DIRECTORY` first (its
+/// first entry), then `XDG_STATE_HOME`, then `HOME`.
+#[test]
+fn default_state_dir_prefers_systemd_state_directory() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[
+                ("STATE_DIRECTORY", "/var/lib/kitepipe"),
+                ("XDG_STATE_HOME", "/x"),
+                ("HOME", "/home/u"),
+            ],
+            "/var/lib/kitepipe",
+        ),
+        (
+            &[
+                ("STATE_DIRECTORY", "/var/lib/a:/var/lib/b"),
+                ("HOME", "/home/u"),
+            ],
+            "/var/lib/a",
+        ),
+        (
+            &[("STATE_DIRECTORY", ""), ("XDG_STATE_HOME", "/x")],
+            "/x/kitepipe",
+        ),
+        (&[("HOME", "/home/u")], "/home/u/.local/state/kitepipe"),
+        (&[], ".kitepipe"),
+    ];
+    for (vars, want) in cases {
+        let env = |key: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        };
+        assert_eq!(default_state_dir(&env), PathBuf::from(want), "{vars:?}");
+    }
+}
