@@ -514,6 +514,21 @@ fn https_visitors_negotiate_h2_on_a_terminated_kite() {
     assert_eq!(out, b"hello from backend\n");
     assert!(err.contains("ALPN: server accepted h2"), "{err}");
     assert!(err.contains("< HTTP/2 200"), "{err}");
+    // A request for another name than the one the TLS connection was
+    // opened for is misdirected, as on the HTTP/1 path.
+    let (code, _, err) = curl(&[
+        "--http2",
+        "-v",
+        "--cacert",
+        &path(&cert),
+        "--resolve",
+        &resolve,
+        "-H",
+        "Host: other.example.net",
+        &format!("https://h2.example.net:{}/", https.port()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("< HTTP/2 421"), "{err}");
 }
 
 /// A small h2c server (hyper, prior knowledge) on 127.0.0.1: answers every

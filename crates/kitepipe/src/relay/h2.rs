@@ -138,17 +138,20 @@ const GOAWAY_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves one HTTP/2 visitor connection until it ends. `io` has not been
 /// read from (for h2c, bytes already read are replayed by the caller).
-/// `local` is the relay's address the visitor connected to.
+/// `local` is the relay's address the visitor connected to; `sni` the
+/// name a terminated connection's TLS was opened for, which every
+/// request's authority must be (else 421, as on the HTTP/1 path).
 pub(crate) async fn serve<IO>(
     io: IO,
     peer: SocketAddr,
     local: Option<SocketAddr>,
     scheme: Scheme,
+    sni: Option<&str>,
     ctx: Arc<RelayCtx>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (conn, idle) = Conn::new(peer, local, scheme, ctx);
+    let (conn, idle) = Conn::new(peer, local, scheme, sni, ctx);
     let mut builder = hyper::server::conn::http2::Builder::new(conn.exec.clone());
     builder
         .timer(TokioTimer::new())
@@ -187,11 +190,12 @@ pub(crate) async fn serve_http1<IO>(
     peer: SocketAddr,
     local: Option<SocketAddr>,
     scheme: Scheme,
+    sni: Option<&str>,
     ctx: Arc<RelayCtx>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (conn, idle) = Conn::new(peer, local, scheme, ctx);
+    let (conn, idle) = Conn::new(peer, local, scheme, sni, ctx);
     let token = conn.token.clone();
     // Ends the connection's backend connections with it.
     let _cancel = token.clone().drop_guard();
@@ -409,6 +413,8 @@ struct Conn {
     peer: SocketAddr,
     local: Option<SocketAddr>,
     scheme: Scheme,
+    /// The name a terminated connection's TLS was opened for.
+    sni: Option<String>,
     ctx: Arc<RelayCtx>,
     exec: TrackerExec,
     /// The kite the first routed request chose, then every request's.
@@ -427,6 +433,7 @@ impl Conn {
         peer: SocketAddr,
         local: Option<SocketAddr>,
         scheme: Scheme,
+        sni: Option<&str>,
         ctx: Arc<RelayCtx>,
     ) -> (Arc<Conn>, watch::Receiver<Activity>) {
         let (activity, idle) = watch::channel(Activity::default());
@@ -434,6 +441,7 @@ impl Conn {
             peer,
             local,
             scheme,
+            sni: sni.map(str::to_string),
             exec: TrackerExec(ctx.tracker.clone()),
             token: ctx.token.child_token(),
             ctx,
@@ -664,6 +672,13 @@ fn authority_of(req: &Request<Incoming>) -> Option<String> {
 /// routed request chose (if `host` routes to the same kite on the same
 /// link), or a new one if none was chosen yet.
 async fn route(conn: &Conn, host: &str) -> Result<Arc<Route>, Page> {
+    if let Some(sni) = &conn.sni
+        && !sni.eq_ignore_ascii_case(host)
+    {
+        debug!(%sni, %host, "h2 request for another name than the TLS connection's");
+        let detail = format!("This connection was opened for {sni}; open a new one for {host}.");
+        return Err(page(421, "Misdirected Request", &detail, &[]));
+    }
     let mut slot = conn.route.lock().await;
     if let Some(route) = slot.as_ref() {
         if route.host == host || same_kite(conn, route, host) {

@@ -143,7 +143,7 @@ pub(crate) async fn serve_plain(
         Some(true) => {
             let local = sock.local_addr().ok();
             let io = super::h2::Rewind::new(buf.freeze(), sock);
-            super::h2::serve(io, peer, local, Scheme::Http, ctx).await;
+            super::h2::serve(io, peer, local, Scheme::Http, None, ctx).await;
         }
         Some(false) => serve(sock, buf, peer, Scheme::Http, None, ctx).await,
         None => {}
@@ -235,7 +235,7 @@ pub(crate) async fn serve<S: VisitorConn>(
     if super::h2::wants_translation(&backends) {
         if let Some(io) = S::reunite(reader, writer) {
             let io = super::h2::Rewind::new(buf.freeze(), io);
-            super::h2::serve_http1(io, peer, local, scheme, ctx).await;
+            super::h2::serve_http1(io, peer, local, scheme, sni, ctx).await;
         }
         return;
     }

@@ -92,7 +92,7 @@ pub(crate) async fn serve(
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     debug!(%sni, h2, "terminated a visitor's TLS");
     if h2 {
-        super::h2::serve(tls, peer, local, Scheme::Https, ctx).await;
+        super::h2::serve(tls, peer, local, Scheme::Https, Some(&sni), ctx).await;
     } else {
         super::http::serve(
             Terminated(tls),
