@@ -204,7 +204,9 @@ pub fn edit_response_head(raw_head: &[u8], rules: &HeaderRules) -> Vec<u8> {
         .split(|&byte| byte == b'\n')
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
     let mut out = Vec::with_capacity(raw_head.len() + 128);
-    if let Some(status) = lines.next() {
+    // The parser skips empty lines before the status line (as it does
+    // before a request line); so does the edit.
+    if let Some(status) = lines.by_ref().find(|line| !line.is_empty()) {
         out.extend_from_slice(status);
         out.extend_from_slice(b"\r\n");
     }

@@ -1166,3 +1166,20 @@ fn a_kites_edits_replace_fields_in_any_case_and_add_forwarded_host() {
         "names match in any case"
     );
 }
+
+/// Empty lines before a response's status line (which the parser skips)
+/// do not become an empty status line when the head is edited (found by
+/// the `http1_response` fuzz target).
+#[test]
+fn edited_response_heads_skip_leading_empty_lines() {
+    let rules = crate::http_policy::HeaderRules {
+        set: std::collections::BTreeMap::from([("X-A".to_string(), "b".to_string())]),
+        remove: Vec::new(),
+    };
+    let raw = b"\r\nHTTP/1.1 204 No Content\r\n\r\n";
+    let head = parse_response_head(raw, "GET").unwrap().unwrap();
+    let edited = edit_response_head(&raw[..head.head_len], &rules);
+    assert_eq!(edited, b"HTTP/1.1 204 No Content\r\nX-A: b\r\n\r\n");
+    let again = parse_response_head(&edited, "GET").unwrap().unwrap();
+    assert_eq!((again.status, again.head_len), (204, edited.len()));
+}
