@@ -2,6 +2,7 @@
 //! logging, runs the library and maps the result to an exit code.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod ca;
 mod exit;
 mod ready;
@@ -93,6 +94,13 @@ enum Command {
     Config(ConfigCommand),
     // About and examples: the doc comment of `RemoteArgs`.
     Remote(remote::RemoteArgs),
+    /// Show a running relay's or connector's state (kites, links,
+    /// listeners) from its admin server.
+    ///
+    /// Example (the node runs with --admin):
+    ///
+    ///   kitepipe status --admin 127.0.0.1:4040
+    Status(admin::StatusArgs),
     /// The agent `kitepipe remote` starts on a host (not for direct use).
     #[command(hide = true)]
     Agent(remote::AgentArgs),
@@ -153,6 +161,8 @@ struct RelayArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: RawRelayConfig,
+    #[command(flatten)]
+    admin: admin::AdminArgs,
 }
 
 /// `kitepipe connect`: the settings are declared once, in the library's
@@ -166,6 +176,8 @@ struct ConnectArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: RawConnectorConfig,
+    #[command(flatten)]
+    admin: admin::AdminArgs,
 }
 
 /// A relay's or connector's configuration, loaded and validated before the
@@ -346,7 +358,7 @@ fn connector_config(args: &ConnectArgs) -> anyhow::Result<(RawConnectorConfig, C
 async fn run(command: Command, loaded: Loaded) -> i32 {
     let res = match (command, loaded) {
         (Command::Demo, _) => demo().await,
-        (Command::Relay(_), Loaded::Relay(config, _)) => relay(*config).await,
+        (Command::Relay(args), Loaded::Relay(config, _)) => relay(*config, args.admin).await,
         (Command::Connect(_), Loaded::Connect(config, _)) => connect(*config).await,
         (Command::Relay(_) | Command::Connect(_), _) => {
             unreachable!("load() gives relays and connectors their config")
@@ -354,6 +366,7 @@ async fn run(command: Command, loaded: Loaded) -> i32 {
         (Command::Config(_), _) => Ok(()),
         (Command::Ca(command), _) => ca::run(command, &|key| std::env::var(key).ok()),
         (Command::Call(args), _) => return call(args).await,
+        (Command::Status(args), _) => admin::status(args).await,
         (Command::Remote(args), _) => return remote::run(args).await,
         (Command::Agent(args), _) => return remote::agent(args).await,
     };
@@ -406,9 +419,13 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
     });
 }
 
-async fn relay(config: RelayConfig) -> anyhow::Result<()> {
+async fn relay(config: RelayConfig, admin: admin::AdminArgs) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
-    let relay = Relay::bind(config).await?;
+    let admin = admin.bind()?;
+    let mut relay = Relay::bind(config).await?;
+    if let Some(admin) = admin {
+        relay.serve_admin(admin);
+    }
     reload_on_sighup(relay.reload_trigger());
     ready::relay(&relay);
     println!("kitepipe relay ready");
@@ -425,6 +442,9 @@ async fn relay(config: RelayConfig) -> anyhow::Result<()> {
             roles.push("https");
         }
         println!("  {} on {}", roles.join("+"), listener.addr);
+    }
+    if let Some(admin) = relay.admin_addr() {
+        println!("  admin on http://{admin}/");
     }
     if let Some(gateway) = relay.gateway() {
         println!("  gateway on {gateway}");

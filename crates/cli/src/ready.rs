@@ -64,6 +64,7 @@ pub(crate) fn relay(relay: &Relay) {
         "http": addrs(|l| l.roles.http),
         "https": addrs(|l| l.roles.https),
         "gateway": relay.gateway(),
+        "admin": relay.admin_addr().map(|addr| addr.to_string()),
     }));
 }
 

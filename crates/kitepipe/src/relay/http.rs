@@ -198,6 +198,9 @@ pub(crate) async fn serve<S: VisitorConn>(
     let backends = match ctx.registry.lookup_name(KiteProto::Http, &host) {
         Lookup::Found(backends) => backends,
         Lookup::Offline => {
+            ctx.registry
+                .metrics
+                .refusal(&host, crate::metrics::Refusal::Offline);
             let detail = format!(
                 "The site {host} is known to this relay, but no connector is serving it right now. Try again later."
             );
@@ -207,6 +210,9 @@ pub(crate) async fn serve<S: VisitorConn>(
             return;
         }
         Lookup::Unknown => {
+            ctx.registry
+                .metrics
+                .refusal(&host, crate::metrics::Refusal::Unknown);
             let detail = format!("This relay does not serve {host}. Check the address.");
             let _ = writer
                 .write_all(&http1::error_response(404, "Unknown kite", &detail))
@@ -227,6 +233,9 @@ pub(crate) async fn serve<S: VisitorConn>(
         .first()
         .is_some_and(|first| !first.policy.admits(peer.ip()))
     {
+        ctx.registry
+            .metrics
+            .refusal(&host, crate::metrics::Refusal::Forbidden);
         let _ = writer.write_all(&forbidden(&host, peer)).await;
         let _ = writer.shutdown().await;
         return;
@@ -239,6 +248,7 @@ pub(crate) async fn serve<S: VisitorConn>(
         match admit(rules, &head, &buf, peer, &host).await {
             Ok(admitted) => permit = Some(admitted),
             Err(page) => {
+                ctx.registry.metrics.refusal_page(&host, &page);
                 let _ = writer.write_all(&page).await;
                 let _ = writer.shutdown().await;
                 return;
@@ -285,6 +295,7 @@ pub(crate) async fn serve<S: VisitorConn>(
         }
     };
     debug!(node = %backend.node, %host, "visitor routed");
+    let _open = backend.metrics.connection();
     let route = Route {
         host,
         backend,
@@ -295,6 +306,7 @@ pub(crate) async fn serve<S: VisitorConn>(
         proto: scheme.as_str(),
     };
     let (stream_reader, mut stream_writer) = tokio::io::split(stream);
+    let mut stream_writer = route.backend.metrics.counting_in(&mut stream_writer);
     let (done_tx, mut done_rx) = watch::channel(None::<Ended>);
     let (expect_tx, expect_rx) = mpsc::channel(MAX_PIPELINED);
     let requests = async {
@@ -323,7 +335,8 @@ pub(crate) async fn serve<S: VisitorConn>(
     let responses = async {
         let ended = forward_responses(
             stream_reader,
-            &mut writer,
+            &mut route.backend.metrics.counting_out(&mut writer),
+            &route.backend.metrics,
             expect_rx,
             &route.host,
             response_edits,
@@ -800,6 +813,7 @@ where
 async fn forward_responses<W: AsyncWrite + Unpin>(
     mut reader: tokio::io::ReadHalf<MuxStream>,
     writer: &mut W,
+    metrics: &crate::metrics::KiteMetrics,
     mut expect: mpsc::Receiver<Expect>,
     host: &str,
     edits: Option<&HeaderRules>,
@@ -872,6 +886,9 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
                 }
             };
             begun = true;
+            if response.status >= 200 || response.status == 101 {
+                metrics.request(response.status);
+            }
             if let Some(rules) = edits
                 && response.status >= 200
                 && response.status != 101

@@ -37,6 +37,7 @@ mod nodes;
 mod registry;
 mod remote;
 mod session;
+mod status;
 mod tcp;
 mod terminate;
 mod visitor;
@@ -52,6 +53,8 @@ use tracing::{Instrument, info, info_span};
 
 use crate::config::{ListenerConfig, RelayConfig, RelayTlsSource};
 use crate::link::MuxConfig;
+use crate::metrics::Metrics;
+use crate::metrics::admin::{self, AdminListener};
 use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
 use crate::shutdown::{self, SHUTDOWN_GRACE};
@@ -127,6 +130,8 @@ pub struct Relay {
     reload: Arc<Notify>,
     /// The event gateway's socket, served by `run`.
     gateway: Option<GatewayListener>,
+    /// The admin server's socket, served by `run`.
+    admin: Option<AdminListener>,
 }
 
 /// One bound listener, as reported to the operator.
@@ -264,6 +269,7 @@ impl Relay {
             cert_created,
             reload: Arc::new(Notify::new()),
             gateway,
+            admin: None,
         })
     }
 
@@ -305,6 +311,23 @@ impl Relay {
         self.ctx.handlers.clone()
     }
 
+    /// Serves the admin server (`--admin`) on `listener` once running.
+    pub fn serve_admin(&mut self, listener: AdminListener) {
+        self.admin = Some(listener);
+    }
+
+    /// The admin server's address, if one is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|admin| admin.local_addr().ok())
+    }
+
+    /// The relay's counters.
+    pub fn metrics(&self) -> Metrics {
+        self.ctx.registry.metrics.clone()
+    }
+
     /// True if the self-signed certificate was created by this start.
     pub fn cert_created(&self) -> bool {
         self.cert_created
@@ -315,6 +338,23 @@ impl Relay {
     /// connections to end.
     pub async fn run(self, shutdown: CancellationToken) {
         let ctx = self.ctx.clone();
+        let bound = self.listeners();
+        if let Some(admin) = self.admin {
+            let source = Arc::new(status::RelayStatus {
+                ctx: ctx.clone(),
+                listeners: bound,
+            });
+            ctx.tracker.spawn(
+                admin::serve(
+                    admin,
+                    ctx.registry.metrics.clone(),
+                    source,
+                    ctx.token.clone(),
+                    ctx.tracker.clone(),
+                )
+                .instrument(info_span!("admin")),
+            );
+        }
         for (listener, roles) in self.listeners {
             let addr = listener.local_addr().ok();
             let span = info_span!("listener", addr = ?addr);

@@ -22,6 +22,7 @@ use super::registry::{Backend, Grant, LinkId, Lookup};
 use super::visitor::{NotOpened, open_visitor_stream, reset};
 use crate::accept::accept;
 use crate::link::MuxStream;
+use crate::metrics::Refusal;
 use crate::pki::pattern_covers;
 use crate::sync::lock;
 use crate::tunnel;
@@ -47,6 +48,7 @@ pub(crate) async fn serve_https(
     let backends = match ctx.registry.lookup_name(KiteProto::Https, &sni) {
         Lookup::Found(backends) => backends,
         other => {
+            ctx.registry.metrics.refusal(&sni, refusal_of(&other));
             debug!(%sni, ?other, "no online HTTPS kite for this name");
             let _ = sock.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             return;
@@ -325,6 +327,9 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<Relay
     let backends = match ctx.registry.lookup_port(port) {
         Lookup::Found(backends) => backends,
         other => {
+            ctx.registry
+                .metrics
+                .refusal(&format!("port {port}"), refusal_of(&other));
             debug!(?other, "TCP kite offline; closing visitor");
             return;
         }
@@ -339,12 +344,22 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<Relay
     pass_through(sock, &mut stream, &backend).await;
 }
 
+/// The counted reason of a lookup that found no backend.
+pub(crate) fn refusal_of(lookup: &Lookup) -> Refusal {
+    match lookup {
+        Lookup::Unknown => Refusal::Unknown,
+        _ => Refusal::Offline,
+    }
+}
+
 /// Passes a visitor's bytes both ways until both ends finish; if the kite
 /// fails first (link lost, stream reset), the visitor gets a TCP reset,
 /// never a clean end.
 async fn pass_through(mut sock: TcpStream, stream: &mut MuxStream, backend: &Backend) {
+    let _open = backend.metrics.connection();
+    let mut counted = backend.metrics.counting(&mut sock);
     let failed = tokio::select! {
-        res = tunnel::splice_stream(&mut sock, stream) => match res {
+        res = tunnel::splice_stream(&mut counted, stream) => match res {
             Ok((up, down)) => {
                 debug!(node = %backend.node, up, down, "visitor done");
                 false
