@@ -283,10 +283,15 @@ impl Admin {
                 "text/css; charset=utf-8",
                 DASHBOARD_CSS.into(),
             ),
-            "/metrics" => text(
+            "/metrics" if wants_openmetrics(req) => text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 self.metrics.encode(),
+            ),
+            "/metrics" => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.encode_prometheus(),
             ),
             "/api/status" => json_response(&self.status()),
             "/api/history" => json_response(&json!({
@@ -448,6 +453,15 @@ impl Admin {
             .split('&')
             .find_map(|pair| pair.strip_prefix("token="))
     }
+}
+
+/// Whether the scraper asks for OpenMetrics (Prometheus does).
+fn wants_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
 }
 
 /// The value of cookie `name`.

@@ -797,6 +797,49 @@ impl Metrics {
         text
     }
 
+    /// `/metrics` in the Prometheus text format (0.0.4), for scrapers
+    /// that do not ask for OpenMetrics (and `promtool check metrics`): a
+    /// counter family is named with its `_total` suffix, and there is no
+    /// `# EOF`.
+    pub fn encode_prometheus(&self) -> String {
+        let open = self.encode();
+        let mut counters = std::collections::HashSet::new();
+        for line in open.lines() {
+            if let Some(name) = line
+                .strip_prefix("# TYPE ")
+                .and_then(|rest| rest.strip_suffix(" counter"))
+            {
+                counters.insert(name.to_string());
+            }
+        }
+        let mut text = String::with_capacity(open.len() + counters.len() * 16);
+        for line in open.lines() {
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
+            }
+            let meta = line
+                .strip_prefix("# HELP ")
+                .map(|rest| ("# HELP ", rest))
+                .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+            match meta {
+                Some((kind, rest)) => {
+                    let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                    if counters.contains(name) {
+                        text.push_str(&format!("{kind}{name}_total {tail}\n"));
+                    } else {
+                        text.push_str(line);
+                        text.push('\n');
+                    }
+                }
+                None => {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+        text
+    }
+
     /// Seconds since the node started.
     pub fn uptime(&self) -> Duration {
         self.inner.started.elapsed()

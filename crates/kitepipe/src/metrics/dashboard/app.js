@@ -55,15 +55,19 @@ function draw(canvas, series, colors, fill) {
   const g = canvas.getContext("2d");
   g.scale(ratio, ratio);
   g.clearRect(0, 0, w, h);
-  let max = 0, tMax = 0, points = 0;
-  for (const s of series) for (const p of s) { max = Math.max(max, p.v); tMax = Math.max(tMax, p.t); points++; }
-  const tMin = tMax - HOUR;
+  let max = 0, tMax = 0, tFirst = Infinity, points = 0;
+  for (const s of series) for (const p of s) {
+    max = Math.max(max, p.v); tMax = Math.max(tMax, p.t); tFirst = Math.min(tFirst, p.t); points++;
+  }
+  // The x axis spans the history there is, up to an hour.
+  const span = Math.min(HOUR, Math.max(10, tMax - tFirst));
+  const tMin = tMax - span;
   max = max > 0 ? max * 1.15 : 1;
   g.strokeStyle = "#263049"; g.lineWidth = 1;
   for (let i = 1; i < 4; i++) { const y = Math.round(h * i / 4) + .5; g.beginPath(); g.moveTo(0, y); g.lineTo(w, y); g.stroke(); }
   series.forEach((s, i) => {
     if (!s.length) return;
-    const x = t => (t - tMin) / HOUR * w, y = v => h - 2 - v / max * (h - 6);
+    const x = t => (t - tMin) / span * w, y = v => h - 2 - v / max * (h - 6);
     g.beginPath();
     s.forEach((p, j) => j ? g.lineTo(x(p.t), y(p.v)) : g.moveTo(x(p.t), y(p.v)));
     g.strokeStyle = colors[i]; g.lineWidth = 1.6; g.stroke();
@@ -73,6 +77,7 @@ function draw(canvas, series, colors, fill) {
     }
   });
   canvas.dataset.points = String(points);
+  canvas.dataset.span = String(span);
   canvas.dataset.max = String(max);
 }
 
@@ -190,6 +195,19 @@ async function start() {
     const status = await fetch("api/status", {credentials: "same-origin"});
     if (status.ok) render(await status.json());
   } catch (err) { setLive(false); }
+  // ?refresh=poll: fetch a snapshot every second instead of keeping an
+  // event stream open (for renderers that wait for the network to go
+  // idle, like headless Chromium's virtual time).
+  if (new URLSearchParams(location.search).get("refresh") === "poll") {
+    setLive(true);
+    setInterval(async () => {
+      try {
+        const res = await fetch("api/status", {credentials: "same-origin"});
+        if (res.ok) render(await res.json()); else setLive(false);
+      } catch (err) { setLive(false); }
+    }, 1000);
+    return;
+  }
   const live = new EventSource("api/live");
   live.onopen = () => setLive(true);
   live.onerror = () => setLive(false);
