@@ -359,7 +359,7 @@ async fn run(command: Command, loaded: Loaded) -> i32 {
     let res = match (command, loaded) {
         (Command::Demo, _) => demo().await,
         (Command::Relay(args), Loaded::Relay(config, _)) => relay(*config, args.admin).await,
-        (Command::Connect(_), Loaded::Connect(config, _)) => connect(*config).await,
+        (Command::Connect(args), Loaded::Connect(config, _)) => connect(*config, args.admin).await,
         (Command::Relay(_) | Command::Connect(_), _) => {
             unreachable!("load() gives relays and connectors their config")
         }
@@ -462,11 +462,18 @@ async fn relay(config: RelayConfig, admin: admin::AdminArgs) -> anyhow::Result<(
     Ok(())
 }
 
-async fn connect(config: ConnectorConfig) -> anyhow::Result<()> {
+async fn connect(config: ConnectorConfig, admin: admin::AdminArgs) -> anyhow::Result<()> {
     let relays = config.relays.iter().map(|r| r.addr.clone()).collect();
-    let connector = Connector::new(config).context("connector setup")?;
+    let admin = admin.bind()?;
+    let mut connector = Connector::new(config).context("connector setup")?;
+    if let Some(admin) = admin {
+        connector.serve_admin(admin);
+    }
     ready::connector(&connector, relays);
     println!("kitepipe connector starting");
+    if let Some(admin) = connector.admin_addr() {
+        println!("  admin on http://{admin}/");
+    }
     if let Some(gateway) = connector.gateway() {
         println!("  gateway on {gateway}");
     }

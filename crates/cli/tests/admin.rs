@@ -421,3 +421,57 @@ fn live_feed_sends_a_snapshot_every_second() {
     assert_eq!(requests(&snapshots[0]), Some(2), "{out}");
     assert!(snapshots.iter().any(|s| requests(s) == Some(5)), "{out}");
 }
+
+#[test]
+fn status_of_a_connector() {
+    let relay = Relay::new()
+        .domain(&format!("http,tcp:*.example.net:{SECRET}"))
+        .start();
+    let backend = Backend::start("http");
+    let connector = Connector::new(&relay)
+        .secret(SECRET)
+        .kite(&format!("http:{HOST}={}", backend.addr()))
+        .arg("--admin=127.0.0.1:0")
+        .start();
+    let admin = admin_of(&connector).to_string();
+    let body = curl_ok(&[
+        "-H",
+        &format!("Host: {HOST}"),
+        &format!("{}/", relay.http_url()),
+    ]);
+    assert_eq!(body, "hello from backend\n");
+    let status = eventually("the connector's link in its status", || {
+        let out = Command::new(BIN)
+            .args(["status", "--admin", &admin, "--json"])
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (status["links"][0]["up"] == 1).then_some(status)
+    });
+    assert_eq!(status["role"], "connector");
+    assert_eq!(status["node"], "test-connector");
+    let kite = &status["kites"][0];
+    assert_eq!(kite["name"], HOST);
+    assert_eq!(kite["online"], true);
+    assert_eq!(kite["target"], backend.addr());
+    assert_eq!(kite["backends"][0], relay.link.to_string());
+    assert_eq!(kite["totals"]["connections"], 1);
+    assert!(
+        kite["totals"]["bytes_out"].as_u64().unwrap() > 19,
+        "{status}"
+    );
+    let out = Command::new(BIN)
+        .args(["status", "--admin", &admin])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("connector test-connector"), "{table}");
+    assert!(table.contains(&format!("{}  up", relay.link)), "{table}");
+    let metrics = curl_ok(&[&format!("http://{admin}/metrics")]);
+    assert!(
+        metrics.contains(&format!(
+            "kitepipe_visitor_connections_total{{kite=\"{HOST}\"}} 1"
+        )),
+        "{metrics}"
+    );
+}

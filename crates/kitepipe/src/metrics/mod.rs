@@ -223,6 +223,16 @@ impl KiteMetrics {
         }
     }
 
+    /// `io` with its reads counted as bytes to visitors and its writes as
+    /// bytes from visitors (a connector's socket to the local target).
+    pub fn counting_target<T>(&self, io: T) -> Counted<T> {
+        Counted {
+            io,
+            reads: Some(self.bytes_out.clone()),
+            writes: Some(self.bytes_in.clone()),
+        }
+    }
+
     /// `io` with its writes counted as bytes from visitors (the kite side
     /// of a visitor's requests).
     pub fn counting_in<T>(&self, io: T) -> Counted<T> {
