@@ -711,6 +711,7 @@ mod tests {
                 ))),
                 assigned_ports: Mutex::new(HashMap::new()),
                 htpasswd: htpasswd::HtpasswdFiles::new(&[]),
+                metrics: Metrics::new(),
             })
         };
         let exec = RemoteOp::Exec(ExecOp {
