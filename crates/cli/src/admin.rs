@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use kitepipe::metrics::access::{AccessFormat, AccessTarget};
 use kitepipe::metrics::admin::{AdminConfig, AdminListener, DEFAULT_ADMIN_ADDR};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -68,6 +69,37 @@ fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read the admin token file {}", file.display()))?;
     Ok(text.trim().to_string())
+}
+
+/// The relay's access log.
+#[derive(Debug, Args, Clone)]
+pub(crate) struct AccessLogArgs {
+    /// Write a line per visitor request (HTTP) or connection (TCP, HTTPS
+    /// passed through) to FILE (appended, mode 0640), or `-` for stdout.
+    #[arg(long, env = "KITEPIPE_ACCESS_LOG", value_name = "FILE|-")]
+    pub(crate) access_log: Option<PathBuf>,
+    /// The access log's format: common (Apache/nginx common log format,
+    /// plus the kite and the duration) or json.
+    #[arg(
+        long,
+        env = "KITEPIPE_ACCESS_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "common"
+    )]
+    pub(crate) access_log_format: AccessFormat,
+}
+
+impl AccessLogArgs {
+    /// Where the access log goes, if anywhere.
+    pub(crate) fn target(&self) -> Option<AccessTarget> {
+        self.access_log.as_ref().map(|path| {
+            if path.as_os_str() == "-" {
+                AccessTarget::Stdout
+            } else {
+                AccessTarget::File(path.clone())
+            }
+        })
+    }
 }
 
 /// `kitepipe status`.

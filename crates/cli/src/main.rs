@@ -163,6 +163,8 @@ struct RelayArgs {
     settings: RawRelayConfig,
     #[command(flatten)]
     admin: admin::AdminArgs,
+    #[command(flatten)]
+    access_log: admin::AccessLogArgs,
 }
 
 /// `kitepipe connect`: the settings are declared once, in the library's
@@ -358,7 +360,9 @@ fn connector_config(args: &ConnectArgs) -> anyhow::Result<(RawConnectorConfig, C
 async fn run(command: Command, loaded: Loaded) -> i32 {
     let res = match (command, loaded) {
         (Command::Demo, _) => demo().await,
-        (Command::Relay(args), Loaded::Relay(config, _)) => relay(*config, args.admin).await,
+        (Command::Relay(args), Loaded::Relay(config, _)) => {
+            relay(*config, args.admin, args.access_log).await
+        }
         (Command::Connect(args), Loaded::Connect(config, _)) => connect(*config, args.admin).await,
         (Command::Relay(_) | Command::Connect(_), _) => {
             unreachable!("load() gives relays and connectors their config")
@@ -419,12 +423,19 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
     });
 }
 
-async fn relay(config: RelayConfig, admin: admin::AdminArgs) -> anyhow::Result<()> {
+async fn relay(
+    config: RelayConfig,
+    admin: admin::AdminArgs,
+    access_log: admin::AccessLogArgs,
+) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
     let admin = admin.bind()?;
     let mut relay = Relay::bind(config).await?;
     if let Some(admin) = admin {
         relay.serve_admin(admin);
+    }
+    if let Some(target) = access_log.target() {
+        relay.access_log(&target, access_log.access_log_format)?;
     }
     reload_on_sighup(relay.reload_trigger());
     ready::relay(&relay);

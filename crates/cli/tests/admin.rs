@@ -475,3 +475,99 @@ fn status_of_a_connector() {
         "{metrics}"
     );
 }
+
+#[test]
+fn access_log_lines_match_the_requests() {
+    for format in ["common", "json"] {
+        let dir = TempDir::new("access-log");
+        let log = dir.path().join("access.log");
+        let relay = Relay::new()
+            .domain(&format!("http,tcp:*.example.net:{SECRET}"))
+            .args(&["--access-log", &log.to_string_lossy()])
+            .args(&["--access-log-format", format])
+            .start();
+        let backend = Backend::start("http");
+        let echo = Backend::start("tcp-echo");
+        let connector = Connector::new(&relay)
+            .secret(SECRET)
+            .kite(&format!("http:{HOST}={}", backend.addr()))
+            .kite(&format!("tcp:echo.example.net:0={}", echo.addr()))
+            .start();
+        let url = format!("{}/", relay.http_url());
+        curl_ok(&[
+            "-H",
+            &format!("Host: {HOST}"),
+            &url,
+            &format!("{url}headers"),
+        ]);
+        let (_, out, _) = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Host: {HOST}"),
+            &format!("{url}nothing-here?q=\"x\""),
+        ]);
+        assert_eq!(out, b"404");
+        let port = connector.tcp_kite_port("echo.example.net");
+        {
+            use std::io::{Read as _, Write as _};
+            let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            sock.write_all(b"ping!\n").unwrap();
+            let mut back = [0u8; 6];
+            sock.read_exact(&mut back).unwrap();
+            assert_eq!(&back, b"ping!\n");
+        }
+        let text = eventually("four access log lines", || {
+            let text = std::fs::read_to_string(&log).ok()?;
+            (text.lines().count() >= 4).then_some(text)
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        if format == "common" {
+            assert!(lines[0].starts_with("127.0.0.1 - - ["), "{text}");
+            assert!(
+                lines[0].contains("\"GET / HTTP/1.1\" 200 ")
+                    && lines[0].contains(&format!("\"{HOST}\"")),
+                "{text}"
+            );
+            assert!(
+                lines[1].contains("\"GET /headers HTTP/1.1\" 200 "),
+                "{text}"
+            );
+            assert!(
+                lines[2].contains("\"GET /nothing-here?q=%22x%22 HTTP/1.1\" 404 "),
+                "{text}"
+            );
+            assert!(lines[3].contains("\"TCP echo.example.net\" - 6 "), "{text}");
+            // The byte count is the response's (head and body).
+            let bytes: u64 = lines[0]
+                .split("\" 200 ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(bytes > 19 && bytes < 1000, "{text}");
+        } else {
+            let json: Vec<serde_json::Value> = lines
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(json[0]["method"], "GET");
+            assert_eq!(json[0]["path"], "/");
+            assert_eq!(json[0]["status"], 200);
+            assert_eq!(json[0]["kite"], HOST);
+            assert_eq!(json[0]["peer"], "127.0.0.1");
+            assert_eq!(json[1]["path"], "/headers");
+            assert_eq!(json[2]["status"], 404);
+            assert_eq!(json[3]["proto"], "tcp");
+            assert_eq!(json[3]["kite"], "echo.example.net");
+            assert_eq!(json[3]["bytes_in"], 6);
+            assert_eq!(json[3]["bytes_out"], 6);
+        }
+    }
+}

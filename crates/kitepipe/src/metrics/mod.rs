@@ -11,6 +11,7 @@
 //! `pipe`, `remote`); they call it, and describe themselves to the admin
 //! server through [`StatusSource`].
 
+pub mod access;
 pub mod admin;
 
 use std::collections::{HashMap, VecDeque};
@@ -220,6 +221,8 @@ impl KiteMetrics {
             io,
             reads: Some(self.bytes_in.clone()),
             writes: Some(self.bytes_out.clone()),
+            read: 0,
+            written: 0,
         }
     }
 
@@ -230,6 +233,8 @@ impl KiteMetrics {
             io,
             reads: Some(self.bytes_out.clone()),
             writes: Some(self.bytes_in.clone()),
+            read: 0,
+            written: 0,
         }
     }
 
@@ -240,6 +245,8 @@ impl KiteMetrics {
             io,
             reads: None,
             writes: Some(self.bytes_in.clone()),
+            read: 0,
+            written: 0,
         }
     }
 
@@ -249,6 +256,8 @@ impl KiteMetrics {
             io,
             reads: None,
             writes: Some(self.bytes_out.clone()),
+            read: 0,
+            written: 0,
         }
     }
 
@@ -271,6 +280,20 @@ pub struct Counted<T> {
     io: T,
     reads: Option<Counter>,
     writes: Option<Counter>,
+    read: u64,
+    written: u64,
+}
+
+impl<T> Counted<T> {
+    /// Bytes read through this wrapper.
+    pub fn read(&self) -> u64 {
+        self.read
+    }
+
+    /// Bytes written through this wrapper.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -281,13 +304,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.io).poll_read(cx, buf);
-        if let Some(counter) = &self.reads {
-            let n = buf.filled().len().saturating_sub(before);
-            if n > 0 {
-                counter.inc_by(n as u64);
+        let n = buf.filled().len().saturating_sub(before) as u64;
+        if n > 0 {
+            self.read += n;
+            if let Some(counter) = &self.reads {
+                counter.inc_by(n);
             }
         }
         res
+    }
+}
+
+impl<T> Counted<T> {
+    fn count_written(&mut self, n: usize) {
+        self.written += n as u64;
+        if let Some(counter) = &self.writes {
+            counter.inc_by(n as u64);
+        }
     }
 }
 
@@ -298,8 +331,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let (Poll::Ready(Ok(n)), Some(counter)) = (&res, &self.writes) {
-            counter.inc_by(*n as u64);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.count_written(*n);
         }
         res
     }
@@ -310,8 +343,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let res = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if let (Poll::Ready(Ok(n)), Some(counter)) = (&res, &self.writes) {
-            counter.inc_by(*n as u64);
+        if let Poll::Ready(Ok(n)) = &res {
+            self.count_written(*n);
         }
         res
     }
@@ -485,6 +518,7 @@ struct Inner {
     remote_seconds: Family<OutcomeLabel, Histogram, fn() -> Histogram>,
     /// Resolved kite handles, bounded by [`MAX_KITE_SERIES`].
     kites: Mutex<HashMap<String, KiteMetrics>>,
+    access_dropped: Counter,
     board: Arc<Mutex<Board>>,
     started: tokio::time::Instant,
     started_unix: u64,
@@ -568,6 +602,12 @@ impl Metrics {
             handshake_failures.clone(),
         );
         registry.register("events", "Events handled, per outcome", events.clone());
+        let access_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            access_dropped.clone(),
+        );
         registry.register(
             "event_duration_seconds",
             "Time to answer an event, per outcome",
@@ -600,6 +640,7 @@ impl Metrics {
                 remote_ops,
                 remote_seconds,
                 kites: Mutex::new(HashMap::new()),
+                access_dropped,
                 board: Arc::new(Mutex::new(Board::default())),
                 started: tokio::time::Instant::now(),
                 started_unix: unix_now(),
@@ -646,6 +687,11 @@ impl Metrics {
         };
         kites.insert(name.to_string(), handles.clone());
         handles
+    }
+
+    /// The counter of access log lines dropped.
+    pub fn access_log_dropped(&self) -> Counter {
+        self.inner.access_dropped.clone()
     }
 
     /// A visitor of kite `kite` (its name as asked, for unknown ones) was

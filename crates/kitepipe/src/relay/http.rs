@@ -70,6 +70,8 @@ enum Expect {
         /// The request asked for an upgrade: told whether the backend
         /// switched protocols (101), or left the connection HTTP.
         upgrade: Option<oneshot::Sender<bool>>,
+        /// Its access log line, when there is an access log.
+        access: Option<crate::metrics::access::AccessRequest>,
     },
     /// A refusal of a request that was not forwarded, sent once every
     /// earlier response is through; the connection then ends.
@@ -660,6 +662,9 @@ async fn forward_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             .send(Expect::Response {
                 head: is_head,
                 upgrade: upgrade_tx,
+                access: ctx.access.get().map(|log| {
+                    log.request(forwarded.client_ip, &route.host, &head.method, &head.target)
+                }),
             })
             .await
             .is_err()
@@ -812,7 +817,7 @@ where
 /// response began, the visitor gets a 502 page saying why; after, a reset.
 async fn forward_responses<W: AsyncWrite + Unpin>(
     mut reader: tokio::io::ReadHalf<MuxStream>,
-    writer: &mut W,
+    writer: &mut crate::metrics::Counted<W>,
     metrics: &crate::metrics::KiteMetrics,
     mut expect: mpsc::Receiver<Expect>,
     host: &str,
@@ -849,15 +854,20 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
                 },
             }
         };
-        let (is_head, mut upgrade) = match next {
+        let (is_head, mut upgrade, mut access) = match next {
             None => return Ended::Clean,
             Some(Expect::Refusal(page)) => {
                 let _ = writer.write_all(&page).await;
                 return Ended::Clean;
             }
-            Some(Expect::Response { head, upgrade }) => (head, upgrade),
+            Some(Expect::Response {
+                head,
+                upgrade,
+                access,
+            }) => (head, upgrade, access),
         };
         let mut begun = false;
+        let start = writer.written();
         // Only whether it was HEAD matters for how the response is framed.
         let method = if is_head { "HEAD" } else { "GET" };
         // Interim (1xx) responses come before the final one.
@@ -908,9 +918,19 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
                 )
                 .await
                 {
-                    Ok(true) => break,
+                    Ok(true) => {
+                        if let Some(line) = access.take() {
+                            line.done(response.status, writer.written() - start)
+                        }
+                        break;
+                    }
                     // Delimited by the end of the connection, which came.
-                    Ok(false) => return Ended::Clean,
+                    Ok(false) => {
+                        if let Some(line) = access.take() {
+                            line.done(response.status, writer.written() - start)
+                        }
+                        return Ended::Clean;
+                    }
                     Err(err) => {
                         debug!(%err, "response cut short");
                         return Ended::Cut;

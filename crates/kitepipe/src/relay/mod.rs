@@ -54,6 +54,7 @@ use tracing::{Instrument, info, info_span};
 use crate::config::{ListenerConfig, RelayConfig, RelayTlsSource};
 use crate::link::MuxConfig;
 use crate::metrics::Metrics;
+use crate::metrics::access::{AccessFormat, AccessLog, AccessLogError, AccessTarget};
 use crate::metrics::admin::{self, AdminListener};
 use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
@@ -178,6 +179,8 @@ pub(crate) struct RelayCtx {
     pub(crate) certs: certs::CertStore,
     /// Certificates from an ACME CA: wanted names, pending challenges.
     pub(crate) acme: acme::Acme,
+    /// The access log (`--access-log`), if any.
+    pub(crate) access: std::sync::OnceLock<AccessLog>,
 }
 
 impl Relay {
@@ -260,6 +263,7 @@ impl Relay {
             proof_throttle: session::ProofThrottle::default(),
             certs: served_certs,
             acme,
+            access: std::sync::OnceLock::new(),
         });
         ctx.acme.load_stored(&ctx.certs);
         Ok(Relay {
@@ -314,6 +318,24 @@ impl Relay {
     /// Serves the admin server (`--admin`) on `listener` once running.
     pub fn serve_admin(&mut self, listener: AdminListener) {
         self.admin = Some(listener);
+    }
+
+    /// Writes an access log line per visitor request or connection
+    /// (`--access-log`).
+    pub fn access_log(
+        &self,
+        target: &AccessTarget,
+        format: AccessFormat,
+    ) -> Result<(), AccessLogError> {
+        let log = AccessLog::open(
+            target,
+            format,
+            &self.ctx.registry.metrics,
+            &self.ctx.tracker,
+            self.ctx.token.clone(),
+        )?;
+        let _ = self.ctx.access.set(log);
+        Ok(())
     }
 
     /// The admin server's address, if one is set.

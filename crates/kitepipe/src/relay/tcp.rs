@@ -23,6 +23,7 @@ use super::visitor::{NotOpened, open_visitor_stream, reset};
 use crate::accept::accept;
 use crate::link::MuxStream;
 use crate::metrics::Refusal;
+use crate::metrics::access::ConnectionEntry;
 use crate::pki::pattern_covers;
 use crate::sync::lock;
 use crate::tunnel;
@@ -69,7 +70,7 @@ pub(crate) async fn serve_https(
     if stream.write_all(&prefix).await.is_err() {
         return;
     }
-    pass_through(sock, &mut stream, &backend).await;
+    pass_through(sock, &mut stream, &backend, peer, "https", &ctx).await;
 }
 
 /// How long a TCP kite's port stays bound after the last link serving the
@@ -341,7 +342,7 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<Relay
         Err(NotOpened::Refused) => return reset(sock),
         Err(NotOpened::Unreachable) => return,
     };
-    pass_through(sock, &mut stream, &backend).await;
+    pass_through(sock, &mut stream, &backend, peer, "tcp", ctx).await;
 }
 
 /// The counted reason of a lookup that found no backend.
@@ -355,8 +356,16 @@ pub(crate) fn refusal_of(lookup: &Lookup) -> Refusal {
 /// Passes a visitor's bytes both ways until both ends finish; if the kite
 /// fails first (link lost, stream reset), the visitor gets a TCP reset,
 /// never a clean end.
-async fn pass_through(mut sock: TcpStream, stream: &mut MuxStream, backend: &Backend) {
+async fn pass_through(
+    mut sock: TcpStream,
+    stream: &mut MuxStream,
+    backend: &Backend,
+    peer: SocketAddr,
+    proto: &str,
+    ctx: &RelayCtx,
+) {
     let _open = backend.metrics.connection();
+    let started = tokio::time::Instant::now();
     let mut counted = backend.metrics.counting(&mut sock);
     let failed = tokio::select! {
         res = tunnel::splice_stream(&mut counted, stream) => match res {
@@ -373,6 +382,18 @@ async fn pass_through(mut sock: TcpStream, stream: &mut MuxStream, backend: &Bac
         // so nothing else to do here but not outlive a shut-down relay.
         _ = backend.mux.closed() => true,
     };
+    let (bytes_in, bytes_out) = (counted.read(), counted.written());
+    if let Some(log) = ctx.access.get() {
+        log.connection(&ConnectionEntry {
+            peer,
+            proto,
+            kite: &backend.kite.name,
+            bytes_in,
+            bytes_out,
+            seconds: started.elapsed().as_secs_f64(),
+            ended: std::time::SystemTime::now(),
+        });
+    }
     if failed {
         reset(sock);
     }
