@@ -142,6 +142,41 @@ fn metrics_count_the_traffic_sent() {
         Some(1.0),
         "{text}"
     );
+    // Events through the connector's gateway to the relay's handlers.
+    let gateway = gateway_of(&scene.connector);
+    curl_ok(&[&format!("http://{gateway}/server/time")]);
+    let (_, out, _) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{gateway}/server/no_such_handler"),
+    ]);
+    assert_eq!(out, b"404");
+    let text = eventually("the events counted", || {
+        let text = scene.get("/metrics");
+        (sample(&text, "kitepipe_events_total{outcome=\"refused\"}") == Some(1.0)).then_some(text)
+    });
+    assert_eq!(
+        sample(&text, "kitepipe_events_total{outcome=\"ok\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "kitepipe_event_duration_seconds_count{outcome=\"ok\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&scene.get("/api/status")).unwrap();
+    let activity = status["activity"].as_array().unwrap();
+    assert_eq!(activity.len(), 2, "{status}");
+    assert_eq!(activity[0]["kind"], "event");
+    assert_eq!(activity[0]["what"], "get_time");
+    assert_eq!(activity[0]["outcome"], "ok");
+    assert_eq!(activity[1]["outcome"], "refused");
     // Prometheus asks for OpenMetrics, and gets the same samples.
     let open = curl_ok(&[
         "-H",

@@ -148,6 +148,8 @@ impl Connector {
             None => None,
         };
         let handlers = Arc::new(Handlers::new(&config.name, &config.events));
+        let metrics = Metrics::new();
+        handlers.count_in(metrics.clone());
         Ok(Connector {
             config: Arc::new(config),
             tls,
@@ -155,7 +157,7 @@ impl Connector {
             states,
             gateway,
             handlers,
-            metrics: Metrics::new(),
+            metrics,
             admin: None,
         })
     }

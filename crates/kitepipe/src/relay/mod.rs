@@ -266,6 +266,7 @@ impl Relay {
             access: std::sync::OnceLock::new(),
         });
         ctx.acme.load_stored(&ctx.certs);
+        ctx.handlers.count_in(ctx.registry.metrics.clone());
         Ok(Relay {
             ctx,
             listeners,
