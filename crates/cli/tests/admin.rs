@@ -321,6 +321,14 @@ fn status_shows_kites_and_links_as_table_and_json() {
             .filter(|t| t.contains("offline"))
     });
     assert!(table.contains("test-connector  down"), "{table}");
+    let status: serde_json::Value =
+        serde_json::from_str(&curl_ok(&[&format!("http://{admin}/api/status")])).unwrap();
+    let errors = status["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().any(|e| e["who"] == "test-connector"
+            && e["what"].as_str().unwrap().starts_with("link closed")),
+        "{status}"
+    );
     // No admin server there: a clear error, not a hang.
     let out = Command::new(BIN)
         .args(["status", "--admin", &format!("127.0.0.1:{}", free_port())])

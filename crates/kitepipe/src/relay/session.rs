@@ -314,6 +314,10 @@ pub(crate) async fn accept(
                 None => info!(%err, "link TLS handshake failed"),
             }
             ctx.registry.metrics.handshake_failed(HandshakeFailure::Tls);
+            ctx.registry.metrics.error(
+                &peer.to_string(),
+                &format!("link TLS handshake failed: {err}"),
+            );
             linger(io).await;
             return;
         }
@@ -524,7 +528,10 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
         ctx.registry.remove_link(link_id);
         match &reason {
             LinkClosed::Shutdown => info!("link closed: relay shutting down"),
-            reason => info!(%reason, "link closed"),
+            reason => {
+                info!(%reason, "link closed");
+                ctx.registry.metrics.error(&printable(&hello.node), &format!("link closed: {reason}"));
+            }
         }
     }
     .instrument(span)
@@ -906,6 +913,10 @@ async fn register_kites(
             }
             Err((reason, message)) => {
                 warn!(kite = %claim.kite, ?reason, %message, "kite refused");
+                ctx.registry.metrics.error(
+                    &link.node,
+                    &format!("kite {} refused: {message}", claim.kite),
+                );
                 KiteResult::Refused { reason, message }
             }
         };
