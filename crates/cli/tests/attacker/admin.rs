@@ -182,3 +182,56 @@ fn admin_survives_garbage_and_oversized_requests() {
     assert_eq!(status(&url, &[]), "200");
     assert!(relay.proc.exited().is_none());
 }
+
+/// A visitor chooses the request target that lands in the access log: it
+/// cannot forge fields or lines, nor grow a line without bound.
+#[test]
+fn access_log_lines_cannot_be_forged_by_visitors() {
+    let dir = TempDir::new("access-forge");
+    let log = dir.path().join("access.log");
+    let relay = Relay::new()
+        .domain("http:*.example.net:access-forge-secret")
+        .args(&["--access-log", &log.to_string_lossy()])
+        .start();
+    let backend = Backend::start("http");
+    let _connector = Connector::new(&relay)
+        .secret("access-forge-secret")
+        .kite(&format!("http:app.example.net={}", backend.addr()))
+        .start();
+    let http = relay.http.unwrap();
+    // Spaces and quotes in the target: the relay's scanner refuses it, so it
+    // never reaches a log line; the log escapes `"` anyway.
+    let forged = "/x\" 200 1 \"evil.example.net\" 0.001";
+    let long = format!("/{}?q={}", "a".repeat(8000), "b".repeat(100));
+    let mut answers = Vec::new();
+    for target in [forged, long.as_str()] {
+        let mut sock = TcpStream::connect(http).unwrap();
+        sock.set_read_timeout(Some(scaled(Duration::from_secs(20))))
+            .unwrap();
+        sock.write_all(
+            format!("GET {target} HTTP/1.1\r\nHost: app.example.net\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        let _ = sock.read_to_end(&mut answer);
+        answers.push(String::from_utf8_lossy(&answer).into_owned());
+    }
+    assert!(
+        answers[0].starts_with("HTTP/1.1 400") || answers[0].starts_with("HTTP/1.1 505"),
+        "{}",
+        answers[0]
+    );
+    assert!(answers[1].starts_with("HTTP/1.1 404"), "{}", answers[1]);
+    let text = eventually("an access log line", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text.lines().count() >= 1).then_some(text)
+    });
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(!text.contains("evil.example.net"), "{text}");
+    // The target is cut: the line stays short.
+    assert!(lines[0].len() < 1000, "{} bytes", lines[0].len());
+    assert!(lines[0].contains("\"app.example.net\""), "{text}");
+    assert_eq!(lines[0].matches('"').count(), 4, "{text}");
+}
