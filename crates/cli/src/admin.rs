@@ -3,103 +3,59 @@
 //! reads a node's `/api/status` and prints it as tables.
 
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use kitepipe::config::{AccessLogFormat, AccessLogSettings, AdminSettings, DEFAULT_ADMIN_ADDR};
 use kitepipe::metrics::access::{AccessFormat, AccessTarget};
-use kitepipe::metrics::admin::{AdminConfig, AdminListener, DEFAULT_ADMIN_ADDR};
+use kitepipe::metrics::admin::{AdminConfig, AdminError, AdminListener};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::exit::UsageText;
 
-/// The admin server: dashboard, `/metrics`, `/api/status`.
-#[derive(Debug, Args, Clone, Default)]
-pub(crate) struct AdminArgs {
-    /// Serve the admin server (dashboard at /, Prometheus /metrics,
-    /// /api/status) on ADDR. Bare --admin is 127.0.0.1:4040 (a free port
-    /// if that one is taken). Off unless given. Beyond loopback it needs
-    /// --admin-token-file.
-    #[arg(long, env = "KITEPIPE_ADMIN", value_name = "ADDR", num_args = 0..=1,
-          require_equals = true, default_missing_value = DEFAULT_ADMIN_ADDR)]
-    pub(crate) admin: Option<String>,
-    /// File holding the admin server's token (at least 16 characters,
-    /// mode 0600; e.g. `openssl rand -hex 16`): requests must send it as
-    /// `Authorization: Bearer TOKEN`; a browser opens /?token=TOKEN once.
-    #[arg(long, env = "KITEPIPE_ADMIN_TOKEN_FILE", value_name = "FILE")]
-    pub(crate) admin_token_file: Option<PathBuf>,
+/// Binds the admin socket if `--admin` asked for one; refuses an address
+/// beyond loopback without a token.
+pub(crate) fn bind(settings: Option<&AdminSettings>) -> anyhow::Result<Option<AdminListener>> {
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    let config = AdminConfig {
+        addr: settings.addr,
+        fallback: settings.fallback,
+        token: settings
+            .token
+            .as_ref()
+            .map(|token| token.expose().to_string()),
+    };
+    match AdminListener::bind(&config) {
+        Ok(listener) => Ok(Some(listener)),
+        Err(err @ (AdminError::Exposed(_) | AdminError::WeakToken)) => {
+            Err(UsageText(err.to_string()).into())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
-impl AdminArgs {
-    /// Binds the admin socket if asked for; refuses an address beyond
-    /// loopback without a token.
-    pub(crate) fn bind(&self) -> anyhow::Result<Option<AdminListener>> {
-        let Some(addr) = &self.admin else {
-            return Ok(None);
-        };
-        let parsed: SocketAddr = addr.parse().map_err(|_| {
-            UsageText(format!(
-                "--admin {addr:?}: expected IP:PORT, e.g. 127.0.0.1:4040"
-            ))
-        })?;
-        let token = match &self.admin_token_file {
-            Some(file) => Some(read_token(file)?),
-            None => None,
-        };
-        let config = AdminConfig {
-            addr: parsed,
-            fallback: addr == DEFAULT_ADMIN_ADDR,
-            token,
-        };
-        match AdminListener::bind(&config) {
-            Ok(listener) => Ok(Some(listener)),
-            Err(
-                err @ (kitepipe::metrics::admin::AdminError::Exposed(_)
-                | kitepipe::metrics::admin::AdminError::WeakToken),
-            ) => Err(UsageText(err.to_string()).into()),
-            Err(err) => Err(err.into()),
-        }
-    }
+/// Where and how the access log is written.
+pub(crate) fn access_log(settings: &AccessLogSettings) -> (AccessTarget, AccessFormat) {
+    let target = match &settings.file {
+        Some(file) => AccessTarget::File(file.clone()),
+        None => AccessTarget::Stdout,
+    };
+    let format = match settings.format {
+        AccessLogFormat::Common => AccessFormat::Common,
+        AccessLogFormat::Json => AccessFormat::Json,
+    };
+    (target, format)
 }
 
 fn read_token(file: &std::path::Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read the admin token file {}", file.display()))?;
     Ok(text.trim().to_string())
-}
-
-/// The relay's access log.
-#[derive(Debug, Args, Clone)]
-pub(crate) struct AccessLogArgs {
-    /// Write a line per visitor request (HTTP) or connection (TCP, HTTPS
-    /// passed through) to FILE (appended, mode 0640), or `-` for stdout.
-    #[arg(long, env = "KITEPIPE_ACCESS_LOG", value_name = "FILE|-")]
-    pub(crate) access_log: Option<PathBuf>,
-    /// The access log's format: common (Apache/nginx common log format,
-    /// plus the kite and the duration) or json.
-    #[arg(
-        long,
-        env = "KITEPIPE_ACCESS_LOG_FORMAT",
-        value_name = "FORMAT",
-        default_value = "common"
-    )]
-    pub(crate) access_log_format: AccessFormat,
-}
-
-impl AccessLogArgs {
-    /// Where the access log goes, if anywhere.
-    pub(crate) fn target(&self) -> Option<AccessTarget> {
-        self.access_log.as_ref().map(|path| {
-            if path.as_os_str() == "-" {
-                AccessTarget::Stdout
-            } else {
-                AccessTarget::File(path.clone())
-            }
-        })
-    }
 }
 
 /// `kitepipe status`.

@@ -161,10 +161,6 @@ struct RelayArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: RawRelayConfig,
-    #[command(flatten)]
-    admin: admin::AdminArgs,
-    #[command(flatten)]
-    access_log: admin::AccessLogArgs,
 }
 
 /// `kitepipe connect`: the settings are declared once, in the library's
@@ -178,8 +174,6 @@ struct ConnectArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: RawConnectorConfig,
-    #[command(flatten)]
-    admin: admin::AdminArgs,
 }
 
 /// A relay's or connector's configuration, loaded and validated before the
@@ -360,10 +354,8 @@ fn connector_config(args: &ConnectArgs) -> anyhow::Result<(RawConnectorConfig, C
 async fn run(command: Command, loaded: Loaded) -> i32 {
     let res = match (command, loaded) {
         (Command::Demo, _) => demo().await,
-        (Command::Relay(args), Loaded::Relay(config, _)) => {
-            relay(*config, args.admin, args.access_log).await
-        }
-        (Command::Connect(args), Loaded::Connect(config, _)) => connect(*config, args.admin).await,
+        (Command::Relay(_), Loaded::Relay(config, _)) => relay(*config).await,
+        (Command::Connect(_), Loaded::Connect(config, _)) => connect(*config).await,
         (Command::Relay(_) | Command::Connect(_), _) => {
             unreachable!("load() gives relays and connectors their config")
         }
@@ -423,19 +415,17 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
     });
 }
 
-async fn relay(
-    config: RelayConfig,
-    admin: admin::AdminArgs,
-    access_log: admin::AccessLogArgs,
-) -> anyhow::Result<()> {
+async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
-    let admin = admin.bind()?;
+    let admin = admin::bind(config.admin.as_ref())?;
+    let access_log = config.access_log.clone();
     let mut relay = Relay::bind(config).await?;
     if let Some(admin) = admin {
         relay.serve_admin(admin);
     }
-    if let Some(target) = access_log.target() {
-        relay.access_log(&target, access_log.access_log_format)?;
+    if let Some(settings) = &access_log {
+        let (target, format) = admin::access_log(settings);
+        relay.access_log(&target, format)?;
     }
     reload_on_sighup(relay.reload_trigger());
     ready::relay(&relay);
@@ -473,9 +463,9 @@ async fn relay(
     Ok(())
 }
 
-async fn connect(config: ConnectorConfig, admin: admin::AdminArgs) -> anyhow::Result<()> {
+async fn connect(config: ConnectorConfig) -> anyhow::Result<()> {
     let relays = config.relays.iter().map(|r| r.addr.clone()).collect();
-    let admin = admin.bind()?;
+    let admin = admin::bind(config.admin.as_ref())?;
     let mut connector = Connector::new(config).context("connector setup")?;
     if let Some(admin) = admin {
         connector.serve_admin(admin);

@@ -33,10 +33,6 @@ use tracing::{debug, info};
 use super::{Metrics, SAMPLE_INTERVAL};
 use crate::accept::accept;
 
-/// The address `--admin` without a value asks for (ngrok's, which
-/// operators know); if it is taken, a free port on loopback instead.
-pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:4040";
-
 /// Admin connections served at once (dashboards keep one open for the
 /// live feed); more are closed at accept.
 pub const MAX_ADMIN_CONNECTIONS: usize = 32;
