@@ -7,15 +7,14 @@
 //! counted (`kitepipe_access_log_dropped_total`) rather than slowing
 //! anyone.
 
+use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -61,7 +60,7 @@ pub enum AccessTarget {
 /// The access log's sending side: cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AccessLog {
-    sender: mpsc::Sender<String>,
+    sender: mpsc::SyncSender<String>,
     format: AccessFormat,
     dropped: Counter,
 }
@@ -88,8 +87,8 @@ impl AccessLog {
         tracker: &TaskTracker,
         token: CancellationToken,
     ) -> Result<AccessLog, AccessLogError> {
-        let writer: Box<dyn AsyncWrite + Send + Unpin> = match target {
-            AccessTarget::Stdout => Box::new(tokio::io::stdout()),
+        let writer: Box<dyn Write + Send> = match target {
+            AccessTarget::Stdout => Box::new(std::io::stdout()),
             AccessTarget::File(path) => {
                 use std::os::unix::fs::OpenOptionsExt as _;
                 let file = std::fs::OpenOptions::new()
@@ -101,11 +100,13 @@ impl AccessLog {
                         path: path.display().to_string(),
                         source,
                     })?;
-                Box::new(tokio::fs::File::from_std(file))
+                Box::new(file)
             }
         };
-        let (sender, receiver) = mpsc::channel(MAX_ACCESS_BACKLOG);
-        tracker.spawn(write_lines(receiver, writer, token));
+        let (sender, receiver) = mpsc::sync_channel(MAX_ACCESS_BACKLOG);
+        // A blocking thread of its own: the writes never take a turn on the
+        // threads serving visitors.
+        tracker.spawn_blocking(move || write_lines(&receiver, writer, &token));
         Ok(AccessLog {
             sender,
             format,
@@ -230,21 +231,23 @@ impl AccessRequest {
     }
 }
 
-async fn write_lines(
-    mut receiver: mpsc::Receiver<String>,
-    mut writer: Box<dyn AsyncWrite + Send + Unpin>,
-    token: CancellationToken,
+/// How often the writer looks at the shutdown token while no line comes.
+const WRITER_POLL: Duration = Duration::from_millis(200);
+
+/// Writes lines as they come, a batch per write, until the node shuts
+/// down (then what is queued) or every sender is gone.
+fn write_lines(
+    receiver: &mpsc::Receiver<String>,
+    mut writer: Box<dyn Write + Send>,
+    token: &CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(64 * 1024);
     loop {
-        let line = tokio::select! {
-            line = receiver.recv() => line,
-            _ = token.cancelled() => {
-                receiver.close();
-                receiver.recv().await
-            }
+        let line = match receiver.recv_timeout(WRITER_POLL) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) if !token.is_cancelled() => continue,
+            Err(_) => break,
         };
-        let Some(line) = line else { break };
         batch.extend_from_slice(line.as_bytes());
         while batch.len() < 64 * 1024 {
             match receiver.try_recv() {
@@ -252,13 +255,15 @@ async fn write_lines(
                 Err(_) => break,
             }
         }
-        if let Err(err) = writer.write_all(&batch).await {
+        if let Err(err) = writer.write_all(&batch).and_then(|()| writer.flush()) {
             tracing::warn!(%err, "cannot write the access log");
         }
-        let _ = writer.flush().await;
         batch.clear();
     }
-    let _ = writer.flush().await;
+    while let Ok(line) = receiver.try_recv() {
+        batch.extend_from_slice(line.as_bytes());
+    }
+    let _ = writer.write_all(&batch).and_then(|()| writer.flush());
 }
 
 fn rfc3339(time: SystemTime) -> String {
