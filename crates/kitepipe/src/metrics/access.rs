@@ -155,7 +155,8 @@ impl AccessLog {
         AccessRequest {
             log: self.clone(),
             peer,
-            kite: Arc::from(kite),
+            // The Host the visitor sent (a wildcard kite's name is theirs).
+            kite: Arc::from(kite.replace('"', "%22").as_str()),
             method: method.chars().take(32).collect(),
             target,
             started: tokio::time::Instant::now(),

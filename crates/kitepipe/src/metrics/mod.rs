@@ -694,16 +694,13 @@ impl Metrics {
         self.inner.access_dropped.clone()
     }
 
-    /// A visitor of kite `kite` (its name as asked, for unknown ones) was
-    /// turned away.
+    /// A visitor who asked for `kite` was turned away; counted under that
+    /// name if it is a registered kite's, else under [`OTHER_KITES`].
     pub fn refusal(&self, kite: &str, why: Refusal) {
+        // Only names registered as kites have series of their own: a
+        // visitor can make up any name (under a wildcard kite, too).
         let known = lock(&self.inner.kites).contains_key(kite);
-        let kite = if known || matches!(why, Refusal::Offline) {
-            kite
-        } else {
-            // Names a stranger made up get no series of their own.
-            OTHER_KITES
-        };
+        let kite = if known { kite } else { OTHER_KITES };
         self.inner
             .refusals
             .get_or_create(&RefusalLabels {

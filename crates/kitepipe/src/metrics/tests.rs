@@ -77,3 +77,30 @@ fn links_count_reconnects() {
             .contains("kitepipe_link_up{node=\"laptop\"} 1")
     );
 }
+
+#[test]
+fn refusals_of_made_up_names_share_one_series() {
+    let metrics = Metrics::new();
+    metrics.kite("shop.example.net");
+    metrics.refusal("shop.example.net", Refusal::Offline);
+    for n in 0..100 {
+        metrics.refusal(&format!("x{n}.example.net"), Refusal::Offline);
+        metrics.refusal(&format!("y{n}.example.net"), Refusal::Unknown);
+    }
+    let text = metrics.encode();
+    assert!(
+        text.contains(
+            "kitepipe_visitor_refusals_total{kite=\"shop.example.net\",reason=\"offline\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("kitepipe_visitor_refusals_total{kite=\"_other\",reason=\"offline\"} 100"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kitepipe_visitor_refusals_total{kite=\"_other\",reason=\"unknown\"} 100"),
+        "{text}"
+    );
+    assert!(!text.contains("x1.example.net"));
+}
