@@ -614,3 +614,69 @@ fn access_log_lines_match_the_requests() {
         }
     }
 }
+
+#[test]
+fn remote_operations_are_counted_with_caller_and_outcome() {
+    let secret = "s3cret-for-admin-remote";
+    let relay = Relay::new()
+        .domain(&format!("http:*.example.net:{secret}"))
+        .args(&["--remote", "laptop.example.net:exec"])
+        .args(&["--admin=127.0.0.1:0"])
+        .start();
+    let admin = admin_of(&relay.proc);
+    let _laptop = Connector::new(&relay)
+        .secret(secret)
+        .kite("http:laptop.example.net=127.0.0.1:9")
+        .args(&["--name", "laptop.example.net", "--allow-remote", "exec"])
+        .start();
+    let gateway = relay.gateway.expect("the relay runs a gateway").to_string();
+    let remote = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["remote", "node:laptop.example.net", "--gateway", &gateway])
+            .args(["--connect-timeout", "10s"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = remote(&["exec", "--", "true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // fs is not granted: refused by the relay's rules.
+    let out = remote(&["ls", "/"]);
+    assert!(!out.status.success());
+    let text = eventually("the remote operations counted", || {
+        let text = curl_ok(&[&format!("http://{admin}/metrics")]);
+        (sample(
+            &text,
+            "kitepipe_remote_operations_total{outcome=\"refused\"}",
+        ) == Some(1.0))
+        .then_some(text)
+    });
+    assert_eq!(
+        sample(&text, "kitepipe_remote_operations_total{outcome=\"ok\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&curl_ok(&[&format!("http://{admin}/api/status")])).unwrap();
+    let remote_ops: Vec<&serde_json::Value> = status["activity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|note| note["kind"] == "remote")
+        .collect();
+    assert_eq!(remote_ops.len(), 2, "{status}");
+    assert_eq!(remote_ops[0]["outcome"], "ok");
+    assert!(
+        remote_ops[0]["who"]
+            .as_str()
+            .unwrap()
+            .ends_with("-> laptop.example.net"),
+        "{status}"
+    );
+    assert_eq!(remote_ops[1]["outcome"], "refused");
+}
