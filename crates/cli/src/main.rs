@@ -2,6 +2,7 @@
 //! logging, runs the library and maps the result to an exit code.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod ca;
 mod exit;
 mod notify;
@@ -114,6 +115,13 @@ enum Command {
     Config(ConfigCommand),
     // About and examples: the doc comment of `RemoteArgs`.
     Remote(remote::RemoteArgs),
+    /// Show a running relay's or connector's state (kites, links,
+    /// listeners) from its admin server.
+    ///
+    /// Example (the node runs with --admin):
+    ///
+    ///   kitepipe status --admin 127.0.0.1:4040
+    Status(admin::StatusArgs),
     /// The agent `kitepipe remote` starts on a host (not for direct use).
     #[command(hide = true)]
     Agent(remote::AgentArgs),
@@ -436,6 +444,7 @@ async fn run(command: Command, loaded: Loaded) -> i32 {
         (Command::Config(_), _) => Ok(()),
         (Command::Ca(command), _) => ca::run(command, &|key| std::env::var(key).ok()),
         (Command::Call(args), _) => return call(args).await,
+        (Command::Status(args), _) => admin::status(args).await,
         (Command::Remote(args), _) => return remote::run(args).await,
         (Command::Agent(args), _) => return remote::agent(args).await,
         (Command::Completions(args), _) => completions(args.shell),
@@ -496,7 +505,16 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
 async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
     let shutdown = shutdown_on_signal();
-    let relay = Relay::bind(config).await?;
+    let admin = admin::bind(config.admin.as_ref())?;
+    let access_log = config.access_log.clone();
+    let mut relay = Relay::bind(config).await?;
+    if let Some(admin) = admin {
+        relay.serve_admin(admin);
+    }
+    if let Some(settings) = &access_log {
+        let (target, format) = admin::access_log(settings);
+        relay.access_log(&target, format)?;
+    }
     reload_on_sighup(relay.reload_trigger());
     ready::relay(&relay);
     notify::relay_ready(&relay);
@@ -514,6 +532,9 @@ async fn relay(config: RelayConfig) -> anyhow::Result<()> {
             roles.push("https");
         }
         println!("  {} on {}", roles.join("+"), listener.addr);
+    }
+    if let Some(admin) = relay.admin_addr() {
+        println!("  admin on http://{admin}/");
     }
     if let Some(gateway) = relay.gateway() {
         println!("  gateway on {gateway}");
@@ -534,10 +555,17 @@ async fn relay(config: RelayConfig) -> anyhow::Result<()> {
 async fn connect(config: ConnectorConfig) -> anyhow::Result<()> {
     let relays: Vec<String> = config.relays.iter().map(|r| r.addr.clone()).collect();
     let shutdown = shutdown_on_signal();
-    let connector = Connector::new(config).context("connector setup")?;
+    let admin = admin::bind(config.admin.as_ref())?;
+    let mut connector = Connector::new(config).context("connector setup")?;
+    if let Some(admin) = admin {
+        connector.serve_admin(admin);
+    }
     ready::connector(&connector, relays.clone());
     notify::connector(&connector, relays);
     println!("kitepipe connector starting");
+    if let Some(admin) = connector.admin_addr() {
+        println!("  admin on http://{admin}/");
+    }
     if let Some(gateway) = connector.gateway() {
         println!("  gateway on {gateway}");
     }

@@ -5,8 +5,8 @@
 //! contract. Every line is an object whose `"ready"` field names its kind:
 //!
 //! ```text
-//! {"ready":"relay","fingerprint":"SHA256:...","listen":["127.0.0.1:8443"],"http":["127.0.0.1:8080"],"https":[],"gateway":"127.0.0.1:7070"}
-//! {"ready":"connector","gateway":"127.0.0.1:7071"}
+//! {"ready":"relay","fingerprint":"SHA256:...","listen":["127.0.0.1:8443"],"http":["127.0.0.1:8080"],"https":[],"gateway":"127.0.0.1:7070","admin":"127.0.0.1:4040"}
+//! {"ready":"connector","gateway":"127.0.0.1:7071","admin":null}
 //! {"ready":"link","index":0,"relay":"relay.example.net:8443","state":"up","kites":[{"kite":"http:blog.example.net","public":"http://blog.example.net"}]}
 //! {"ready":"link","index":0,"relay":"relay.example.net:8443","state":"withdrawn","kites":[]}
 //! {"ready":"link","index":0,"relay":"relay.example.net:8443","state":"down"}
@@ -24,7 +24,8 @@
 //! relay closes as soon as it registered (every kite refused) may show as
 //! nothing at all; the log says why. Addresses are the bound ones (port 0
 //! filled in); `gateway` is `"unix:PATH"` for a unix socket and `null` when
-//! there is none.
+//! there is none; `admin` is the admin server's address (`--admin`), or
+//! `null`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -64,6 +65,7 @@ pub(crate) fn relay(relay: &Relay) {
         "http": addrs(|l| l.roles.http),
         "https": addrs(|l| l.roles.https),
         "gateway": relay.gateway(),
+        "admin": relay.admin_addr().map(|addr| addr.to_string()),
     }));
 }
 
@@ -74,7 +76,11 @@ pub(crate) fn connector(connector: &Connector, relays: Vec<String>) {
     if !enabled() {
         return;
     }
-    print(json!({"ready": "connector", "gateway": connector.gateway()}));
+    print(json!({
+        "ready": "connector",
+        "gateway": connector.gateway(),
+        "admin": connector.admin_addr().map(|addr| addr.to_string()),
+    }));
     for (index, relay) in relays.into_iter().enumerate() {
         let Some(mut state) = connector.watch(index) else {
             continue;

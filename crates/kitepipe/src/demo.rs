@@ -119,6 +119,8 @@ pub async fn run(
         events: relay_events,
         acme: None,
         tls_certs: Vec::new(),
+        admin: None,
+        access_log: None,
     })
     .await?;
     let listeners = relay.listeners();
@@ -167,6 +169,7 @@ pub async fn run(
         allow_remote: Vec::new(),
         remote_fs: Default::default(),
         node_secret: Some(secret),
+        admin: None,
     })?;
     let mut state = connector.watch(0).expect("one relay configured");
     let connector_gateway = connector.gateway_addr();

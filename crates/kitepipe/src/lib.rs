@@ -114,6 +114,7 @@ pub mod config;
 pub mod connector;
 pub mod demo;
 pub mod link;
+pub mod metrics;
 pub mod pipe;
 pub mod pki;
 pub mod relay;

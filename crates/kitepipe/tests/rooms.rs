@@ -33,18 +33,26 @@ use std::path::{Path, PathBuf};
 /// `demo` wires the nodes together.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("pki", &[]),
+    ("metrics", &[]),
     ("config", &["pki"]),
     ("link", &["pki"]),
     ("tunnel", &["link"]),
-    ("remote", &["config", "link", "pki", "tunnel"]),
-    ("pipe", &["config", "link", "pki", "remote", "tunnel"]),
+    ("remote", &["config", "link", "metrics", "pki", "tunnel"]),
+    (
+        "pipe",
+        &["config", "link", "metrics", "pki", "remote", "tunnel"],
+    ),
     (
         "relay",
-        &["config", "link", "pipe", "pki", "remote", "tunnel"],
+        &[
+            "config", "link", "metrics", "pipe", "pki", "remote", "tunnel",
+        ],
     ),
     (
         "connector",
-        &["config", "link", "pipe", "pki", "remote", "tunnel"],
+        &[
+            "config", "link", "metrics", "pipe", "pki", "remote", "tunnel",
+        ],
     ),
     (
         "demo",
@@ -52,6 +60,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "config",
             "connector",
             "link",
+            "metrics",
             "pipe",
             "pki",
             "relay",

@@ -11,6 +11,7 @@
 mod support;
 
 mod acme;
+mod admin;
 mod gateway;
 mod h2;
 mod link;

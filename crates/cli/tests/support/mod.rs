@@ -1163,3 +1163,15 @@ pub fn base64(data: &[u8]) -> String {
     }
     out
 }
+
+/// The admin server's address a relay or connector said at start (its
+/// ready line's `admin`; the process runs with `--ready-json` and `--admin`).
+pub fn admin_of(proc: &Proc) -> SocketAddr {
+    let ready = proc.wait_ready_where("its start", 1, |l| {
+        l["ready"] == "relay" || l["ready"] == "connector"
+    });
+    ready["admin"]
+        .as_str()
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("{} has no admin server: {ready}", proc.name))
+}

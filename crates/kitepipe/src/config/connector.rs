@@ -11,6 +11,7 @@ use kitepipe_proto::policy::VisitorPolicy;
 use kitepipe_proto::proxy::ProxyProtocol;
 use serde::{Deserialize, Serialize};
 
+use super::admin::{AdminSettings, RawAdminConfig};
 use super::events::{EventConfig, RawEventConfig};
 use super::parse::{
     check_secret_strength, parse_duration, parse_kite_target, read_connector_secret,
@@ -129,6 +130,10 @@ pub struct RawConnectorConfig {
     #[command(flatten)]
     #[serde(flatten)]
     pub events: RawEventConfig,
+    /// The admin server (dashboard, metrics, status).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub admin: RawAdminConfig,
 }
 
 /// One kite as written: the short form `PROTO:NAME[:PORT]=TARGET` (the
@@ -377,6 +382,8 @@ pub struct ConnectorConfig {
     pub identity: Option<NodeIdentity>,
     /// The event pipe.
     pub events: EventConfig,
+    /// The admin server (`--admin`), if on.
+    pub admin: Option<AdminSettings>,
     /// Kinds of remote operations accepted from relays (empty: none).
     pub allow_remote: Vec<RemoteClass>,
     /// The domain secret (`--secret`), kites or not: it also proves the
@@ -719,6 +726,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             )?,
             identity,
             events: EventConfig::from_raw(&raw.events)?,
+            admin: AdminSettings::from_raw(&raw.admin)?,
             allow_remote,
             remote_fs,
             node_secret: secret,

@@ -13,6 +13,7 @@
 //! event settings both share), `identity.rs` (client CA, `[[allow]]`,
 //! reload), `remote.rs` (`[[remote]]`), `parse.rs` (the small parsers).
 
+mod admin;
 mod connector;
 mod events;
 mod identity;
@@ -27,6 +28,10 @@ use serde::de::DeserializeOwned;
 
 use crate::pki::{PkiError, protect_secret_file};
 
+pub use admin::{
+    AccessLogFormat, AccessLogSettings, AdminSettings, DEFAULT_ADMIN_ADDR, RawAccessLogConfig,
+    RawAdminConfig,
+};
 pub use connector::{
     ConnectorConfig, KiteTarget, RawConnectorConfig, RawKite, RawKiteSpec, RelayTarget,
     RemoteFsConfig,

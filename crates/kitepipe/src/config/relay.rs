@@ -8,6 +8,7 @@ use kitepipe_proto::frame::DEFAULT_HEARTBEAT;
 use kitepipe_proto::kite::{self, KiteProto};
 use serde::{Deserialize, Serialize};
 
+use super::admin::{AccessLogSettings, AdminSettings, RawAccessLogConfig, RawAdminConfig};
 use super::events::{EventConfig, GATEWAY_TOKEN_FILE, RawEventConfig};
 use super::identity::{IdentityConfig, RawAllowRule, RawIdentity};
 use super::parse::{check_secret_strength, parse_duration, parse_port_range, parse_socket_addr};
@@ -157,6 +158,14 @@ pub struct RawRelayConfig {
     /// and mode 0600. Repeatable; reread on SIGHUP.
     #[arg(long, env = "KITEPIPE_TLS_CERT", value_name = "CERT:KEY")]
     pub tls_cert: Vec<String>,
+    /// The admin server (dashboard, metrics, status).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub admin: RawAdminConfig,
+    /// The access log.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub access_log: RawAccessLogConfig,
 }
 
 /// A validated relay configuration.
@@ -192,6 +201,10 @@ pub struct RelayConfig {
     /// Certificates served to visitors of http kites whose TLS the relay
     /// terminates (`--tls-cert`).
     pub tls_certs: Vec<TlsCertFiles>,
+    /// The admin server (`--admin`), if on.
+    pub admin: Option<AdminSettings>,
+    /// The access log (`--access-log`), if on.
+    pub access_log: Option<AccessLogSettings>,
 }
 
 /// One `--tls-cert`: a PEM certificate chain and its private key.
@@ -505,6 +518,8 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
                 .iter()
                 .map(|text| text.parse())
                 .collect::<Result<_, _>>()?,
+            admin: AdminSettings::from_raw(&raw.admin)?,
+            access_log: AccessLogSettings::from_raw(&raw.access_log)?,
         })
     }
 }

@@ -14,6 +14,7 @@
 
 mod htpasswd;
 mod session;
+mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +35,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::ConnectorConfig;
 use crate::link::{IncomingStream, Mux, MuxConfig, MuxStream};
+use crate::metrics::Metrics;
+use crate::metrics::admin::{self, AdminListener};
 use crate::pipe::{
     self, Gateway, GatewayListener, Handlers, PipeError, RELAY_NODE, RouteError, Router,
     run_gateway,
@@ -117,6 +120,10 @@ pub struct Connector {
     gateway: Option<GatewayListener>,
     /// Who answers events sent to this connector.
     handlers: Arc<Handlers>,
+    /// The connector's counters.
+    metrics: Metrics,
+    /// The admin server's socket, served by `run`.
+    admin: Option<AdminListener>,
 }
 
 impl Connector {
@@ -141,6 +148,8 @@ impl Connector {
             None => None,
         };
         let handlers = Arc::new(Handlers::new(&config.name, &config.events));
+        let metrics = Metrics::new();
+        handlers.count_in(metrics.clone());
         Ok(Connector {
             config: Arc::new(config),
             tls,
@@ -148,7 +157,26 @@ impl Connector {
             states,
             gateway,
             handlers,
+            metrics,
+            admin: None,
         })
+    }
+
+    /// Serves the admin server (`--admin`) on `listener` once running.
+    pub fn serve_admin(&mut self, listener: AdminListener) {
+        self.admin = Some(listener);
+    }
+
+    /// The admin server's address, if one is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|admin| admin.local_addr().ok())
+    }
+
+    /// The connector's counters.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
     }
 
     /// Where the event gateway listens (`127.0.0.1:PORT` or `unix:PATH`).
@@ -193,12 +221,34 @@ impl Connector {
         }
         let tracker = TaskTracker::new();
         let token = shutdown.child_token();
-        let kites = Arc::new(Kites::new(&self.config));
+        let mut kites = Kites::new(&self.config);
+        kites.metrics = self.metrics.clone();
+        let kites = Arc::new(kites);
         if kites.htpasswd.any() {
             let (kites, token) = (kites.clone(), token.clone());
             tracker.spawn(async move { kites.htpasswd.run(token).await });
         }
         let event_links = Arc::new(EventLinks::new(self.config.relays.len()));
+        if let Some(admin) = self.admin {
+            let source = Arc::new(status::ConnectorStatus {
+                config: self.config.clone(),
+                states: self.states.iter().map(watch::Sender::subscribe).collect(),
+                links: event_links.clone(),
+                metrics: self.metrics.clone(),
+                gateway: self.gateway.as_ref().map(GatewayListener::describe),
+                up: Mutex::new(Vec::new()),
+            });
+            tracker.spawn(
+                admin::serve(
+                    admin,
+                    self.metrics.clone(),
+                    source,
+                    token.clone(),
+                    tracker.clone(),
+                )
+                .instrument(info_span!("admin")),
+            );
+        }
         if let Some(listener) = self.gateway {
             let gateway = Arc::new(Gateway {
                 router: ConnectorRouter {
@@ -258,6 +308,8 @@ pub(crate) struct Kites {
     /// How relayed operations run (`fs-read`, protected paths, their
     /// environment, the process cap).
     remote: Origin,
+    /// The connector's counters (visitor streams per kite).
+    metrics: Metrics,
     /// Public ports relays gave TCP kites registered with port 0, so a
     /// reconnect asks for the same port again. Key: (relay, kite name).
     assigned_ports: Mutex<HashMap<(String, String), u16>>,
@@ -272,6 +324,7 @@ impl Kites {
             allow_remote: config.allow_remote.clone(),
             remote: Origin::Relayed(Arc::new(node_policy(config))),
             assigned_ports: Mutex::new(HashMap::new()),
+            metrics: Metrics::new(),
             htpasswd: htpasswd::HtpasswdFiles::new(&config.kites),
         }
     }
@@ -499,6 +552,8 @@ pub(crate) async fn serve_stream(
         return;
     };
     let target = kite.target.as_str();
+    let counted = kites.metrics.kite(&header.kite.name);
+    let _open = counted.connection();
     let span = tracing::debug_span!("visitor", kite = %header.kite, peer = %header.peer);
     let visitor = async {
         let sock =
@@ -538,7 +593,7 @@ pub(crate) async fn serve_stream(
                 return;
             }
         }
-        match tunnel::splice_stream(&mut sock, &mut stream).await {
+        match tunnel::splice_stream(&mut counted.counting_target(&mut sock), &mut stream).await {
             Ok((up, down)) => debug!(up, down, "visitor done"),
             Err(err) => {
                 debug!(%err, "visitor stream ended with error");
@@ -658,6 +713,7 @@ mod tests {
                 ))),
                 assigned_ports: Mutex::new(HashMap::new()),
                 htpasswd: htpasswd::HtpasswdFiles::new(&[]),
+                metrics: Metrics::new(),
             })
         };
         let exec = RemoteOp::Exec(ExecOp {

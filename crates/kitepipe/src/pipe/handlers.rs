@@ -25,6 +25,7 @@ use super::{PipeError, upstream};
 use crate::config::{EventConfig, UpstreamUrl};
 use crate::link::MuxStream;
 use crate::link::SharedStream;
+use crate::metrics::{Metrics, Outcome};
 
 /// Who answers events on this node. Cheap to share; closures may be
 /// registered at any time, also while the node runs.
@@ -57,6 +58,8 @@ pub struct Handlers {
     /// Cancelled when the node shuts down: running handlers are stopped
     /// (executables killed) and their events reset.
     shutdown: CancellationToken,
+    /// The node's counters, once it hands them over ([`Handlers::count_in`]).
+    metrics: std::sync::OnceLock<Metrics>,
 }
 
 type Closure =
@@ -96,7 +99,13 @@ impl Handlers {
             closures: RwLock::new(HashMap::new()),
             executables: Executables::new(node, config.handler_env.clone(), config.timeout),
             shutdown: CancellationToken::new(),
+            metrics: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts the events these handlers answer in `metrics` (the node's).
+    pub fn count_in(&self, metrics: Metrics) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// Stops every running handler (the node is shutting down).
@@ -179,6 +188,9 @@ pub(crate) async fn serve_event(
     handlers: Arc<Handlers>,
 ) {
     let span = tracing::debug_span!("event", name = %header.name, caller = %caller.node, stream = stream.id());
+    let started = tokio::time::Instant::now();
+    let (who, what) = (caller.node.clone(), header.name.clone());
+    let mut outcome = Outcome::Ok;
     let stream = SharedStream::new(stream);
     let shutdown = handlers.shutdown.clone();
     let work = async {
@@ -191,6 +203,7 @@ pub(crate) async fn serve_event(
         let path = match header.validate() {
             Ok(canonical) => canonical,
             Err(err) => {
+                outcome = Outcome::Refused;
                 out.reply(Reply::error(400, &err.to_string())).await;
                 stream.drain(timeout).await;
                 return;
@@ -215,6 +228,7 @@ pub(crate) async fn serve_event(
         };
         match handlers.resolve(&request.name).await {
             None => {
+                outcome = Outcome::Refused;
                 let message = format!("no handler {} on node {}", request.name, handlers.node);
                 out.reply(Reply::error(404, &message)).await;
             }
@@ -223,6 +237,7 @@ pub(crate) async fn serve_event(
                 match tokio::time::timeout(timeout, closure(request)).await {
                     Ok(reply) => out.reply(reply).await,
                     Err(_) => {
+                        outcome = Outcome::Failed;
                         let message = format!("handler {name} did not answer within {timeout:?}");
                         out.reply(Reply::error(504, &message)).await;
                     }
@@ -246,6 +261,9 @@ pub(crate) async fn serve_event(
         }
     };
     stopped.instrument(span).await;
+    if let Some(metrics) = handlers.metrics.get() {
+        metrics.event(&who, &what, outcome, started.elapsed());
+    }
 }
 
 /// Answers an event that will not reach a handler (refused, unknown or

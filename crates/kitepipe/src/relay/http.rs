@@ -61,6 +61,8 @@ enum Expect {
         /// The request asked for an upgrade: told whether the backend
         /// switched protocols (101), or left the connection HTTP.
         upgrade: Option<oneshot::Sender<bool>>,
+        /// Its access log line, when there is an access log.
+        access: Option<crate::metrics::access::AccessRequest>,
     },
     /// A refusal of a request that was not forwarded, sent once every
     /// earlier response is through; the connection then ends.
@@ -209,6 +211,9 @@ pub(crate) async fn serve<S: VisitorConn>(
     let backends = match ctx.registry.lookup_name(KiteProto::Http, &host) {
         Lookup::Found(backends) => backends,
         Lookup::Offline => {
+            ctx.registry
+                .metrics
+                .refusal(&host, crate::metrics::Refusal::Offline);
             let detail = format!(
                 "The site {host} is known to this relay, but no connector is serving it right now. Try again later."
             );
@@ -218,6 +223,9 @@ pub(crate) async fn serve<S: VisitorConn>(
             return;
         }
         Lookup::Unknown => {
+            ctx.registry
+                .metrics
+                .refusal(&host, crate::metrics::Refusal::Unknown);
             let detail = format!("This relay does not serve {host}. Check the address.");
             let _ = writer
                 .write_all(&http1::error_response(404, "Unknown kite", &detail))
@@ -247,6 +255,9 @@ pub(crate) async fn serve<S: VisitorConn>(
         .first()
         .is_some_and(|first| !first.policy.admits(peer.ip()))
     {
+        ctx.registry
+            .metrics
+            .refusal(&host, crate::metrics::Refusal::Forbidden);
         let _ = writer.write_all(&forbidden(&host, peer)).await;
         let _ = writer.shutdown().await;
         return;
@@ -259,6 +270,7 @@ pub(crate) async fn serve<S: VisitorConn>(
         match admit(rules, &head, &buf, peer, &host).await {
             Ok(admitted) => permit = Some(admitted),
             Err(page) => {
+                ctx.registry.metrics.refusal_page(&host, &page);
                 let _ = writer.write_all(&page).await;
                 let _ = writer.shutdown().await;
                 return;
@@ -305,6 +317,7 @@ pub(crate) async fn serve<S: VisitorConn>(
         }
     };
     debug!(node = %backend.node, %host, "visitor routed");
+    let _open = backend.metrics.connection();
     let route = Route {
         host,
         backend,
@@ -315,6 +328,7 @@ pub(crate) async fn serve<S: VisitorConn>(
         proto: scheme.as_str(),
     };
     let (stream_reader, mut stream_writer) = tokio::io::split(stream);
+    let mut stream_writer = route.backend.metrics.counting_in(&mut stream_writer);
     let (done_tx, mut done_rx) = watch::channel(None::<Ended>);
     let (expect_tx, expect_rx) = mpsc::channel(MAX_PIPELINED);
     let requests = async {
@@ -343,7 +357,8 @@ pub(crate) async fn serve<S: VisitorConn>(
     let responses = async {
         let ended = forward_responses(
             stream_reader,
-            &mut writer,
+            &mut route.backend.metrics.counting_out(&mut writer),
+            &route.backend.metrics,
             expect_rx,
             &route.host,
             response_edits,
@@ -667,6 +682,9 @@ async fn forward_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             .send(Expect::Response {
                 head: is_head,
                 upgrade: upgrade_tx,
+                access: ctx.access.get().map(|log| {
+                    log.request(forwarded.client_ip, &route.host, &head.method, &head.target)
+                }),
             })
             .await
             .is_err()
@@ -819,7 +837,8 @@ where
 /// response began, the visitor gets a 502 page saying why; after, a reset.
 async fn forward_responses<W: AsyncWrite + Unpin>(
     mut reader: tokio::io::ReadHalf<MuxStream>,
-    writer: &mut W,
+    writer: &mut crate::metrics::Counted<W>,
+    metrics: &crate::metrics::KiteMetrics,
     mut expect: mpsc::Receiver<Expect>,
     host: &str,
     edits: Option<&HeaderRules>,
@@ -855,15 +874,20 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
                 },
             }
         };
-        let (is_head, mut upgrade) = match next {
+        let (is_head, mut upgrade, mut access) = match next {
             None => return Ended::Clean,
             Some(Expect::Refusal(page)) => {
                 let _ = writer.write_all(&page).await;
                 return Ended::Clean;
             }
-            Some(Expect::Response { head, upgrade }) => (head, upgrade),
+            Some(Expect::Response {
+                head,
+                upgrade,
+                access,
+            }) => (head, upgrade, access),
         };
         let mut begun = false;
+        let start = writer.written();
         // Only whether it was HEAD matters for how the response is framed.
         let method = if is_head { "HEAD" } else { "GET" };
         // Interim (1xx) responses come before the final one.
@@ -892,6 +916,9 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
                 }
             };
             begun = true;
+            if response.status >= 200 || response.status == 101 {
+                metrics.request(response.status);
+            }
             if let Some(rules) = edits
                 && response.status >= 200
                 && response.status != 101
@@ -911,9 +938,19 @@ async fn forward_responses<W: AsyncWrite + Unpin>(
                 )
                 .await
                 {
-                    Ok(true) => break,
+                    Ok(true) => {
+                        if let Some(line) = access.take() {
+                            line.done(response.status, writer.written() - start)
+                        }
+                        break;
+                    }
                     // Delimited by the end of the connection, which came.
-                    Ok(false) => return Ended::Clean,
+                    Ok(false) => {
+                        if let Some(line) = access.take() {
+                            line.done(response.status, writer.written() - start)
+                        }
+                        return Ended::Clean;
+                    }
                     Err(err) => {
                         debug!(%err, "response cut short");
                         return Ended::Cut;

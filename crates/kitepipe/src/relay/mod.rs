@@ -37,6 +37,7 @@ mod nodes;
 mod registry;
 mod remote;
 mod session;
+mod status;
 mod tcp;
 mod terminate;
 mod visitor;
@@ -53,6 +54,9 @@ use tracing::{Instrument, info, info_span};
 
 use crate::config::{ListenerConfig, RelayConfig, RelayTlsSource};
 use crate::link::MuxConfig;
+use crate::metrics::Metrics;
+use crate::metrics::access::{AccessFormat, AccessLog, AccessLogError, AccessTarget};
+use crate::metrics::admin::{self, AdminListener};
 use crate::pipe::{Gateway, GatewayListener, Handlers, PipeError, run_gateway};
 use crate::pki::{Fingerprint, PkiError, RelayCert};
 use crate::shutdown::{self, SHUTDOWN_GRACE};
@@ -140,6 +144,8 @@ pub struct Relay {
     reload: Arc<Notify>,
     /// The event gateway's socket, served by `run`.
     gateway: Option<GatewayListener>,
+    /// The admin server's socket, served by `run`.
+    admin: Option<AdminListener>,
 }
 
 /// One bound listener, as reported to the operator.
@@ -186,6 +192,8 @@ pub(crate) struct RelayCtx {
     pub(crate) certs: certs::CertStore,
     /// Certificates from an ACME CA: wanted names, pending challenges.
     pub(crate) acme: acme::Acme,
+    /// The access log (`--access-log`), if any.
+    pub(crate) access: std::sync::OnceLock<AccessLog>,
 }
 
 impl Relay {
@@ -268,8 +276,10 @@ impl Relay {
             proof_throttle: session::ProofThrottle::default(),
             certs: served_certs,
             acme,
+            access: std::sync::OnceLock::new(),
         });
         ctx.acme.load_stored(&ctx.certs);
+        ctx.handlers.count_in(ctx.registry.metrics.clone());
         Ok(Relay {
             ctx,
             listeners,
@@ -277,6 +287,7 @@ impl Relay {
             cert_created,
             reload: Arc::new(Notify::new()),
             gateway,
+            admin: None,
         })
     }
 
@@ -318,6 +329,41 @@ impl Relay {
         self.ctx.handlers.clone()
     }
 
+    /// Serves the admin server (`--admin`) on `listener` once running.
+    pub fn serve_admin(&mut self, listener: AdminListener) {
+        self.admin = Some(listener);
+    }
+
+    /// Writes an access log line per visitor request or connection
+    /// (`--access-log`).
+    pub fn access_log(
+        &self,
+        target: &AccessTarget,
+        format: AccessFormat,
+    ) -> Result<(), AccessLogError> {
+        let log = AccessLog::open(
+            target,
+            format,
+            &self.ctx.registry.metrics,
+            &self.ctx.tracker,
+            self.ctx.token.clone(),
+        )?;
+        let _ = self.ctx.access.set(log);
+        Ok(())
+    }
+
+    /// The admin server's address, if one is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+            .as_ref()
+            .and_then(|admin| admin.local_addr().ok())
+    }
+
+    /// The relay's counters.
+    pub fn metrics(&self) -> Metrics {
+        self.ctx.registry.metrics.clone()
+    }
+
     /// True if the self-signed certificate was created by this start.
     pub fn cert_created(&self) -> bool {
         self.cert_created
@@ -328,6 +374,23 @@ impl Relay {
     /// connections to end.
     pub async fn run(self, shutdown: CancellationToken) {
         let ctx = self.ctx.clone();
+        let bound = self.listeners();
+        if let Some(admin) = self.admin {
+            let source = Arc::new(status::RelayStatus {
+                ctx: ctx.clone(),
+                listeners: bound,
+            });
+            ctx.tracker.spawn(
+                admin::serve(
+                    admin,
+                    ctx.registry.metrics.clone(),
+                    source,
+                    ctx.token.clone(),
+                    ctx.tracker.clone(),
+                )
+                .instrument(info_span!("admin")),
+            );
+        }
         for (listener, roles) in self.listeners {
             let addr = listener.local_addr().ok();
             let span = info_span!("listener", addr = ?addr);

@@ -23,6 +23,7 @@ use kitepipe_proto::remote::AgentHello;
 use super::http_policy::HttpRules;
 use super::link_identity::LinkIdentity;
 use crate::link::{LinkClosed, Mux};
+use crate::metrics::{KiteMetrics, Metrics};
 use crate::sync::lock;
 
 /// Identifies a link within one relay process.
@@ -41,6 +42,8 @@ pub(crate) struct Backend {
     pub(crate) policy: Arc<VisitorPolicy>,
     /// The HTTP-level rules from its claim (http kites), with their state.
     pub(crate) http: Arc<HttpRules>,
+    /// The kite's counters (resolved once, at registration).
+    pub(crate) metrics: KiteMetrics,
 }
 
 /// What authorized a link to serve a kite.
@@ -79,6 +82,24 @@ pub(crate) struct Registry {
     inner: Mutex<Inner>,
     /// Woken whenever a link is added, for events waiting for a node.
     links_changed: tokio::sync::Notify,
+    /// The relay's counters (the admin server shows them).
+    pub(crate) metrics: Metrics,
+}
+
+/// A kite as the admin server's status shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct KiteView {
+    /// Name (or wildcard pattern).
+    pub(crate) name: String,
+    /// `http`, `https` or `tcp`.
+    pub(crate) proto: String,
+    /// Public port of a TCP kite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) port: Option<u16>,
+    /// Whether a link serves it now.
+    pub(crate) online: bool,
+    /// Nodes serving it.
+    pub(crate) backends: Vec<String>,
 }
 
 /// The caller name handlers see for a link whose node name is not proven.
@@ -110,6 +131,10 @@ pub(crate) const MAX_NODES_SEEN: usize = 64 * 1024;
 /// new ones are not remembered (they are "unknown" once gone). Same sizing
 /// as [`MAX_NODES_SEEN`].
 pub(crate) const MAX_KNOWN_KITES: usize = 64 * 1024;
+
+/// Most kites listed in the admin server's status (the counters of all
+/// of them are in `/metrics`, bounded by the metrics room).
+pub(crate) const MAX_KITE_VIEWS: usize = 4096;
 
 /// Result of looking up a node for an event.
 #[derive(Debug)]
@@ -450,6 +475,7 @@ impl Registry {
             kite: kite.clone(),
             policy,
             http,
+            metrics: self.metrics.kite(&kite.name),
         };
         if kite.proto == KiteProto::Tcp {
             inner.tcp_ports.insert(kite.port, kite.name.clone());
@@ -596,6 +622,39 @@ impl Registry {
             Some(entry) if !entry.backends.is_empty() => Lookup::Found(entry.rotate()),
             _ => Lookup::Offline,
         }
+    }
+
+    /// Every kite served now or before (at most [`MAX_KITE_VIEWS`]), and
+    /// every link serving kites (node name and mux), for the status.
+    pub(crate) fn snapshot(&self) -> (Vec<KiteView>, Vec<(String, Mux)>) {
+        let inner = lock(&self.inner);
+        let mut kites: Vec<KiteView> = inner
+            .known
+            .iter()
+            .take(MAX_KITE_VIEWS)
+            .map(|key| {
+                let backends: Vec<String> = inner
+                    .kites
+                    .get(key)
+                    .map(|entry| entry.backends.iter().map(|b| b.node.clone()).collect())
+                    .unwrap_or_default();
+                KiteView {
+                    name: key.1.clone(),
+                    proto: format!("{:?}", key.0).to_lowercase(),
+                    port: (key.0 == KiteProto::Tcp).then_some(key.2),
+                    online: !backends.is_empty(),
+                    backends,
+                }
+            })
+            .collect();
+        kites.sort_by(|a, b| (&a.name, &a.proto).cmp(&(&b.name, &b.proto)));
+        let links = inner
+            .links
+            .values()
+            .filter(|link| !link.kites.is_empty())
+            .map(|link| (link.node.clone(), link.mux.clone()))
+            .collect();
+        (kites, links)
     }
 
     /// Number of live links.

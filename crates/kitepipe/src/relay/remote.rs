@@ -30,6 +30,7 @@ use tracing::{Instrument, debug, info};
 use super::RelayCtx;
 use super::nodes::find_node;
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxConfig, MuxStream, Side};
+use crate::metrics::Outcome;
 use crate::pipe::{RemoteServe, RouteError};
 
 /// How long operations may finish after a session ends.
@@ -196,6 +197,9 @@ async fn relay_op(
         }
     };
     let class = op.class();
+    let started = tokio::time::Instant::now();
+    let (who, what) = (format!("{caller} -> {node}"), op.summary().to_string());
+    let metrics = &ctx.registry.metrics;
     // The rules as they are now: a reload may have taken rights away.
     let grants = ctx.identity().rules.remote_grants(&node);
     let granted = grants.contains(&class);
@@ -212,6 +216,7 @@ async fn relay_op(
             )
         };
         info!(op = %op.summary(), %message, "remote operation refused");
+        metrics.remote_operation(&who, &what, Outcome::Refused, started.elapsed());
         crate::remote::agent::refuse(
             stream,
             ErrorReply {
@@ -233,10 +238,12 @@ async fn relay_op(
                 ResetCode::TargetUnreachable,
                 &format!("node {node} went offline: {reason}"),
             );
+            metrics.remote_operation(&who, &what, Outcome::Failed, started.elapsed());
             return;
         }
     };
     splice_op(&mut stream, &mut upstream).await;
+    metrics.remote_operation(&who, &what, Outcome::Ok, started.elapsed());
 }
 
 /// Copies an operation's bytes both ways; a reset on one side is passed to

@@ -40,6 +40,7 @@ use super::registry::{Grant, LinkId, RemoteOffer};
 use crate::link::LinkIo;
 use crate::link::io::ReadAhead;
 use crate::link::{IncomingStream, LinkClosed, Mux, MuxReceivers, Side};
+use crate::metrics::{HandshakeFailure, LinkUp};
 use crate::pki::{
     ProofInput, describe_relay_tls_error, link_exporter, pattern_covers, random_nonce,
     verify_kite_proof,
@@ -298,6 +299,7 @@ pub(crate) async fn accept(
         accepted = tokio::time::timeout_at(deadline, accept) => accepted,
         _ = unproven.evicted.cancelled() => {
             debug!("too many unauthenticated links: closing the oldest, this one, during TLS");
+            ctx.registry.metrics.handshake_failed(HandshakeFailure::Busy);
             return;
         }
     };
@@ -311,11 +313,19 @@ pub(crate) async fn accept(
                 Some(hint) => info!(%err, %hint, "link TLS handshake failed"),
                 None => info!(%err, "link TLS handshake failed"),
             }
+            ctx.registry.metrics.handshake_failed(HandshakeFailure::Tls);
+            ctx.registry.metrics.error(
+                &peer.to_string(),
+                &format!("link TLS handshake failed: {err}"),
+            );
             linger(io).await;
             return;
         }
         Err(_) => {
             info!("link TLS handshake timed out");
+            ctx.registry
+                .metrics
+                .handshake_failed(HandshakeFailure::Timeout);
             return;
         }
     };
@@ -431,6 +441,9 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
         }
         Err(why) => {
             info!(%why, "link closed during handshake");
+            ctx.registry
+                .metrics
+                .handshake_failed(HandshakeFailure::Protocol);
             return;
         }
     };
@@ -441,6 +454,9 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
             hello.version, hello.role
         );
         warn!(node = %printable(&hello.node), version = hello.version, "refusing link: version mismatch");
+        ctx.registry
+            .metrics
+            .handshake_failed(HandshakeFailure::Protocol);
         fail(&mux, ErrorCode::Version, why).await;
         return;
     }
@@ -506,12 +522,16 @@ async fn run(mux: Mux, mut rx: MuxReceivers, link: NewLink, ctx: &Arc<RelayCtx>)
             last_register: None,
             expires: identity.as_ref().map(|identity| expiry(identity.not_after)),
             identity,
+            up: None,
         };
         let reason = serve(&mux, &mut rx, &nonces, &mut state, ctx).await;
         ctx.registry.remove_link(link_id);
         match &reason {
             LinkClosed::Shutdown => info!("link closed: relay shutting down"),
-            reason => info!(%reason, "link closed"),
+            reason => {
+                info!(%reason, "link closed");
+                ctx.registry.metrics.error(&printable(&hello.node), &format!("link closed: {reason}"));
+            }
         }
     }
     .instrument(span)
@@ -562,6 +582,9 @@ struct LinkState {
     /// When the link's certificate expires.
     expires: Option<Instant>,
     identity: Option<Arc<LinkIdentity>>,
+    /// Counts the link up once it serves a kite (a stranger's link that
+    /// registers nothing makes no series).
+    up: Option<LinkUp>,
 }
 
 /// The instant `not_after` falls at (now if it has passed).
@@ -819,6 +842,9 @@ fn throttle_check(link: &mut LinkState, ctx: &Arc<RelayCtx>) -> Result<(), Strin
 
 /// Counts a wrong proof against the link and its source address.
 fn wrong_proof(link: &mut LinkState, ctx: &Arc<RelayCtx>) {
+    ctx.registry
+        .metrics
+        .handshake_failed(HandshakeFailure::Auth);
     link.wrong_proofs += 1;
     ctx.proof_throttle.failed(link.peer.ip(), Instant::now());
 }
@@ -879,11 +905,18 @@ async fn register_kites(
         let result = match register_one(&claim, nonces, link, state, ctx).await {
             Ok((kite, result)) => {
                 info!(kite = %kite, "kite online");
+                if link.up.is_none() {
+                    link.up = Some(ctx.registry.metrics.link_up(&link.node));
+                }
                 outcomes.push(KiteOutcome { kite, result });
                 continue;
             }
             Err((reason, message)) => {
                 warn!(kite = %claim.kite, ?reason, %message, "kite refused");
+                ctx.registry.metrics.error(
+                    &link.node,
+                    &format!("kite {} refused: {message}", claim.kite),
+                );
                 KiteResult::Refused { reason, message }
             }
         };

@@ -22,6 +22,8 @@ use super::registry::{Backend, Grant, LinkId, Lookup};
 use super::visitor::{NotOpened, open_visitor_stream, reset};
 use crate::accept::accept;
 use crate::link::MuxStream;
+use crate::metrics::Refusal;
+use crate::metrics::access::ConnectionEntry;
 use crate::pki::pattern_covers;
 use crate::sync::lock;
 use crate::tunnel;
@@ -47,6 +49,7 @@ pub(crate) async fn serve_https(
     let backends = match ctx.registry.lookup_name(KiteProto::Https, &sni) {
         Lookup::Found(backends) => backends,
         other => {
+            ctx.registry.metrics.refusal(&sni, refusal_of(&other));
             debug!(%sni, ?other, "no online HTTPS kite for this name");
             let _ = sock.write_all(&ALERT_UNRECOGNIZED_NAME).await;
             return;
@@ -67,7 +70,7 @@ pub(crate) async fn serve_https(
     if stream.write_all(&prefix).await.is_err() {
         return;
     }
-    pass_through(sock, &mut stream, &backend).await;
+    pass_through(sock, &mut stream, &backend, peer, "https", &ctx).await;
 }
 
 /// How long a TCP kite's port stays bound after the last link serving the
@@ -325,6 +328,9 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<Relay
     let backends = match ctx.registry.lookup_port(port) {
         Lookup::Found(backends) => backends,
         other => {
+            ctx.registry
+                .metrics
+                .refusal(&format!("port {port}"), refusal_of(&other));
             debug!(?other, "TCP kite offline; closing visitor");
             return;
         }
@@ -336,15 +342,33 @@ async fn serve_tcp(sock: TcpStream, peer: SocketAddr, port: u16, ctx: &Arc<Relay
         Err(NotOpened::Refused) => return reset(sock),
         Err(NotOpened::Unreachable) => return,
     };
-    pass_through(sock, &mut stream, &backend).await;
+    pass_through(sock, &mut stream, &backend, peer, "tcp", ctx).await;
+}
+
+/// The counted reason of a lookup that found no backend.
+pub(crate) fn refusal_of(lookup: &Lookup) -> Refusal {
+    match lookup {
+        Lookup::Unknown => Refusal::Unknown,
+        _ => Refusal::Offline,
+    }
 }
 
 /// Passes a visitor's bytes both ways until both ends finish; if the kite
 /// fails first (link lost, stream reset), the visitor gets a TCP reset,
 /// never a clean end.
-async fn pass_through(mut sock: TcpStream, stream: &mut MuxStream, backend: &Backend) {
+async fn pass_through(
+    mut sock: TcpStream,
+    stream: &mut MuxStream,
+    backend: &Backend,
+    peer: SocketAddr,
+    proto: &str,
+    ctx: &RelayCtx,
+) {
+    let _open = backend.metrics.connection();
+    let started = tokio::time::Instant::now();
+    let mut counted = backend.metrics.counting(&mut sock);
     let failed = tokio::select! {
-        res = tunnel::splice_stream(&mut sock, stream) => match res {
+        res = tunnel::splice_stream(&mut counted, stream) => match res {
             Ok((up, down)) => {
                 debug!(node = %backend.node, up, down, "visitor done");
                 false
@@ -358,6 +382,18 @@ async fn pass_through(mut sock: TcpStream, stream: &mut MuxStream, backend: &Bac
         // so nothing else to do here but not outlive a shut-down relay.
         _ = backend.mux.closed() => true,
     };
+    let (bytes_in, bytes_out) = (counted.read(), counted.written());
+    if let Some(log) = ctx.access.get() {
+        log.connection(&ConnectionEntry {
+            peer,
+            proto,
+            kite: &backend.kite.name,
+            bytes_in,
+            bytes_out,
+            seconds: started.elapsed().as_secs_f64(),
+            ended: std::time::SystemTime::now(),
+        });
+    }
     if failed {
         reset(sock);
     }
