@@ -207,17 +207,20 @@ fn kites_change_live_without_dropping_the_link_or_its_streams() {
         ("b.example.net", "http", &b),
         ("c.example.net", "http", &c_old),
     ]);
-    let meta = std::fs::metadata(&file).unwrap();
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
     // Same length as `second`: the names and targets have the same sizes.
     assert_eq!(third.len(), second.len());
-    std::fs::write(&file, &third).unwrap();
-    let mtime = meta.modified().unwrap();
+    // Written aside with the old time, then renamed over: the watcher never
+    // sees a new time or size.
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, &third).unwrap();
     std::fs::File::options()
         .write(true)
-        .open(&file)
+        .open(&tmp)
         .unwrap()
         .set_modified(mtime)
         .unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
     // Wait out a poll or two: the watcher must not have seen it.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(get(&relay, "d.example.net"), (200, "kite d".into()));
@@ -261,15 +264,25 @@ fn kites_change_live_without_dropping_the_link_or_its_streams() {
     );
     assert_eq!(get(&relay, "b.example.net"), (200, "kite b".into()));
     assert_eq!(get(&relay, "c.example.net"), (200, "old c".into()));
-    // A setting that needs a restart is said so, and the kites still change.
-    let fewer = config(&[(a.0, a.1, &a.2), ("b.example.net", "http", &b)]);
+    // Settings that need a restart are said so and kept (a new secret
+    // too: B keeps proving itself with the running one), and the kites
+    // still change: C goes, B gets a visitor policy.
+    let mut fewer = config(&[(a.0, a.1, &a.2), ("b.example.net", "http", &b)]);
+    fewer.push_str("deny = [\"127.0.0.1\"]\n");
+    let fewer = fewer.replace(SECRET, "another-secret-9876543210");
     replace_file(&file, &format!("max_backoff = \"9s\"\n{fewer}"));
     let out = connector.wait_for("restart the connector to apply it");
-    assert!(out.contains("max_backoff"), "{out}");
+    let warned = |setting: &str| {
+        out.lines()
+            .any(|l| l.contains("restart the connector to apply it") && l.contains(setting))
+    };
+    assert!(warned("max_backoff") && warned("secret"), "{out}");
     eventually("c is withdrawn", || {
         (get(&relay, "c.example.net").0 == 503).then_some(())
     });
-    assert_eq!(get(&relay, "b.example.net"), (200, "kite b".into()));
+    eventually("b refuses a denied visitor", || {
+        (get(&relay, "b.example.net").0 == 403).then_some(())
+    });
     stream.send_part();
     stream.finish();
 

@@ -89,12 +89,17 @@ impl Watcher {
 
     /// Serves the kites of `config` from now on (`serving` was the last
     /// set); warns about the settings that need a restart.
-    fn apply(&self, config: ConnectorConfig, serving: &mut Vec<KiteTarget>) {
+    fn apply(&self, mut config: ConnectorConfig, serving: &mut Vec<KiteTarget>) {
         for setting in needs_restart(&self.running, &config) {
             warn!(
                 setting,
                 "changed in the config: restart the connector to apply it; keeping the running value"
             );
+        }
+        // Kites prove themselves with the connector's secret: a new one
+        // waits for the restart like the rest.
+        for kite in &mut config.kites {
+            kite.secret = self.running.node_secret.clone();
         }
         let added: Vec<String> = config
             .kites
