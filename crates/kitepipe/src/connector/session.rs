@@ -318,20 +318,14 @@ impl RelayLink {
         // (a reload, an htpasswd file) are sent again once serving.
         let mut watched = self.kites.subscribe();
         let set = watched.borrow_and_update().clone();
-        let claims = set
-            .targets
+        // What the relay is told now, to tell later what changed.
+        let sent = self.claims(&set, exporter, &server_nonce, client_nonce);
+        let claims = sent
             .iter()
-            .enumerate()
-            .map(|(index, target)| {
-                let mut kite = target.kite.clone();
+            .map(|(kite, claim)| KiteClaim {
                 // Only TCP kites have ports; an HTTP kite may share the name.
-                if kite.proto == KiteProto::Tcp && kite.port == 0 {
-                    let key = (self.relay.addr.clone(), kite.name.clone());
-                    if let Some(port) = lock(&self.kites.assigned_ports).get(&key) {
-                        kite.port = *port;
-                    }
-                }
-                self.claim(&set, index, kite, exporter, &server_nonce, client_nonce)
+                kite: self.on_relay(kite),
+                ..claim.clone()
             })
             .collect();
         let node_proofs = self.node_proofs(&set, exporter, &server_nonce, client_nonce);
@@ -395,7 +389,6 @@ impl RelayLink {
             send(mux, &ConnectorMessage::Register(register)).await?;
         }
         self.event_links.set(self.index, Some(mux.clone()));
-        let sent = self.claims(&set, exporter, &server_nonce, client_nonce);
         let refresh = Refresh {
             watched,
             sent,
