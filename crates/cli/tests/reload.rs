@@ -289,6 +289,12 @@ fn kites_change_live_without_dropping_the_link_or_its_streams() {
     // One link all along.
     assert_eq!(connector.links_down(), 0, "{}", connector.output());
     assert_eq!(
+        relay.proc.count("connector linked"),
+        1,
+        "{}",
+        relay.proc.output()
+    );
+    assert_eq!(
         connector.count("linked to relay"),
         1,
         "{}",
