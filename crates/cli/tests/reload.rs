@@ -267,7 +267,11 @@ fn kites_change_live_without_dropping_the_link_or_its_streams() {
     // Settings that need a restart are said so and kept (a new secret
     // too: B keeps proving itself with the running one), and the kites
     // still change: C goes, B gets a visitor policy.
-    let mut fewer = config(&[(a.0, a.1, &a.2), ("b.example.net", "http", &b)]);
+    let mut fewer = config(&[
+        (a.0, a.1, &a.2),
+        ("e.example.net", "tcp", &a.2),
+        ("b.example.net", "http", &b),
+    ]);
     fewer.push_str("deny = [\"127.0.0.1\"]\n");
     let fewer = fewer.replace(SECRET, "another-secret-9876543210");
     replace_file(&file, &format!("max_backoff = \"9s\"\n{fewer}"));
@@ -283,6 +287,17 @@ fn kites_change_live_without_dropping_the_link_or_its_streams() {
     eventually("b refuses a denied visitor", || {
         (get(&relay, "b.example.net").0 == 403).then_some(())
     });
+    // A TCP kite added live gets a port of its own and serves.
+    let e = connector.tcp_kite_port("e.example.net");
+    assert_ne!(e, port);
+    let mut echo_e = TcpStream::connect(("127.0.0.1", e)).unwrap();
+    echo_e
+        .set_read_timeout(Some(scaled(Duration::from_secs(30))))
+        .unwrap();
+    echo_e.write_all(b"ping through e").unwrap();
+    let mut back = [0u8; 14];
+    echo_e.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping through e");
     stream.send_part();
     stream.finish();
 
