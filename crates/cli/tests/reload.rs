@@ -248,6 +248,13 @@ fn kites_change_live_without_dropping_the_link_or_its_streams() {
     rx.recv_timeout(scaled(Duration::from_secs(60))).unwrap();
     let mut stream = sender.join().unwrap();
 
+    assert_eq!(
+        connector.count("restart the connector"),
+        0,
+        "only kites changed so far: {}",
+        connector.output()
+    );
+
     // A broken file changes nothing, and the log says why.
     replace_file(
         &file,
@@ -281,6 +288,11 @@ fn kites_change_live_without_dropping_the_link_or_its_streams() {
             .any(|l| l.contains("restart the connector to apply it") && l.contains(setting))
     };
     assert!(warned("max_backoff") && warned("secret"), "{out}");
+    assert_eq!(
+        connector.count("restart the connector to apply it"),
+        2,
+        "nothing else needs a restart: {out}"
+    );
     eventually("c is withdrawn", || {
         (get(&relay, "c.example.net").0 == 503).then_some(())
     });
