@@ -282,20 +282,20 @@ fn kites_change_live_without_dropping_the_link_or_its_streams() {
     fewer.push_str("deny = [\"127.0.0.1\"]\n");
     let fewer = fewer.replace(SECRET, "another-secret-9876543210");
     replace_file(&file, &format!("max_backoff = \"9s\"\n{fewer}"));
-    let out = connector.wait_for("restart the connector to apply it");
+    let out = connector.wait_for_count("restart the connector to apply it", 2);
     let warned = |setting: &str| {
         out.lines()
             .any(|l| l.contains("restart the connector to apply it") && l.contains(setting))
     };
     assert!(warned("max_backoff") && warned("secret"), "{out}");
+    eventually("c is withdrawn", || {
+        (get(&relay, "c.example.net").0 == 503).then_some(())
+    });
     assert_eq!(
         connector.count("restart the connector to apply it"),
         2,
         "nothing else needs a restart: {out}"
     );
-    eventually("c is withdrawn", || {
-        (get(&relay, "c.example.net").0 == 503).then_some(())
-    });
     eventually("b refuses a denied visitor", || {
         (get(&relay, "b.example.net").0 == 403).then_some(())
     });
