@@ -213,7 +213,7 @@ struct RelayArgs {
 
 /// `kitepipe connect`: the settings are declared once, in the library's
 /// `RawConnectorConfig`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct ConnectArgs {
     /// TOML file with the same settings as the flags (`--max-backoff` is
     /// `max_backoff`, kites are `[[kite]]` tables); flags and KITEPIPE_*
@@ -437,7 +437,7 @@ async fn run(command: Command, loaded: Loaded) -> i32 {
     let res = match (command, loaded) {
         (Command::Demo, _) => demo().await,
         (Command::Relay(_), Loaded::Relay(config, _)) => relay(*config).await,
-        (Command::Connect(_), Loaded::Connect(config, _)) => connect(*config).await,
+        (Command::Connect(args), Loaded::Connect(config, _)) => connect(*config, args).await,
         (Command::Relay(_) | Command::Connect(_), _) => {
             unreachable!("load() gives relays and connectors their config")
         }
@@ -502,6 +502,24 @@ fn reload_on_sighup(trigger: kitepipe::relay::ReloadTrigger) {
     });
 }
 
+/// Makes SIGHUP reload the connector's config: its kites change on the
+/// live links, other settings need a restart.
+fn connector_reload_on_sighup(trigger: kitepipe::connector::ReloadTrigger) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(err) => {
+            tracing::warn!(%err, "cannot listen for SIGHUP; reloads happen on file changes only");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            trigger.reload();
+        }
+    });
+}
+
 async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     let relay_has_client_ca = config.identity.client_ca.is_some();
     let shutdown = shutdown_on_signal();
@@ -552,14 +570,23 @@ async fn relay(config: RelayConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(config: ConnectorConfig) -> anyhow::Result<()> {
+async fn connect(config: ConnectorConfig, args: ConnectArgs) -> anyhow::Result<()> {
     let relays: Vec<String> = config.relays.iter().map(|r| r.addr.clone()).collect();
     let shutdown = shutdown_on_signal();
     let admin = admin::bind(config.admin.as_ref())?;
-    let mut connector = Connector::new(config).context("connector setup")?;
+    let file = args.config.clone();
+    let loader: kitepipe::connector::ConfigLoader = std::sync::Arc::new(move || {
+        connector_config(&args)
+            .map(|(_, config)| config)
+            .map_err(|err| format!("{err:#}"))
+    });
+    let mut connector = Connector::new(config)
+        .context("connector setup")?
+        .reload_from(loader, file);
     if let Some(admin) = admin {
         connector.serve_admin(admin);
     }
+    connector_reload_on_sighup(connector.reload_trigger());
     ready::connector(&connector, relays.clone());
     notify::connector(&connector, relays);
     println!("kitepipe connector starting");

@@ -18,7 +18,8 @@
 //! then one `link` line per change of each relay's link (`index` in the
 //! order relays were given): `up` each time the relay confirms a
 //! registration (a new link, or a link that dropped and came back faster
-//! than this watcher woke up), `withdrawn` when the relay takes kites back
+//! than this watcher woke up, or kites a reload changed or added),
+//! `withdrawn` when the relay takes kites back or a reload removed some,
 //! on a link that stays up, `down` when the link is lost. The lines follow
 //! the link's state as a watcher sees it, not every event: a link the
 //! relay closes as soon as it registered (every kite refused) may show as

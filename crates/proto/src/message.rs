@@ -12,7 +12,8 @@
 //! 4. relay -> connector: [`RelayMessage::Registered`] (each kite accepted or refused)
 //!
 //! After that either side may open streams. The connector may send another
-//! `Register` at any time. The relay may send [`RelayMessage::Withdrawn`] at
+//! `Register` at any time, which may also withdraw kites it served
+//! ([`Register::withdraw`]: its config changed). The relay may send [`RelayMessage::Withdrawn`] at
 //! any time, when its rules no longer let the link's identity serve a kite.
 
 use std::fmt;
@@ -190,7 +191,21 @@ pub struct Register {
     /// names the node). Absent (an older connector): the name stays unproven.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_proofs: Vec<String>,
+    /// Kites this link no longer serves (the connector's config dropped
+    /// them), as they were accepted: the relay stops routing them to this
+    /// link, and to this link only. At most [`MAX_WITHDRAW`]; a kite the
+    /// link does not hold is ignored. Absent (an older connector): nothing
+    /// is withdrawn. An older relay ignores it: it keeps routing the kite,
+    /// and the connector resets those visitors (`no_such_kite`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub withdraw: Vec<KiteRef>,
 }
+
+/// Most kites one registration may withdraw; a registration with more is
+/// answered with an error and its withdrawals ignored (its claims are
+/// judged as usual). A connector reloading its config withdraws the kites
+/// it dropped, far fewer than this.
+pub const MAX_WITHDRAW: usize = 1024;
 
 /// The `protocol` of a node proof's input (kites use their protocol's
 /// name, so a kite proof never passes for a node proof).
@@ -522,9 +537,22 @@ mod tests {
         // An older connector's registration proves no node name.
         let old = br#"{"type":"register","kites":[]}"#;
         match decode::<ConnectorMessage>(old) {
-            Ok(ConnectorMessage::Register(register)) => assert!(register.node_proofs.is_empty()),
+            Ok(ConnectorMessage::Register(register)) => {
+                assert!(register.node_proofs.is_empty());
+                assert!(
+                    register.withdraw.is_empty(),
+                    "an older connector withdraws nothing"
+                );
+            }
             other => panic!("{other:?}"),
         }
+        let withdraw = ConnectorMessage::Register(Register {
+            kites: Vec::new(),
+            node_proofs: Vec::new(),
+            withdraw: vec![KiteRef::parse("http:blog.example.net").unwrap()],
+        });
+        let back: ConnectorMessage = decode(&encode(&withdraw)).unwrap();
+        assert_eq!(back, withdraw);
 
         let header = StreamHeader::Visitor(VisitorHeader {
             kite: KiteRef {

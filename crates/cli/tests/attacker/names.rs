@@ -4,7 +4,8 @@
 //! claims; a link is replaced only by the same proven identity; guessing
 //! secrets is slowed and cut; unauthenticated links are capped and timed
 //! out; a link ends when its certificate does; a claim's visitor policy
-//! (allow/deny lists) is parsed and bounded again by the relay.
+//! (allow/deny lists) is parsed and bounded again by the relay; a
+//! connector withdraws only its own kites, and only so many at once.
 //!
 //! Cases of the trust-model issue: 1 (node-name takeover), 9 (online
 //! secret guessing), 11 (instance replacement by any identity), 12 (a link
@@ -1031,4 +1032,106 @@ fn a_hostile_claims_http_rules_are_bounded_and_refused() {
     assert_eq!(body, "hello from backend\n");
     assert!(relay.proc.exited().is_none());
     drop(link);
+}
+
+// ---- withdrawals ------------------------------------------------------
+
+/// A hostile connector (with a secret of its own domain) withdraws kites
+/// it never had: another link's kite and a name nobody serves. Nothing
+/// changes for them: the other link's kite keeps answering, the unknown
+/// name stays unknown; only its own kite goes (503 once withdrawn). A
+/// withdrawal of more than `MAX_WITHDRAW` kites is refused with an error
+/// and changes nothing, and the link stays up.
+#[test]
+fn a_connector_withdraws_only_its_own_kites() {
+    let relay = Relay::new()
+        .domain("http:*.example.net:names-attacker-secret")
+        .domain("http:*.example.org:other-secret")
+        .start();
+    let backend = Backend::start("http");
+    let _victim = Connector::new(&relay)
+        .secret("names-attacker-secret")
+        .kite(&format!("http:good.example.net={}", backend.addr()))
+        .start();
+    let status = |host: &str| {
+        let (code, out, err) = curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Host: {host}"),
+            &relay.http_url(),
+        ]);
+        assert_eq!(code, 0, "curl {host}: {err}");
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert_eq!(status("good.example.net"), "200");
+    let rt = runtime();
+    rt.block_on(async {
+        let mut mallory = FakeLink::open(&relay, "mallory-instance", "mallory").await;
+        let registered = mallory
+            .register(Some("other-secret"), &["m.example.org"], "mallory")
+            .await;
+        assert_eq!(
+            registered["kites"][0]["result"]["status"], "accepted",
+            "{registered}"
+        );
+        let withdraw = |names: &[&str]| {
+            let kites: Vec<Value> = names
+                .iter()
+                .map(|name| json!({"proto": "http", "name": name}))
+                .collect();
+            Bytes::from(json!({"type": "register", "kites": [], "withdraw": kites}).to_string())
+        };
+        mallory
+            .mux
+            .send_control(withdraw(&[
+                "good.example.net",
+                "never.example.net",
+                "m.example.org",
+            ]))
+            .await
+            .unwrap();
+        let answer = recv_json(&mut mallory.rx).await;
+        assert_eq!(answer["type"], "registered", "{answer}");
+
+        // One more than the bound (1024): an error, nothing withdrawn.
+        let many: Vec<String> = (0..1025).map(|i| format!("n{i}.example.net")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        mallory.mux.send_control(withdraw(&many)).await.unwrap();
+        let error = recv_json(&mut mallory.rx).await;
+        assert_eq!(error["type"], "error", "{error}");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("at most 1024 kites"),
+            "{error}"
+        );
+        let answer = recv_json(&mut mallory.rx).await;
+        assert_eq!(answer["type"], "registered", "{answer}");
+        assert!(!mallory.mux.is_closed(), "the link stays up");
+    });
+    assert_eq!(
+        status("good.example.net"),
+        "200",
+        "another link's kite stays"
+    );
+    assert_eq!(status("m.example.org"), "503", "its own kite is withdrawn");
+    assert_eq!(status("never.example.net"), "404", "never served: unknown");
+    let out = relay.proc.output();
+    assert_eq!(
+        lines_with(&out, &["kite withdrawn by its connector"]),
+        1,
+        "{out}"
+    );
+    assert_eq!(
+        lines_with(
+            &out,
+            &["kite withdrawn by its connector", "kite=http:m.example.org"]
+        ),
+        1,
+        "{out}"
+    );
 }

@@ -1,15 +1,14 @@
 //! Kites' htpasswd files (`basic_auth`), watched while the connector runs:
 //! a changed file is read and checked like at start (`pki::htpasswd`, the
 //! relay's own checks of the lines), and every link sends those kites' claims again, so
-//! the relay replaces their users without dropping the link. A file that
+//! the relay replaces their users without dropping the link (the links
+//! watch the connector's kites, see `Kites::watch_files`). A file that
 //! turns bad (or vanishes) keeps the last good users, and the log says why.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::KiteTarget;
@@ -25,8 +24,6 @@ pub(crate) const HTPASSWD_POLL: Duration = Duration::from_secs(2);
 /// the config.
 pub(crate) struct HtpasswdFiles {
     files: Vec<Option<Watched>>,
-    /// Bumped after any file's users changed; each link watches it.
-    changed: watch::Sender<u64>,
 }
 
 /// One kite's file and its last good users.
@@ -55,10 +52,7 @@ impl HtpasswdFiles {
                 })
             })
             .collect();
-        HtpasswdFiles {
-            files,
-            changed: watch::Sender::new(0),
-        }
+        HtpasswdFiles { files }
     }
 
     /// The current users of the kite at `index`, if it has a file.
@@ -67,32 +61,14 @@ impl HtpasswdFiles {
         Some(lock(&watched.lines).clone())
     }
 
-    /// Whether any kite has a file (else nothing is watched).
-    pub(crate) fn any(&self) -> bool {
-        self.files.iter().any(Option::is_some)
-    }
-
-    /// Tells of changed users (see [`HtpasswdFiles::lines`]).
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
-    /// Looks at the files every [`HTPASSWD_POLL`] until `token` is
-    /// cancelled.
-    pub(crate) async fn run(&self, token: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = tokio::time::sleep(HTPASSWD_POLL) => {}
-            }
-            let mut any = false;
-            for watched in self.files.iter().flatten() {
-                any |= watched.check();
-            }
-            if any {
-                self.changed.send_modify(|generation| *generation += 1);
-            }
+    /// Looks at every file once (modification time and size, read again
+    /// if changed); whether any kite's users changed.
+    pub(crate) fn check(&self) -> bool {
+        let mut any = false;
+        for watched in self.files.iter().flatten() {
+            any |= watched.check();
         }
+        any
     }
 }
 

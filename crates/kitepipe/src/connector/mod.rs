@@ -8,13 +8,20 @@
 //! handlers. The connector's event gateway sends its events over the
 //! first relay link that is up (`EventLinks`).
 //!
+//! Its kites change while it runs (`reload`: SIGHUP or a changed config
+//! file): every link sends the relay the claims that changed and
+//! withdraws the kites that went, on the same link.
+//!
 //! The connector never listens on a public socket: everything from outside
 //! reaches it through links it dialed. Its only listener is the event
 //! gateway, on loopback or a unix socket.
 
 mod htpasswd;
+mod reload;
 mod session;
 mod status;
+
+pub use reload::{ConfigLoader, ReloadTrigger};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -124,6 +131,10 @@ pub struct Connector {
     metrics: Metrics,
     /// The admin server's socket, served by `run`.
     admin: Option<AdminListener>,
+    /// Where a reload reads the config again, and which file to watch.
+    loader: Option<(ConfigLoader, Option<std::path::PathBuf>)>,
+    /// Woken by [`ReloadTrigger::reload`].
+    reload: Arc<Notify>,
 }
 
 impl Connector {
@@ -159,6 +170,8 @@ impl Connector {
             handlers,
             metrics,
             admin: None,
+            loader: None,
+            reload: Arc::new(Notify::new()),
         })
     }
 
@@ -177,6 +190,23 @@ impl Connector {
     /// The connector's counters.
     pub fn metrics(&self) -> Metrics {
         self.metrics.clone()
+    }
+
+    /// Lets this connector change its kites while it runs: on
+    /// [`ReloadTrigger::reload`] and when `file` changes (looked at every
+    /// two seconds), `loader` reads the config again. Kites added, removed
+    /// or changed take effect on the live links; other settings need a
+    /// restart (the log says so); a config that does not load changes
+    /// nothing.
+    pub fn reload_from(mut self, loader: ConfigLoader, file: Option<std::path::PathBuf>) -> Self {
+        self.loader = Some((loader, file));
+        self
+    }
+
+    /// A handle that asks the running connector to reload its config (see
+    /// [`Connector::reload_from`]; without a loader it does nothing).
+    pub fn reload_trigger(&self) -> ReloadTrigger {
+        ReloadTrigger::new(self.reload.clone())
     }
 
     /// Where the event gateway listens (`127.0.0.1:PORT` or `unix:PATH`).
@@ -224,9 +254,19 @@ impl Connector {
         let mut kites = Kites::new(&self.config);
         kites.metrics = self.metrics.clone();
         let kites = Arc::new(kites);
-        if kites.htpasswd.any() {
+        {
             let (kites, token) = (kites.clone(), token.clone());
-            tracker.spawn(async move { kites.htpasswd.run(token).await });
+            tracker.spawn(async move { kites.watch_files(token).await });
+        }
+        if let Some((loader, file)) = self.loader {
+            let watcher = reload::Watcher {
+                loader,
+                file,
+                running: self.config.clone(),
+                kites: kites.clone(),
+                notify: self.reload.clone(),
+            };
+            tracker.spawn(watcher.run(token.clone()).instrument(info_span!("reload")));
         }
         let event_links = Arc::new(EventLinks::new(self.config.relays.len()));
         if let Some(admin) = self.admin {
@@ -302,7 +342,11 @@ impl Connector {
 
 /// The kites this connector serves, and the TCP ports relays assigned.
 pub(crate) struct Kites {
-    targets: Vec<crate::config::KiteTarget>,
+    /// The kites served now: a reload replaces the set, and a changed
+    /// htpasswd file marks it changed; each link watches it and tells its
+    /// relay what changed. A visitor stream looks its kite up here when it
+    /// opens, so open streams keep the target they started with.
+    current: watch::Sender<Arc<KiteSet>>,
     /// Kinds of remote operations accepted from relays (`--allow-remote`).
     allow_remote: Vec<RemoteClass>,
     /// How relayed operations run (`fs-read`, protected paths, their
@@ -313,29 +357,75 @@ pub(crate) struct Kites {
     /// Public ports relays gave TCP kites registered with port 0, so a
     /// reconnect asks for the same port again. Key: (relay, kite name).
     assigned_ports: Mutex<HashMap<(String, String), u16>>,
+}
+
+/// One version of the configured kites.
+pub(crate) struct KiteSet {
+    pub(crate) targets: Vec<crate::config::KiteTarget>,
     /// The kites' htpasswd files and their current users.
-    htpasswd: htpasswd::HtpasswdFiles,
+    pub(crate) htpasswd: htpasswd::HtpasswdFiles,
+}
+
+impl KiteSet {
+    fn new(targets: Vec<crate::config::KiteTarget>) -> KiteSet {
+        KiteSet {
+            htpasswd: htpasswd::HtpasswdFiles::new(&targets),
+            targets,
+        }
+    }
 }
 
 impl Kites {
     fn new(config: &ConnectorConfig) -> Kites {
         Kites {
-            targets: config.kites.clone(),
+            current: watch::Sender::new(Arc::new(KiteSet::new(config.kites.clone()))),
             allow_remote: config.allow_remote.clone(),
             remote: Origin::Relayed(Arc::new(node_policy(config))),
             assigned_ports: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
-            htpasswd: htpasswd::HtpasswdFiles::new(&config.kites),
         }
     }
 
-    /// The kite as the relay names it, with its local target and options.
-    fn target(&self, kite: &KiteRef) -> Option<&crate::config::KiteTarget> {
-        self.targets.iter().find(|t| {
+    /// The kites served now.
+    pub(crate) fn current(&self) -> Arc<KiteSet> {
+        self.current.borrow().clone()
+    }
+
+    /// Tells of every change of the kites (a reload, new htpasswd users).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<KiteSet>> {
+        self.current.subscribe()
+    }
+
+    /// Serves `targets` from now on (a reload).
+    fn replace(&self, targets: Vec<crate::config::KiteTarget>) {
+        self.current.send_replace(Arc::new(KiteSet::new(targets)));
+    }
+
+    /// Looks at the current kites' htpasswd files every
+    /// [`htpasswd::HTPASSWD_POLL`] until `token` is cancelled; changed
+    /// users mark the kites changed.
+    async fn watch_files(&self, token: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(htpasswd::HTPASSWD_POLL) => {}
+            }
+            if self.current().htpasswd.check() {
+                self.current.send_modify(|_| {});
+            }
+        }
+    }
+
+    /// The kite as the relay names it, with its local target and options
+    /// (its place in the current set).
+    fn target(&self, kite: &KiteRef) -> Option<(Arc<KiteSet>, usize)> {
+        let set = self.current();
+        let index = set.targets.iter().position(|t| {
             t.kite.proto == kite.proto
                 && t.kite.name == kite.name
                 && (t.kite.port == kite.port || t.kite.port == 0)
-        })
+        })?;
+        Some((set, index))
     }
 }
 
@@ -543,7 +633,7 @@ pub(crate) async fn serve_stream(
             return;
         }
     };
-    let Some(kite) = kites.target(&header.kite) else {
+    let Some((set, index)) = kites.target(&header.kite) else {
         debug!(kite = %header.kite, "stream for a kite we do not serve");
         stream.reset(
             ResetCode::NoSuchKite,
@@ -551,6 +641,7 @@ pub(crate) async fn serve_stream(
         );
         return;
     };
+    let kite = &set.targets[index];
     let target = kite.target.as_str();
     let counted = kites.metrics.kite(&header.kite.name);
     let _open = counted.connection();
@@ -704,7 +795,7 @@ mod tests {
         );
         let allow = |classes: Vec<RemoteClass>| {
             Arc::new(Kites {
-                targets: Vec::new(),
+                current: watch::Sender::new(Arc::new(KiteSet::new(Vec::new()))),
                 allow_remote: classes,
                 remote: Origin::Relayed(Arc::new(NodePolicy::new(
                     false,
@@ -712,7 +803,6 @@ mod tests {
                     &|_| None,
                 ))),
                 assigned_ports: Mutex::new(HashMap::new()),
-                htpasswd: htpasswd::HtpasswdFiles::new(&[]),
                 metrics: Metrics::new(),
             })
         };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use kitepipe_proto::frame::Frame;
-use kitepipe_proto::kite::KiteProto;
+use kitepipe_proto::kite::{KiteProto, KiteRef};
 use kitepipe_proto::message::{
     self, ConnectorMessage, ErrorCode, Hello, KiteClaim, KiteResult, MessageError,
     PROTOCOL_VERSION, RefuseReason, Register, Registered, RelayMessage, Role, Withdrawn,
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, warn};
 
-use super::{EventLinks, Kites, LinkBounds, LinkState, refuse_full, serve_stream};
+use super::{EventLinks, KiteSet, Kites, LinkBounds, LinkState, refuse_full, serve_stream};
 use crate::config::{ConnectorConfig, RelayTarget};
 use crate::link::backoff::Backoff;
 use crate::link::io::ReadAhead;
@@ -314,31 +314,25 @@ impl RelayLink {
             }
             other => return Err(unexpected(other)),
         };
-        // Subscribed before the claims are built: a file changing meanwhile
-        // is sent again once serving.
-        let mut htpasswd = self.kites.htpasswd.subscribe();
-        htpasswd.mark_unchanged();
-        let claims = self
-            .config
-            .kites
+        // Subscribed before the claims are built: kites changing meanwhile
+        // (a reload, an htpasswd file) are sent again once serving.
+        let mut watched = self.kites.subscribe();
+        let set = watched.borrow_and_update().clone();
+        // What the relay is told now, to tell later what changed.
+        let sent = self.claims(&set, exporter, &server_nonce, client_nonce);
+        let claims = sent
             .iter()
-            .enumerate()
-            .map(|(index, target)| {
-                let mut kite = target.kite.clone();
+            .map(|(kite, claim)| KiteClaim {
                 // Only TCP kites have ports; an HTTP kite may share the name.
-                if kite.proto == KiteProto::Tcp && kite.port == 0 {
-                    let key = (self.relay.addr.clone(), kite.name.clone());
-                    if let Some(port) = lock(&self.kites.assigned_ports).get(&key) {
-                        kite.port = *port;
-                    }
-                }
-                self.claim(index, target, kite, exporter, &server_nonce, client_nonce)
+                kite: self.on_relay(kite),
+                ..claim.clone()
             })
             .collect();
-        let node_proofs = self.node_proofs(exporter, &server_nonce, client_nonce);
+        let node_proofs = self.node_proofs(&set, exporter, &server_nonce, client_nonce);
         let register = Register {
             kites: claims,
             node_proofs,
+            withdraw: Vec::new(),
         };
         send(mux, &ConnectorMessage::Register(register)).await?;
         let registered = match recv(mux, rx).await? {
@@ -350,9 +344,8 @@ impl RelayLink {
         // (the relay closed it while the kite was offline and gave it to
         // another, or it is outside the relay's range now) asks for any
         // port instead; the relay's answer comes while serving.
-        let retry: Vec<KiteClaim> = self
-            .config
-            .kites
+        let retry: Vec<KiteClaim> = set
+            .targets
             .iter()
             .enumerate()
             .filter(|(_, target)| target.kite.proto == KiteProto::Tcp && target.kite.port == 0)
@@ -372,8 +365,8 @@ impl RelayLink {
             })
             .map(|(index, target)| {
                 self.claim(
+                    &set,
                     index,
-                    target,
                     target.kite.clone(),
                     exporter,
                     &server_nonce,
@@ -391,12 +384,14 @@ impl RelayLink {
             let register = Register {
                 kites: retry,
                 node_proofs: Vec::new(),
+                withdraw: Vec::new(),
             };
             send(mux, &ConnectorMessage::Register(register)).await?;
         }
         self.event_links.set(self.index, Some(mux.clone()));
         let refresh = Refresh {
-            htpasswd,
+            watched,
+            sent,
             exporter,
             server_nonce: &server_nonce,
             client_nonce,
@@ -405,59 +400,125 @@ impl RelayLink {
         self.serve(mux, rx, refresh).await
     }
 
-    /// The claim of the kite at `index` in the config (`target`) as `kite`,
-    /// with its htpasswd file's current users.
+    /// The claim of the kite at `index` in `set` as `kite`, with its
+    /// htpasswd file's current users.
     fn claim(
         &self,
+        set: &KiteSet,
         index: usize,
-        target: &crate::config::KiteTarget,
         kite: kitepipe_proto::kite::KiteRef,
         exporter: &[u8; 32],
         server_nonce: &[u8],
         client_nonce: &[u8; 32],
     ) -> KiteClaim {
+        let target = &set.targets[index];
         let mut claim = claim(target, kite, exporter, server_nonce, client_nonce);
-        if let Some(lines) = self.kites.htpasswd.lines(index) {
+        if let Some(lines) = set.htpasswd.lines(index) {
             claim.http.basic_auth = lines.to_vec();
         }
         claim
     }
 
-    /// Sends the claims of the kites with an htpasswd file again, with
-    /// their current users: the relay replaces those kites' rules on this
-    /// link.
-    async fn send_new_users(&self, mux: &Mux, refresh: &Refresh<'_>) -> Result<(), AttemptError> {
-        let kites: Vec<KiteClaim> = self
-            .config
-            .kites
+    /// Every kite of `set` with its claim as configured (a TCP kite with
+    /// port 0 claims port 0), to tell later which claims changed.
+    fn claims(
+        &self,
+        set: &KiteSet,
+        exporter: &[u8; 32],
+        server_nonce: &[u8],
+        client_nonce: &[u8; 32],
+    ) -> Vec<(KiteRef, KiteClaim)> {
+        set.targets
             .iter()
             .enumerate()
-            .filter(|(_, target)| target.basic_auth_file.is_some())
             .map(|(index, target)| {
-                self.claim(
+                let claim = self.claim(
+                    set,
                     index,
-                    target,
                     target.kite.clone(),
-                    refresh.exporter,
-                    refresh.server_nonce,
-                    refresh.client_nonce,
-                )
+                    exporter,
+                    server_nonce,
+                    client_nonce,
+                );
+                (target.kite.clone(), claim)
+            })
+            .collect()
+    }
+
+    /// `kite` as this relay knows it: a TCP kite configured with port 0
+    /// has the port the relay gave it (port 0 if none yet).
+    fn on_relay(&self, kite: &KiteRef) -> KiteRef {
+        let mut kite = kite.clone();
+        if kite.proto == KiteProto::Tcp && kite.port == 0 {
+            let key = (self.relay.addr.clone(), kite.name.clone());
+            if let Some(port) = lock(&self.kites.assigned_ports).get(&key) {
+                kite.port = *port;
+            }
+        }
+        kite
+    }
+
+    /// Tells the relay how the kites changed since the claims it has (a
+    /// reload, new htpasswd users): the claims that are new or differ,
+    /// and the kites that went, in one registration on this link. True if
+    /// something was sent (its answer comes while serving).
+    async fn send_changes(
+        &self,
+        mux: &Mux,
+        refresh: &mut Refresh<'_>,
+    ) -> Result<bool, AttemptError> {
+        let set = refresh.watched.borrow_and_update().clone();
+        let now = self.claims(
+            &set,
+            refresh.exporter,
+            refresh.server_nonce,
+            refresh.client_nonce,
+        );
+        let kites: Vec<KiteClaim> = now
+            .iter()
+            .filter(|(kite, claim)| !refresh.sent.iter().any(|(k, c)| k == kite && c == claim))
+            .map(|(kite, claim)| KiteClaim {
+                kite: self.on_relay(kite),
+                ..claim.clone()
             })
             .collect();
+        let withdraw: Vec<KiteRef> = refresh
+            .sent
+            .iter()
+            .filter(|(kite, _)| !now.iter().any(|(k, _)| k == kite))
+            .map(|(kite, _)| self.on_relay(kite))
+            // A TCP kite the relay never gave a port was never online here.
+            .filter(|kite| !(kite.proto == KiteProto::Tcp && kite.port == 0))
+            .collect();
+        refresh.sent = now;
+        if kites.is_empty() && withdraw.is_empty() {
+            return Ok(false);
+        }
+        for kite in &withdraw {
+            info!(kite = %kite, "kite removed from the config: withdrawing it");
+        }
         info!(
-            kites = kites.len(),
-            "sending new htpasswd users to the relay"
+            claims = kites.len(),
+            withdrawn = withdraw.len(),
+            "sending the changed kites to the relay"
         );
+        self.state.send_modify(|state| {
+            if let LinkState::Up(online) = state {
+                online.retain(|(kite, _)| !withdraw.contains(kite));
+            }
+        });
         let register = Register {
             kites,
             node_proofs: Vec::new(),
+            withdraw,
         };
-        send(mux, &ConnectorMessage::Register(register)).await
+        send(mux, &ConnectorMessage::Register(register)).await?;
+        Ok(true)
     }
 
-    /// The answer to [`RelayLink::send_new_users`]: said like a
+    /// The answer to [`RelayLink::send_changes`]: said like a
     /// registration, but the link's other kites stay online.
-    fn report_new_users(&self, registered: &Registered) {
+    fn report_changes(&self, registered: &Registered) {
         let mut online = match &*self.state.borrow() {
             LinkState::Up(online) => online.clone(),
             LinkState::Down => Vec::new(),
@@ -465,8 +526,12 @@ impl RelayLink {
         for outcome in &registered.kites {
             online.retain(|(kite, _)| *kite != outcome.kite);
             match &outcome.result {
-                KiteResult::Accepted { public, .. } => {
-                    info!(kite = %outcome.kite, "kite's new users accepted");
+                KiteResult::Accepted { public, port } => {
+                    info!(kite = %outcome.kite, %public, "kite online (updated)");
+                    if outcome.kite.proto == KiteProto::Tcp {
+                        lock(&self.kites.assigned_ports)
+                            .insert((self.relay.addr.clone(), outcome.kite.name.clone()), *port);
+                    }
                     online.push((outcome.kite.clone(), public.clone()));
                 }
                 KiteResult::Refused { reason, message } => {
@@ -481,6 +546,7 @@ impl RelayLink {
     /// holds (none with a certificate: the certificate names the node).
     fn node_proofs(
         &self,
+        set: &KiteSet,
         exporter: &[u8; 32],
         server_nonce: &[u8],
         client_nonce: &[u8; 32],
@@ -496,7 +562,7 @@ impl RelayLink {
             name: &self.config.name,
         };
         let mut secrets: Vec<&crate::pki::Secret> = Vec::new();
-        let kite_secrets = self.config.kites.iter().filter_map(|k| k.secret.as_ref());
+        let kite_secrets = set.targets.iter().filter_map(|k| k.secret.as_ref());
         for secret in self.config.node_secret.iter().chain(kite_secrets) {
             if secrets.len() < message::MAX_NODE_PROOFS
                 && !secrets.iter().any(|s| s.expose() == secret.expose())
@@ -567,20 +633,21 @@ impl RelayLink {
         mut refresh: Refresh<'_>,
     ) -> Result<LinkClosed, AttemptError> {
         let bounds = LinkBounds::new();
-        let mut watching = self.kites.htpasswd.any();
+        let mut watching = true;
         // Answers to registrations sent while serving, in order: true for
-        // new users, false for the TCP port retry.
+        // changed kites, false for the TCP port retry.
         let mut pending: std::collections::VecDeque<bool> =
             refresh.retried.then_some(false).into_iter().collect();
         loop {
             tokio::select! {
-                changed = refresh.htpasswd.changed(), if watching => {
+                changed = refresh.watched.changed(), if watching => {
                     if changed.is_err() {
                         watching = false;
                         continue;
                     }
-                    self.send_new_users(mux, &refresh).await?;
-                    pending.push_back(true);
+                    if self.send_changes(mux, &mut refresh).await? {
+                        pending.push_back(true);
+                    }
                 }
                 _ = self.token.cancelled() => {
                     mux.close(LinkClosed::Shutdown);
@@ -604,7 +671,7 @@ impl RelayLink {
                     match message::decode::<RelayMessage>(&payload) {
                         Ok(RelayMessage::Registered(registered)) => {
                             if pending.pop_front() == Some(true) {
-                                self.report_new_users(&registered);
+                                self.report_changes(&registered);
                             } else {
                                 self.report(&registered);
                             }
@@ -626,8 +693,10 @@ impl RelayLink {
 
 /// What a link needs to send claims again while serving.
 struct Refresh<'a> {
-    /// Tells of changed htpasswd users.
-    htpasswd: watch::Receiver<u64>,
+    /// Tells of changed kites (a reload, new htpasswd users).
+    watched: watch::Receiver<Arc<KiteSet>>,
+    /// The claims the relay has, by the kite as configured.
+    sent: Vec<(KiteRef, KiteClaim)>,
     exporter: &'a [u8; 32],
     server_nonce: &'a [u8],
     client_nonce: &'a [u8; 32],

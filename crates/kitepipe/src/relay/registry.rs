@@ -539,16 +539,19 @@ impl Registry {
     }
 
     /// Stops serving `kites` through link `id` (they stay known, so visitors
-    /// get "offline" until another link serves them).
-    pub(crate) fn withdraw(&self, id: LinkId, kites: &[KiteRef]) {
+    /// get "offline" until another link serves them). Only kites the link
+    /// holds are touched, and only its own backends; returns those.
+    pub(crate) fn withdraw(&self, id: LinkId, kites: &[KiteRef]) -> Vec<KiteRef> {
         let mut inner = lock(&self.inner);
-        let keys: Vec<_> = kites
+        let Some(link) = inner.links.get_mut(&id) else {
+            return Vec::new();
+        };
+        let held: HashSet<&(KiteProto, String, u16)> = link.kites.iter().collect();
+        let keys: HashSet<_> = kites
             .iter()
             .map(|kite| (kite.proto, kite.name.clone(), kite.port))
+            .filter(|key| held.contains(key))
             .collect();
-        let Some(link) = inner.links.get_mut(&id) else {
-            return;
-        };
         link.kites.retain(|key| !keys.contains(key));
         link.identity_kites.retain(|key| !keys.contains(key));
         for key in &keys {
@@ -559,6 +562,9 @@ impl Registry {
                 }
             }
         }
+        keys.into_iter()
+            .map(|(proto, name, port)| KiteRef { proto, name, port })
+            .collect()
     }
 
     /// Every live link with a certificate identity.
@@ -997,6 +1003,35 @@ mod tests {
         ));
         assert_eq!(registry.identity_link(a).unwrap().kites.len(), 1);
         assert!(registry.identity_link(b).is_none());
+
+        // A link withdrawing what it never held (another link's kite, a
+        // name nobody serves) changes nothing; its own kite goes, and the
+        // other link keeps serving the shared name.
+        let withdrawn = registry.withdraw(
+            b,
+            &[
+                kite("http:laptop.example.net"),
+                kite("http:nobody.example.net"),
+                kite("http:blog.example.net"),
+                kite("http:blog.example.net"),
+            ],
+        );
+        assert_eq!(withdrawn, [kite("http:blog.example.net")]);
+        match registry.lookup_name(KiteProto::Http, "laptop.example.net") {
+            Lookup::Found(backends) => assert_eq!(backends[0].link, a),
+            other => panic!("{other:?}"),
+        }
+        match registry.lookup_name(KiteProto::Http, "blog.example.net") {
+            Lookup::Found(backends) => {
+                assert_eq!(backends.len(), 1);
+                assert_eq!(backends[0].link, a);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            registry.lookup_name(KiteProto::Http, "nobody.example.net"),
+            Lookup::Unknown
+        ));
     }
 
     /// Each link's claim keeps its own policy, and a claim made again on

@@ -20,8 +20,8 @@ use kitepipe_proto::frame::ResetCode;
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::message::{
     self, Challenge, ConnectorMessage, ErrorCode, ErrorMessage, KiteClaim, KiteOutcome, KiteResult,
-    MAX_NODE_PROOFS, NODE_PROOF_PROTOCOL, NodeOutcome, PROTOCOL_VERSION, RefuseReason, Register,
-    Registered, RelayMessage, Role, StreamHeader,
+    MAX_NODE_PROOFS, MAX_WITHDRAW, NODE_PROOF_PROTOCOL, NodeOutcome, PROTOCOL_VERSION,
+    RefuseReason, Register, Registered, RelayMessage, Role, StreamHeader,
 };
 use kitepipe_proto::policy::VisitorPolicy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -683,6 +683,9 @@ async fn registration(
     ctx: &Arc<RelayCtx>,
 ) -> Option<LinkClosed> {
     let state = ctx.identity();
+    if !withdraw(mux, &register.withdraw, link, ctx).await {
+        return Some(mux.closed().await);
+    }
     let outcomes = register_kites(register.kites, nonces, link, &state, ctx).await;
     let accepted = outcomes
         .iter()
@@ -725,6 +728,32 @@ async fn registration(
         return Some(LinkClosed::Protocol(why.into()));
     }
     None
+}
+
+/// Stops routing the kites a registration withdraws to this link (only
+/// this link's backends go; a kite it never held changes nothing). More
+/// than [`MAX_WITHDRAW`] are answered with an error and ignored. False if
+/// the link is gone.
+async fn withdraw(mux: &Mux, kites: &[KiteRef], link: &LinkState, ctx: &Arc<RelayCtx>) -> bool {
+    if kites.is_empty() {
+        return true;
+    }
+    if kites.len() > MAX_WITHDRAW {
+        let why = format!(
+            "a registration may withdraw at most {MAX_WITHDRAW} kites, not {}: nothing withdrawn",
+            kites.len()
+        );
+        warn!(peer = %link.peer, "{why}");
+        let reply = RelayMessage::Error(ErrorMessage {
+            code: ErrorCode::Protocol,
+            message: why,
+        });
+        return mux.send_control(message::encode(&reply)).await.is_ok();
+    }
+    for kite in ctx.registry.withdraw(link.link_id, kites) {
+        info!(kite = %kite, "kite withdrawn by its connector");
+    }
+    true
 }
 
 /// Closes a link whose certificate just expired, telling the connector why.
