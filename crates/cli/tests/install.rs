@@ -172,17 +172,21 @@ impl NotifySocket {
     fn recv(&self, wait: Duration) -> Option<String> {
         self.socket.set_read_timeout(Some(wait)).unwrap();
         let mut buf = vec![0u8; 4096];
-        match self.socket.recv(&mut buf) {
-            Ok(n) => Some(String::from_utf8(buf[..n].to_vec()).expect("UTF-8 message")),
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                None
-            }
-            Err(err) => panic!("notify socket: {err}"),
+        loop {
+            return match self.socket.recv(&mut buf) {
+                Ok(n) => Some(String::from_utf8(buf[..n].to_vec()).expect("UTF-8 message")),
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    None
+                }
+                // A signal (the test's own children ending) interrupted the wait.
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => panic!("notify socket: {err} ({:?})", err.kind()),
+            };
         }
     }
 
