@@ -75,6 +75,60 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|value| value.trim().parse().ok())
 }
 
+/// HTTP/2 visitors (h2c with prior knowledge) are counted like HTTP/1
+/// ones: their connections, responses by class, bytes to them, and the
+/// relay's refusals.
+#[test]
+fn metrics_count_http2_visitors() {
+    let scene = Scene::start();
+    let url = format!("{}/", scene.relay.http_url());
+    for _ in 0..5 {
+        let body = curl_ok(&[
+            "--http2-prior-knowledge",
+            "-H",
+            &format!("Host: {HOST}"),
+            &url,
+        ]);
+        assert_eq!(body, "hello from backend\n");
+    }
+    let (_, out, _) = curl(&[
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: nobody.example.net",
+        &url,
+    ]);
+    assert_eq!(out, b"404");
+    let text = scene.get("/metrics");
+    let kite = format!("kite=\"{HOST}\"");
+    let value = |series: String| sample(&text, &series);
+    assert_eq!(
+        value(format!(
+            "kitepipe_http_requests_total{{{kite},class=\"2xx\"}}"
+        )),
+        Some(5.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(format!("kitepipe_visitor_connections_total{{{kite}}}")),
+        Some(5.0),
+        "{text}"
+    );
+    let bytes_out = value(format!(
+        "kitepipe_visitor_bytes_total{{{kite},direction=\"out\"}}"
+    ))
+    .expect("bytes out");
+    assert!(bytes_out >= 5.0 * 19.0, "{text}");
+    assert_eq!(
+        value("kitepipe_visitor_refusals_total{kite=\"_other\",reason=\"unknown\"}".to_string()),
+        Some(1.0),
+        "{text}"
+    );
+}
+
 #[test]
 fn metrics_count_the_traffic_sent() {
     let scene = Scene::start();

@@ -52,6 +52,8 @@ use super::registry::{Backend, Lookup};
 use super::visitor::{NotOpened, open_visitor_stream};
 use super::{HEAD_TIMEOUT, IDLE_TIMEOUT};
 use crate::link::{MuxStream, StreamReset};
+use crate::metrics::access::AccessRequest;
+use crate::metrics::{KiteMetrics, OpenConnection};
 use crate::sync;
 
 /// The scheme the visitor used, for `X-Forwarded-Proto` and redirects.
@@ -477,6 +479,8 @@ struct Route {
     /// The kite's connection slot (max_connections), held while the
     /// visitor connection is open.
     _permit: ConnPermit,
+    /// Counts the visitor connection open on the kite's series.
+    _open: OpenConnection,
     upstream: Upstream,
 }
 
@@ -529,6 +533,26 @@ struct Tracked {
     inner: VisitorBody,
     checkout: Option<Checkout>,
     _active: Active,
+    /// The kite's counters and access log line, for a forwarded response.
+    account: Option<Account>,
+}
+
+/// A forwarded response's bookkeeping: bytes to the visitor counted as
+/// they go, the access log line written when the body ends (or is
+/// dropped).
+struct Account {
+    metrics: KiteMetrics,
+    access: Option<AccessRequest>,
+    status: u16,
+    sent: u64,
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        if let Some(line) = self.access.take() {
+            line.done(self.status, self.sent);
+        }
+    }
 }
 
 impl Body for Tracked {
@@ -540,6 +564,14 @@ impl Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &res
+            && let Some(data) = frame.data_ref()
+            && let Some(account) = &mut self.account
+        {
+            let n = data.len() as u64;
+            account.sent += n;
+            account.metrics.bytes_out(n);
+        }
         if let Poll::Ready(None) = res
             && let Some(checkout) = &mut self.checkout
         {
@@ -570,14 +602,15 @@ impl Drop for Tracked {
 /// Answers one request: a page from the relay, or the backend's response.
 async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<Tracked> {
     let active = Active::new(&conn.activity);
-    let (response, checkout) = match forward(&conn, req).await {
+    let (response, checkout, account) = match forward(&conn, req).await {
         Ok(answer) => answer,
-        Err(page) => (page, None),
+        Err(page) => (page, None, None),
     };
     response.map(|inner| Tracked {
         inner,
         checkout,
         _active: active,
+        account,
     })
 }
 
@@ -589,7 +622,7 @@ type Page = Response<VisitorBody>;
 async fn forward(
     conn: &Conn,
     req: Request<Incoming>,
-) -> Result<(Response<VisitorBody>, Option<Checkout>), Page> {
+) -> Result<(Response<VisitorBody>, Option<Checkout>, Option<Account>), Page> {
     if req.method() == Method::CONNECT {
         return Err(page(
             405,
@@ -614,7 +647,9 @@ async fn forward(
             &[],
         )
     })?;
-    let route = route(conn, &host).await?;
+    let route = route(conn, &host)
+        .await
+        .inspect_err(|page| count_refusal(conn, &host, page))?;
     let rules = route.rules();
     if conn.scheme == Scheme::Http && rules.https_redirect() {
         let path = req.uri().path_and_query().map_or("/", |path| path.as_str());
@@ -635,8 +670,14 @@ async fn forward(
         .request(conn.peer.ip(), authorization.as_deref())
         .await
     {
-        return Err(refusal_page(&refusal, &host));
+        let page = refusal_page(&refusal, &host);
+        count_refusal(conn, &host, &page);
+        return Err(page);
     }
+    let access = conn.ctx.access.get().map(|log| {
+        let target = req.uri().path_and_query().map_or("/", |path| path.as_str());
+        log.request(conn.peer.ip(), &host, req.method().as_str(), target)
+    });
     let protocol = match route.upstream {
         Upstream::H2c(_) => BackendProtocol::H2c,
         Upstream::Http1(_) => BackendProtocol::Http1,
@@ -652,7 +693,34 @@ async fn forward(
     };
     let (mut parts, body) = response.into_parts();
     apply_header_rules(&mut parts.headers, rules.response_headers());
-    Ok((Response::from_parts(parts, body.boxed_unsync()), checkout))
+    let metrics = route.backends[0].metrics.clone();
+    metrics.request(parts.status.as_u16());
+    let account = Account {
+        metrics,
+        access,
+        status: parts.status.as_u16(),
+        sent: 0,
+    };
+    Ok((
+        Response::from_parts(parts, body.boxed_unsync()),
+        checkout,
+        Some(account),
+    ))
+}
+
+/// Counts the relay's own refusal `page` of a request for `host` (by its
+/// status), as the HTTP/1 path does.
+fn count_refusal(conn: &Conn, host: &str, page: &Page) {
+    use crate::metrics::Refusal as Why;
+    let why = match page.status().as_u16() {
+        401 => Why::Unauthorized,
+        403 => Why::Forbidden,
+        429 => Why::RateLimited,
+        404 => Why::Unknown,
+        503 => Why::Offline,
+        _ => return,
+    };
+    conn.ctx.registry.metrics.refusal(host, why);
 }
 
 /// The authority a request is for: its `:authority`, else its `Host`.
@@ -725,6 +793,7 @@ async fn route(conn: &Conn, host: &str) -> Result<Arc<Route>, Page> {
     debug!(node = %first.node, %host, "h2 visitor routed");
     let route = Arc::new(Route {
         host: host.to_string(),
+        _open: first.metrics.connection(),
         backends,
         _permit: permit,
         upstream,
