@@ -9,7 +9,7 @@
 //! connection ([`Metrics::kite`], one short lock) and then only touch
 //! atomics. This room imports none of the nodes (`relay`, `connector`,
 //! `pipe`, `remote`); they call it, and describe themselves to the admin
-//! server through [`StatusSource`].
+//! server through [`admin::StatusSource`].
 
 pub mod access;
 pub mod admin;
