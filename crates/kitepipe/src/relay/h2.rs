@@ -242,6 +242,9 @@ async fn drive<F>(
     }
 }
 
+/// How much the first read of a plain-TCP visitor asks for.
+const FIRST_READ: usize = 4096;
+
 /// Reads from `io` into `buf` until `buf` either starts with the HTTP/2
 /// preface (`Some(true)`) or cannot (`Some(false)`: an HTTP/1 head, to be
 /// parsed from `buf`); `None` when the visitor left or stalled first.
@@ -253,7 +256,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
     while buf.len() < PREFACE.len() && PREFACE.starts_with(buf) {
-        buf.reserve(PREFACE.len());
+        // Room for a whole request head in one read (as the HTTP/1 path's
+        // first read has): asking for only the preface's 24 bytes would
+        // cost every plain HTTP/1 visitor a second read and a reallocation.
+        buf.reserve(FIRST_READ);
         match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => return None,
