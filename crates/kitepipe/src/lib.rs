@@ -123,5 +123,6 @@ pub(crate) mod tunnel;
 
 // Shared helpers (see ARCHITECTURE.md, "Shared helpers").
 mod accept;
+mod local_guard;
 mod shutdown;
 mod sync;

@@ -32,6 +32,7 @@ use tracing::{debug, info};
 
 use super::{Metrics, SAMPLE_INTERVAL};
 use crate::accept::accept;
+use crate::local_guard::{loopback_host, same_secret};
 
 /// Admin connections served at once (dashboards keep one open for the
 /// live feed); more are closed at accept.
@@ -508,36 +509,4 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 
 fn json_response(value: &Value) -> Response<AdminBody> {
     text(StatusCode::OK, "application/json", value.to_string())
-}
-
-/// Equal without leaking where they differ through timing.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// True if `host` (a Host header) names loopback: `localhost`,
-/// `127.0.0.0/8` or `[::1]`, with any port.
-fn loopback_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((ip, "")) => ip,
-            Some((ip, port)) if port.strip_prefix(':').is_some_and(is_port) => ip,
-            _ => return false,
-        }
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) if is_port(port) => name,
-            Some(_) => return false,
-            None => host,
-        }
-    };
-    if name.eq_ignore_ascii_case("localhost") {
-        return true;
-    }
-    name.parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn is_port(digits: &str) -> bool {
-    !digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit())
 }

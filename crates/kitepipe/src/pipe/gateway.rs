@@ -41,6 +41,7 @@ use super::{PipeError, Progress, RouteError, Router, is_own_header, stalled};
 use crate::accept::accept_with;
 use crate::config::{EventConfig, GatewayAddr};
 use crate::link::SharedStream;
+use crate::local_guard::{loopback_host, same_secret};
 
 /// Largest request head the gateway reads. Far above any real request; a
 /// larger head gets 431 from hyper before anything is allocated for it.
@@ -255,41 +256,6 @@ fn write_token(path: &std::path::Path) -> io::Result<String> {
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
     Ok(token)
-}
-
-/// Equal without leaking where they differ through timing.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// True if `host` (a Host header or URI authority) names this machine's
-/// loopback: `localhost`, `127.0.0.0/8` or `[::1]`, with any port.
-fn loopback_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((ip, "")) => ip,
-            Some((ip, port)) if port.strip_prefix(':').is_some_and(is_port) => ip,
-            _ => return false,
-        }
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) if is_port(port) => name,
-            Some(_) => return false,
-            None => host,
-        }
-    };
-    if name.eq_ignore_ascii_case("localhost") {
-        return true;
-    }
-    match name.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback(),
-        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback(),
-        Err(_) => false,
-    }
-}
-
-fn is_port(digits: &str) -> bool {
-    !digits.is_empty() && digits.len() <= 5 && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 impl Access {

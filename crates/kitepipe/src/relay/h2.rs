@@ -280,6 +280,11 @@ impl<IO> Rewind<IO> {
     pub(crate) fn new(prefix: Bytes, inner: IO) -> Rewind<IO> {
         Rewind { prefix, inner }
     }
+
+    /// The stream underneath (its socket options, its address).
+    pub(crate) fn inner(&self) -> &IO {
+        &self.inner
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {

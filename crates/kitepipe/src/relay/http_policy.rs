@@ -22,6 +22,7 @@ use ring::digest;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::local_guard::same_secret;
 use crate::pki::htpasswd::{self, HtpasswdEntry};
 use crate::sync::lock;
 
@@ -457,7 +458,7 @@ async fn check_password(
 ) -> Result<bool, Refusal> {
     let mut found = None;
     for entry in users {
-        if constant_time_eq(entry.user.as_bytes(), user.as_bytes()) && found.is_none() {
+        if same_secret(entry.user.as_bytes(), user.as_bytes()) && found.is_none() {
             found = Some(entry);
         }
     }
@@ -477,11 +478,6 @@ async fn check_password(
         .unwrap_or(false);
     drop(slot);
     Ok(known && matched)
-}
-
-/// Compares two byte strings in time that depends on their lengths only.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `(user, password)` from `Basic <base64 of user:password>`.

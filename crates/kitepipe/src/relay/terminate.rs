@@ -1,7 +1,7 @@
 //! HTTPS the relay terminates, for http kites with a certificate in
 //! `ctx.certs`: which ClientHellos it takes ([`terminates`]), the
 //! handshake with the ClientHello the listener already read replayed
-//! ([`Prefixed`]), then HTTP/2 (`h2`) or the strict HTTP/1 path (`http`)
+//! (`h2::Rewind`), then HTTP/2 (`h2`) or the strict HTTP/1 path (`http`)
 //! over the decrypted stream, with `X-Forwarded-Proto: https`.
 //!
 //! It never takes a ClientHello an online `https` kite of the same name
@@ -9,20 +9,18 @@
 //! certificate (those are answered as before: `tcp::serve_https`).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use kitepipe_proto::kite::KiteProto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, error, info};
 
 use super::RelayCtx;
-use super::h2::Scheme;
+use super::h2::{Rewind, Scheme};
 use super::http::VisitorConn;
 use super::registry::Lookup;
 
@@ -77,7 +75,7 @@ pub(crate) async fn serve(
 ) {
     let local = sock.local_addr().ok();
     let acceptor = tokio_rustls::TlsAcceptor::from(ctx.certs.server_config());
-    let io = Prefixed { prefix, io: sock };
+    let io = Rewind::new(prefix.freeze(), sock);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
@@ -121,70 +119,16 @@ pub(crate) fn reload_certs(ctx: &RelayCtx, why: &str) {
     }
 }
 
-/// A visitor's socket whose first bytes (read while sniffing) are replayed
-/// before the rest.
-#[derive(Debug)]
-pub(crate) struct Prefixed<IO> {
-    prefix: BytesMut,
-    io: IO,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 /// A terminated visitor connection, as the HTTP/1 path serves it.
-pub(crate) struct Terminated(TlsStream<Prefixed<TcpStream>>);
+pub(crate) struct Terminated(TlsStream<Rewind<TcpStream>>);
 
 impl VisitorConn for Terminated {
-    type Reader = ReadHalf<TlsStream<Prefixed<TcpStream>>>;
-    type Writer = WriteHalf<TlsStream<Prefixed<TcpStream>>>;
-    type Io = TlsStream<Prefixed<TcpStream>>;
+    type Reader = ReadHalf<TlsStream<Rewind<TcpStream>>>;
+    type Writer = WriteHalf<TlsStream<Rewind<TcpStream>>>;
+    type Io = TlsStream<Rewind<TcpStream>>;
 
     fn local_addr(&self) -> Option<SocketAddr> {
-        self.0.get_ref().0.io.local_addr().ok()
+        self.0.get_ref().0.inner().local_addr().ok()
     }
 
     fn split(self) -> (Self::Reader, Self::Writer) {
@@ -198,7 +142,7 @@ impl VisitorConn for Terminated {
     fn reset(io: Self::Io) {
         // Dropped without close_notify, over a TCP reset: a cut response
         // never ends like a complete one.
-        if let Err(err) = io.get_ref().0.io.set_zero_linger() {
+        if let Err(err) = io.get_ref().0.inner().set_zero_linger() {
             debug!(%err, "cannot set SO_LINGER on a visitor's socket");
         }
         drop(io);
