@@ -34,13 +34,7 @@ fn relay() -> RelayProc {
 /// `GET path` for `host` through the relay's HTTP port: (status, body).
 fn get(relay: &RelayProc, host: &str, path: &str) -> (String, Vec<u8>) {
     let url = format!("{}{path}", relay.http_url());
-    let (code, out, err) = curl(&[
-        "-H",
-        &format!("Host: {host}"),
-        "-w",
-        "\n%{http_code}",
-        &url,
-    ]);
+    let (code, out, err) = curl(&["-H", &format!("Host: {host}"), "-w", "\n%{http_code}", &url]);
     assert_eq!(code, 0, "curl {url} for {host}: {err}");
     let split = out.iter().rposition(|b| *b == b'\n').unwrap();
     let status = String::from_utf8_lossy(&out[split + 1..]).into_owned();
@@ -83,7 +77,11 @@ fn pagekite_py_serves_http_and_raw_kites_through_the_relay() {
     assert_eq!(body.len(), size);
     let block: Vec<u8> = (0..=255u8).collect::<Vec<_>>().repeat(256);
     let expected: Vec<u8> = block.iter().copied().cycle().take(size).collect();
-    assert_eq!(sha256_hex(&body), sha256_hex(&expected), "download checksum");
+    assert_eq!(
+        sha256_hex(&body),
+        sha256_hex(&expected),
+        "download checksum"
+    );
 
     // 10 MB up, checksummed by the backend.
     let upload = pseudo_random(size, 16);
@@ -109,7 +107,15 @@ fn pagekite_py_serves_http_and_raw_kites_through_the_relay() {
         .arg(sshd.ssh_config())
         .arg("-o")
         .arg(format!("ProxyCommand=nc -X connect -x {http} %h %p"))
-        .args(["-o", "ConnectTimeout=30", "-p", "22", SSH, "echo", "over-pagekite"])
+        .args([
+            "-o",
+            "ConnectTimeout=30",
+            "-p",
+            "22",
+            SSH,
+            "echo",
+            "over-pagekite",
+        ])
         .output()
         .expect("run ssh");
     assert!(
@@ -164,7 +170,10 @@ fn a_wrong_secret_and_a_name_outside_the_domain_are_refused() {
     wrong.wait_rejected("wrong.pk.test", "signature");
     let outside = PageKiteBackEnd::start(
         relay.link,
-        &[format!("http:web.other.test:127.0.0.1:{}:{SECRET}", backend.port)],
+        &[format!(
+            "http:web.other.test:127.0.0.1:{}:{SECRET}",
+            backend.port
+        )],
         &[],
     );
     outside.wait_rejected("web.other.test", "unauthorized");
@@ -216,5 +225,9 @@ fn upagekite_serves_an_http_kite_through_the_relay() {
     let relay = relay();
     let be = UPageKiteBackEnd::start(relay.link, "tiny.pk.test", SECRET);
     be.proc.wait_for("Connected to");
-    wait_served(&relay, "tiny.pk.test", "hello from upagekite tiny.pk.test\n");
+    wait_served(
+        &relay,
+        "tiny.pk.test",
+        "hello from upagekite tiny.pk.test\n",
+    );
 }

@@ -31,7 +31,10 @@ fn sha1_hex(data: &str) -> String {
 /// pagekite.py's `signToken` without a timestamp.
 fn sign(secret: &str, payload: &str, salt: &str) -> String {
     let salt = &salt[..8];
-    format!("{salt}{}", &sha1_hex(&format!("{secret}{payload}{salt}"))[..28])
+    format!(
+        "{salt}{}",
+        &sha1_hex(&format!("{secret}{payload}{salt}"))[..28]
+    )
 }
 
 const SRAND: &str = "0123456789abcdef0123456789abcdef0123";
@@ -101,6 +104,7 @@ fn challenges(reply: &str) -> Vec<(String, String)> {
 
 /// Whether the relay closes `sock` within the patience (EOF or reset),
 /// discarding what it still sends.
+#[allow(clippy::disallowed_methods)] // Real processes run on the wall clock.
 fn closed(sock: &mut TcpStream) -> bool {
     let mut buf = [0u8; 4096];
     let deadline = std::time::Instant::now() + patience();
@@ -242,7 +246,10 @@ fn forged_replayed_and_misdirected_signatures_win_nothing() {
         &head(&request("http", "evil.pk.test", &forged, SECRET), false),
     );
     assert!(!reply.contains("X-PageKite-OK"), "{reply}");
-    assert!(reply.contains("X-PageKite-SignThis: http:evil.pk.test:"), "{reply}");
+    assert!(
+        reply.contains("X-PageKite-SignThis: http:evil.pk.test:"),
+        "{reply}"
+    );
 
     // A real challenge for one name, used for another: no kite.
     let (_, reply) = ask(
@@ -264,15 +271,17 @@ fn forged_replayed_and_misdirected_signatures_win_nothing() {
     let (_, token) = challenges(&reply).into_iter().next().expect("challenge");
     let good = request("http", "three.pk.test", &token, SECRET);
     let stolen_sign = good.trim_end().rsplit(':').next().unwrap().to_string();
-    let misdirected =
-        format!("X-PageKite: http:four.pk.test:{SRAND}:{token}:{stolen_sign}\r\n");
+    let misdirected = format!("X-PageKite: http:four.pk.test:{SRAND}:{token}:{stolen_sign}\r\n");
     let (_, reply) = ask(link, &head(&misdirected, false));
     assert!(!reply.contains("X-PageKite-OK"), "{reply}");
 
     // The genuine request is accepted once; replayed verbatim (an
     // eavesdropper on the plaintext tunnel) it is not.
     let (first, reply) = ask(link, &head(&good, false));
-    assert!(reply.contains("X-PageKite-OK: http:three.pk.test:"), "{reply}");
+    assert!(
+        reply.contains("X-PageKite-OK: http:three.pk.test:"),
+        "{reply}"
+    );
     let (_, replay) = ask(link, &head(&good, false));
     assert!(!replay.contains("X-PageKite-OK"), "{replay}");
     drop(first);
@@ -283,7 +292,9 @@ fn forged_replayed_and_misdirected_signatures_win_nothing() {
     let (_, token) = challenges(&reply).into_iter().next().expect("challenge");
     let (_, reply) = ask(link, &head(&request("http", GOOD, &token, SECRET), false));
     assert!(
-        reply.contains(&format!("X-PageKite-Invalid-Why: http:{GOOD}:{SRAND};signature")),
+        reply.contains(&format!(
+            "X-PageKite-Invalid-Why: http:{GOOD}:{SRAND};signature"
+        )),
         "{reply}"
     );
     for _ in 0..4 {

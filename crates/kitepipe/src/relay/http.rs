@@ -437,7 +437,10 @@ async fn connect_tcp_kite<S: VisitorConn>(
             .await;
         return;
     }
-    let found = match pagekite.map(Lookup::Found).or(port.map(|port| ctx.registry.lookup_port(port))) {
+    let found = match pagekite
+        .map(Lookup::Found)
+        .or(port.map(|port| ctx.registry.lookup_port(port)))
+    {
         Some(Lookup::Found(backends))
             if backends
                 .iter()

@@ -40,10 +40,10 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{HEAD_TIMEOUT, RelayCtx};
 use super::identity::reserved_for_certificates;
 use super::registry::LinkId;
 use super::session::{MAX_WRONG_PROOFS_PER_LINK, UnprovenSlot};
+use super::{HEAD_TIMEOUT, RelayCtx};
 use crate::link::{HANDSHAKE_TIMEOUT, LinkClosed};
 use crate::metrics::{HandshakeFailure, LinkUp};
 use crate::pagekite::{TunnelConfig, sign};
@@ -162,9 +162,7 @@ pub(crate) async fn serve_plain(
                 .handshake_failed(HandshakeFailure::Protocol);
             let body = "PageKite back-ends are not accepted by this relay: its operator has not \
                         turned PageKite support on (--pagekite).\n";
-            let _ = sock
-                .write_all(&http1_error(403, "Forbidden", body))
-                .await;
+            let _ = sock.write_all(&http1_error(403, "Forbidden", body)).await;
             linger(sock).await;
         }
         Plain::BackEnd => {
@@ -203,10 +201,7 @@ async fn classify(sock: &mut TcpStream, buf: &mut BytesMut) -> Result<Plain, Str
             }
             None => {}
         }
-        let n = sock
-            .read_buf(buf)
-            .await
-            .map_err(|err| err.to_string())?;
+        let n = sock.read_buf(buf).await.map_err(|err| err.to_string())?;
         if n == 0 {
             return Err("closed before sending anything useful".into());
         }
@@ -347,7 +342,9 @@ async fn accept(mut sock: TcpStream, mut buf: BytesMut, peer: SocketAddr, ctx: A
         // AddKites reconnects with its challenges signed.
         debug!("no kite accepted on this PageKite tunnel; closing after the answers");
         if judge.wrong > 0 || !challenged {
-            ctx.registry.metrics.handshake_failed(HandshakeFailure::Auth);
+            ctx.registry
+                .metrics
+                .handshake_failed(HandshakeFailure::Auth);
         }
         linger(sock).await;
         return;
@@ -624,10 +621,10 @@ impl Judge<'_> {
             }
             Err(why) => {
                 warn!(kite = %what, reason = why, "PageKite kite refused");
-                self.ctx
-                    .registry
-                    .metrics
-                    .error(&self.peer.to_string(), &format!("PageKite kite {what} refused: {why}"));
+                self.ctx.registry.metrics.error(
+                    &self.peer.to_string(),
+                    &format!("PageKite kite {what} refused: {why}"),
+                );
                 answers.push(KiteAnswer::Invalid {
                     what,
                     why: why.to_string(),
@@ -638,7 +635,11 @@ impl Judge<'_> {
 
     /// `Ok(Some(kite))`: accepted; `Ok(None)`: to be challenged; `Err`:
     /// refused, with pagekite.py's reason word.
-    fn verdict(&mut self, request: &KiteRequest, now: u64) -> Result<Option<KiteRef>, &'static str> {
+    fn verdict(
+        &mut self,
+        request: &KiteRequest,
+        now: u64,
+    ) -> Result<Option<KiteRef>, &'static str> {
         let ctx = self.ctx;
         let kite = kite_of(request, ctx)?;
         if !self.kites.contains(&kite) && self.kites.len() >= MAX_KITES_PER_TUNNEL {
@@ -706,7 +707,9 @@ impl Judge<'_> {
             .registry
             .metrics
             .handshake_failed(HandshakeFailure::Auth);
-        self.ctx.proof_throttle.failed(self.peer.ip(), Instant::now());
+        self.ctx
+            .proof_throttle
+            .failed(self.peer.ip(), Instant::now());
     }
 }
 
@@ -721,9 +724,7 @@ fn kite_of(request: &KiteRequest, ctx: &RelayCtx) -> Result<KiteRef, &'static st
     };
     let (proto, port) = match (proto, port) {
         ("http" | "websocket", None) if ctx.http_port.is_some() => (KiteProto::Http, 0),
-        ("http" | "websocket", Some(port)) if Some(port) == ctx.http_port => {
-            (KiteProto::Http, 0)
-        }
+        ("http" | "websocket", Some(port)) if Some(port) == ctx.http_port => (KiteProto::Http, 0),
         ("https", None) if ctx.https_port.is_some() => (KiteProto::Https, 0),
         ("https", Some(port)) if Some(port) == ctx.https_port => (KiteProto::Https, 0),
         ("raw", Some(port)) if port != 0 && ctx.http_port.is_some() => (KiteProto::Tcp, port),
