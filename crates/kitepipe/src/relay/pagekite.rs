@@ -641,7 +641,7 @@ impl Judge<'_> {
         now: u64,
     ) -> Result<Option<KiteRef>, &'static str> {
         let ctx = self.ctx;
-        let kite = kite_of(request, ctx)?;
+        let kite = kite_of(request, ctx.http_port, ctx.https_port)?;
         if !self.kites.contains(&kite) && self.kites.len() >= MAX_KITES_PER_TUNNEL {
             return Err(why::QUOTA);
         }
@@ -716,20 +716,112 @@ impl Judge<'_> {
 /// The kite a request asks for: `http`, `http-PORT` and `websocket` are
 /// http kites, `https` (`https-PORT`) https kites, `raw-PORT` a TCP kite
 /// reached by CONNECT on that port.
-fn kite_of(request: &KiteRequest, ctx: &RelayCtx) -> Result<KiteRef, &'static str> {
+fn kite_of(
+    request: &KiteRequest,
+    http_port: Option<u16>,
+    https_port: Option<u16>,
+) -> Result<KiteRef, &'static str> {
     let name = kite::normalize_name(&request.domain).map_err(|_| why::UNAUTHORIZED)?;
     let (proto, port) = match request.proto.split_once('-') {
         Some((proto, port)) => (proto, Some(port.parse::<u16>().map_err(|_| why::PORT)?)),
         None => (request.proto.as_str(), None),
     };
     let (proto, port) = match (proto, port) {
-        ("http" | "websocket", None) if ctx.http_port.is_some() => (KiteProto::Http, 0),
-        ("http" | "websocket", Some(port)) if Some(port) == ctx.http_port => (KiteProto::Http, 0),
-        ("https", None) if ctx.https_port.is_some() => (KiteProto::Https, 0),
-        ("https", Some(port)) if Some(port) == ctx.https_port => (KiteProto::Https, 0),
-        ("raw", Some(port)) if port != 0 && ctx.http_port.is_some() => (KiteProto::Tcp, port),
+        ("http" | "websocket", None) if http_port.is_some() => (KiteProto::Http, 0),
+        ("http" | "websocket", Some(port)) if Some(port) == http_port => (KiteProto::Http, 0),
+        ("https", None) if https_port.is_some() => (KiteProto::Https, 0),
+        ("https", Some(port)) if Some(port) == https_port => (KiteProto::Https, 0),
+        ("raw", Some(port)) if port != 0 && http_port.is_some() => (KiteProto::Tcp, port),
         ("http" | "websocket" | "https", Some(_)) | ("raw", _) => return Err(why::PORT),
         _ => return Err(why::PROTO),
     };
     Ok(KiteRef { proto, name, port })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(proto: &str, domain: &str) -> KiteRequest {
+        KiteRequest::parse(&format!("{proto}:{domain}:salt::sign")).unwrap()
+    }
+
+    #[test]
+    fn protocols_map_to_kites_on_the_relays_ports() {
+        let kite = |proto: &str| kite_of(&request(proto, "A.pk.test"), Some(80), Some(443));
+        let http = KiteRef {
+            proto: KiteProto::Http,
+            name: "a.pk.test".into(),
+            port: 0,
+        };
+        assert_eq!(kite("http"), Ok(http.clone()));
+        assert_eq!(kite("websocket"), Ok(http.clone()));
+        assert_eq!(kite("http-80"), Ok(http));
+        assert_eq!(kite("http-8080"), Err(why::PORT));
+        assert_eq!(kite("https").unwrap().proto, KiteProto::Https);
+        assert_eq!(kite("https-8443"), Err(why::PORT));
+        let raw = kite("raw-22").unwrap();
+        assert_eq!((raw.proto, raw.port), (KiteProto::Tcp, 22));
+        assert_eq!(kite("raw"), Err(why::PORT));
+        assert_eq!(kite("raw-0"), Err(why::PORT));
+        assert_eq!(kite("raw-x"), Err(why::PORT));
+        assert_eq!(kite("finger"), Err(why::PROTO));
+        // No HTTPS listener: no https kites; no HTTP listener: no raw ones.
+        let none = |proto: &str| kite_of(&request(proto, "a.pk.test"), None, None);
+        assert_eq!(none("https"), Err(why::PORT).or(Err(why::PROTO)));
+        assert_eq!(none("raw-22"), Err(why::PORT));
+        assert!(kite_of(&request("http", "a..pk.test"), Some(80), None).is_err());
+    }
+
+    #[test]
+    fn challenges_are_used_once_and_the_set_is_bounded() {
+        let front = FrontEnd::default();
+        assert!(front.consume("t1", 1000));
+        assert!(!front.consume("t1", 1000));
+        assert!(!front.consume("t1", 1000 + CHALLENGE_LIFE - 1));
+        // Expired, it is no longer valid anyway: remembering it ends.
+        assert!(front.consume("t1", 1000 + CHALLENGE_LIFE));
+        for i in 0..MAX_USED_CHALLENGES + 10 {
+            assert!(front.consume(&format!("x{i}"), 5000));
+        }
+        assert_eq!(lock(&front.used).len(), MAX_USED_CHALLENGES);
+        // Expired entries go first when it is full.
+        assert!(front.consume("late", 5000 + CHALLENGE_LIFE));
+        assert_eq!(lock(&front.used).len(), 1);
+    }
+
+    #[test]
+    fn a_session_to_replace_is_kept_only_if_it_looks_like_one() {
+        let hello = |replace: Option<&str>| BackEndHello {
+            transport: Transport::Chunked,
+            features: Vec::new(),
+            version: None,
+            requests: Vec::new(),
+            replace: replace.map(String::from),
+        };
+        assert_eq!(session_id(&hello(Some("kpabc:12"))), "kpabc:12");
+        for bad in [None, Some(""), Some("a b"), Some(&"x".repeat(65)[..])] {
+            let id = session_id(&hello(bad));
+            assert!(id.starts_with("kp") && id.len() == 26, "{id}");
+        }
+    }
+
+    #[test]
+    fn answers_become_noop_headers() {
+        let headers = answer_headers(&[
+            KiteAnswer::Ok("http:a:s".into()),
+            KiteAnswer::Invalid {
+                what: "http:b:s".into(),
+                why: "signature".into(),
+            },
+            KiteAnswer::SignThis {
+                what: "http:c:s".into(),
+                token: "t123".into(),
+            },
+        ]);
+        let text: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        assert!(text.contains(&"X-PageKite-OK: http:a:s".to_string()));
+        assert!(text.contains(&"X-PageKite-Invalid-Why: http:b:s;signature".to_string()));
+        assert!(text.contains(&"X-PageKite-SignThis: http:c:s:t123".to_string()));
+    }
 }
