@@ -218,6 +218,28 @@ fn pagekite_py_comes_back_after_the_relay_restarts() {
 }
 
 #[test]
+fn pagekite_py_reaches_the_relay_over_tls() {
+    if !pagekite_required() {
+        return;
+    }
+    let relay = relay();
+    let backend = Backend::start("http");
+    // pagekite.py's TLS hop: CONNECT localhost:443 on the relay's port,
+    // then TLS verified against the relay's (self-signed) certificate.
+    let ca = relay.state_path.join("relay-cert.pem");
+    let be = PageKiteBackEnd::start(
+        relay.link,
+        &[format!("http:{WEB}:127.0.0.1:{}:{SECRET}", backend.port)],
+        &[
+            "--fe_certname=localhost",
+            &format!("--ca_certs={}", ca.display()),
+        ],
+    );
+    be.wait_kite(WEB);
+    wait_served(&relay, WEB, "hello from backend\n");
+}
+
+#[test]
 fn upagekite_serves_an_http_kite_through_the_relay() {
     if !upagekite_required() {
         return;

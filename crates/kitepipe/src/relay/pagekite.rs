@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -35,7 +35,7 @@ use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::pagekite::{
     self, BackEndHello, FrontEndHello, KiteAnswer, KiteRequest, Transport,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -89,6 +89,8 @@ const CHALLENGE_LIFE: u64 = 2 * 600;
 pub(crate) struct FrontEnd {
     secret: String,
     used: Mutex<HashMap<String, u64>>,
+    /// The TLS config of pagekite.py's TLS hop, built at first use.
+    tls: OnceLock<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for FrontEnd {
@@ -96,11 +98,29 @@ impl Default for FrontEnd {
         FrontEnd {
             secret: format!("{}{}", sign::random_salt(), sign::random_salt()),
             used: Mutex::default(),
+            tls: OnceLock::new(),
         }
     }
 }
 
 impl FrontEnd {
+    /// The TLS config of the TLS hop: the relay's certificate, TLS 1.2 and
+    /// 1.3 (pagekite.py's Python ssl), no ALPN, no client certificates.
+    fn tls_config(&self, ctx: &RelayCtx) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        if let Some(config) = self.tls.get() {
+            return Ok(config.clone());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                ctx.relay_cert.chain().to_vec(),
+                ctx.relay_cert.key().clone_key(),
+            )?;
+        Ok(self.tls.get_or_init(|| Arc::new(config)).clone())
+    }
+
     /// Marks challenge `token` used at `now`; false if it was already.
     fn consume(&self, token: &str, now: u64) -> bool {
         let mut used = lock(&self.used);
@@ -129,12 +149,23 @@ impl FrontEnd {
 enum Plain {
     BackEnd,
     Ping,
+    /// `CONNECT RELAY-NAME:443` (pagekite.py's `--fe_certname`): TLS to
+    /// the relay itself follows, with the back-end's head inside. The
+    /// CONNECT head is this many bytes.
+    TlsHop(usize),
     Other,
 }
 
+/// The first line of pagekite.py's front-end ping.
+const PING: &[u8] = b"HEAD /ping ";
+
+/// The first bytes of pagekite.py's proxy hop before TLS.
+const CONNECT: &[u8] = b"CONNECT ";
+
 /// Serves a connection whose first bytes (`buf`) are not TLS on a link
-/// port: a PageKite back-end or its ping, else (`http`: the port serves
-/// HTTP too) an HTTP visitor.
+/// port: a PageKite back-end (plain, or in TLS after a CONNECT to the
+/// relay's own name) or its ping, else (`http`: the port serves HTTP
+/// too) an HTTP visitor.
 pub(crate) async fn serve_plain(
     mut sock: TcpStream,
     mut buf: BytesMut,
@@ -142,7 +173,8 @@ pub(crate) async fn serve_plain(
     http: bool,
     ctx: Arc<RelayCtx>,
 ) {
-    let kind = tokio::time::timeout(HEAD_TIMEOUT, classify(&mut sock, &mut buf)).await;
+    let names = own_names(&ctx);
+    let kind = tokio::time::timeout(HEAD_TIMEOUT, classify(&mut sock, &mut buf, &names)).await;
     let kind = match kind {
         Ok(Ok(kind)) => kind,
         Ok(Err(why)) => {
@@ -173,27 +205,64 @@ pub(crate) async fn serve_plain(
             let _ = sock.write_all(PING_REPLY).await;
             let _ = sock.shutdown().await;
         }
+        Plain::TlsHop(head) if ctx.config.pagekite => {
+            let _ = buf.split_to(head);
+            let span = info_span!("pagekite", %peer, tls = true);
+            tls_hop(sock, buf, peer, ctx).instrument(span).await;
+        }
         _ if http => super::http::serve_plain(sock, buf, peer, ctx).await,
         _ => debug!("plain bytes on a link-only port, not PageKite; dropping connection"),
     }
 }
 
-/// Reads until the first bytes tell a PageKite head, a PageKite ping or
-/// anything else apart (a ping's whole head, at most [`MAX_PING`] bytes).
-async fn classify(sock: &mut TcpStream, buf: &mut BytesMut) -> Result<Plain, String> {
+/// The `HOST:443` targets of a CONNECT that opens a TLS hop to the relay
+/// itself: its name, and the names its self-signed certificate holds.
+fn own_names(ctx: &RelayCtx) -> Vec<String> {
+    let mut names = vec![format!("{}:443", ctx.config.name.to_ascii_lowercase())];
+    for name in ["localhost:443", "127.0.0.1:443"] {
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    }
+    names
+}
+
+/// Reads until the first bytes tell a PageKite head, a PageKite ping, a
+/// CONNECT to the relay itself or anything else apart (pings and CONNECTs
+/// are read whole, at most [`MAX_PING`] bytes).
+async fn classify(
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+    own_names: &[String],
+) -> Result<Plain, String> {
     loop {
         match pagekite::sniff(buf) {
             Some(true) => return Ok(Plain::BackEnd),
             Some(false) => {
-                const PING: &[u8] = b"HEAD /ping ";
-                let n = buf.len().min(PING.len());
-                if buf[..n] != PING[..n] {
+                let starts = |prefix: &[u8]| {
+                    let n = buf.len().min(prefix.len());
+                    buf[..n] == prefix[..n]
+                };
+                let Some(prefix) = [PING, CONNECT].into_iter().find(|p| starts(p)) else {
                     return Ok(Plain::Other);
-                }
-                if buf.len() >= PING.len() && buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let head = &buf[..];
-                    let ping = head.windows(20).any(|w| w == b"\nHost: ping.pagekite");
-                    return Ok(if ping { Plain::Ping } else { Plain::Other });
+                };
+                if buf.len() >= prefix.len()
+                    && let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+                {
+                    let head = &buf[..end + 4];
+                    if prefix == PING {
+                        let ping = head.windows(20).any(|w| w == b"\nHost: ping.pagekite");
+                        return Ok(if ping { Plain::Ping } else { Plain::Other });
+                    }
+                    let target = head[CONNECT.len()..]
+                        .split(|b| *b == b' ')
+                        .next()
+                        .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
+                        .unwrap_or_default();
+                    if own_names.contains(&target) {
+                        return Ok(Plain::TlsHop(end + 4));
+                    }
+                    return Ok(Plain::Other);
                 }
                 if buf.len() >= MAX_PING {
                     return Ok(Plain::Other);
@@ -205,6 +274,64 @@ async fn classify(sock: &mut TcpStream, buf: &mut BytesMut) -> Result<Plain, Str
         if n == 0 {
             return Err("closed before sending anything useful".into());
         }
+    }
+}
+
+/// pagekite.py's TLS hop (`--fe_certname`): answers its CONNECT, takes
+/// the TLS handshake with the relay's certificate (`buf`: bytes already
+/// read past the CONNECT head), then expects a back-end's head inside.
+async fn tls_hop(mut sock: TcpStream, buf: BytesMut, peer: SocketAddr, ctx: Arc<RelayCtx>) {
+    let config = match ctx.pagekite.tls_config(&ctx) {
+        Ok(config) => config,
+        Err(err) => {
+            warn!(%err, "cannot serve PageKite over TLS");
+            return;
+        }
+    };
+    if sock
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let io = super::h2::Rewind::new(buf.freeze(), sock);
+    let accepted = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(io),
+    )
+    .await;
+    let mut tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            info!(%err, "PageKite TLS handshake failed");
+            ctx.registry.metrics.handshake_failed(HandshakeFailure::Tls);
+            return;
+        }
+        Err(_) => {
+            info!("PageKite TLS handshake timed out");
+            ctx.registry
+                .metrics
+                .handshake_failed(HandshakeFailure::Timeout);
+            return;
+        }
+    };
+    let mut buf = BytesMut::with_capacity(2048);
+    let first = tokio::time::timeout(HEAD_TIMEOUT, async {
+        loop {
+            match pagekite::sniff(&buf) {
+                Some(verdict) => return Ok(verdict),
+                None => match tls.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return Err(()),
+                    Ok(_) => {}
+                },
+            }
+        }
+    })
+    .await;
+    match first {
+        Ok(Ok(true)) => accept(tls, buf, peer, ctx).await,
+        _ => debug!("no PageKite head inside the TLS hop; closing"),
     }
 }
 
@@ -220,7 +347,7 @@ fn http1_error(status: u16, reason: &str, body: &str) -> Vec<u8> {
 
 /// Shuts the sending side and reads what the peer still sends for a
 /// moment, so a refusal is not destroyed by a reset.
-async fn linger(mut sock: TcpStream) {
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = sock.shutdown().await;
         let mut scratch = [0u8; 4096];
@@ -245,7 +372,10 @@ fn unix_now() -> u64 {
 /// A back-end's connection after its first bytes said `CONNECT PageKite:`
 /// (or the websocket variant): reads its head, judges its kites, answers,
 /// and serves the tunnel until it ends.
-async fn accept(mut sock: TcpStream, mut buf: BytesMut, peer: SocketAddr, ctx: Arc<RelayCtx>) {
+async fn accept<S>(mut sock: S, mut buf: BytesMut, peer: SocketAddr, ctx: Arc<RelayCtx>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let unproven = ctx.unproven.enter(peer.ip());
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let hello = loop {
