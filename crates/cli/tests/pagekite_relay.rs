@@ -240,6 +240,65 @@ fn pagekite_py_reaches_the_relay_over_tls() {
 }
 
 #[test]
+fn pagekite_py_serves_an_https_kite_by_sni() {
+    if !pagekite_required() || !require_tool("openssl", "openssl") {
+        return;
+    }
+    let relay = Relay::new()
+        .arg("--pagekite")
+        .domain(&format!("https:*.pk.test:{SECRET}"))
+        .args(&["--http", "127.0.0.1:0", "--https", "127.0.0.1:0"])
+        .start();
+    // A TLS server of its own, which the relay passes through undecrypted.
+    let dir = TempDir::new("pk-https");
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=secure.pk.test"])
+        .args(["-keyout", "key.pem", "-out", "cert.pem"])
+        .current_dir(dir.path())
+        .output()
+        .expect("openssl req");
+    assert!(status.status.success(), "{status:?}");
+    let port = free_port();
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+        .args(["-cert", "cert.pem", "-key", "key.pem"])
+        .current_dir(dir.path());
+    let server = Proc::spawn("openssl-s_server", server);
+    eventually("the TLS server listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let be = PageKiteBackEnd::start(
+        relay.link,
+        &[format!("https:secure.pk.test:127.0.0.1:{port}:{SECRET}")],
+        &[],
+    );
+    be.wait_kite("secure.pk.test");
+    let https = relay.https.expect("relay has an HTTPS listener");
+    let url = format!("https://secure.pk.test:{}/", https.port());
+    let resolve = format!("secure.pk.test:{}:127.0.0.1", https.port());
+    let body = eventually("the https kite answering", || {
+        let (code, out, _) = curl(&["-k", "--resolve", &resolve, &url]);
+        (code == 0).then_some(out)
+    });
+    // openssl's status page, from the back-end's own TLS server.
+    assert!(
+        String::from_utf8_lossy(&body).contains("s_server"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    drop(server);
+}
+
+#[test]
 fn upagekite_serves_an_http_kite_through_the_relay() {
     if !upagekite_required() {
         return;
