@@ -674,9 +674,10 @@ fn session_id(hello: &BackEndHello) -> String {
     }
 }
 
-/// The chunk headers that carry `answers` (a NOOP chunk's, for AddKites).
+/// The headers that carry `answers` in a NOOP chunk (AddKites; the pump
+/// adds `NOOP: 1`).
 fn answer_headers(answers: &[KiteAnswer]) -> Vec<(String, String)> {
-    let mut headers = vec![("NOOP".to_string(), "1".to_string())];
+    let mut headers = Vec::new();
     for answer in answers {
         match answer {
             KiteAnswer::Ok(what) => headers.push(("X-PageKite-OK".into(), what.clone())),
