@@ -205,6 +205,7 @@ fn a_wrong_secret_and_a_name_outside_the_domain_are_refused() {
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // Real processes run on the wall clock.
 fn pagekite_py_comes_back_after_the_relay_restarts() {
     if !pagekite_required() {
         return;
