@@ -975,7 +975,7 @@ mod pagekite_py {
             let text_end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
             assert!(answer.starts_with(b"HTTP/1.0 200 OK\r\n"), "{name}");
             assert!(
-                &answer[text_end..] == &expected[..],
+                answer[text_end..] == expected[..],
                 "{name}: body of {} bytes",
                 answer.len() - text_end
             );
