@@ -1142,4 +1142,96 @@ mod pagekite_py {
             .unwrap();
         drop(pagekite);
     }
+
+    /// upagekite (PyPI) for this machine's `python3`, if installed; under
+    /// CI a missing one fails.
+    fn upagekite_available() -> bool {
+        let found = Command::new("python3")
+            .args(["-c", "import upagekite"])
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !found {
+            let message = "needs upagekite: pip install upagekite";
+            assert!(std::env::var_os("CI").is_none(), "{message}");
+            eprintln!("skipped: {message}");
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn upagekite_back_end_takes_our_chunk_sizes() {
+        if !upagekite_available() {
+            return;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../proto/src/pagekite/vectors/run_upagekite.py"
+        );
+        let mut child = Command::new("python3")
+            .args([script, "foo.example.com", "s3cret", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (mut sock, _) = tokio::time::timeout(PATIENCE, listener.accept())
+            .await
+            .expect("upagekite connects")
+            .unwrap();
+        let head = read_head(&mut sock).await;
+        let (hello, consumed) = parse_backend_hello(&head).unwrap().unwrap();
+        assert!(!hello.features.iter().any(|f| f == "ZChunks"));
+        let answer = FrontEndHello {
+            features: vec!["AddKites".into()],
+            protos: vec!["http".into()],
+            ports: vec![port.to_string()],
+            answers: hello
+                .requests
+                .iter()
+                .map(|r| KiteAnswer::Ok(r.what()))
+                .collect(),
+            ..FrontEndHello::default()
+        };
+        sock.write_all(&build_frontend_hello(&answer))
+            .await
+            .unwrap();
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let (mux, _handle) = start_front(
+            sock,
+            BytesMut::from(&head[consumed..]),
+            &config(false),
+            &tracker,
+            token.clone(),
+        );
+        // A request larger than one fragment: several chunks of FRAGMENT.
+        let filler = "x".repeat(3 * FRAGMENT);
+        let request =
+            format!("GET /big HTTP/1.1\r\nHost: foo.example.com\r\nX-Filler: {filler}\r\n\r\n");
+        let mut stream = mux
+            .open(message::encode(&StreamHeader::Visitor(visitor(
+                KiteProto::Http,
+                "foo.example.com",
+                Some("foo.example.com"),
+            ))))
+            .await
+            .unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let res = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(res.is_ok_and(|r| r.is_ok()));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+        assert!(text.contains("hello from upagekite"), "{text}");
+        token.cancel();
+        tracker.close();
+        tokio::time::timeout(PATIENCE, tracker.wait())
+            .await
+            .unwrap();
+    }
 }
