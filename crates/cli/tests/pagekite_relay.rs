@@ -168,6 +168,14 @@ fn pagekite_py_serves_http_and_raw_kites_through_the_relay() {
         let (status, _) = get(&relay, WEB, "/");
         (status == "503").then_some(())
     });
+    // The back-end starts again: served again.
+    let again = PageKiteBackEnd::start(
+        relay.link,
+        &[format!("http:{WEB}:127.0.0.1:{}:{SECRET}", backend.port)],
+        &[],
+    );
+    again.wait_kite(WEB);
+    wait_served(&relay, WEB, "hello from backend\n");
 }
 
 #[test]
