@@ -338,6 +338,31 @@ fn pagekite_py_serves_an_https_kite_by_sni() {
 }
 
 #[test]
+fn a_one_port_relay_serves_pagekite_back_ends_and_visitors_on_one_port() {
+    if !pagekite_required() {
+        return;
+    }
+    let port = format!("127.0.0.1:{}", free_port());
+    let relay = Relay::new()
+        .arg("--pagekite")
+        .domain(&format!("http:*.pk.test:{SECRET}"))
+        .args(&["--listen", &port, "--http", &port])
+        .start();
+    assert_eq!(Some(relay.link), relay.http, "one port");
+    let backend = Backend::start("http");
+    let be = PageKiteBackEnd::start(
+        relay.link,
+        &[format!("http:{WEB}:127.0.0.1:{}:{SECRET}", backend.port)],
+        &[],
+    );
+    be.wait_kite(WEB);
+    wait_served(&relay, WEB, "hello from backend\n");
+    // Visitors of other names still get the relay's own answers there.
+    let (status, _) = get(&relay, "nobody.pk.test", "/");
+    assert_eq!(status, "404");
+}
+
+#[test]
 fn upagekite_serves_an_http_kite_through_the_relay() {
     if !upagekite_required() {
         return;
