@@ -429,7 +429,7 @@ impl Pump {
     async fn on_chunk(self: &Arc<Self>, chunk: Chunk) -> Result<(), &'static str> {
         let Chunk { headers, data } = chunk;
         if let Some(pong) = &headers.pong {
-            trace!(pong, "pagekite tunnel: pong");
+            trace!(?pong, "pagekite tunnel: pong");
         }
         if let Some(ping) = &headers.ping {
             let pong = ChunkHeaders {
@@ -585,7 +585,7 @@ impl Pump {
             return;
         }
         let Some(visitor) = route(&dest) else {
-            debug!(sid, proto = %dest.proto, host = %dest.host, "pagekite tunnel: no kite for the stream; refused");
+            debug!(sid, proto = ?dest.proto, host = ?dest.host, "pagekite tunnel: no kite for the stream; refused");
             self.refuse(sid, &dest).await;
             return;
         };
