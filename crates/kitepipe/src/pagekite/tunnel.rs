@@ -378,8 +378,14 @@ impl Pump {
         // Taken once, here: `start` runs once per pump.
         let out_rx = lock(&self.out_rx).take().expect("the pump starts once");
         self.tracker.spawn(
-            run_writer(writer, out_rx, self.config.compress, self.token.clone())
-                .instrument(span.clone()),
+            run_writer(
+                writer,
+                out_rx,
+                self.config.compress,
+                self.config.idle_timeout,
+                self.token.clone(),
+            )
+            .instrument(span.clone()),
         );
         self.tracker
             .spawn(run_reader(self.clone(), reader, leftover).instrument(span.clone()));
@@ -423,7 +429,7 @@ impl Pump {
     async fn on_chunk(self: &Arc<Self>, chunk: Chunk) -> Result<(), &'static str> {
         let Chunk { headers, data } = chunk;
         if let Some(pong) = &headers.pong {
-            trace!(pong, "pagekite tunnel: pong");
+            trace!(?pong, "pagekite tunnel: pong");
         }
         if let Some(ping) = &headers.ping {
             let pong = ChunkHeaders {
@@ -579,7 +585,7 @@ impl Pump {
             return;
         }
         let Some(visitor) = route(&dest) else {
-            debug!(sid, proto = %dest.proto, host = %dest.host, "pagekite tunnel: no kite for the stream; refused");
+            debug!(sid, proto = ?dest.proto, host = ?dest.host, "pagekite tunnel: no kite for the stream; refused");
             self.refuse(sid, &dest).await;
             return;
         };
@@ -806,6 +812,7 @@ async fn run_writer<W>(
     mut io: W,
     mut rx: mpsc::Receiver<Out>,
     compress: bool,
+    stall: Duration,
     token: CancellationToken,
 ) where
     W: AsyncWrite + Unpin,
@@ -834,17 +841,30 @@ async fn run_writer<W>(
         if buf.is_empty() {
             continue;
         }
+        // A peer that stops reading cannot hold the tunnel (and its
+        // streams) forever: a write that makes no progress for `stall`
+        // (the idle timeout) ends it.
         let res = tokio::select! {
-            res = async {
+            res = tokio::time::timeout(stall, async {
                 io.write_all(&buf).await?;
                 io.flush().await
-            } => res,
+            }) => res,
             _ = token.cancelled() => break,
         };
         buf.clear();
-        if let Err(err) = res {
-            info!(%err, "pagekite tunnel: writing failed");
-            break;
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                info!(%err, "pagekite tunnel: writing failed");
+                break;
+            }
+            Err(_) => {
+                warn!(
+                    ?stall,
+                    "pagekite tunnel: the peer reads nothing; closing the tunnel"
+                );
+                break;
+            }
         }
     }
     token.cancel();

@@ -538,6 +538,61 @@ async fn silent_peers_are_pinged_then_dropped() {
     t.finish().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn peers_that_never_read_are_dropped() {
+    // A tiny duplex: the pump's writes back up at once.
+    let (ours, theirs) = tokio::io::duplex(1024);
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    let config = TunnelConfig {
+        ping_interval: Duration::from_secs(4),
+        idle_timeout: Duration::from_secs(9),
+        ..config(false)
+    };
+    let (mux, _handle) = start_front(ours, BytesMut::new(), &config, &tracker, token.clone());
+    let mut peer = Peer::new(theirs, false);
+    let mut stream = mux
+        .open(message::encode(&StreamHeader::Visitor(visitor(
+            KiteProto::Http,
+            "a.example.com",
+            Some("a.example.com"),
+        ))))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    // The visitor uploads; the peer keeps sending PINGs (so it is not
+    // silent) but never reads a byte.
+    let upload = tokio::spawn(async move {
+        let _ = stream.write_all(&vec![b'u'; 1024 * 1024]).await;
+        stream
+    });
+    let pinging = async {
+        loop {
+            peer.send(
+                ChunkHeaders {
+                    ping: Some("1".into()),
+                    ..ChunkHeaders::noop()
+                },
+                b"!",
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        _ = mux.closed() => {}
+        _ = pinging => unreachable!(),
+        _ = tokio::time::sleep(Duration::from_secs(60)) => panic!("the tunnel outlived a peer that never reads"),
+    }
+    assert!(started.elapsed() >= Duration::from_secs(9));
+    drop(upload.await.unwrap());
+    token.cancel();
+    tracker.close();
+    tokio::time::timeout(PATIENCE, tracker.wait())
+        .await
+        .unwrap();
+}
+
 struct Back {
     mux: Mux,
     receivers: MuxReceivers,
