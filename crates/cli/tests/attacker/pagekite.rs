@@ -442,3 +442,43 @@ fn a_session_is_replaced_only_by_a_tunnel_proving_all_its_kites() {
     assert!(closed(&mut old), "the replaced tunnel is closed");
     scene.good_answers();
 }
+
+#[test]
+fn wrong_signatures_are_budgeted_per_tunnel() {
+    let scene = Scene::start(true);
+    let names: Vec<String> = (0..6).map(|i| format!("guess{i}.pk.test")).collect();
+    let lines: String = names
+        .iter()
+        .map(|name| request("http", name, "", SECRET))
+        .collect();
+    let (_, reply) = ask(scene.relay.link, &head(&lines, false));
+    let guesses: String = challenges(&reply)
+        .into_iter()
+        .map(|(what, token)| {
+            let name = what.split(':').nth(1).unwrap().to_string();
+            request("http", &name, &token, "a-guessed-secret-123")
+        })
+        .collect();
+    let (mut sock, reply) = ask(scene.relay.link, &head(&guesses, false));
+    let why: Vec<&str> = reply
+        .lines()
+        .filter_map(|line| line.strip_prefix("X-PageKite-Invalid-Why: "))
+        .map(|value| value.rsplit(';').next().unwrap())
+        .collect();
+    // Four are checked (and wrong); the rest are refused unchecked.
+    assert_eq!(
+        why,
+        [
+            "signature",
+            "signature",
+            "signature",
+            "signature",
+            "quota",
+            "quota"
+        ],
+        "{reply}"
+    );
+    assert!(!reply.contains("X-PageKite-OK"), "{reply}");
+    assert!(closed(&mut sock), "a tunnel that won nothing is closed");
+    scene.good_answers();
+}
