@@ -479,7 +479,7 @@ where
         linger(sock).await;
         return;
     }
-    let tunnel = TunnelConfig {
+    let config = TunnelConfig {
         compress: offers(&hello, "ZChunks"),
         ping_interval: ctx.config.heartbeat,
         idle_timeout: TUNNEL_IDLE_TIMEOUT.max(ctx.config.heartbeat * 3),
@@ -488,7 +488,7 @@ where
     };
     let token = ctx.token.child_token();
     let (mux, mut handle) =
-        crate::pagekite::start_front(sock, buf, &tunnel, &ctx.tracker, token.clone());
+        crate::pagekite::start_front(sock, buf, &config, &ctx.tracker, token.clone());
     let mut tunnel = Tunnel {
         mux,
         peer,
