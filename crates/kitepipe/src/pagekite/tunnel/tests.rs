@@ -833,11 +833,22 @@ mod pagekite_py {
     fn available() -> bool {
         let found = std::path::Path::new("/usr/bin/pagekite").exists();
         if !found {
-            let message = "needs pagekite.py: sudo apt-get install pagekite";
-            assert!(std::env::var_os("CI").is_none(), "{message}");
-            eprintln!("skipped: {message}");
+            not_run("needs pagekite.py, which is not installed: sudo apt-get install pagekite");
         }
         found
+    }
+
+    /// Like the end-to-end fixtures' `require_tool`: a failure under CI,
+    /// a `NOT RUN` line otherwise.
+    fn not_run(why: &str) {
+        let thread = std::thread::current();
+        let test = thread.name().unwrap_or("a test");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} {why} (CI installs every tool: .ci/run)"
+        );
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "NOT RUN {test}: {why}");
     }
 
     /// A pagekite.py process with its own HOME, stopped (by PID) and its
@@ -1207,9 +1218,7 @@ mod pagekite_py {
             .output()
             .is_ok_and(|out| out.status.success());
         if !found {
-            let message = "needs upagekite: pip install upagekite";
-            assert!(std::env::var_os("CI").is_none(), "{message}");
-            eprintln!("skipped: {message}");
+            not_run("needs upagekite, which is not installed: python3 -m pip install upagekite");
         }
         found
     }
