@@ -827,7 +827,7 @@ mod pagekite_py {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::pagekite::sign::{random_salt, sign_token};
+    use crate::pagekite::sign::{kite_request, random_salt};
 
     /// pagekite.py, if this machine has it; under CI a missing one fails.
     fn available() -> bool {
@@ -1085,14 +1085,7 @@ mod pagekite_py {
         .await
         .expect("pagekite.py listens");
         let salt = random_salt();
-        let sign = |token: &str| {
-            let mut request = KiteRequest {
-                proto: "http".into(),
-                domain: "foo.example.com".into(),
-                srand: salt.clone(),
-                token: token.into(),
-                sign: String::new(),
-            };
+        let sign = |token: &str| kite_request("http", "foo.example.com", "s3cret", &salt, token);
             request.sign = sign_token("s3cret", &request.payload(), &random_salt(), None);
             request
         };
