@@ -821,7 +821,7 @@ mod pagekite_py {
     use std::process::{Child, Command, Stdio};
 
     use kitepipe_proto::pagekite::{
-        BackEndHello, FrontEndHello, KiteAnswer, KiteRequest, Transport, build_backend_hello,
+        BackEndHello, FrontEndHello, KiteAnswer, Transport, build_backend_hello,
         build_frontend_hello, parse_backend_hello, parse_frontend_hello, sniff,
     };
     use tokio::net::{TcpListener, TcpStream};
@@ -1086,9 +1086,6 @@ mod pagekite_py {
         .expect("pagekite.py listens");
         let salt = random_salt();
         let sign = |token: &str| kite_request("http", "foo.example.com", "s3cret", &salt, token);
-            request.sign = sign_token("s3cret", &request.payload(), &random_salt(), None);
-            request
-        };
         let hello = BackEndHello {
             transport: Transport::Chunked,
             features: vec!["AddKites".into(), "ZChunks".into()],
