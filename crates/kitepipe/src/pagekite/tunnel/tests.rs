@@ -1167,7 +1167,8 @@ mod pagekite_py {
             request.push(byte[0]);
         }
         assert!(request.starts_with(b"GET /hello HTTP/1.1\r\n"));
-        let page = body(50_000);
+        // Large enough to run into our pacing on its SKB reports.
+        let page = body(2_000_000);
         stream
             .write_all(
                 format!(
