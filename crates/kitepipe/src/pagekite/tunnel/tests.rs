@@ -821,23 +821,34 @@ mod pagekite_py {
     use std::process::{Child, Command, Stdio};
 
     use kitepipe_proto::pagekite::{
-        BackEndHello, FrontEndHello, KiteAnswer, KiteRequest, Transport, build_backend_hello,
+        BackEndHello, FrontEndHello, KiteAnswer, Transport, build_backend_hello,
         build_frontend_hello, parse_backend_hello, parse_frontend_hello, sniff,
     };
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::pagekite::sign::{random_salt, sign_token};
+    use crate::pagekite::sign::{kite_request, random_salt};
 
     /// pagekite.py, if this machine has it; under CI a missing one fails.
     fn available() -> bool {
         let found = std::path::Path::new("/usr/bin/pagekite").exists();
         if !found {
-            let message = "needs pagekite.py: sudo apt-get install pagekite";
-            assert!(std::env::var_os("CI").is_none(), "{message}");
-            eprintln!("skipped: {message}");
+            not_run("needs pagekite.py, which is not installed: sudo apt-get install pagekite");
         }
         found
+    }
+
+    /// Like the end-to-end fixtures' `require_tool`: a failure under CI,
+    /// a `NOT RUN` line otherwise.
+    fn not_run(why: &str) {
+        let thread = std::thread::current();
+        let test = thread.name().unwrap_or("a test");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} {why} (CI installs every tool: .ci/run)"
+        );
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "NOT RUN {test}: {why}");
     }
 
     /// A pagekite.py process with its own HOME, stopped (by PID) and its
@@ -1074,17 +1085,7 @@ mod pagekite_py {
         .await
         .expect("pagekite.py listens");
         let salt = random_salt();
-        let sign = |token: &str| {
-            let mut request = KiteRequest {
-                proto: "http".into(),
-                domain: "foo.example.com".into(),
-                srand: salt.clone(),
-                token: token.into(),
-                sign: String::new(),
-            };
-            request.sign = sign_token("s3cret", &request.payload(), &random_salt(), None);
-            request
-        };
+        let sign = |token: &str| kite_request("http", "foo.example.com", "s3cret", &salt, token);
         let hello = BackEndHello {
             transport: Transport::Chunked,
             features: vec!["AddKites".into(), "ZChunks".into()],
@@ -1166,7 +1167,8 @@ mod pagekite_py {
             request.push(byte[0]);
         }
         assert!(request.starts_with(b"GET /hello HTTP/1.1\r\n"));
-        let page = body(50_000);
+        // Large enough to run into our pacing on its SKB reports.
+        let page = body(2_000_000);
         stream
             .write_all(
                 format!(
@@ -1207,9 +1209,7 @@ mod pagekite_py {
             .output()
             .is_ok_and(|out| out.status.success());
         if !found {
-            let message = "needs upagekite: pip install upagekite";
-            assert!(std::env::var_os("CI").is_none(), "{message}");
-            eprintln!("skipped: {message}");
+            not_run("needs upagekite, which is not installed: python3 -m pip install upagekite");
         }
         found
     }
