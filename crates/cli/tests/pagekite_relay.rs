@@ -160,6 +160,18 @@ fn pagekite_py_serves_http_and_raw_kites_through_the_relay() {
             .is_some_and(|node| node.starts_with("pagekite:")),
         "{status}"
     );
+    // ... and counted in /metrics like any kite's visitors (10 MB out).
+    let metrics = curl_ok(&[&format!("http://{admin}/metrics")]);
+    let out = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(&format!(
+                "kitepipe_visitor_bytes_total{{kite=\"{WEB}\",direction=\"out\"}} "
+            ))
+        })
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{WEB}'s bytes out in {metrics}"));
+    assert!(out >= size as f64, "{out} bytes out");
     let ssh = kites.iter().find(|k| k["name"] == SSH).expect("raw kite");
     assert_eq!(ssh["proto"], "tcp");
     assert_eq!(ssh["port"], 22);
