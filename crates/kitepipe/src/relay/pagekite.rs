@@ -899,7 +899,8 @@ mod tests {
         assert_eq!(kite("finger"), Err(why::PROTO));
         // No HTTPS listener: no https kites; no HTTP listener: no raw ones.
         let none = |proto: &str| kite_of(&request(proto, "a.pk.test"), None, None);
-        assert_eq!(none("https"), Err(why::PORT).or(Err(why::PROTO)));
+        assert_eq!(none("https"), Err(why::PROTO));
+        assert_eq!(none("http"), Err(why::PROTO));
         assert_eq!(none("raw-22"), Err(why::PORT));
         assert!(kite_of(&request("http", "a..pk.test"), Some(80), None).is_err());
     }
