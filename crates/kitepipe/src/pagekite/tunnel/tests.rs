@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use super::*;
 
 /// How long a test waits for something that must happen.
-const PATIENCE: Duration = Duration::from_secs(10);
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The test's end of the tunnel: a PageKite peer writing and reading
 /// chunks by hand.
