@@ -482,3 +482,15 @@ fn wrong_signatures_are_budgeted_per_tunnel() {
     assert!(closed(&mut sock), "a tunnel that won nothing is closed");
     scene.good_answers();
 }
+
+#[test]
+fn a_head_that_never_ends_is_cut_at_the_handshake_deadline() {
+    let scene = Scene::start(true);
+    let mut sock = connect(scene.relay.link);
+    sock.write_all(b"CONNECT PageKite:1 HTTP/1.0\r\nX-PageKite-Features: AddKites\r\n")
+        .unwrap();
+    // Nothing more: the relay closes it (15 s), and serves others meanwhile.
+    scene.good_answers();
+    assert!(closed(&mut sock), "a dripping head is cut");
+    scene.good_answers();
+}
