@@ -18,10 +18,8 @@ const MAX_HEAD_HEADERS: usize = 2 * MAX_KITE_REQUESTS + 32;
 /// tokens and signatures are 36).
 const MAX_KITE_FIELD: usize = 255;
 
-/// The path of the WebSocket variant of a back-end's request.
-const WEBSOCKET_PATH: &str = "/~:PageKite:~/v1";
-
-/// What every version of the WebSocket request's path starts with.
+/// What every version of the WebSocket request's path starts with
+/// (`/~:PageKite:~/v1`; pagekite.py 1.5 sends `v0.8`).
 const WEBSOCKET_PREFIX: &str = "/~:PageKite:~/";
 
 /// One kite a back-end asks for:
