@@ -785,6 +785,34 @@ fn opening(sid: u32, proto: &str, host: &str) -> ChunkHeaders {
     }
 }
 
+#[test]
+fn chunk_dest_visitor_addresses() {
+    let dest = |rip: Option<&str>, rport: Option<u16>| ChunkDest {
+        proto: "http".into(),
+        host: "a.example.com".into(),
+        port: Some(80),
+        rip: rip.map(str::to_string),
+        rport,
+        rtls: false,
+    };
+    let cases = [
+        (
+            Some("::ffff:127.0.0.1"),
+            Some(41034),
+            Some("127.0.0.1:41034"),
+        ),
+        (Some("192.0.2.7"), Some(1), Some("192.0.2.7:1")),
+        (Some("2001:db8::1"), Some(443), Some("[2001:db8::1]:443")),
+        (Some("not-an-ip"), Some(1), None),
+        (Some("192.0.2.7"), None, None),
+        (None, Some(1), None),
+    ];
+    for (rip, rport, expected) in cases {
+        let got = dest(rip, rport).visitor_addr().map(|a| a.to_string());
+        assert_eq!(got.as_deref(), expected, "{rip:?} {rport:?}");
+    }
+}
+
 #[tokio::test]
 async fn back_new_sids_open_visitor_streams() {
     let mut t = back(config(true));
