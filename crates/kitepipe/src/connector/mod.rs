@@ -119,8 +119,9 @@ pub enum LinkState {
 /// A configured connector, ready to run.
 pub struct Connector {
     config: Arc<ConnectorConfig>,
-    /// TLS settings per relay, in config order.
-    tls: Vec<Arc<rustls::ClientConfig>>,
+    /// TLS settings per relay, in config order (`None`: a PageKite
+    /// front-end, spoken to in plaintext).
+    tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     instance: String,
     states: Vec<watch::Sender<LinkState>>,
     /// The event gateway's socket, served by `run`.
@@ -146,7 +147,14 @@ impl Connector {
         let tls = config
             .relays
             .iter()
-            .map(|relay| connector_client_config_with(&relay.trust, &options))
+            .map(|relay| {
+                // No trust: a PageKite front-end (plaintext, no TLS).
+                relay
+                    .trust
+                    .as_ref()
+                    .map(|trust| connector_client_config_with(trust, &options))
+                    .transpose()
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let instance = message::hex(&crate::pki::random_nonce()[..16]);
         let states = config
@@ -313,6 +321,11 @@ impl Connector {
             .zip(self.tls)
             .enumerate()
         {
+            let Some(tls) = tls else {
+                drop(state);
+                tracing::error!(relay = %relay.addr, "--protocol pagekite: the PageKite tunnel is not built in yet");
+                continue;
+            };
             let link = session::RelayLink {
                 index,
                 event_links: event_links.clone(),
