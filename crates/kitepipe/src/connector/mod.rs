@@ -17,6 +17,7 @@
 //! gateway, on loopback or a unix socket.
 
 mod htpasswd;
+mod pagekite;
 mod reload;
 mod session;
 mod status;
@@ -322,8 +323,20 @@ impl Connector {
             .enumerate()
         {
             let Some(tls) = tls else {
-                drop(state);
-                tracing::error!(relay = %relay.addr, "--protocol pagekite: the PageKite tunnel is not built in yet");
+                let link = pagekite::PageKiteLink {
+                    relay: relay.clone(),
+                    config: self.config.clone(),
+                    kites: kites.clone(),
+                    handlers: self.handlers.clone(),
+                    state,
+                    session_id: Mutex::new(None),
+                    tracker: tracker.clone(),
+                    token: token.clone(),
+                };
+                tracker.spawn(
+                    link.run()
+                        .instrument(info_span!("frontend", addr = %relay.addr)),
+                );
                 continue;
             };
             let link = session::RelayLink {
