@@ -63,10 +63,10 @@ enum AttemptError {
     #[error("the front-end's answer is not a PageKite tunnel: {0}")]
     Head(#[source] PageKiteError),
     #[error(
-        "the front-end closed the tunnel without answering our signed kite requests \
+        "the front-end closed the tunnel without answering our signed requests for {0} \
          (pagekite.py does so when it refuses every kite: a wrong secret, or names it does not serve)"
     )]
-    ClosedUnanswered,
+    ClosedUnanswered(String),
     #[error("the front-end refused every kite: {0}")]
     Refused(String),
     #[error("the kites changed: registering them again")]
@@ -243,7 +243,7 @@ impl PageKiteLink {
                         if source.kind() == std::io::ErrorKind::ConnectionRefused);
                     if matches!(
                         err,
-                        AttemptError::Refused(_) | AttemptError::ClosedUnanswered
+                        AttemptError::Refused(_) | AttemptError::ClosedUnanswered(_)
                     ) {
                         // The front-end said no: an operator must act.
                         error!(err = %err, "cannot link to PageKite front-end");
@@ -378,7 +378,7 @@ impl PageKiteLink {
                     .map(|request| ("X-PageKite".to_string(), request.header_value()))
                     .collect();
                 if !handle.send_control(headers) {
-                    return Err(AttemptError::ClosedUnanswered);
+                    return Err(AttemptError::ClosedUnanswered(names(&offered_kites)));
                 }
                 answers = self
                     .await_answers(&mux, &mut handle, &offered_kites)
@@ -440,10 +440,10 @@ impl PageKiteLink {
                         self.remember_session(&session_in(&headers));
                         answers.extend(headers.answers);
                     }
-                    None if answers.is_empty() => return Err(AttemptError::ClosedUnanswered),
+                    None if answers.is_empty() => return Err(AttemptError::ClosedUnanswered(names(offered))),
                     None => return Ok(answers),
                 },
-                _ = mux.closed(), if answers.is_empty() => return Err(AttemptError::ClosedUnanswered),
+                _ = mux.closed(), if answers.is_empty() => return Err(AttemptError::ClosedUnanswered(names(offered))),
                 _ = tokio::time::sleep_until(deadline) => {
                     if answers.is_empty() {
                         return Err(AttemptError::Timeout(HANDSHAKE_TIMEOUT));
@@ -598,6 +598,15 @@ impl PageKiteLink {
         }
         self.state.send_replace(LinkState::Up(online));
     }
+}
+
+/// The offered kites as PageKite names them, for messages.
+fn names(offered: &[Offered]) -> String {
+    offered
+        .iter()
+        .map(|kite| format!("{}:{}", kite.proto, kite.domain))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Whether a head's `X-PageKite-Features` lists `feature`.
