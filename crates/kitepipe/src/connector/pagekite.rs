@@ -476,17 +476,14 @@ impl PageKiteLink {
                     }
                 }
                 KiteAnswer::Invalid { what, why } => {
-                    let why = if why.is_empty() {
-                        "no reason given"
-                    } else {
-                        why
-                    };
-                    error!(kite = %what, reason = %why, "PageKite front-end refused kite");
-                    refused.push(format!("{what} ({why})"));
+                    let (kite, why) = (kite_of(what), reason(why));
+                    error!(%kite, reason = %why, "PageKite front-end refused kite");
+                    refused.push(format!("{kite} ({why})"));
                 }
                 KiteAnswer::Duplicate(what) => {
-                    error!(kite = %what, "PageKite front-end refused kite: another back-end serves it");
-                    refused.push(format!("{what} (duplicate: another back-end serves it)"));
+                    let kite = kite_of(what);
+                    error!(%kite, "PageKite front-end refused kite: another back-end serves it");
+                    refused.push(format!("{kite} (duplicate: another back-end serves it)"));
                 }
                 KiteAnswer::SignThis { what, .. } => {
                     warn!(kite = %what, "PageKite front-end challenged a signed kite again");
@@ -582,13 +579,13 @@ impl PageKiteLink {
                     }
                 }
                 KiteAnswer::Invalid { what, why } => {
-                    error!(kite = %what, reason = %why, "PageKite front-end refused kite");
+                    error!(kite = %kite_of(what), reason = %reason(why), "PageKite front-end refused kite");
                     if let Some(kite) = answered(offered, what) {
                         online.retain(|(k, _)| *k != kite.kite);
                     }
                 }
                 KiteAnswer::Duplicate(what) => {
-                    error!(kite = %what, "PageKite front-end refused kite: another back-end serves it");
+                    error!(kite = %kite_of(what), "PageKite front-end refused kite: another back-end serves it");
                     if let Some(kite) = answered(offered, what) {
                         online.retain(|(k, _)| *k != kite.kite);
                     }
@@ -597,6 +594,24 @@ impl PageKiteLink {
             }
         }
         self.state.send_replace(LinkState::Up(online));
+    }
+}
+
+/// `PROTO:DOMAIN` of an answer's `PROTO:DOMAIN:SRAND`, for messages.
+fn kite_of(what: &str) -> &str {
+    what.rsplit_once(':').map_or(what, |(kite, _srand)| kite)
+}
+
+/// A front-end's reason for refusing a kite (pagekite.py's
+/// `X-PageKite-Invalid-Why`), said for operators.
+fn reason(why: &str) -> String {
+    match why {
+        "" => "no reason given".into(),
+        "signature" => "signature: a wrong secret".into(),
+        "proto" => "proto: the front-end does not serve this protocol".into(),
+        "port" => "port: the front-end does not serve this port".into(),
+        "unauthorized" => "unauthorized: the front-end knows no such kite".into(),
+        other => other.into(),
     }
 }
 
