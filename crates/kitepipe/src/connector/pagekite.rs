@@ -35,7 +35,7 @@ use tracing::{Instrument, error, info, warn};
 use super::session::{CONNECT_TIMEOUT, Ended, keep_linked};
 use super::{KiteSet, Kites, LinkBounds, LinkState, refuse_full, serve_stream};
 use crate::config::{ConnectorConfig, RelayTarget};
-use crate::link::{HANDSHAKE_TIMEOUT, LinkClosed, Mux, MuxConfig, MuxReceivers};
+use crate::link::{HANDSHAKE_TIMEOUT, LinkClosed, Mux, MuxConfig, MuxReceivers, PeerGoodbye};
 use crate::pagekite::{ChunkDest, Route, TunnelConfig, TunnelHandle, sign, start_back};
 use crate::pipe::Handlers;
 use crate::sync::lock;
@@ -229,7 +229,16 @@ impl PageKiteLink {
     pub(super) async fn run(self) {
         let attempt = || async {
             match self.attempt().await {
-                Ok(LinkClosed::Shutdown) => Ended::Closed(LinkClosed::Shutdown),
+                Ok(LinkClosed::Shutdown) if self.token.is_cancelled() => {
+                    Ended::Closed(LinkClosed::Shutdown)
+                }
+                // The pump ended the tunnel (and with it the Mux pair):
+                // the front-end closed it, went silent or sent what the
+                // pump refuses; its own log line says which.
+                Ok(LinkClosed::Shutdown) => {
+                    warn!("tunnel to PageKite front-end ended");
+                    Ended::Closed(LinkClosed::PeerClosed(PeerGoodbye::Eof))
+                }
                 Ok(reason) => {
                     warn!(%reason, "tunnel to PageKite front-end lost");
                     Ended::Closed(reason)

@@ -1,0 +1,248 @@
+//! kitepipe's connector as a PageKite back-end (`--protocol pagekite`)
+//! against the real pagekite.py (Debian `pagekite`) as the front-end: an
+//! HTTP kite served (bodies with their checksums), a raw kite through
+//! pagekite.py's `CONNECT`, the tunnel back after the front-end restarts,
+//! a wrong secret refused and said so, and the flags that make no sense
+//! over PageKite refused at start.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+
+use support::*;
+
+/// The PageKite secret of `*.pk.test` on the front-end.
+const SECRET: &str = "pagekite-connector-test-secret";
+
+/// pagekite.py as a front-end on 127.0.0.1:`port`, accepting http and raw
+/// kites under `*.pk.test` signed with `secret`, raw ports through
+/// `CONNECT` (`--rawports=virtual`); its own HOME, no config file.
+struct FrontEnd {
+    proc: Proc,
+    _home: TempDir,
+}
+
+impl FrontEnd {
+    fn start(port: u16, secret: &str) -> FrontEnd {
+        let home = TempDir::new("pk-fe");
+        let mut command = Command::new("pagekite");
+        command
+            .env("HOME", home.path())
+            .arg("--clean")
+            .arg("--isfrontend")
+            .arg("--host=127.0.0.1")
+            .arg(format!("--ports={port}"))
+            .arg("--protos=http,raw")
+            .arg("--rawports=virtual")
+            .arg(format!("--domain=http,raw:*.pk.test:{secret}"))
+            .arg("--nullui")
+            .arg("--logfile=stdio");
+        let proc = Proc::spawn("pagekite-frontend", command);
+        eventually("pagekite.py to listen", || {
+            if let Some(status) = proc.exited() {
+                panic!("pagekite.py exited ({status}):\n{}", proc.output());
+            }
+            listening_on(port).then_some(())
+        });
+        FrontEnd { proc, _home: home }
+    }
+}
+
+/// Our connector speaking PageKite to the front-end at 127.0.0.1:`port`.
+fn connector(port: u16, secret: &str, kites: &[&str]) -> Proc {
+    let mut connector = support::Connector::to(&format!("127.0.0.1:{port}"), "")
+        .no_fingerprint()
+        .args(&["--protocol", "pagekite", "--secret", secret]);
+    for kite in kites {
+        connector = connector.kite(kite);
+    }
+    connector.spawn()
+}
+
+/// `curl` through the front-end's port with `Host: host`.
+fn through(port: u16, host: &str, path: &str, extra: &[&str]) -> (i32, Vec<u8>, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let host = format!("Host: {host}");
+    let mut args = vec!["-H", host.as_str()];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    curl(&args)
+}
+
+fn have_pagekite() -> bool {
+    require_tool("pagekite", "pagekite") && require_tool("curl", "curl")
+}
+
+#[test]
+fn an_http_kite_is_served_through_pagekite_py() {
+    if !have_pagekite() {
+        return;
+    }
+    let backend = Backend::start("http");
+    let port = free_port();
+    let _fe = FrontEnd::start(port, SECRET);
+    let kite = format!("http:app.pk.test={}", backend.addr());
+    let connector = connector(port, SECRET, &[&kite]);
+    let up = connector.wait_links_up(1);
+    assert_eq!(up["kites"][0]["kite"], "http:app.pk.test", "{up}");
+
+    let (code, body, err) = through(port, "app.pk.test", "/", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body, b"hello from backend\n");
+
+    // A body up and one down, each with its checksum.
+    let data = pseudo_random(2 * 1024 * 1024, 16);
+    let dir = TempDir::new("pk-upload");
+    let file = dir.path().join("body.bin");
+    std::fs::write(&file, &data).unwrap();
+    let body_arg = format!("@{}", file.display());
+    let (code, answer, err) = through(
+        port,
+        "app.pk.test",
+        "/sha256",
+        &["--data-binary", &body_arg],
+    );
+    assert_eq!(code, 0, "{err}");
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["len"], data.len());
+    assert_eq!(answer["sha256"], sha256_hex(&data).as_str());
+    let size = 3 * 1024 * 1024;
+    let (code, body, err) = through(port, "app.pk.test", &format!("/bytes/{size}"), &[]);
+    assert_eq!(code, 0, "{err}");
+    let expected: Vec<u8> = (0..size).map(|i| (i % 256) as u8).collect();
+    assert_eq!(body.len(), size);
+    assert_eq!(sha256_hex(&body), sha256_hex(&expected));
+
+    // A name the connector does not serve is not served (pagekite.py has
+    // no tunnel for it).
+    let (_, body, _) = through(port, "other.pk.test", "/", &[]);
+    assert!(!body.starts_with(b"hello from backend"));
+}
+
+#[test]
+fn a_raw_kite_is_served_through_pagekite_py_connect() {
+    if !have_pagekite() {
+        return;
+    }
+    let echo = Backend::start("tcp-echo");
+    let port = free_port();
+    let _fe = FrontEnd::start(port, SECRET);
+    let kite = format!("tcp:ssh.pk.test:22={}", echo.addr());
+    let connector = connector(port, SECRET, &[&kite]);
+    connector.wait_kite_online("the raw kite", |k| k == "tcp:ssh.pk.test:22");
+
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(patience())).unwrap();
+    sock.write_all(b"CONNECT ssh.pk.test:22 HTTP/1.1\r\nHost: ssh.pk.test:22\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(sock.read(&mut byte).unwrap(), 1, "head so far: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.contains(" 200 "), "{head}");
+    let data = pseudo_random(256 * 1024, 22);
+    let mut writer = sock.try_clone().unwrap();
+    let sent = data.clone();
+    let send = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+    let mut echoed = vec![0u8; data.len()];
+    sock.read_exact(&mut echoed).unwrap();
+    send.join().unwrap();
+    assert_eq!(sha256_hex(&echoed), sha256_hex(&data));
+}
+
+#[test]
+fn the_tunnel_comes_back_after_the_front_end_restarts() {
+    if !have_pagekite() {
+        return;
+    }
+    let backend = Backend::start("http");
+    let port = free_port();
+    let mut fe = FrontEnd::start(port, SECRET);
+    let kite = format!("http:app.pk.test={}", backend.addr());
+    let connector = connector(port, SECRET, &[&kite]);
+    connector.wait_links_up(1);
+    let (code, body, err) = through(port, "app.pk.test", "/", &[]);
+    assert_eq!(
+        (code, body.as_slice()),
+        (0, &b"hello from backend\n"[..]),
+        "{err}"
+    );
+
+    fe.proc.kill();
+    connector.wait_links_down(1);
+    let _fe = FrontEnd::start(port, SECRET);
+    connector.wait_links_up(2);
+    let (code, body, err) = through(port, "app.pk.test", "/", &[]);
+    assert_eq!(
+        (code, body.as_slice()),
+        (0, &b"hello from backend\n"[..]),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_wrong_secret_is_reported_and_retried_and_serves_nothing() {
+    if !have_pagekite() {
+        return;
+    }
+    let backend = Backend::start("http");
+    let port = free_port();
+    let _fe = FrontEnd::start(port, SECRET);
+    let kite = format!("http:app.pk.test={}", backend.addr());
+    let connector = connector(port, "not-the-pagekite-secret-at-all", &[&kite]);
+    // Refused, said clearly, and tried again with backoff.
+    let out = connector.wait_for_count("cannot link to PageKite front-end", 2);
+    assert!(
+        out.contains("app.pk.test"),
+        "the refusal names the kite:\n{out}"
+    );
+    assert!(out.contains("reconnecting"), "{out}");
+    assert_eq!(connector.links_up(), 0, "{out}");
+    let (_, body, _) = through(port, "app.pk.test", "/", &[]);
+    assert!(!body.starts_with(b"hello from backend"));
+}
+
+#[test]
+fn flags_that_mean_nothing_over_pagekite_are_refused() {
+    let fingerprint = format!("SHA256:{}", "ab".repeat(32));
+    for (extra, needle) in [
+        (vec!["--fingerprint", fingerprint.as_str()], "--fingerprint"),
+        (vec!["--ca", "/etc/hostname"], "--ca"),
+        (vec!["--allow-remote", "exec"], "--allow-remote"),
+        (
+            vec!["--kite", "tcp:db.pk.test:0=127.0.0.1:5432"],
+            "needs its public port",
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .args(["connect", "127.0.0.1:9", "--protocol", "pagekite"])
+            .args(["--secret", SECRET, "--kite", "http:app.pk.test=8000"])
+            .args(&extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} accepted");
+        assert!(
+            err.contains(needle) && err.contains("pagekite"),
+            "{extra:?}: {err}"
+        );
+    }
+    // `config check` shows the protocol.
+    let out = kitepipe_ok(&[
+        "config",
+        "check",
+        "connect",
+        "127.0.0.1:9",
+        "--protocol",
+        "pagekite",
+        "--secret",
+        SECRET,
+    ]);
+    assert!(out.contains("protocol = \"pagekite\""), "{out}");
+}
