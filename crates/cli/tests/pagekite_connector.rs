@@ -246,3 +246,46 @@ fn flags_that_mean_nothing_over_pagekite_are_refused() {
     ]);
     assert!(out.contains("protocol = \"pagekite\""), "{out}");
 }
+
+#[test]
+fn kites_added_by_a_reload_are_registered_with_the_front_end() {
+    if !have_pagekite() {
+        return;
+    }
+    let backend = Backend::start("http");
+    let port = free_port();
+    let _fe = FrontEnd::start(port, SECRET);
+    let dir = TempDir::new("pk-reload");
+    let file = dir.path().join("connector.toml");
+    let config = |kites: &[&str]| {
+        let mut text = format!(
+            "relay = [\"127.0.0.1:{port}\"]\nprotocol = \"pagekite\"\nsecret = \"{SECRET}\"\n"
+        );
+        for name in kites {
+            text.push_str(&format!(
+                "\n[[kite]]\nname = \"{name}\"\nprotocol = \"http\"\ntarget = \"{}\"\n",
+                backend.addr()
+            ));
+        }
+        text
+    };
+    std::fs::write(&file, config(&["app.pk.test"])).unwrap();
+    // The front-end's address and the protocol come from the file alone.
+    let mut command = Command::new(BIN);
+    command.args(["connect", "--ready-json", "--config", &path(&file)]);
+    let connector = Proc::spawn("connector", command);
+    connector.wait_links_up(1);
+    let (_, body, _) = through(port, "blog.pk.test", "/", &[]);
+    assert!(!body.starts_with(b"hello from backend"));
+
+    std::fs::write(&file, config(&["app.pk.test", "blog.pk.test"])).unwrap();
+    connector.wait_kite_online("the added kite", |k| k == "http:blog.pk.test");
+    for host in ["app.pk.test", "blog.pk.test"] {
+        let (code, body, err) = through(port, host, "/", &[]);
+        assert_eq!(
+            (code, body.as_slice()),
+            (0, &b"hello from backend\n"[..]),
+            "{host}: {err}"
+        );
+    }
+}
