@@ -227,6 +227,10 @@ pub(super) struct PageKiteLink {
 impl PageKiteLink {
     /// Keeps a tunnel to the front-end until shutdown.
     pub(super) async fn run(self) {
+        warn!(
+            "PageKite tunnels are plaintext: the front-end, and anyone on the path to it, \
+             see the traffic of http and tcp kites (https kites stay encrypted to your service)"
+        );
         let attempt = || async {
             match self.attempt().await {
                 Ok(LinkClosed::Shutdown) if self.token.is_cancelled() => {
