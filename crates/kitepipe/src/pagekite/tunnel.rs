@@ -149,6 +149,16 @@ pub(crate) struct ChunkDest {
     pub(crate) rtls: bool,
 }
 
+impl ChunkDest {
+    /// The visitor's address from `RIP` and `RPort`, IPv4-mapped IPv6
+    /// (pagekite.py's `::ffff:1.2.3.4`) as IPv4; None if either is missing
+    /// or malformed. `to_string()` gives `VisitorHeader::peer`'s form.
+    pub(crate) fn visitor_addr(&self) -> Option<SocketAddr> {
+        let ip: std::net::IpAddr = self.rip.as_deref()?.parse().ok()?;
+        Some(SocketAddr::new(ip.to_canonical(), self.rport?))
+    }
+}
+
 /// Decides which kite serves a new SID at the back-end end (`None`:
 /// refused; the pump answers like pagekite.py: an HTTP 503 page for http,
 /// EOF otherwise).

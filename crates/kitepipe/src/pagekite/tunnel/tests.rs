@@ -1,5 +1,6 @@
 //! The pump driven over a duplex by a hand-written PageKite peer.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use super::*;
 
 /// How long a test waits for something that must happen.
-const PATIENCE: Duration = Duration::from_secs(10);
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The test's end of the tunnel: a PageKite peer writing and reading
 /// chunks by hand.
@@ -593,6 +594,114 @@ async fn peers_that_never_read_are_dropped() {
         .unwrap();
 }
 
+/// A PageKite back-end that echoes every stream and closes it after our
+/// EOF, acknowledging progress like pagekite.py.
+async fn echo_peer(mut peer: Peer) {
+    let mut received: HashMap<u32, u64> = HashMap::new();
+    while let Some(chunk) = peer.next().await {
+        let h = chunk.headers;
+        let Some(sid) = h.sid else { continue };
+        if h.noop {
+            continue;
+        }
+        if let Some(eof) = h.eof {
+            if eof.read {
+                peer.send(
+                    ChunkHeaders {
+                        eof: Some(Eof {
+                            write: true,
+                            read: true,
+                        }),
+                        ..ChunkHeaders::sid(sid)
+                    },
+                    b"Bye!",
+                )
+                .await;
+            }
+            continue;
+        }
+        if chunk.data.is_empty() {
+            continue;
+        }
+        peer.send(ChunkHeaders::sid(sid), &chunk.data).await;
+        let total = received.entry(sid).or_default();
+        *total += chunk.data.len() as u64;
+        peer.send(
+            ChunkHeaders {
+                skb: Some(*total / 1024),
+                ..ChunkHeaders {
+                    noop: true,
+                    ..ChunkHeaders::sid(sid)
+                }
+            },
+            b"",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn many_streams_echo_through_one_tunnel_and_are_forgotten() {
+    let t = front(config(true));
+    let peer = tokio::spawn(echo_peer(t.peer));
+    let mut tasks = Vec::new();
+    for i in 0..20u32 {
+        let mut stream = t
+            .mux
+            .open(message::encode(&StreamHeader::Visitor(visitor(
+                KiteProto::Http,
+                "a.example.com",
+                Some("a.example.com"),
+            ))))
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            // Distinct per stream, and not too compressible.
+            let data: Vec<u8> = (0..600_000u32)
+                .map(|n| (n.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
+                .collect();
+            let (mut reader, mut writer) = tokio::io::split(stream);
+            let sent = data.clone();
+            let write = tokio::spawn(async move {
+                writer.write_all(&sent).await.unwrap();
+                writer.shutdown().await.unwrap();
+                writer
+            });
+            let mut echoed = Vec::new();
+            tokio::time::timeout(PATIENCE, reader.read_to_end(&mut echoed))
+                .await
+                .expect("the echo ends in time")
+                .unwrap();
+            stream = reader.unsplit(write.await.unwrap());
+            drop(stream);
+            assert!(
+                echoed == data,
+                "stream {i}: {} of {} bytes",
+                echoed.len(),
+                data.len()
+            );
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut forgotten = false;
+    for _ in 0..200 {
+        if t.mux.stream_count() == 0 {
+            forgotten = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(forgotten, "{} streams left", t.mux.stream_count());
+    t.token.cancel();
+    t.tracker.close();
+    tokio::time::timeout(PATIENCE, t.tracker.wait())
+        .await
+        .unwrap();
+    peer.abort();
+}
+
 struct Back {
     mux: Mux,
     receivers: MuxReceivers,
@@ -673,6 +782,34 @@ fn opening(sid: u32, proto: &str, host: &str) -> ChunkHeaders {
         rip: Some("198.51.100.9".into()),
         rport: Some("5555".into()),
         ..ChunkHeaders::sid(sid)
+    }
+}
+
+#[test]
+fn chunk_dest_visitor_addresses() {
+    let dest = |rip: Option<&str>, rport: Option<u16>| ChunkDest {
+        proto: "http".into(),
+        host: "a.example.com".into(),
+        port: Some(80),
+        rip: rip.map(str::to_string),
+        rport,
+        rtls: false,
+    };
+    let cases = [
+        (
+            Some("::ffff:127.0.0.1"),
+            Some(41034),
+            Some("127.0.0.1:41034"),
+        ),
+        (Some("192.0.2.7"), Some(1), Some("192.0.2.7:1")),
+        (Some("2001:db8::1"), Some(443), Some("[2001:db8::1]:443")),
+        (Some("not-an-ip"), Some(1), None),
+        (Some("192.0.2.7"), None, None),
+        (None, Some(1), None),
+    ];
+    for (rip, rport, expected) in cases {
+        let got = dest(rip, rport).visitor_addr().map(|a| a.to_string());
+        assert_eq!(got.as_deref(), expected, "{rip:?} {rport:?}");
     }
 }
 
