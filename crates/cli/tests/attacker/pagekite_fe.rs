@@ -432,7 +432,7 @@ fn sixty_thousand_sids_stay_bounded() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(connector.exited().is_none(), "{}", connector.output());
-    // Every SID was tried, long past the 4096 open at once: each ended
+    // Every SID was tried, long past the 256 open at once: each ended
     // and gave its slot back.
     eventually("most of the 60,000 SIDs tried", || {
         (connector.count("local target unreachable") > 50_000).then_some(())
@@ -520,5 +520,65 @@ fn a_giant_chunk_and_a_zip_bomb_are_refused_and_retried() {
         "memory grew from {rss_before} KiB to {max_rss} KiB"
     );
     assert_eq!(target.count(), 0, "no SID reached the target");
+    assert!(connector.exited().is_none(), "{}", connector.output());
+}
+
+#[test]
+fn data_flooded_toward_a_target_that_never_reads_stays_bounded() {
+    // The target accepts and never reads: what the front-end sends piles
+    // up in the connector unless its per-SID and per-tunnel bounds hold.
+    let target = Target::start();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counted = sent.clone();
+    let fe = HostileFe::start(Arc::new(move |n, mut sock| {
+        let head = read_head(&mut sock);
+        if n > 0 {
+            return;
+        }
+        sock.write_all(&accept_all(&head, false)).unwrap();
+        let _total = drain(&sock);
+        // Short writes only: a stalled tunnel must not hold this thread.
+        sock.set_write_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        for sid in 1..=400u32 {
+            if sock.write_all(&open_sid(sid, "http", KITE, 80)).is_err() {
+                return;
+            }
+        }
+        let mut payload = Vec::new();
+        let data = vec![b'x'; 200 * 1024];
+        'flood: for _round in 0..16 {
+            for sid in 1..=400u32 {
+                payload.clear();
+                payload.extend_from_slice(format!("SID: {sid}\r\n\r\n").as_bytes());
+                payload.extend_from_slice(&data);
+                if sock.write_all(&chunk(&payload)).is_err() {
+                    break 'flood;
+                }
+                counted.fetch_add(data.len(), Ordering::SeqCst);
+            }
+        }
+        std::thread::sleep(patience());
+    }));
+    let connector = connector(&fe, &[format!("http:{KITE}=127.0.0.1:{}", target.port)]);
+    connector.wait_links_up(1);
+    let rss_before = connector.rss_kib();
+    let started = Instant::now();
+    let mut max_rss = 0;
+    while started.elapsed() < scaled(Duration::from_secs(10)) {
+        max_rss = max_rss.max(connector.rss_kib());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent > 64 << 20, "the front-end got only {sent} bytes out");
+    assert!(
+        target.count() <= 256,
+        "{} SIDs reached the target at once (the tunnel's bound is 256)",
+        target.count()
+    );
+    assert!(
+        max_rss < rss_before + 192 * 1024,
+        "memory grew from {rss_before} KiB to {max_rss} KiB with {sent} bytes sent"
+    );
     assert!(connector.exited().is_none(), "{}", connector.output());
 }

@@ -40,9 +40,18 @@ use crate::pagekite::{ChunkDest, Route, TunnelConfig, TunnelHandle, sign, start_
 use crate::pipe::Handlers;
 use crate::sync::lock;
 
-/// Streams (SIDs) one front-end may have open on a tunnel at once; the
-/// same bound as a kitepipe link's ([`super::MAX_LINK_STREAMS`]).
-const MAX_TUNNEL_STREAMS: usize = super::MAX_LINK_STREAMS;
+/// Streams (SIDs) one front-end may have open on a tunnel at once (the
+/// pump's default). Fewer than a kitepipe link's
+/// ([`super::MAX_LINK_STREAMS`]): a PageKite front-end is not
+/// authenticated, and each SID may hold [`STREAM_WINDOW`] in the Mux and
+/// the pump's 256 KiB buffer toward a target that does not read, so a
+/// tunnel holds at most about 128 MiB of a stranger's data.
+const MAX_TUNNEL_STREAMS: usize = crate::pagekite::tunnel::DEFAULT_MAX_STREAMS;
+
+/// Per-stream window of the in-process Mux pair: the two Muxes share
+/// memory, so a small window costs no throughput, and it bounds what a
+/// SID buffers toward a slow target.
+const STREAM_WINDOW: u32 = 256 * 1024;
 
 /// Why one attempt at a tunnel failed (before it was up).
 #[derive(Debug, thiserror::Error)]
@@ -195,11 +204,11 @@ pub(super) fn route(set: &KiteSet, dest: &ChunkDest) -> Option<VisitorHeader> {
         .filter(|kite| kite.proto == kind && name_matches(&kite.name, &name))
         .filter(|kite| port.is_none_or(|port| kite.port == port))
         .max_by_key(|kite| specificity(&kite.name))?;
-    let peer = match (&dest.rip, dest.rport) {
-        (Some(ip), Some(port)) if ip.contains(':') => format!("[{ip}]:{port}"),
-        (Some(ip), Some(port)) => format!("{ip}:{port}"),
-        (Some(ip), None) => ip.clone(),
-        (None, _) => String::new(),
+    // pagekite.py writes IPv4 visitors as `::ffff:1.2.3.4`: PROXY
+    // headers and logs get them as IPv4.
+    let peer = match dest.visitor_addr() {
+        Some(addr) => addr.to_string(),
+        None => dest.rip.clone().unwrap_or_default(),
     };
     Some(VisitorHeader {
         kite: kite.clone(),
@@ -275,7 +284,7 @@ impl PageKiteLink {
     fn tunnel_config(&self, hello: &FrontEndHello) -> TunnelConfig {
         let mux = MuxConfig {
             heartbeat: self.config.heartbeat,
-            ..MuxConfig::default()
+            stream_window: STREAM_WINDOW,
         };
         TunnelConfig {
             compress: has_feature(&hello.features, "ZChunks"),
@@ -766,6 +775,8 @@ mod tests {
         let mut v6 = dest("http", "app.pk.test", None);
         v6.rip = Some("2001:db8::1".into());
         assert_eq!(route(&kites, &v6).unwrap().peer, "[2001:db8::1]:4000");
+        v6.rip = Some("::ffff:192.0.2.7".into());
+        assert_eq!(route(&kites, &v6).unwrap().peer, "192.0.2.7:4000");
     }
 
     /// Our requests: `raw-PORT` for tcp kites, one salt per attempt, the
