@@ -4,9 +4,8 @@
 //!
 //! An attempt dials the front-end, sends the back-end head (one signed
 //! `X-PageKite` request per kite, our salt fresh per attempt), answers the
-//! front-end's `SignThis` challenges (in a NOOP chunk when it offers
-//! AddKites, else on a new connection, as pagekite.py does), and reports
-//! each kite's answer. The tunnel itself is `crate::pagekite`'s pump: it
+//! front-end's `SignThis` challenges on a new connection (never in a NOOP:
+//! see `attempt`), and reports each kite's answer. The tunnel itself is `crate::pagekite`'s pump: it
 //! turns each new SID into a visitor stream on an in-process [`Mux`],
 //! whose streams `serve_stream` serves exactly as a relay link's (targets,
 //! PROXY headers, metrics). Which kite a SID reaches is decided here
@@ -71,11 +70,6 @@ enum AttemptError {
     Timeout(Duration),
     #[error("the front-end's answer is not a PageKite tunnel: {0}")]
     Head(#[source] PageKiteError),
-    #[error(
-        "the front-end closed the tunnel without answering our signed requests for {0} \
-         (pagekite.py does so when it refuses every kite: a wrong secret, or names it does not serve)"
-    )]
-    ClosedUnanswered(String),
     #[error("the front-end refused every kite: {0}")]
     Refused(String),
     #[error("the kites changed: registering them again")]
@@ -263,10 +257,7 @@ impl PageKiteLink {
                 Err(err) => {
                     let refused = matches!(&err, AttemptError::Connect { source, .. }
                         if source.kind() == std::io::ErrorKind::ConnectionRefused);
-                    if matches!(
-                        err,
-                        AttemptError::Refused(_) | AttemptError::ClosedUnanswered(_)
-                    ) {
+                    if matches!(err, AttemptError::Refused(_)) {
                         // The front-end said no: an operator must act.
                         error!(err = %err, "cannot link to PageKite front-end");
                     } else {
@@ -368,21 +359,23 @@ impl PageKiteLink {
         self.remember_session(&hello.session_id);
         let mut answers = hello.answers.clone();
         let tokens = challenges(&answers);
-        let mut in_tunnel = false;
         if !tokens.is_empty() {
-            if has_feature(&hello.features, "AddKites") {
-                in_tunnel = true;
-            } else {
-                // An older front-end: answer on a new connection.
-                let signed = requests(&kites, &srand, &tokens);
-                let dialed = tokio::select! {
-                    _ = self.token.cancelled() => return Ok(LinkClosed::Shutdown),
-                    res = self.dial(signed) => res?,
-                };
-                (tcp, hello, leftover) = dialed;
-                self.remember_session(&hello.session_id);
-                answers = hello.answers.clone();
-            }
+            // Answered on a new connection, as pagekite.py's back-end does
+            // with a front-end without AddKites, even when the front-end
+            // offers AddKites: pagekite.py 1.5 under Python 3 authorizes
+            // kites added in a NOOP with a quota of None and then crashes
+            // answering the first PING on that tunnel (`SendPong`:
+            // "'>=' not supported between 'NoneType' and 'int'"), which
+            // ends it. The new connection's `X-PageKite-Replace` (the
+            // first one's session ID) makes the front-end drop the first.
+            let signed = requests(&kites, &srand, &tokens);
+            let dialed = tokio::select! {
+                _ = self.token.cancelled() => return Ok(LinkClosed::Shutdown),
+                res = self.dial(signed) => res?,
+            };
+            (tcp, hello, leftover) = dialed;
+            self.remember_session(&hello.session_id);
+            answers = hello.answers.clone();
         }
         let tunnel = self.tunnel_config(&hello);
         let route: Route = {
@@ -393,19 +386,6 @@ impl PageKiteLink {
         let (mux, mut rx, mut handle) =
             start_back(tcp, leftover, &tunnel, route, &self.tracker, token.clone());
         let res = async {
-            if in_tunnel {
-                let signed = requests(&kites, &srand, &tokens);
-                let headers = signed
-                    .iter()
-                    .map(|request| ("X-PageKite".to_string(), request.header_value()))
-                    .collect();
-                if !handle.send_control(headers) {
-                    return Err(AttemptError::ClosedUnanswered(names(&offered_kites)));
-                }
-                answers = self
-                    .await_answers(&mux, &mut handle, &offered_kites)
-                    .await?;
-            }
             self.report(&offered_kites, &answers, &hello)?;
             self.serve(
                 &mux,
@@ -427,52 +407,6 @@ impl PageKiteLink {
     fn remember_session(&self, session_id: &Option<String>) {
         if let Some(id) = session_id {
             *lock(&self.session_id) = Some(id.clone());
-        }
-    }
-
-    /// Waits for the front-end's answers to the signed requests sent in a
-    /// NOOP chunk: until every kite has one, or the handshake timeout
-    /// (then what came is what counts).
-    async fn await_answers(
-        &self,
-        mux: &Mux,
-        handle: &mut TunnelHandle,
-        offered: &[Offered],
-    ) -> Result<Vec<KiteAnswer>, AttemptError> {
-        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-        let mut answers: Vec<KiteAnswer> = Vec::new();
-        loop {
-            let settled = offered.iter().all(|kite| {
-                answers.iter().any(|answer| match answer {
-                    KiteAnswer::Ok(what)
-                    | KiteAnswer::Invalid { what, .. }
-                    | KiteAnswer::Duplicate(what) => {
-                        answered(std::slice::from_ref(kite), what).is_some()
-                    }
-                    _ => false,
-                })
-            });
-            if settled {
-                return Ok(answers);
-            }
-            tokio::select! {
-                _ = self.token.cancelled() => return Ok(answers),
-                headers = handle.control.recv() => match headers {
-                    Some(headers) => {
-                        self.remember_session(&session_in(&headers));
-                        answers.extend(headers.answers);
-                    }
-                    None if answers.is_empty() => return Err(AttemptError::ClosedUnanswered(names(offered))),
-                    None => return Ok(answers),
-                },
-                _ = mux.closed(), if answers.is_empty() => return Err(AttemptError::ClosedUnanswered(names(offered))),
-                _ = tokio::time::sleep_until(deadline) => {
-                    if answers.is_empty() {
-                        return Err(AttemptError::Timeout(HANDSHAKE_TIMEOUT));
-                    }
-                    return Ok(answers);
-                }
-            }
         }
     }
 
@@ -635,15 +569,6 @@ fn reason(why: &str) -> String {
         "unauthorized" => "unauthorized: the front-end knows no such kite".into(),
         other => other.into(),
     }
-}
-
-/// The offered kites as PageKite names them, for messages.
-fn names(offered: &[Offered]) -> String {
-    offered
-        .iter()
-        .map(|kite| format!("{}:{}", kite.proto, kite.domain))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Whether a head's `X-PageKite-Features` lists `feature`.
