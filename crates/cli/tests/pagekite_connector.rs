@@ -320,3 +320,63 @@ fn the_tunnel_outlives_its_pings() {
     assert_eq!(connector.links_down(), 0, "{}", connector.output());
     assert_eq!(connector.links_up(), 1, "{}", connector.output());
 }
+
+#[test]
+fn a_raw_kite_gets_the_visitor_address_in_a_proxy_header() {
+    if !have_pagekite() {
+        return;
+    }
+    // The local service: reads the PROXY line and says it back.
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    let line = std::thread::spawn(move || {
+        let (mut sock, _) = service.accept().unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") && line.len() < 256 {
+            if sock.read(&mut byte).unwrap() == 0 {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        let _ = sock.write_all(b"hi\n");
+        String::from_utf8_lossy(&line).into_owned()
+    });
+    let port = free_port();
+    let _fe = FrontEnd::start(port, SECRET);
+    let dir = TempDir::new("pk-proxy");
+    let file = dir.path().join("connector.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "relay = [\"127.0.0.1:{port}\"]\nprotocol = \"pagekite\"\nsecret = \"{SECRET}\"\n\n\
+             [[kite]]\nname = \"db.pk.test\"\nprotocol = \"tcp\"\nport = 5432\n\
+             target = \"127.0.0.1:{service_port}\"\nproxy_protocol = \"v1\"\n"
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(BIN);
+    command.args(["connect", "--ready-json", "--config", &path(&file)]);
+    let connector = Proc::spawn("connector", command);
+    connector.wait_kite_online("the raw kite", |k| k == "tcp:db.pk.test:5432");
+
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let visitor = sock.local_addr().unwrap();
+    sock.set_read_timeout(Some(patience())).unwrap();
+    sock.write_all(b"CONNECT db.pk.test:5432 HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 256];
+    while !reply.ends_with(b"hi\n") {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(n > 0, "reply so far: {:?}", String::from_utf8_lossy(&reply));
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let line = line.join().unwrap();
+    // pagekite.py says `::ffff:127.0.0.1`: the header has it as IPv4.
+    assert!(
+        line.starts_with("PROXY TCP4 127.0.0.1 ")
+            && line.contains(&format!(" {} ", visitor.port())),
+        "{line:?} for visitor {visitor}"
+    );
+}
