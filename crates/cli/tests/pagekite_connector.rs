@@ -380,3 +380,27 @@ fn a_raw_kite_gets_the_visitor_address_in_a_proxy_header() {
         "{line:?} for visitor {visitor}"
     );
 }
+
+#[test]
+fn the_gateway_says_events_do_not_cross_a_pagekite_tunnel() {
+    if !have_pagekite() {
+        return;
+    }
+    let port = free_port();
+    let _fe = FrontEnd::start(port, SECRET);
+    let connector = connector(port, SECRET, &["http:app.pk.test=127.0.0.1:9"]);
+    connector.wait_links_up(1);
+    let gateway = gateway_of(&connector);
+    let (code, body, err) = curl(&[
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{gateway}/server/time"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.ends_with("\n404"), "{body}");
+    assert!(
+        body.contains("events do not cross a PageKite tunnel"),
+        "{body}"
+    );
+}

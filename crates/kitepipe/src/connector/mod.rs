@@ -302,6 +302,7 @@ impl Connector {
             let gateway = Arc::new(Gateway {
                 router: ConnectorRouter {
                     links: event_links.clone(),
+                    pagekite: self.config.protocol == crate::config::LinkProtocol::PageKite,
                 },
                 wait: self.config.events.wait,
                 timeout: self.config.events.timeout,
@@ -550,6 +551,9 @@ impl EventLinks {
 /// both go to the relay (the first relay whose link is up).
 struct ConnectorRouter {
     links: Arc<EventLinks>,
+    /// The links are PageKite tunnels (`--protocol pagekite`), which
+    /// carry no events.
+    pagekite: bool,
 }
 
 impl Router for ConnectorRouter {
@@ -558,6 +562,12 @@ impl Router for ConnectorRouter {
             return Err(RouteError::NotHere(
                 "this is a connector's gateway: reach the relay with /server/... and other \
                  connectors with /peer/NODE/...; /client/ is the relay's way to connectors",
+            ));
+        }
+        if self.pagekite {
+            return Err(RouteError::NotHere(
+                "this connector speaks PageKite to its front-ends (--protocol pagekite): \
+                 events do not cross a PageKite tunnel",
             ));
         }
         let deadline = tokio::time::Instant::now() + wait;
