@@ -135,10 +135,11 @@ pub async fn run(
     let web_addr = web.local_addr()?;
     let echo_addr = echo.local_addr()?;
     let connector = Connector::new(ConnectorConfig {
+        protocol: Default::default(),
         relays: vec![RelayTarget {
             addr: link_addr.to_string(),
             host: "127.0.0.1".into(),
-            trust: RelayTrust::Pinned(fingerprint),
+            trust: Some(RelayTrust::Pinned(fingerprint)),
         }],
         kites: vec![
             KiteTarget {

@@ -18,6 +18,7 @@ mod link;
 mod logs;
 mod names;
 mod pagekite;
+mod pagekite_fe;
 mod pki;
 mod remote_client;
 mod remote_node;

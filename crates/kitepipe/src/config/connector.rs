@@ -120,6 +120,14 @@ pub struct RawConnectorConfig {
     /// Private key (PEM) for --cert.
     #[arg(long, env = "KITEPIPE_KEY", value_name = "FILE")]
     pub key: Option<PathBuf>,
+    /// The tunnel protocol spoken to the relays: `kitepipe` (TLS links to
+    /// kitepipe relays) or `pagekite` (a PageKite front-end such as
+    /// `pagekite.py --isfrontend`: plaintext, SHA-1 signed kite requests,
+    /// no events or remote operations; see docs/pagekite.md). With
+    /// `pagekite`, --secret is the kites' PageKite secret and a tcp kite
+    /// `tcp:NAME:PORT` is the raw kite `raw-PORT:NAME`.
+    #[arg(long, env = "KITEPIPE_PROTOCOL", value_name = "PROTOCOL")]
+    pub protocol: Option<String>,
     /// Threads serving the links and their streams [default: 1: a link's
     /// frames pass through one reader and one writer anyway, and one thread
     /// spares them cross-thread wake-ups].
@@ -368,6 +376,8 @@ impl RawKite {
 /// A validated connector configuration.
 #[derive(Debug, Clone)]
 pub struct ConnectorConfig {
+    /// The tunnel protocol spoken to the relays (`--protocol`).
+    pub protocol: LinkProtocol,
     /// Relays to keep a link to.
     pub relays: Vec<RelayTarget>,
     /// Kites to serve.
@@ -453,8 +463,45 @@ pub struct RelayTarget {
     pub addr: String,
     /// Host part, used as TLS server name.
     pub host: String,
-    /// How to verify this relay.
-    pub trust: RelayTrust,
+    /// How to verify this relay; `None` for a PageKite front-end
+    /// ([`LinkProtocol::PageKite`]: plaintext, nothing to verify).
+    pub trust: Option<RelayTrust>,
+}
+
+/// The tunnel protocol a connector speaks to its relays (`--protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LinkProtocol {
+    /// kitepipe's own links: TLS 1.3, multiplexed, events and remote
+    /// operations.
+    #[default]
+    Kitepipe,
+    /// The PageKite tunnel protocol, to a PageKite front-end
+    /// (`pagekite.py --isfrontend`, or a kitepipe relay with `--pagekite`):
+    /// plaintext chunks, kites signed with the PageKite secret, visitors
+    /// only (no events, no remote operations).
+    PageKite,
+}
+
+impl LinkProtocol {
+    /// The name `--protocol` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkProtocol::Kitepipe => "kitepipe",
+            LinkProtocol::PageKite => "pagekite",
+        }
+    }
+
+    fn parse(text: &str) -> Result<LinkProtocol, ConfigError> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "kitepipe" => Ok(LinkProtocol::Kitepipe),
+            "pagekite" => Ok(LinkProtocol::PageKite),
+            _ => Err(ConfigError::Invalid {
+                what: "protocol",
+                value: text.to_string(),
+                why: "kitepipe (the default) or pagekite".into(),
+            }),
+        }
+    }
 }
 
 /// A kite and the local address that serves it, validated from a
@@ -541,6 +588,8 @@ impl RawConnectorConfig {
         self.max_backoff
             .get_or_insert_with(|| format(DEFAULT_MAX_BACKOFF));
         self.threads.get_or_insert(1);
+        self.protocol
+            .get_or_insert_with(|| LinkProtocol::Kitepipe.as_str().to_string());
         self.events = self.events.with_defaults();
         self
     }
@@ -581,6 +630,13 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             return Err(ConfigError::Missing(
                 "give at least one relay address (host:port)",
             ));
+        }
+        let protocol = match raw.protocol.as_deref() {
+            Some(text) => LinkProtocol::parse(text)?,
+            None => LinkProtocol::Kitepipe,
+        };
+        if protocol == LinkProtocol::PageKite {
+            check_pagekite(&raw)?;
         }
         let (identity, identity_ca) = load_identity(&raw)?;
         if raw.threads == Some(0) {
@@ -637,6 +693,9 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                      or a certificate (--identity DIR)",
                 ));
             }
+            if protocol == LinkProtocol::PageKite {
+                check_pagekite_kite(&kite, &policy, &http)?;
+            }
             let secret = secret.clone();
             kites.push(KiteTarget {
                 kite,
@@ -660,11 +719,15 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let trust_for = |index: usize| -> Result<RelayTrust, ConfigError> {
+        let trust_for = |index: usize| -> Result<Option<RelayTrust>, ConfigError> {
+            if protocol == LinkProtocol::PageKite {
+                // Plaintext: check_pagekite refused --fingerprint and --ca.
+                return Ok(None);
+            }
             match (pins.len(), &raw.ca) {
-                (0, Some(path)) => Ok(RelayTrust::Ca(path.clone())),
+                (0, Some(path)) => Ok(Some(RelayTrust::Ca(path.clone()))),
                 (0, None) => match &identity_ca {
-                    Some(path) => Ok(RelayTrust::Ca(path.clone())),
+                    Some(path) => Ok(Some(RelayTrust::Ca(path.clone()))),
                     None => Err(ConfigError::Missing(
                         "the connector must verify the relay: pass --fingerprint SHA256:... (the relay prints it at start) or --ca FILE",
                     )),
@@ -672,8 +735,8 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
                 (_, Some(_)) => Err(ConfigError::Missing(
                     "give either --fingerprint or --ca to verify the relay, not both",
                 )),
-                (1, None) => Ok(RelayTrust::Pinned(pins[0])),
-                (n, None) if n == raw.relay.len() => Ok(RelayTrust::Pinned(pins[index])),
+                (1, None) => Ok(Some(RelayTrust::Pinned(pins[0]))),
+                (n, None) if n == raw.relay.len() => Ok(Some(RelayTrust::Pinned(pins[index]))),
                 _ => Err(ConfigError::Missing(
                     "give one --fingerprint for all relays, or one per relay in the same order",
                 )),
@@ -715,6 +778,7 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "connector".into());
         Ok(ConnectorConfig {
+            protocol,
             relays,
             kites,
             name,
@@ -732,6 +796,78 @@ impl TryFrom<RawConnectorConfig> for ConnectorConfig {
             node_secret: secret,
         })
     }
+}
+
+/// What `--protocol pagekite` cannot do: verify the front-end (PageKite
+/// tunnels are plaintext here), present a certificate, or carry remote
+/// operations. Refused rather than ignored, so nobody believes a setting
+/// protects them when it does nothing.
+fn check_pagekite(raw: &RawConnectorConfig) -> Result<(), ConfigError> {
+    let refuse = |flag: &str, why: &str| {
+        Err(ConfigError::Invalid {
+            what: "protocol",
+            value: LinkProtocol::PageKite.as_str().into(),
+            why: format!("{flag} cannot be used with --protocol pagekite: {why}"),
+        })
+    };
+    if !raw.fingerprint.is_empty() || raw.ca.is_some() {
+        let flag = if raw.ca.is_some() {
+            "--ca"
+        } else {
+            "--fingerprint"
+        };
+        return refuse(
+            flag,
+            "a PageKite tunnel is plaintext here, there is no relay certificate to verify \
+             (see docs/pagekite.md)",
+        );
+    }
+    if raw.identity.is_some() || raw.cert.is_some() || raw.key.is_some() {
+        return refuse(
+            "--identity/--cert/--key",
+            "a PageKite front-end knows kites by their secret (--secret-file), not by certificate",
+        );
+    }
+    if raw.allow_remote.is_some() {
+        return refuse(
+            "--allow-remote",
+            "remote operations (and events) do not cross a PageKite tunnel",
+        );
+    }
+    Ok(())
+}
+
+/// What a kite cannot have over PageKite: a tcp kite without a port (a
+/// raw kite is `raw-PORT`; the front-end assigns none), and rules a
+/// kitepipe relay enforces (visitor allow/deny lists, HTTP rules): a
+/// PageKite front-end never receives them, so they would protect nothing.
+fn check_pagekite_kite(
+    kite: &KiteRef,
+    policy: &VisitorPolicy,
+    http: &HttpPolicy,
+) -> Result<(), ConfigError> {
+    let invalid = |why: String| {
+        Err(ConfigError::Invalid {
+            what: "kite",
+            value: kite.to_string(),
+            why,
+        })
+    };
+    if kite.proto == KiteProto::Tcp && kite.port == 0 {
+        return invalid(
+            "a tcp kite over --protocol pagekite needs its public port \
+             (tcp:NAME:PORT becomes the raw kite raw-PORT:NAME)"
+                .into(),
+        );
+    }
+    if !policy.allow().is_empty() || !policy.deny().is_empty() || !http.is_default() {
+        return invalid(
+            "allow/deny lists and HTTP rules are enforced by a kitepipe relay; \
+             a PageKite front-end never gets them (--protocol pagekite)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// Loads the connector's certificate and key, from `--identity DIR` or
@@ -770,7 +906,7 @@ fn load_identity(
 
 pub(super) fn parse_relay_target(
     text: &str,
-    trust: RelayTrust,
+    trust: Option<RelayTrust>,
 ) -> Result<RelayTarget, ConfigError> {
     let invalid = || ConfigError::Invalid {
         what: "relay address",

@@ -33,8 +33,8 @@ pub use admin::{
     RawAdminConfig,
 };
 pub use connector::{
-    ConnectorConfig, KiteTarget, RawConnectorConfig, RawKite, RawKiteSpec, RelayTarget,
-    RemoteFsConfig,
+    ConnectorConfig, KiteTarget, LinkProtocol, RawConnectorConfig, RawKite, RawKiteSpec,
+    RelayTarget, RemoteFsConfig,
 };
 pub use events::{
     DEFAULT_HANDLER_PATH, EventConfig, GATEWAY_TOKEN_FILE, GatewayAddr, HANDLER_ENV_INHERITED,

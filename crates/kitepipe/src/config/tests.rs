@@ -146,8 +146,14 @@ fn fingerprints_pin_all_relays_or_each_in_order() {
     let one = ConnectorConfig::try_from(raw(vec![a.clone()])).unwrap();
     assert_eq!(one.relays[0].trust, one.relays[1].trust);
     let each = ConnectorConfig::try_from(raw(vec![a.clone(), b.clone()])).unwrap();
-    assert_eq!(each.relays[0].trust, RelayTrust::Pinned(a.parse().unwrap()));
-    assert_eq!(each.relays[1].trust, RelayTrust::Pinned(b.parse().unwrap()));
+    assert_eq!(
+        each.relays[0].trust,
+        Some(RelayTrust::Pinned(a.parse().unwrap()))
+    );
+    assert_eq!(
+        each.relays[1].trust,
+        Some(RelayTrust::Pinned(b.parse().unwrap()))
+    );
     let three = ConnectorConfig::try_from(raw(vec![a.clone(), b, a])).unwrap_err();
     assert!(three.to_string().contains("one per relay"), "{three}");
 }
@@ -1162,4 +1168,106 @@ fn default_state_dir_prefers_systemd_state_directory() {
         };
         assert_eq!(default_state_dir(&env), PathBuf::from(want), "{vars:?}");
     }
+}
+
+/// `--protocol pagekite`: plaintext to a PageKite front-end, so no relay
+/// verification, no certificate and no remote operations; a tcp kite
+/// needs its port (it is `raw-PORT`), and rules only a kitepipe relay
+/// enforces are refused rather than silently dropped.
+#[test]
+fn the_pagekite_protocol_refuses_what_it_cannot_do() {
+    let raw = RawConnectorConfig {
+        relay: vec!["fe.example.net:443".into()],
+        protocol: Some("PageKite".into()),
+        secret: Some("a-pagekite-secret-long-enough".into()),
+        kite: vec![
+            "http:blog.example.net=8000".into(),
+            "tcp:ssh.example.net:22=127.0.0.1:22".into(),
+        ],
+        ..Default::default()
+    };
+    let config = ConnectorConfig::try_from(raw.clone()).unwrap();
+    assert_eq!(config.protocol, LinkProtocol::PageKite);
+    assert_eq!(config.relays[0].trust, None);
+    assert_eq!(config.kites.len(), 2);
+    let refused = |raw: RawConnectorConfig| ConnectorConfig::try_from(raw).unwrap_err().to_string();
+    for (bad, needle) in [
+        (
+            RawConnectorConfig {
+                fingerprint: vec!["SHA256:".to_string() + &"aa".repeat(32)],
+                ..raw.clone()
+            },
+            "--fingerprint cannot be used with --protocol pagekite",
+        ),
+        (
+            RawConnectorConfig {
+                ca: Some("/ca.pem".into()),
+                ..raw.clone()
+            },
+            "--ca cannot be used",
+        ),
+        (
+            RawConnectorConfig {
+                identity: Some("/id".into()),
+                ..raw.clone()
+            },
+            "--identity/--cert/--key cannot be used",
+        ),
+        (
+            RawConnectorConfig {
+                allow_remote: Some("exec".into()),
+                ..raw.clone()
+            },
+            "--allow-remote cannot be used",
+        ),
+        (
+            RawConnectorConfig {
+                kite: vec!["tcp:ssh.example.net:0=22".into()],
+                ..raw.clone()
+            },
+            "needs its public port",
+        ),
+        (
+            RawConnectorConfig {
+                kite: vec![RawKiteSpec::Table(Box::new(RawKite {
+                    name: "blog.example.net".into(),
+                    protocol: "http".into(),
+                    target: "8000".into(),
+                    deny: vec!["192.0.2.0/24".into()],
+                    ..Default::default()
+                }))],
+                ..raw.clone()
+            },
+            "a PageKite front-end never gets them",
+        ),
+        (
+            RawConnectorConfig {
+                kite: vec![RawKiteSpec::Table(Box::new(RawKite {
+                    name: "blog.example.net".into(),
+                    protocol: "http".into(),
+                    target: "8000".into(),
+                    rate_limit: Some(5),
+                    ..Default::default()
+                }))],
+                ..raw.clone()
+            },
+            "a PageKite front-end never gets them",
+        ),
+        (
+            RawConnectorConfig {
+                protocol: Some("ngrok".into()),
+                ..raw.clone()
+            },
+            "kitepipe (the default) or pagekite",
+        ),
+    ] {
+        let err = refused(bad);
+        assert!(err.contains(needle), "{needle:?} in {err}");
+    }
+    // The default stays kitepipe, which still needs a way to verify.
+    let kitepipe = refused(RawConnectorConfig {
+        protocol: None,
+        ..raw
+    });
+    assert!(kitepipe.contains("--fingerprint"), "{kitepipe}");
 }

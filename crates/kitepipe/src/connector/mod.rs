@@ -17,6 +17,7 @@
 //! gateway, on loopback or a unix socket.
 
 mod htpasswd;
+mod pagekite;
 mod reload;
 mod session;
 mod status;
@@ -119,8 +120,9 @@ pub enum LinkState {
 /// A configured connector, ready to run.
 pub struct Connector {
     config: Arc<ConnectorConfig>,
-    /// TLS settings per relay, in config order.
-    tls: Vec<Arc<rustls::ClientConfig>>,
+    /// TLS settings per relay, in config order (`None`: a PageKite
+    /// front-end, spoken to in plaintext).
+    tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     instance: String,
     states: Vec<watch::Sender<LinkState>>,
     /// The event gateway's socket, served by `run`.
@@ -146,7 +148,14 @@ impl Connector {
         let tls = config
             .relays
             .iter()
-            .map(|relay| connector_client_config_with(&relay.trust, &options))
+            .map(|relay| {
+                // No trust: a PageKite front-end (plaintext, no TLS).
+                relay
+                    .trust
+                    .as_ref()
+                    .map(|trust| connector_client_config_with(trust, &options))
+                    .transpose()
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let instance = message::hex(&crate::pki::random_nonce()[..16]);
         let states = config
@@ -293,6 +302,7 @@ impl Connector {
             let gateway = Arc::new(Gateway {
                 router: ConnectorRouter {
                     links: event_links.clone(),
+                    pagekite: self.config.protocol == crate::config::LinkProtocol::PageKite,
                 },
                 wait: self.config.events.wait,
                 timeout: self.config.events.timeout,
@@ -313,6 +323,23 @@ impl Connector {
             .zip(self.tls)
             .enumerate()
         {
+            let Some(tls) = tls else {
+                let link = pagekite::PageKiteLink {
+                    relay: relay.clone(),
+                    config: self.config.clone(),
+                    kites: kites.clone(),
+                    handlers: self.handlers.clone(),
+                    state,
+                    session_id: Mutex::new(None),
+                    tracker: tracker.clone(),
+                    token: token.clone(),
+                };
+                tracker.spawn(
+                    link.run()
+                        .instrument(info_span!("frontend", addr = %relay.addr)),
+                );
+                continue;
+            };
             let link = session::RelayLink {
                 index,
                 event_links: event_links.clone(),
@@ -524,6 +551,9 @@ impl EventLinks {
 /// both go to the relay (the first relay whose link is up).
 struct ConnectorRouter {
     links: Arc<EventLinks>,
+    /// The links are PageKite tunnels (`--protocol pagekite`), which
+    /// carry no events.
+    pagekite: bool,
 }
 
 impl Router for ConnectorRouter {
@@ -532,6 +562,12 @@ impl Router for ConnectorRouter {
             return Err(RouteError::NotHere(
                 "this is a connector's gateway: reach the relay with /server/... and other \
                  connectors with /peer/NODE/...; /client/ is the relay's way to connectors",
+            ));
+        }
+        if self.pagekite {
+            return Err(RouteError::NotHere(
+                "this connector speaks PageKite to its front-ends (--protocol pagekite): \
+                 events do not cross a PageKite tunnel",
             ));
         }
         let deadline = tokio::time::Instant::now() + wait;

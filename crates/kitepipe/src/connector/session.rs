@@ -122,6 +122,65 @@ impl From<HandshakeError> for AttemptError {
     }
 }
 
+/// How one attempt at a link ended (logged by the attempt), for
+/// [`keep_linked`].
+pub(super) enum Ended {
+    /// The link was up, then closed for this reason.
+    Closed(LinkClosed),
+    /// The link never came up; `refused`: the relay's address refused
+    /// the TCP connection (a relay restarting).
+    Failed { refused: bool },
+}
+
+/// The reconnect loop of every link, whatever its protocol: runs
+/// `attempt` until shutdown, marks the link down after each, and waits a
+/// capped, jittered backoff between attempts (about a second while the
+/// relay's address refuses connections; the backoff starts over after a
+/// link that stayed up [`HEALTHY_AFTER`]).
+pub(super) async fn keep_linked<F, Fut>(
+    max_backoff: Duration,
+    state: &watch::Sender<LinkState>,
+    token: &CancellationToken,
+    mut attempt: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Ended>,
+{
+    let mut backoff = Backoff::new(BACKOFF_INITIAL, max_backoff);
+    let mut refused_backoff = Backoff::new(BACKOFF_INITIAL, REFUSED_BACKOFF_MAX.min(max_backoff));
+    loop {
+        let started = tokio::time::Instant::now();
+        let refused = match attempt().await {
+            Ended::Closed(LinkClosed::Shutdown) => return,
+            Ended::Closed(_) => false,
+            Ended::Failed { refused } => refused,
+        };
+        state.send_replace(LinkState::Down);
+        if token.is_cancelled() {
+            return;
+        }
+        if started.elapsed() > HEALTHY_AFTER {
+            backoff.reset();
+            refused_backoff.reset();
+        }
+        let used = if refused {
+            &mut refused_backoff
+        } else {
+            &mut backoff
+        };
+        let delay = used.next_delay();
+        info!(
+            delay_ms = delay.as_millis() as u64,
+            attempt = used.attempt(),
+            "reconnecting"
+        );
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 /// Everything one relay's link task needs.
 pub(crate) struct RelayLink {
     /// This relay's place in the config (its slot in `event_links`).
@@ -144,19 +203,15 @@ pub(crate) struct RelayLink {
 impl RelayLink {
     /// Keeps the link up until shutdown.
     pub(crate) async fn run(self) {
-        let mut backoff = Backoff::new(BACKOFF_INITIAL, self.config.max_backoff);
-        let mut refused_backoff = Backoff::new(
-            BACKOFF_INITIAL,
-            REFUSED_BACKOFF_MAX.min(self.config.max_backoff),
-        );
-        loop {
-            let started = tokio::time::Instant::now();
-            let mut refused = false;
+        let attempt = || async {
             match self.attempt().await {
-                Ok(LinkClosed::Shutdown) => return,
-                Ok(reason) => warn!(%reason, "link to relay lost"),
+                Ok(LinkClosed::Shutdown) => Ended::Closed(LinkClosed::Shutdown),
+                Ok(reason) => {
+                    warn!(%reason, "link to relay lost");
+                    Ended::Closed(reason)
+                }
                 Err(err) => {
-                    refused = matches!(&err, AttemptError::Connect { source, .. }
+                    let refused = matches!(&err, AttemptError::Connect { source, .. }
                         if source.kind() == std::io::ErrorKind::ConnectionRefused);
                     let hint = self.hint(&err);
                     match hint {
@@ -167,32 +222,11 @@ impl RelayLink {
                         }
                         None => warn!(err = %err, "cannot link to relay"),
                     }
+                    Ended::Failed { refused }
                 }
             }
-            self.state.send_replace(LinkState::Down);
-            if self.token.is_cancelled() {
-                return;
-            }
-            if started.elapsed() > HEALTHY_AFTER {
-                backoff.reset();
-                refused_backoff.reset();
-            }
-            let used = if refused {
-                &mut refused_backoff
-            } else {
-                &mut backoff
-            };
-            let delay = used.next_delay();
-            info!(
-                delay_ms = delay.as_millis() as u64,
-                attempt = used.attempt(),
-                "reconnecting"
-            );
-            tokio::select! {
-                _ = self.token.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
+        };
+        keep_linked(self.config.max_backoff, &self.state, &self.token, attempt).await;
     }
 
     /// One link, from dialing to its end. `Ok` once the link was up.
