@@ -115,6 +115,7 @@ pub mod connector;
 pub mod demo;
 pub mod link;
 pub mod metrics;
+pub(crate) mod pagekite;
 pub mod pipe;
 pub mod pki;
 pub mod relay;

@@ -37,6 +37,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["pki"]),
     ("link", &["pki"]),
     ("tunnel", &["link"]),
+    ("pagekite", &["link"]),
     ("remote", &["config", "link", "metrics", "pki", "tunnel"]),
     (
         "pipe",
@@ -45,13 +46,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "relay",
         &[
-            "config", "link", "metrics", "pipe", "pki", "remote", "tunnel",
+            "config", "link", "metrics", "pagekite", "pipe", "pki", "remote", "tunnel",
         ],
     ),
     (
         "connector",
         &[
-            "config", "link", "metrics", "pipe", "pki", "remote", "tunnel",
+            "config", "link", "metrics", "pagekite", "pipe", "pki", "remote", "tunnel",
         ],
     ),
     (
@@ -61,6 +62,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "connector",
             "link",
             "metrics",
+            "pagekite",
             "pipe",
             "pki",
             "relay",

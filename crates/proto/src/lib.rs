@@ -22,6 +22,7 @@ pub mod http1;
 pub mod http_policy;
 pub mod kite;
 pub mod message;
+pub mod pagekite;
 pub mod policy;
 pub mod proxy;
 pub mod remote;
