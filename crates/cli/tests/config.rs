@@ -192,6 +192,16 @@ fn a_setting_comes_from_its_flag_over_its_variable_over_the_file_over_the_defaul
     assert_eq!(setting(&out, "http_connect"), "true");
     let out = check_ok("relay", &["--config", &file, "--http-connect=false"], &[]);
     assert_eq!(setting(&out, "http_connect"), "false");
+    // PageKite back-ends: off unless the operator says so.
+    let out = check_ok("relay", &[], &[]);
+    assert_eq!(setting(&out, "pagekite"), "false");
+    let file = write(&dir, "pagekite.toml", "pagekite = true\n");
+    let out = check_ok("relay", &["--config", &file], &[]);
+    assert_eq!(setting(&out, "pagekite"), "true");
+    let out = check_ok("relay", &[], &[("KITEPIPE_PAGEKITE", "true")]);
+    assert_eq!(setting(&out, "pagekite"), "true");
+    let out = check_ok("relay", &["--config", &file, "--pagekite=false"], &[]);
+    assert_eq!(setting(&out, "pagekite"), "false");
 }
 
 /// The long options of `kitepipe ARGS --help`, each with the variable its

@@ -111,6 +111,7 @@ pub async fn run(
         tcp_bind: loopback(0).ip(),
         tcp_ports: (1024, 65535),
         http_connect: false,
+        pagekite: false,
         tls: RelayTlsSource::StateDir(state_dir),
         name: "127.0.0.1".into(),
         heartbeat: DEFAULT_HEARTBEAT,

@@ -9,7 +9,8 @@
 //! kite names and their matching rules, and [`proxy`] the PROXY protocol header
 //! a connector may send its local targets; [`policy`] is a kite's visitor
 //! policy (IP allow and deny lists) the relay applies, [`http_policy`] an http
-//! kite's HTTP-level rules (basic auth, limits, header edits, backend protocol).
+//! kite's HTTP-level rules (basic auth, limits, header edits, backend protocol);
+//! [`pagekite`] is PageKite's wire format (handshake heads, chunks, ZChunks).
 //!
 //! This crate must not depend on tokio, sockets, clocks or TLS: callers hand it
 //! bytes (and `now` where time matters) and get frames, events and deadlines.

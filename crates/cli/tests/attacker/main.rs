@@ -17,6 +17,7 @@ mod h2;
 mod link;
 mod logs;
 mod names;
+mod pagekite;
 mod pki;
 mod remote_client;
 mod remote_node;

@@ -61,6 +61,13 @@ pub struct RawRelayConfig {
     #[arg(long, env = "KITEPIPE_HTTP_CONNECT", value_name = "BOOL", num_args = 0..=1,
           require_equals = true, default_missing_value = "true")]
     pub http_connect: Option<bool>,
+    /// Accept pagekite.py back-ends (the PageKite tunnel protocol) on the
+    /// --listen addresses, authorized by the --domain secrets. Off by
+    /// default: PageKite tunnels are plaintext and signed with SHA-1 (see
+    /// docs/pagekite.md); their raw kites are reached by CONNECT.
+    #[arg(long, env = "KITEPIPE_PAGEKITE", value_name = "BOOL", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true")]
+    pub pagekite: Option<bool>,
     /// Directory for the self-signed certificate created on first start
     /// [default: $STATE_DIRECTORY under systemd, else ~/.local/state/kitepipe].
     #[arg(long, env = "KITEPIPE_STATE_DIR", value_name = "DIR")]
@@ -183,6 +190,9 @@ pub struct RelayConfig {
     /// Whether `CONNECT name:port` on the HTTP port reaches TCP kites (off
     /// by default; never from a listener address outside `tcp_bind`).
     pub http_connect: bool,
+    /// Whether PageKite back-ends (pagekite.py) are accepted on the link
+    /// listeners (off by default; see `relay::pagekite`).
+    pub pagekite: bool,
     /// The relay's certificate source.
     pub tls: RelayTlsSource,
     /// Public host name of the relay.
@@ -358,6 +368,7 @@ impl RawRelayConfig {
         self.tcp_ports
             .get_or_insert_with(|| format!("{low}-{high}"));
         self.http_connect.get_or_insert(false);
+        self.pagekite.get_or_insert(false);
         self.name.get_or_insert_with(|| "localhost".into());
         self.heartbeat
             .get_or_insert_with(|| format(DEFAULT_HEARTBEAT));
@@ -506,6 +517,7 @@ impl TryFrom<RawRelayConfig> for RelayConfig {
             tcp_bind,
             tcp_ports,
             http_connect: raw.http_connect.unwrap_or(false),
+            pagekite: raw.pagekite.unwrap_or(false),
             tls,
             name: raw.name.unwrap_or_else(|| "localhost".into()),
             heartbeat: parse_duration("heartbeat", raw.heartbeat.as_deref(), DEFAULT_HEARTBEAT)?,

@@ -400,6 +400,8 @@ fn connect_reaches(tcp_bind: IpAddr, local: Option<SocketAddr>) -> bool {
 /// and port (PageKite-style, e.g. `ssh -o ProxyCommand` through a proxy-aware
 /// helper), then bytes flow raw both ways. Only where the operator enabled it
 /// (`--http-connect`) and never past `--tcp-bind` ([`connect_reaches`]).
+/// A PageKite back-end's raw kite (`--pagekite`) is reached here too, from
+/// any HTTP listener: it has no port of its own.
 #[allow(clippy::too_many_arguments)]
 async fn connect_tcp_kite<S: VisitorConn>(
     reader: S::Reader,
@@ -411,25 +413,34 @@ async fn connect_tcp_kite<S: VisitorConn>(
     local: Option<SocketAddr>,
     ctx: &Arc<RelayCtx>,
 ) {
-    if !ctx.config.http_connect {
+    let port = head
+        .target
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok());
+    // PageKite raw kites are reached this way only (no public port of
+    // their own): with --pagekite on, whatever --http-connect says.
+    let pagekite = match port {
+        Some(port) if ctx.config.pagekite => ctx.registry.lookup_connect_kite(host, port),
+        _ => None,
+    };
+    if pagekite.is_none() && !ctx.config.http_connect {
         let detail = "CONNECT to TCP kites is not enabled on this relay (--http-connect).";
         let _ = writer
             .write_all(&http1::error_response(405, "Method Not Allowed", detail))
             .await;
         return;
     }
-    if !connect_reaches(ctx.config.tcp_bind, local) {
+    if pagekite.is_none() && !connect_reaches(ctx.config.tcp_bind, local) {
         let detail = "TCP kites on this relay are not reachable from this address.";
         let _ = writer
             .write_all(&http1::error_response(403, "Forbidden", detail))
             .await;
         return;
     }
-    let port = head
-        .target
-        .rsplit_once(':')
-        .and_then(|(_, port)| port.parse::<u16>().ok());
-    let found = match port.map(|port| ctx.registry.lookup_port(port)) {
+    let found = match pagekite
+        .map(Lookup::Found)
+        .or(port.map(|port| ctx.registry.lookup_port(port)))
+    {
         Some(Lookup::Found(backends))
             if backends
                 .iter()

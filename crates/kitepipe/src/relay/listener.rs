@@ -3,7 +3,9 @@
 //! A TLS ClientHello offering ALPN `kitepipe/1` is a connector's link; any
 //! other ClientHello is a visitor's HTTPS (routed by SNI: terminated by
 //! `terminate` for an http kite with a certificate, else passed through);
-//! anything else is HTTP. A port that serves only links skips the sniffing.
+//! anything else is HTTP, unless it is a PageKite back-end's head (or its
+//! ping) on a link port (`pagekite`). A port that serves only links looks
+//! at the first byte only (TLS or PageKite).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,7 +50,21 @@ pub(crate) async fn run(listener: TcpListener, roles: ListenerConfig, ctx: Arc<R
 
 async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: Arc<RelayCtx>) {
     if roles.link && !roles.http && !roles.https {
-        super::session::accept(sock, BytesMut::new(), peer, ctx).await;
+        // One read tells a link's TLS from a PageKite back-end's head.
+        let mut sock = sock;
+        let mut buf = BytesMut::with_capacity(2048);
+        match tokio::time::timeout(SNIFF_TIMEOUT, sock.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                debug!("no first bytes in time; dropping connection");
+                return;
+            }
+        }
+        if sniff::looks_like_tls(buf[0]) {
+            super::session::accept(sock, buf, peer, ctx).await;
+        } else {
+            super::pagekite::serve_plain(sock, buf, peer, false, ctx).await;
+        }
         return;
     }
     if roles.http && !roles.link && !roles.https {
@@ -112,6 +128,11 @@ async fn serve(sock: TcpStream, peer: SocketAddr, roles: &ListenerConfig, ctx: A
             sni => super::tcp::serve_https(sock, buf, peer, sni, ctx).await,
         },
         Some(_) => debug!("TLS client without the kitepipe ALPN on a link-only port"),
+        // Plain bytes on a link port: a PageKite back-end (or its ping),
+        // else the HTTP visitor it may also serve.
+        None if roles.link => {
+            super::pagekite::serve_plain(sock, buf, peer, roles.http, ctx).await;
+        }
         None if roles.http => {
             super::http::serve_plain(sock, buf, peer, ctx).await;
         }

@@ -34,6 +34,7 @@ mod identity;
 mod link_identity;
 mod listener;
 mod nodes;
+mod pagekite;
 mod registry;
 mod remote;
 mod session;
@@ -194,6 +195,8 @@ pub(crate) struct RelayCtx {
     pub(crate) acme: acme::Acme,
     /// The access log (`--access-log`), if any.
     pub(crate) access: std::sync::OnceLock<AccessLog>,
+    /// PageKite back-ends' challenges (`--pagekite`).
+    pub(crate) pagekite: pagekite::FrontEnd,
 }
 
 impl Relay {
@@ -277,6 +280,7 @@ impl Relay {
             certs: served_certs,
             acme,
             access: std::sync::OnceLock::new(),
+            pagekite: pagekite::FrontEnd::default(),
         });
         ctx.acme.load_stored(&ctx.certs);
         ctx.handlers.count_in(ctx.registry.metrics.clone());

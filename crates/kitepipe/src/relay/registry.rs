@@ -44,6 +44,9 @@ pub(crate) struct Backend {
     pub(crate) http: Arc<HttpRules>,
     /// The kite's counters (resolved once, at registration).
     pub(crate) metrics: KiteMetrics,
+    /// A PageKite raw kite: reached only by `CONNECT name:port` on the
+    /// HTTP port, no public port bound (see `relay::pagekite`).
+    pub(crate) connect_only: bool,
 }
 
 /// What authorized a link to serve a kite.
@@ -446,6 +449,62 @@ impl Registry {
         policy: VisitorPolicy,
         http: HttpRules,
     ) -> bool {
+        self.add_backend(id, kite, grant, policy, http, false)
+    }
+
+    /// Adds a PageKite raw kite (`kite.proto` TCP, `kite.port` the port
+    /// its back-end asked for) to link `id`, granted by a secret: visitors
+    /// reach it by `CONNECT name:port` on the HTTP port
+    /// ([`Registry::lookup_connect_kite`]); no public port is bound and
+    /// `tcp_ports` is not touched. False if the link is gone.
+    pub(crate) fn add_connect_kite(&self, id: LinkId, kite: &KiteRef) -> bool {
+        self.add_backend(
+            id,
+            kite,
+            Grant::Secret,
+            VisitorPolicy::default(),
+            HttpRules::default(),
+            true,
+        )
+    }
+
+    /// The backends of the PageKite raw kite `host:port` (exact name,
+    /// then the most specific wildcard), if one is online.
+    pub(crate) fn lookup_connect_kite(&self, host: &str, port: u16) -> Option<Vec<Backend>> {
+        let mut inner = lock(&self.inner);
+        let mut candidates = vec![host.to_string()];
+        let mut rest = host;
+        while let Some((_, parent)) = rest.split_once('.') {
+            candidates.push(format!("*.{parent}"));
+            rest = parent;
+        }
+        for name in candidates {
+            if !kite::name_matches(&name, host) {
+                continue;
+            }
+            if let Some(entry) = inner.kites.get_mut(&(KiteProto::Tcp, name, port)) {
+                let backends: Vec<Backend> = entry
+                    .rotate()
+                    .into_iter()
+                    .filter(|backend| backend.connect_only)
+                    .collect();
+                if !backends.is_empty() {
+                    return Some(backends);
+                }
+            }
+        }
+        None
+    }
+
+    fn add_backend(
+        &self,
+        id: LinkId,
+        kite: &KiteRef,
+        grant: Grant,
+        policy: VisitorPolicy,
+        http: HttpRules,
+        connect_only: bool,
+    ) -> bool {
         let mut inner = lock(&self.inner);
         let Some(link) = inner.links.get_mut(&id) else {
             return false;
@@ -476,8 +535,9 @@ impl Registry {
             policy,
             http,
             metrics: self.metrics.kite(&kite.name),
+            connect_only,
         };
-        if kite.proto == KiteProto::Tcp {
+        if kite.proto == KiteProto::Tcp && !connect_only {
             inner.tcp_ports.insert(kite.port, kite.name.clone());
         }
         if inner.known.len() < MAX_KNOWN_KITES {

@@ -193,6 +193,13 @@ impl UnprovenLinks {
     }
 }
 
+impl UnprovenSlot {
+    /// Cancelled when the slot is evicted (see [`UnprovenLinks::enter`]).
+    pub(crate) fn evicted(&self) -> &CancellationToken {
+        &self.evicted
+    }
+}
+
 impl Drop for UnprovenSlot {
     fn drop(&mut self) {
         let mut inner = lock(&self.set);

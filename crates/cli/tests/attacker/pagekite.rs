@@ -1,0 +1,375 @@
+//! Attacker tests: the relay's PageKite front-end (`--pagekite`).
+//!
+//! A stranger speaks the PageKite back-end protocol to the relay's link
+//! port with hand-made heads and chunks: with PageKite off it is refused
+//! with a line naming the flag; garbage, oversized heads and too many kite
+//! requests are refused; a forged challenge, a replayed signed request
+//! and a signature for another name win nothing; a name of a kitepipe
+//! connector's domain needs that domain's secret; and a tunnel that
+//! authenticated and then sends garbage chunks, giant chunk lengths, a
+//! zlib bomb or tens of thousands of SIDs is closed (or its chunks
+//! ignored) with the relay's memory bounded, while the real kites keep
+//! answering.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::*;
+
+const SECRET: &str = "pagekite-attacker-secret-1";
+const CORP_SECRET: &str = "corp-connector-secret-22";
+const GOOD: &str = "good.corp.test";
+
+/// SHA-1 of `data`, lowercase hex (PageKite's signatures).
+fn sha1_hex(data: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, data.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// pagekite.py's `signToken` without a timestamp.
+fn sign(secret: &str, payload: &str, salt: &str) -> String {
+    let salt = &salt[..8];
+    format!(
+        "{salt}{}",
+        &sha1_hex(&format!("{secret}{payload}{salt}"))[..28]
+    )
+}
+
+const SRAND: &str = "0123456789abcdef0123456789abcdef0123";
+
+/// An `X-PageKite:` request for `proto:name` with `token`, signed with
+/// `secret`.
+fn request(proto: &str, name: &str, token: &str, secret: &str) -> String {
+    let payload = format!("{proto}:{name}:{SRAND}:{token}");
+    format!(
+        "X-PageKite: {payload}:{}\r\n",
+        sign(secret, &payload, "a1b2c3d4e5")
+    )
+}
+
+/// A back-end's head with `lines` (X-PageKite requests and more).
+fn head(lines: &str, zchunks: bool) -> String {
+    format!(
+        "CONNECT PageKite:1 HTTP/1.0\r\nX-PageKite-Features: AddKites\r\n{}\
+         X-PageKite-Version: 1.5.2.201011\r\n{lines}\r\n",
+        if zchunks {
+            "X-PageKite-Features: ZChunks\r\n"
+        } else {
+            ""
+        }
+    )
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(scaled(Duration::from_secs(20))))
+        .unwrap();
+    sock
+}
+
+/// Reads a reply head (up to the blank line; at most 64 KiB).
+fn read_head(sock: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match sock.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Sends `head` on a new connection and returns the relay's reply head.
+fn ask(addr: SocketAddr, head: &str) -> (TcpStream, String) {
+    let mut sock = connect(addr);
+    sock.write_all(head.as_bytes()).unwrap();
+    let reply = read_head(&mut sock);
+    (sock, reply)
+}
+
+/// The challenge tokens of a reply: (`proto:name`, token).
+fn challenges(reply: &str) -> Vec<(String, String)> {
+    reply
+        .lines()
+        .filter_map(|line| line.strip_prefix("X-PageKite-SignThis: "))
+        .filter_map(|value| {
+            let parts: Vec<&str> = value.split(':').collect();
+            (parts.len() == 4).then(|| (format!("{}:{}", parts[0], parts[1]), parts[3].to_string()))
+        })
+        .collect()
+}
+
+/// Whether the relay closes `sock` within the patience (EOF or reset),
+/// discarding what it still sends.
+#[allow(clippy::disallowed_methods)] // Real processes run on the wall clock.
+fn closed(sock: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + patience();
+    while std::time::Instant::now() < deadline {
+        match sock.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// A relay with PageKite on for `*.pk.test` (SECRET) and a kitepipe
+/// connector serving GOOD under `*.corp.test` (CORP_SECRET).
+struct Scene {
+    relay: RelayProc,
+    _backend: Backend,
+    _connector: Proc,
+}
+
+impl Scene {
+    fn start(pagekite: bool) -> Scene {
+        let mut relay = Relay::new()
+            .domain(&format!("http,tcp:*.pk.test:{SECRET}"))
+            .domain(&format!("http:*.corp.test:{CORP_SECRET}"));
+        if pagekite {
+            relay = relay.arg("--pagekite");
+        }
+        let relay = relay.start();
+        let backend = Backend::start("http");
+        let connector = Connector::new(&relay)
+            .secret(CORP_SECRET)
+            .kite(&format!("http:{GOOD}={}", backend.addr()))
+            .start();
+        Scene {
+            relay,
+            _backend: backend,
+            _connector: connector,
+        }
+    }
+
+    /// The kitepipe connector's kite still answers.
+    fn good_answers(&self) {
+        let body = curl_ok(&[
+            "-H",
+            &format!("Host: {GOOD}"),
+            &format!("{}/", self.relay.http_url()),
+        ]);
+        assert_eq!(body, "hello from backend\n");
+    }
+
+    /// A tunnel for `evil.pk.test` that got its kite (the real secret,
+    /// the relay's challenge signed), with the rest of the reply read.
+    fn authenticated_tunnel(&self, zchunks: bool) -> TcpStream {
+        let (_, reply) = ask(
+            self.relay.link,
+            &head(&request("http", "evil.pk.test", "", SECRET), zchunks),
+        );
+        let (_, token) = challenges(&reply)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("a challenge in {reply}"));
+        let (sock, reply) = ask(
+            self.relay.link,
+            &head(&request("http", "evil.pk.test", &token, SECRET), zchunks),
+        );
+        assert!(
+            reply.contains("X-PageKite-OK: http:evil.pk.test:"),
+            "{reply}"
+        );
+        sock
+    }
+}
+
+#[test]
+fn pagekite_off_refuses_back_ends_naming_the_flag() {
+    let scene = Scene::start(false);
+    let (mut sock, reply) = ask(
+        scene.relay.link,
+        &head(&request("http", "evil.pk.test", "", SECRET), false),
+    );
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    let mut body = String::new();
+    let _ = sock.read_to_string(&mut body);
+    assert!(body.contains("--pagekite"), "{body}");
+    scene.relay.proc.wait_for("PageKite support is off");
+    scene.good_answers();
+}
+
+#[test]
+fn garbage_oversized_and_overlong_heads_are_refused() {
+    let scene = Scene::start(true);
+    // Garbage after the request line.
+    let (_, reply) = ask(
+        scene.relay.link,
+        "CONNECT PageKite:1 HTTP/1.0\r\n\x01\x02 no colon here\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    // A head that never ends: refused past the bound, not buffered.
+    let mut sock = connect(scene.relay.link);
+    sock.write_all(b"CONNECT PageKite:1 HTTP/1.0\r\n").unwrap();
+    let filler = format!("X-Filler: {}\r\n", "a".repeat(1000));
+    let mut refused = false;
+    for _ in 0..64 {
+        if sock.write_all(filler.as_bytes()).is_err() {
+            refused = true;
+            break;
+        }
+    }
+    let reply = read_head(&mut sock);
+    assert!(
+        refused || reply.starts_with("HTTP/1.1 400"),
+        "an endless head: {reply}"
+    );
+    // Too many kite requests in one head.
+    let lines: String = (0..100)
+        .map(|i| request("http", &format!("k{i}.pk.test"), "", SECRET))
+        .collect();
+    let (_, reply) = ask(scene.relay.link, &head(&lines, false));
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(!reply.contains("X-PageKite-SignThis"), "{reply}");
+    scene.good_answers();
+}
+
+#[test]
+fn forged_replayed_and_misdirected_signatures_win_nothing() {
+    let scene = Scene::start(true);
+    let link = scene.relay.link;
+    // A forged challenge (not the relay's): a fresh challenge, no kite.
+    let forged = "t0000000".to_string() + &"0".repeat(28);
+    let (_, reply) = ask(
+        link,
+        &head(&request("http", "evil.pk.test", &forged, SECRET), false),
+    );
+    assert!(!reply.contains("X-PageKite-OK"), "{reply}");
+    assert!(
+        reply.contains("X-PageKite-SignThis: http:evil.pk.test:"),
+        "{reply}"
+    );
+
+    // A real challenge for one name, used for another: no kite.
+    let (_, reply) = ask(
+        link,
+        &head(&request("http", "one.pk.test", "", SECRET), false),
+    );
+    let (_, token) = challenges(&reply).into_iter().next().expect("challenge");
+    let (_, reply) = ask(
+        link,
+        &head(&request("http", "two.pk.test", &token, SECRET), false),
+    );
+    assert!(!reply.contains("X-PageKite-OK"), "{reply}");
+
+    // A signed request for one name with its signature on another.
+    let (_, reply) = ask(
+        link,
+        &head(&request("http", "three.pk.test", "", SECRET), false),
+    );
+    let (_, token) = challenges(&reply).into_iter().next().expect("challenge");
+    let good = request("http", "three.pk.test", &token, SECRET);
+    let stolen_sign = good.trim_end().rsplit(':').next().unwrap().to_string();
+    let misdirected = format!("X-PageKite: http:four.pk.test:{SRAND}:{token}:{stolen_sign}\r\n");
+    let (_, reply) = ask(link, &head(&misdirected, false));
+    assert!(!reply.contains("X-PageKite-OK"), "{reply}");
+
+    // The genuine request is accepted once; replayed verbatim (an
+    // eavesdropper on the plaintext tunnel) it is not.
+    let (first, reply) = ask(link, &head(&good, false));
+    assert!(
+        reply.contains("X-PageKite-OK: http:three.pk.test:"),
+        "{reply}"
+    );
+    let (_, replay) = ask(link, &head(&good, false));
+    assert!(!replay.contains("X-PageKite-OK"), "{replay}");
+    drop(first);
+
+    // A name under a kitepipe connector's domain with the PageKite
+    // domain's secret: refused, the connector keeps its kite alone.
+    let (_, reply) = ask(link, &head(&request("http", GOOD, "", SECRET), false));
+    let (_, token) = challenges(&reply).into_iter().next().expect("challenge");
+    let (_, reply) = ask(link, &head(&request("http", GOOD, &token, SECRET), false));
+    assert!(
+        reply.contains(&format!(
+            "X-PageKite-Invalid-Why: http:{GOOD}:{SRAND};signature"
+        )),
+        "{reply}"
+    );
+    for _ in 0..4 {
+        scene.good_answers();
+    }
+}
+
+#[test]
+fn a_tunnel_sending_garbage_chunks_is_closed() {
+    let scene = Scene::start(true);
+    let mut sock = scene.authenticated_tunnel(false);
+    sock.write_all(b"zz not a chunk length\r\n").unwrap();
+    assert!(closed(&mut sock), "garbage chunk framing closes the tunnel");
+
+    let mut sock = scene.authenticated_tunnel(false);
+    sock.write_all(b"ffffffff\r\n").unwrap();
+    sock.write_all(&[b'x'; 4096]).unwrap();
+    assert!(closed(&mut sock), "a giant chunk length closes the tunnel");
+    scene.good_answers();
+}
+
+/// `len` zero bytes as one zlib stream, sync-flushed (a PageKite ZChunk's
+/// payload), made by Python's zlib.
+fn zlib_zeros(len: usize) -> Vec<u8> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import sys, zlib; c = zlib.compressobj(); \
+                 sys.stdout.buffer.write(c.compress(bytes({len})) + c.flush(zlib.Z_SYNC_FLUSH))"
+            ),
+        ])
+        .output()
+        .expect("python3 zlib");
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn a_zlib_bomb_and_a_flood_of_sids_are_bounded() {
+    let scene = Scene::start(true);
+    let baseline = scene.relay.proc.rss_kib();
+    // 512 MiB of zeros in ~500 KiB, claiming a small plain length.
+    let bomb = zlib_zeros(512 << 20);
+    let mut sock = scene.authenticated_tunnel(true);
+    let _ = sock.write_all(format!("400_Z{:x}\r\n", bomb.len()).as_bytes());
+    let _ = sock.write_all(&bomb);
+    assert!(closed(&mut sock), "a zlib bomb closes the tunnel");
+    assert!(
+        scene.relay.proc.rss_kib() < baseline + 64 * 1024,
+        "relay memory after the bomb: {} KiB from {baseline} KiB",
+        scene.relay.proc.rss_kib()
+    );
+    scene.good_answers();
+
+    // 60k chunks for SIDs the relay never opened: ignored or refused,
+    // never kept.
+    let mut sock = scene.authenticated_tunnel(false);
+    let mut batch = Vec::new();
+    for sid in 0..60_000u32 {
+        let payload = format!("SID: {sid}\r\n\r\nhello");
+        batch.extend_from_slice(format!("{:x}\r\n{payload}", payload.len()).as_bytes());
+        if batch.len() > 64 * 1024 {
+            if sock.write_all(&batch).is_err() {
+                break;
+            }
+            batch.clear();
+        }
+    }
+    let _ = sock.write_all(&batch);
+    assert!(
+        scene.relay.proc.rss_kib() < baseline + 64 * 1024,
+        "relay memory after 60k SIDs: {} KiB from {baseline} KiB",
+        scene.relay.proc.rss_kib()
+    );
+    drop(sock);
+    scene.good_answers();
+}
