@@ -179,6 +179,34 @@ mod tests {
     }
 
     #[test]
+    fn captured_kite_requests_check_with_their_secret() {
+        use kitepipe_proto::pagekite::{ChunkDecoder, parse_backend_hello};
+        let captures: [&[u8]; 2] = [
+            include_bytes!("../../../proto/src/pagekite/vectors/pagekite-be.bin"),
+            include_bytes!("../../../proto/src/pagekite/vectors/upagekite-be.bin"),
+        ];
+        for wire in captures {
+            let (hello, consumed) = parse_backend_hello(wire).unwrap().unwrap();
+            // The re-signed requests (with the front-end's challenge) come
+            // in the first chunk.
+            let mut buf = bytes::BytesMut::from(&wire[consumed..]);
+            let chunk = ChunkDecoder::new().decode(&mut buf).unwrap().unwrap();
+            let requests = hello.requests.iter().chain(&chunk.headers.requests);
+            let mut n = 0;
+            for request in requests {
+                n += 1;
+                let payload = request.payload();
+                assert!(
+                    check_signature(&request.sign, "s3cret", &payload, 0),
+                    "{payload}"
+                );
+                assert!(!check_signature(&request.sign, "s3cre7", &payload, 0));
+            }
+            assert!(n >= 2);
+        }
+    }
+
+    #[test]
     fn random_salts_are_hex_and_differ() {
         let (a, b) = (random_salt(), random_salt());
         assert_eq!(a.len(), TOKEN_LENGTH);

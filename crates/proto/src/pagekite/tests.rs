@@ -704,3 +704,268 @@ fn zip_bombs_stop_at_the_declared_size() {
         })
     );
 }
+
+/// Captured tunnels (see vectors/README.md): pagekite.py 1.5 as back-end
+/// and front-end, and upagekite 0.3.2 as back-end.
+const PAGEKITE_BE: &[u8] = include_bytes!("vectors/pagekite-be.bin");
+const PAGEKITE_FE: &[u8] = include_bytes!("vectors/pagekite-fe.bin");
+const UPAGEKITE_BE: &[u8] = include_bytes!("vectors/upagekite-be.bin");
+const UPAGEKITE_FE: &[u8] = include_bytes!("vectors/upagekite-fe.bin");
+const PROBE_BE: &[u8] = include_bytes!("vectors/ping-probe-be.bin");
+
+/// Decodes every chunk of a captured direction, checking that plain
+/// chunks re-encode byte for byte (headers we keep verbatim).
+fn replay(wire: &[u8]) -> Vec<Chunk> {
+    let mut decoder = ChunkDecoder::new();
+    let mut buf = BytesMut::from(wire);
+    let mut chunks = Vec::new();
+    while !buf.is_empty() {
+        let before = buf.clone();
+        let chunk = decoder
+            .decode(&mut buf)
+            .unwrap_or_else(|e| panic!("chunk {}: {e}", chunks.len()))
+            .unwrap_or_else(|| panic!("chunk {} incomplete", chunks.len()));
+        let consumed = &before[..before.len() - buf.len()];
+        let line_end = consumed.iter().position(|b| *b == b'\r').unwrap();
+        let compressed = consumed[..line_end].contains(&b'Z');
+        let h = &chunk.headers;
+        if !compressed && h.other.is_empty() {
+            let mut again = BytesMut::new();
+            ChunkEncoder::new(false).encode_plain(h, &chunk.data, &mut again);
+            assert_eq!(&again[..], consumed, "re-encoded chunk {}", chunks.len());
+        }
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// The stream data of one SID, in order.
+fn stream_data(chunks: &[Chunk], sid: u32) -> Vec<u8> {
+    chunks
+        .iter()
+        .filter(|c| c.headers.sid == Some(sid) && !c.headers.noop && c.headers.eof.is_none())
+        .flat_map(|c| c.data.to_vec())
+        .collect()
+}
+
+#[test]
+fn pagekite_py_back_end_capture_replays() {
+    let (hello, consumed) = parse_backend_hello(PAGEKITE_BE).unwrap().unwrap();
+    assert_eq!(hello.transport, Transport::Chunked);
+    assert_eq!(hello.features, ["AddKites", "ZChunks"]);
+    let kites: Vec<_> = hello.requests.iter().map(|r| r.proto.as_str()).collect();
+    assert_eq!(kites, ["http", "raw-22"]);
+    assert!(hello.requests.iter().all(|r| r.token.is_empty()));
+    let chunks = replay(&PAGEKITE_BE[consumed..]);
+    // AddKites: the signed requests come back in a NOOP, with the
+    // front-end's challenge as token.
+    let signed = &chunks[0].headers;
+    assert!(signed.noop);
+    assert_eq!(signed.requests.len(), 2);
+    assert!(signed.requests.iter().all(|r| r.token.starts_with('t')));
+    // The answers to the visitor requests, inflated from ZChunks.
+    let compressed = PAGEKITE_BE[consumed..]
+        .windows(3)
+        .any(|w| w[0].is_ascii_hexdigit() && w[1] == b'Z');
+    assert!(compressed, "the capture holds ZChunks");
+    let big = stream_data(&chunks, 7);
+    let text = String::from_utf8_lossy(&big);
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text:.80}");
+    let head_end = text.find("\r\n\r\n").unwrap() + 4;
+    assert!(text.contains("Content-Length: 116991\r\n"));
+    assert_eq!(big.len() - head_end, 116_991);
+    assert!(stream_data(&chunks, 5).ends_with(b"hello from the back-end\n"));
+    assert!(stream_data(&chunks, 9).ends_with(b"hello from the back-end\n"));
+    // Its closes, and its keepalive PING.
+    assert!(chunks.iter().any(|c| c.headers.sid == Some(7)
+        && c.headers.eof
+            == Some(Eof {
+                write: false,
+                read: true
+            })));
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c.headers.noop && c.headers.ping.is_some())
+    );
+}
+
+#[test]
+fn pagekite_py_front_end_capture_replays() {
+    let (hello, consumed) = parse_frontend_hello(PAGEKITE_FE).unwrap().unwrap();
+    assert_eq!(hello.features, ["ZChunks", "WebSockets", "AddKites"]);
+    assert_eq!(hello.protos, ["http", "https", "raw"]);
+    assert_eq!(hello.raw_ports, ["virtual"]);
+    assert!(hello.session_id.is_some());
+    assert_eq!(hello.answers.len(), 2);
+    assert!(
+        hello
+            .answers
+            .iter()
+            .all(|a| matches!(a, KiteAnswer::SignThis { token, .. } if token.starts_with('t')))
+    );
+    let chunks = replay(&PAGEKITE_FE[consumed..]);
+    assert_eq!(
+        chunks[0].headers.answers.len(),
+        2,
+        "the OKs arrive in a NOOP"
+    );
+    assert!(
+        chunks[0]
+            .headers
+            .other
+            .iter()
+            .any(|(name, _)| name == "x-pagekite-sessionid")
+    );
+    let opening = chunks
+        .iter()
+        .find(|c| c.headers.sid == Some(7) && c.headers.proto.is_some())
+        .unwrap();
+    assert_eq!(opening.headers.proto.as_deref(), Some("http"));
+    assert_eq!(opening.headers.host.as_deref(), Some("foo.example.com"));
+    assert_eq!(opening.headers.rip.as_deref(), Some("::ffff:127.0.0.1"));
+    assert!(opening.data.starts_with(b"GET /big.txt HTTP/1.1\r\n"));
+    // A raw stream opens without data; its data follows.
+    let raw = chunks
+        .iter()
+        .find(|c| c.headers.proto.as_deref() == Some("raw"))
+        .unwrap();
+    assert_eq!(raw.headers.port.as_deref(), Some("22"));
+    assert!(raw.data.is_empty());
+    assert_eq!(
+        stream_data(&chunks, raw.headers.sid.unwrap()),
+        b"GET /hello.txt HTTP/1.0\r\n\r\n"
+    );
+    // Progress reports for the download.
+    let skbs: Vec<u64> = chunks
+        .iter()
+        .filter(|c| c.headers.sid == Some(7))
+        .filter_map(|c| c.headers.skb)
+        .collect();
+    assert!(skbs.windows(2).all(|w| w[0] <= w[1]) && skbs.last() == Some(&114));
+}
+
+#[test]
+fn upagekite_capture_replays() {
+    let (hello, consumed) = parse_backend_hello(UPAGEKITE_BE).unwrap().unwrap();
+    assert_eq!(hello.features, ["AddKites"], "upagekite speaks no ZChunks");
+    assert_eq!(hello.version.as_deref(), Some("0.3.2u"));
+    let chunks = replay(&UPAGEKITE_BE[consumed..]);
+    assert_eq!(chunks[0].headers.requests.len(), 1);
+    assert!(stream_data(&chunks, 9).starts_with(b"HTTP/1.0 200 OK\n"));
+    let (fe_hello, fe_consumed) = parse_frontend_hello(UPAGEKITE_FE).unwrap().unwrap();
+    assert_eq!(fe_hello.answers.len(), 1);
+    let fe_chunks = replay(&UPAGEKITE_FE[fe_consumed..]);
+    assert_eq!(fe_chunks[1].headers.proto.as_deref(), Some("http"));
+}
+
+#[test]
+fn pagekite_py_ping_probes_are_not_backends() {
+    // pagekite.py measures a front-end's latency with a plain HEAD before
+    // it connects; the front-end answers it like any unknown host.
+    assert!(PROBE_BE.starts_with(b"HEAD /ping HTTP/1.1\r\nHost: ping.pagekite\r\n"));
+    assert_eq!(sniff(PROBE_BE), Some(false));
+    assert_eq!(sniff(PAGEKITE_BE), Some(true));
+    assert_eq!(sniff(UPAGEKITE_BE), Some(true));
+}
+
+/// pagekite.py's own decoder, if this machine has it (Debian `pagekite`);
+/// under CI a missing one fails the test.
+fn pagekite_py_available() -> bool {
+    let found = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import pagekite.proto.selectables"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !found {
+        let message = "needs pagekite.py: sudo apt-get install pagekite";
+        assert!(std::env::var_os("CI").is_none(), "{message}");
+        eprintln!("skipped: {message}");
+    }
+    found
+}
+
+#[test]
+fn pagekite_py_decodes_what_we_encode() {
+    if !pagekite_py_available() {
+        return;
+    }
+    let mut encoder = ChunkEncoder::new(true);
+    let mut wire = BytesMut::new();
+    let mut payloads: Vec<Vec<u8>> = Vec::new();
+    let mut push = |encoder: &mut ChunkEncoder, headers: ChunkHeaders, data: &[u8], plain: bool| {
+        if plain {
+            encoder.encode_plain(&headers, data, &mut wire);
+        } else {
+            encoder.encode(&headers, data, &mut wire);
+        }
+        let mut payload = headers.to_text().into_bytes();
+        payload.extend_from_slice(data);
+        payloads.push(payload);
+    };
+    let text = b"GET /index.html HTTP/1.1\r\nHost: a.example.com\r\n\r\n".repeat(40);
+    let binary: Vec<u8> = (0..=255u8).cycle().take(20_000).collect();
+    let opening = ChunkHeaders {
+        proto: Some("http".into()),
+        host: Some("a.example.com".into()),
+        port: Some("80".into()),
+        rip: Some("192.0.2.1".into()),
+        rport: Some("4000".into()),
+        ..ChunkHeaders::sid(1)
+    };
+    push(&mut encoder, opening, &text, false);
+    let ping = ChunkHeaders {
+        ping: Some("12.5".into()),
+        ..ChunkHeaders::noop()
+    };
+    push(&mut encoder, ping, b"!", true);
+    push(&mut encoder, ChunkHeaders::sid(1), &binary, false);
+    push(&mut encoder, ChunkHeaders::sid(1), b"short", false);
+    encoder.reset();
+    push(&mut encoder, ChunkHeaders::sid(1), &text, false);
+    push(&mut encoder, ChunkHeaders::sid(1), &text, false);
+    let eof = ChunkHeaders {
+        eof: Some(Eof {
+            write: false,
+            read: true,
+        }),
+        ..ChunkHeaders::sid(1)
+    };
+    push(&mut encoder, eof, b"Bye!", true);
+
+    let path =
+        std::env::temp_dir().join(format!("kitepipe-pagekite-chunks-{}", std::process::id()));
+    std::fs::write(&path, &wire).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/pagekite/vectors/pagekite_decode.py"
+    );
+    for step in ["0", "7"] {
+        let out = std::process::Command::new("/usr/bin/python3")
+            .args([script, path.to_str().unwrap(), step])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = stdout.lines().collect();
+        let expected: Vec<String> = payloads.iter().map(|p| crate::message::hex(p)).collect();
+        assert!(lines.len() >= 2, "{stdout}");
+        assert_eq!(
+            &lines[lines.len() - 2..],
+            ["corrupt 0", "ok True"],
+            "step {step}"
+        );
+        assert_eq!(
+            lines.len() - 2,
+            expected.len(),
+            "step {step}: chunks decoded"
+        );
+        for (i, (got, want)) in lines.iter().zip(&expected).enumerate() {
+            assert!(got == want, "step {step}: chunk {i} differs");
+        }
+    }
+    std::fs::remove_file(&path).unwrap();
+}
