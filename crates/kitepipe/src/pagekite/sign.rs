@@ -70,6 +70,43 @@ pub(crate) fn check_signature(sign: &str, secret: &str, payload: &str, now: u64)
     }
 }
 
+/// A front-end's challenge for a kite request (`X-PageKite-SignThis:
+/// WHAT:CHALLENGE`): its own timed signature of `what`
+/// (`PROTO:DOMAIN:SRAND`) with a secret only it knows, like pagekite.py's
+/// `signToken(payload=what, timestamp=now)`. `check_challenge` takes it
+/// back within 10 to 20 minutes.
+pub(crate) fn challenge(front_secret: &str, what: &str, now: u64) -> String {
+    sign_token(front_secret, what, &random_salt(), Some(now))
+}
+
+/// Is `token` (a kite request's TOKEN) a challenge this front-end issued
+/// for `what` in the current or previous 10-minute window? Only timed
+/// tokens count: an untimed one would never expire.
+pub(crate) fn check_challenge(token: &str, front_secret: &str, what: &str, now: u64) -> bool {
+    token.starts_with('t') && check_signature(token, front_secret, what, now)
+}
+
+/// A back-end's signed kite request (pagekite.py's
+/// `PageKiteRequestHeaders`): `srand` is the back-end's salt, `token` the
+/// front-end's challenge or empty.
+pub(crate) fn kite_request(
+    proto: &str,
+    domain: &str,
+    secret: &str,
+    srand: &str,
+    token: &str,
+) -> kitepipe_proto::pagekite::KiteRequest {
+    let mut request = kitepipe_proto::pagekite::KiteRequest {
+        proto: proto.to_ascii_lowercase(),
+        domain: domain.to_ascii_lowercase(),
+        srand: srand.to_string(),
+        token: token.to_string(),
+        sign: String::new(),
+    };
+    request.sign = sign_token(secret, &request.payload(), &random_salt(), None);
+    request
+}
+
 /// A fresh salt: 36 hex characters from the system's CSPRNG (pagekite.py
 /// uses a SHA-1 of its secret and `random.randint`).
 pub(crate) fn random_salt() -> String {
@@ -204,6 +241,49 @@ mod tests {
             }
             assert!(n >= 2);
         }
+    }
+
+    #[test]
+    fn challenges_and_requests_round_trip() {
+        let now = 1_764_928_800;
+        let what = "http:foo.example.com:0123456789abcdef";
+        let token = challenge("front", what, now);
+        assert!(token.starts_with('t') && token.len() == TOKEN_LENGTH);
+        assert!(check_challenge(&token, "front", what, now + 900));
+        assert!(!check_challenge(&token, "front", what, now + 1200));
+        assert!(!check_challenge(&token, "other", what, now));
+        assert!(!check_challenge(
+            &token,
+            "front",
+            "http:bar.example.com:0123456789abcdef",
+            now
+        ));
+        // An untimed signature by the same secret is no challenge.
+        let untimed = sign_token("front", what, &random_salt(), None);
+        assert!(!check_challenge(&untimed, "front", what, now));
+
+        let request = kite_request(
+            "HTTP",
+            "Foo.Example.com",
+            "s3cret",
+            "0123456789abcdef",
+            &token,
+        );
+        assert_eq!(request.what(), what);
+        let parsed = kitepipe_proto::pagekite::KiteRequest::parse(&request.header_value()).unwrap();
+        assert_eq!(parsed, request);
+        assert!(check_signature(
+            &parsed.sign,
+            "s3cret",
+            &parsed.payload(),
+            now
+        ));
+        assert!(!check_signature(
+            &parsed.sign,
+            "wrong",
+            &parsed.payload(),
+            now
+        ));
     }
 
     #[test]

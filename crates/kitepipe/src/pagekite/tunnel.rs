@@ -162,24 +162,22 @@ pub(crate) struct TunnelHandle {
     /// SignThis round trips) or quota headers. Bounded ([`CONTROL_QUEUE`]);
     /// when full, newer ones are dropped (logged).
     pub(crate) control: mpsc::Receiver<ChunkHeaders>,
-    /// The writer's queue, for control NOOPs.
-    out: mpsc::Sender<Out>,
+    /// The writer's control queue (served before stream data).
+    control_out: mpsc::Sender<ChunkHeaders>,
     /// The tunnel's token: cancelled when the tunnel ends.
     token: CancellationToken,
 }
 
 impl TunnelHandle {
     /// Sends a NOOP chunk with these headers (e.g. `X-PageKite-OK`
-    /// answers, or signed requests). False if the tunnel is gone or its
-    /// queue is full.
+    /// answers, or signed requests), ahead of queued stream data. False
+    /// if the tunnel is gone or [`CONTROL_QUEUE`] of them wait already.
     pub(crate) fn send_control(&self, headers: Vec<(String, String)>) -> bool {
         let chunk = ChunkHeaders {
             other: headers,
             ..ChunkHeaders::noop()
         };
-        self.out
-            .try_send(Out::Plain(chunk, Bytes::from_static(b"!")))
-            .is_ok()
+        self.control_out.try_send(chunk).is_ok()
     }
 
     /// Ends the tunnel (and with it the Mux pair).
@@ -327,7 +325,9 @@ struct Pump {
     /// front end, the relay side at the back end).
     mux: Mux,
     out: mpsc::Sender<Out>,
-    out_rx: Mutex<Option<mpsc::Receiver<Out>>>,
+    /// The writer's queues (stream data and answers; control NOOPs),
+    /// taken by `start`.
+    out_rx: Mutex<Option<(mpsc::Receiver<Out>, mpsc::Receiver<ChunkHeaders>)>>,
     control: mpsc::Sender<ChunkHeaders>,
     sids: Mutex<HashMap<u32, SidEntry>>,
     next_sid: AtomicU32,
@@ -346,12 +346,13 @@ impl Pump {
         token: &CancellationToken,
     ) -> (Arc<Pump>, TunnelHandle) {
         let (out, out_rx) = mpsc::channel(WRITE_QUEUE);
+        let (control_out, control_out_rx) = mpsc::channel(CONTROL_QUEUE);
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let pump = Arc::new(Pump {
             end,
             mux,
             out: out.clone(),
-            out_rx: Mutex::new(Some(out_rx)),
+            out_rx: Mutex::new(Some((out_rx, control_out_rx))),
             control,
             sids: Mutex::new(HashMap::new()),
             next_sid: AtomicU32::new(1),
@@ -362,7 +363,7 @@ impl Pump {
         });
         let handle = TunnelHandle {
             control: control_rx,
-            out,
+            control_out,
             token: token.clone(),
         };
         (pump, handle)
@@ -376,10 +377,17 @@ impl Pump {
         let (reader, writer) = tokio::io::split(io);
         let span = tracing::Span::current();
         // Taken once, here: `start` runs once per pump.
-        let out_rx = lock(&self.out_rx).take().expect("the pump starts once");
+        let (out_rx, control_rx) = lock(&self.out_rx).take().expect("the pump starts once");
         self.tracker.spawn(
-            run_writer(writer, out_rx, self.config.compress, self.token.clone())
-                .instrument(span.clone()),
+            run_writer(
+                writer,
+                out_rx,
+                control_rx,
+                self.config.compress,
+                self.config.idle_timeout,
+                self.token.clone(),
+            )
+            .instrument(span.clone()),
         );
         self.tracker
             .spawn(run_reader(self.clone(), reader, leftover).instrument(span.clone()));
@@ -423,7 +431,7 @@ impl Pump {
     async fn on_chunk(self: &Arc<Self>, chunk: Chunk) -> Result<(), &'static str> {
         let Chunk { headers, data } = chunk;
         if let Some(pong) = &headers.pong {
-            trace!(pong, "pagekite tunnel: pong");
+            trace!(?pong, "pagekite tunnel: pong");
         }
         if let Some(ping) = &headers.ping {
             let pong = ChunkHeaders {
@@ -579,7 +587,7 @@ impl Pump {
             return;
         }
         let Some(visitor) = route(&dest) else {
-            debug!(sid, proto = %dest.proto, host = %dest.host, "pagekite tunnel: no kite for the stream; refused");
+            debug!(sid, proto = ?dest.proto, host = ?dest.host, "pagekite tunnel: no kite for the stream; refused");
             self.refuse(sid, &dest).await;
             return;
         };
@@ -805,7 +813,9 @@ where
 async fn run_writer<W>(
     mut io: W,
     mut rx: mpsc::Receiver<Out>,
+    mut control: mpsc::Receiver<ChunkHeaders>,
     compress: bool,
+    stall: Duration,
     token: CancellationToken,
 ) where
     W: AsyncWrite + Unpin,
@@ -817,15 +827,28 @@ async fn run_writer<W>(
         Out::Plain(headers, data) => encoder.encode_plain(&headers, &data, buf),
         Out::ResetCompressor => encoder.reset(),
     };
+    let noop = |headers| Out::Plain(headers, Bytes::from_static(b"!"));
+    let mut control_open = true;
     loop {
         let first = tokio::select! {
             biased;
             _ = token.cancelled() => break,
+            headers = control.recv(), if control_open => match headers {
+                Some(headers) => Some(noop(headers)),
+                None => {
+                    control_open = false;
+                    continue;
+                }
+            },
             out = rx.recv() => out,
         };
         let Some(first) = first else { break };
         encode(&mut encoder, &mut buf, first);
         while buf.len() < WRITE_BATCH {
+            if let Ok(headers) = control.try_recv() {
+                encode(&mut encoder, &mut buf, noop(headers));
+                continue;
+            }
             match rx.try_recv() {
                 Ok(out) => encode(&mut encoder, &mut buf, out),
                 Err(_) => break,
@@ -834,17 +857,30 @@ async fn run_writer<W>(
         if buf.is_empty() {
             continue;
         }
+        // A peer that stops reading cannot hold the tunnel (and its
+        // streams) forever: a write that makes no progress for `stall`
+        // (the idle timeout) ends it.
         let res = tokio::select! {
-            res = async {
+            res = tokio::time::timeout(stall, async {
                 io.write_all(&buf).await?;
                 io.flush().await
-            } => res,
+            }) => res,
             _ = token.cancelled() => break,
         };
         buf.clear();
-        if let Err(err) = res {
-            info!(%err, "pagekite tunnel: writing failed");
-            break;
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                info!(%err, "pagekite tunnel: writing failed");
+                break;
+            }
+            Err(_) => {
+                warn!(
+                    ?stall,
+                    "pagekite tunnel: the peer reads nothing; closing the tunnel"
+                );
+                break;
+            }
         }
     }
     token.cancel();

@@ -186,9 +186,13 @@ impl ChunkHeaders {
         Ok(headers)
     }
 
-    /// The header block, ending with its blank line.
+    /// The header block, ending with its blank line (an empty block is
+    /// the blank line alone, `\r\n\r\n`, so the payload still splits).
     pub fn to_text(&self) -> String {
         let mut out = String::new();
+        if *self == ChunkHeaders::default() {
+            return "\r\n\r\n".to_string();
+        }
         if self.noop {
             out.push_str("NOOP: 1\r\n");
         }

@@ -1,6 +1,6 @@
 //! PageKite 1 (pagekite.py 1.5, upagekite) on the wire, sans-IO: the
-//! handshake heads a back-end and a front-end exchange ([`head`]), and the
-//! chunks that carry every stream of a tunnel afterwards ([`chunk`]:
+//! handshake heads a back-end and a front-end exchange (`head.rs`), and the
+//! chunks that carry every stream of a tunnel afterwards (`chunk.rs`:
 //! framing, zlib "ZChunks", chunk headers).
 //!
 //! Start at [`parse_backend_hello`] (what a front-end reads first), then

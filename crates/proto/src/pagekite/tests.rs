@@ -877,11 +877,22 @@ fn pagekite_py_available() -> bool {
         .output()
         .is_ok_and(|out| out.status.success());
     if !found {
-        let message = "needs pagekite.py: sudo apt-get install pagekite";
-        assert!(std::env::var_os("CI").is_none(), "{message}");
-        eprintln!("skipped: {message}");
+        not_run("needs pagekite.py, which is not installed: sudo apt-get install pagekite");
     }
     found
+}
+
+/// Like the end-to-end fixtures' `require_tool`: a failure under CI, a
+/// `NOT RUN` line otherwise.
+fn not_run(why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} {why} (CI installs every tool: .ci/run)"
+    );
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "NOT RUN {test}: {why}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The pump driven over a duplex by a hand-written PageKite peer.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use super::*;
 
 /// How long a test waits for something that must happen.
-const PATIENCE: Duration = Duration::from_secs(10);
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The test's end of the tunnel: a PageKite peer writing and reading
 /// chunks by hand.
@@ -538,6 +539,169 @@ async fn silent_peers_are_pinged_then_dropped() {
     t.finish().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn peers_that_never_read_are_dropped() {
+    // A tiny duplex: the pump's writes back up at once.
+    let (ours, theirs) = tokio::io::duplex(1024);
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    let config = TunnelConfig {
+        ping_interval: Duration::from_secs(4),
+        idle_timeout: Duration::from_secs(9),
+        ..config(false)
+    };
+    let (mux, _handle) = start_front(ours, BytesMut::new(), &config, &tracker, token.clone());
+    let mut peer = Peer::new(theirs, false);
+    let mut stream = mux
+        .open(message::encode(&StreamHeader::Visitor(visitor(
+            KiteProto::Http,
+            "a.example.com",
+            Some("a.example.com"),
+        ))))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    // The visitor uploads; the peer keeps sending PINGs (so it is not
+    // silent) but never reads a byte.
+    let upload = tokio::spawn(async move {
+        let _ = stream.write_all(&vec![b'u'; 1024 * 1024]).await;
+        stream
+    });
+    let pinging = async {
+        loop {
+            peer.send(
+                ChunkHeaders {
+                    ping: Some("1".into()),
+                    ..ChunkHeaders::noop()
+                },
+                b"!",
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    tokio::select! {
+        _ = mux.closed() => {}
+        _ = pinging => unreachable!(),
+        _ = tokio::time::sleep(Duration::from_secs(60)) => panic!("the tunnel outlived a peer that never reads"),
+    }
+    assert!(started.elapsed() >= Duration::from_secs(9));
+    drop(upload.await.unwrap());
+    token.cancel();
+    tracker.close();
+    tokio::time::timeout(PATIENCE, tracker.wait())
+        .await
+        .unwrap();
+}
+
+/// A PageKite back-end that echoes every stream and closes it after our
+/// EOF, acknowledging progress like pagekite.py.
+async fn echo_peer(mut peer: Peer) {
+    let mut received: HashMap<u32, u64> = HashMap::new();
+    while let Some(chunk) = peer.next().await {
+        let h = chunk.headers;
+        let Some(sid) = h.sid else { continue };
+        if h.noop {
+            continue;
+        }
+        if let Some(eof) = h.eof {
+            if eof.read {
+                peer.send(
+                    ChunkHeaders {
+                        eof: Some(Eof {
+                            write: true,
+                            read: true,
+                        }),
+                        ..ChunkHeaders::sid(sid)
+                    },
+                    b"Bye!",
+                )
+                .await;
+            }
+            continue;
+        }
+        if chunk.data.is_empty() {
+            continue;
+        }
+        peer.send(ChunkHeaders::sid(sid), &chunk.data).await;
+        let total = received.entry(sid).or_default();
+        *total += chunk.data.len() as u64;
+        peer.send(
+            ChunkHeaders {
+                skb: Some(*total / 1024),
+                ..ChunkHeaders {
+                    noop: true,
+                    ..ChunkHeaders::sid(sid)
+                }
+            },
+            b"",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn many_streams_echo_through_one_tunnel_and_are_forgotten() {
+    let t = front(config(true));
+    let peer = tokio::spawn(echo_peer(t.peer));
+    let mut tasks = Vec::new();
+    for i in 0..20u32 {
+        let mut stream = t
+            .mux
+            .open(message::encode(&StreamHeader::Visitor(visitor(
+                KiteProto::Http,
+                "a.example.com",
+                Some("a.example.com"),
+            ))))
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            // Distinct per stream, and not too compressible.
+            let data: Vec<u8> = (0..600_000u32)
+                .map(|n| (n.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
+                .collect();
+            let (mut reader, mut writer) = tokio::io::split(stream);
+            let sent = data.clone();
+            let write = tokio::spawn(async move {
+                writer.write_all(&sent).await.unwrap();
+                writer.shutdown().await.unwrap();
+                writer
+            });
+            let mut echoed = Vec::new();
+            tokio::time::timeout(PATIENCE, reader.read_to_end(&mut echoed))
+                .await
+                .expect("the echo ends in time")
+                .unwrap();
+            stream = reader.unsplit(write.await.unwrap());
+            drop(stream);
+            assert!(
+                echoed == data,
+                "stream {i}: {} of {} bytes",
+                echoed.len(),
+                data.len()
+            );
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut forgotten = false;
+    for _ in 0..200 {
+        if t.mux.stream_count() == 0 {
+            forgotten = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(forgotten, "{} streams left", t.mux.stream_count());
+    t.token.cancel();
+    t.tracker.close();
+    tokio::time::timeout(PATIENCE, t.tracker.wait())
+        .await
+        .unwrap();
+    peer.abort();
+}
+
 struct Back {
     mux: Mux,
     receivers: MuxReceivers,
@@ -759,4 +923,479 @@ async fn back_refuses_sids_beyond_max_streams() {
     assert!(t.peer.next_significant().await.headers.eof.is_some());
     assert!(t.mux.stream_count() <= 1);
     t.finish().await;
+}
+
+/// Real pagekite.py on the other end of the pump.
+mod pagekite_py {
+    use std::process::{Child, Command, Stdio};
+
+    use kitepipe_proto::pagekite::{
+        BackEndHello, FrontEndHello, KiteAnswer, Transport, build_backend_hello,
+        build_frontend_hello, parse_backend_hello, parse_frontend_hello, sniff,
+    };
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::pagekite::sign::{kite_request, random_salt};
+
+    /// pagekite.py, if this machine has it; under CI a missing one fails.
+    fn available() -> bool {
+        let found = std::path::Path::new("/usr/bin/pagekite").exists();
+        if !found {
+            not_run("needs pagekite.py, which is not installed: sudo apt-get install pagekite");
+        }
+        found
+    }
+
+    /// Like the end-to-end fixtures' `require_tool`: a failure under CI,
+    /// a `NOT RUN` line otherwise.
+    fn not_run(why: &str) {
+        let thread = std::thread::current();
+        let test = thread.name().unwrap_or("a test");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test} {why} (CI installs every tool: .ci/run)"
+        );
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "NOT RUN {test}: {why}");
+    }
+
+    /// A pagekite.py process with its own HOME, stopped (by PID) and its
+    /// directory removed on drop.
+    struct PageKite {
+        child: Child,
+        home: std::path::PathBuf,
+    }
+
+    impl PageKite {
+        fn start(name: &str, args: &[String]) -> PageKite {
+            let home =
+                std::env::temp_dir().join(format!("kitepipe-pk-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&home).unwrap();
+            let child = Command::new("/usr/bin/pagekite")
+                .args(["--clean", "--nullui"])
+                .arg(format!("--logfile={}", home.join("log").display()))
+                .args(args)
+                .env("HOME", &home)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            PageKite { child, home }
+        }
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(self.home.join("log")).unwrap_or_default()
+        }
+    }
+
+    impl Drop for PageKite {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.home);
+        }
+    }
+
+    /// A local HTTP/1.0 server answering every request with `body`.
+    async fn http_target(body: Vec<u8>) -> (u16, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let answer =
+                        format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                    let _ = sock.write_all(answer.as_bytes()).await;
+                    let _ = sock.write_all(&body).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        (port, task)
+    }
+
+    async fn read_head(sock: &mut TcpStream) -> BytesMut {
+        let mut buf = BytesMut::new();
+        tokio::time::timeout(PATIENCE, async {
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                assert_ne!(
+                    sock.read_buf(&mut buf).await.unwrap(),
+                    0,
+                    "closed before its head"
+                );
+            }
+        })
+        .await
+        .unwrap();
+        buf
+    }
+
+    fn body(len: usize) -> Vec<u8> {
+        let words = ["alpha ", "beta ", "kite ", "tunnel ", "relay "];
+        words
+            .iter()
+            .cycle()
+            .flat_map(|w| w.bytes())
+            .take(len)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn pagekite_py_back_end_serves_visitors_through_the_front_pump() {
+        if !available() {
+            return;
+        }
+        let small = body(100);
+        let large = body(300_000);
+        let (small_port, small_task) = http_target(small.clone()).await;
+        let (large_port, large_task) = http_target(large.clone()).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let pagekite = PageKite::start(
+            "be",
+            &[
+                format!("--frontend=127.0.0.1:{port}"),
+                format!("--service_on=http:small.example.com:127.0.0.1:{small_port}:s3cret"),
+                format!("--service_on=http:large.example.com:127.0.0.1:{large_port}:s3cret"),
+            ],
+        );
+        // pagekite.py probes the front-end's latency with plain HEADs
+        // first; answer those like pagekite.py does (503), then take the
+        // tunnel.
+        let (sock, head) = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let head = read_head(&mut sock).await;
+                if sniff(&head) == Some(true) {
+                    return (sock, head);
+                }
+                let _ = sock.write_all(b"HTTP/1.1 503 Unavailable\r\n\r\n").await;
+            }
+        })
+        .await
+        .expect("pagekite.py connects");
+        let mut sock = sock;
+        let (hello, consumed) = parse_backend_hello(&head).unwrap().unwrap();
+        assert!(hello.features.iter().any(|f| f == "ZChunks"));
+        assert_eq!(hello.requests.len(), 2);
+        for request in &hello.requests {
+            assert!(crate::pagekite::sign::check_signature(
+                &request.sign,
+                "s3cret",
+                &request.payload(),
+                0
+            ));
+        }
+        let answer = FrontEndHello {
+            features: vec!["ZChunks".into(), "AddKites".into()],
+            protos: vec!["http".into()],
+            ports: vec![port.to_string()],
+            answers: hello
+                .requests
+                .iter()
+                .map(|r| KiteAnswer::Ok(r.what()))
+                .collect(),
+            session_id: Some("test-session".into()),
+            ..FrontEndHello::default()
+        };
+        sock.write_all(&build_frontend_hello(&answer))
+            .await
+            .unwrap();
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let (mux, _handle) = start_front(
+            sock,
+            BytesMut::from(&head[consumed..]),
+            &config(true),
+            &tracker,
+            token.clone(),
+        );
+        for (name, expected) in [
+            ("small.example.com", &small),
+            ("large.example.com", &large),
+            ("small.example.com", &small),
+        ] {
+            let mut stream = mux
+                .open(message::encode(&StreamHeader::Visitor(visitor(
+                    KiteProto::Http,
+                    name,
+                    Some(name),
+                ))))
+                .await
+                .unwrap();
+            let request = format!("GET / HTTP/1.0\r\nHost: {name}\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let res = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
+            assert!(
+                res.is_ok_and(|r| r.is_ok()),
+                "{name}: {:?}\n{}",
+                String::from_utf8_lossy(&answer[..answer.len().min(200)]),
+                pagekite.log()
+            );
+            let text_end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            assert!(answer.starts_with(b"HTTP/1.0 200 OK\r\n"), "{name}");
+            assert!(
+                answer[text_end..] == expected[..],
+                "{name}: body of {} bytes",
+                answer.len() - text_end
+            );
+        }
+        token.cancel();
+        tracker.close();
+        tokio::time::timeout(PATIENCE, tracker.wait())
+            .await
+            .unwrap();
+        small_task.abort();
+        large_task.abort();
+        drop(pagekite);
+    }
+
+    #[tokio::test]
+    async fn pagekite_py_front_end_reaches_kites_through_the_back_pump() {
+        if !available() {
+            return;
+        }
+        let fe_port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let pagekite = PageKite::start(
+            "fe",
+            &[
+                "--isfrontend".into(),
+                format!("--ports={fe_port}"),
+                "--protos=http".into(),
+                "--domain=http:foo.example.com:s3cret".into(),
+            ],
+        );
+        let mut sock = tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Ok(sock) = TcpStream::connect(("127.0.0.1", fe_port)).await {
+                    return sock;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("pagekite.py listens");
+        let salt = random_salt();
+        let sign = |token: &str| kite_request("http", "foo.example.com", "s3cret", &salt, token);
+        let hello = BackEndHello {
+            transport: Transport::Chunked,
+            features: vec!["AddKites".into(), "ZChunks".into()],
+            version: Some("kitepipe-test".into()),
+            requests: vec![sign("")],
+            replace: None,
+        };
+        sock.write_all(&build_backend_hello(&hello)).await.unwrap();
+        let head = read_head(&mut sock).await;
+        let (answer, consumed) = parse_frontend_hello(&head).unwrap().unwrap();
+        let Some(KiteAnswer::SignThis {
+            token: challenge, ..
+        }) = answer.answers.first().cloned()
+        else {
+            panic!("a challenge: {answer:?}");
+        };
+        let route: Route = Arc::new(|dest: &ChunkDest| {
+            (dest.proto == "http" && dest.host == "foo.example.com").then(|| VisitorHeader {
+                kite: KiteRef {
+                    proto: KiteProto::Http,
+                    name: dest.host.clone(),
+                    port: 0,
+                },
+                host: Some(dest.host.clone()),
+                peer: format!(
+                    "{}:{}",
+                    dest.rip.clone().unwrap_or_default(),
+                    dest.rport.unwrap_or(0)
+                ),
+                relay_addr: None,
+            })
+        });
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let (_mux, mut receivers, mut handle) = start_back(
+            sock,
+            BytesMut::from(&head[consumed..]),
+            &config(answer.features.iter().any(|f| f == "ZChunks")),
+            route,
+            &tracker,
+            token.clone(),
+        );
+        // AddKites: the signed request in a NOOP, the OK in one back.
+        assert!(handle.send_control(vec![("X-PageKite".into(), sign(&challenge).header_value())]));
+        let ok = tokio::time::timeout(PATIENCE, handle.control.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(ok.answers.first(), Some(KiteAnswer::Ok(what)) if what.starts_with("http:foo.example.com:")),
+            "{ok:?}\n{}",
+            pagekite.log()
+        );
+        // A visitor at the front-end; the pump opens its stream here.
+        let visitor = tokio::spawn(async move {
+            let mut sock = TcpStream::connect(("127.0.0.1", fe_port)).await.unwrap();
+            sock.write_all(
+                b"GET /hello HTTP/1.1\r\nHost: foo.example.com\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let mut answer = Vec::new();
+            sock.read_to_end(&mut answer).await.unwrap();
+            answer
+        });
+        let incoming = tokio::time::timeout(PATIENCE, receivers.incoming.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let Ok(StreamHeader::Visitor(header)) = message::decode(&incoming.header) else {
+            panic!("a visitor stream");
+        };
+        assert_eq!(header.host.as_deref(), Some("foo.example.com"));
+        let mut stream = incoming.stream;
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1);
+            request.push(byte[0]);
+        }
+        assert!(request.starts_with(b"GET /hello HTTP/1.1\r\n"));
+        // Large enough to run into our pacing on its SKB reports.
+        let page = body(2_000_000);
+        stream
+            .write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    page.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        stream.write_all(&page).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let answer = tokio::time::timeout(PATIENCE, visitor)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200 OK\r\n"),
+            "{}",
+            String::from_utf8_lossy(&answer[..answer.len().min(300)])
+        );
+        assert!(answer.ends_with(&page));
+        drop(stream);
+        token.cancel();
+        tracker.close();
+        tokio::time::timeout(PATIENCE, tracker.wait())
+            .await
+            .unwrap();
+        drop(pagekite);
+    }
+
+    /// upagekite (PyPI) for this machine's `python3`, if installed; under
+    /// CI a missing one fails.
+    fn upagekite_available() -> bool {
+        let found = Command::new("python3")
+            .args(["-c", "import upagekite"])
+            .stdin(Stdio::null())
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !found {
+            not_run("needs upagekite, which is not installed: python3 -m pip install upagekite");
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn upagekite_back_end_takes_our_chunk_sizes() {
+        if !upagekite_available() {
+            return;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../proto/src/pagekite/vectors/run_upagekite.py"
+        );
+        let mut child = Command::new("python3")
+            .args([script, "foo.example.com", "s3cret", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (mut sock, _) = tokio::time::timeout(PATIENCE, listener.accept())
+            .await
+            .expect("upagekite connects")
+            .unwrap();
+        let head = read_head(&mut sock).await;
+        let (hello, consumed) = parse_backend_hello(&head).unwrap().unwrap();
+        assert!(!hello.features.iter().any(|f| f == "ZChunks"));
+        let answer = FrontEndHello {
+            features: vec!["AddKites".into()],
+            protos: vec!["http".into()],
+            ports: vec![port.to_string()],
+            answers: hello
+                .requests
+                .iter()
+                .map(|r| KiteAnswer::Ok(r.what()))
+                .collect(),
+            ..FrontEndHello::default()
+        };
+        sock.write_all(&build_frontend_hello(&answer))
+            .await
+            .unwrap();
+        let tracker = TaskTracker::new();
+        let token = CancellationToken::new();
+        let (mux, _handle) = start_front(
+            sock,
+            BytesMut::from(&head[consumed..]),
+            &config(false),
+            &tracker,
+            token.clone(),
+        );
+        // A request larger than one fragment: several chunks of FRAGMENT.
+        let filler = "x".repeat(3 * FRAGMENT);
+        let request =
+            format!("GET /big HTTP/1.1\r\nHost: foo.example.com\r\nX-Filler: {filler}\r\n\r\n");
+        let mut stream = mux
+            .open(message::encode(&StreamHeader::Visitor(visitor(
+                KiteProto::Http,
+                "foo.example.com",
+                Some("foo.example.com"),
+            ))))
+            .await
+            .unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let res = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(res.is_ok_and(|r| r.is_ok()));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+        assert!(text.contains("hello from upagekite"), "{text}");
+        token.cancel();
+        tracker.close();
+        tokio::time::timeout(PATIENCE, tracker.wait())
+            .await
+            .unwrap();
+    }
 }
