@@ -49,6 +49,24 @@ fn wait_served(relay: &RelayProc, host: &str, body: &str) {
     });
 }
 
+/// Like `eventually`, for waits pagekite.py makes longer than the
+/// fixtures' patience: up to two minutes (scaled).
+#[allow(clippy::disallowed_methods)] // Real processes run on the wall clock.
+fn wait_long<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let bound = scaled(std::time::Duration::from_secs(120));
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {bound:?} waiting for: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn pagekite_py_serves_http_and_raw_kites_through_the_relay() {
     if !pagekite_required() || !sshd::required() || !require_tool("nc", "netcat-openbsd") {
@@ -142,6 +160,18 @@ fn pagekite_py_serves_http_and_raw_kites_through_the_relay() {
             .is_some_and(|node| node.starts_with("pagekite:")),
         "{status}"
     );
+    // ... and counted in /metrics like any kite's visitors (10 MB out).
+    let metrics = curl_ok(&[&format!("http://{admin}/metrics")]);
+    let out = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(&format!(
+                "kitepipe_visitor_bytes_total{{kite=\"{WEB}\",direction=\"out\"}} "
+            ))
+        })
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{WEB}'s bytes out in {metrics}"));
+    assert!(out >= size as f64, "{out} bytes out");
     let ssh = kites.iter().find(|k| k["name"] == SSH).expect("raw kite");
     assert_eq!(ssh["proto"], "tcp");
     assert_eq!(ssh["port"], 22);
@@ -150,6 +180,14 @@ fn pagekite_py_serves_http_and_raw_kites_through_the_relay() {
         let (status, _) = get(&relay, WEB, "/");
         (status == "503").then_some(())
     });
+    // The back-end starts again: served again.
+    let again = PageKiteBackEnd::start(
+        relay.link,
+        &[format!("http:{WEB}:127.0.0.1:{}:{SECRET}", backend.port)],
+        &[],
+    );
+    again.wait_kite(WEB);
+    wait_served(&relay, WEB, "hello from backend\n");
 }
 
 #[test]
@@ -187,6 +225,7 @@ fn a_wrong_secret_and_a_name_outside_the_domain_are_refused() {
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // Real processes run on the wall clock.
 fn pagekite_py_comes_back_after_the_relay_restarts() {
     if !pagekite_required() {
         return;
@@ -211,9 +250,21 @@ fn pagekite_py_comes_back_after_the_relay_restarts() {
     );
     be.wait_kite(WEB);
     wait_served(&relay, WEB, "hello from backend\n");
+    // pagekite.py tries a front-end again only 60 s after its last
+    // connection to it (`CreateTunnels`: "assume this one may still be in
+    // flight"), and backs off while it waits: the relay restarts once
+    // the tunnel is older than that, as it would be in real life.
+    std::thread::sleep(std::time::Duration::from_secs(62));
     relay.proc.terminate();
     let relay = start();
-    be.wait_kite_count(WEB, 2);
+    wait_long(&format!("{WEB} accepted again"), || {
+        (be.proc
+            .output()
+            .matches(&format!("domain={WEB}; ssl="))
+            .count()
+            >= 2)
+            .then_some(())
+    });
     wait_served(&relay, WEB, "hello from backend\n");
 }
 
@@ -296,6 +347,31 @@ fn pagekite_py_serves_an_https_kite_by_sni() {
         String::from_utf8_lossy(&body)
     );
     drop(server);
+}
+
+#[test]
+fn a_one_port_relay_serves_pagekite_back_ends_and_visitors_on_one_port() {
+    if !pagekite_required() {
+        return;
+    }
+    let port = format!("127.0.0.1:{}", free_port());
+    let relay = Relay::new()
+        .arg("--pagekite")
+        .domain(&format!("http:*.pk.test:{SECRET}"))
+        .args(&["--listen", &port, "--http", &port])
+        .start();
+    assert_eq!(Some(relay.link), relay.http, "one port");
+    let backend = Backend::start("http");
+    let be = PageKiteBackEnd::start(
+        relay.link,
+        &[format!("http:{WEB}:127.0.0.1:{}:{SECRET}", backend.port)],
+        &[],
+    );
+    be.wait_kite(WEB);
+    wait_served(&relay, WEB, "hello from backend\n");
+    // Visitors of other names still get the relay's own answers there.
+    let (status, _) = get(&relay, "nobody.pk.test", "/");
+    assert_eq!(status, "404");
 }
 
 #[test]

@@ -373,3 +373,112 @@ fn a_zlib_bomb_and_a_flood_of_sids_are_bounded() {
     drop(sock);
     scene.good_answers();
 }
+
+/// The `X-PageKite-SessionID` of a reply head.
+fn session_of(reply: &str) -> String {
+    reply
+        .lines()
+        .find_map(|line| line.strip_prefix("X-PageKite-SessionID: "))
+        .unwrap_or_else(|| panic!("a session ID in {reply}"))
+        .to_string()
+}
+
+/// Opens a tunnel for `names` (challenges answered), with `extra` head
+/// lines; returns it and its reply head.
+fn tunnel(addr: SocketAddr, names: &[&str], extra: &str) -> (TcpStream, String) {
+    let lines: String = names
+        .iter()
+        .map(|name| request("http", name, "", SECRET))
+        .collect();
+    let (_, reply) = ask(addr, &head(&format!("{extra}{lines}"), false));
+    let signed: String = challenges(&reply)
+        .into_iter()
+        .map(|(what, token)| {
+            let name = what.split(':').nth(1).unwrap().to_string();
+            request("http", &name, &token, SECRET)
+        })
+        .collect();
+    let (sock, reply) = ask(addr, &head(&format!("{extra}{signed}"), false));
+    for name in names {
+        assert!(
+            reply.contains(&format!("X-PageKite-OK: http:{name}:")),
+            "{reply}"
+        );
+    }
+    (sock, reply)
+}
+
+#[test]
+fn a_session_is_replaced_only_by_a_tunnel_proving_all_its_kites() {
+    let scene = Scene::start(true);
+    let link = scene.relay.link;
+    let (mut old, reply) = tunnel(link, &["a.pk.test", "b.pk.test"], "");
+    let session = session_of(&reply);
+    // Naming the session but proving only one of its kites: both stay.
+    let replace = format!("X-PageKite-Replace: {session}\r\n");
+    let (_partial, _) = tunnel(link, &["a.pk.test"], &replace);
+    old.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    for _ in 0..4 {
+        let mut buf = [0u8; 4096];
+        match old.read(&mut buf) {
+            // Pings from the relay are fine; an end is not.
+            Ok(n) => assert!(n > 0, "the old tunnel was closed by a partial replacement"),
+            Err(err) => assert!(
+                matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "the old tunnel was cut by a partial replacement: {err}"
+            ),
+        }
+    }
+    // Proving all of them: the stale tunnel is closed at once, and the
+    // new one keeps the session.
+    let (_new, reply) = tunnel(link, &["a.pk.test", "b.pk.test"], &replace);
+    assert_eq!(session_of(&reply), session);
+    old.set_read_timeout(Some(scaled(Duration::from_secs(20))))
+        .unwrap();
+    assert!(closed(&mut old), "the replaced tunnel is closed");
+    scene.good_answers();
+}
+
+#[test]
+fn wrong_signatures_are_budgeted_per_tunnel() {
+    let scene = Scene::start(true);
+    let names: Vec<String> = (0..6).map(|i| format!("guess{i}.pk.test")).collect();
+    let lines: String = names
+        .iter()
+        .map(|name| request("http", name, "", SECRET))
+        .collect();
+    let (_, reply) = ask(scene.relay.link, &head(&lines, false));
+    let guesses: String = challenges(&reply)
+        .into_iter()
+        .map(|(what, token)| {
+            let name = what.split(':').nth(1).unwrap().to_string();
+            request("http", &name, &token, "a-guessed-secret-123")
+        })
+        .collect();
+    let (mut sock, reply) = ask(scene.relay.link, &head(&guesses, false));
+    let why: Vec<&str> = reply
+        .lines()
+        .filter_map(|line| line.strip_prefix("X-PageKite-Invalid-Why: "))
+        .map(|value| value.rsplit(';').next().unwrap())
+        .collect();
+    // Four are checked (and wrong); the rest are refused unchecked.
+    assert_eq!(
+        why,
+        [
+            "signature",
+            "signature",
+            "signature",
+            "signature",
+            "quota",
+            "quota"
+        ],
+        "{reply}"
+    );
+    assert!(!reply.contains("X-PageKite-OK"), "{reply}");
+    assert!(closed(&mut sock), "a tunnel that won nothing is closed");
+    scene.good_answers();
+}

@@ -54,8 +54,11 @@ use crate::sync::lock;
 /// requests together): as many as one head may ask for.
 pub(crate) const MAX_KITES_PER_TUNNEL: usize = pagekite::MAX_KITE_REQUESTS;
 
-/// Visitor streams (SIDs) one tunnel carries at once.
-pub(crate) const MAX_STREAMS_PER_TUNNEL: usize = 1024;
+/// Visitor streams (SIDs) one tunnel carries at once; past it a visitor
+/// gets the kite's "unreachable" answer. Each may queue up to
+/// `pagekite::MAX_CHUNK` (256 KiB) of the back-end's data: 64 MiB at most
+/// per tunnel, and only for streams visitors opened.
+pub(crate) const MAX_STREAMS_PER_TUNNEL: usize = crate::pagekite::tunnel::DEFAULT_MAX_STREAMS;
 
 /// Longest a `HEAD /ping` (pagekite.py's front-end ping) may be.
 const MAX_PING: usize = 1024;
@@ -64,10 +67,6 @@ const MAX_PING: usize = 1024;
 /// challenges and answers them in a NOOP chunk, PageKite's `AddKites`) may
 /// take: the same as a link's handshake.
 const UNPROVEN_TUNNEL: Duration = HANDSHAKE_TIMEOUT;
-
-/// A tunnel with no traffic at all for this long is closed (the pump
-/// pings an idle one well before).
-const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What pagekite.py expects from a front-end it pings (`Ping` in pk.py
 /// wants `HTTP/1.1 503 Unavailable`).
@@ -479,16 +478,18 @@ where
         linger(sock).await;
         return;
     }
-    let tunnel = TunnelConfig {
+    let config = TunnelConfig {
         compress: offers(&hello, "ZChunks"),
+        // The relay's heartbeat, as on its links; a tunnel silent for
+        // three of them (and a little) is dead.
         ping_interval: ctx.config.heartbeat,
-        idle_timeout: TUNNEL_IDLE_TIMEOUT.max(ctx.config.heartbeat * 3),
+        idle_timeout: ctx.config.heartbeat * 3 + Duration::from_secs(5),
         max_streams: MAX_STREAMS_PER_TUNNEL,
         mux: ctx.mux.clone(),
     };
     let token = ctx.token.child_token();
     let (mux, mut handle) =
-        crate::pagekite::start_front(sock, buf, &tunnel, &ctx.tracker, token.clone());
+        crate::pagekite::start_front(sock, buf, &config, &ctx.tracker, token.clone());
     let mut tunnel = Tunnel {
         mux,
         peer,
@@ -674,9 +675,10 @@ fn session_id(hello: &BackEndHello) -> String {
     }
 }
 
-/// The chunk headers that carry `answers` (a NOOP chunk's, for AddKites).
+/// The headers that carry `answers` in a NOOP chunk (AddKites; the pump
+/// adds `NOOP: 1`).
 fn answer_headers(answers: &[KiteAnswer]) -> Vec<(String, String)> {
-    let mut headers = vec![("NOOP".to_string(), "1".to_string())];
+    let mut headers = Vec::new();
     for answer in answers {
         match answer {
             KiteAnswer::Ok(what) => headers.push(("X-PageKite-OK".into(), what.clone())),
@@ -898,7 +900,8 @@ mod tests {
         assert_eq!(kite("finger"), Err(why::PROTO));
         // No HTTPS listener: no https kites; no HTTP listener: no raw ones.
         let none = |proto: &str| kite_of(&request(proto, "a.pk.test"), None, None);
-        assert_eq!(none("https"), Err(why::PORT).or(Err(why::PROTO)));
+        assert_eq!(none("https"), Err(why::PROTO));
+        assert_eq!(none("http"), Err(why::PROTO));
         assert_eq!(none("raw-22"), Err(why::PORT));
         assert!(kite_of(&request("http", "a..pk.test"), Some(80), None).is_err());
     }
