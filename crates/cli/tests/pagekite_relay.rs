@@ -255,6 +255,9 @@ fn pagekite_py_comes_back_after_the_relay_restarts() {
     // flight"), and backs off while it waits: the relay restarts once
     // the tunnel is older than that, as it would be in real life.
     std::thread::sleep(std::time::Duration::from_secs(62));
+    // Idle for four heartbeats, the tunnel lived on its pings.
+    wait_served(&relay, WEB, "hello from backend\n");
+    assert_eq!(relay.proc.count("PageKite tunnel closed"), 0);
     relay.proc.terminate();
     let relay = start();
     wait_long(&format!("{WEB} accepted again"), || {

@@ -482,3 +482,34 @@ fn wrong_signatures_are_budgeted_per_tunnel() {
     assert!(closed(&mut sock), "a tunnel that won nothing is closed");
     scene.good_answers();
 }
+
+#[test]
+fn a_head_that_never_ends_is_cut_at_the_handshake_deadline() {
+    let scene = Scene::start(true);
+    let mut sock = connect(scene.relay.link);
+    sock.write_all(b"CONNECT PageKite:1 HTTP/1.0\r\nX-PageKite-Features: AddKites\r\n")
+        .unwrap();
+    // Nothing more: the relay closes it (15 s), and serves others meanwhile.
+    scene.good_answers();
+    assert!(closed(&mut sock), "a dripping head is cut");
+    scene.good_answers();
+}
+
+#[test]
+fn the_websocket_transport_is_refused_with_501() {
+    let scene = Scene::start(true);
+    // pagekite.py 1.5's `--wschunks` head (its path says v0.8).
+    let lines = request("http", "ws.pk.test", "", SECRET);
+    let (_, reply) = ask(
+        scene.relay.link,
+        &format!(
+            "GET /~:PageKite:~/v0.8 HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: v1.pagekite.org\r\nSec-WebSocket-Version: 13\r\n\
+             X-PageKite-Version: 1.5.2.201011\r\n{lines}\r\n"
+        ),
+    );
+    assert!(reply.starts_with("HTTP/1.1 501"), "{reply}");
+    scene.relay.proc.wait_for("websocket transport refused");
+    scene.good_answers();
+}

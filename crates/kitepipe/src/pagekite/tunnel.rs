@@ -75,6 +75,11 @@ const SID_BUFFER: usize = kitepipe_proto::pagekite::MAX_CHUNK;
 /// `acked_kb_delta`).
 const SEND_WINDOW_KB: u64 = 256;
 
+/// KiB of progress between `SKB` reports while data keeps coming (the
+/// last count is always reported once the queue runs dry). pagekite.py
+/// pauses a stream ~47 KiB past our last report; 8 keeps it well clear.
+const SKB_STEP_KB: u64 = 8;
+
 /// How long a stream whose peer stopped reading (`EOF: W`) may keep its
 /// MuxStream open, discarding what it reads, before it is dropped: a clean
 /// close lets queued data reach the far side before the stream ends.
@@ -147,6 +152,16 @@ pub(crate) struct ChunkDest {
     pub(crate) rport: Option<u16>,
     /// `RTLS`: the front-end terminated TLS for the visitor.
     pub(crate) rtls: bool,
+}
+
+impl ChunkDest {
+    /// The visitor's address from `RIP` and `RPort`, IPv4-mapped IPv6
+    /// (pagekite.py's `::ffff:1.2.3.4`) as IPv4; None if either is missing
+    /// or malformed. `to_string()` gives `VisitorHeader::peer`'s form.
+    pub(crate) fn visitor_addr(&self) -> Option<SocketAddr> {
+        let ip: std::net::IpAddr = self.rip.as_deref()?.parse().ok()?;
+        Some(SocketAddr::new(ip.to_canonical(), self.rport?))
+    }
 }
 
 /// Decides which kite serves a new SID at the back-end end (`None`:
@@ -1082,8 +1097,11 @@ async fn run_upstream(
                     continue;
                 }
                 written += data.len() as u64;
+                // Progress every SKB_STEP_KB, and whenever the queue runs
+                // dry (so the peer always learns the final count): fewer
+                // tiny chunks for pagekite.py's 150-per-read limit.
                 let kb = written / 1024;
-                if kb != reported_kb {
+                if kb != reported_kb && (kb - reported_kb >= SKB_STEP_KB || inbound.is_empty()) {
                     reported_kb = kb;
                     let progress = ChunkHeaders {
                         skb: Some(kb),
@@ -1188,9 +1206,21 @@ async fn run_downstream(mut task: Downstream) {
                 }
                 return;
             }
-            Ok(n) => {
+            Ok(mut n) => {
                 if stopped_at.is_some() {
                     continue;
+                }
+                // Whatever else the stream holds already goes in the same
+                // chunk: pagekite.py decodes at most 150 chunks per read of
+                // its tunnel (~50 KB) and gives the tunnel up beyond that,
+                // so a chatty stream must not become a stream of tiny
+                // chunks.
+                while n < buf.len() {
+                    match read_now(&mut task.reader, &mut buf[n..]) {
+                        Some(Ok(more)) if more > 0 => n += more,
+                        // EOF, an error or nothing yet: the next read says.
+                        _ => break,
+                    }
                 }
                 let headers = task
                     .opening
@@ -1225,6 +1255,18 @@ async fn run_downstream(mut task: Downstream) {
                 return;
             }
         }
+    }
+}
+
+/// Reads what `reader` holds right now, without waiting; None if it has
+/// nothing yet (the next `read().await` registers the real waker).
+fn read_now(reader: &mut ReadHalf<MuxStream>, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut read_buf = tokio::io::ReadBuf::new(buf);
+    match std::pin::Pin::new(reader).poll_read(&mut cx, &mut read_buf) {
+        std::task::Poll::Ready(Ok(())) => Some(Ok(read_buf.filled().len())),
+        std::task::Poll::Ready(Err(err)) => Some(Err(err)),
+        std::task::Poll::Pending => None,
     }
 }
 

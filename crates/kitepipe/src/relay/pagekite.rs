@@ -198,7 +198,10 @@ pub(crate) async fn serve_plain(
         }
         Plain::BackEnd => {
             let span = info_span!("pagekite", %peer);
-            accept(sock, buf, peer, ctx).instrument(span).await;
+            let unproven = ctx.unproven.enter(peer.ip());
+            accept(sock, buf, peer, unproven, ctx)
+                .instrument(span)
+                .await;
         }
         Plain::Ping if ctx.config.pagekite => {
             let _ = sock.write_all(PING_REPLY).await;
@@ -294,12 +297,22 @@ async fn tls_hop(mut sock: TcpStream, buf: BytesMut, peer: SocketAddr, ctx: Arc<
     {
         return;
     }
+    // A place among the unproven links from the first TLS byte, as a
+    // link's; the head inside must come within the same deadline.
+    let unproven = ctx.unproven.enter(peer.ip());
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let io = super::h2::Rewind::new(buf.freeze(), sock);
-    let accepted = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_rustls::TlsAcceptor::from(config).accept(io),
-    )
-    .await;
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout_at(
+            deadline,
+            tokio_rustls::TlsAcceptor::from(config).accept(io),
+        ) => accepted,
+        _ = unproven.evicted().cancelled() => {
+            debug!("too many unauthenticated links: closing the oldest, this PageKite TLS hop");
+            ctx.registry.metrics.handshake_failed(HandshakeFailure::Busy);
+            return;
+        }
+    };
     let mut tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
@@ -316,7 +329,7 @@ async fn tls_hop(mut sock: TcpStream, buf: BytesMut, peer: SocketAddr, ctx: Arc<
         }
     };
     let mut buf = BytesMut::with_capacity(2048);
-    let first = tokio::time::timeout(HEAD_TIMEOUT, async {
+    let first = tokio::time::timeout_at(deadline, async {
         loop {
             match pagekite::sniff(&buf) {
                 Some(verdict) => return Ok(verdict),
@@ -329,7 +342,7 @@ async fn tls_hop(mut sock: TcpStream, buf: BytesMut, peer: SocketAddr, ctx: Arc<
     })
     .await;
     match first {
-        Ok(Ok(true)) => accept(tls, buf, peer, ctx).await,
+        Ok(Ok(true)) => accept(tls, buf, peer, unproven, ctx).await,
         _ => debug!("no PageKite head inside the TLS hop; closing"),
     }
 }
@@ -371,11 +384,16 @@ fn unix_now() -> u64 {
 /// A back-end's connection after its first bytes said `CONNECT PageKite:`
 /// (or the websocket variant): reads its head, judges its kites, answers,
 /// and serves the tunnel until it ends.
-async fn accept<S>(mut sock: S, mut buf: BytesMut, peer: SocketAddr, ctx: Arc<RelayCtx>)
-where
+/// `unproven`: its place among the links that proved nothing yet.
+async fn accept<S>(
+    mut sock: S,
+    mut buf: BytesMut,
+    peer: SocketAddr,
+    unproven: UnprovenSlot,
+    ctx: Arc<RelayCtx>,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let unproven = ctx.unproven.enter(peer.ip());
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let hello = loop {
         match pagekite::parse_backend_hello(&buf) {

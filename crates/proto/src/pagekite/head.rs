@@ -18,8 +18,9 @@ const MAX_HEAD_HEADERS: usize = 2 * MAX_KITE_REQUESTS + 32;
 /// tokens and signatures are 36).
 const MAX_KITE_FIELD: usize = 255;
 
-/// The path of the WebSocket variant of a back-end's request.
-const WEBSOCKET_PATH: &str = "/~:PageKite:~/v1";
+/// What every version of the WebSocket request's path starts with
+/// (`/~:PageKite:~/v1`; pagekite.py 1.5 sends `v0.8`).
+const WEBSOCKET_PREFIX: &str = "/~:PageKite:~/";
 
 /// One kite a back-end asks for:
 /// `X-PageKite: PROTO:DOMAIN:SRAND:TOKEN:SIGN`.
@@ -256,7 +257,8 @@ pub fn parse_backend_hello(buf: &[u8]) -> Result<Option<(BackEndHello, usize)>, 
     let version_ok = version.is_some_and(|v| v.to_ascii_uppercase().starts_with("HTTP/1."));
     let websocket = match (method, target) {
         (Some("CONNECT"), Some(t)) if t.starts_with("PageKite:") && version_ok => false,
-        (Some("GET"), Some(WEBSOCKET_PATH)) if version_ok => true,
+        // pagekite.py 1.5 asks for `/~:PageKite:~/v0.8` (its PROTOVER).
+        (Some("GET"), Some(t)) if t.starts_with(WEBSOCKET_PREFIX) && version_ok => true,
         _ => return Err(bad_start()),
     };
     let mut hello = BackEndHello {

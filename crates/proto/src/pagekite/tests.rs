@@ -860,6 +860,41 @@ fn upagekite_capture_replays() {
 }
 
 #[test]
+fn pagekite_py_rejections_replay() {
+    let be = include_bytes!("vectors/rejected-be.bin");
+    let fe = include_bytes!("vectors/rejected-fe.bin");
+    let (hello, consumed) = parse_backend_hello(be).unwrap().unwrap();
+    assert_eq!(hello.requests.len(), 2);
+    let chunks = replay(&be[consumed..]);
+    assert_eq!(chunks[0].headers.requests.len(), 2);
+    let (answer, consumed) = parse_frontend_hello(fe).unwrap().unwrap();
+    assert!(
+        answer
+            .answers
+            .iter()
+            .all(|a| matches!(a, KiteAnswer::SignThis { .. }))
+    );
+    let chunks = replay(&fe[consumed..]);
+    // pagekite.py writes each Invalid before its Invalid-Why.
+    let whys: Vec<(&str, &str)> = chunks[0]
+        .headers
+        .answers
+        .iter()
+        .map(|a| match a {
+            KiteAnswer::Invalid { what, why } => (what.split(':').nth(1).unwrap(), why.as_str()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        whys,
+        [
+            ("foo.example.com", "signature"),
+            ("other.example.com", "unauthorized")
+        ]
+    );
+}
+
+#[test]
 fn pagekite_py_ping_probes_are_not_backends() {
     // pagekite.py measures a front-end's latency with a plain HEAD before
     // it connects; the front-end answers it like any unknown host.

@@ -239,6 +239,38 @@ async fn front_visitor_streams_become_sids_both_ways() {
 }
 
 #[tokio::test]
+async fn many_small_writes_are_coalesced_into_few_chunks() {
+    // pagekite.py gives a tunnel up when one read of it (~50 KB) holds
+    // more than 150 chunks: 400 writes of 10 bytes must not become 400
+    // chunks.
+    let mut t = front(config(false));
+    let mut stream = t
+        .open(visitor(KiteProto::Tcp, "ssh.example.com", None))
+        .await;
+    let opening = t.peer.next_significant().await;
+    assert!(opening.headers.proto.is_some());
+    for i in 0..400u32 {
+        stream
+            .write_all(format!("{:09}\n", i).as_bytes())
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    let mut chunks = 0;
+    while got.len() < 4000 {
+        let chunk = t.peer.next_significant().await;
+        got.extend_from_slice(&chunk.data);
+        chunks += 1;
+    }
+    let expected: Vec<u8> = (0..400u32)
+        .flat_map(|i| format!("{:09}\n", i).into_bytes())
+        .collect();
+    assert_eq!(got, expected);
+    assert!(chunks <= 40, "{chunks} chunks for 400 small writes");
+    t.finish().await;
+}
+
+#[tokio::test]
 async fn front_raw_streams_open_before_the_visitor_speaks() {
     let mut t = front(config(false));
     let mut stream = t
@@ -782,6 +814,34 @@ fn opening(sid: u32, proto: &str, host: &str) -> ChunkHeaders {
         rip: Some("198.51.100.9".into()),
         rport: Some("5555".into()),
         ..ChunkHeaders::sid(sid)
+    }
+}
+
+#[test]
+fn chunk_dest_visitor_addresses() {
+    let dest = |rip: Option<&str>, rport: Option<u16>| ChunkDest {
+        proto: "http".into(),
+        host: "a.example.com".into(),
+        port: Some(80),
+        rip: rip.map(str::to_string),
+        rport,
+        rtls: false,
+    };
+    let cases = [
+        (
+            Some("::ffff:127.0.0.1"),
+            Some(41034),
+            Some("127.0.0.1:41034"),
+        ),
+        (Some("192.0.2.7"), Some(1), Some("192.0.2.7:1")),
+        (Some("2001:db8::1"), Some(443), Some("[2001:db8::1]:443")),
+        (Some("not-an-ip"), Some(1), None),
+        (Some("192.0.2.7"), None, None),
+        (None, Some(1), None),
+    ];
+    for (rip, rport, expected) in cases {
+        let got = dest(rip, rport).visitor_addr().map(|a| a.to_string());
+        assert_eq!(got.as_deref(), expected, "{rip:?} {rport:?}");
     }
 }
 
