@@ -521,3 +521,154 @@ fn a_returning_connector_replaces_its_stale_link_at_once() {
     );
     assert_eq!(link_lines(&relay).len(), 2);
 }
+
+/// A pagekite.py back-end (Debian's `pagekite`) behind the NAT serves an
+/// HTTP kite through kitepipe's relay speaking PageKite (`--pagekite`), and
+/// after the NAT forgets its tunnel it notices by its own pings, dials
+/// again through the NAT and serves again.
+#[test]
+fn pagekite_backend_through_nat_and_after_a_nat_reset() {
+    let Some(lab) = Lab::up() else {
+        return;
+    };
+    if !require_tool("pagekite", "pagekite") {
+        return;
+    }
+    let state = TempDir::new("netlab-relay-state");
+    let relay = Relay::new()
+        .wrapped(&lab.prefix("relay"))
+        .args(&[
+            "--listen",
+            &format!("{RELAY_IP}:{LINK_PORT}"),
+            "--http",
+            &format!("{RELAY_IP}:{HTTP_PORT}"),
+            "--tcp-bind",
+            RELAY_IP,
+            "--pagekite",
+        ])
+        .args(&["--heartbeat", HEARTBEAT])
+        .domain(&format!("http,tcp:*.example.net:{SECRET}"))
+        .state_dir(state.path())
+        .start();
+    let backend = Backend::start_wrapped("http", &lab.prefix("device"), "127.0.0.1");
+    let home = TempDir::new("netlab-pagekite-home");
+    let pagekite = start_pagekite_backend(&lab, &backend, home.path());
+
+    let started = Instant::now();
+    kite_serves(&lab, started, "pagekite.py started");
+    let (status, headers) = lab.visit("/headers").expect("visitor gets an answer");
+    assert_eq!(status, 200);
+    let headers: serde_json::Value = serde_json::from_str(&headers).unwrap();
+    assert_eq!(headers["host"], KITE);
+    // The visitor's address crossed the tunnel (RIP), and pagekite.py put it
+    // in X-Forwarded-For.
+    assert_eq!(headers["x-forwarded-for"], lab.var("NETLAB_VISITOR_IP"));
+    assert_eq!(pagekite.count(PAGEKITE_DIALS), 1, "{}", pagekite.output());
+    // The relay sees the tunnel coming from the NAT, never from the LAN.
+    let public = lab.var("NETLAB_NAT_PUBLIC_IP");
+    let tunnels = pagekite_tunnel_lines(&relay);
+    assert_eq!(tunnels.len(), 1, "{}", relay.proc.output());
+    assert!(
+        tunnels[0].contains(&format!("peer={public}:")),
+        "{tunnels:?}"
+    );
+    let device = lab.var("NETLAB_DEVICE_IP");
+    assert!(
+        !relay.proc.output().contains(device),
+        "{}",
+        relay.proc.output()
+    );
+
+    let reset = Instant::now();
+    lab.netlab("nat-reset", &[]);
+    // The old tunnel is dead at once: the NAT drops its packets silently.
+    assert_ne!(
+        lab.visit("/"),
+        Some((200, HELLO.to_string())),
+        "the old tunnel still serves"
+    );
+    // pagekite.py pings an idle tunnel every 20 s (`--keepalive`, its
+    // minimum) and drops it 45 s after the last sign of life (its fixed
+    // grace), then dials again within its 5 s check loop: about 50-70 s.
+    wait_within(
+        "pagekite.py to dial the relay again after the nat-reset",
+        scaled(Duration::from_secs(150)),
+        || (pagekite.count(PAGEKITE_DIALS) >= 2).then_some(()),
+    );
+    eprintln!(
+        "netlab: pagekite.py dialed again {:.2?} after the nat-reset",
+        reset.elapsed()
+    );
+    kite_serves(&lab, reset, "netlab nat-reset (pagekite.py back-end)");
+    let (status, headers) = lab.visit("/headers").expect("visitor gets an answer");
+    assert_eq!(status, 200);
+    let headers: serde_json::Value = serde_json::from_str(&headers).unwrap();
+    assert_eq!(headers["host"], KITE);
+    assert_eq!(headers["x-forwarded-for"], lab.var("NETLAB_VISITOR_IP"));
+    // The new tunnel came through the same NAT, on a new connection.
+    let tunnels = pagekite_tunnel_lines(&relay);
+    assert_eq!(tunnels.len(), 2, "{}", relay.proc.output());
+    assert!(
+        tunnels
+            .iter()
+            .all(|l| l.contains(&format!("peer={public}:"))),
+        "{tunnels:?}"
+    );
+}
+
+/// The relay's "PageKite kite online" lines (their span names the peer address).
+fn pagekite_tunnel_lines(relay: &RelayProc) -> Vec<String> {
+    relay
+        .proc
+        .output()
+        .lines()
+        .filter(|l| l.contains("PageKite kite online"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// What pagekite.py logs each time it dials its front-end (the relay).
+const PAGEKITE_DIALS: &str = "connect=198.51.100.1:8443";
+
+/// pagekite.py as a back-end in the device namespace: one HTTP kite for
+/// `backend`, the relay as its front-end, its own empty `home` (`--clean`:
+/// no ~/.pagekite.rc), logging to stdout. Stopped by PID when dropped.
+fn start_pagekite_backend(lab: &Lab, backend: &Backend, home: &Path) -> Proc {
+    assert_eq!(PAGEKITE_DIALS, format!("connect={RELAY_IP}:{LINK_PORT}"));
+    let mut command = Command::new(NETLAB);
+    command
+        .args(&lab.prefix("device")[1..])
+        .arg("env")
+        .arg(format!("HOME={}", home.display()))
+        .args([
+            "pagekite",
+            "--clean",
+            "--nullui",
+            "--nocrashreport",
+            "--logfile=stdio",
+            "--keepalive=20",
+        ])
+        .arg(format!("--frontend={RELAY_IP}:{LINK_PORT}"))
+        .arg(format!(
+            "--service_on=http:{KITE}:127.0.0.1:{}:{SECRET}",
+            backend.port
+        ));
+    Proc::spawn("pagekite", command)
+}
+
+/// Polls `check` until it returns `Some`, or panics after `bound` (for
+/// waits longer than `patience()`, e.g. a peer's own fixed timers); returns
+/// what it returned.
+fn wait_within<T>(what: &str, bound: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < bound,
+            "timed out after {bound:?} waiting for: {what}"
+        );
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
