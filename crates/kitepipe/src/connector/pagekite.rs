@@ -123,20 +123,13 @@ fn requests(
                 .get(&format!("{}:{}", kite.proto, kite.domain))
                 .cloned()
                 .unwrap_or_default();
-            let mut request = KiteRequest {
-                proto: kite.proto.clone(),
-                domain: kite.domain.clone(),
-                srand: srand.to_string(),
-                token,
-                sign: String::new(),
-            };
-            request.sign = sign::sign_token(
+            Some(sign::kite_request(
+                &kite.proto,
+                &kite.domain,
                 secret.expose(),
-                &request.payload(),
-                &sign::random_salt(),
-                None,
-            );
-            Some(request)
+                srand,
+                &token,
+            ))
         })
         .collect()
 }

@@ -170,7 +170,7 @@ impl ChunkDest {
 pub(crate) type Route = Arc<dyn Fn(&ChunkDest) -> Option<VisitorHeader> + Send + Sync>;
 
 /// The handshake layer's side of a running tunnel. Dropping it does not
-/// end the tunnel (the Mux and the peer do); [`TunnelHandle::close`] does.
+/// end the tunnel: closing the Mux (or the caller's token) does.
 #[derive(Debug)]
 pub(crate) struct TunnelHandle {
     /// NOOP chunks carrying `X-PageKite` requests or answers (AddKites,
@@ -179,8 +179,6 @@ pub(crate) struct TunnelHandle {
     pub(crate) control: mpsc::Receiver<ChunkHeaders>,
     /// The writer's control queue (served before stream data).
     control_out: mpsc::Sender<ChunkHeaders>,
-    /// The tunnel's token: cancelled when the tunnel ends.
-    token: CancellationToken,
 }
 
 impl TunnelHandle {
@@ -193,16 +191,6 @@ impl TunnelHandle {
             ..ChunkHeaders::noop()
         };
         self.control_out.try_send(chunk).is_ok()
-    }
-
-    /// Ends the tunnel (and with it the Mux pair).
-    pub(crate) fn close(&self) {
-        self.token.cancel();
-    }
-
-    /// Resolves when the tunnel has ended. Cancel-safe.
-    pub(crate) async fn closed(&self) {
-        self.token.cancelled().await;
     }
 }
 
@@ -379,7 +367,6 @@ impl Pump {
         let handle = TunnelHandle {
             control: control_rx,
             control_out,
-            token: token.clone(),
         };
         (pump, handle)
     }

@@ -761,12 +761,7 @@ impl Judge<'_> {
                 accepted.push(kite);
             }
             Ok(None) => {
-                let token = sign::sign_token(
-                    &self.ctx.pagekite.secret,
-                    &what,
-                    &sign::random_salt(),
-                    Some(now),
-                );
+                let token = sign::challenge(&self.ctx.pagekite.secret, &what, now);
                 answers.push(KiteAnswer::SignThis { what, token });
             }
             Err(why) => {
@@ -826,7 +821,7 @@ impl Judge<'_> {
         if request.token.is_empty() {
             return Ok(None);
         }
-        if !sign::check_signature(&request.token, &ctx.pagekite.secret, &request.what(), now) {
+        if !sign::check_challenge(&request.token, &ctx.pagekite.secret, &request.what(), now) {
             // Not our challenge, or an expired one: a new one, counted
             // (a back-end that took too long signs again).
             debug!(kite = %request.what(), "PageKite challenge not ours or expired");
