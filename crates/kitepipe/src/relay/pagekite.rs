@@ -213,7 +213,10 @@ pub(crate) async fn serve_plain(
             tls_hop(sock, buf, peer, ctx).instrument(span).await;
         }
         _ if http => super::http::serve_plain(sock, buf, peer, ctx).await,
-        _ => debug!("plain bytes on a link-only port, not PageKite; dropping connection"),
+        // Neither PageKite nor HTTP: the link's TLS handshake fails on
+        // these bytes and says so (with its "does not speak TLS" hint for
+        // a connector pointed at the wrong port), as before PageKite.
+        _ => super::session::accept(sock, buf, peer, ctx).await,
     }
 }
 
