@@ -513,3 +513,40 @@ fn the_websocket_transport_is_refused_with_501() {
     scene.relay.proc.wait_for("websocket transport refused");
     scene.good_answers();
 }
+
+/// pagekite.py's front-end ping on the link port: a stranger gets the
+/// fixed `503` and a close, nothing else; a ping head that never ends is
+/// read no further than `MAX_PING` (1 KiB) and goes to the link's TLS
+/// handshake, which refuses it; the relay keeps serving.
+#[test]
+fn front_end_pings_get_a_fixed_answer_and_endless_ones_are_cut() {
+    let scene = Scene::start(true);
+    let (mut sock, reply) = ask(
+        scene.relay.link,
+        "HEAD /ping HTTP/1.1\r\nHost: ping.pagekite\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(closed(&mut sock), "the ping's connection stayed open");
+
+    let failures = scene.relay.proc.count("link TLS handshake failed");
+    let mut sock = connect(scene.relay.link);
+    sock.write_all(b"HEAD /ping HTTP/1.1\r\nHost: ping.pagekite\r\n")
+        .unwrap();
+    // Far past MAX_PING without the blank line; the relay stops reading
+    // and closes, so later writes may fail.
+    let pad = format!("X-Pad: {}\r\n", "a".repeat(1000));
+    for _ in 0..8 {
+        if sock.write_all(pad.as_bytes()).is_err() {
+            break;
+        }
+    }
+    assert!(
+        closed(&mut sock),
+        "an endless ping head kept its connection"
+    );
+    scene
+        .relay
+        .proc
+        .wait_for_count("link TLS handshake failed", failures + 1);
+    scene.good_answers();
+}

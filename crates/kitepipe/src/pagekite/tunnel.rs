@@ -488,15 +488,7 @@ impl Pump {
                 // pagekite.py answers data for a stream it does not know
                 // (e.g. one it just closed) with an EOF.
                 debug!(sid, "pagekite tunnel: data for an unknown SID; EOF");
-                let _ = self
-                    .send_eof(
-                        sid,
-                        Eof {
-                            write: true,
-                            read: true,
-                        },
-                    )
-                    .await;
+                self.refuse(sid, None).await;
             }
             End::Back { route, mux } => {
                 self.open_back(sid, &headers, data, route, mux).await;
@@ -560,15 +552,7 @@ impl Pump {
                 sid,
                 "pagekite tunnel: data for an unknown SID without Proto/Host; EOF"
             );
-            let _ = self
-                .send_eof(
-                    sid,
-                    Eof {
-                        write: true,
-                        read: true,
-                    },
-                )
-                .await;
+            self.refuse(sid, None).await;
             return;
         };
         let dest = ChunkDest {
@@ -585,12 +569,12 @@ impl Pump {
                 max = self.config.max_streams,
                 "pagekite tunnel: too many streams; refused"
             );
-            self.refuse(sid, &dest).await;
+            self.refuse(sid, refusal_page(&dest)).await;
             return;
         }
         let Some(visitor) = route(&dest) else {
             debug!(sid, proto = ?dest.proto, host = ?dest.host, "pagekite tunnel: no kite for the stream; refused");
-            self.refuse(sid, &dest).await;
+            self.refuse(sid, refusal_page(&dest)).await;
             return;
         };
         let header = message::encode(&StreamHeader::Visitor(visitor));
@@ -608,9 +592,11 @@ impl Pump {
         self.push_data(&inbound, &buffer, data).await;
     }
 
-    /// Answers a refused SID: a page for http, an alert for https, then EOF.
-    async fn refuse(&self, sid: u32, dest: &ChunkDest) {
-        if let Some(page) = refusal_page(dest) {
+    /// Refuses or ends a SID the way pagekite.py does: `page` first if
+    /// there is one (a 503 for http, an alert for https: [`refusal_page`]),
+    /// then EOF both ways.
+    async fn refuse(&self, sid: u32, page: Option<Bytes>) {
+        if let Some(page) = page {
             let _ = self.send(Out::Data(ChunkHeaders::sid(sid), page)).await;
         }
         let _ = self
@@ -1225,18 +1211,7 @@ async fn run_downstream(mut task: Downstream) {
             Err(err) => {
                 debug!(sid, %err, "pagekite stream: reset by the kitepipe side");
                 if task.opening.is_none() && stopped_at.is_none() {
-                    if let Some(page) = task.refusal.take() {
-                        let _ = pump.send(Out::Data(ChunkHeaders::sid(sid), page)).await;
-                    }
-                    let _ = pump
-                        .send_eof(
-                            sid,
-                            Eof {
-                                write: true,
-                                read: true,
-                            },
-                        )
-                        .await;
+                    pump.refuse(sid, task.refusal.take()).await;
                 }
                 task.token.cancel();
                 return;

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
+use kitepipe_proto::http1::error_response;
 use kitepipe_proto::kite::{self, KiteProto, KiteRef};
 use kitepipe_proto::pagekite::{
     self, BackEndHello, FrontEndHello, KiteAnswer, KiteRequest, Transport,
@@ -193,8 +194,10 @@ pub(crate) async fn serve_plain(
                 .handshake_failed(HandshakeFailure::Protocol);
             let body = "PageKite back-ends are not accepted by this relay: its operator has not \
                         turned PageKite support on (--pagekite).\n";
-            let _ = sock.write_all(&http1_error(403, "Forbidden", body)).await;
-            linger(sock).await;
+            let _ = sock
+                .write_all(&error_response(403, "Forbidden", body))
+                .await;
+            super::session::linger(sock).await;
         }
         Plain::BackEnd => {
             let span = info_span!("pagekite", %peer);
@@ -350,33 +353,6 @@ async fn tls_hop(mut sock: TcpStream, buf: BytesMut, peer: SocketAddr, ctx: Arc<
     }
 }
 
-/// An HTTP error response with a plain-text body, then close.
-fn http1_error(status: u16, reason: &str, body: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
-/// Shuts the sending side and reads what the peer still sends for a
-/// moment, so a refusal is not destroyed by a reset.
-async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = sock.shutdown().await;
-        let mut scratch = [0u8; 4096];
-        let mut total = 0;
-        while total < 64 * 1024 {
-            match sock.read(&mut scratch).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
-            }
-        }
-    })
-    .await;
-}
-
 /// Seconds since the Unix epoch (for the challenge windows).
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -412,9 +388,9 @@ async fn accept<S>(
                     .handshake_failed(HandshakeFailure::Protocol);
                 let body = format!("Bad PageKite request: {err}.\n");
                 let _ = sock
-                    .write_all(&http1_error(400, "Bad Request", &body))
+                    .write_all(&error_response(400, "Bad Request", &body))
                     .await;
-                linger(sock).await;
+                super::session::linger(sock).await;
                 return;
             }
         }
@@ -446,9 +422,9 @@ async fn accept<S>(
         let body = "This relay speaks PageKite over CONNECT only; the websocket transport is not \
                     implemented (see kitepipe's docs/pagekite.md).\n";
         let _ = sock
-            .write_all(&http1_error(501, "Not Implemented", body))
+            .write_all(&error_response(501, "Not Implemented", body))
             .await;
-        linger(sock).await;
+        super::session::linger(sock).await;
         return;
     }
     let mut judge = Judge {
@@ -496,7 +472,7 @@ async fn accept<S>(
                 .metrics
                 .handshake_failed(HandshakeFailure::Auth);
         }
-        linger(sock).await;
+        super::session::linger(sock).await;
         return;
     }
     let config = TunnelConfig {

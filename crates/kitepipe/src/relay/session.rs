@@ -407,10 +407,11 @@ struct NewLink {
     generation: u64,
 }
 
-/// Keeps a refused connection open briefly after the TLS alert: shuts down
-/// the sending side, then reads and discards until the peer closes, for at
+/// Keeps a refused connection open briefly after its refusal (a TLS
+/// alert, or `relay::pagekite`'s HTTP answer), so a reset does not destroy
+/// it: shuts down the sending side, then reads and discards until the peer closes, for at
 /// most [`REFUSAL_LINGER`].
-async fn linger<T: AsyncRead + AsyncWrite + Unpin>(mut io: T) {
+pub(super) async fn linger<T: AsyncRead + AsyncWrite + Unpin>(mut io: T) {
     let _ = tokio::time::timeout(REFUSAL_LINGER, async {
         let _ = io.shutdown().await;
         let mut buf = [0u8; 4096];
