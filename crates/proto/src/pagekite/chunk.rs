@@ -353,11 +353,12 @@ impl ChunkEncoder {
     /// at most 16 KiB per chunk); the whole payload must stay within
     /// [`MAX_CHUNK`] for the peer to take it.
     pub fn encode(&mut self, headers: &ChunkHeaders, data: &[u8], out: &mut BytesMut) {
-        let mut payload = headers.to_text().into_bytes();
-        payload.extend_from_slice(data);
-        if payload.len() >= MIN_COMPRESS
+        let head = headers.to_text();
+        if head.len() + data.len() >= MIN_COMPRESS
             && let Some(deflate) = &mut self.deflate
         {
+            let mut payload = head.into_bytes();
+            payload.extend_from_slice(data);
             let compressed = deflate_sync(deflate, &payload);
             let reset = std::mem::take(&mut self.reset_pending);
             let line = format!(
@@ -370,15 +371,13 @@ impl ChunkEncoder {
             out.extend_from_slice(&compressed);
             return;
         }
-        self.frame_plain(&payload, out);
+        self.frame_plain(head.as_bytes(), data, out);
     }
 
     /// Appends one chunk, never compressed (NOOPs: pings, pongs, SKB,
     /// control), like pagekite.py's `compress=False`.
     pub fn encode_plain(&mut self, headers: &ChunkHeaders, data: &[u8], out: &mut BytesMut) {
-        let mut payload = headers.to_text().into_bytes();
-        payload.extend_from_slice(data);
-        self.frame_plain(&payload, out);
+        self.frame_plain(headers.to_text().as_bytes(), data, out);
     }
 
     /// The peer sent `ZRST`: start a new zlib stream; the next chunk says
@@ -390,11 +389,20 @@ impl ChunkEncoder {
         }
     }
 
-    fn frame_plain(&mut self, payload: &[u8], out: &mut BytesMut) {
+    /// Frames `head` + `data` uncompressed straight into `out` (no
+    /// intermediate payload copy: this is the bulk path toward peers
+    /// without ZChunks).
+    fn frame_plain(&mut self, head: &[u8], data: &[u8], out: &mut BytesMut) {
         let reset = std::mem::take(&mut self.reset_pending);
-        let line = format!("{:x}{}\r\n", payload.len(), if reset { "R" } else { "" });
+        let line = format!(
+            "{:x}{}\r\n",
+            head.len() + data.len(),
+            if reset { "R" } else { "" }
+        );
+        out.reserve(line.len() + head.len() + data.len());
         out.extend_from_slice(line.as_bytes());
-        out.extend_from_slice(payload);
+        out.extend_from_slice(head);
+        out.extend_from_slice(data);
     }
 }
 
