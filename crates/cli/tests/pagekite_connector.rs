@@ -307,10 +307,13 @@ fn the_tunnel_outlives_its_pings() {
         .no_fingerprint()
         .args(&["--protocol", "pagekite", "--secret", SECRET])
         .args(&["--heartbeat", "3s"])
+        .args(&["--log", "info,kitepipe::pagekite=trace"])
         .kite(&kite)
         .spawn();
     connector.wait_links_up(1);
-    std::thread::sleep(scaled(std::time::Duration::from_secs(8)));
+    // Pings did cross and pagekite.py answered them (not a quiet tunnel
+    // that merely was not pinged yet).
+    connector.wait_for_count("pagekite tunnel: pong", 3);
     let (code, body, err) = through(port, "app.pk.test", "/", &[]);
     assert_eq!(
         (code, body.as_slice()),
