@@ -219,6 +219,19 @@ struct KiteEntry {
     next: usize,
 }
 
+/// The kite names that may serve `host`, in routing order: the exact name,
+/// then the wildcards from the most specific out (those `host` matches).
+fn name_candidates(host: &str) -> Vec<String> {
+    let mut candidates = vec![host.to_string()];
+    let mut rest = host;
+    while let Some((_, parent)) = rest.split_once('.') {
+        candidates.push(format!("*.{parent}"));
+        rest = parent;
+    }
+    candidates.retain(|name| kite::name_matches(name, host));
+    candidates
+}
+
 impl Registry {
     /// Adds a link (its node name `node` only a claim, unless `identity`
     /// proves it); closes and forgets an older link of the same connector
@@ -472,16 +485,7 @@ impl Registry {
     /// then the most specific wildcard), if one is online.
     pub(crate) fn lookup_connect_kite(&self, host: &str, port: u16) -> Option<Vec<Backend>> {
         let mut inner = lock(&self.inner);
-        let mut candidates = vec![host.to_string()];
-        let mut rest = host;
-        while let Some((_, parent)) = rest.split_once('.') {
-            candidates.push(format!("*.{parent}"));
-            rest = parent;
-        }
-        for name in candidates {
-            if !kite::name_matches(&name, host) {
-                continue;
-            }
+        for name in name_candidates(host) {
             if let Some(entry) = inner.kites.get_mut(&(KiteProto::Tcp, name, port)) {
                 let backends: Vec<Backend> = entry
                     .rotate()
@@ -651,16 +655,8 @@ impl Registry {
     /// the most specific wildcard).
     pub(crate) fn lookup_name(&self, proto: KiteProto, host: &str) -> Lookup {
         let mut inner = lock(&self.inner);
-        let mut candidates = vec![host.to_string()];
-        let mut rest = host;
-        while let Some((_, parent)) = rest.split_once('.') {
-            candidates.push(format!("*.{parent}"));
-            rest = parent;
-        }
+        let candidates = name_candidates(host);
         for name in &candidates {
-            if !kite::name_matches(name, host) {
-                continue;
-            }
             let key = (proto, name.clone(), 0);
             if let Some(entry) = inner.kites.get_mut(&key)
                 && !entry.backends.is_empty()
