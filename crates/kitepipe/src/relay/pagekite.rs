@@ -173,8 +173,7 @@ pub(crate) async fn serve_plain(
     http: bool,
     ctx: Arc<RelayCtx>,
 ) {
-    let names = own_names(&ctx);
-    let kind = tokio::time::timeout(HEAD_TIMEOUT, classify(&mut sock, &mut buf, &names)).await;
+    let kind = tokio::time::timeout(HEAD_TIMEOUT, classify(&mut sock, &mut buf, &ctx)).await;
     let kind = match kind {
         Ok(Ok(kind)) => kind,
         Ok(Err(why)) => {
@@ -223,16 +222,13 @@ pub(crate) async fn serve_plain(
     }
 }
 
-/// The `HOST:443` targets of a CONNECT that opens a TLS hop to the relay
-/// itself: its name, and the names its self-signed certificate holds.
-fn own_names(ctx: &RelayCtx) -> Vec<String> {
-    let mut names = vec![format!("{}:443", ctx.config.name.to_ascii_lowercase())];
-    for name in ["localhost:443", "127.0.0.1:443"] {
-        if !names.iter().any(|n| n == name) {
-            names.push(name.to_string());
-        }
-    }
-    names
+/// Whether a CONNECT's `target` (`HOST:PORT`, lowercase) opens a TLS hop
+/// to the relay itself: its name, or a name its self-signed certificate
+/// holds, on port 443. Only asked of a CONNECT: no work per connection.
+fn is_own_target(ctx: &RelayCtx, target: &str) -> bool {
+    target.strip_suffix(":443").is_some_and(|host| {
+        host.eq_ignore_ascii_case(&ctx.config.name) || host == "localhost" || host == "127.0.0.1"
+    })
 }
 
 /// Reads until the first bytes tell a PageKite head, a PageKite ping, a
@@ -241,7 +237,7 @@ fn own_names(ctx: &RelayCtx) -> Vec<String> {
 async fn classify(
     sock: &mut TcpStream,
     buf: &mut BytesMut,
-    own_names: &[String],
+    ctx: &RelayCtx,
 ) -> Result<Plain, String> {
     loop {
         match pagekite::sniff(buf) {
@@ -267,7 +263,7 @@ async fn classify(
                         .next()
                         .map(|t| String::from_utf8_lossy(t).to_ascii_lowercase())
                         .unwrap_or_default();
-                    if own_names.contains(&target) {
+                    if is_own_target(ctx, &target) {
                         return Ok(Plain::TlsHop(end + 4));
                     }
                     return Ok(Plain::Other);
